@@ -54,13 +54,13 @@ def _check_parity(rank, world, layout):
         q, k, v, dout = _inputs(case_id, batch, h, hkv)
         ref = _reference(q, k, v, dout, causal, window)
         label = f"P={world} {layout} causal={causal} window={window} heads={h}/{hkv} batch={batch}"
-        for name, got, want in zip(names, _ring(q, k, v, dout, causal, window, layout, torch.float32), ref):
+        for name, got, want in zip(names, _ring(q, k, v, dout, causal, window, layout, torch.float32), ref, strict=True):
             assert got.dtype == torch.float32
             err = rel_err(got, want)
             assert err <= FP32_REL, f"{label} float32 {name}: relative error {err:.2e} > {FP32_REL}"
         ring16 = _ring(q, k, v, dout, causal, window, layout, torch.bfloat16)
         mono16 = _monolithic(q, k, v, dout, causal, window, torch.bfloat16)
-        for name, got, mono, want in zip(names, ring16, mono16, ref):
+        for name, got, mono, want in zip(names, ring16, mono16, ref, strict=True):
             assert got.dtype == torch.bfloat16
             assert rms_err(got, want) <= rms_err(mono, want), (
                 f"{label} bfloat16 {name}: ring rms error {rms_err(got, want):.3e} "
