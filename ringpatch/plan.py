@@ -107,13 +107,15 @@ def plan_block(
     causal: bool,
     window: int | None,
     tile: int | None,
+    fuse_causal: bool = True,
 ) -> tuple[Call, ...]:
     """The calls for local queries (chunks `q_ranges`) against one key block (`k_ranges`).
 
     Ranges are (global start, length) in local storage order. `tile=None` means the kernel
-    honours arbitrary band masks natively, so partial pairs are not split.
+    honours arbitrary band masks natively, so partial pairs are not split. `fuse_causal`
+    lets a rank's own block become one causal call when that is exact.
     """
-    if q_ranges == k_ranges and causal:
+    if fuse_causal and q_ranges == k_ranges and causal:
         span = q_ranges[-1][0] + q_ranges[-1][1] - q_ranges[0][0]
         if window is None or span - 1 < window:
             # Positions increase with local index, so local causal == global causal; the
@@ -129,3 +131,19 @@ def plan_block(
             lk += n
         lq += m
     return tuple(_merge_full(calls))
+
+
+def call_work(call: Call) -> float:
+    """Relative cost of a call: query-key pairs computed."""
+    pairs = (call.q1 - call.q0) * (call.k1 - call.k0)
+    return pairs / 2 if call.kind == "causal" else pairs
+
+
+def split_work(calls: tuple[Call, ...]) -> tuple[tuple[Call, ...], tuple[Call, ...]]:
+    """Cut `calls` where the first part reaches half of the work (the first part is never empty)."""
+    total, done = sum(map(call_work, calls)), 0.0
+    for i, call in enumerate(calls):
+        done += call_work(call)
+        if done >= total / 2:
+            return calls[: i + 1], calls[i + 1 :]
+    return calls, ()

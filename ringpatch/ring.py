@@ -19,7 +19,7 @@ import torch
 from ringpatch.comm import Exchange
 from ringpatch.kernels import MaskSpec
 from ringpatch.layout import Layout, local_ranges
-from ringpatch.plan import Call, plan_block
+from ringpatch.plan import Call, plan_block, split_work
 
 
 @dataclass(frozen=True)
@@ -120,36 +120,48 @@ def _block_grads(dout, q, kv, out, lse, calls, dq, spec: RingSpec) -> torch.Tens
     return dkv
 
 
+def _own_block_halves(spec: RingSpec) -> tuple[tuple[Call, ...], tuple[Call, ...]]:
+    """The rank's own block, unfused and cut in two halves of work: the first hides the
+    arrival of the first remote block, the second hides the last dK/dV going home."""
+    ranges = local_ranges(spec.layout, spec.seq_len, spec.sp_size, spec.sp_rank)
+    return split_work(plan_block(ranges, ranges, spec.causal, spec.window, spec.tile, fuse_causal=False))
+
+
 def ring_backward(dout, q, k, v, out, lse, spec: RingSpec, group):
-    """dq, dk, dv in the input dtype, accumulated in float32."""
+    """dq, dk, dv in the input dtype, accumulated in float32.
+
+    Remote blocks come in the forward's order; the accumulator of block j starts on rank j+1
+    and travels with the block, then goes home from the last rank that needs it while the
+    owner computes the second half of its own block's gradients."""
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     steps = spec.steps()
     last = len(steps) - 1
+    own_first, own_second = _own_block_halves(spec) if last > 0 else (steps[0], ())
     dst, src = _neighbours(spec)
-    kv_bufs = [torch.stack([k, v]), None]
-    dkv_bufs: list[torch.Tensor | None] = [None, None]
-    kv_pending = dkv_pending = None
-    for step, calls in enumerate(steps):
-        kv = kv_bufs[step % 2]
+    kv_own = torch.stack([k, v])  # (2, B, S_local, H_kv, D)
+    bufs = [torch.empty_like(kv_own), torch.empty_like(kv_own)] if last > 0 else []
+    kv_pending = Exchange(kv_own, bufs[0], dst, src, group, tag=0) if last > 0 else None
+    dkv_own = _block_grads(dout, q, kv_own, out, lse, own_first, dq, spec)
+    dkv_pending = home = arrived = None
+    for step in range(1, last + 1):
+        kv_pending.wait()
+        kv = bufs[(step - 1) % 2]
         if step < last:
-            if kv_bufs[(step + 1) % 2] is None:
-                kv_bufs[(step + 1) % 2] = torch.empty_like(kv)
-            kv_pending = Exchange(kv, kv_bufs[(step + 1) % 2], dst, src, group, tag=0)
-        dkv = _block_grads(dout, q, kv, out, lse, calls, dq, spec)
+            kv_pending = Exchange(kv, bufs[step % 2], dst, src, group, tag=0)
+        dkv = _block_grads(dout, q, kv, out, lse, steps[step], dq, spec)
         if dkv_pending is not None:
-            # the accumulator of the block we hold, sent by the previous rank after its step
             dkv_pending.wait()
-            dkv += dkv_bufs[step % 2]
+            dkv += arrived
+        arrived = torch.empty_like(dkv)
         if step < last:
-            dkv_bufs[(step + 1) % 2] = torch.empty_like(dkv)
-            dkv_pending = Exchange(dkv, dkv_bufs[(step + 1) % 2], dst, src, group, tag=1)
-            kv_pending.wait()
-    if last > 0:
-        # the block we hold started `last` ranks back: send it home, receive ours
-        home = torch.empty_like(dkv)
-        Exchange(dkv, home, *_neighbours(spec, -last), group, tag=2).wait()
-        dkv = home
-    return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
+            dkv_pending = Exchange(dkv, arrived, dst, src, group, tag=1)
+        else:
+            home = Exchange(dkv, arrived, *_neighbours(spec, -last), group, tag=2)
+    dkv_own += _block_grads(dout, q, kv_own, out, lse, own_second, dq, spec)
+    if home is not None:
+        home.wait()
+        dkv_own += arrived
+    return dq.to(q.dtype), dkv_own[0].to(k.dtype), dkv_own[1].to(v.dtype)
 
 
 class RingAttentionFn(torch.autograd.Function):

@@ -54,7 +54,9 @@ def _check_parity(rank, world, layout):
         q, k, v, dout = _inputs(case_id, batch, h, hkv)
         ref = _reference(q, k, v, dout, causal, window)
         label = f"P={world} {layout} causal={causal} window={window} heads={h}/{hkv} batch={batch}"
-        for name, got, want in zip(names, _ring(q, k, v, dout, causal, window, layout, torch.float32), ref, strict=True):
+        for name, got, want in zip(
+            names, _ring(q, k, v, dout, causal, window, layout, torch.float32), ref, strict=True
+        ):
             assert got.dtype == torch.float32
             err = rel_err(got, want)
             assert err <= FP32_REL, f"{label} float32 {name}: relative error {err:.2e} > {FP32_REL}"
