@@ -35,3 +35,20 @@ def resolve_group(group):
         return None, 1, 0
     group = group if group is not None else dist.group.WORLD
     return group, dist.get_world_size(group), dist.get_rank(group)
+
+
+class SumOverGroup(torch.autograd.Function):
+    """all_reduce(SUM) with its exact gradient: the sum of every rank's upstream gradient."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group):
+        ctx.group = group
+        x = x.clone()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
