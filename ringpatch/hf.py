@@ -8,6 +8,7 @@ model's modules; per-batch metadata travels in the batch (see ringpatch.batch).
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +17,7 @@ from packaging.version import Version
 from ringpatch.attention import ring_attention
 from ringpatch.comm import SumOverGroup, resolve_group
 from ringpatch.kernels import BACKENDS
-from ringpatch.layout import Layout, check_layout, local_positions
+from ringpatch.layout import Layout, check_layout, local_positions, num_chunks
 
 IMPLEMENTATION = "ringpatch"
 TRANSFORMERS_RANGE = (Version("5.0"), Version("6.0"))  # keep in step with setup.cfg
@@ -33,13 +34,11 @@ class RingSettings:
     previous_implementation: str | None
 
 
-def _check_transformers() -> None:
-    import transformers
-
+def check_transformers_version(version: str) -> None:
     low, high = TRANSFORMERS_RANGE
-    if not low <= Version(transformers.__version__) < high:
+    if not low <= Version(version) < high:
         raise ImportError(
-            f"ringpatch supports transformers >={low},<{high}; found {transformers.__version__}. "
+            f"ringpatch supports transformers >={low},<{high}; found {version}. "
             f"Install a supported release: pip install 'transformers>={low},<{high}'"
         )
 
@@ -133,14 +132,16 @@ def _check_call(model, args, kwargs):
             "call model(**ringpatch.shard_batch(batch, group, layout))"
         )
     local = tokens.shape[1]
-    expected = local_positions(
-        settings.layout, local * settings.sp_size, settings.sp_size, settings.sp_rank, device=position_ids.device
-    )
-    if position_ids.shape[-1] != local or not torch.equal(position_ids, expected.expand_as(position_ids)):
+    seq_len = local * settings.sp_size
+    ok = seq_len % num_chunks(settings.layout, settings.sp_size) == 0 and position_ids.shape[-1] == local
+    if ok:
+        expected = local_positions(settings.layout, seq_len, settings.sp_size, settings.sp_rank, position_ids.device)
+        ok = torch.equal(position_ids, expected.expand_as(position_ids))
+    if not ok:
         raise ValueError(
             f"the batch holds {local} tokens per rank with position_ids {position_ids[0, :4].tolist()}..., which is not "
             f"this rank's part ({settings.layout}, sp_rank {settings.sp_rank} of {settings.sp_size}) of a "
-            f"{local * settings.sp_size}-token sequence; cut the full batch with ringpatch.shard_batch"
+            f"{seq_len}-token sequence; cut the full batch with ringpatch.shard_batch(batch, group, layout)"
         )
     return args, kwargs
 
@@ -167,7 +168,9 @@ def patch_model(model, group=None, layout: Layout = "zigzag", backend: str = "au
     Returns the model. Call it with `model(**ringpatch.shard_batch(batch, group, layout))`:
     every rank's `loss` is then the full-sequence loss, and gradients averaged over the
     group's ranks equal the unpatched model's."""
-    _check_transformers()
+    import transformers
+
+    check_transformers_version(transformers.__version__)
     check_layout(layout)
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -178,6 +181,11 @@ def patch_model(model, group=None, layout: Layout = "zigzag", backend: str = "au
     if problems:
         raise NotImplementedError(
             f"model type {config.model_type!r}: ring attention cannot honour " + "; ".join(problems)
+        )
+    if "position_ids" not in inspect.signature(model.forward).parameters:
+        raise NotImplementedError(
+            f"model type {config.model_type!r} ({type(model).__name__}) takes no position_ids, so its positions "
+            "would restart at 0 on every rank; ring attention needs models that take global position_ids"
         )
     if not model._can_set_attn_implementation():
         raise NotImplementedError(
