@@ -115,8 +115,9 @@ def test_bfloat16_trains():
     spawn(_check_bf16, 2)
 
 
-def test_own_script_under_torchrun(tmp_path):
-    """The README pattern: torchrun --nproc_per_node 2 examples/train_plain.py."""
+@pytest.mark.parametrize("script", ["examples/train_plain.py", "examples/train_deepspeed.py"])
+def test_own_script_under_torchrun(tmp_path, script):
+    """The README patterns under torchrun: 2 processes give the losses of 1 process."""
     import subprocess
     import sys
 
@@ -125,7 +126,7 @@ def test_own_script_under_torchrun(tmp_path):
     losses = {}
     for nproc in (1, 2):
         out = tmp_path / f"losses{nproc}.txt"
-        cmd = [torchrun, "--standalone", f"--nproc_per_node={nproc}", "examples/train_plain.py", "--steps", "3"]
+        cmd = [torchrun, "--standalone", f"--nproc_per_node={nproc}", script, "--steps", "3"]
         proc = subprocess.run([*cmd, "--losses", str(out)], cwd=root, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         losses[nproc] = [float(x) for x in out.read_text().split()]
