@@ -116,6 +116,21 @@ def _register() -> None:
     AttentionMaskInterface.register(IMPLEMENTATION, _ring_mask)
 
 
+def check_local_batch(settings: RingSettings, local: int, position_ids: torch.Tensor) -> None:
+    """`local` tokens with `position_ids` must be this rank's part under the model's layout."""
+    seq_len = local * settings.sp_size
+    ok = seq_len % num_chunks(settings.layout, settings.sp_size) == 0 and position_ids.shape[-1] == local
+    if ok:
+        expected = local_positions(settings.layout, seq_len, settings.sp_size, settings.sp_rank, position_ids.device)
+        ok = torch.equal(position_ids, expected.expand_as(position_ids))
+    if not ok:
+        raise ValueError(
+            f"the batch holds {local} tokens per rank with position_ids {position_ids[0, :4].tolist()}..., which is not "
+            f"this rank's part ({settings.layout}, sp_rank {settings.sp_rank} of {settings.sp_size}) of a "
+            f"{seq_len}-token sequence; cut the full batch with ringpatch.shard_batch(batch, group, layout)"
+        )
+
+
 def _check_call(model, args, kwargs):
     """Forward pre-hook: the batch must come from shard_batch for this group and layout."""
     settings: RingSettings = model._ringpatch
@@ -131,18 +146,7 @@ def _check_call(model, args, kwargs):
             "a ring-patched model needs this rank's part of the batch with global position_ids: "
             "call model(**ringpatch.shard_batch(batch, group, layout))"
         )
-    local = tokens.shape[1]
-    seq_len = local * settings.sp_size
-    ok = seq_len % num_chunks(settings.layout, settings.sp_size) == 0 and position_ids.shape[-1] == local
-    if ok:
-        expected = local_positions(settings.layout, seq_len, settings.sp_size, settings.sp_rank, position_ids.device)
-        ok = torch.equal(position_ids, expected.expand_as(position_ids))
-    if not ok:
-        raise ValueError(
-            f"the batch holds {local} tokens per rank with position_ids {position_ids[0, :4].tolist()}..., which is not "
-            f"this rank's part ({settings.layout}, sp_rank {settings.sp_rank} of {settings.sp_size}) of a "
-            f"{seq_len}-token sequence; cut the full batch with ringpatch.shard_batch(batch, group, layout)"
-        )
+    check_local_batch(settings, tokens.shape[1], position_ids)
     return args, kwargs
 
 
