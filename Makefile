@@ -42,6 +42,7 @@ format: install
 
 bench: install
 	$(BIN)/python bench/attention.py
+	$(BIN)/python bench/model.py
 
 gpu-check: install
 	$(BIN)/python bench/gpu_check.py

@@ -58,6 +58,7 @@ def main():
         if args.losses:
             with open(args.losses, "w") as f:
                 f.write(" ".join(repr(x) for x in losses))
+    dist.barrier()  # leave together: a rank tearing down gloo while its peer still runs can hang
     dist.destroy_process_group()
 
 

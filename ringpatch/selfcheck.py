@@ -75,6 +75,7 @@ def main() -> int:
             f"  forward+backward {seconds:.2f}s; output relative error vs one-process attention {err:.2e} "
             f"(bound {bound:.0e}) -> {'ok' if ok else 'FAILED'}"
         )
+    dist.barrier()  # leave together: a rank tearing down gloo while its peer still runs can hang
     dist.destroy_process_group()
     return 0 if ok else 1
 

@@ -13,10 +13,9 @@ import torch.multiprocessing as mp
 def _entry(rank: int, world_size: int, store: str, fn, args) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
-    try:
-        fn(rank, world_size, *args)
-    finally:
-        dist.destroy_process_group()
+    fn(rank, world_size, *args)
+    dist.barrier()  # leave together: a rank tearing down gloo while its peer still runs can hang
+    dist.destroy_process_group()
 
 
 def spawn(fn, world_size: int, *args) -> None:

@@ -86,8 +86,13 @@ def _check_checkpointing_and_reload(rank, world):
         build("llama").save_pretrained(store[0])
     dist.barrier()
     loaded = AutoModelForCausalLM.from_pretrained(store[0], attn_implementation="sdpa")
+    ref_logits = loaded(**full).logits.detach()
     ringpatch.patch_model(loaded)
     _compare("from_pretrained", ref, _ring(loaded, full, "zigzag", world))
+    # full logits for evaluation: gather every rank's part, drop shard_batch's padding
+    local_logits = loaded(**ringpatch.shard_batch(full)).logits.detach()
+    logits = ringpatch.unshard(local_logits, dim=1)[:, : full["input_ids"].shape[1]]
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
     # unpatch restores the previous implementation and the plain forward
     ringpatch.unpatch_model(loaded)
     assert loaded.config._attn_implementation == "sdpa"
