@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
 VOCAB = 101
 _COMMON = dict(
@@ -24,6 +24,11 @@ CONFIGS = {
     "qwen2-sliding": lambda: Qwen2Config(**_COMMON, use_sliding_window=True, sliding_window=4, max_window_layers=1),
     "qwen3": lambda: Qwen3Config(**_COMMON, head_dim=8),
 }
+
+
+def gemma2_config():
+    """A model the ring cannot serve (attention soft-capping) and whose head caps logits."""
+    return Gemma2Config(**{k: v for k, v in _COMMON.items() if k != "tie_word_embeddings"}, head_dim=8)
 
 
 def build(name: str, seed: int = 0, dtype=torch.float32):

@@ -10,7 +10,6 @@ from transformers import (
     BartConfig,
     BartForConditionalGeneration,
     BloomConfig,
-    Gemma2Config,
     LlamaConfig,
 )
 
@@ -18,7 +17,7 @@ import ringpatch
 from ringpatch import hf
 from tests.conftest import spawn
 from tests.models import batch as make_batch
-from tests.models import build
+from tests.models import build, gemma2_config
 
 TINY = dict(vocab_size=101, hidden_size=32, num_attention_heads=4)
 
@@ -27,10 +26,7 @@ TINY = dict(vocab_size=101, hidden_size=32, num_attention_heads=4)
     "config, match",
     [
         (lambda: BloomConfig(vocab_size=101, hidden_size=32, n_head=4, n_layer=1), r"'bloom'.*ALiBi"),
-        (
-            lambda: Gemma2Config(**TINY, intermediate_size=64, num_hidden_layers=1, num_key_value_heads=2, head_dim=8),
-            r"'gemma2'.*soft-capping \(attn_logit_softcapping=50.0\)",
-        ),
+        (gemma2_config, r"'gemma2'.*soft-capping \(attn_logit_softcapping=50.0\)"),
         (
             lambda: LlamaConfig(**TINY, intermediate_size=64, num_hidden_layers=1, attention_dropout=0.1),
             r"'llama'.*attention dropout \(attention_dropout=0.1\); set config.attention_dropout = 0.0",

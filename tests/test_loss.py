@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import ringpatch
 from tests.conftest import spawn
 from tests.models import batch as make_batch
-from tests.models import build
+from tests.models import build, gemma2_config
 from tests.test_hf import _compare, _reference
 
 
@@ -51,19 +51,9 @@ def test_causal_lm_loss_on_ring_matches_unpatched(world):
 
 
 def test_causal_lm_loss_refuses_unknown_heads_and_partial_batches():
-    from transformers import AutoModelForCausalLM, Gemma2Config
+    from transformers import AutoModelForCausalLM
 
-    gemma = AutoModelForCausalLM.from_config(
-        Gemma2Config(
-            vocab_size=101,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=8,
-        )  # fmt: skip
-    )
+    gemma = AutoModelForCausalLM.from_config(gemma2_config())
     with pytest.raises(NotImplementedError, match=r"model type 'gemma2' may scale or cap its logits"):
         ringpatch.causal_lm_loss(gemma, {})
     model = ringpatch.patch_model(build("llama"))
