@@ -85,8 +85,8 @@ def check_block(kernel, name, m, n, call, causal, window, device, dtype, heads, 
     # the backend's block: forward, then backward with its own out/lse (a one-block ring)
     spec = MaskSpec(causal, window, scale)
     qd, kd, vd = (x.to(device, dtype) for x in (q, k, v))
-    out, lse, aux = kernel.forward(qd, kd, vd, call, spec)
-    dq, dk, dv = kernel.backward(dout.to(device, dtype), qd, kd, vd, out, lse.float(), aux, call, spec)
+    out, lse = kernel.forward(qd, kd, vd, call, spec)
+    dq, dk, dv = kernel.backward(dout.to(device, dtype), qd, kd, vd, out, lse.float(), call, spec)
     rows = {}
     for label, got, mono_t, want in zip(("out", "dq", "dk", "dv"), (out, dq, dk, dv), monos, refs, strict=True):
         rows[label] = {"block_rms": rms(got.cpu(), want), "monolithic_rms": rms(mono_t.cpu(), want)}
@@ -115,7 +115,7 @@ def simulated_ring_seconds(kernel, seq, world, heads, kv_heads, dim, device, dty
         for s, calls in enumerate(plans[r]):
             _, kl, vl, _ = local[(r - s) % world]
             for c in calls:
-                o, lb, _ = kernel.forward(ql[:, c.q0 : c.q1], kl[:, c.k0 : c.k1], vl[:, c.k0 : c.k1], c, spec)
+                o, lb = kernel.forward(ql[:, c.q0 : c.q1], kl[:, c.k0 : c.k1], vl[:, c.k0 : c.k1], c, spec)
                 _merge_(out[:, c.q0 : c.q1], lse[:, c.q0 : c.q1], o, lb)
         out = out.to(dtype)
         dq = torch.zeros(ql.shape, dtype=torch.float32, device=device)
@@ -125,7 +125,7 @@ def simulated_ring_seconds(kernel, seq, world, heads, kv_heads, dim, device, dty
             for c in calls:
                 rows, keys = slice(c.q0, c.q1), slice(c.k0, c.k1)
                 dq_b, dk_b, dv_b = kernel.backward(
-                    dl[:, rows], ql[:, rows], kl[:, keys], vl[:, keys], out[:, rows], lse[:, rows], None, c, spec
+                    dl[:, rows], ql[:, rows], kl[:, keys], vl[:, keys], out[:, rows], lse[:, rows], c, spec
                 )
                 dq[:, rows] += dq_b
                 dkv[0, :, keys] += dk_b

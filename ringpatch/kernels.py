@@ -3,7 +3,8 @@
 Every backend computes one block call of the ring plan (ringpatch.plan.Call) and returns
 (out, lse): out in the input dtype, lse in float32. Backward takes the *final* (merged) out
 and lse of the rows, as in FlashAttention-2's ring decomposition, so the per-block gradients
-add up to the exact gradients.
+add up to the exact gradients. Backward needs nothing else from forward: without dropout the
+kernels' RNG state is unused, which is also how PyTorch's own context parallelism reuses them.
 
 Shapes at this interface (the ring's layout):
   q, out, dout, dq  # (B, m, H, D)
@@ -96,9 +97,9 @@ class TorchCPU:
     def forward(self, q, k, v, call: Call, spec: MaskSpec):
         (qt, kt, vt), kw, _ = self._args(q, k, v, call, spec)
         out, lse = aten._scaled_dot_product_flash_attention_for_cpu(qt, kt, vt, 0.0, call.kind == "causal", **kw)
-        return _bhsd(out), _bhsd(lse), None
+        return _bhsd(out), _bhsd(lse)
 
-    def backward(self, dout, q, k, v, out, lse, aux, call: Call, spec: MaskSpec):
+    def backward(self, dout, q, k, v, out, lse, call: Call, spec: MaskSpec):
         (qt, kt, vt), kw, dtype = self._args(q, k, v, call, spec)
         dq, dk, dv = aten._scaled_dot_product_flash_attention_for_cpu_backward(
             _bhsd(dout.to(dtype)), qt, kt, vt, _bhsd(out.to(dtype)), _bhsd(lse.to(dtype)),
@@ -128,15 +129,13 @@ class TorchCUDA:
         qt, kt, vt = _bhsd(q), _bhsd(_repeat_kv(k, groups)), _bhsd(_repeat_kv(v, groups))
         causal = call.kind == "causal"
         if self._use_flash(q, call):
-            out, lse, cq, ck, mq, mk, seed, offset, _ = aten._scaled_dot_product_flash_attention(
-                qt, kt, vt, 0.0, causal, False, scale=spec.scale
-            )
-            return _bhsd(out), _bhsd(lse), (cq, ck, mq, mk, seed, offset)
+            out, lse, *_ = aten._scaled_dot_product_flash_attention(qt, kt, vt, 0.0, causal, False, scale=spec.scale)
+            return _bhsd(out), _bhsd(lse)
         bias = self._bias(q, k, call, spec)
-        out, lse, seed, offset = aten._scaled_dot_product_efficient_attention(
+        out, lse, *_ = aten._scaled_dot_product_efficient_attention(
             qt, kt, vt, bias, True, 0.0, causal, scale=spec.scale
         )
-        return _bhsd(out), _bhsd(lse[:, :, : q.shape[1]]), (seed, offset)
+        return _bhsd(out), _bhsd(lse[:, :, : q.shape[1]])
 
     @staticmethod
     def _bias(q, k, call: Call, spec: MaskSpec):
@@ -146,20 +145,22 @@ class TorchCUDA:
         # the kernel wants the bias' last dim 16-aligned in memory
         return band_bias(call, spec, m, k.shape[1], q.dtype, q.device, pad_to=16).expand(b, h, m, k.shape[1])
 
-    def backward(self, dout, q, k, v, out, lse, aux, call: Call, spec: MaskSpec):
+    def backward(self, dout, q, k, v, out, lse, call: Call, spec: MaskSpec):
         groups = q.shape[2] // k.shape[2]
         qt, kt, vt = _bhsd(q), _bhsd(_repeat_kv(k, groups)), _bhsd(_repeat_kv(v, groups))
         causal = call.kind == "causal"
         lse_t = _bhsd(lse).contiguous()
+        m, n = q.shape[1], k.shape[1]
         if self._use_flash(q, call):
-            cq, ck, mq, mk, seed, offset = aux
+            # dense call, no dropout: no cumulative lengths, RNG state unused (forward's are None/ignored)
+            seed = torch.zeros(2, dtype=torch.uint64, device=q.device)
+            offset = torch.zeros((), dtype=torch.uint64, device=q.device)
             dq, dk, dv = aten._scaled_dot_product_flash_attention_backward(
-                _bhsd(dout), qt, kt, vt, _bhsd(out), lse_t, cq, ck, mq, mk, 0.0, causal, seed, offset,
+                _bhsd(dout), qt, kt, vt, _bhsd(out), lse_t, None, None, m, n, 0.0, causal, seed, offset,
                 scale=spec.scale,
             )  # fmt: skip
         else:
-            seed, offset = aux
-            m = q.shape[1]
+            seed = offset = torch.zeros((), dtype=torch.long, device=q.device)
             lse_pad = lse_t.new_zeros(*lse_t.shape[:2], -(-m // 32) * 32)  # the kernel's lse is 32-padded
             lse_pad[:, :, :m] = lse_t
             dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
@@ -210,9 +211,9 @@ class FlashAttn:
             q, k, v, dropout_p=0.0, softmax_scale=spec.scale, causal=causal,
             window_size_left=left, window_size_right=right, softcap=0.0, alibi_slopes=None, return_softmax=False,
         )  # fmt: skip
-        return out, _bhsd(lse), None
+        return out, _bhsd(lse)
 
-    def backward(self, dout, q, k, v, out, lse, aux, call: Call, spec: MaskSpec):
+    def backward(self, dout, q, k, v, out, lse, call: Call, spec: MaskSpec):
         from flash_attn.flash_attn_interface import _flash_attn_backward
 
         causal, left, right = self._window(call, spec, q.shape[1], k.shape[1])

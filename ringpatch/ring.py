@@ -97,7 +97,7 @@ def ring_forward(q, k, v, spec: RingSpec, group) -> tuple[torch.Tensor, torch.Te
                 bufs[(step + 1) % 2] = torch.empty_like(cur)
             pending = Exchange(cur, bufs[(step + 1) % 2], dst, src, group, tag=0)
         for c in calls:
-            out_b, lse_b, _ = spec.kernel.forward(
+            out_b, lse_b = spec.kernel.forward(
                 q[:, c.q0 : c.q1], cur[0, :, c.k0 : c.k1], cur[1, :, c.k0 : c.k1], c, spec.mask
             )
             _merge_(out[:, c.q0 : c.q1], lse[:, c.q0 : c.q1], out_b, lse_b)
@@ -112,7 +112,7 @@ def _block_grads(dout, q, kv, out, lse, calls, dq, spec: RingSpec) -> torch.Tens
     for c in calls:
         rows, keys = slice(c.q0, c.q1), slice(c.k0, c.k1)
         dq_b, dk_b, dv_b = spec.kernel.backward(
-            dout[:, rows], q[:, rows], kv[0, :, keys], kv[1, :, keys], out[:, rows], lse[:, rows], None, c, spec.mask
+            dout[:, rows], q[:, rows], kv[0, :, keys], kv[1, :, keys], out[:, rows], lse[:, rows], c, spec.mask
         )
         dq[:, rows] += dq_b
         dkv[0, :, keys] += dk_b
