@@ -189,13 +189,15 @@ def load_recipe(path: str | Path) -> Recipe:
 
 def deepspeed_config(recipe: Recipe, dp: int, sp: int, bf16: bool) -> dict:
     """The DeepSpeed config the recipe implies. ZeRO and gradient averaging span dp x sp, so
-    DeepSpeed's data-parallel size is dp*sp and its global batch counts each sample sp times."""
+    DeepSpeed's data-parallel size is dp*sp and its global batch counts each sample sp times.
+    tp > 1 turns on AutoTP training ("tensor_parallel": {"autotp_size": tp}; DeepSpeed takes
+    its data-parallel group as world / tp, i.e. dp x sp, and supports ZeRO 0-2 with it)."""
     zero: dict[str, Any] = {"stage": recipe.zero.stage}
     if recipe.zero.offload == "cpu":
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
         if recipe.zero.stage == 3:
             zero["offload_param"] = {"device": "cpu", "pin_memory": True}
-    return {
+    config = {
         "train_micro_batch_size_per_gpu": recipe.micro_batch,
         "gradient_accumulation_steps": recipe.grad_accum,
         "train_batch_size": recipe.micro_batch * recipe.grad_accum * dp * sp,
@@ -205,6 +207,9 @@ def deepspeed_config(recipe: Recipe, dp: int, sp: int, bf16: bool) -> dict:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if recipe.parallel.tp > 1:
+        config["tensor_parallel"] = {"autotp_size": recipe.parallel.tp}
+    return config
 
 
 __all__ = ["Recipe", "Stage", "load_recipe", "from_dict", "deepspeed_config"]

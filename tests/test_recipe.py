@@ -92,3 +92,6 @@ def test_deepspeed_config_comes_from_the_recipe():
     assert cfg["train_batch_size"] == 1 * 4 * 2 * 4
     assert cfg["zero_optimization"] == {"stage": 2, "offload_optimizer": {"device": "cpu", "pin_memory": True}}
     assert cfg["gradient_clipping"] == recipe.optim.grad_clip and cfg["bf16"] == {"enabled": True}
+    assert cfg["tensor_parallel"] == {"autotp_size": 2}
+    no_tp = from_dict(Recipe, _with(parallel__tp=1))
+    assert "tensor_parallel" not in deepspeed_config(no_tp, dp=4, sp=4, bf16=False)
