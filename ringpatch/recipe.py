@@ -187,10 +187,10 @@ def load_recipe(path: str | Path) -> Recipe:
     return from_dict(Recipe, data, where=path.name)
 
 
-def deepspeed_config(recipe: Recipe, dp: int, sp: int, bf16: bool) -> dict:
+def deepspeed_config(recipe: Recipe, bf16: bool) -> dict:
     """The DeepSpeed config the recipe implies. ZeRO and gradient averaging span dp x sp, so
-    DeepSpeed's data-parallel size is dp*sp and its global batch counts each sample sp times.
-    tp > 1 turns on AutoTP training ("tensor_parallel": {"autotp_size": tp}; DeepSpeed takes
+    DeepSpeed's data-parallel size is dp*sp; it derives train_batch_size itself (with AutoTP its
+    config check counts the whole world, so a value written here would be refused). tp > 1 turns on AutoTP training ("tensor_parallel": {"autotp_size": tp}; DeepSpeed takes
     its data-parallel group as world / tp, i.e. dp x sp, and supports ZeRO 0-2 with it)."""
     zero: dict[str, Any] = {"stage": recipe.zero.stage}
     if recipe.zero.offload == "cpu":
@@ -200,7 +200,6 @@ def deepspeed_config(recipe: Recipe, dp: int, sp: int, bf16: bool) -> dict:
     config = {
         "train_micro_batch_size_per_gpu": recipe.micro_batch,
         "gradient_accumulation_steps": recipe.grad_accum,
-        "train_batch_size": recipe.micro_batch * recipe.grad_accum * dp * sp,
         "gradient_clipping": recipe.optim.grad_clip,
         "zero_optimization": zero,
         "bf16": {"enabled": bf16},

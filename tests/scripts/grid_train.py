@@ -1,0 +1,63 @@
+"""A few DeepSpeed steps of a tiny Llama on a dp x sp x tp grid built from a recipe.
+
+    torchrun --nproc_per_node 4 tests/scripts/grid_train.py --sp 2 --tp 2 --zero 1 --losses out.txt
+
+Used by tests/test_grid.py: every grid must reproduce the single-process losses."""
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import deepspeed  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from transformers import AutoModelForCausalLM, LlamaConfig  # noqa: E402
+
+import ringpatch  # noqa: E402
+from ringpatch.mesh import ParallelDims, build_mesh  # noqa: E402
+from ringpatch.recipe import Recipe, deepspeed_config, from_dict  # noqa: E402
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sp", type=int, default=1)
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--zero", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--losses", required=True)
+    args = parser.parse_args()
+    deepspeed.init_distributed(dist_backend="gloo")
+    recipe = from_dict(Recipe, {"model": {"name": "tiny"}, "parallel": {"sp": args.sp, "tp": args.tp},
+                                "zero": {"stage": args.zero}, "stages": [{"seq_len": 256, "steps": args.steps}]})  # fmt: skip
+    dims = ParallelDims(dist.get_world_size(), recipe.parallel.sp, recipe.parallel.tp)
+    mesh = build_mesh(dims)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)  # fmt: skip
+    dims.check_heads(config.num_attention_heads, config.num_key_value_heads)
+    model = ringpatch.patch_model(AutoModelForCausalLM.from_config(config), group=mesh.sp_group)
+    ds = deepspeed_config(recipe, bf16=False)
+    ds["optimizer"] = {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
+    g = torch.Generator().manual_seed(1)  # one dp index: every rank loads the same sample
+    losses = []
+    for _ in range(args.steps):
+        ids = torch.randint(0, 256, (1, recipe.stages[0].seq_len), generator=g)
+        loss = engine(**ringpatch.shard_batch({"input_ids": ids, "labels": ids}, group=mesh.sp_group)).loss
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+    if dist.get_rank() == 0:
+        Path(args.losses).write_text(" ".join(repr(x) for x in losses))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
