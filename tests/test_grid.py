@@ -14,12 +14,17 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _losses(tmp_path, nproc, sp, tp, zero):
+def _run(tmp_path, nproc, sp, tp, zero, *extra):
     out = tmp_path / f"losses-{nproc}-{sp}-{tp}-{zero}.txt"
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     cmd = [torchrun, "--standalone", f"--nproc_per_node={nproc}", "tests/scripts/grid_train.py",
-           "--sp", str(sp), "--tp", str(tp), "--zero", str(zero), "--losses", str(out)]  # fmt: skip
+           "--sp", str(sp), "--tp", str(tp), "--zero", str(zero), "--losses", str(out), *extra]  # fmt: skip
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return proc, out
+
+
+def _losses(tmp_path, nproc, sp, tp, zero, *extra):
+    proc, out = _run(tmp_path, nproc, sp, tp, zero, *extra)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return torch.tensor([float(x) for x in out.read_text().split()])
 
@@ -28,3 +33,17 @@ def _losses(tmp_path, nproc, sp, tp, zero):
 def test_grid_matches_single_process(tmp_path, nproc, sp, tp, zero):
     reference = _losses(tmp_path, 1, 1, 1, 1)
     torch.testing.assert_close(_losses(tmp_path, nproc, sp, tp, zero), reference, rtol=1e-5, atol=0)
+
+
+def test_kill_and_resume_continues_exactly(tmp_path):
+    """Stopped after 2 of 4 steps and run again with the same command: the same 4 losses."""
+    run_dir = str(tmp_path / "run")
+    whole = _losses(tmp_path, 2, 2, 1, 2, "--steps", "4")
+    first = _losses(tmp_path, 2, 2, 1, 2, "--steps", "4", "--run-dir", run_dir, "--stop-after", "2")
+    assert len(first) == 2
+    resumed = _losses(tmp_path, 2, 2, 1, 2, "--steps", "4", "--run-dir", run_dir)
+    torch.testing.assert_close(resumed, whole, rtol=1e-6, atol=0)
+    # another recipe's checkpoint is refused, naming the difference
+    proc, _ = _run(tmp_path, 2, 2, 1, 2, "--steps", "4", "--run-dir", run_dir, "--model-name", "other")
+    assert proc.returncode != 0
+    assert "belongs to another run (model: checkpoint 'tiny' vs recipe 'other')" in proc.stderr

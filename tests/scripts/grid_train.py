@@ -20,6 +20,7 @@ import torch.distributed as dist  # noqa: E402
 from transformers import AutoModelForCausalLM, LlamaConfig  # noqa: E402
 
 import ringpatch  # noqa: E402
+from ringpatch import checkpoint  # noqa: E402
 from ringpatch.mesh import ParallelDims, build_mesh  # noqa: E402
 from ringpatch.recipe import Recipe, deepspeed_config, from_dict  # noqa: E402
 
@@ -31,9 +32,12 @@ def main():
     parser.add_argument("--zero", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--losses", required=True)
+    parser.add_argument("--run-dir", help="checkpoint every step here and resume from its latest checkpoint")
+    parser.add_argument("--stop-after", type=int, help="exit after this many steps, as if killed")
+    parser.add_argument("--model-name", default="tiny", help="the recipe's model name (its identity)")
     args = parser.parse_args()
     deepspeed.init_distributed(dist_backend="gloo")
-    recipe = from_dict(Recipe, {"model": {"name": "tiny"}, "parallel": {"sp": args.sp, "tp": args.tp},
+    recipe = from_dict(Recipe, {"model": {"name": args.model_name}, "parallel": {"sp": args.sp, "tp": args.tp},
                                 "zero": {"stage": args.zero}, "stages": [{"seq_len": 256, "steps": args.steps}]})  # fmt: skip
     dims = ParallelDims(dist.get_world_size(), recipe.parallel.sp, recipe.parallel.tp)
     mesh = build_mesh(dims)
@@ -45,14 +49,23 @@ def main():
     ds = deepspeed_config(recipe, bf16=False)
     ds["optimizer"] = {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
-    g = torch.Generator().manual_seed(1)  # one dp index: every rank loads the same sample
-    losses = []
-    for _ in range(args.steps):
-        ids = torch.randint(0, 256, (1, recipe.stages[0].seq_len), generator=g)
+    run_identity = checkpoint.identity(recipe, dims.world)
+    start, losses = 0, []
+    if args.run_dir:
+        state = checkpoint.load_latest(engine, args.run_dir, run_identity)
+        if state is not None:
+            start, losses = state["step"], state["losses"]
+    for step in range(start, args.steps):
+        if step == args.stop_after:
+            break
+        # the sample of step s is fixed by s, as a resumed sampler would give it
+        ids = torch.randint(0, 256, (1, recipe.stages[0].seq_len), generator=torch.Generator().manual_seed(step))
         loss = engine(**ringpatch.shard_batch({"input_ids": ids, "labels": ids}, group=mesh.sp_group)).loss
         engine.backward(loss)
         engine.step()
         losses.append(loss.item())
+        if args.run_dir:
+            checkpoint.save(engine, args.run_dir, step + 1, run_identity, {"losses": losses})
     if dist.get_rank() == 0:
         Path(args.losses).write_text(" ".join(repr(x) for x in losses))
     dist.barrier()

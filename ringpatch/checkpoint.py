@@ -1,0 +1,70 @@
+"""Checkpoints of a DeepSpeed run that resume exactly and refuse another recipe's state.
+
+DeepSpeed writes each checkpoint into its own tag folder and updates the `latest` file only
+after the whole folder is written, so a crash mid-write leaves the previous checkpoint as
+the one resumed. Beside the tag we keep the run's identity (model, layout, grid), read and
+compared before any weight is loaded, and the client state (step, sampler position).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch.distributed as dist
+
+IDENTITY_FILE = "ringpatch_identity.json"
+
+
+def identity(recipe, world: int) -> dict:
+    """What must not change between a checkpoint and the run that resumes it."""
+    return {
+        "model": recipe.model.name,
+        "layout": recipe.parallel.layout,
+        "sp": recipe.parallel.sp,
+        "tp": recipe.parallel.tp,
+        "world": world,
+        "zero_stage": recipe.zero.stage,
+    }
+
+
+def latest_tag(ckpt_dir: str | Path) -> str | None:
+    path = Path(ckpt_dir, "latest")
+    return path.read_text().strip() if path.is_file() else None
+
+
+def check_identity(ckpt_dir: str | Path, tag: str, expected: dict) -> None:
+    path = Path(ckpt_dir, tag, IDENTITY_FILE)
+    if not path.is_file():
+        raise ValueError(f"checkpoint {Path(ckpt_dir, tag)} has no {IDENTITY_FILE}: it was not written by ringpatch")
+    saved = json.loads(path.read_text())
+    differ = {k: (saved.get(k), v) for k, v in expected.items() if saved.get(k) != v}
+    if differ:
+        detail = ", ".join(f"{k}: checkpoint {a!r} vs recipe {b!r}" for k, (a, b) in differ.items())
+        raise ValueError(
+            f"checkpoint {Path(ckpt_dir, tag)} belongs to another run ({detail}); "
+            "point run_dir elsewhere or restore the recipe it was made with"
+        )
+
+
+def save(engine, ckpt_dir: str | Path, step: int, run_identity: dict, client_state: dict) -> str:
+    """Write checkpoint `step` on every rank; `latest` moves to it only once it is complete."""
+    tag = f"step{step:09d}"
+    if dist.get_rank() == 0:
+        Path(ckpt_dir, tag).mkdir(parents=True, exist_ok=True)
+        Path(ckpt_dir, tag, IDENTITY_FILE).write_text(json.dumps(run_identity, indent=1))
+    dist.barrier()
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=dict(client_state, step=step))
+    return tag
+
+
+def load_latest(engine, ckpt_dir: str | Path, run_identity: dict) -> dict | None:
+    """Resume from the latest complete checkpoint; None when there is none."""
+    tag = latest_tag(ckpt_dir)
+    if tag is None:
+        return None
+    check_identity(ckpt_dir, tag, run_identity)
+    path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+    if path is None:
+        raise ValueError(f"DeepSpeed could not load checkpoint {Path(ckpt_dir, tag)}")
+    return client_state
