@@ -1,14 +1,17 @@
 """Checkpoints of a DeepSpeed run that resume exactly and refuse another recipe's state.
 
-DeepSpeed writes each checkpoint into its own tag folder and updates the `latest` file only
-after the whole folder is written, so a crash mid-write leaves the previous checkpoint as
-the one resumed. Beside the tag we keep the run's identity (model, layout, grid), read and
-compared before any weight is loaded, and the client state (step, sampler position).
+Each checkpoint goes into its own tag folder. DeepSpeed's own `latest` is written by rank 0
+before the other ranks are known to have finished their shards, and not atomically, so we
+save with save_latest=False and move `latest` ourselves, by an atomic rename, only after a
+barrier: a crash mid-write leaves the previous checkpoint as the one resumed. Beside the
+tag we keep the run's identity (model, layout, grid), read and compared before any weight
+is loaded; the client state carries the step and the sampler position.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch.distributed as dist
@@ -54,7 +57,13 @@ def save(engine, ckpt_dir: str | Path, step: int, run_identity: dict, client_sta
         Path(ckpt_dir, tag).mkdir(parents=True, exist_ok=True)
         Path(ckpt_dir, tag, IDENTITY_FILE).write_text(json.dumps(run_identity, indent=1))
     dist.barrier()
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=dict(client_state, step=step))
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=dict(client_state, step=step), save_latest=False)
+    dist.barrier()  # every rank's shards are on disk
+    if dist.get_rank() == 0:
+        tmp = Path(ckpt_dir, "latest.tmp")
+        tmp.write_text(tag)
+        os.replace(tmp, Path(ckpt_dir, "latest"))
+    dist.barrier()
     return tag
 
 

@@ -36,11 +36,17 @@ def test_grid_matches_single_process(tmp_path, nproc, sp, tp, zero):
 
 
 def test_kill_and_resume_continues_exactly(tmp_path):
-    """Stopped after 2 of 4 steps and run again with the same command: the same 4 losses."""
+    """Stopped after 2 of 4 steps (and a half-written checkpoint left behind), then run again
+    with the same command: the same 4 losses."""
     run_dir = str(tmp_path / "run")
     whole = _losses(tmp_path, 2, 2, 1, 2, "--steps", "4")
     first = _losses(tmp_path, 2, 2, 1, 2, "--steps", "4", "--run-dir", run_dir, "--stop-after", "2")
     assert len(first) == 2
+    # a crash while writing step 3: a half-written tag folder, `latest` still names step 2
+    partial = tmp_path / "run" / "step000000003"
+    partial.mkdir()
+    (partial / "mp_rank_00_model_states.pt").write_bytes(b"truncated")
+    assert (tmp_path / "run" / "latest").read_text() == "step000000002"
     resumed = _losses(tmp_path, 2, 2, 1, 2, "--steps", "4", "--run-dir", run_dir)
     torch.testing.assert_close(resumed, whole, rtol=1e-6, atol=0)
     # another recipe's checkpoint is refused, naming the difference
