@@ -53,3 +53,29 @@ def test_kill_and_resume_continues_exactly(tmp_path):
     proc, _ = _run(tmp_path, 2, 2, 1, 2, "--steps", "4", "--run-dir", run_dir, "--model-name", "other")
     assert proc.returncode != 0
     assert "belongs to another run (model: checkpoint 'tiny' vs recipe 'other')" in proc.stderr
+
+
+LOAD_WITHOUT_RINGPATCH = """
+import sys
+sys.modules["ringpatch"] = None  # importing ringpatch now fails: the folder must not need it
+import torch
+from transformers import AutoModelForCausalLM
+folder, logits_file = sys.argv[1], sys.argv[2]
+saved = torch.load(logits_file)
+model = AutoModelForCausalLM.from_pretrained(folder)
+with torch.no_grad():
+    logits = model(input_ids=saved["input_ids"]).logits
+torch.testing.assert_close(logits, saved["logits"], rtol=1e-5, atol=1e-5)
+print("loaded", model.config._attn_implementation, model.config.max_position_embeddings)
+"""
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_export_loads_without_ringpatch(tmp_path, zero):
+    folder = tmp_path / "final"
+    _losses(tmp_path, 2, 2, 1, zero, "--steps", "2", "--export", str(folder))
+    assert (folder / "config.json").is_file() and not (tmp_path / "final.tmp").exists()
+    cmd = [sys.executable, "-c", LOAD_WITHOUT_RINGPATCH, str(folder), str(folder.with_suffix(".logits.pt"))]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "loaded" in proc.stdout

@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig  # noqa: E402
 
 import ringpatch  # noqa: E402
 from ringpatch import checkpoint  # noqa: E402
+from ringpatch.export import export_hf  # noqa: E402
 from ringpatch.mesh import ParallelDims, build_mesh  # noqa: E402
 from ringpatch.recipe import Recipe, deepspeed_config, from_dict  # noqa: E402
 
@@ -35,6 +36,7 @@ def main():
     parser.add_argument("--run-dir", help="checkpoint every step here and resume from its latest checkpoint")
     parser.add_argument("--stop-after", type=int, help="exit after this many steps, as if killed")
     parser.add_argument("--model-name", default="tiny", help="the recipe's model name (its identity)")
+    parser.add_argument("--export", help="export the trained model here and save its logits beside it")
     args = parser.parse_args()
     deepspeed.init_distributed(dist_backend="gloo")
     recipe = from_dict(Recipe, {"model": {"name": args.model_name}, "parallel": {"sp": args.sp, "tp": args.tp},
@@ -68,6 +70,14 @@ def main():
             checkpoint.save(engine, args.run_dir, step + 1, run_identity, {"losses": losses})
     if dist.get_rank() == 0:
         Path(args.losses).write_text(" ".join(repr(x) for x in losses))
+    if args.export:
+        export_hf(engine.module, args.export, recipe.zero.stage, recipe.parallel.tp)
+        probe = torch.randint(0, 256, (1, 64), generator=torch.Generator().manual_seed(99))
+        with torch.no_grad():
+            local = engine(**ringpatch.shard_batch({"input_ids": probe}, group=mesh.sp_group)).logits
+        logits = ringpatch.unshard(local, group=mesh.sp_group, dim=1)
+        if dist.get_rank() == 0:
+            torch.save({"input_ids": probe, "logits": logits}, Path(args.export).with_suffix(".logits.pt"))
     dist.barrier()
     dist.destroy_process_group()
 
