@@ -61,7 +61,8 @@ def main():
         if args.losses:
             with open(args.losses, "w") as f:
                 f.write(" ".join(repr(x) for x in losses))
-    dist.barrier()  # leave together: a rank tearing down gloo while its peer still runs can hang
+    del engine  # before the groups go: see examples/train_plain.py (pytorch/pytorch#56297)
+    dist.barrier()  # leave together
     dist.destroy_process_group()
 
 

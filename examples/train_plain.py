@@ -58,7 +58,11 @@ def main():
         if args.losses:
             with open(args.losses, "w") as f:
                 f.write(" ".join(repr(x) for x in losses))
-    dist.barrier()  # leave together: a rank tearing down gloo while its peer still runs can hang
+    # Drop DDP before the groups: if its reducer outlives destroy_process_group it becomes the
+    # last owner of the gloo group, whose destructor then joins gloo's threads while holding
+    # the GIL and can deadlock (pytorch/pytorch#56297).
+    del ddp
+    dist.barrier()  # leave together
     dist.destroy_process_group()
 
 

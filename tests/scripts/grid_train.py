@@ -78,7 +78,8 @@ def main():
         logits = ringpatch.unshard(local, group=mesh.sp_group, dim=1)
         if dist.get_rank() == 0:
             torch.save({"input_ids": probe, "logits": logits}, Path(args.export).with_suffix(".logits.pt"))
-    dist.barrier()
+    del engine  # before the groups go: see examples/train_plain.py (pytorch/pytorch#56297)
+    dist.barrier()  # leave together
     dist.destroy_process_group()
 
 
