@@ -33,12 +33,12 @@ test: install lint
 	$(BIN)/python -m pytest -q
 
 lint: install
-	$(BIN)/ruff check ringpatch tests bench examples
-	$(BIN)/ruff format --check ringpatch tests bench examples
+	$(BIN)/ruff check ringpatch tests bench examples data
+	$(BIN)/ruff format --check ringpatch tests bench examples data
 
 format: install
-	$(BIN)/ruff check --fix ringpatch tests bench examples
-	$(BIN)/ruff format ringpatch tests bench examples
+	$(BIN)/ruff check --fix ringpatch tests bench examples data
+	$(BIN)/ruff format ringpatch tests bench examples data
 
 bench: install
 	$(BIN)/python bench/attention.py

@@ -1,9 +1,10 @@
 """Export a trained DeepSpeed model as a plain Hugging Face folder.
 
-Weights are gathered from ZeRO-3 partitions when needed; config.json carries the model's
-current RoPE settings and max_position_embeddings and names a stock attention
-implementation, so the folder loads with AutoModelForCausalLM.from_pretrained without
-ringpatch. The folder is written under a temporary name and renamed when complete.
+Weights are gathered from ZeRO-3 partitions and AutoTP shards by DeepSpeed's own
+consolidation (one layer at a time, onto rank 0), as its save_16bit_model does; config.json
+carries the model's current RoPE settings and max_position_embeddings and names a stock
+attention implementation, so the folder loads with AutoModelForCausalLM.from_pretrained
+without ringpatch. The folder is written under a temporary name and renamed when complete.
 """
 
 from __future__ import annotations
@@ -14,27 +15,24 @@ from pathlib import Path
 import torch.distributed as dist
 
 
-def _full_state_dict(module, zero_stage: int) -> dict | None:
-    """CPU copies of every weight on rank 0 (None elsewhere)."""
-    if zero_stage == 3:
-        import deepspeed
+def _full_state_dict(engine, module) -> dict | None:
+    """CPU copies of every weight of `module` (a submodule of the engine's) on rank 0, None elsewhere."""
+    prefix = next(name for name, m in engine.module.named_modules() if m is module)
+    prefix = prefix + "." if prefix else ""
+    if engine.zero_optimization_stage() == 3 or engine.autotp_size() > 1:
+        state = engine._consolidated_16bit_state_dict()  # every rank takes part
+    else:
+        state = engine.module.state_dict() if dist.get_rank() == 0 else None
+    if state is None:
+        return None
+    return {k[len(prefix) :]: v.detach().cpu().clone() for k, v in state.items() if k.startswith(prefix)}
 
-        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-            state = (
-                {k: v.detach().cpu().clone() for k, v in module.state_dict().items()} if dist.get_rank() == 0 else None
-            )
-        return state
-    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()} if dist.get_rank() == 0 else None
 
-
-def export_hf(module, out_dir: str | Path, zero_stage: int, tp: int = 1) -> None:
-    """Write `module` (the engine's model) to `out_dir` as a Hugging Face model folder."""
-    if tp > 1:
-        raise NotImplementedError(
-            f"export with tensor parallelism (tp={tp}) needs the AutoTP shards merged; not supported yet: "
-            "export from a tp=1 checkpoint"
-        )
-    state = _full_state_dict(module, zero_stage)
+def export_hf(engine, out_dir: str | Path, module=None, tokenizer=None) -> None:
+    """Write `module` (the Hugging Face model inside `engine`; default engine.module) to `out_dir`
+    as a Hugging Face model folder, with the tokenizer when given. Every rank must call it."""
+    module = engine.module if module is None else module
+    state = _full_state_dict(engine, module)
     if dist.get_rank() == 0:
         out_dir = Path(out_dir)
         tmp = out_dir.with_name(out_dir.name + ".tmp")
@@ -47,6 +45,8 @@ def export_hf(module, out_dir: str | Path, zero_stage: int, tp: int = 1) -> None
             module.save_pretrained(tmp, state_dict=state)
         finally:
             module.config._attn_implementation = saved_impl
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
         shutil.rmtree(out_dir, ignore_errors=True)
         tmp.rename(out_dir)
     dist.barrier()

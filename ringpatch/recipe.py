@@ -22,9 +22,62 @@ from ringpatch.layout import num_chunks
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
-    """A hub id (e.g. meta-llama/Meta-Llama-3-8B) or a local folder with config.json."""
+    """A hub id (e.g. meta-llama/Meta-Llama-3-8B) or a local folder with config.json; with
+    init: scratch, only the run's label."""
+    init: Literal["pretrained", "scratch"] = "pretrained"
+    """pretrained: load the weights of `name`; scratch: build `config` with random weights (seeded)."""
+    config: dict | None = None
+    """A transformers config (with model_type). scratch: the architecture. pretrained: optional, the
+    architecture expected, so the plan's memory estimate needs no download (checked against the loaded one)."""
+    tokenizer: str | None = None
+    """A hub id or folder; None: the model's own; "bytes": ringpatch's byte-level tokenizer (no download)."""
     dtype: Literal["auto", "bfloat16", "float32"] = "auto"
     """Training precision: auto = bfloat16 on GPU, float32 on CPU."""
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    source: str
+    """A hub dataset name, or a local json/jsonl/parquet/txt file or folder of them."""
+    text_field: str = "text"
+    """The column that holds each document's text."""
+    split: str = "train"
+    eval_source: str | None = None
+    """Held-out documents (same kinds of source) for the stage-end loss and perplexity-vs-length."""
+    eval_split: str = "train"
+    eval_samples: int = 4
+    """Held-out packed sequences scored at each stage end."""
+    streaming: bool = False
+    """Read the source as a stream (corpora larger than memory or disk); tokenising is then serial."""
+    num_proc: int = 1
+    """Tokenising processes (non-streaming)."""
+    min_doc_tokens: int = 0
+    """Skip documents shorter than this (long-context runs want long documents)."""
+    max_sequences: int | None = None
+    """Stop packing a stage after this many sequences (None: the whole source)."""
+    positions: Literal["continuous", "documents"] = "continuous"
+    """continuous: positions run across each packed sequence (continual pretraining). documents:
+    positions restart per document, which needs document-masked attention (not supported yet)."""
+    cache_dir: str = "runs/data"
+    """Prepared (tokenised, packed) stages, one folder per fingerprint; shared by every node."""
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    ppl_lengths: tuple[int, ...] = ()
+    """Context lengths for perplexity-vs-length (empty: powers of two from 256 up to the last stage)."""
+    ppl_tokens: int = 64
+    """Perplexity is measured on the last this-many tokens of each context (the same tokens at every length)."""
+    passkey_lengths: tuple[int, ...] = ()
+    """Prompt lengths for passkey retrieval (empty: the ppl lengths)."""
+    passkey_depths: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)
+    """Where the key sits in the filler, as a fraction of the prompt."""
+    passkey_trials: int = 4
+    """Random keys per (length, depth) cell."""
+    passkey_template: Literal["classic", "demo"] = "classic"
+    """classic: the Landmark Attention prompt (5 digits); demo: the demo corpus's own phrasing."""
+    max_tokens_per_rank: int = 262144
+    """The most prompt tokens one rank holds during ring prefill; longer lengths are refused up front."""
 
 
 @dataclass(frozen=True)
@@ -70,6 +123,9 @@ class Stage:
     """transformers rope_scaling dict (e.g. {rope_type: yarn, factor: 4.0}); excludes rope_theta changes."""
     lr: float | None = None
     """Peak learning rate of this stage (None: optim.lr)."""
+    micro_batch: int | None = None
+    """Samples per dp rank per micro-step in this stage (None: the recipe's micro_batch); longer
+    stages usually take fewer samples so the tokens per step stay level."""
 
 
 @dataclass(frozen=True)
@@ -90,6 +146,18 @@ class Recipe:
     save_every: int = 0
     """Checkpoint every N optimizer steps (0: only at stage ends)."""
     wandb: Literal["online", "offline", "disabled"] = "disabled"
+    wandb_project: str = "ringpatch"
+    data: DataSpec | None = None
+    """Training data; required to train."""
+    eval: EvalSpec = field(default_factory=EvalSpec)
+    loss_chunk_tokens: int = 4096
+    """Tokens per chunk of the chunked cross-entropy (the peak holds chunk x vocab float32 logits)."""
+    deepspeed: str | None = None
+    """A DeepSpeed JSON (launch/deepspeed/) with tuning knobs; values the recipe owns must be "auto" there."""
+    export_stages: bool = True
+    """Export a Hugging Face folder at the end of every stage (run_dir/stageN), not only final/."""
+    log_every: int = 1
+    """Write metrics every N optimizer steps."""
 
     def __post_init__(self):
         _check_recipe(self)
@@ -107,6 +175,12 @@ def _check_recipe(r: Recipe) -> None:
     for name, value in (("micro_batch", r.micro_batch), ("grad_accum", r.grad_accum)):
         _positive(name, value)
     _positive("save_every", r.save_every, allow_zero=True)
+    _positive("loss_chunk_tokens", r.loss_chunk_tokens)
+    _positive("log_every", r.log_every)
+    _check_model(r.model)
+    if r.data is not None:
+        _check_data(r.data)
+    _check_eval(r.eval)
     _positive("parallel.sp", r.parallel.sp)
     _positive("parallel.tp", r.parallel.tp)
     if not 0 <= r.zero.stage <= 3:
@@ -120,6 +194,8 @@ def _check_recipe(r: Recipe) -> None:
     for i, stage in enumerate(r.stages):
         _positive(f"stages[{i}].seq_len", stage.seq_len)
         _positive(f"stages[{i}].steps", stage.steps)
+        if stage.micro_batch is not None:
+            _positive(f"stages[{i}].micro_batch", stage.micro_batch)
         if stage.seq_len % chunks:
             raise ValueError(
                 f"stages[{i}].seq_len {stage.seq_len} is not divisible by the {r.parallel.layout} layout's "
@@ -130,6 +206,43 @@ def _check_recipe(r: Recipe) -> None:
         if stage.rope_theta is not None and stage.rope_scaling is not None:
             raise ValueError(f"stages[{i}] sets both rope_theta and rope_scaling; choose one rule")
         previous = stage.seq_len
+
+
+def _check_model(m: ModelSpec) -> None:
+    if m.init == "scratch" and not (m.config and "model_type" in m.config):
+        raise ValueError("model.init: scratch needs model.config with a model_type (e.g. {model_type: llama, ...})")
+    if m.init == "scratch" and m.tokenizer is None:
+        raise ValueError('model.init: scratch has no tokenizer of its own: set model.tokenizer (e.g. "bytes")')
+    if m.config is not None and "model_type" not in m.config:
+        raise ValueError(f"model.config needs a model_type key; it has {sorted(m.config)}")
+
+
+def _check_data(d: DataSpec) -> None:
+    _positive("data.num_proc", d.num_proc)
+    _positive("data.eval_samples", d.eval_samples)
+    _positive("data.min_doc_tokens", d.min_doc_tokens, allow_zero=True)
+    if d.max_sequences is not None:
+        _positive("data.max_sequences", d.max_sequences)
+    if d.positions == "documents":
+        raise NotImplementedError(
+            "data.positions: documents restarts positions per document, which is only correct with "
+            "document-masked attention, and ring attention does not mask documents yet; use continuous "
+            "(prepared data still records the boundaries in doc_position_ids)"
+        )
+
+
+def _check_eval(e: EvalSpec) -> None:
+    _positive("eval.ppl_tokens", e.ppl_tokens)
+    _positive("eval.passkey_trials", e.passkey_trials)
+    _positive("eval.max_tokens_per_rank", e.max_tokens_per_rank)
+    for name, lengths in (("eval.ppl_lengths", e.ppl_lengths), ("eval.passkey_lengths", e.passkey_lengths)):
+        if any(n <= e.ppl_tokens for n in lengths) and name == "eval.ppl_lengths":
+            raise ValueError(f"{name} {list(lengths)} must all exceed eval.ppl_tokens {e.ppl_tokens}")
+        if list(lengths) != sorted(set(lengths)) or any(n < 1 for n in lengths):
+            raise ValueError(f"{name} must be positive and increasing, got {list(lengths)}")
+    bad = [x for x in e.passkey_depths if not 0.0 <= x <= 1.0]
+    if bad:
+        raise ValueError(f"eval.passkey_depths must lie in [0, 1], got {bad}")
 
 
 def _convert(tp, value, where: str):
@@ -146,6 +259,10 @@ def _convert(tp, value, where: str):
         if value not in args:
             raise ValueError(f"{where} must be one of {list(args)}, got {value!r}")
         return value
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise TypeError(f"{where} must be a mapping, got {type(value).__name__} {value!r}")
+        return dict(value)
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise TypeError(f"{where} must be a list, got {type(value).__name__} {value!r}")
@@ -187,18 +304,21 @@ def load_recipe(path: str | Path) -> Recipe:
     return from_dict(Recipe, data, where=path.name)
 
 
-def deepspeed_config(recipe: Recipe, bf16: bool) -> dict:
-    """The DeepSpeed config the recipe implies. ZeRO and gradient averaging span dp x sp, so
-    DeepSpeed's data-parallel size is dp*sp; it derives train_batch_size itself (with AutoTP its
-    config check counts the whole world, so a value written here would be refused). tp > 1 turns on AutoTP training ("tensor_parallel": {"autotp_size": tp}; DeepSpeed takes
-    its data-parallel group as world / tp, i.e. dp x sp, and supports ZeRO 0-2 with it)."""
+def deepspeed_config(recipe: Recipe, bf16: bool, overlay: dict | None = None, overlay_name: str = "overlay") -> dict:
+    """The DeepSpeed config the recipe implies, merged with an optional overlay of tuning knobs.
+
+    ZeRO and gradient averaging span dp x sp, so DeepSpeed's data-parallel size is dp*sp; it
+    derives train_batch_size itself (with AutoTP its config check counts the whole world, so
+    a value written here would be refused). tp > 1 turns on AutoTP training ("tensor_parallel":
+    {"autotp_size": tp}; DeepSpeed takes its data-parallel group as world / tp, i.e. dp x sp,
+    and supports ZeRO 0-2 with it). The optimizer and schedule are built by the trainer."""
     zero: dict[str, Any] = {"stage": recipe.zero.stage}
     if recipe.zero.offload == "cpu":
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+        zero["offload_optimizer"] = {"device": "cpu"}
         if recipe.zero.stage == 3:
-            zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+            zero["offload_param"] = {"device": "cpu"}
     config = {
-        "train_micro_batch_size_per_gpu": recipe.micro_batch,
+        "train_micro_batch_size_per_gpu": recipe.micro_batch,  # DeepSpeed only reports it; stages may differ
         "gradient_accumulation_steps": recipe.grad_accum,
         "gradient_clipping": recipe.optim.grad_clip,
         "zero_optimization": zero,
@@ -208,7 +328,39 @@ def deepspeed_config(recipe: Recipe, bf16: bool) -> dict:
     }
     if recipe.parallel.tp > 1:
         config["tensor_parallel"] = {"autotp_size": recipe.parallel.tp}
+    if overlay is not None:
+        stage3_knobs = [k for k in overlay.get("zero_optimization", {}) if k.startswith("stage3_")]
+        if stage3_knobs and recipe.zero.stage != 3:
+            raise ValueError(
+                f"{overlay_name} tunes ZeRO-3 ({stage3_knobs}) but the recipe says zero.stage {recipe.zero.stage}; "
+                "pick the launch/deepspeed file of that stage"
+            )
+        _merge_overlay(config, overlay, overlay_name, "")
     return config
 
 
-__all__ = ["Recipe", "Stage", "load_recipe", "from_dict", "deepspeed_config"]
+def _has_auto(value) -> bool:
+    return value == "auto" or (isinstance(value, dict) and any(_has_auto(v) for v in value.values()))
+
+
+def _merge_overlay(config: dict, overlay: dict, name: str, where: str) -> None:
+    """Add the overlay's knobs to `config` in place. "auto" takes the recipe's value; a concrete
+    value for something the recipe owns is refused, so no value is typed twice."""
+    for key, value in overlay.items():
+        path = f"{where}{key}"
+        if key not in config:
+            if _has_auto(value):
+                raise ValueError(
+                    f'{path} is "auto" in {name} but the recipe sets no value for it '
+                    f"(e.g. zero.offload: none while {name} tunes offload); remove it or change the recipe"
+                )
+            config[key] = value
+        elif isinstance(value, dict) and isinstance(config[key], dict):
+            _merge_overlay(config[key], value, name, f"{path}.")
+        elif value != "auto":
+            raise ValueError(
+                f'{path} = {value!r} in {name}, but the recipe owns it (it gives {config[key]!r}); write "auto" there'
+            )
+
+
+__all__ = ["Recipe", "Stage", "DataSpec", "EvalSpec", "ModelSpec", "load_recipe", "from_dict", "deepspeed_config"]

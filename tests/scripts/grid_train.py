@@ -71,7 +71,7 @@ def main():
     if dist.get_rank() == 0:
         Path(args.losses).write_text(" ".join(repr(x) for x in losses))
     if args.export:
-        export_hf(engine.module, args.export, recipe.zero.stage, recipe.parallel.tp)
+        export_hf(engine, args.export)
         probe = torch.randint(0, 256, (1, 64), generator=torch.Generator().manual_seed(99))
         with torch.no_grad():
             local = engine(**ringpatch.shard_batch({"input_ids": probe}, group=mesh.sp_group)).logits

@@ -1,0 +1,83 @@
+"""`ringpatch` command: train, prepare, eval, plan, corpus.
+
+ringpatch train --recipe recipes/tiny-cpu.yaml      # under torchrun / deepspeed / accelerate launch
+ringpatch prepare --recipe recipes/llama3-8b-1m.yaml
+ringpatch eval --recipe recipes/tiny-cpu.yaml
+ringpatch plan --recipe recipes/llama3-8b-1m.yaml --nodes 4 --gpus-per-node 8
+ringpatch corpus --out data/demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+USAGE = __doc__
+
+
+def prepare(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="ringpatch prepare", description="tokenise and pack a recipe's data to disk")
+    parser.add_argument("--recipe", required=True)
+    args = parser.parse_args(argv)
+    from ringpatch.prepare import prepare_recipe
+    from ringpatch.recipe import load_recipe
+
+    try:
+        folders = prepare_recipe(load_recipe(args.recipe))
+    except (ValueError, TypeError, FileNotFoundError, NotImplementedError) as e:
+        print(f"ringpatch prepare: {e}", file=sys.stderr)
+        return 2
+    for folder in folders:
+        print(f"prepared {folder}")
+    return 0
+
+
+def plan(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="ringpatch plan", description="print a recipe's validated plan")
+    parser.add_argument("--recipe", required=True)
+    parser.add_argument("--nodes", type=int, default=1)
+    parser.add_argument("--gpus-per-node", type=int, default=8)
+    parser.add_argument("--launch", help="the launch command to print with the plan")
+    args = parser.parse_args(argv)
+    from ringpatch.budget import describe
+    from ringpatch.preflight import preflight
+
+    try:
+        p = preflight(args.recipe, world=args.nodes * args.gpus_per_node)
+    except (ValueError, TypeError, FileNotFoundError, NotImplementedError) as e:
+        print(f"ringpatch plan: {e}", file=sys.stderr)
+        return 2
+    print(describe(p, args.launch))
+    return 0
+
+
+def corpus(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="ringpatch corpus", description="write the demo corpus")
+    parser.add_argument("--out", default="data/demo")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    from ringpatch.corpus import write_corpus
+
+    print(f"wrote {write_corpus(args.out, seed=args.seed)}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in ("train", "prepare", "eval", "plan", "corpus"):
+        print(USAGE, file=sys.stderr)
+        return 2
+    command, rest = argv[0], argv[1:]
+    if command == "train":
+        from ringpatch.train import main as train
+
+        return train(rest)
+    if command == "eval":
+        from ringpatch.evaluate import main as evaluate
+
+        return evaluate(rest)
+    return {"prepare": prepare, "plan": plan, "corpus": corpus}[command](rest)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,102 @@
+"""Everything checked before a process group or a download starts, and the run's plan.
+
+A bad recipe, a world that does not fit its layout, a model or data path that does not exist,
+heads that tp does not divide, a DeepSpeed overlay that retypes a recipe value: each fails
+here, on every rank alike, with the values and the fix."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ringpatch.mesh import ParallelDims
+from ringpatch.recipe import Recipe, deepspeed_config, load_recipe
+
+
+@dataclass(frozen=True)
+class Plan:
+    recipe: Recipe
+    dims: ParallelDims
+    cuda: bool
+    bf16: bool
+    ds_config: dict
+    model_config: dict | None
+    """The architecture, when known without a download (recipe or local config.json)."""
+
+
+def is_local(name: str) -> bool:
+    """A local path, as opposed to a hub id ("org/name" or "name")."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or Path(name).exists()
+
+
+def _model_config(recipe: Recipe) -> dict | None:
+    spec = recipe.model
+    if spec.init == "scratch":
+        return dict(spec.config)
+    if is_local(spec.name):
+        path = Path(spec.name).expanduser() / "config.json"
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"model.name {spec.name} is a local path without config.json; give a folder saved with "
+                "save_pretrained, or a hub id such as meta-llama/Meta-Llama-3-8B"
+            )
+        saved = json.loads(path.read_text())
+        expected = spec.config or {}
+        differ = {k: (v, saved.get(k)) for k, v in expected.items() if saved.get(k) != v}
+        if differ:
+            raise ValueError(f"model.config disagrees with {path} (recipe, file): {differ}")
+        return saved
+    return dict(spec.config) if spec.config else None
+
+
+def _check_sources(recipe: Recipe) -> None:
+    for name in ("source", "eval_source"):
+        source = getattr(recipe.data, name)
+        if source is not None and is_local(source) and not Path(source).exists():
+            raise FileNotFoundError(
+                f"data.{name} {source} does not exist; give a local json/jsonl/parquet/txt file or folder, "
+                "or a hub dataset name (prepared with `ringpatch prepare`)"
+            )
+
+
+def build_ds_config(recipe: Recipe, bf16: bool, cuda: bool, overlay_file: str | None) -> dict:
+    overlay = None
+    if overlay_file is not None:
+        if not Path(overlay_file).is_file():
+            raise FileNotFoundError(
+                f"DeepSpeed file {overlay_file} does not exist; the shipped ones are in launch/deepspeed/"
+            )
+        overlay = json.loads(Path(overlay_file).read_text())
+    config = deepspeed_config(recipe, bf16=bf16, overlay=overlay, overlay_name=str(overlay_file))
+    o = recipe.optim
+    # torch's AdamW needs no compiled op; DeepSpeed's CPU Adam (compiled) serves an offloaded optimizer on GPU
+    config["optimizer"] = {"type": "AdamW", "params": {"lr": o.lr, "betas": list(o.betas), "weight_decay": o.weight_decay,
+                                                        "torch_adam": not (cuda and recipe.zero.offload == "cpu")}}  # fmt: skip
+    return config
+
+
+def preflight(recipe_path: str, run_dir: str | None = None, deepspeed_file: str | None = None,
+              world: int | None = None) -> Plan:  # fmt: skip
+    """Load and check the recipe against the launched world; no process group, no download."""
+    recipe = load_recipe(recipe_path)
+    if run_dir is not None:
+        recipe = dataclasses.replace(recipe, run_dir=run_dir)
+    if recipe.data is None:
+        raise ValueError(f"{recipe_path} has no data section; training needs data.source (see recipes/tiny-cpu.yaml)")
+    world = world if world is not None else int(os.environ.get("WORLD_SIZE", "1"))
+    dims = ParallelDims(world, recipe.parallel.sp, recipe.parallel.tp)
+    model_config = _model_config(recipe)
+    if model_config is not None:
+        heads = model_config.get("num_attention_heads")
+        if heads is not None:
+            dims.check_heads(heads, model_config.get("num_key_value_heads") or heads)
+    _check_sources(recipe)
+    cuda = torch.cuda.is_available()
+    bf16 = recipe.model.dtype == "bfloat16" or (recipe.model.dtype == "auto" and cuda)
+    ds_config = build_ds_config(recipe, bf16, cuda, deepspeed_file or recipe.deepspeed)
+    return Plan(recipe, dims, cuda, bf16, ds_config, model_config)
