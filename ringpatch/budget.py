@@ -52,12 +52,16 @@ def estimate(recipe, cfg: dict, world: int, seq_len: int, micro_batch: int) -> d
     return {k: v / GIB for k, v in items.items()}
 
 
+def _precision(dtype: str) -> str:
+    return {"auto": "bf16 on GPU (fp32 on CPU)", "bfloat16": "bf16", "float32": "fp32"}[dtype]
+
+
 def describe(plan, launch: str | None = None) -> str:
     """The plan as text: grid, stages with tokens per GPU and memory, and the launch command."""
     r, dims = plan.recipe, plan.dims
     lines = [f"recipe: model {r.model.name} ({r.model.init}), world {dims.world} = dp {dims.dp} x sp {dims.sp} x tp "
              f"{dims.tp} (tp innermost), ZeRO-{r.zero.stage}{' + CPU offload' if r.zero.offload == 'cpu' else ''}, "
-             f"{'bf16' if plan.bf16 else 'fp32'}, activation checkpointing {'on' if r.activation_checkpointing else 'off'}"]  # fmt: skip
+             f"{_precision(r.model.dtype)}, activation checkpointing {'on' if r.activation_checkpointing else 'off'}"]  # fmt: skip
     if plan.model_config:
         n, _ = parameters(plan.model_config)
         lines.append(f"parameters: {n / 1e9:.2f} B")

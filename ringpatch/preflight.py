@@ -46,12 +46,18 @@ def _model_config(recipe: Recipe) -> dict | None:
                 "save_pretrained, or a hub id such as meta-llama/Meta-Llama-3-8B"
             )
         saved = json.loads(path.read_text())
-        expected = spec.config or {}
-        differ = {k: (v, saved.get(k)) for k, v in expected.items() if saved.get(k) != v}
-        if differ:
-            raise ValueError(f"model.config disagrees with {path} (recipe, file): {differ}")
+        check_model_config(spec.config or {}, saved, str(path))
         return saved
     return dict(spec.config) if spec.config else None
+
+
+def check_model_config(expected: dict, actual: dict, where: str) -> None:
+    """The recipe's model.config (if any) must describe the model that loads."""
+    rope = actual.get("rope_parameters") or {}
+    found = {k: actual.get(k, rope.get(k)) for k in expected}
+    differ = {k: (v, found[k]) for k, v in expected.items() if found[k] != v}
+    if differ:
+        raise ValueError(f"model.config disagrees with {where} (recipe, model): {differ}; fix the recipe")
 
 
 def _check_sources(recipe: Recipe) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from ringpatch import checkpoint
-from ringpatch.preflight import Plan
+from ringpatch.preflight import Plan, check_model_config
 
 
 def _single_process_env() -> None:
@@ -68,6 +68,7 @@ class Trainer:
             lm = AutoModelForCausalLM.from_config(config, dtype=dtype)
         else:
             lm = AutoModelForCausalLM.from_pretrained(spec.name, dtype=dtype)
+            check_model_config(spec.config or {}, lm.config.to_dict(), spec.name)
         dims = self.plan.dims
         dims.check_heads(lm.config.num_attention_heads, lm.config.num_key_value_heads or lm.config.num_attention_heads)
         lm.config.use_cache = False
