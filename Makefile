@@ -8,8 +8,12 @@ STAMP := $(VENV)/.installed-stamp
 # that lies on the CI machine's disk; PyPI's default build elsewhere).
 TORCH_PIN ?= torch==2.13.0
 NPROC ?= 2
+NODES ?= 4
+GPUS_PER_NODE ?= 8
+RECIPE_1M ?= recipes/llama3-8b-1m.yaml
+MASTER_ADDR ?= $(shell hostname)
 
-.PHONY: install demo test lint format bench gpu-check clean
+.PHONY: install demo selfcheck finetune-1m test lint format bench gpu-check clean
 
 install: $(STAMP)
 
@@ -26,8 +30,35 @@ $(STAMP): setup.cfg pyproject.toml
 	@$(BIN)/python -c "import ringpatch, transformers, deepspeed" || { echo "install failed"; exit 1; }
 	@touch $(STAMP)
 
+# The mission in miniature: a tiny Llama learns the demo corpus at 128 tokens, is extended to
+# 1024 with ring attention over 2 CPU processes, and is evaluated before and after.
 demo: install
+	@test -f data/demo/train.jsonl || $(BIN)/python data/make_demo_corpus.py
+	rm -rf runs/demo
+	$(BIN)/torchrun --standalone --nproc_per_node 2 -m ringpatch.train --recipe recipes/tiny-cpu.yaml
+	$(BIN)/torchrun --standalone --nproc_per_node 2 -m ringpatch.evaluate --recipe recipes/tiny-cpu.yaml
+
+selfcheck: install
 	$(BIN)/torchrun --standalone --nproc_per_node $(NPROC) -m ringpatch.selfcheck
+
+# Llama-3-8B to 1M tokens: SLURM when sbatch exists, else torchrun on this node (run it on every
+# node with NODE_RANK and MASTER_ADDR set). DRY_RUN=1 prints the validated plan and the command.
+FT_TORCHRUN = $(BIN)/torchrun --nnodes $(NODES) --nproc_per_node $(GPUS_PER_NODE) --node_rank $${NODE_RANK:-0} \
+	--rdzv_backend c10d --rdzv_endpoint $(MASTER_ADDR):29500 -m ringpatch.train --recipe $(RECIPE_1M)
+FT_SBATCH = sbatch --nodes $(NODES) --gpus-per-node $(GPUS_PER_NODE) launch/slurm/finetune.sbatch $(RECIPE_1M)
+finetune-1m: install
+	@if command -v sbatch >/dev/null; then launch="$(FT_SBATCH)"; else launch="$(FT_TORCHRUN)"; fi; \
+	if [ "$(DRY_RUN)" = "1" ]; then \
+	  $(BIN)/ringpatch plan --recipe $(RECIPE_1M) --nodes $(NODES) --gpus-per-node $(GPUS_PER_NODE) --launch "$$launch"; \
+	elif command -v sbatch >/dev/null; then \
+	  $(BIN)/ringpatch plan --recipe $(RECIPE_1M) --nodes $(NODES) --gpus-per-node $(GPUS_PER_NODE) >/dev/null && $$launch; \
+	elif ! $(BIN)/python -c "import torch, sys; sys.exit(0 if torch.cuda.device_count() >= $(GPUS_PER_NODE) else 1)"; then \
+	  echo "finetune-1m needs $(NODES) nodes x $(GPUS_PER_NODE) GPUs (SLURM or torchrun on each node); this machine has" \
+	    "$$($(BIN)/python -c 'import torch; print(torch.cuda.device_count())') GPUs and no sbatch." \
+	    "Try 'make finetune-1m DRY_RUN=1' for the plan, or 'make demo' for the CPU miniature." >&2; exit 1; \
+	else \
+	  $(BIN)/ringpatch plan --recipe $(RECIPE_1M) --nodes $(NODES) --gpus-per-node $(GPUS_PER_NODE) >/dev/null && $$launch; \
+	fi
 
 test: install lint
 	$(BIN)/python -m pytest -q
