@@ -199,7 +199,9 @@ def plot_passkey(accuracy: dict[str, dict[tuple[int, float], float]], path) -> N
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(accuracy), figsize=(4.2 * len(accuracy), 3.6), squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(accuracy), figsize=(4.6 * len(accuracy) + 1, 3.8), squeeze=False, layout="constrained"
+    )
     for ax, (label, cells) in zip(axes[0], accuracy.items(), strict=True):
         lengths = sorted({n for n, _ in cells})
         depths = sorted({d for _, d in cells})
@@ -305,6 +307,8 @@ def _spec_and_models(args):
                                           ("passkey_depths", args.depths)) if v}  # fmt: skip
     if args.trials:
         changes["passkey_trials"] = args.trials
+    if args.passkey_template:
+        changes["passkey_template"] = args.passkey_template
     spec = dataclasses.replace(spec, **changes)
     if not spec.ppl_lengths and recipe:
         top = recipe.stages[-1].seq_len
@@ -339,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--depths", type=float, nargs="+")
     parser.add_argument("--trials", type=int)
     parser.add_argument("--samples", type=int, help="held-out sequences for perplexity")
+    parser.add_argument("--passkey-template", choices=["classic", "demo"])
     parser.add_argument("--layout", default="zigzag", choices=["zigzag", "contiguous"])
     parser.add_argument("--out", help="output folder (default: run_dir/eval)")
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)

@@ -96,10 +96,15 @@ def _packed(spec, source: str, split: str, tokenizer, seq_len: int):
     yield from tqdm(islice(packed, spec.max_sequences), desc=f"packing {split} at {seq_len}", unit="seq")
 
 
-def _count_tokens(spec, source: str, split: str, tokenizer) -> int:
+def _tokens_up_to(spec, source: str, split: str, tokenizer, needed: int) -> int:
+    """Tokens the kept documents give (with EOS), counting no further than `needed`."""
     ds = load_source(source, split, spec.text_field, spec.streaming)
-    docs = _documents(ds, tokenizer, spec.text_field, spec.streaming, spec.num_proc)
-    return sum(len(d) + 1 for d in docs if len(d) >= spec.min_doc_tokens)
+    count = 0
+    for doc in _documents(ds, tokenizer, spec.text_field, True, 1):  # serial: stops early
+        count += len(doc) + 1 if len(doc) >= spec.min_doc_tokens else 0
+        if count >= needed:
+            break
+    return count
 
 
 def prepare_split(spec, source: str, split: str, tokenizer, seq_len: int, kind: str = "train") -> Path:
@@ -116,20 +121,18 @@ def prepare_split(spec, source: str, split: str, tokenizer, seq_len: int, kind: 
         if leftover.exists():
             print(f"ringpatch: {leftover} is an interrupted preparation; rebuilding it")
             shutil.rmtree(leftover)
-    load_source(source, split, spec.text_field, spec.streaming)  # a missing text field fails here, early
-    features = datasets.Features({name: datasets.Sequence(datasets.Value("int32"))
-                                  for name in ("input_ids", "doc_position_ids")})  # fmt: skip
-    kwargs = {"spec": spec, "source": source, "split": split, "tokenizer": tokenizer, "seq_len": seq_len}
-    data = datasets.Dataset.from_generator(_packed, features=features, gen_kwargs=kwargs,
-                                           cache_dir=str(partial / "cache"))  # fmt: skip
-    if len(data) == 0:
-        tokens = _count_tokens(spec, source, split, tokenizer)
-        shutil.rmtree(partial, ignore_errors=True)
+    tokens = _tokens_up_to(spec, source, split, tokenizer, seq_len)  # a missing text field fails here too
+    if tokens < seq_len:
         raise ValueError(
             f"data source {source} gives {tokens} tokens (documents of at least data.min_doc_tokens="
             f"{spec.min_doc_tokens}, with EOS), fewer than the {seq_len} one packed sequence needs: add data or "
             "lower min_doc_tokens"
         )
+    features = datasets.Features({name: datasets.Sequence(datasets.Value("int32"))
+                                  for name in ("input_ids", "doc_position_ids")})  # fmt: skip
+    kwargs = {"spec": spec, "source": source, "split": split, "tokenizer": tokenizer, "seq_len": seq_len}
+    data = datasets.Dataset.from_generator(_packed, features=features, gen_kwargs=kwargs,
+                                           cache_dir=str(partial / "cache"))  # fmt: skip
     data.save_to_disk(str(partial / "data"))
     del data
     shutil.rmtree(partial / "cache")

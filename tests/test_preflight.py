@@ -78,9 +78,16 @@ def test_deepspeed_overlay_never_retypes_a_recipe_value(tmp_path, data, overlay,
 
 
 def test_shipped_overlays_merge_with_their_stage(tmp_path, data):
-    for name, stage, offload in [("zero1", 1, "none"), ("zero2", 2, "none"), ("zero3", 3, "none"), ("zero3-offload", 3, "cpu")]:
+    for name, stage, offload in [
+        ("zero1", 1, "none"),
+        ("zero2", 2, "none"),
+        ("zero3", 3, "none"),
+        ("zero3-offload", 3, "cpu"),
+    ]:
         path = ROOT / "launch" / "deepspeed" / f"{name}.json"
-        plan = preflight(str(recipe(tmp_path, data, zero={"stage": stage, "offload": offload}, deepspeed=str(path))), world=2)
+        plan = preflight(
+            str(recipe(tmp_path, data, zero={"stage": stage, "offload": offload}, deepspeed=str(path))), world=2
+        )
         zero = plan.ds_config["zero_optimization"]
         assert zero["stage"] == stage and plan.ds_config["train_micro_batch_size_per_gpu"] == 2
         assert ("offload_optimizer" in zero) == (offload == "cpu")
@@ -100,7 +107,11 @@ def test_shipped_recipes_validate_and_plan(tmp_path):
     from ringpatch.budget import describe, estimate
     from ringpatch.rope import ntk_rope_theta
 
-    for name, world, budget_gib in [("llama3-8b-1m", 32, 80), ("mistral-7b-512k", 16, 80), ("llama3-8b-256k-1node", 8, 80)]:
+    for name, world, budget_gib in [
+        ("llama3-8b-1m", 32, 80),
+        ("mistral-7b-512k", 16, 80),
+        ("llama3-8b-256k-1node", 8, 80),
+    ]:
         path = ROOT / "recipes" / f"{name}.yaml"
         plan = preflight(str(path), world=world)
         r, cfg = plan.recipe, plan.model_config

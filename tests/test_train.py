@@ -38,7 +38,10 @@ def _assert_same_run(run_dir, reference_dir):
     assert len(losses) == len(ref_losses) == 5
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=RTOL, atol=0)
     torch.testing.assert_close(
-        torch.tensor([e["eval_loss"] for e in evals]), torch.tensor([e["eval_loss"] for e in ref_evals]), rtol=RTOL, atol=0
+        torch.tensor([e["eval_loss"] for e in evals]),
+        torch.tensor([e["eval_loss"] for e in ref_evals]),
+        rtol=RTOL,
+        atol=0,
     )
 
 
@@ -144,7 +147,9 @@ def test_killed_run_resumes_to_the_same_losses(tmp_path, data):
     resumed = launch(path, 2)
     ok(resumed)
     assert f"resuming {run / 'checkpoints'} at step {int(latest[4:])}" in resumed.stdout + resumed.stderr
-    torch.testing.assert_close(torch.tensor(metrics(run)[0]), torch.tensor(metrics(whole / "run")[0]), rtol=1e-6, atol=0)
+    torch.testing.assert_close(
+        torch.tensor(metrics(run)[0]), torch.tensor(metrics(whole / "run")[0]), rtol=1e-6, atol=0
+    )
 
 
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, data):
