@@ -1,10 +1,11 @@
 """The demo corpus: small, generated here, with dependencies far longer than a short context.
 
-Each "ledger" document defines a few five-digit codes at its start, then runs on in filler and
-recalls a code now and then, so predicting a recalled code needs the definition, which is often
-further back than a short context reaches. Some documents hide a pass key and ask for it at the
-end (the evaluation's passkey prompts use the same template). Filler comes from a handful of
-fixed sentences, so a tiny model learns it fast and its loss at long lengths is mostly the codes.
+Each "ledger" document defines a ten-letter code at its start, then runs on in filler and
+recalls the code every few sentences, so a recalled code is predictable only by copying an
+earlier mention. Some documents hide a pass key in filler and ask for it at the end (the
+evaluation's demo passkey prompts use the same template). Filler comes from a handful of fixed
+sentences, so a tiny model learns it fast. Codes are fresh in every document (3000 training
+documents, about 9.5M bytes, more than the demo reads), so they cannot be memorised.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def document(rng: random.Random, chars: int) -> str:
     return ledger(rng, chars)
 
 
-def write_corpus(folder: str | Path, train_docs: int = 600, eval_docs: int = 24, chars: tuple[int, int] = (1500, 5000),
+def write_corpus(folder: str | Path, train_docs: int = 3000, eval_docs: int = 24, chars: tuple[int, int] = (1500, 5000),
                  seed: int = 0) -> Path:  # fmt: skip
     """Write train.jsonl and eval.jsonl ({"text": ...} per line) into `folder`; idempotent."""
     folder = Path(folder)
