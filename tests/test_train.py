@@ -168,3 +168,25 @@ def test_checkpoint_of_another_recipe_is_refused(tmp_path, data):
     proc = launch(other, 2)
     assert proc.returncode != 0
     assert "belongs to another run (model: checkpoint 'tiny' vs recipe 'other')" in proc.stderr
+
+
+def test_pretrained_folder_under_zero3_matches_one_process(tmp_path, data):
+    """init: pretrained from a local folder (its own tokenizer), loaded partitioned under ZeRO-3
+    (HfDeepSpeedConfig), gives the losses one process gets from the same folder."""
+    import yaml
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ringpatch.tokenizer import byte_tokenizer
+
+    config = yaml.safe_load(recipe(tmp_path, data).read_text())["model"]["config"]
+    folder = tmp_path / "pretrained"
+    torch.manual_seed(7)
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(**config)).save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    model = {"name": str(folder), "dtype": "float32", "config": {"model_type": "llama", "num_attention_heads": 4}}
+    one, ring = tmp_path / "one", tmp_path / "ring"
+    for d in (one, ring):
+        d.mkdir()
+    ok(launch(recipe(one, data, model=model), 1, launcher="python"))
+    ok(launch(recipe(ring, data, model=model, parallel__sp=2, zero__stage=3), 2))
+    _assert_same_run(ring / "run", one / "run")
