@@ -190,3 +190,17 @@ def test_pretrained_folder_under_zero3_matches_one_process(tmp_path, data):
     ok(launch(recipe(one, data, model=model), 1, launcher="python"))
     ok(launch(recipe(ring, data, model=model, parallel__sp=2, zero__stage=3), 2))
     _assert_same_run(ring / "run", one / "run")
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "deepspeed", "accelerate"])
+def test_the_shipped_tiny_recipe_starts_under_every_launcher(tmp_path, launcher):
+    """recipes/tiny-cpu.yaml as shipped (its demo corpus generated if missing), stopped after 10 steps."""
+    from ringpatch.corpus import write_corpus
+
+    if not (ROOT / "data" / "demo" / "train.jsonl").is_file():
+        write_corpus(ROOT / "data" / "demo")
+    run = tmp_path / "run"
+    ok(launch(ROOT / "recipes" / "tiny-cpu.yaml", 2, "--run-dir", str(run), "--max-steps", "10", launcher=launcher))
+    losses, _ = metrics(run)  # the recipe logs every 10 steps
+    assert len(losses) == 1 and losses[0] < 5.0  # ln(258) = 5.55 at the start
+    assert (run / "checkpoints" / "latest").read_text() == "step000000010"
