@@ -51,8 +51,17 @@ def _assert_same_run(run_dir, reference_dir):
         (2, {"parallel__sp": 2}, "torchrun"),  # sp = 2, ZeRO-2
         (2, {"parallel__sp": 2, "zero__stage": 3}, "deepspeed"),  # ZeRO-3 under the deepspeed launcher
         (4, {"parallel__sp": 2, "parallel__tp": 2, "zero__stage": 1}, "accelerate"),  # sp x tp (AutoTP), ZeRO-1
+        (
+            2,
+            {
+                "parallel__sp": 2,
+                "zero": {"stage": 3, "offload": "cpu"},  # CPU offload, through the shipped overlay
+                "deepspeed": str(ROOT / "launch" / "deepspeed" / "zero3-offload.json"),
+            },
+            "torchrun",
+        ),
     ],
-    ids=["sp2-zero2-torchrun", "sp2-zero3-deepspeed", "sp2-tp2-zero1-accelerate"],
+    ids=["sp2-zero2-torchrun", "sp2-zero3-deepspeed", "sp2-tp2-zero1-accelerate", "sp2-zero3-offload-overlay"],
 )
 def test_grid_reproduces_single_process(tmp_path, data, reference, nproc, changes, launcher):
     ok(launch(recipe(tmp_path, data, **changes), nproc, launcher=launcher))
