@@ -213,3 +213,18 @@ def test_the_shipped_tiny_recipe_starts_under_every_launcher(tmp_path, launcher)
     losses, _ = metrics(run)  # the recipe logs every 10 steps
     assert len(losses) == 1 and losses[0] < 5.0  # ln(258) = 5.55 at the start
     assert (run / "checkpoints" / "latest").read_text() == "step000000010"
+
+
+def test_a_rope_scaling_stage_reaches_the_exported_config(tmp_path, data):
+    """A stage with rope_scaling (YaRN) trains, and the final config.json carries it for from_pretrained."""
+    import json
+
+    stages = [
+        {"seq_len": 64, "steps": 2},
+        {"seq_len": 128, "steps": 2, "rope_scaling": {"rope_type": "yarn", "factor": 2.0}},
+    ]
+    ok(launch(recipe(tmp_path, data, parallel__sp=2, stages=stages), 2))
+    config = json.loads((tmp_path / "run" / "final" / "config.json").read_text())
+    assert config["rope_parameters"] == {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 64,
+                                         "rope_theta": 10000.0}  # fmt: skip
+    assert config["max_position_embeddings"] == 128 and len(metrics(tmp_path / "run")[0]) == 4
