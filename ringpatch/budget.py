@@ -76,9 +76,7 @@ def describe(plan, launch: str | None = None) -> str:
         lines.append(
             f"{i:>5}  {s.seq_len:>7}  {s.steps:>7}  {mb:>11}  {mb * s.seq_len // dims.sp:>10}  {rope:<27}  {mem}"
         )
-    if plan.model_config:
-        s = r.stages[-1]
-        est = estimate(r, plan.model_config, dims.world, s.seq_len, s.micro_batch or r.micro_batch)
+    if est:  # the last stage's
         lines.append("last stage, GiB/GPU: " + ", ".join(f"{k} {v:.2f}" for k, v in est.items()))
     if launch:
         lines.append(f"launch: {launch}")

@@ -19,12 +19,13 @@ def prepare(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="ringpatch prepare", description="tokenise and pack a recipe's data to disk")
     parser.add_argument("--recipe", required=True)
     args = parser.parse_args(argv)
+    from ringpatch.preflight import USER_ERRORS
     from ringpatch.prepare import prepare_recipe
     from ringpatch.recipe import load_recipe
 
     try:
         folders = prepare_recipe(load_recipe(args.recipe))
-    except (ValueError, TypeError, FileNotFoundError, NotImplementedError) as e:
+    except USER_ERRORS as e:
         print(f"ringpatch prepare: {e}", file=sys.stderr)
         return 2
     for folder in folders:
@@ -40,11 +41,11 @@ def plan(argv: list[str]) -> int:
     parser.add_argument("--launch", help="the launch command to print with the plan")
     args = parser.parse_args(argv)
     from ringpatch.budget import describe
-    from ringpatch.preflight import preflight
+    from ringpatch.preflight import USER_ERRORS, preflight
 
     try:
         p = preflight(args.recipe, world=args.nodes * args.gpus_per_node)
-    except (ValueError, TypeError, FileNotFoundError, NotImplementedError) as e:
+    except USER_ERRORS as e:
         print(f"ringpatch plan: {e}", file=sys.stderr)
         return 2
     print(describe(p, args.launch))

@@ -231,14 +231,11 @@ def _load(path: str, group, layout: Layout, device, dtype):
 
 
 def _held_out(data_spec, tokenizer, length: int, count: int, device) -> torch.Tensor:
-    from ringpatch.prepare import load_prepared, prepare_split
+    from ringpatch.prepare import prepare_shared
 
     source = data_spec.eval_source or data_spec.source
     split = data_spec.eval_split if data_spec.eval_source else data_spec.split
-    if dist.get_rank() == 0:
-        prepare_split(data_spec, source, split, tokenizer, length, "eval")
-    dist.barrier()
-    data = load_prepared(prepare_split(data_spec, source, split, tokenizer, length, "eval"))
+    data = prepare_shared(data_spec, source, split, tokenizer, length, "eval")
     return data[: min(count, len(data))]["input_ids"].to(device)  # (count, length)
 
 
@@ -334,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     import os
     import sys
 
+    from ringpatch.preflight import USER_ERRORS, single_process_env
+
     parser = argparse.ArgumentParser(prog="ringpatch eval", description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipe", help="evaluate this recipe's exported models on its eval data and settings")
     parser.add_argument("--model", nargs="+", help="model folders (side by side), e.g. the base and the extended one")
@@ -352,12 +351,10 @@ def main(argv: list[str] | None = None) -> int:
         spec, data_spec, models, out, layout = _spec_and_models(args)
         ring = int(os.environ.get("WORLD_SIZE", "1"))  # before any group or model: lengths the ring can take
         check_lengths([*spec.ppl_lengths, *spec.passkey_lengths], layout, ring, spec.max_tokens_per_rank)
-    except (ValueError, TypeError, FileNotFoundError, NotImplementedError) as e:
+    except USER_ERRORS as e:
         print(f"ringpatch eval: {e}", file=sys.stderr)
         return 2
-    from ringpatch.trainer import _single_process_env
-
-    _single_process_env()
+    single_process_env()
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -365,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         evaluate_models(models, spec, data_spec, out, layout, device=torch.device("cuda" if cuda else "cpu"),
                         dtype=torch.bfloat16 if cuda else torch.float32)  # fmt: skip
-    except (ValueError, TypeError, FileNotFoundError, NotImplementedError) as e:
+    except USER_ERRORS as e:
         print(f"ringpatch eval (rank {dist.get_rank()}): {e}", file=sys.stderr, flush=True)
         os._exit(1)
     dist.barrier()

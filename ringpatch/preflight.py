@@ -17,6 +17,9 @@ import torch
 from ringpatch.mesh import ParallelDims
 from ringpatch.recipe import Recipe, deepspeed_config, load_recipe
 
+# What a bad recipe, launch or input raises: reported as one line, without a traceback.
+USER_ERRORS = (ValueError, TypeError, NotImplementedError, FileNotFoundError, FloatingPointError)
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -27,6 +30,18 @@ class Plan:
     ds_config: dict
     model_config: dict | None
     """The architecture, when known without a download (recipe or local config.json)."""
+
+
+def single_process_env() -> None:
+    """Started without a launcher: a one-rank group on a free local port."""
+    import socket
+
+    if "RANK" in os.environ:
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
 
 
 def is_local(name: str) -> bool:

@@ -141,6 +141,21 @@ def prepare_split(spec, source: str, split: str, tokenizer, seq_len: int, kind: 
     return folder
 
 
+def prepare_shared(spec, source: str, split: str, tokenizer, seq_len: int, kind: str = "train"):
+    """prepare_split on rank 0 of the default group while the others wait (cache_dir must be
+    shared by the nodes), then every rank memory-maps the result. Without a group: this process."""
+    import torch.distributed as dist
+
+    grouped = dist.is_available() and dist.is_initialized()
+    if not grouped or dist.get_rank() == 0:
+        folder = prepare_split(spec, source, split, tokenizer, seq_len, kind)
+    if grouped:
+        dist.barrier()
+        if dist.get_rank() != 0:  # complete now: only the fingerprint is computed
+            folder = prepare_split(spec, source, split, tokenizer, seq_len, kind)
+    return load_prepared(folder)
+
+
 def load_prepared(folder: str | Path):
     """The packed sequences, memory-mapped, as torch tensors."""
     import datasets

@@ -235,9 +235,9 @@ def _check_eval(e: EvalSpec) -> None:
     _positive("eval.ppl_tokens", e.ppl_tokens)
     _positive("eval.passkey_trials", e.passkey_trials)
     _positive("eval.max_tokens_per_rank", e.max_tokens_per_rank)
+    if any(n <= e.ppl_tokens for n in e.ppl_lengths):
+        raise ValueError(f"eval.ppl_lengths {list(e.ppl_lengths)} must all exceed eval.ppl_tokens {e.ppl_tokens}")
     for name, lengths in (("eval.ppl_lengths", e.ppl_lengths), ("eval.passkey_lengths", e.passkey_lengths)):
-        if any(n <= e.ppl_tokens for n in lengths) and name == "eval.ppl_lengths":
-            raise ValueError(f"{name} {list(lengths)} must all exceed eval.ppl_tokens {e.ppl_tokens}")
         if list(lengths) != sorted(set(lengths)) or any(n < 1 for n in lengths):
             raise ValueError(f"{name} must be positive and increasing, got {list(lengths)}")
     bad = [x for x in e.passkey_depths if not 0.0 <= x <= 1.0]

@@ -20,8 +20,6 @@ import sys
 
 import torch
 
-USER_ERRORS = (ValueError, TypeError, NotImplementedError, FileNotFoundError, FloatingPointError)
-
 
 def schedule(recipe):
     """lr(step) / optim.lr for every optimizer step: per stage, linear warm-up then cosine
@@ -48,11 +46,11 @@ class LossModel(torch.nn.Module):
     """The causal LM whose forward is the chunked cross-entropy of shard_batch's output, so
     DeepSpeed (and ZeRO-3's parameter hooks) see the whole loss, head included, in one forward."""
 
-    def __init__(self, lm):
+    def __init__(self, lm, chunk_tokens: int = 4096):
         super().__init__()
         self.lm = lm
         self.config = lm.config  # AutoTP reads the architecture from here
-        self.chunk_tokens = 4096
+        self.chunk_tokens = chunk_tokens
 
     def forward(self, **batch):
         from ringpatch.loss import causal_lm_loss
@@ -72,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher's
     args = parser.parse_args(argv)
 
-    from ringpatch.preflight import preflight
+    from ringpatch.preflight import USER_ERRORS, preflight
     from ringpatch.trainer import Trainer
 
     try:

@@ -11,19 +11,7 @@ from pathlib import Path
 import torch
 
 from ringpatch import checkpoint
-from ringpatch.preflight import Plan, check_model_config
-
-
-def _single_process_env() -> None:
-    """Started without a launcher: a one-rank group on a free local port."""
-    import socket
-
-    if "RANK" in os.environ:
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+from ringpatch.preflight import Plan, check_model_config, single_process_env
 
 
 class Trainer:
@@ -31,6 +19,7 @@ class Trainer:
         self.plan, self.recipe = plan, plan.recipe
         self.run_dir = Path(plan.recipe.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
+        self.identity = checkpoint.identity(plan.recipe, plan.dims.world)
         self.engine = None
 
     # --- set-up -----------------------------------------------------------------------------
@@ -39,7 +28,7 @@ class Trainer:
 
         from ringpatch.mesh import build_mesh
 
-        _single_process_env()
+        single_process_env()
         if not self.plan.cuda:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's CPU accelerator: gloo, no GPU
         else:
@@ -84,8 +73,7 @@ class Trainer:
 
         from ringpatch.train import LossModel, schedule
 
-        model = LossModel(lm)
-        model.chunk_tokens = self.recipe.loss_chunk_tokens
+        model = LossModel(lm, chunk_tokens=self.recipe.loss_chunk_tokens)
         factor = schedule(self.recipe)
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                                config=self.plan.ds_config,
@@ -94,15 +82,9 @@ class Trainer:
 
     # --- data -------------------------------------------------------------------------------
     def _prepared(self, source: str, split: str, seq_len: int, kind: str):
-        import torch.distributed as dist
+        from ringpatch.prepare import prepare_shared
 
-        from ringpatch.prepare import load_prepared, prepare_split
-
-        spec = self.recipe.data
-        if self.rank == 0:  # one rank prepares (cache_dir must be shared by the nodes); the rest wait
-            prepare_split(spec, source, split, self.tokenizer, seq_len, kind)
-        dist.barrier()
-        return load_prepared(prepare_split(spec, source, split, self.tokenizer, seq_len, kind))
+        return prepare_shared(self.recipe.data, source, split, self.tokenizer, seq_len, kind)
 
     def _micro_batches(self, data, sampler, micro_batch: int):
         """Full (micro_batch, seq_len) batches of this rank's dp index, forever."""
@@ -165,10 +147,9 @@ class Trainer:
 
     # --- bookkeeping ------------------------------------------------------------------------
     def _resume(self, resume: bool) -> dict:
-        identity = checkpoint.identity(self.recipe, self.plan.dims.world)
         if checkpoint.latest_tag(self.ckpt_dir) is not None and not resume:
             raise ValueError(f"{self.ckpt_dir} holds a checkpoint and --no-resume was given; choose another run_dir")
-        state = checkpoint.load_latest(self.engine, self.ckpt_dir, identity) or {"step": 0}
+        state = checkpoint.load_latest(self.engine, self.ckpt_dir, self.identity) or {"step": 0}
         if self.rank == 0 and state["step"]:
             print(f"ringpatch: resuming {self.ckpt_dir} at step {state['step']}")
         if self.rank == 0:  # metrics past the checkpoint will be written again
@@ -180,10 +161,8 @@ class Trainer:
         return state
 
     def _save(self, step: int, stage_index: int, sampler) -> None:
-        identity = checkpoint.identity(self.recipe, self.plan.dims.world)
-        checkpoint.save(
-            self.engine, self.ckpt_dir, step, identity, {"stage": stage_index, "sampler": sampler.state_dict()}
-        )
+        client_state = {"stage": stage_index, "sampler": sampler.state_dict()}
+        checkpoint.save(self.engine, self.ckpt_dir, step, self.identity, client_state)
 
     def _log(self, record: dict) -> None:
         if self.rank != 0:

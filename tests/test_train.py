@@ -14,7 +14,7 @@ import time
 
 import pytest
 import torch
-from trainrun import BIN, ROOT, corpus, launch, metrics, ok, recipe
+from trainrun import ENV, ROOT, command, corpus, launch, metrics, ok, recipe
 
 RTOL = 1e-5  # float32 on CPU; the ring's own error is ~1e-7 relative
 
@@ -133,9 +133,7 @@ def test_killed_run_resumes_to_the_same_losses(tmp_path, data):
     killed = tmp_path / "killed"
     killed.mkdir()
     path = recipe(killed, data, **long)
-    cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "ringpatch.train", "--recipe", str(path)]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(command(path, 2), cwd=ROOT, env=ENV, start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)  # fmt: skip
     run = killed / "run"
     deadline = time.time() + 300

@@ -54,9 +54,11 @@ def recipe(tmp: Path, data: Path, **changes) -> Path:
     return path
 
 
-def launch(recipe_path: Path, nproc: int, *extra: str, launcher: str = "torchrun", timeout: int = 400):
-    """Run the trainer under a launcher; returns the CompletedProcess."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+ENV = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+
+
+def command(recipe_path: Path, nproc: int, *extra: str, launcher: str = "torchrun") -> list[str]:
+    """The command line that starts the trainer under `launcher`."""
     module = ["-m", "ringpatch.train", "--recipe", str(recipe_path), *extra]
     if launcher == "torchrun":
         cmd = [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={nproc}", *module]
@@ -70,7 +72,13 @@ def launch(recipe_path: Path, nproc: int, *extra: str, launcher: str = "torchrun
         cmd = [sys.executable, *module]
     else:
         raise ValueError(launcher)
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return cmd
+
+
+def launch(recipe_path: Path, nproc: int, *extra: str, launcher: str = "torchrun", timeout: int = 400):
+    """Run the trainer under a launcher; returns the CompletedProcess."""
+    cmd = command(recipe_path, nproc, *extra, launcher=launcher)
+    return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
 
 
 def _free_port() -> int:
