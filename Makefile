@@ -13,7 +13,7 @@ GPUS_PER_NODE ?= 8
 RECIPE_1M ?= recipes/llama3-8b-1m.yaml
 MASTER_ADDR ?= $(shell hostname)
 
-.PHONY: install demo selfcheck finetune-1m test lint format bench gpu-check clean
+.PHONY: install demo selfcheck finetune-1m test test-fast lint format bench gpu-check clean
 
 install: $(STAMP)
 
@@ -60,8 +60,13 @@ finetune-1m: install
 	  $(BIN)/ringpatch plan --recipe $(RECIPE_1M) --nodes $(NODES) --gpus-per-node $(GPUS_PER_NODE) >/dev/null && $$launch; \
 	fi
 
+# The whole suite, as CI runs it (tiers in tests/conftest.py: unit, multiprocess, e2e, gpu).
 test: install lint
 	$(BIN)/python -m pytest -q
+
+# The inner loop: the unit tier only (one process, no process group), under a minute.
+test-fast: install
+	$(BIN)/python -m pytest -q --tier unit
 
 lint: install
 	$(BIN)/ruff check ringpatch tests bench examples data

@@ -21,10 +21,11 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ringpatch.kernels import MaskSpec, default_scale, select  # noqa: E402
-from ringpatch.layout import local_ranges  # noqa: E402
-from ringpatch.plan import Call, _band  # noqa: E402
-from ringpatch.ring import _merge_, ring_plans  # noqa: E402
+from ringpatch.attention.blocks import Call, band_call  # noqa: E402
+from ringpatch.attention.kernels import MaskSpec, default_scale, select  # noqa: E402
+from ringpatch.attention.layout import local_ranges  # noqa: E402
+from ringpatch.attention.merge import merge_  # noqa: E402
+from ringpatch.attention.ring import ring_plans  # noqa: E402
 
 
 def visible(q_pos, k_pos, causal, window):
@@ -53,7 +54,7 @@ def rms(a, b):
 def block_cases(seq):
     """(name, m, n, call, causal, window): the block shapes the ring plans produce."""
     half = seq // 2
-    edge = _band(seq, seq, 0, seq, 0, 0, True, seq // 2)  # a window edge, trimmed as the planner does
+    edge = band_call(seq, seq, 0, seq, 0, 0, True, seq // 2)  # a window edge, trimmed as the planner does
     em, en = edge.q1 - edge.q0, edge.k1 - edge.k0
     return [
         ("full", seq, seq, Call(0, seq, 0, seq, "full", seq, 0), False, None),
@@ -116,7 +117,7 @@ def simulated_ring_seconds(kernel, seq, world, heads, kv_heads, dim, device, dty
             _, kl, vl, _ = local[(r - s) % world]
             for c in calls:
                 o, lb = kernel.forward(ql[:, c.q0 : c.q1], kl[:, c.k0 : c.k1], vl[:, c.k0 : c.k1], c, spec)
-                _merge_(out[:, c.q0 : c.q1], lse[:, c.q0 : c.q1], o, lb)
+                merge_(out[:, c.q0 : c.q1], lse[:, c.q0 : c.q1], o, lb)
         out = out.to(dtype)
         dq = torch.zeros(ql.shape, dtype=torch.float32, device=device)
         for s, calls in enumerate(plans[r]):

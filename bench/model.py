@@ -149,8 +149,10 @@ def main() -> None:
     for name, points in curves.items():
         a, b = fit(points)
         budget[name] = (args.budget_gib - a) / b
-        print(f"peak RSS {name:<9} ~ {a:.2f} GiB + {b * 1024 * GIB / GIB:.3f} GiB per 1K tokens "
-              f"-> longest S under {args.budget_gib:g} GiB: {budget[name] / 1024:.1f}K")  # fmt: skip
+        print(
+            f"peak RSS {name:<9} ~ {a:.2f} GiB + {b * 1024 * GIB / GIB:.3f} GiB per 1K tokens "
+            f"-> longest S under {args.budget_gib:g} GiB: {budget[name] / 1024:.1f}K"
+        )
     report["longest_under_budget"] = budget
     print(f"          longest sequence grows {budget['patched'] / budget['unpatched']:.2f}x with P={p}")
     sys.stdout.flush()
@@ -159,8 +161,10 @@ def main() -> None:
     for seq in args.long:
         run = measure(seq, True, p, chunked=True)
         long_points.append((seq, run["peak_gib"], run["step_gib"], run["seconds"]))
-        print(f"patched + causal_lm_loss S={seq // 1024}K: peak {run['peak_gib']:.2f} GiB per rank, "
-              f"step adds {run['step_gib']:.2f} GiB, {run['seconds']:.0f}s")  # fmt: skip
+        print(
+            f"patched + causal_lm_loss S={seq // 1024}K: peak {run['peak_gib']:.2f} GiB per rank, "
+            f"step adds {run['step_gib']:.2f} GiB, {run['seconds']:.0f}s"
+        )
         sys.stdout.flush()
     report["chunked_long"] = long_points
     if len(long_points) >= 2:

@@ -24,8 +24,15 @@ import ringpatch  # noqa: E402
 
 def tiny_llama():
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+    )
     return AutoModelForCausalLM.from_config(config)
 
 
@@ -42,9 +49,13 @@ def main():
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     sp_group = dist.new_group()  # ring traffic on its own group
     model = ringpatch.patch_model(tiny_llama(), group=sp_group)
-    config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
-              "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
-              "zero_optimization": {"stage": args.zero}, "bf16": {"enabled": torch.cuda.is_available()}}  # fmt: skip
+    config = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
+        "zero_optimization": {"stage": args.zero},
+        "bf16": {"enabled": torch.cuda.is_available()},
+    }
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
     g = torch.Generator().manual_seed(1)  # every rank loads the same full batch
     losses = []

@@ -19,9 +19,9 @@ def prepare(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="ringpatch prepare", description="tokenise and pack a recipe's data to disk")
     parser.add_argument("--recipe", required=True)
     args = parser.parse_args(argv)
-    from ringpatch.preflight import USER_ERRORS
-    from ringpatch.prepare import prepare_recipe
-    from ringpatch.recipe import load_recipe
+    from ringpatch.data.prepare import prepare_recipe
+    from ringpatch.train.preflight import USER_ERRORS
+    from ringpatch.train.recipe import load_recipe
 
     try:
         folders = prepare_recipe(load_recipe(args.recipe))
@@ -40,8 +40,8 @@ def plan(argv: list[str]) -> int:
     parser.add_argument("--gpus-per-node", type=int, default=8)
     parser.add_argument("--launch", help="the launch command to print with the plan")
     args = parser.parse_args(argv)
-    from ringpatch.budget import describe
-    from ringpatch.preflight import USER_ERRORS, preflight
+    from ringpatch.train.plan import describe
+    from ringpatch.train.preflight import USER_ERRORS, preflight
 
     try:
         p = preflight(args.recipe, world=args.nodes * args.gpus_per_node)
@@ -57,7 +57,7 @@ def corpus(argv: list[str]) -> int:
     parser.add_argument("--out", default="data/demo")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    from ringpatch.corpus import write_corpus
+    from ringpatch.data.corpus import write_corpus
 
     print(f"wrote {write_corpus(args.out, seed=args.seed)}")
     return 0
@@ -70,11 +70,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     command, rest = argv[0], argv[1:]
     if command == "train":
-        from ringpatch.train import main as train
+        from ringpatch.train.command import main as train
 
         return train(rest)
     if command == "eval":
-        from ringpatch.evaluate import main as evaluate
+        from ringpatch.evaluate.command import main as evaluate
 
         return evaluate(rest)
     return {"prepare": prepare, "plan": plan, "corpus": corpus}[command](rest)

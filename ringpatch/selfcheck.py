@@ -20,6 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import ringpatch
+from ringpatch.parallel import start, stop
 
 
 def _full_attention(q, k, v, window):
@@ -41,13 +42,10 @@ def main() -> int:
     parser.add_argument("--layout", default="zigzag", choices=["zigzag", "contiguous"])
     args = parser.parse_args()
 
-    cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    else:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("WORLD_SIZE", 1))))
-    dist.init_process_group("nccl" if cuda else "gloo")
-    device = torch.device("cuda") if cuda else torch.device("cpu")
+    device = start()
+    cuda = device.type == "cuda"
+    if not cuda:  # the machine's cores shared among the ranks
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist.get_world_size()))
     dtype = torch.bfloat16 if cuda else torch.float32
     rank, world = dist.get_rank(), dist.get_world_size()
 
@@ -56,12 +54,12 @@ def main() -> int:
     full = [torch.randn(s, generator=g).to(device, dtype) for s in shapes]
     q, k, v = (ringpatch.shard(x, layout=args.layout).requires_grad_() for x in full)
     dist.barrier()
-    start = time.perf_counter()
+    began = time.perf_counter()
     out = ringpatch.ring_attention(q, k, v, window=args.window, layout=args.layout)
     out.float().square().sum().backward()
     if cuda:
         torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - began
     gathered = ringpatch.unshard(out.detach(), layout=args.layout)
     ok = True
     if rank == 0:
@@ -75,8 +73,7 @@ def main() -> int:
             f"  forward+backward {seconds:.2f}s; output relative error vs one-process attention {err:.2e} "
             f"(bound {bound:.0e}) -> {'ok' if ok else 'FAILED'}"
         )
-    dist.barrier()  # leave together: a rank tearing down gloo while its peer still runs can hang
-    dist.destroy_process_group()
+    stop()
     return 0 if ok else 1
 
 

@@ -1,27 +1,48 @@
-"""Real multi-process groups for tests: torch.multiprocessing spawn, gloo, a file store."""
+"""Test tiers. Every test carries one tier marker (a module's `pytestmark`, or its own marker,
+which wins over the module's):
+
+  unit          one process, no process group: the inner loop (`make test-fast`, under a minute)
+  multiprocess  real gloo groups spawned in this process (tests.helpers.procs.spawn)
+  e2e           commands as users run them: torchrun, deepspeed, accelerate, make, the scripts
+  gpu           needs CUDA; skipped without it
+
+`pytest --tier unit` (or several: `--tier unit --tier multiprocess`) runs those tiers only;
+plain `pytest` runs them all (`make test`, CI).
+"""
 
 from __future__ import annotations
 
-import os
-import tempfile
-
+import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+
+TIERS = ("unit", "multiprocess", "e2e", "gpu")
 
 
-def _entry(rank: int, world_size: int, store: str, fn, args) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
-    fn(rank, world_size, *args)
-    dist.barrier()  # leave together: a rank tearing down gloo while its peer still runs can hang
-    dist.destroy_process_group()
+def pytest_addoption(parser):
+    parser.addoption("--tier", action="append", choices=TIERS, help="run only the tests of this tier (repeatable)")
 
 
-def spawn(fn, world_size: int, *args) -> None:
-    """Run fn(rank, world_size, *args) in `world_size` processes joined in a gloo group.
+def pytest_configure(config):
+    for tier in TIERS:
+        config.addinivalue_line("markers", f"{tier}: test tier (tests/conftest.py)")
 
-    `fn` must be importable (module level). A failure in any rank fails the caller with
-    that rank's traceback."""
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_entry, args=(world_size, os.path.join(tmp, "store"), fn, args), nprocs=world_size, join=True)
+
+def tier_of(item) -> str:
+    """The closest tier marker: the test's own, else its class's, else its module's."""
+    for marker in item.iter_markers():
+        if marker.name in TIERS:
+            return marker.name
+    raise pytest.UsageError(f"{item.nodeid} has no tier marker; give it one of {TIERS} (tests/conftest.py)")
+
+
+def pytest_collection_modifyitems(config, items):
+    wanted = config.getoption("tier")
+    selected, deselected = [], []
+    for item in items:
+        tier = tier_of(item)
+        if tier == "gpu" and not torch.cuda.is_available():
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
+        (selected if not wanted or tier in wanted else deselected).append(item)
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = selected

@@ -1,0 +1,113 @@
+"""The public entry to ring attention: every argument is checked here, once."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from ringpatch.attention.comm import resolve_group
+from ringpatch.attention.kernels import Backend, default_scale, select
+from ringpatch.attention.layout import Layout, check_layout, check_seq_len
+from ringpatch.attention.ring import RingAttentionFn, RingSpec
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_tensors(q, k, v) -> None:
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"{name} must be (batch, seq_local, heads, head_dim), got shape {tuple(x.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}; cast them to one dtype")
+    if q.dtype not in _DTYPES:
+        raise TypeError(f"dtype {q.dtype} is not supported; use one of {', '.join(map(str, _DTYPES))}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v are on different devices: {q.device}, {k.device}, {v.device}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
+    (b, s, h, d), (bk, sk, hk, dk) = q.shape, k.shape
+    if (b, s, d) != (bk, sk, dk):
+        raise ValueError(f"q {tuple(q.shape)} and k/v {tuple(k.shape)} must agree in batch, seq_local and head_dim")
+    if h % hk:
+        raise ValueError(f"query heads {h} are not divisible by key/value heads {hk} (GQA needs H % H_kv == 0)")
+
+
+def _check_options(causal, window, scale) -> None:
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {causal!r}")
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise ValueError(f"window must be None or a positive int (keys j with i - window < j), got {window!r}")
+    if scale is not None and (not isinstance(scale, (int, float)) or scale <= 0):
+        raise ValueError(f"scale must be None or a positive number, got {scale!r}")
+
+
+def _agree_across_ranks(q, k, error: Exception | None, group, sp_size: int) -> None:
+    """Every rank learns whether every rank's inputs were valid and of one shape, so a misuse
+    on one rank raises everywhere instead of leaving the others waiting in the ring."""
+    if sp_size == 1:
+        if error is not None:
+            raise error
+        return
+    device = q.device if isinstance(q, torch.Tensor) else torch.device("cpu")
+    if error is None:
+        meta = torch.tensor([1, *q.shape, k.shape[2], _DTYPES.index(q.dtype)], device=device)
+    else:
+        meta = torch.zeros(7, dtype=torch.long, device=device)
+    metas = [torch.empty_like(meta) for _ in range(sp_size)]
+    dist.all_gather(metas, meta, group=group)
+    if error is not None:
+        raise error
+    rows = [tuple(m.tolist()) for m in metas]
+    failed = [r for r, row in enumerate(rows) if row[0] == 0]
+    if failed:
+        raise ValueError(f"ring_attention inputs were rejected on rank(s) {failed} of the group; see their error")
+    if len(set(rows)) > 1:
+        shapes = "; ".join(f"rank {r}: q {row[1:5]} kv_heads {row[5]} {_DTYPES[row[6]]}" for r, row in enumerate(rows))
+        raise ValueError(
+            f"ranks hold different local blocks ({shapes}); every rank must hold seq_len/sp_size tokens "
+            "of the same batch: cut the full sequence with ringpatch.shard or ringpatch.shard_batch"
+        )
+
+
+def ring_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    group=None,
+    causal: bool = True,
+    window: int | None = None,
+    scale: float | None = None,
+    layout: Layout = "zigzag",
+    backend: Backend = "auto",
+) -> torch.Tensor:
+    """Exact attention over the sequence split across `group` (None: the default group).
+
+    q: (B, S_local, H, D); k, v: (B, S_local, H_kv, D) with H % H_kv == 0. Each rank holds
+    its part in `layout` order (see ringpatch.shard). `window=W`: query i sees key j iff
+    i - W < j (and j <= i when causal). Returns (B, S_local, H, D) in q's dtype.
+    """
+    group, sp_size, sp_rank = resolve_group(group)
+    error, kernel = None, None
+    try:
+        _check_tensors(q, k, v)
+        _check_options(causal, window, scale)
+        check_layout(layout)
+        kernel = select(backend, q)
+    except (TypeError, ValueError) as exc:
+        error = exc
+    _agree_across_ranks(q, k, error, group, sp_size)
+    seq_len = q.shape[1] * sp_size
+    check_seq_len(seq_len, layout, sp_size)
+    spec = RingSpec(
+        causal=causal,
+        window=window,
+        scale=float(scale) if scale is not None else default_scale(q.shape[-1]),
+        layout=layout,
+        seq_len=seq_len,
+        sp_size=sp_size,
+        sp_rank=sp_rank,
+        kernel=kernel,
+    )
+    return RingAttentionFn.apply(q, k, v, spec, group)

@@ -1,0 +1,149 @@
+"""Which (query rows, key rows) blocks a ring step must compute, and with which mask.
+
+Visibility (docs/design.md, "Visibility"): query at global position i sees key j iff
+i - W < j (and j <= i when causal). Each rank's local rows are a few contiguous global ranges (the layout's
+chunks), so a ring step is a handful of chunk pairs. Each pair is:
+  none    - hidden by the mask: skipped, never computed and masked;
+  full    - every query sees every key: one unmasked kernel call;
+  causal  - the diagonal block: the kernel's own causal mask (top-left aligned, equal sizes);
+  partial - cut by a window edge: split into tiles, tiles classified again, and only the
+            remaining edge tiles get an explicit mask ("band"), so a window costs O(S*W).
+Rows of a band tile that would see no key are trimmed: flash kernels report lse = 0, not
+-inf, for fully masked rows, which would corrupt the merge.
+Plans are pure functions of integers and are memoised.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Literal
+
+Kind = Literal["full", "causal", "band"]
+
+
+@dataclass(frozen=True)
+class Call:
+    """One kernel call: local query rows [q0, q1) against block key rows [k0, k1)."""
+
+    q0: int
+    q1: int
+    k0: int
+    k1: int
+    kind: Kind
+    q_pos: int  # global position of row q0 (band masks are built from positions)
+    k_pos: int  # global position of key k0
+
+
+def classify(qa: int, m: int, kb: int, n: int, causal: bool, window: int | None) -> str:
+    """Mask class of queries [qa, qa+m) against keys [kb, kb+n), in global positions."""
+    q_last, k_last = qa + m - 1, kb + n - 1
+    if (causal and kb > q_last) or (window is not None and k_last <= qa - window):
+        return "none"
+    if (not causal or k_last <= qa) and (window is None or kb > q_last - window):
+        return "full"
+    if causal and qa == kb and m == n and (window is None or m - 1 < window):
+        return "causal"
+    return "partial"
+
+
+def _visible_span(i: int, kb: int, n: int, causal: bool, window: int | None) -> tuple[int, int]:
+    lo = kb if window is None else max(kb, i - window + 1)
+    hi = min(kb + n, i + 1) if causal else kb + n
+    return lo, hi
+
+
+def band_call(qa, m, kb, n, lq, lk, causal, window) -> Call | None:
+    """A masked call for a partial tile, trimmed to the rows and keys that see something."""
+    spans = [_visible_span(i, kb, n, causal, window) for i in range(qa, qa + m)]
+    rows = [qa + r for r, (lo, hi) in enumerate(spans) if lo < hi]
+    if not rows:
+        return None
+    first, last = rows[0], rows[-1]  # visible rows are contiguous: spans are monotone in i
+    k_lo, k_hi = spans[first - qa][0], spans[last - qa][1]
+    q0, k0 = lq + first - qa, lk + k_lo - kb
+    return Call(q0, q0 + last - first + 1, k0, k0 + k_hi - k_lo, "band", first, k_lo)
+
+
+def _pair_calls(qa, m, lq, kb, n, lk, causal, window, tile) -> list[Call]:
+    kind = classify(qa, m, kb, n, causal, window)
+    if kind == "none":
+        return []
+    if kind != "partial":
+        return [Call(lq, lq + m, lk, lk + n, kind, qa, kb)]
+    if tile is None or (m <= tile and n <= tile):
+        call = band_call(qa, m, kb, n, lq, lk, causal, window)
+        return [call] if call else []
+    calls = []
+    for dq in range(0, m, tile):
+        for dk in range(0, n, tile):
+            tm, tn = min(tile, m - dq), min(tile, n - dk)
+            calls += _pair_calls(qa + dq, tm, lq + dq, kb + dk, tn, lk + dk, causal, window, None)
+    return calls
+
+
+def _merge_full(calls: list[Call]) -> list[Call]:
+    """Fuse unmasked calls that are adjacent along keys, then along queries."""
+    for along_k in (True, False):
+        merged: list[Call] = []
+        for c in calls:
+            p = merged[-1] if merged else None
+            if p and p.kind == c.kind == "full":
+                if along_k and (p.q0, p.q1) == (c.q0, c.q1) and p.k1 == c.k0:
+                    merged[-1] = Call(p.q0, p.q1, p.k0, c.k1, "full", p.q_pos, p.k_pos)
+                    continue
+                if not along_k and (p.k0, p.k1) == (c.k0, c.k1) and p.q1 == c.q0:
+                    merged[-1] = Call(p.q0, c.q1, p.k0, p.k1, "full", p.q_pos, p.k_pos)
+                    continue
+            merged.append(c)
+        calls = sorted(merged, key=lambda c: (c.k0, c.k1, c.q0)) if along_k else merged
+    return calls
+
+
+@functools.lru_cache(maxsize=4096)
+def plan_block(
+    q_ranges: tuple[tuple[int, int], ...],
+    k_ranges: tuple[tuple[int, int], ...],
+    causal: bool,
+    window: int | None,
+    tile: int | None,
+    fuse_causal: bool = True,
+) -> tuple[Call, ...]:
+    """The calls for local queries (chunks `q_ranges`) against one key block (`k_ranges`).
+
+    Ranges are (global start, length) in local storage order. `tile=None` means the kernel
+    honours arbitrary band masks natively, so partial pairs are not split. `fuse_causal`
+    lets a rank's own block become one causal call when that is exact.
+    """
+    if fuse_causal and q_ranges == k_ranges and causal:
+        span = q_ranges[-1][0] + q_ranges[-1][1] - q_ranges[0][0]
+        if window is None or span - 1 < window:
+            # Positions increase with local index, so local causal == global causal; the
+            # kernel skips the hidden upper triangle itself.
+            n = sum(length for _, length in q_ranges)
+            return (Call(0, n, 0, n, "causal", q_ranges[0][0], k_ranges[0][0]),)
+    calls: list[Call] = []
+    lq = 0
+    for qa, m in q_ranges:
+        lk = 0
+        for kb, n in k_ranges:
+            calls += _pair_calls(qa, m, lq, kb, n, lk, causal, window, tile)
+            lk += n
+        lq += m
+    return tuple(_merge_full(calls))
+
+
+def call_work(call: Call) -> float:
+    """Relative cost of a call: query-key pairs computed."""
+    pairs = (call.q1 - call.q0) * (call.k1 - call.k0)
+    return pairs / 2 if call.kind == "causal" else pairs
+
+
+def split_work(calls: tuple[Call, ...]) -> tuple[tuple[Call, ...], tuple[Call, ...]]:
+    """Cut `calls` where the first part reaches half of the work (the first part is never empty)."""
+    total, done = sum(map(call_work, calls)), 0.0
+    for i, call in enumerate(calls):
+        done += call_work(call)
+        if done >= total / 2:
+            return calls[: i + 1], calls[i + 1 :]
+    return calls, ()

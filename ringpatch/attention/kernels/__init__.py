@@ -1,0 +1,70 @@
+"""Local block backends behind one protocol (base.Kernel), one module per backend:
+
+  torch_cpu    PyTorch's fused CPU flash kernel (any float dtype, computed in float32)
+  torch_cuda   PyTorch's fused CUDA kernels: flash for full/causal blocks, memory-efficient for masked ones
+  flash_attn2  flash-attn 2: bf16/fp16, native GQA and sliding windows
+
+`select` resolves a backend name for the tensors at hand, once, at the public entry.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from typing import Literal, get_args
+
+import torch
+
+from ringpatch.attention.kernels.base import Kernel, MaskSpec
+from ringpatch.attention.kernels.flash_attn2 import FlashAttn
+from ringpatch.attention.kernels.torch_cpu import TorchCPU
+from ringpatch.attention.kernels.torch_cuda import TorchCUDA
+
+Backend = Literal["auto", "torch", "flash_attn"]
+BACKENDS: tuple[str, ...] = get_args(Backend)
+
+
+def check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+
+
+def select(backend: str, q: torch.Tensor) -> Kernel:
+    """Resolve `backend` for tensors like `q`; raises if it cannot serve them."""
+    check_backend(backend)
+    if backend == "auto":
+        if q.device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+            try:
+                FlashAttn().check(q)
+                return FlashAttn()
+            except ValueError:
+                pass
+        backend = "torch"
+    if backend == "flash_attn":
+        kernel = FlashAttn()
+    elif q.device.type == "cpu":
+        kernel = TorchCPU()
+    elif q.device.type == "cuda":
+        kernel = TorchCUDA()
+    else:
+        raise ValueError(f"backend 'torch' has no kernel for device {q.device}; ringpatch runs on CPU and CUDA")
+    kernel.check(q)
+    return kernel
+
+
+def default_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)
+
+
+__all__ = [
+    "Backend",
+    "BACKENDS",
+    "Kernel",
+    "MaskSpec",
+    "FlashAttn",
+    "TorchCPU",
+    "TorchCUDA",
+    "check_backend",
+    "select",
+    "default_scale",
+]

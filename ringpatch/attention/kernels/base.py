@@ -1,0 +1,86 @@
+"""What every local block backend implements, and the helpers they share.
+
+Every backend computes one block call of the ring plan (ringpatch.attention.blocks.Call) and
+returns (out, lse): out in the input dtype, lse in float32. Backward takes the *final*
+(merged) out and lse of the rows, as in FlashAttention-2's ring decomposition, so the
+per-block gradients add up to the exact gradients (docs/design.md, "The backward pass"). Backward
+needs nothing else from forward: without dropout the kernels' RNG state is unused, which is
+also how PyTorch's own context parallelism reuses them.
+
+Shapes at this interface (the ring's layout):
+  q, out, dout, dq  # (B, m, H, D)
+  k, v, dk, dv      # (B, n, H_kv, D)
+  lse               # (B, m, H) float32
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from ringpatch.attention.blocks import Call
+
+
+@dataclass(frozen=True)
+class MaskSpec:
+    """What a band call needs to rebuild its mask: the global visibility rule."""
+
+    causal: bool
+    window: int | None
+    scale: float
+
+
+class Kernel(Protocol):
+    """A local attention backend for one kind of device and dtype."""
+
+    name: str
+    tile: int | None
+    """Largest side of a masked ("band") tile the planner may hand over; None: the kernel takes
+    arbitrary windows natively, so partial pairs are never split."""
+
+    def check(self, q: torch.Tensor) -> None:
+        """Raise ValueError, naming the fix, if this kernel cannot serve tensors like `q`."""
+
+    def forward(self, q, k, v, call: Call, spec: MaskSpec) -> tuple[torch.Tensor, torch.Tensor]:
+        """(out, lse) of queries q against keys k, v under the call's mask."""
+
+    def backward(self, dout, q, k, v, out, lse, call: Call, spec: MaskSpec):
+        """(dq, dk, dv) of the call, given the rows' final out and lse."""
+
+
+def band_bias(call: Call, spec: MaskSpec, m: int, n: int, dtype, device, pad_to: int = 1) -> torch.Tensor:
+    """Additive mask (0 / -inf) for a band call. # (m, n), last dim padded to `pad_to`"""
+    i = torch.arange(call.q_pos, call.q_pos + m, device=device)[:, None]
+    j = torch.arange(call.k_pos, call.k_pos + n, device=device)[None, :]
+    visible = torch.ones(m, n, dtype=torch.bool, device=device)
+    if spec.causal:
+        visible &= j <= i
+    if spec.window is not None:
+        visible &= j > i - spec.window
+    n_pad = -(-n // pad_to) * pad_to
+    bias = torch.full((m, n_pad), float("-inf"), dtype=dtype, device=device)
+    bias[:, :n].masked_fill_(visible, 0.0)
+    return bias[:, :n]
+
+
+def bhsd(x: torch.Tensor) -> torch.Tensor:
+    """(B, S, H, D) <-> (B, H, S, D): the layout the aten kernels take."""
+    return x.transpose(1, 2)
+
+
+def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """(B, n, H_kv, D) -> (B, n, H_kv*groups, D); the copy lives only inside one kernel call."""
+    if groups == 1:
+        return x
+    b, n, h, d = x.shape
+    return x[:, :, :, None, :].expand(b, n, h, groups, d).reshape(b, n, h * groups, d)
+
+
+def sum_kv(dx: torch.Tensor, groups: int) -> torch.Tensor:
+    """The gradient of repeat_kv: (B, n, H_kv*groups, D) -> (B, n, H_kv, D)."""
+    if groups == 1:
+        return dx
+    b, n, h, d = dx.shape
+    return dx.view(b, n, h // groups, groups, d).sum(3)

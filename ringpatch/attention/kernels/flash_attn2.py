@@ -1,0 +1,89 @@
+"""flash-attn 2 (Dao-AILab) as a ring block backend: CUDA, float16/bfloat16, native GQA and windows."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from ringpatch.attention.blocks import Call
+from ringpatch.attention.kernels.base import MaskSpec, bhsd
+
+
+class FlashAttn:
+    """Dao-AILab flash-attn 2: native GQA and native sliding windows (no tiling needed)."""
+
+    name = "flash_attn"
+    tile: int | None = None
+
+    def check(self, q: torch.Tensor) -> None:
+        if importlib.util.find_spec("flash_attn") is None:
+            raise ValueError("backend 'flash_attn' needs the flash-attn package: pip install 'ringpatch[gpu]'")
+        if q.device.type != "cuda":
+            raise ValueError(f"backend 'flash_attn' needs CUDA tensors, got {q.device}; use backend='auto'")
+        if q.dtype not in (torch.float16, torch.bfloat16):
+            raise ValueError(
+                f"backend 'flash_attn' supports float16/bfloat16, got {q.dtype}; use backend='torch' or 'auto'"
+            )
+        if q.shape[-1] > 256 or q.shape[-1] % 8:
+            raise ValueError(
+                f"backend 'flash_attn' supports head_dim <= 256 and divisible by 8, got {q.shape[-1]}; "
+                "use backend='torch'"
+            )
+
+    @staticmethod
+    def _window(call: Call, spec: MaskSpec, m: int, n: int) -> tuple[bool, int, int]:
+        if call.kind != "band":
+            return call.kind == "causal", -1, -1
+        # flash-attn aligns query row i with key row i + n - m (bottom-right); shift our
+        # global rule  q_pos+i-W < k_pos+j <= q_pos+i  into that frame.
+        d = call.q_pos - call.k_pos - (n - m)
+        left = -1 if spec.window is None else spec.window - 1 - d
+        right = d if spec.causal else -1
+        assert (spec.window is None or left >= 0) and (not spec.causal or right >= 0), (call, left, right)
+        return False, left, right
+
+    def forward(self, q, k, v, call: Call, spec: MaskSpec):
+        from flash_attn.flash_attn_interface import _flash_attn_forward
+
+        causal, left, right = self._window(call, spec, q.shape[1], k.shape[1])
+        out, lse, _, _ = _flash_attn_forward(
+            q,
+            k,
+            v,
+            dropout_p=0.0,
+            softmax_scale=spec.scale,
+            causal=causal,
+            window_size_left=left,
+            window_size_right=right,
+            softcap=0.0,
+            alibi_slopes=None,
+            return_softmax=False,
+        )
+        return out, bhsd(lse)
+
+    def backward(self, dout, q, k, v, out, lse, call: Call, spec: MaskSpec):
+        from flash_attn.flash_attn_interface import _flash_attn_backward
+
+        causal, left, right = self._window(call, spec, q.shape[1], k.shape[1])
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        _flash_attn_backward(
+            dout.contiguous(),
+            q,
+            k,
+            v,
+            out.contiguous(),
+            bhsd(lse).contiguous(),
+            dq,
+            dk,
+            dv,
+            dropout_p=0.0,
+            softmax_scale=spec.scale,
+            causal=causal,
+            window_size_left=left,
+            window_size_right=right,
+            softcap=0.0,
+            alibi_slopes=None,
+            deterministic=False,
+        )
+        return dq, dk, dv

@@ -1,0 +1,169 @@
+"""RingAttention: exact attention over a sequence split across the ranks of a group.
+
+Forward: at step s rank r computes its queries against the K/V block that started on rank
+(r - s) mod P, while the next block is already in flight. Blocks merge through their
+log-sum-exp in float32. Backward: dQ accumulates locally; float32 dK/dV accumulators travel
+the ring with their block and are sent home at the end. The ring stops at the last step any
+rank needs (a sliding window needs only a few), and only the blocks the plan lists are
+computed (Liu et al. 2023, "Ring Attention with Blockwise Transformers"; zigzag balancing
+as in zhuzilin/ring-flash-attention). The merge is in merge.py, the layouts in layout.py, the
+block plans in blocks.py; docs/design.md walks through the whole ring.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from ringpatch.attention.blocks import Call, plan_block, split_work
+from ringpatch.attention.comm import Exchange
+from ringpatch.attention.kernels import Kernel, MaskSpec
+from ringpatch.attention.layout import Layout, local_ranges
+from ringpatch.attention.merge import merge_
+
+
+@dataclass(frozen=True)
+class RingSpec:
+    """Everything the ring needs besides tensors; per-call, never global."""
+
+    causal: bool
+    window: int | None
+    scale: float
+    layout: Layout
+    seq_len: int  # global
+    sp_size: int
+    sp_rank: int
+    kernel: Kernel
+
+    @property
+    def mask(self) -> MaskSpec:
+        return MaskSpec(self.causal, self.window, self.scale)
+
+    @property
+    def tile(self) -> int | None:
+        """Tile for window edges: about W/4 keeps the masked waste near 1/8 of the band."""
+        if self.kernel.tile is None or self.window is None:
+            return self.kernel.tile
+        return min(self.kernel.tile, max(16, self.window // 4))
+
+    def steps(self) -> tuple[tuple[Call, ...], ...]:
+        """Plans for steps 0..last, where last is the last step that any rank needs."""
+        plans = ring_plans(self.layout, self.seq_len, self.sp_size, self.causal, self.window, self.tile)
+        return plans[self.sp_rank]
+
+
+@functools.lru_cache(maxsize=256)
+def ring_plans(layout, seq_len, sp_size, causal, window, tile) -> tuple[tuple[tuple[Call, ...], ...], ...]:
+    """plans[r][s]: the calls of rank r at step s, cut to the last step any rank needs."""
+    ranges = [local_ranges(layout, seq_len, sp_size, r) for r in range(sp_size)]
+    plans = [
+        [plan_block(ranges[r], ranges[(r - s) % sp_size], causal, window, tile) for s in range(sp_size)]
+        for r in range(sp_size)
+    ]
+    last = max(s for r in range(sp_size) for s in range(sp_size) if plans[r][s] or s == 0)
+    return tuple(tuple(p[: last + 1]) for p in plans)
+
+
+def _neighbours(spec: RingSpec, shift: int = 1) -> tuple[int, int]:
+    """(dst, src) for passing a block `shift` ranks forward along the ring."""
+    return (spec.sp_rank + shift) % spec.sp_size, (spec.sp_rank - shift) % spec.sp_size
+
+
+def ring_forward(q, k, v, spec: RingSpec, group) -> tuple[torch.Tensor, torch.Tensor]:
+    """out in q's dtype, lse float32. # q (B, S_local, H, D); k, v (B, S_local, H_kv, D)"""
+    b, s_local, h, d = q.shape
+    out = q.new_zeros(b, s_local, h, d, dtype=torch.float32)
+    lse = q.new_full((b, s_local, h), float("-inf"), dtype=torch.float32)
+    steps = spec.steps()
+    bufs = [torch.stack([k, v]), None]  # (2, B, S_local, H_kv, D): K/V travel unexpanded
+    dst, src = _neighbours(spec)
+    for step, calls in enumerate(steps):
+        cur = bufs[step % 2]
+        pending = None
+        if step + 1 < len(steps):
+            if bufs[(step + 1) % 2] is None:
+                bufs[(step + 1) % 2] = torch.empty_like(cur)
+            pending = Exchange(cur, bufs[(step + 1) % 2], dst, src, group, tag=0)
+        for c in calls:
+            out_b, lse_b = spec.kernel.forward(
+                q[:, c.q0 : c.q1], cur[0, :, c.k0 : c.k1], cur[1, :, c.k0 : c.k1], c, spec.mask
+            )
+            merge_(out[:, c.q0 : c.q1], lse[:, c.q0 : c.q1], out_b, lse_b)
+        if pending is not None:
+            pending.wait()
+    return out.to(q.dtype), lse
+
+
+def _block_grads(dout, q, kv, out, lse, calls, dq, spec: RingSpec) -> torch.Tensor:
+    """Add this block's dQ into `dq`; return its float32 dK/dV. # (2, B, S_local, H_kv, D)"""
+    dkv = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)
+    for c in calls:
+        rows, keys = slice(c.q0, c.q1), slice(c.k0, c.k1)
+        dq_b, dk_b, dv_b = spec.kernel.backward(
+            dout[:, rows], q[:, rows], kv[0, :, keys], kv[1, :, keys], out[:, rows], lse[:, rows], c, spec.mask
+        )
+        dq[:, rows] += dq_b
+        dkv[0, :, keys] += dk_b
+        dkv[1, :, keys] += dv_b
+    return dkv
+
+
+def _own_block_halves(spec: RingSpec) -> tuple[tuple[Call, ...], tuple[Call, ...]]:
+    """The rank's own block, unfused and cut in two halves of work: the first hides the
+    arrival of the first remote block, the second hides the last dK/dV going home."""
+    ranges = local_ranges(spec.layout, spec.seq_len, spec.sp_size, spec.sp_rank)
+    return split_work(plan_block(ranges, ranges, spec.causal, spec.window, spec.tile, fuse_causal=False))
+
+
+def ring_backward(dout, q, k, v, out, lse, spec: RingSpec, group):
+    """dq, dk, dv in the input dtype, accumulated in float32.
+
+    Remote blocks come in the forward's order; the accumulator of block j starts on rank j+1
+    and travels with the block, then goes home from the last rank that needs it while the
+    owner computes the second half of its own block's gradients."""
+    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    steps = spec.steps()
+    last = len(steps) - 1
+    own_first, own_second = _own_block_halves(spec) if last > 0 else (steps[0], ())
+    dst, src = _neighbours(spec)
+    kv_own = torch.stack([k, v])  # (2, B, S_local, H_kv, D)
+    bufs = [torch.empty_like(kv_own), torch.empty_like(kv_own)] if last > 0 else []
+    kv_pending = Exchange(kv_own, bufs[0], dst, src, group, tag=0) if last > 0 else None
+    dkv_own = _block_grads(dout, q, kv_own, out, lse, own_first, dq, spec)
+    dkv_pending = home = arrived = None
+    for step in range(1, last + 1):
+        kv_pending.wait()
+        kv = bufs[(step - 1) % 2]
+        if step < last:
+            kv_pending = Exchange(kv, bufs[step % 2], dst, src, group, tag=0)
+        dkv = _block_grads(dout, q, kv, out, lse, steps[step], dq, spec)
+        if dkv_pending is not None:
+            dkv_pending.wait()
+            dkv += arrived
+        arrived = torch.empty_like(dkv)
+        if step < last:
+            dkv_pending = Exchange(dkv, arrived, dst, src, group, tag=1)
+        else:
+            home = Exchange(dkv, arrived, *_neighbours(spec, -last), group, tag=2)
+    dkv_own += _block_grads(dout, q, kv_own, out, lse, own_second, dq, spec)
+    if home is not None:
+        home.wait()
+        dkv_own += arrived
+    return dq.to(q.dtype), dkv_own[0].to(k.dtype), dkv_own[1].to(v.dtype)
+
+
+class RingAttentionFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, spec: RingSpec, group):
+        out, lse = ring_forward(q, k, v, spec, group)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.spec, ctx.group = spec, group
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = ring_backward(dout, q, k, v, out, lse, ctx.spec, ctx.group)
+        return dq, dk, dv, None, None

@@ -1,0 +1,154 @@
+"""`ringpatch eval` / `python -m ringpatch.evaluate`: perplexity vs length and passkey, models side by side.
+
+A long prompt is prefilled by ring attention across the ranks of a group (forward only, no
+gradients); the model's head runs only at the positions that are scored, on the rank that
+holds them, and the scores are summed over the group. So a length that does not fit one
+device still evaluates, and every rank ends with the same numbers.
+
+    torchrun --nproc_per_node 2 -m ringpatch.evaluate --recipe recipes/tiny-cpu.yaml
+    torchrun --nproc_per_node 8 -m ringpatch.evaluate --model runs/x/final --data held_out.jsonl --ppl-lengths 8192 65536
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ringpatch.attention.layout import Layout
+from ringpatch.data.prepare import prepare_shared
+from ringpatch.evaluate.passkey import CLASSIC, demo_template, passkey_accuracy
+from ringpatch.evaluate.perplexity import perplexity_by_length
+from ringpatch.evaluate.prefill import check_lengths
+from ringpatch.evaluate.report import report
+from ringpatch.hf import patch_model
+from ringpatch.parallel import start, stop
+from ringpatch.train.preflight import USER_ERRORS
+from ringpatch.train.recipe import DataSpec, EvalSpec, load_recipe
+
+
+def _load(path: str, group, layout: Layout, device, dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    return patch_model(model, group=group, layout=layout), AutoTokenizer.from_pretrained(path)
+
+
+def _held_out(data_spec, tokenizer, length: int, count: int, device) -> torch.Tensor:
+    source = data_spec.eval_source or data_spec.source
+    split = data_spec.eval_split if data_spec.eval_source else data_spec.split
+    data = prepare_shared(data_spec, source, split, tokenizer, length, "eval")
+    return data[: min(count, len(data))]["input_ids"].to(device)  # (count, length)
+
+
+def evaluate_models(
+    models: dict[str, str], spec, data_spec, out_dir, layout: Layout = "zigzag", device=None, dtype=torch.float32
+) -> dict:
+    """Perplexity-vs-length (when data is given) and passkey for each model; tables printed by
+    rank 0 and saved as CSV/JSON/PNG in out_dir. Every rank of the default group is one ring."""
+    ring = dist.get_world_size()
+    check_lengths([*spec.ppl_lengths, *spec.passkey_lengths], layout, ring, spec.max_tokens_per_rank)
+    template = demo_template() if spec.passkey_template == "demo" else CLASSIC
+    ppl, passkey = {}, {}
+    for label, path in models.items():
+        model, tokenizer = _load(path, None, layout, device, dtype)
+        if data_spec is not None and spec.ppl_lengths:
+            sequences = _held_out(data_spec, tokenizer, max(spec.ppl_lengths), data_spec.eval_samples, device)
+            ppl[label] = perplexity_by_length(model, sequences, spec.ppl_lengths, spec.ppl_tokens, None, layout)
+        if spec.passkey_lengths:
+            passkey[label] = passkey_accuracy(
+                model,
+                tokenizer,
+                spec.passkey_lengths,
+                spec.passkey_depths,
+                spec.passkey_trials,
+                template,
+                None,
+                layout,
+                device=device,
+            )
+        del model
+    if dist.get_rank() == 0:
+        report(ppl, passkey, spec, Path(out_dir))
+    dist.barrier()
+    return {"ppl": ppl, "passkey": passkey}
+
+
+def _spec_and_models(args):
+    """The EvalSpec, data and models from --recipe and/or the flags (flags win)."""
+    recipe = load_recipe(args.recipe) if args.recipe else None
+    spec = recipe.eval if recipe else EvalSpec()
+    data_spec = recipe.data if recipe else None
+    if args.data:
+        data_spec = DataSpec(source=args.data, eval_source=args.data, eval_samples=args.samples or 4)
+    elif data_spec is not None and args.samples:
+        data_spec = dataclasses.replace(data_spec, eval_samples=args.samples)
+    changes = {
+        k: tuple(v)
+        for k, v in (
+            ("ppl_lengths", args.ppl_lengths),
+            ("passkey_lengths", args.passkey_lengths),
+            ("passkey_depths", args.depths),
+        )
+        if v
+    }
+    if args.trials:
+        changes["passkey_trials"] = args.trials
+    if args.passkey_template:
+        changes["passkey_template"] = args.passkey_template
+    spec = dataclasses.replace(spec, **changes)
+    if not spec.ppl_lengths and recipe:
+        top = recipe.stages[-1].seq_len
+        spec = dataclasses.replace(spec, ppl_lengths=tuple(2**k for k in range(8, 40) if 2**k <= top) or (top,))
+    if not spec.passkey_lengths:
+        spec = dataclasses.replace(spec, passkey_lengths=spec.ppl_lengths)
+    if args.model:
+        models = {Path(m).name: m for m in args.model}
+    elif recipe:
+        run = Path(recipe.run_dir)
+        names = [f"stage{i}" for i in range(len(recipe.stages) - 1)] + ["final"]
+        models = {n: str(run / n) for n in names if (run / n / "config.json").is_file()}
+        if not models:
+            raise FileNotFoundError(f"{run} holds no exported model yet ({names}); train first or pass --model")
+    else:
+        raise ValueError("give --recipe (its run's exported models) or --model PATH [PATH ...]")
+    out = args.out or (str(Path(recipe.run_dir) / "eval") if recipe else "runs/eval")
+    return spec, data_spec, models, out, (recipe.parallel.layout if recipe else args.layout)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ringpatch eval", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--recipe", help="evaluate this recipe's exported models on its eval data and settings")
+    parser.add_argument("--model", nargs="+", help="model folders (side by side), e.g. the base and the extended one")
+    parser.add_argument("--data", help="held-out documents (json/jsonl/parquet/txt) for perplexity-vs-length")
+    parser.add_argument("--ppl-lengths", type=int, nargs="+")
+    parser.add_argument("--passkey-lengths", type=int, nargs="+")
+    parser.add_argument("--depths", type=float, nargs="+")
+    parser.add_argument("--trials", type=int)
+    parser.add_argument("--samples", type=int, help="held-out sequences for perplexity")
+    parser.add_argument("--passkey-template", choices=["classic", "demo"])
+    parser.add_argument("--layout", default="zigzag", choices=["zigzag", "contiguous"])
+    parser.add_argument("--out", help="output folder (default: run_dir/eval)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    try:
+        spec, data_spec, models, out, layout = _spec_and_models(args)
+        ring = int(os.environ.get("WORLD_SIZE", "1"))  # before any group or model: lengths the ring can take
+        check_lengths([*spec.ppl_lengths, *spec.passkey_lengths], layout, ring, spec.max_tokens_per_rank)
+    except USER_ERRORS as e:
+        print(f"ringpatch eval: {e}", file=sys.stderr)
+        return 2
+    device = start()
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        evaluate_models(models, spec, data_spec, out, layout, device=device, dtype=dtype)
+    except USER_ERRORS as e:
+        print(f"ringpatch eval (rank {dist.get_rank()}): {e}", file=sys.stderr, flush=True)
+        os._exit(1)
+    stop()
+    return 0

@@ -1,0 +1,22 @@
+"""Perplexity vs context length: the loss of the same last tokens seen with longer and longer contexts."""
+
+from __future__ import annotations
+
+import torch
+
+from ringpatch.attention.layout import Layout
+from ringpatch.evaluate.prefill import ring_prefill_scores
+
+
+def perplexity_by_length(
+    model, sequences: torch.Tensor, lengths, last_tokens: int, group=None, layout: Layout = "zigzag"
+) -> dict[int, float]:
+    """Mean loss of the same last `last_tokens` tokens of each sequence, seen with a context of
+    each length (the context ends where the sequence ends)."""
+    losses = {}
+    for n in lengths:
+        ctx = sequences[:, -n:]  # (B, n)
+        scored = torch.arange(n - last_tokens - 1, n - 1, device=ctx.device)
+        nll, _ = ring_prefill_scores(model, ctx, scored, group, layout)
+        losses[n] = nll.mean().item()
+    return losses

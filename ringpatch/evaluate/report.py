@@ -1,0 +1,106 @@
+"""Evaluation outputs: tables on the terminal, CSV/JSON rows, and plots."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+
+def write_rows(rows: list[dict], base) -> None:
+    """rows as base.csv and base.json."""
+    base = Path(base)
+    base.parent.mkdir(parents=True, exist_ok=True)
+    with open(base.with_suffix(".csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    base.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+
+
+def format_table(header: list[str], rows: list[list]) -> str:
+    cells = [[str(h) for h in header]] + [[f"{v:.3f}" if isinstance(v, float) else str(v) for v in r] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
+    return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
+
+
+def plot_perplexity(losses: dict[str, dict[int, float]], path, trained: dict[str, int] | None = None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, by_length in losses.items():
+        ax.plot(list(by_length), list(by_length.values()), marker="o", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("loss of the last tokens (nats)")
+    ax.set_title("Perplexity vs context length")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_passkey(accuracy: dict[str, dict[tuple[int, float], float]], path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(
+        1, len(accuracy), figsize=(4.6 * len(accuracy) + 1, 3.8), squeeze=False, layout="constrained"
+    )
+    for ax, (label, cells) in zip(axes[0], accuracy.items(), strict=True):
+        lengths = sorted({n for n, _ in cells})
+        depths = sorted({d for _, d in cells})
+        grid = [[cells[(n, d)] for n in lengths] for d in depths]
+        image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="lower")
+        ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
+        ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
+        for i, row in enumerate(grid):
+            for j, v in enumerate(row):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8)
+        ax.set_xlabel("prompt length (tokens)")
+        ax.set_ylabel("key depth")
+        ax.set_title(f"passkey: {label}")
+    fig.colorbar(image, ax=axes[0].tolist(), label="accuracy")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def report(ppl: dict, passkey: dict, spec, out: Path) -> None:
+    """Print the tables and write them as CSV, JSON and PNG into `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    if ppl:
+        labels = list(ppl)
+        print(f"\nloss of the last {spec.ppl_tokens} tokens (nats; perplexity = e^loss) by context length")
+        print(format_table(["length", *labels], [[n, *(ppl[m][n] for m in labels)] for n in spec.ppl_lengths]))
+        write_rows(
+            [
+                {"model": m, "length": n, "loss": v, "perplexity": math.exp(v)}
+                for m in labels
+                for n, v in ppl[m].items()
+            ],
+            out / "perplexity",
+        )
+        plot_perplexity(ppl, out / "perplexity.png")
+    if passkey:
+        for label, cells in passkey.items():
+            print(f"\npasskey accuracy, {label} ({spec.passkey_trials} keys per cell; rows: depth, columns: length)")
+            rows = [[f"{d:.0%}", *(cells[(n, d)] for n in spec.passkey_lengths)] for d in spec.passkey_depths]
+            print(format_table(["depth", *spec.passkey_lengths], rows))
+        write_rows(
+            [
+                {"model": m, "length": n, "depth": d, "accuracy": v}
+                for m, cells in passkey.items()
+                for (n, d), v in cells.items()
+            ],
+            out / "passkey",
+        )
+        plot_passkey(passkey, out / "passkey.png")
+    print(f"\nwrote {out}/perplexity.{{csv,json,png}} and passkey.{{csv,json,png}}")

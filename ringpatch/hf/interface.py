@@ -1,0 +1,73 @@
+"""The ring as transformers sees it: entries in its public AttentionInterface and
+AttentionMaskInterface, registered under our own name, "ringpatch".
+
+No transformers function, class or other registry entry is touched. The attention entry reads
+the settings patch_model left on the module; the mask entry makes sure no S x S mask is built
+(the ring builds its masks from positions).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ringpatch.attention import ring_attention
+from ringpatch.hf.settings import RingSettings
+
+IMPLEMENTATION = "ringpatch"
+
+
+def ring_attention_forward(
+    module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None, **kwargs
+):
+    """AttentionInterface entry. query (B, H, S_local, D); key/value (B, H_kv, S_local, D)."""
+    settings: RingSettings | None = getattr(module, "_ringpatch", None)
+    model_type = getattr(getattr(module, "config", None), "model_type", "this model")
+    if settings is None:
+        raise RuntimeError(
+            f"attention implementation {IMPLEMENTATION!r} was selected on a module that ringpatch.patch_model "
+            "did not patch; call ringpatch.patch_model(model) instead of setting attn_implementation by hand"
+        )
+    if isinstance(attention_mask, torch.Tensor):
+        raise NotImplementedError(
+            f"{model_type}: ring attention cannot honour a custom attention mask of shape "
+            f"{tuple(attention_mask.shape)}; pass the batch through ringpatch.shard_batch (right padding is handled "
+            "through ignored labels) and no attention_mask"
+        )
+    if dropout:
+        raise NotImplementedError(f"{model_type}: attention dropout {dropout} is not supported by ring attention")
+    for feature in ("softcap", "s_aux", "cu_seq_lens_q", "cu_seq_lens_k"):
+        if kwargs.get(feature) is not None:
+            raise NotImplementedError(f"{model_type}: ring attention cannot honour {feature!r}")
+    if getattr(module, "is_causal", True) is False:
+        raise NotImplementedError(f"{model_type}: ring attention supports causal self-attention only")
+    out = ring_attention(
+        query.transpose(1, 2),
+        key.transpose(1, 2),
+        value.transpose(1, 2),
+        group=settings.group,
+        causal=True,
+        window=sliding_window or None,
+        scale=scaling,
+        layout=settings.layout,
+        backend=settings.backend,
+    )
+    return out, None  # (B, S_local, H, D), no attention weights
+
+
+def ring_mask(*args, attention_mask=None, **kwargs):
+    """AttentionMaskInterface entry: the ring builds its masks from positions, so no S x S
+    mask is ever made. A padding mask with zeros cannot be honoured here."""
+    if attention_mask is not None and not bool(attention_mask.all()):
+        raise NotImplementedError(
+            "a padding attention_mask reached the ring-patched model; pass the full batch through "
+            "ringpatch.shard_batch, which turns right padding into ignored labels"
+        )
+    return None
+
+
+def register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(IMPLEMENTATION, ring_attention_forward)
+    AttentionMaskInterface.register(IMPLEMENTATION, ring_mask)

@@ -1,0 +1,59 @@
+"""Per-GPU memory estimate of a recipe (printed by `ringpatch plan`, see ringpatch.train.plan).
+
+The estimate counts, per GPU, in bytes (N = parameters, of which tp shards all but the embeddings):
+- weights 2N (bf16), gradients 2N, optimizer 12N (fp32 master, Adam m and v), divided by the
+  dp x sp ranks that ZeRO partitions them over (stage 1: optimizer; 2: + gradients; 3: + weights),
+  optimizer (and stage-3 weights) moved to CPU by offload;
+- checkpointed activations: one (tokens x hidden) bf16 input per layer;
+- the working set of the layer being recomputed: about tokens x (8 hidden + 3 intermediate) bf16
+  (q, k, v, attention out and residual tensors, the MLP's gate, up and product);
+- ring buffers: K and V blocks (current + in flight) and float32 dK/dV accumulators;
+- the loss: one chunk of float32 logits and its gradient.
+It is an estimate for choosing a layout, not a promise: allocator slack and NCCL buffers come on top.
+"""
+
+from __future__ import annotations
+
+GIB = 2**30
+
+
+def parameters(cfg: dict) -> tuple[int, int]:
+    """(all parameters, embedding parameters) of a Llama/Mistral-style config."""
+    h, v, n_layers = cfg["hidden_size"], cfg["vocab_size"], cfg["num_hidden_layers"]
+    heads = cfg["num_attention_heads"]
+    kv = cfg.get("num_key_value_heads") or heads
+    d = cfg.get("head_dim") or h // heads
+    attn = h * heads * d * 2 + h * kv * d * 2
+    mlp = 3 * h * cfg["intermediate_size"]
+    emb = v * h * (1 if cfg.get("tie_word_embeddings") else 2)
+    return n_layers * (attn + mlp + 2 * h) + h + emb, emb
+
+
+def estimate(recipe, cfg: dict, world: int, seq_len: int, micro_batch: int) -> dict[str, float]:
+    """GiB per GPU, by item, for one stage."""
+    sp, tp = recipe.parallel.sp, recipe.parallel.tp
+    shards = world // tp  # dp x sp
+    n, emb = parameters(cfg)
+    n_tp = (n - emb) / tp + emb
+    zero, offload = recipe.zero.stage, recipe.zero.offload == "cpu"
+    weights = 2 * n_tp / (shards if zero == 3 else 1) * (0 if offload and zero == 3 else 1)
+    grads = 2 * n_tp / (shards if zero >= 2 else 1)
+    optim = 0 if offload else 12 * n_tp / (shards if zero >= 1 else 1)
+    h, inter, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    heads = cfg["num_attention_heads"]
+    kv_dim = (cfg.get("num_key_value_heads") or heads) * (cfg.get("head_dim") or h // heads)
+    tokens = micro_batch * seq_len // sp  # per GPU
+    ckpt = layers * tokens * h * 2 if recipe.activation_checkpointing else layers * tokens * (8 * h + 3 * inter) * 2
+    work = tokens * (8 * h + 3 * inter / tp) * 2
+    ring = tokens * kv_dim / tp * (2 * 2 * 2 + 2 * 4)
+    loss = min(recipe.loss_chunk_tokens, tokens) * cfg["vocab_size"] * 4 * 2
+    items = {
+        "weights": weights,
+        "gradients": grads,
+        "optimizer": optim,
+        "checkpointed activations": ckpt,
+        "recomputed layer": work,
+        "ring buffers": ring,
+        "loss chunk": loss,
+    }
+    return {k: v / GIB for k, v in items.items()}

@@ -1,0 +1,65 @@
+"""ParallelDims: how the world splits into data, sequence and tensor parallelism, and every
+fact derived from that split (group sizes, coordinates, the sequence-length divisor).
+
+world = dp * sp * tp, tp innermost (neighbouring ranks, same node), sp next, dp outermost:
+rank = (dp_rank * sp + sp_rank) * tp + tp_rank. Every rank of one dp index sees the same
+sample; ZeRO sharding and gradient averaging span dp x sp (all ranks with one tp index).
+Validated when built, with the numbers in every message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ringpatch.attention.layout import Layout, check_layout, num_chunks
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    """How `world` ranks split into data, sequence and tensor parallelism."""
+
+    world: int
+    sp: int = 1
+    """Sequence-parallel (ring) ranks per sample."""
+    tp: int = 1
+    """Tensor-parallel ranks per layer shard."""
+    layout: Layout = "zigzag"
+    """How a sample's tokens are laid out over the sp ranks."""
+
+    def __post_init__(self):
+        for name in ("world", "sp", "tp"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_layout(self.layout)
+        if self.world % (self.sp * self.tp):
+            raise ValueError(
+                f"world size {self.world} is not divisible by sp*tp = {self.sp}*{self.tp} = {self.sp * self.tp}; "
+                f"dp = world / (sp*tp) must be whole: change sp or tp, or launch a multiple of {self.sp * self.tp} ranks"
+            )
+
+    @property
+    def dp(self) -> int:
+        return self.world // (self.sp * self.tp)
+
+    @property
+    def seq_len_divisor(self) -> int:
+        """Every sample length must be a multiple of this: the layout's chunk count over sp."""
+        return num_chunks(self.layout, self.sp)
+
+    def round_up(self, seq_len: int) -> int:
+        """The shortest length >= seq_len that the layout can cut."""
+        return -(-seq_len // self.seq_len_divisor) * self.seq_len_divisor
+
+    def check_heads(self, heads: int, kv_heads: int) -> None:
+        """Tensor parallelism splits attention heads: both head counts must divide by tp."""
+        for name, count in (("attention heads", heads), ("key/value heads", kv_heads)):
+            if count % self.tp:
+                raise ValueError(
+                    f"{name} {count} are not divisible by tp={self.tp}; choose tp among "
+                    f"{[d for d in range(1, count + 1) if heads % d == 0 and kv_heads % d == 0]}"
+                )
+
+    def coords(self, rank: int) -> tuple[int, int, int]:
+        """(dp_rank, sp_rank, tp_rank) of a global rank."""
+        return rank // (self.sp * self.tp), (rank // self.tp) % self.sp, rank % self.tp

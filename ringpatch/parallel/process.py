@@ -1,0 +1,49 @@
+"""Starting and leaving the process group, the same way for every command.
+
+A launcher (torchrun, the deepspeed launcher, accelerate launch, SLURM through torchrun) sets
+RANK, WORLD_SIZE, LOCAL_RANK and the rendezvous address; a command started without one runs
+as a one-rank group on a free local port. On CUDA each process takes GPU LOCAL_RANK and
+nccl; on CPU, gloo.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+
+
+def single_process_env() -> None:
+    """Started without a launcher: the environment of a one-rank group on a free local port."""
+    if "RANK" in os.environ:
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+
+
+def local_device() -> tuple[torch.device, str]:
+    """(this process' device, the backend for it), with the CUDA device made current."""
+    if torch.cuda.is_available():
+        index = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index), "nccl"
+    return torch.device("cpu"), "gloo"
+
+
+def start() -> torch.device:
+    """Join the launcher's process group (or a one-rank one); returns this process' device."""
+    single_process_env()
+    device, backend = local_device()
+    dist.init_process_group(backend)
+    return device
+
+
+def stop() -> None:
+    """Leave together: a rank that tears down gloo while a peer still runs can hang. Drop DDP or
+    DeepSpeed engines before calling this (pytorch/pytorch#56297)."""
+    dist.barrier()
+    dist.destroy_process_group()

@@ -1,0 +1,91 @@
+"""Building a run: the process groups, the model, the DeepSpeed engine.
+
+Each is one function of the plan, called in this order by the trainer (loop.py):
+start_distributed -> load_tokenizer -> zero3_loading -> build_model -> build_engine.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+import ringpatch
+from ringpatch.memory import causal_lm_loss
+from ringpatch.parallel import Mesh, build_mesh, local_device, single_process_env
+from ringpatch.train.plan import Plan
+from ringpatch.train.preflight import check_model_config
+from ringpatch.train.schedule import schedule
+
+
+def start_distributed(plan: Plan) -> Mesh:
+    """Join the launcher's group through DeepSpeed (its CPU accelerator and gloo without a GPU)
+    and build the dp x sp x tp grid."""
+    single_process_env()
+    if not plan.cuda:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # must be set before deepspeed is imported
+    _, backend = local_device()
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend=backend)
+    return build_mesh(plan.dims, "cuda" if plan.cuda else "cpu")
+
+
+def zero3_loading(plan: Plan):
+    """Under ZeRO-3 a pretrained model is partitioned as it loads (zero.Init): transformers reads
+    the config from this object, which must stay alive while the model loads and trains. None
+    otherwise; scratch weights are built whole, so every ZeRO stage starts from the same seeded init."""
+    if plan.recipe.zero.stage != 3 or plan.recipe.model.init != "pretrained":
+        return None
+    from transformers.integrations import HfDeepSpeedConfig
+
+    return HfDeepSpeedConfig(plan.ds_config)
+
+
+def build_model(plan: Plan, mesh: Mesh):
+    """The recipe's causal LM (loaded or built from its config), ring-patched over the sp group."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    spec = plan.recipe.model
+    dtype = torch.bfloat16 if plan.bf16 else torch.float32
+    torch.manual_seed(plan.recipe.seed)  # the same scratch weights on every rank
+    if spec.init == "scratch":
+        lm = AutoModelForCausalLM.from_config(AutoConfig.for_model(**spec.config), dtype=dtype)
+    else:
+        lm = AutoModelForCausalLM.from_pretrained(spec.name, dtype=dtype)
+        check_model_config(spec.config or {}, lm.config.to_dict(), spec.name)
+    plan.dims.check_heads(lm.config.num_attention_heads, lm.config.num_key_value_heads or lm.config.num_attention_heads)
+    lm.config.use_cache = False
+    if plan.recipe.activation_checkpointing:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return ringpatch.patch_model(lm, group=mesh.sp_group, layout=plan.recipe.parallel.layout)
+
+
+class LossModel(torch.nn.Module):
+    """The causal LM whose forward is the chunked cross-entropy of shard_batch's output, so
+    DeepSpeed (and ZeRO-3's parameter hooks) see the whole loss, head included, in one forward."""
+
+    def __init__(self, lm, chunk_tokens: int = 4096):
+        super().__init__()
+        self.lm = lm
+        self.config = lm.config  # AutoTP reads the architecture from here
+        self.chunk_tokens = chunk_tokens
+
+    def forward(self, **batch):
+        return causal_lm_loss(self.lm, batch, chunk_tokens=self.chunk_tokens)
+
+
+def build_engine(plan: Plan, lm):
+    """deepspeed.initialize on LossModel(lm), with the plan's config and the recipe's schedule."""
+    import deepspeed
+    from torch.optim.lr_scheduler import LambdaLR
+
+    model = LossModel(lm, chunk_tokens=plan.recipe.loss_chunk_tokens)
+    factor = schedule(plan.recipe)
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        model_parameters=model.parameters(),
+        config=plan.ds_config,
+        lr_scheduler=lambda opt: LambdaLR(opt, factor),
+    )
+    return engine

@@ -1,0 +1,52 @@
+"""The recipe trainer: ring attention over sp, DeepSpeed ZeRO and AutoTP, stages that extend the context.
+
+    torchrun --nproc_per_node 2 -m ringpatch.train --recipe recipes/tiny-cpu.yaml
+    deepspeed --num_gpus 8 -m ringpatch.train --recipe recipes/llama3-8b-256k-1node.yaml
+    accelerate launch --config_file launch/accelerate/1node-8gpu.yaml -m ringpatch.train --recipe ...
+
+Every check that needs no process group runs first (preflight.py). Then: the dp x sp x tp
+grid, the model (patched for the ring, wrapped so its loss is the chunked cross-entropy), the
+DeepSpeed engine (build.py), and for each stage its RoPE, its prepared data and its steps (loop.py). A checkpoint
+every save_every steps and at each stage end; re-running the same command resumes from the
+latest complete one. The end is a Hugging Face folder, run_dir/final, that needs no ringpatch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from ringpatch.train.preflight import USER_ERRORS, preflight
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ringpatch train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--recipe", required=True, help="a recipe YAML (recipes/)")
+    parser.add_argument("--run-dir", help="override the recipe's run_dir")
+    parser.add_argument(
+        "--deepspeed", help="a DeepSpeed JSON of tuning knobs (launch/deepspeed/); overrides the recipe's"
+    )
+    parser.add_argument("--no-resume", action="store_true", help="refuse to start when run_dir holds a checkpoint")
+    parser.add_argument("--max-steps", type=int, help="stop after this global step (a partial run that resumes later)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher's
+    args = parser.parse_args(argv)
+
+    try:
+        plan = preflight(args.recipe, run_dir=args.run_dir, deepspeed_file=args.deepspeed)
+    except USER_ERRORS as e:  # before any process group: a plain message and exit 2
+        print(f"ringpatch train: {e}", file=sys.stderr)
+        return 2
+    from ringpatch.train.loop import Trainer  # the heavy imports come after the checks
+
+    try:
+        trainer = Trainer(plan, resume=not args.no_resume)
+        trainer.run(max_steps=args.max_steps)
+        trainer.close()
+    except USER_ERRORS as e:
+        # inside the process groups: leave at once, since a rank that waits for its peers to
+        # tear down could hang; the launcher stops the other ranks
+        print(f"ringpatch train (rank {os.environ.get('RANK', '0')}): {e}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)
+    return 0

@@ -1,0 +1,195 @@
+"""The training loop behind `ringpatch train` (command.py starts it).
+
+Trainer.__init__ builds the whole run (groups, model, engine, resumed state, log); run() goes
+through the stages: each applies its RoPE, reads its prepared data, takes its steps,
+checkpoints, scores held-out data and exports; close() leaves the process group.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+import ringpatch
+from ringpatch.data.prepare import prepare_shared
+from ringpatch.data.sampler import DistributedSampler
+from ringpatch.data.tokenizer import load_tokenizer
+from ringpatch.hf.rope import apply_rope
+from ringpatch.parallel import stop
+from ringpatch.train import checkpoint
+from ringpatch.train.build import build_engine, build_model, start_distributed, zero3_loading
+from ringpatch.train.export import export_hf
+from ringpatch.train.metrics import RunLog
+from ringpatch.train.plan import Plan
+
+
+class Trainer:
+    def __init__(self, plan: Plan, resume: bool = True):
+        recipe = plan.recipe
+        self.plan, self.recipe = plan, recipe
+        self.run_dir = Path(recipe.run_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.identity = checkpoint.identity(recipe, plan.dims.world)
+        self.mesh = start_distributed(plan)
+        self.rank = dist.get_rank()
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        dist.barrier()
+        self.tokenizer = load_tokenizer(recipe.model.tokenizer, recipe.model.name)
+        self._zero3_loading = zero3_loading(plan)  # kept alive for the run, as transformers asks
+        self.engine = build_engine(plan, build_model(plan, self.mesh))
+        self.lm = self.engine.module.lm
+        self.state = checkpoint.resume(self.engine, self.ckpt_dir, self.identity, allowed=resume)
+        if self.rank == 0 and self.state["step"]:
+            print(f"ringpatch: resuming {self.ckpt_dir} at step {self.state['step']}")
+        self.log = RunLog(self.run_dir, self.rank, recipe, resumed_step=self.state["step"])
+
+    # --- the run ----------------------------------------------------------------------------
+    def run(self, max_steps: int | None = None) -> None:
+        """Every stage from the resumed step on; with max_steps, stop (checkpointed) at that step."""
+        total = sum(s.steps for s in self.recipe.stages)
+        bar = tqdm(
+            total=total,
+            initial=self.state["step"],
+            disable=self.rank != 0,
+            unit="step",
+            desc="ringpatch train",
+            mininterval=0.5 if sys.stderr.isatty() else 10,
+        )  # a log file: every 10 s
+        state, first, last = self.state, 0, len(self.recipe.stages) - 1
+        for index, stage in enumerate(self.recipe.stages):
+            # every stage's RoPE in order, so a resumed run has the same
+            apply_rope(self.lm, stage.seq_len, rope_theta=stage.rope_theta, rope_scaling=stage.rope_scaling)
+            end = first + stage.steps
+            if state["step"] < end:
+                state = dict(state, step=self._stage(index, first, state, bar, max_steps))
+                if max_steps is not None and state["step"] >= max_steps and state["step"] < end:
+                    bar.close()
+                    return
+                if index < last and self.recipe.export_stages:
+                    self._export(f"stage{index}")
+            first = end
+        bar.close()
+        self._export("final")
+
+    def close(self) -> None:
+        self.log.finish()
+        del self.engine  # before the groups go (pytorch/pytorch#56297)
+        stop()
+
+    def _stage(self, index: int, first: int, state: dict, bar, max_steps: int | None) -> int:
+        """Run stage `index` (global steps first..first+steps) from state["step"]; the step reached."""
+        recipe, stage, step = self.recipe, self.recipe.stages[index], state["step"]
+        end = first + stage.steps
+        data = self._prepared(recipe.data.source, recipe.data.split, stage.seq_len, "train")
+        sampler = DistributedSampler(len(data), self.plan.dims.dp, self.mesh.dp_rank, seed=recipe.seed + index)
+        if state.get("stage") == index and step > first:
+            sampler.load_state_dict(state["sampler"])
+        micro_batch = stage.micro_batch or recipe.micro_batch
+        batches = self._micro_batches(data, sampler, micro_batch)
+        tokens = self.plan.dims.dp * micro_batch * recipe.grad_accum * stage.seq_len
+        while step < end:
+            if max_steps is not None and step >= max_steps:
+                self._save(step, index, sampler)
+                return step
+            started = time.perf_counter()
+            loss = self._step(batches, step, index)
+            step += 1
+            record = {
+                "step": step,
+                "stage": index,
+                "seq_len": stage.seq_len,
+                "loss": loss,
+                "lr": self.engine.get_lr()[0],
+                "tokens_per_s": tokens / (time.perf_counter() - started),
+            }
+            if step % recipe.log_every == 0 or step == end:
+                self.log.write(record)
+            bar.set_postfix(stage=f"{index}@{stage.seq_len}", loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            bar.update()
+            if recipe.save_every and step % recipe.save_every == 0 and step != end:
+                self._save(step, index, sampler)
+        eval_loss = self._eval_loss(stage.seq_len)
+        if eval_loss is not None:
+            self.log.write(
+                {"event": "eval", "step": step, "stage": index, "seq_len": stage.seq_len, "eval_loss": eval_loss}
+            )
+            if self.rank == 0:
+                bar.write(f"stage {index} ({stage.seq_len} tokens): held-out loss {eval_loss:.4f}")
+        self._save(step, index, sampler)
+        return step
+
+    # --- steps ------------------------------------------------------------------------------
+    def _step(self, batches, step: int, stage_index: int) -> float:
+        """One optimizer step (grad_accum micro-steps). A non-finite loss stops every rank before
+        the update, so the model and the last checkpoint stay as they were."""
+        total = 0.0
+        for micro in range(self.recipe.grad_accum):
+            loss = self._forward(next(batches))
+            if not self._all_finite(loss):
+                tag = checkpoint.latest_tag(self.ckpt_dir)
+                raise FloatingPointError(
+                    f"the loss is {loss.item()} at step {step + 1} (stage {stage_index}, micro-step {micro}); stopped "
+                    f"before the update. The last good checkpoint ({tag or 'none yet'} in {self.ckpt_dir}) is kept: "
+                    "lower the learning rate or check the data, then run the same command to resume from it"
+                )
+            self.engine.backward(loss)
+            self.engine.step()
+            total += loss.item()
+        return self._mean_over_world(total / self.recipe.grad_accum)
+
+    def _forward(self, ids: torch.Tensor) -> torch.Tensor:
+        local = ringpatch.shard_batch(
+            {"input_ids": ids, "labels": ids}, group=self.mesh.sp_group, layout=self.recipe.parallel.layout
+        )
+        return self.engine(**{k: v.to(self.engine.device) for k, v in local.items()})
+
+    @staticmethod
+    def _all_finite(loss: torch.Tensor) -> bool:
+        flag = torch.tensor([float(torch.isfinite(loss.detach()).all())], device=loss.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
+    def _mean_over_world(self, value: float) -> float:
+        """Every sp and tp rank of a dp index holds the same loss: the world mean is the dp mean."""
+        t = torch.tensor([value], dtype=torch.float64, device=self.engine.device)
+        dist.all_reduce(t)
+        return t.item() / dist.get_world_size()
+
+    @torch.no_grad()
+    def _eval_loss(self, seq_len: int) -> float | None:
+        spec = self.recipe.data
+        if spec.eval_source is None:
+            return None
+        data = self._prepared(spec.eval_source, spec.eval_split, seq_len, "eval")
+        self.engine.module.eval()
+        losses = [self._forward(data[i]["input_ids"][None]).item() for i in range(min(spec.eval_samples, len(data)))]
+        self.engine.module.train()
+        return sum(losses) / len(losses)
+
+    # --- data and files ---------------------------------------------------------------------
+    def _prepared(self, source: str, split: str, seq_len: int, kind: str):
+        return prepare_shared(self.recipe.data, source, split, self.tokenizer, seq_len, kind)
+
+    @staticmethod
+    def _micro_batches(data, sampler, micro_batch: int):
+        """Full (micro_batch, seq_len) batches of this rank's dp index, forever."""
+        indices = iter(sampler)
+        while True:
+            rows = [next(indices) for _ in range(micro_batch)]
+            yield torch.stack([data[i]["input_ids"] for i in rows])
+
+    def _save(self, step: int, stage_index: int, sampler) -> None:
+        client_state = {"stage": stage_index, "sampler": sampler.state_dict()}
+        checkpoint.save(self.engine, self.ckpt_dir, step, self.identity, client_state)
+
+    def _export(self, name: str) -> None:
+        folder = self.run_dir / name
+        export_hf(self.engine, folder, module=self.lm, tokenizer=self.tokenizer)
+        if self.rank == 0:
+            print(f"ringpatch: exported {folder}")

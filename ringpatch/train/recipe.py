@@ -1,0 +1,311 @@
+"""Recipes: one YAML file validated into frozen dataclasses.
+
+Unknown keys are an error that lists the valid ones; every value is checked with a message
+that carries the numbers. Values that DeepSpeed needs (learning rate, batch sizes,
+precision, ZeRO) are generated from the recipe (ds_config.deepspeed_config), never typed twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from ringpatch.parallel import ParallelDims
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    """A hub id (e.g. meta-llama/Meta-Llama-3-8B) or a local folder with config.json; with
+    init: scratch, only the run's label."""
+    init: Literal["pretrained", "scratch"] = "pretrained"
+    """pretrained: load the weights of `name`; scratch: build `config` with random weights (seeded)."""
+    config: dict | None = None
+    """A transformers config (with model_type). scratch: the architecture. pretrained: optional, the
+    architecture expected, so the plan's memory estimate needs no download (checked against the loaded one)."""
+    tokenizer: str | None = None
+    """A hub id or folder; None: the model's own; "bytes": ringpatch's byte-level tokenizer (no download)."""
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    """Training precision: auto = bfloat16 on GPU, float32 on CPU."""
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    source: str
+    """A hub dataset name, or a local json/jsonl/parquet/txt file or folder of them."""
+    text_field: str = "text"
+    """The column that holds each document's text."""
+    split: str = "train"
+    eval_source: str | None = None
+    """Held-out documents (same kinds of source) for the stage-end loss and perplexity-vs-length."""
+    eval_split: str = "train"
+    eval_samples: int = 4
+    """Held-out packed sequences scored at each stage end."""
+    streaming: bool = False
+    """Read the source as a stream (corpora larger than memory or disk); tokenising is then serial."""
+    num_proc: int = 1
+    """Tokenising processes (non-streaming)."""
+    min_doc_tokens: int = 0
+    """Skip documents shorter than this (long-context runs want long documents)."""
+    max_sequences: int | None = None
+    """Stop packing a stage after this many sequences (None: the whole source)."""
+    positions: Literal["continuous", "documents"] = "continuous"
+    """continuous: positions run across each packed sequence (continual pretraining). documents:
+    positions restart per document, which needs document-masked attention (not supported yet)."""
+    cache_dir: str = "runs/data"
+    """Prepared (tokenised, packed) stages, one folder per fingerprint; shared by every node."""
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    ppl_lengths: tuple[int, ...] = ()
+    """Context lengths for perplexity-vs-length (empty: powers of two from 256 up to the last stage)."""
+    ppl_tokens: int = 64
+    """Perplexity is measured on the last this-many tokens of each context (the same tokens at every length)."""
+    passkey_lengths: tuple[int, ...] = ()
+    """Prompt lengths for passkey retrieval (empty: the ppl lengths)."""
+    passkey_depths: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)
+    """Where the key sits in the filler, as a fraction of the prompt."""
+    passkey_trials: int = 4
+    """Random keys per (length, depth) cell."""
+    passkey_template: Literal["classic", "demo"] = "classic"
+    """classic: the Landmark Attention prompt (5 digits); demo: the demo corpus's own phrasing."""
+    max_tokens_per_rank: int = 262144
+    """The most prompt tokens one rank holds during ring prefill; longer lengths are refused up front."""
+
+
+@dataclass(frozen=True)
+class ParallelSpec:
+    sp: int = 1
+    """Sequence-parallel ranks per sample (the ring)."""
+    tp: int = 1
+    """Tensor-parallel ranks (DeepSpeed AutoTP); dp is what remains of the world."""
+    layout: Literal["zigzag", "contiguous"] = "zigzag"
+    """Token layout over the ring."""
+
+    def dims(self, world: int | None = None) -> ParallelDims:
+        """The grid over `world` ranks (None: the smallest world, one data-parallel rank)."""
+        return ParallelDims(self.sp * self.tp if world is None else world, self.sp, self.tp, self.layout)
+
+
+@dataclass(frozen=True)
+class ZeroSpec:
+    stage: int = 2
+    """DeepSpeed ZeRO stage, 0-3."""
+    offload: Literal["none", "cpu"] = "none"
+    """Offload optimizer state (stages 1-3) and parameters (stage 3) to CPU memory."""
+
+
+@dataclass(frozen=True)
+class OptimSpec:
+    lr: float = 2e-5
+    """Peak learning rate (a stage may set its own)."""
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int = 0
+    """Linear warm-up at the start of each stage, then cosine decay to min_lr_ratio * lr."""
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value (0 = off)."""
+
+
+@dataclass(frozen=True)
+class Stage:
+    seq_len: int
+    """Tokens per sample in this stage."""
+    steps: int
+    """Optimizer steps in this stage."""
+    rope_theta: float | None = None
+    """RoPE base for this stage (None keeps the model's)."""
+    rope_scaling: dict | None = None
+    """transformers rope_scaling dict (e.g. {rope_type: yarn, factor: 4.0}); excludes rope_theta changes."""
+    lr: float | None = None
+    """Peak learning rate of this stage (None: optim.lr)."""
+    micro_batch: int | None = None
+    """Samples per dp rank per micro-step in this stage (None: the recipe's micro_batch); longer
+    stages usually take fewer samples so the tokens per step stay level."""
+
+
+@dataclass(frozen=True)
+class Recipe:
+    model: ModelSpec
+    stages: tuple[Stage, ...]
+    """Context-extension stages, in order, lengths not decreasing."""
+    parallel: ParallelSpec = field(default_factory=ParallelSpec)
+    zero: ZeroSpec = field(default_factory=ZeroSpec)
+    optim: OptimSpec = field(default_factory=OptimSpec)
+    micro_batch: int = 1
+    """Samples per dp rank per micro-step."""
+    grad_accum: int = 1
+    """Micro-steps per optimizer step."""
+    activation_checkpointing: bool = True
+    seed: int = 0
+    run_dir: str = "runs/default"
+    save_every: int = 0
+    """Checkpoint every N optimizer steps (0: only at stage ends)."""
+    wandb: Literal["online", "offline", "disabled"] = "disabled"
+    wandb_project: str = "ringpatch"
+    data: DataSpec | None = None
+    """Training data; required to train."""
+    eval: EvalSpec = field(default_factory=EvalSpec)
+    loss_chunk_tokens: int = 4096
+    """Tokens per chunk of the chunked cross-entropy (the peak holds chunk x vocab float32 logits)."""
+    deepspeed: str | None = None
+    """A DeepSpeed JSON (launch/deepspeed/) with tuning knobs; values the recipe owns must be "auto" there."""
+    export_stages: bool = True
+    """Export a Hugging Face folder at the end of every stage (run_dir/stageN), not only final/."""
+    log_every: int = 1
+    """Write metrics every N optimizer steps."""
+
+    def __post_init__(self):
+        _check_recipe(self)
+
+
+def _positive(name: str, value, allow_zero: bool = False) -> None:
+    low = 0 if allow_zero else 1
+    if value < low:
+        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def _check_recipe(r: Recipe) -> None:
+    if not r.stages:
+        raise ValueError("a recipe needs at least one stage (seq_len, steps)")
+    for name, value in (("micro_batch", r.micro_batch), ("grad_accum", r.grad_accum)):
+        _positive(name, value)
+    _positive("save_every", r.save_every, allow_zero=True)
+    _positive("loss_chunk_tokens", r.loss_chunk_tokens)
+    _positive("log_every", r.log_every)
+    _check_model(r.model)
+    if r.data is not None:
+        _check_data(r.data)
+    _check_eval(r.eval)
+    _positive("parallel.sp", r.parallel.sp)
+    _positive("parallel.tp", r.parallel.tp)
+    if not 0 <= r.zero.stage <= 3:
+        raise ValueError(f"zero.stage must be 0, 1, 2 or 3, got {r.zero.stage}")
+    if r.zero.offload == "cpu" and r.zero.stage == 0:
+        raise ValueError("zero.offload: cpu needs zero.stage >= 1")
+    if r.parallel.tp > 1 and r.zero.stage == 3:
+        raise ValueError("DeepSpeed AutoTP training does not combine with ZeRO-3; use zero.stage <= 2 with tp > 1")
+    dims = r.parallel.dims()
+    previous = 0
+    for i, stage in enumerate(r.stages):
+        _positive(f"stages[{i}].seq_len", stage.seq_len)
+        _positive(f"stages[{i}].steps", stage.steps)
+        if stage.micro_batch is not None:
+            _positive(f"stages[{i}].micro_batch", stage.micro_batch)
+        if stage.seq_len % dims.seq_len_divisor:
+            raise ValueError(
+                f"stages[{i}].seq_len {stage.seq_len} is not divisible by the {r.parallel.layout} layout's "
+                f"{dims.seq_len_divisor} chunks (sp={r.parallel.sp}); use {dims.round_up(stage.seq_len)}"
+            )
+        if stage.seq_len < previous:
+            raise ValueError(f"stages[{i}].seq_len {stage.seq_len} is shorter than the stage before ({previous})")
+        if stage.rope_theta is not None and stage.rope_scaling is not None:
+            raise ValueError(f"stages[{i}] sets both rope_theta and rope_scaling; choose one rule")
+        previous = stage.seq_len
+
+
+def _check_model(m: ModelSpec) -> None:
+    if m.init == "scratch" and not (m.config and "model_type" in m.config):
+        raise ValueError("model.init: scratch needs model.config with a model_type (e.g. {model_type: llama, ...})")
+    if m.init == "scratch" and m.tokenizer is None:
+        raise ValueError('model.init: scratch has no tokenizer of its own: set model.tokenizer (e.g. "bytes")')
+    if m.config is not None and "model_type" not in m.config:
+        raise ValueError(f"model.config needs a model_type key; it has {sorted(m.config)}")
+
+
+def _check_data(d: DataSpec) -> None:
+    _positive("data.num_proc", d.num_proc)
+    _positive("data.eval_samples", d.eval_samples)
+    _positive("data.min_doc_tokens", d.min_doc_tokens, allow_zero=True)
+    if d.max_sequences is not None:
+        _positive("data.max_sequences", d.max_sequences)
+    if d.positions == "documents":
+        raise NotImplementedError(
+            "data.positions: documents restarts positions per document, which is only correct with "
+            "document-masked attention, and ring attention does not mask documents yet; use continuous "
+            "(prepared data still records the boundaries in doc_position_ids)"
+        )
+
+
+def _check_eval(e: EvalSpec) -> None:
+    _positive("eval.ppl_tokens", e.ppl_tokens)
+    _positive("eval.passkey_trials", e.passkey_trials)
+    _positive("eval.max_tokens_per_rank", e.max_tokens_per_rank)
+    if any(n <= e.ppl_tokens for n in e.ppl_lengths):
+        raise ValueError(f"eval.ppl_lengths {list(e.ppl_lengths)} must all exceed eval.ppl_tokens {e.ppl_tokens}")
+    for name, lengths in (("eval.ppl_lengths", e.ppl_lengths), ("eval.passkey_lengths", e.passkey_lengths)):
+        if list(lengths) != sorted(set(lengths)) or any(n < 1 for n in lengths):
+            raise ValueError(f"{name} must be positive and increasing, got {list(lengths)}")
+    bad = [x for x in e.passkey_depths if not 0.0 <= x <= 1.0]
+    if bad:
+        raise ValueError(f"eval.passkey_depths must lie in [0, 1], got {bad}")
+
+
+def _convert(tp, value, where: str):
+    """Check `value` against the annotation `tp`, building nested dataclasses."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(inner[0], value, where)
+    if origin is Literal:
+        if value not in args:
+            raise ValueError(f"{where} must be one of {list(args)}, got {value!r}")
+        return value
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise TypeError(f"{where} must be a mapping, got {type(value).__name__} {value!r}")
+        return dict(value)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(f"{where} must be a list, got {type(value).__name__} {value!r}")
+        item_types = args if args[-1] is not Ellipsis else (args[0],) * len(value)
+        if len(item_types) != len(value):
+            raise ValueError(f"{where} must have {len(item_types)} items, got {len(value)}")
+        return tuple(_convert(t, v, f"{where}[{i}]") for i, (t, v) in enumerate(zip(item_types, value, strict=True)))
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is Any or (isinstance(tp, type) and isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
+        return value
+    raise TypeError(f"{where} must be {getattr(tp, '__name__', tp)}, got {type(value).__name__} {value!r}")
+
+
+def from_dict(cls, data, where: str = "recipe"):
+    """Build dataclass `cls` from a mapping, refusing unknown keys and wrong types."""
+    if not isinstance(data, dict):
+        raise TypeError(f"{where} must be a mapping, got {type(data).__name__} {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {unknown}; valid keys are {sorted(fields)}")
+    hints = typing.get_type_hints(cls)
+    required = [
+        n for n, f in fields.items() if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    missing = [n for n in required if n not in data]
+    if missing:
+        raise ValueError(f"{where}: missing required keys {missing}")
+    return cls(**{k: _convert(hints[k], v, f"{where}.{k}") for k, v in data.items()})
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a recipe YAML file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"recipe {path} does not exist; recipes ship in recipes/ (e.g. recipes/tiny-cpu.yaml)")
+    data = yaml.safe_load(path.read_text())
+    return from_dict(Recipe, data, where=path.name)
+
+
+__all__ = ["Recipe", "Stage", "DataSpec", "EvalSpec", "ModelSpec", "ParallelSpec", "load_recipe", "from_dict"]

@@ -1,0 +1,121 @@
+"""Every misuse raises ValueError/TypeError naming the values and the fix, on every rank."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ringpatch
+from tests.helpers.procs import spawn
+
+pytestmark = pytest.mark.unit
+
+
+def _qkv(seq=8, heads=4, kv_heads=2, dim=8, batch=1, dtype=torch.float32):
+    return (
+        torch.randn(batch, seq, heads, dim, dtype=dtype),
+        torch.randn(batch, seq, kv_heads, dim, dtype=dtype),
+        torch.randn(batch, seq, kv_heads, dim, dtype=dtype),
+    )
+
+
+def _raises(exc, match, fn, *args, **kwargs):
+    with pytest.raises(exc, match=match):
+        fn(*args, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "make, exc, match",
+    [
+        (
+            lambda: (*_qkv()[:2], _qkv(kv_heads=1)[2]),
+            ValueError,
+            r"k and v shapes differ: \(1, 8, 2, 8\) vs \(1, 8, 1, 8\)",
+        ),
+        (lambda: (_qkv(seq=6)[0], *_qkv()[1:]), ValueError, r"must agree in batch, seq_local and head_dim"),
+        (lambda: (_qkv(dim=4)[0], *_qkv()[1:]), ValueError, r"must agree in batch, seq_local and head_dim"),
+        (lambda: _qkv(heads=3, kv_heads=2), ValueError, r"query heads 3 are not divisible by key/value heads 2"),
+        (lambda: (_qkv()[0].double(), *_qkv()[1:]), TypeError, r"dtypes differ: torch.float64, torch.float32"),
+        (
+            lambda: (_qkv()[0][0], *_qkv()[1:]),
+            ValueError,
+            r"q must be \(batch, seq_local, heads, head_dim\), got shape \(8, 4, 8\)",
+        ),
+        (lambda: ([1.0], *_qkv()[1:]), TypeError, r"q must be a torch.Tensor, got list"),
+        (lambda: tuple(x.long() for x in _qkv()), TypeError, r"dtype torch.int64 is not supported"),
+    ],
+)
+def test_bad_tensors(make, exc, match):
+    _raises(exc, match, ringpatch.ring_attention, *make())
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(layout="striped"), ValueError, r"unknown layout 'striped'; choose one of contiguous, zigzag"),
+        (dict(backend="triton"), ValueError, r"unknown backend 'triton'; choose one of auto, torch, flash_attn"),
+        (dict(backend="flash_attn"), ValueError, r"flash_attn"),
+        (dict(window=0), ValueError, r"window must be None or a positive int .* got 0"),
+        (dict(window=2.5), ValueError, r"window must be None or a positive int .* got 2.5"),
+        (dict(causal="yes"), TypeError, r"causal must be a bool, got 'yes'"),
+        (dict(scale=-1.0), ValueError, r"scale must be None or a positive number, got -1.0"),
+    ],
+)
+def test_bad_options(kwargs, exc, match):
+    _raises(exc, match, ringpatch.ring_attention, *_qkv(), **kwargs)
+
+
+def test_odd_length_zigzag_single_rank():
+    _raises(
+        ValueError,
+        r"seq_len 7 is not divisible by 2\*sp_size=2 \(zigzag\); pad to 8",
+        ringpatch.ring_attention,
+        *_qkv(seq=7),
+    )
+
+
+def test_shard_length_not_divisible():
+    _raises(
+        ValueError,
+        r"seq_len 9 is not divisible by 2\*sp_size=2 \(zigzag\); pad to 10",
+        ringpatch.shard,
+        torch.zeros(1, 9),
+    )
+    _raises(ValueError, r"unknown layout 'x'", ringpatch.shard, torch.zeros(1, 8), layout="x")
+
+
+def _check_distributed_errors(rank, world):
+    # local lengths that differ across ranks: every rank raises, none waits in the ring
+    q, k, v = _qkv(seq=8 if rank == 0 else 10)
+    _raises(
+        ValueError,
+        r"ranks hold different local blocks \(rank 0: q \(1, 8, 4, 8\).*rank 1: q \(1, 10, 4, 8\)",
+        ringpatch.ring_attention,
+        q,
+        k,
+        v,
+    )
+    # dtypes that differ across ranks
+    dtype = torch.float32 if rank == 0 else torch.float64
+    _raises(ValueError, r"ranks hold different local blocks", ringpatch.ring_attention, *_qkv(dtype=dtype))
+    # a global length the layout cannot cut: 3 tokens per rank, zigzag needs 2 chunks per rank
+    _raises(
+        ValueError,
+        rf"seq_len {3 * world} is not divisible by 2\*sp_size={2 * world} \(zigzag\); pad to {4 * world}",
+        ringpatch.ring_attention,
+        *_qkv(seq=3),
+    )
+    # a misuse on one rank only: that rank gets its own error, the others are told, nobody hangs
+    q, k, v = _qkv(heads=3 if rank == 1 else 4)
+    if rank == 1:
+        _raises(ValueError, r"query heads 3 are not divisible by key/value heads 2", ringpatch.ring_attention, q, k, v)
+    else:
+        _raises(ValueError, r"rejected on rank\(s\) \[1\]", ringpatch.ring_attention, q, k, v)
+    # the group still works afterwards
+    out = ringpatch.ring_attention(*_qkv())
+    assert out.shape == (1, 8, 4, 8)
+
+
+@pytest.mark.multiprocess
+def test_distributed_misuse_raises_on_every_rank():
+    spawn(_check_distributed_errors, 2)

@@ -1,0 +1,182 @@
+"""Evaluation: ring prefill scores equal single-process ones on 2 and 4 ranks; perplexity-vs-length
+and passkey produce their tables, CSV, JSON and PNG; bad lengths are refused up front."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ringpatch.data.tokenizer import byte_tokenizer
+from ringpatch.evaluate import (
+    CLASSIC,
+    check_lengths,
+    demo_template,
+    passkey_prompt,
+    perplexity_by_length,
+    ring_prefill_scores,
+)
+from tests.helpers.models import CONFIGS, build
+from tests.helpers.procs import spawn
+
+pytestmark = pytest.mark.unit
+
+
+def _reference_scores(model, ids, scored):
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[:, scored].float()  # (B, K, V)
+    targets = ids[:, scored + 1]
+    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+    return nll, (logits.argmax(-1) == targets).float()
+
+
+def _prefill_worker(rank, world, name, layout):
+    import ringpatch
+
+    reference = build(name).eval()
+    model = ringpatch.patch_model(build(name).eval(), layout=layout)
+    seq = 96 if layout == "contiguous" else 128
+    ids = torch.randint(0, reference.config.vocab_size, (2, seq), generator=torch.Generator().manual_seed(5))
+    scored = torch.tensor([0, 5, 31, 32, 63, 64, seq - 2])  # spread over every rank's chunks
+    nll, correct = ring_prefill_scores(model, ids, scored, layout=layout)
+    ref_nll, ref_correct = _reference_scores(reference, ids, scored)
+    torch.testing.assert_close(nll, ref_nll, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(correct, ref_correct, rtol=0, atol=0)
+    lengths = [32, 64, seq] if layout == "contiguous" else [64, seq]
+    losses = perplexity_by_length(model, ids, lengths, 16, layout=layout)
+    for n in lengths:
+        ref, _ = _reference_scores(reference, ids[:, -n:], torch.arange(n - 17, n - 1))
+        assert abs(losses[n] - ref.mean().item()) <= 1e-5 * ref.mean().item()
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("name, layout", [("llama", "zigzag"), ("mistral-w20", "zigzag"), ("llama", "contiguous")])
+def test_ring_prefill_equals_single_process(world, name, layout):
+    assert name in CONFIGS
+    spawn(_prefill_worker, world, name, layout)
+
+
+@pytest.mark.parametrize("template", [CLASSIC, demo_template()], ids=["classic", "demo"])
+@pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])
+def test_passkey_prompt_has_the_length_and_the_key_where_asked(template, depth):
+    tok = byte_tokenizer()
+    ids, k = passkey_prompt(tok, template, 1024, depth, random.Random(3))
+    text = tok.decode(ids)
+    assert len(ids) == 1024 and k == template.key_length  # bytes: one token per key character
+    key = text[-k:]
+    assert set(key) <= set(template.key_alphabet) and text.startswith(template.intro)
+    assert text.endswith(template.question + key)
+    needle = template.needle.format(key=key)
+    where = text.index(needle) - len(template.intro)
+    room = 1024 - len(template.intro) - len(needle) - len(template.question) - k
+    assert abs(where - depth * room) <= 1
+
+
+def test_lengths_the_ring_cannot_take_are_refused():
+    with pytest.raises(
+        ValueError, match=r"length 1004 is not divisible by the zigzag layout's 8 chunks over 4 ranks; use 1000 or 1008"
+    ):
+        check_lengths([1024, 1004], "zigzag", 4, 10**6)
+    with pytest.raises(
+        ValueError,
+        match=r"length 65536 puts 32768 tokens on each of 2 ranks, over eval.max_tokens_per_rank 16384; launch more ranks \(at least 4\)",
+    ):
+        check_lengths([65536], "zigzag", 2, 16384)
+
+
+@pytest.fixture(scope="module")
+def two_models(tmp_path_factory):
+    """A tiny 'base' and 'extended' model folder with the byte tokenizer, and held-out text."""
+    from ringpatch.data.corpus import write_corpus
+
+    tmp = tmp_path_factory.mktemp("models")
+    tok = byte_tokenizer()
+    for i, name in enumerate(["base", "extended"]):
+        model = build("llama", seed=i)
+        model.config.vocab_size = 258
+        model.resize_token_embeddings(258)
+        model.save_pretrained(tmp / name)
+        tok.save_pretrained(tmp / name)
+    write_corpus(tmp / "data", train_docs=2, eval_docs=4, chars=(300, 1200))
+    return tmp
+
+
+@pytest.mark.e2e
+def test_eval_command_writes_tables_csv_json_png(two_models, tmp_path):
+    out = tmp_path / "eval"
+    torchrun = Path(sys.executable).parent / "torchrun"
+    cmd = [
+        str(torchrun),
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "ringpatch.evaluate",
+        "--model",
+        str(two_models / "base"),
+        str(two_models / "extended"),
+        "--data",
+        str(two_models / "data" / "eval.jsonl"),
+        "--ppl-lengths",
+        "64",
+        "128",
+        "256",
+        "--passkey-lengths",
+        "256",
+        "512",
+        "--depths",
+        "0.25",
+        "0.75",
+        "--trials",
+        "2",
+        "--passkey-template",
+        "demo",
+        "--samples",
+        "2",
+        "--out",
+        str(out),
+    ]
+    proc = subprocess.run(
+        cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1")
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "loss of the last 64 tokens" in proc.stdout and "passkey accuracy, extended" in proc.stdout
+    ppl = json.loads((out / "perplexity.json").read_text())
+    assert sorted((r["model"], r["length"]) for r in ppl) == sorted(
+        (m, n) for m in ("base", "extended") for n in (64, 128, 256)
+    )
+    assert all(abs(r["perplexity"] - 2.718281828 ** r["loss"]) < 1e-6 * r["perplexity"] for r in ppl)
+    keys = json.loads((out / "passkey.json").read_text())
+    assert len(keys) == 2 * 2 * 2 and all(r["accuracy"] in (0.0, 0.5, 1.0) for r in keys)
+    assert (out / "perplexity.csv").read_text().splitlines()[0] == "model,length,loss,perplexity"
+    for png in ("perplexity.png", "passkey.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.e2e
+def test_eval_command_refuses_bad_lengths_before_starting(two_models):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ringpatch.evaluate",
+            "--model",
+            str(two_models / "base"),
+            "--ppl-lengths",
+            "100",
+            "--passkey-lengths",
+            "256",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, WORLD_SIZE="4"),
+    )
+    assert proc.returncode == 2
+    assert "evaluation length 100 is not divisible by the zigzag layout's 8 chunks over 4 ranks" in proc.stderr

@@ -1,0 +1,119 @@
+"""Helpers for trainer tests: a tiny recipe on a small generated corpus, and launching it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from tests.helpers import ROOT
+
+BIN = Path(sys.executable).parent
+
+
+def corpus(folder: Path) -> Path:
+    from ringpatch.data.corpus import write_corpus
+
+    if not (folder / "train.jsonl").is_file():
+        write_corpus(folder, train_docs=60, eval_docs=4, chars=(800, 2500), seed=1)
+    return folder
+
+
+def recipe(tmp: Path, data: Path, **changes) -> Path:
+    """A tiny-Llama recipe (2 stages: 64 then 128 tokens) with `changes` applied (dotted keys)."""
+    r = {
+        "model": {"name": "tiny", "init": "scratch", "tokenizer": "bytes", "dtype": "float32",
+                  "config": {"model_type": "llama", "vocab_size": 258, "hidden_size": 64, "intermediate_size": 128,
+                             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                             "max_position_embeddings": 64, "tie_word_embeddings": False}},
+        "parallel": {"sp": 1, "tp": 1},
+        "zero": {"stage": 2},
+        "optim": {"lr": 0.003, "warmup_steps": 1},
+        "micro_batch": 2,
+        "stages": [{"seq_len": 64, "steps": 3}, {"seq_len": 128, "steps": 2, "rope_theta": 21000.0, "micro_batch": 1}],
+        "data": {"source": str(data / "train.jsonl"), "eval_source": str(data / "eval.jsonl"), "eval_samples": 2,
+                 "cache_dir": str(data / "cache")},
+        "run_dir": str(tmp / "run"),
+        "save_every": 2,
+    }  # fmt: skip
+    for dotted, value in changes.items():
+        node, *path = dotted.split("__")
+        target = r
+        for key in [node, *path][:-1]:
+            target = target[int(key)] if isinstance(target, list) else target.setdefault(key, {})
+        last = [node, *path][-1]
+        if isinstance(target, list):
+            target[int(last)] = value
+        else:
+            target[last] = value
+    path = tmp / f"recipe-{len(list(tmp.glob('recipe-*.yaml')))}.yaml"
+    path.write_text(yaml.safe_dump(r))
+    return path
+
+
+ENV = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+
+
+def command(recipe_path: Path, nproc: int, *extra: str, launcher: str = "torchrun") -> list[str]:
+    """The command line that starts the trainer under `launcher`."""
+    module = ["-m", "ringpatch.train", "--recipe", str(recipe_path), *extra]
+    if launcher == "torchrun":
+        cmd = [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={nproc}", *module]
+    elif launcher == "deepspeed":
+        cmd = [
+            str(BIN / "deepspeed"),
+            "--num_gpus",
+            str(nproc),
+            "--master_port",
+            str(_free_port()),
+            "--module",
+            "ringpatch.train",
+            "--recipe",
+            str(recipe_path),
+            *extra,
+        ]
+    elif launcher == "accelerate":
+        cmd = [
+            str(BIN / "accelerate"),
+            "launch",
+            "--config_file",
+            str(ROOT / "launch/accelerate/cpu-2proc.yaml"),
+            "--num_processes",
+            str(nproc),
+            "--main_process_port",
+            str(_free_port()),
+            *module,
+        ]
+    elif launcher == "python":
+        cmd = [sys.executable, *module]
+    else:
+        raise ValueError(launcher)
+    return cmd
+
+
+def launch(recipe_path: Path, nproc: int, *extra: str, launcher: str = "torchrun", timeout: int = 400):
+    """Run the trainer under a launcher; returns the CompletedProcess."""
+    cmd = command(recipe_path, nproc, *extra, launcher=launcher)
+    return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def metrics(run_dir: Path) -> tuple[list[float], list[dict]]:
+    """(training losses by step, eval records) from run_dir/metrics.jsonl."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if "loss" in r], [r for r in records if r.get("event") == "eval"]
+
+
+def ok(proc) -> None:
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-6000:]

@@ -1,0 +1,143 @@
+"""Bad recipes and launches are refused before any process group or download, with the values."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from ringpatch.train.preflight import preflight
+from tests.helpers.trainrun import ROOT, recipe
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture
+def data(tmp_path):
+    (tmp_path / "train.jsonl").write_text('{"text": "hello"}\n')
+    (tmp_path / "eval.jsonl").write_text('{"text": "hello"}\n')
+    return tmp_path
+
+
+def _check(tmp_path, data, error, match, world=2, **changes):
+    with pytest.raises(error, match=match):
+        preflight(str(recipe(tmp_path, data, **changes)), world=world)
+
+
+def test_a_good_recipe_gives_its_plan(tmp_path, data):
+    plan = preflight(str(recipe(tmp_path, data, parallel__sp=2)), world=4)
+    assert (plan.dims.dp, plan.dims.sp, plan.dims.tp) == (2, 2, 1) and not plan.bf16
+    assert plan.ds_config["optimizer"]["params"]["lr"] == 0.003 and plan.ds_config["zero_optimization"]["stage"] == 2
+
+
+@pytest.mark.parametrize(
+    "error, match, world, changes",
+    [
+        (ValueError, r"recipe-0.yaml: unknown keys \['batch'\]; valid keys are \[.*'micro_batch'", 2, {"batch": 4}),
+        (TypeError, r"recipe-0.yaml.micro_batch must be int, got str 'two'", 2, {"micro_batch": "two"}),
+        (ValueError, r"world size 3 is not divisible by sp\*tp = 2\*1 = 2", 3, {"parallel__sp": 2}),
+        (ValueError, r"attention heads 4 are not divisible by tp=3; choose tp among \[1, 2\]", 3, {"parallel__tp": 3}),
+        (ValueError, r"stages\[1\].seq_len 130 is not divisible by the zigzag layout's 4 chunks \(sp=2\); use 132", 2,
+         {"parallel__sp": 2, "stages__1__seq_len": 130}),
+        (ValueError, r"AutoTP training does not combine with ZeRO-3", 2, {"parallel__tp": 2, "zero__stage": 3}),
+        (FileNotFoundError, r"model.name ./no/such/model is a local path without config.json", 2,
+         {"model": {"name": "./no/such/model"}}),
+        (FileNotFoundError, r"data.source /no/such/train.jsonl does not exist", 2, {"data__source": "/no/such/train.jsonl"}),
+        (NotImplementedError, r"data.positions: documents .* ring attention does not mask documents", 2,
+         {"data__positions": "documents"}),
+        (ValueError, r"eval.passkey_depths must lie in \[0, 1\], got \[1.5\]", 2, {"eval__passkey_depths": [0.5, 1.5]}),
+        (ValueError, r"model.init: scratch needs model.config with a model_type", 2, {"model__config": None}),
+    ],
+)  # fmt: skip
+def test_bad_recipes(tmp_path, data, error, match, world, changes):
+    _check(tmp_path, data, error, match, world, **changes)
+
+
+def test_model_config_must_match_a_local_model(tmp_path, data):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    config = yaml.safe_load(recipe(tmp_path, data).read_text())["model"]["config"]
+    (folder / "config.json").write_text(json.dumps(dict(config, num_attention_heads=8)))
+    _check(
+        tmp_path,
+        data,
+        ValueError,
+        r"model.config disagrees with .*config.json \(recipe, model\): "
+        r"\{'num_attention_heads': \(4, 8\)\}; fix the recipe",
+        model__name=str(folder),
+        model__init="pretrained",
+    )
+
+
+@pytest.mark.parametrize(
+    "overlay, match",
+    [
+        ({"gradient_accumulation_steps": 8}, r'gradient_accumulation_steps = 8 in .*, but the recipe owns it \(it gives 1\); write "auto"'),
+        ({"zero_optimization": {"stage3_prefetch_bucket_size": 1}}, r"tunes ZeRO-3 \(\['stage3_prefetch_bucket_size'\]\) but the recipe says zero.stage 2"),
+        ({"zero_optimization": {"offload_optimizer": {"device": "auto"}}}, r'zero_optimization.offload_optimizer is "auto" in .* but the recipe sets no value'),
+    ],
+)  # fmt: skip
+def test_deepspeed_overlay_never_retypes_a_recipe_value(tmp_path, data, overlay, match):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(overlay))
+    _check(tmp_path, data, ValueError, match, deepspeed=str(path))
+
+
+def test_shipped_overlays_merge_with_their_stage(tmp_path, data):
+    for name, stage, offload in [
+        ("zero1", 1, "none"),
+        ("zero2", 2, "none"),
+        ("zero3", 3, "none"),
+        ("zero3-offload", 3, "cpu"),
+    ]:
+        path = ROOT / "launch" / "deepspeed" / f"{name}.json"
+        plan = preflight(
+            str(recipe(tmp_path, data, zero={"stage": stage, "offload": offload}, deepspeed=str(path))), world=2
+        )
+        zero = plan.ds_config["zero_optimization"]
+        assert zero["stage"] == stage and plan.ds_config["train_micro_batch_size_per_gpu"] == 2
+        assert ("offload_optimizer" in zero) == (offload == "cpu")
+        assert "auto" not in json.dumps(plan.ds_config)
+
+
+@pytest.mark.e2e
+def test_the_command_line_reports_without_a_traceback(tmp_path, data):
+    path = recipe(tmp_path, data, parallel__sp=2)
+    proc = subprocess.run(
+        [sys.executable, "-m", "ringpatch.train", "--recipe", str(path)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+        env={"WORLD_SIZE": "3", "PATH": "/usr/bin:/bin"},
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "ringpatch train: world size 3 is not divisible by sp*tp = 2*1 = 2" in proc.stderr
+
+
+def test_shipped_recipes_validate_and_plan(tmp_path):
+    """The cluster recipes load, fit the cluster their comments name, and their RoPE bases follow the NTK rule."""
+    from ringpatch.hf.rope import ntk_rope_theta
+    from ringpatch.memory.estimate import estimate
+    from ringpatch.train.plan import describe
+
+    for name, world, budget_gib in [
+        ("llama3-8b-1m", 32, 80),
+        ("mistral-7b-512k", 16, 80),
+        ("llama3-8b-256k-1node", 8, 80),
+    ]:
+        path = ROOT / "recipes" / f"{name}.yaml"
+        plan = preflight(str(path), world=world)
+        r, cfg = plan.recipe, plan.model_config
+        head_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
+        base, trained = cfg["rope_theta"], cfg["max_position_embeddings"]
+        for stage in r.stages:
+            assert stage.rope_theta == pytest.approx(ntk_rope_theta(base, trained, stage.seq_len, head_dim), rel=1e-4)
+            total = sum(estimate(r, cfg, world, stage.seq_len, stage.micro_batch or r.micro_batch).values())
+            assert total < budget_gib * 0.85, (name, stage.seq_len, total)
+        assert "tokens/GPU" in describe(plan)
+    tiny = yaml.safe_load((ROOT / "recipes" / "tiny-cpu.yaml").read_text())
+    assert tiny["parallel"]["sp"] == 2

@@ -1,0 +1,246 @@
+"""The recipe trainer end to end: real DeepSpeed (CPU accelerator, gloo), tiny Llama, generated data.
+
+Every grid reproduces the single-process losses of the same recipe; a killed run resumes to the
+same loss sequence; the exported model loads without ringpatch; NaN stops the run and keeps the
+last checkpoint; all three launchers start it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from tests.helpers.trainrun import ENV, ROOT, command, corpus, launch, metrics, ok, recipe
+
+pytestmark = pytest.mark.e2e
+
+RTOL = 1e-5  # float32 on CPU; the ring's own error is ~1e-7 relative
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, data):
+    """The single-process run (plain python, no launcher) every grid must reproduce."""
+    tmp = tmp_path_factory.mktemp("one")
+    ok(launch(recipe(tmp, data), 1, launcher="python"))
+    return tmp / "run"
+
+
+def _assert_same_run(run_dir, reference_dir):
+    losses, evals = metrics(run_dir)
+    ref_losses, ref_evals = metrics(reference_dir)
+    assert len(losses) == len(ref_losses) == 5
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=RTOL, atol=0)
+    torch.testing.assert_close(
+        torch.tensor([e["eval_loss"] for e in evals]),
+        torch.tensor([e["eval_loss"] for e in ref_evals]),
+        rtol=RTOL,
+        atol=0,
+    )
+
+
+@pytest.mark.parametrize(
+    "nproc, changes, launcher",
+    [
+        (2, {"parallel__sp": 2}, "torchrun"),  # sp = 2, ZeRO-2
+        (2, {"parallel__sp": 2, "zero__stage": 3}, "deepspeed"),  # ZeRO-3 under the deepspeed launcher
+        (4, {"parallel__sp": 2, "parallel__tp": 2, "zero__stage": 1}, "accelerate"),  # sp x tp (AutoTP), ZeRO-1
+        (
+            2,
+            {
+                "parallel__sp": 2,
+                "zero": {"stage": 3, "offload": "cpu"},  # CPU offload, through the shipped overlay
+                "deepspeed": str(ROOT / "launch" / "deepspeed" / "zero3-offload.json"),
+            },
+            "torchrun",
+        ),
+    ],
+    ids=["sp2-zero2-torchrun", "sp2-zero3-deepspeed", "sp2-tp2-zero1-accelerate", "sp2-zero3-offload-overlay"],
+)
+def test_grid_reproduces_single_process(tmp_path, data, reference, nproc, changes, launcher):
+    ok(launch(recipe(tmp_path, data, **changes), nproc, launcher=launcher))
+    _assert_same_run(tmp_path / "run", reference)
+    assert (tmp_path / "run" / "final" / "config.json").is_file() and (tmp_path / "run" / "stage0").is_dir()
+
+
+def test_dp2_equals_one_process_with_the_same_samples(tmp_path, data):
+    """dp = 2 with micro_batch 1 reads, per step, the two samples one process reads with
+    micro_batch 2 (disjoint dp shards of one permutation); the mean loss and update agree.
+    Also logs to wandb offline."""
+    one = tmp_path / "one"
+    one.mkdir()
+    ok(launch(recipe(one, data, stages__1__micro_batch=2), 1, launcher="python"))
+    dp = tmp_path / "dp"
+    dp.mkdir()
+    ok(launch(recipe(dp, data, micro_batch=1, zero__stage=1, wandb="offline"), 2))
+    _assert_same_run(dp / "run", one / "run")
+    assert list((dp / "run" / "wandb").glob("offline-run-*")), "wandb offline wrote no run"
+
+
+LOSS_WITHOUT_RINGPATCH = """
+import sys
+sys.modules["ringpatch"] = None  # importing ringpatch now fails: the folder must not need it
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+folder, ids_file = sys.argv[1], sys.argv[2]
+model = AutoModelForCausalLM.from_pretrained(folder)
+ids = torch.load(ids_file)
+assert AutoTokenizer.from_pretrained(folder).eos_token_id is not None
+with torch.no_grad():
+    losses = [model(input_ids=row[None], labels=row[None]).loss.item() for row in ids]
+print("loss", sum(losses) / len(losses), model.config.max_position_embeddings, model.config.rope_parameters["rope_theta"])
+"""
+
+
+@pytest.mark.parametrize("changes", [{"zero__stage": 3}, {"parallel__tp": 2, "zero__stage": 1}], ids=["zero3", "tp2"])
+def test_export_loads_without_ringpatch_and_scores_like_the_trained_model(tmp_path, data, changes):
+    ok(launch(recipe(tmp_path, data, parallel__sp=2, **changes), 2 * changes.get("parallel__tp", 1)))
+    from ringpatch.data.packing import pack_documents
+    from ringpatch.data.tokenizer import byte_tokenizer
+
+    tok = byte_tokenizer()
+    docs = [tok(line)["input_ids"] for line in _texts(data / "eval.jsonl")]
+    ids = torch.tensor([p["input_ids"] for p in pack_documents(docs, 128, tok.eos_token_id)][:2])
+    torch.save(ids, tmp_path / "ids.pt")
+    proc = subprocess.run(
+        [sys.executable, "-c", LOSS_WITHOUT_RINGPATCH, str(tmp_path / "run" / "final"), str(tmp_path / "ids.pt")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    ok(proc)
+    _, loss, max_pos, theta = proc.stdout.split()
+    trained = metrics(tmp_path / "run")[1][-1]["eval_loss"]  # the trained model's (ring) held-out loss
+    assert abs(float(loss) - trained) <= 1e-5 * trained
+    assert int(max_pos) == 128 and float(theta) == 21000.0  # the last stage's RoPE travels in config.json
+
+
+def _texts(path):
+    import json
+
+    return [json.loads(line)["text"] for line in path.read_text().splitlines()]
+
+
+def test_killed_run_resumes_to_the_same_losses(tmp_path, data):
+    """SIGKILL the whole launcher mid-run, leave a half-written checkpoint beside it, run the
+    same command again: the loss sequence equals an uninterrupted run's."""
+    long = {"parallel__sp": 2, "stages__0__steps": 30, "save_every": 3}
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    ok(launch(recipe(whole, data, **long), 2))
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    path = recipe(killed, data, **long)
+    proc = subprocess.Popen(
+        command(path, 2),
+        cwd=ROOT,
+        env=ENV,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    run = killed / "run"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (run / "checkpoints" / "latest").is_file():
+        time.sleep(0.05)
+    time.sleep(0.3)
+    # torchrun's workers live in their own sessions: kill them by their command line, then the launcher
+    subprocess.run(["pkill", "-9", "-f", "--", f"--recipe {path}"], check=False)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    while subprocess.run(["pgrep", "-f", "--", f"--recipe {path}"], capture_output=True).returncode == 0:
+        time.sleep(0.1)
+    assert not (run / "final").exists(), "the run finished before it was killed"
+    latest = (run / "checkpoints" / "latest").read_text()
+    partial = run / "checkpoints" / "step000000099"  # as a crash while writing would leave it
+    partial.mkdir()
+    (partial / "mp_rank_00_model_states.pt").write_bytes(b"truncated")
+    resumed = launch(path, 2)
+    ok(resumed)
+    assert f"resuming {run / 'checkpoints'} at step {int(latest[4:])}" in resumed.stdout + resumed.stderr
+    torch.testing.assert_close(
+        torch.tensor(metrics(run)[0]), torch.tensor(metrics(whole / "run")[0]), rtol=1e-6, atol=0
+    )
+
+
+def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, data):
+    path = recipe(tmp_path, data, parallel__sp=2, optim__lr=1e30, save_every=1)
+    proc = launch(path, 2)
+    assert proc.returncode != 0
+    assert "the loss is nan at step 2 (stage 0, micro-step 0); stopped before the update" in proc.stderr
+    ckpt = tmp_path / "run" / "checkpoints"
+    assert (ckpt / "latest").read_text() == "step000000001" and not (ckpt / "step000000002").exists()
+    assert not (tmp_path / "run" / "final").exists()
+
+
+def test_checkpoint_of_another_recipe_is_refused(tmp_path, data):
+    ok(launch(recipe(tmp_path, data, parallel__sp=2, stages=[{"seq_len": 64, "steps": 2}]), 2))
+    other = recipe(tmp_path, data, parallel__sp=2, model__name="other", stages=[{"seq_len": 64, "steps": 4}])
+    proc = launch(other, 2)
+    assert proc.returncode != 0
+    assert "belongs to another run (model: checkpoint 'tiny' vs recipe 'other')" in proc.stderr
+
+
+def test_pretrained_folder_under_zero3_matches_one_process(tmp_path, data):
+    """init: pretrained from a local folder (its own tokenizer), loaded partitioned under ZeRO-3
+    (HfDeepSpeedConfig), gives the losses one process gets from the same folder."""
+    import yaml
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ringpatch.data.tokenizer import byte_tokenizer
+
+    config = yaml.safe_load(recipe(tmp_path, data).read_text())["model"]["config"]
+    folder = tmp_path / "pretrained"
+    torch.manual_seed(7)
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(**config)).save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    model = {"name": str(folder), "dtype": "float32", "config": {"model_type": "llama", "num_attention_heads": 4}}
+    one, ring = tmp_path / "one", tmp_path / "ring"
+    for d in (one, ring):
+        d.mkdir()
+    ok(launch(recipe(one, data, model=model), 1, launcher="python"))
+    ok(launch(recipe(ring, data, model=model, parallel__sp=2, zero__stage=3), 2))
+    _assert_same_run(ring / "run", one / "run")
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "deepspeed", "accelerate"])
+def test_the_shipped_tiny_recipe_starts_under_every_launcher(tmp_path, launcher):
+    """recipes/tiny-cpu.yaml as shipped (its demo corpus generated if missing), stopped after 10 steps."""
+    from ringpatch.data.corpus import write_corpus
+
+    if not (ROOT / "data" / "demo" / "train.jsonl").is_file():
+        write_corpus(ROOT / "data" / "demo")
+    run = tmp_path / "run"
+    ok(launch(ROOT / "recipes" / "tiny-cpu.yaml", 2, "--run-dir", str(run), "--max-steps", "10", launcher=launcher))
+    losses, _ = metrics(run)  # the recipe logs every 10 steps
+    assert len(losses) == 1 and losses[0] < 5.0  # ln(258) = 5.55 at the start
+    assert (run / "checkpoints" / "latest").read_text() == "step000000010"
+
+
+def test_a_rope_scaling_stage_reaches_the_exported_config(tmp_path, data):
+    """A stage with rope_scaling (YaRN) trains, and the final config.json carries it for from_pretrained."""
+    import json
+
+    stages = [
+        {"seq_len": 64, "steps": 2},
+        {"seq_len": 128, "steps": 2, "rope_scaling": {"rope_type": "yarn", "factor": 2.0}},
+    ]
+    ok(launch(recipe(tmp_path, data, parallel__sp=2, stages=stages), 2))
+    config = json.loads((tmp_path / "run" / "final" / "config.json").read_text())
+    assert config["rope_parameters"] == {
+        "rope_type": "yarn",
+        "factor": 2.0,
+        "original_max_position_embeddings": 64,
+        "rope_theta": 10000.0,
+    }
+    assert config["max_position_embeddings"] == 128 and len(metrics(tmp_path / "run")[0]) == 4
