@@ -79,6 +79,7 @@ format: install
 bench: install
 	$(BIN)/python bench/attention.py
 	$(BIN)/python bench/model.py
+	$(BIN)/python bench/documents.py
 
 gpu-check: install
 	$(BIN)/python bench/gpu_check.py

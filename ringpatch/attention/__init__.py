@@ -5,6 +5,8 @@ The bottom layer: it imports torch and nothing of transformers or deepspeed.
   api.py      ring_attention, the public entry: every argument checked once, on every rank
   layout.py   which global positions each rank holds (contiguous, zigzag); shard / unshard
   blocks.py   the block planner: which (query, key) blocks a ring step computes, with which mask
+  documents.py  document boundaries of packed sequences (cu_seqlens), checked once
+  balance.py  the balanced layout: chunks placed by their work under the documents
   kernels/    local block backends behind one protocol, one module per backend
   merge.py    merging partial results through their log-sum-exp
   ring.py     the ring: forward and backward over the group, communication overlapped

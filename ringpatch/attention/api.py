@@ -6,6 +6,7 @@ import torch
 import torch.distributed as dist
 
 from ringpatch.attention.comm import resolve_group
+from ringpatch.attention.documents import docs_digest, documents_per_row
 from ringpatch.attention.kernels import Backend, default_scale, select
 from ringpatch.attention.layout import Layout, check_layout, check_seq_len
 from ringpatch.attention.ring import RingAttentionFn, RingSpec
@@ -43,7 +44,7 @@ def _check_options(causal, window, scale) -> None:
         raise ValueError(f"scale must be None or a positive number, got {scale!r}")
 
 
-def _agree_across_ranks(q, k, error: Exception | None, group, sp_size: int) -> None:
+def _agree_across_ranks(q, k, docs, error: Exception | None, group, sp_size: int) -> None:
     """Every rank learns whether every rank's inputs were valid and of one shape, so a misuse
     on one rank raises everywhere instead of leaving the others waiting in the ring."""
     if sp_size == 1:
@@ -52,9 +53,9 @@ def _agree_across_ranks(q, k, error: Exception | None, group, sp_size: int) -> N
         return
     device = q.device if isinstance(q, torch.Tensor) else torch.device("cpu")
     if error is None:
-        meta = torch.tensor([1, *q.shape, k.shape[2], _DTYPES.index(q.dtype)], device=device)
+        meta = torch.tensor([1, *q.shape, k.shape[2], _DTYPES.index(q.dtype), docs_digest(docs)], device=device)
     else:
-        meta = torch.zeros(7, dtype=torch.long, device=device)
+        meta = torch.zeros(8, dtype=torch.long, device=device)
     metas = [torch.empty_like(meta) for _ in range(sp_size)]
     dist.all_gather(metas, meta, group=group)
     if error is not None:
@@ -63,11 +64,17 @@ def _agree_across_ranks(q, k, error: Exception | None, group, sp_size: int) -> N
     failed = [r for r, row in enumerate(rows) if row[0] == 0]
     if failed:
         raise ValueError(f"ring_attention inputs were rejected on rank(s) {failed} of the group; see their error")
-    if len(set(rows)) > 1:
+    if len({row[:7] for row in rows}) > 1:
         shapes = "; ".join(f"rank {r}: q {row[1:5]} kv_heads {row[5]} {_DTYPES[row[6]]}" for r, row in enumerate(rows))
         raise ValueError(
             f"ranks hold different local blocks ({shapes}); every rank must hold seq_len/sp_size tokens "
             "of the same batch: cut the full sequence with ringpatch.shard or ringpatch.shard_batch"
+        )
+    if len({row[7] for row in rows}) > 1:
+        differ = sorted(r for r, row in enumerate(rows) if row[7] != rows[0][7])
+        raise ValueError(
+            f"the ranks of the group pass different document boundaries (rank(s) {differ} differ from rank 0); "
+            "every rank must pass the boundaries of the whole batch, the same on all ranks"
         )
 
 
@@ -81,23 +88,28 @@ def ring_attention(
     scale: float | None = None,
     layout: Layout = "zigzag",
     backend: Backend = "auto",
+    cu_seqlens=None,
 ) -> torch.Tensor:
     """Exact attention over the sequence split across `group` (None: the default group).
 
     q: (B, S_local, H, D); k, v: (B, S_local, H_kv, D) with H % H_kv == 0. Each rank holds
     its part in `layout` order (see ringpatch.shard). `window=W`: query i sees key j iff
-    i - W < j (and j <= i when causal). Returns (B, S_local, H, D) in q's dtype.
+    i - W < j (and j <= i when causal). `cu_seqlens`: document boundaries of packed
+    sequences, [0, ..., B * S] over the rows laid end to end in global positions (the same on
+    every rank; see attention/documents.py); a query then sees only keys of its own document.
+    Returns (B, S_local, H, D) in q's dtype.
     """
     group, sp_size, sp_rank = resolve_group(group)
-    error, kernel = None, None
+    error, kernel, docs = None, None, None
     try:
         _check_tensors(q, k, v)
         _check_options(causal, window, scale)
         check_layout(layout)
         kernel = select(backend, q)
+        docs = documents_per_row(cu_seqlens, q.shape[0], q.shape[1] * sp_size)
     except (TypeError, ValueError) as exc:
         error = exc
-    _agree_across_ranks(q, k, error, group, sp_size)
+    _agree_across_ranks(q, k, docs, error, group, sp_size)
     seq_len = q.shape[1] * sp_size
     check_seq_len(seq_len, layout, sp_size)
     spec = RingSpec(
@@ -109,5 +121,6 @@ def ring_attention(
         sp_size=sp_size,
         sp_rank=sp_rank,
         kernel=kernel,
+        docs=docs,
     )
     return RingAttentionFn.apply(q, k, v, spec, group)

@@ -1,7 +1,8 @@
 """Which (query rows, key rows) blocks a ring step must compute, and with which mask.
 
 Visibility (docs/design.md, "Visibility"): query at global position i sees key j iff
-i - W < j (and j <= i when causal). Each rank's local rows are a few contiguous global ranges (the layout's
+i - W < j (and j <= i when causal), and, when the sequence packs documents, i and j lie in
+the same document. Each rank's local rows are a few contiguous global ranges (the layout's
 chunks), so a ring step is a handful of chunk pairs. Each pair is:
   none    - hidden by the mask: skipped, never computed and masked;
   full    - every query sees every key: one unmasked kernel call;
@@ -10,11 +11,15 @@ chunks), so a ring step is a handful of chunk pairs. Each pair is:
             remaining edge tiles get an explicit mask ("band"), so a window costs O(S*W).
 Rows of a band tile that would see no key are trimmed: flash kernels report lse = 0, not
 -inf, for fully masked rows, which would corrupt the merge.
+Documents cut every pair first into per-document rectangles (the queries and keys of one
+document), each classified as above; a pair that shares no document is "none". So documents
+need no padding: one may start or end anywhere, straddle ranks, or be one token long.
 Plans are pure functions of integers and are memoised.
 """
 
 from __future__ import annotations
 
+import bisect
 import functools
 from dataclasses import dataclass
 from typing import Literal
@@ -100,6 +105,21 @@ def _merge_full(calls: list[Call]) -> list[Call]:
     return calls
 
 
+def _shared_documents(docs: tuple[int, ...], qa: int, m: int, kb: int, n: int):
+    """For each document that holds some of queries [qa, qa+m) and some of keys [kb, kb+n):
+    ((q_start, q_end), (k_start, k_end)), its queries and keys. `docs`: document starts."""
+    stop = min(qa + m, kb + n)  # a document that starts here misses one of the ranges
+    first = bisect.bisect_right(docs, min(qa, kb)) - 1
+    for d in range(max(first, 0), len(docs)):
+        start = docs[d]
+        if start >= stop:
+            return
+        end = docs[d + 1] if d + 1 < len(docs) else max(qa + m, kb + n)
+        q_span, k_span = (max(qa, start), min(qa + m, end)), (max(kb, start), min(kb + n, end))
+        if q_span[0] < q_span[1] and k_span[0] < k_span[1]:
+            yield q_span, k_span
+
+
 @functools.lru_cache(maxsize=4096)
 def plan_block(
     q_ranges: tuple[tuple[int, int], ...],
@@ -108,14 +128,16 @@ def plan_block(
     window: int | None,
     tile: int | None,
     fuse_causal: bool = True,
+    docs: tuple[int, ...] | None = None,
 ) -> tuple[Call, ...]:
     """The calls for local queries (chunks `q_ranges`) against one key block (`k_ranges`).
 
     Ranges are (global start, length) in local storage order. `tile=None` means the kernel
     honours arbitrary band masks natively, so partial pairs are not split. `fuse_causal`
-    lets a rank's own block become one causal call when that is exact.
+    lets a rank's own block become one causal call when that is exact. `docs`: the global
+    start positions of the packed documents (the first is 0), or None for one sequence.
     """
-    if fuse_causal and q_ranges == k_ranges and causal:
+    if fuse_causal and docs is None and q_ranges == k_ranges and causal:
         span = q_ranges[-1][0] + q_ranges[-1][1] - q_ranges[0][0]
         if window is None or span - 1 < window:
             # Positions increase with local index, so local causal == global causal; the
@@ -127,7 +149,11 @@ def plan_block(
     for qa, m in q_ranges:
         lk = 0
         for kb, n in k_ranges:
-            calls += _pair_calls(qa, m, lq, kb, n, lk, causal, window, tile)
+            if docs is None:
+                calls += _pair_calls(qa, m, lq, kb, n, lk, causal, window, tile)
+            else:
+                for (q0, q1), (k0, k1) in _shared_documents(docs, qa, m, kb, n):
+                    calls += _pair_calls(q0, q1 - q0, lq + q0 - qa, k0, k1 - k0, lk + k0 - kb, causal, window, tile)
             lk += n
         lq += m
     return tuple(_merge_full(calls))

@@ -36,6 +36,8 @@ class RingSpec:
     sp_size: int
     sp_rank: int
     kernel: Kernel
+    docs: tuple[tuple[int, ...] | None, ...] | None = None
+    """Per batch row, the global start positions of its packed documents (None: one sequence)."""
 
     @property
     def mask(self) -> MaskSpec:
@@ -48,18 +50,48 @@ class RingSpec:
             return self.kernel.tile
         return min(self.kernel.tile, max(16, self.window // 4))
 
-    def steps(self) -> tuple[tuple[Call, ...], ...]:
-        """Plans for steps 0..last, where last is the last step that any rank needs."""
-        plans = ring_plans(self.layout, self.seq_len, self.sp_size, self.causal, self.window, self.tile)
-        return plans[self.sp_rank]
+    def row_groups(self) -> list[tuple[slice, tuple[int, ...] | None]]:
+        """Runs of neighbouring batch rows that pack the same documents, as (rows, docs)."""
+        if self.docs is None:
+            return [(slice(None), None)]
+        groups, start = [], 0
+        for b in range(1, len(self.docs) + 1):
+            if b == len(self.docs) or self.docs[b] != self.docs[start]:
+                groups.append((slice(start, b), self.docs[start]))
+                start = b
+        return groups
+
+    def steps(self) -> tuple[tuple[tuple[slice, Call], ...], ...]:
+        """(rows, call) pairs for steps 0..last, where last is the last step that any rank needs."""
+        plans = [
+            (rows, ring_plans(self.layout, self.seq_len, self.sp_size, self.causal, self.window, self.tile, docs))
+            for rows, docs in self.row_groups()
+        ]
+        n_steps = max(len(p[self.sp_rank]) for _, p in plans)
+        return tuple(
+            tuple((rows, c) for rows, p in plans if step < len(p[self.sp_rank]) for c in p[self.sp_rank][step])
+            for step in range(n_steps)
+        )
+
+    def own_block_halves(self) -> tuple[tuple[tuple[slice, Call], ...], tuple[tuple[slice, Call], ...]]:
+        """The rank's own block, unfused and cut in two halves of work: the first hides the
+        arrival of the first remote block, the second hides the last dK/dV going home."""
+        first, second = [], []
+        for rows, docs in self.row_groups():
+            ranges = local_ranges(self.layout, self.seq_len, self.sp_size, self.sp_rank, docs)
+            calls = plan_block(ranges, ranges, self.causal, self.window, self.tile, fuse_causal=False, docs=docs)
+            a, b = split_work(calls)
+            first += [(rows, c) for c in a]
+            second += [(rows, c) for c in b]
+        return tuple(first), tuple(second)
 
 
 @functools.lru_cache(maxsize=256)
-def ring_plans(layout, seq_len, sp_size, causal, window, tile) -> tuple[tuple[tuple[Call, ...], ...], ...]:
+def ring_plans(layout, seq_len, sp_size, causal, window, tile, docs=None) -> tuple[tuple[tuple[Call, ...], ...], ...]:
     """plans[r][s]: the calls of rank r at step s, cut to the last step any rank needs."""
-    ranges = [local_ranges(layout, seq_len, sp_size, r) for r in range(sp_size)]
+    ranges = [local_ranges(layout, seq_len, sp_size, r, docs) for r in range(sp_size)]
     plans = [
-        [plan_block(ranges[r], ranges[(r - s) % sp_size], causal, window, tile) for s in range(sp_size)]
+        [plan_block(ranges[r], ranges[(r - s) % sp_size], causal, window, tile, docs=docs) for s in range(sp_size)]
         for r in range(sp_size)
     ]
     last = max(s for r in range(sp_size) for s in range(sp_size) if plans[r][s] or s == 0)
@@ -86,11 +118,11 @@ def ring_forward(q, k, v, spec: RingSpec, group) -> tuple[torch.Tensor, torch.Te
             if bufs[(step + 1) % 2] is None:
                 bufs[(step + 1) % 2] = torch.empty_like(cur)
             pending = Exchange(cur, bufs[(step + 1) % 2], dst, src, group, tag=0)
-        for c in calls:
+        for rows, c in calls:
             out_b, lse_b = spec.kernel.forward(
-                q[:, c.q0 : c.q1], cur[0, :, c.k0 : c.k1], cur[1, :, c.k0 : c.k1], c, spec.mask
+                q[rows, c.q0 : c.q1], cur[0, rows, c.k0 : c.k1], cur[1, rows, c.k0 : c.k1], c, spec.mask
             )
-            merge_(out[:, c.q0 : c.q1], lse[:, c.q0 : c.q1], out_b, lse_b)
+            merge_(out[rows, c.q0 : c.q1], lse[rows, c.q0 : c.q1], out_b, lse_b)
         if pending is not None:
             pending.wait()
     return out.to(q.dtype), lse
@@ -99,22 +131,15 @@ def ring_forward(q, k, v, spec: RingSpec, group) -> tuple[torch.Tensor, torch.Te
 def _block_grads(dout, q, kv, out, lse, calls, dq, spec: RingSpec) -> torch.Tensor:
     """Add this block's dQ into `dq`; return its float32 dK/dV. # (2, B, S_local, H_kv, D)"""
     dkv = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)
-    for c in calls:
-        rows, keys = slice(c.q0, c.q1), slice(c.k0, c.k1)
+    for b, c in calls:
+        qs, ks = slice(c.q0, c.q1), slice(c.k0, c.k1)
         dq_b, dk_b, dv_b = spec.kernel.backward(
-            dout[:, rows], q[:, rows], kv[0, :, keys], kv[1, :, keys], out[:, rows], lse[:, rows], c, spec.mask
+            dout[b, qs], q[b, qs], kv[0, b, ks], kv[1, b, ks], out[b, qs], lse[b, qs], c, spec.mask
         )
-        dq[:, rows] += dq_b
-        dkv[0, :, keys] += dk_b
-        dkv[1, :, keys] += dv_b
+        dq[b, qs] += dq_b
+        dkv[0, b, ks] += dk_b
+        dkv[1, b, ks] += dv_b
     return dkv
-
-
-def _own_block_halves(spec: RingSpec) -> tuple[tuple[Call, ...], tuple[Call, ...]]:
-    """The rank's own block, unfused and cut in two halves of work: the first hides the
-    arrival of the first remote block, the second hides the last dK/dV going home."""
-    ranges = local_ranges(spec.layout, spec.seq_len, spec.sp_size, spec.sp_rank)
-    return split_work(plan_block(ranges, ranges, spec.causal, spec.window, spec.tile, fuse_causal=False))
 
 
 def ring_backward(dout, q, k, v, out, lse, spec: RingSpec, group):
@@ -126,7 +151,7 @@ def ring_backward(dout, q, k, v, out, lse, spec: RingSpec, group):
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     steps = spec.steps()
     last = len(steps) - 1
-    own_first, own_second = _own_block_halves(spec) if last > 0 else (steps[0], ())
+    own_first, own_second = spec.own_block_halves() if last > 0 else (steps[0], ())
     dst, src = _neighbours(spec)
     kv_own = torch.stack([k, v])  # (2, B, S_local, H_kv, D)
     bufs = [torch.empty_like(kv_own), torch.empty_like(kv_own)] if last > 0 else []

@@ -19,7 +19,7 @@ from pathlib import Path
 from ringpatch.data.packing import pack_documents
 from ringpatch.data.tokenizer import load_tokenizer
 
-FORMAT = 1
+FORMAT = 2  # 2: a document continued from the previous sequence restarts its positions
 MARKER = "ringpatch_prepared.json"
 EXTENSIONS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
 

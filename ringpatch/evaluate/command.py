@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ringpatch.attention.layout import Layout
+from ringpatch.attention.layout import LAYOUTS, Layout
 from ringpatch.data.prepare import prepare_shared
 from ringpatch.evaluate.passkey import CLASSIC, demo_template, passkey_accuracy
 from ringpatch.evaluate.perplexity import perplexity_by_length
@@ -39,11 +39,15 @@ def _load(path: str, group, layout: Layout, device, dtype):
     return patch_model(model, group=group, layout=layout), AutoTokenizer.from_pretrained(path)
 
 
-def _held_out(data_spec, tokenizer, length: int, count: int, device) -> torch.Tensor:
+def _held_out(data_spec, tokenizer, length: int, count: int, device):
+    """(input_ids, document positions or None), each (count, length): held-out packed sequences,
+    with their documents kept apart when the data is trained with document masking."""
     source = data_spec.eval_source or data_spec.source
     split = data_spec.eval_split if data_spec.eval_source else data_spec.split
     data = prepare_shared(data_spec, source, split, tokenizer, length, "eval")
-    return data[: min(count, len(data))]["input_ids"].to(device)  # (count, length)
+    rows = data[: min(count, len(data))]
+    positions = rows["doc_position_ids"].to(device) if data_spec.document_masking else None
+    return rows["input_ids"].to(device), positions
 
 
 def evaluate_models(
@@ -58,8 +62,12 @@ def evaluate_models(
     for label, path in models.items():
         model, tokenizer = _load(path, None, layout, device, dtype)
         if data_spec is not None and spec.ppl_lengths:
-            sequences = _held_out(data_spec, tokenizer, max(spec.ppl_lengths), data_spec.eval_samples, device)
-            ppl[label] = perplexity_by_length(model, sequences, spec.ppl_lengths, spec.ppl_tokens, None, layout)
+            sequences, positions = _held_out(
+                data_spec, tokenizer, max(spec.ppl_lengths), data_spec.eval_samples, device
+            )
+            ppl[label] = perplexity_by_length(
+                model, sequences, spec.ppl_lengths, spec.ppl_tokens, None, layout, positions=positions
+            )
         if spec.passkey_lengths:
             passkey[label] = passkey_accuracy(
                 model,
@@ -85,7 +93,12 @@ def _spec_and_models(args):
     spec = recipe.eval if recipe else EvalSpec()
     data_spec = recipe.data if recipe else None
     if args.data:
-        data_spec = DataSpec(source=args.data, eval_source=args.data, eval_samples=args.samples or 4)
+        data_spec = DataSpec(
+            source=args.data,
+            eval_source=args.data,
+            eval_samples=args.samples or 4,
+            document_masking=not args.no_document_masking,
+        )
     elif data_spec is not None and args.samples:
         data_spec = dataclasses.replace(data_spec, eval_samples=args.samples)
     changes = {
@@ -132,7 +145,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trials", type=int)
     parser.add_argument("--samples", type=int, help="held-out sequences for perplexity")
     parser.add_argument("--passkey-template", choices=["classic", "demo"])
-    parser.add_argument("--layout", default="zigzag", choices=["zigzag", "contiguous"])
+    parser.add_argument("--layout", default="zigzag", choices=list(LAYOUTS))
+    parser.add_argument(
+        "--no-document-masking",
+        action="store_true",
+        help="with --data: let the held-out documents see each other (as training with data.document_masking: false)",
+    )
     parser.add_argument("--out", help="output folder (default: run_dir/eval)")
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

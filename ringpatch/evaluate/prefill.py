@@ -12,7 +12,10 @@ import torch
 import torch.distributed as dist
 
 from ringpatch.attention.comm import resolve_group
+from ringpatch.attention.documents import positions_in_documents
 from ringpatch.attention.layout import Layout, local_positions
+from ringpatch.hf.batch import DOCUMENTS_KEY
+from ringpatch.hf.documents import starts_from_positions
 from ringpatch.parallel import ParallelDims
 
 
@@ -34,30 +37,57 @@ def check_lengths(lengths, layout: Layout, ring_size: int, max_tokens_per_rank: 
 
 
 @torch.no_grad()
-def ring_prefill_scores(model, ids: torch.Tensor, scored: torch.Tensor, group=None, layout: Layout = "zigzag"):
+def ring_prefill_scores(
+    model, ids: torch.Tensor, scored: torch.Tensor, group=None, layout: Layout = "zigzag", position_ids=None
+):
     """Next-token scores of a ring-patched causal LM at chosen positions of full sequences.
 
     ids: (B, S) the same on every rank of `group`; scored: (K,) positions p whose prediction of
-    ids[:, p + 1] is wanted. Returns (nll, correct), each (B, K) float32: the negative
-    log-likelihood of the true next token and whether it is the argmax (greedy decoding would
-    produce it), equal on every rank."""
+    ids[:, p + 1] is wanted; position_ids: (B, S) restarting at 0 at each packed document (None:
+    one sequence per row), so documents stay apart as in training. Returns (nll, correct), each
+    (B, K) float32: the negative log-likelihood of the true next token and whether it is the
+    argmax (greedy decoding would produce it), equal on every rank."""
     group, sp_size, sp_rank = resolve_group(group)
-    batch, seq = ids.shape
-    pos = local_positions(layout, seq, sp_size, sp_rank, device=ids.device)  # (S_local,) global positions
-    local_ids = ids[:, pos]
-    where = {p: i for i, p in enumerate(pos.tolist())}
-    mine = [(k, where[p]) for k, p in enumerate(scored.tolist()) if p in where]  # (score slot, local index)
-    keep = torch.tensor([i for _, i in mine], dtype=torch.long, device=ids.device)
-    out = model(input_ids=local_ids, position_ids=pos[None].expand(batch, -1), logits_to_keep=keep, use_cache=False)
-    logits = out.logits.float()  # (B, len(mine), V): only the scored positions this rank holds
-    nll = torch.zeros(batch, len(scored), device=ids.device)
-    correct = torch.zeros(batch, len(scored), device=ids.device)
-    if mine:
-        slots = torch.tensor([k for k, _ in mine], device=ids.device)
-        targets = ids[:, scored[slots] + 1]  # (B, len(mine))
-        nll[:, slots] = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
-        correct[:, slots] = (logits.argmax(-1) == targets).float()
+    nll = torch.zeros(ids.shape[0], len(scored), device=ids.device)
+    correct = torch.zeros_like(nll)
+    for rows, docs in _row_runs(ids.shape[0], position_ids):
+        _score(model, ids[rows], scored, (nll[rows], correct[rows]), sp_size, sp_rank, layout, docs)
     if sp_size > 1:
         dist.all_reduce(nll, group=group)
         dist.all_reduce(correct, group=group)
     return nll, correct
+
+
+def _row_runs(batch: int, position_ids) -> list[tuple[slice, tuple[int, ...] | None]]:
+    """Runs of neighbouring rows with the same documents, as (rows, document starts or None)."""
+    if position_ids is None:
+        return [(slice(None), None)]
+    starts = [tuple(row) if len(row) > 1 else None for row in starts_from_positions(position_ids)]
+    runs, first = [], 0
+    for b in range(1, batch + 1):
+        if b == batch or starts[b] != starts[first]:
+            runs.append((slice(first, b), starts[first]))
+            first = b
+    return runs
+
+
+def _score(model, ids, scored, into, sp_size: int, sp_rank: int, layout: Layout, docs) -> None:
+    """Score rows that share one placement into this rank's slots of `into` = (nll, correct)."""
+    batch, seq = ids.shape
+    placed = docs if layout == "balanced" else None
+    pos = local_positions(layout, seq, sp_size, sp_rank, device=ids.device, docs=placed)  # (S_local,) global
+    where = {p: i for i, p in enumerate(pos.tolist())}
+    mine = [(k, where[p]) for k, p in enumerate(scored.tolist()) if p in where]  # (score slot, local index)
+    keep = torch.tensor([i for _, i in mine], dtype=torch.long, device=ids.device)
+    extra = {}
+    if docs is not None:  # the rows' boundaries laid end to end, as shard_batch sends them
+        extra[DOCUMENTS_KEY] = torch.tensor([b * seq + s for b in range(batch) for s in docs] + [batch * seq])
+    rope = positions_in_documents(pos, docs)[None].expand(batch, -1)
+    out = model(input_ids=ids[:, pos], position_ids=rope, logits_to_keep=keep, use_cache=False, **extra)
+    logits = out.logits.float()  # (B, len(mine), V): only the scored positions this rank holds
+    if mine:
+        nll, correct = into
+        slots = torch.tensor([k for k, _ in mine], device=ids.device)
+        targets = ids[:, scored[slots] + 1]  # (B, len(mine))
+        nll[:, slots] = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+        correct[:, slots] = (logits.argmax(-1) == targets).float()

@@ -2,8 +2,13 @@
 
 Labels are shifted on the full sequence first (so the token after a rank's last token is
 still the right target), right padding becomes ignored labels, the length is padded to a
-multiple of the layout's chunk count, global position_ids are built, then each tensor is
-cut with ringpatch.shard.
+multiple of the layout's chunk count, position_ids are built, then each tensor is cut with
+ringpatch.shard.
+
+Packed documents (documents.py: position_ids that restart at 0, cu_seq_lens_q/k or seq_idx)
+are kept apart: the last token of each document predicts nothing, each token's position is
+its offset in its own document, and `ring_cu_seqlens` (the boundaries of the whole padded
+batch, as ring_attention takes them) travels with the local batch to every attention layer.
 """
 
 from __future__ import annotations
@@ -12,10 +17,16 @@ import torch
 import torch.distributed as dist
 
 from ringpatch.attention.comm import resolve_group
+from ringpatch.attention.documents import positions_in_documents
 from ringpatch.attention.layout import Layout, check_layout, num_chunks, shard
+from ringpatch.hf.documents import FLATTENING_KEYS, document_starts
 
 IGNORE_INDEX = -100
 KEYS = ("input_ids", "labels", "attention_mask", "position_ids")
+ROW_KEYS = (*KEYS[1:], "seq_idx")  # (batch, seq_len) like input_ids
+CHECKED = (*KEYS, "cu_seq_lens_q", "cu_seq_lens_k", "seq_idx")  # compared across the ranks of the group
+DOCUMENTS_KEY = "ring_cu_seqlens"
+"""The local batch's key for the document boundaries the patched model's attention reads."""
 
 
 def _check_keys(batch) -> torch.Tensor:
@@ -23,15 +34,15 @@ def _check_keys(batch) -> torch.Tensor:
         raise TypeError(f"batch must be a dict of tensors, got {type(batch).__name__}")
     if "input_ids" not in batch:
         raise ValueError(f"batch has no 'input_ids' (it has {sorted(batch.keys())}); ring attention needs token ids")
-    unknown = sorted(set(batch.keys()) - set(KEYS))
+    unknown = sorted(set(batch.keys()) - set(KEYS) - set(FLATTENING_KEYS))
     if unknown:
-        raise ValueError(f"shard_batch does not know the keys {unknown}; it takes {', '.join(KEYS)}")
+        raise ValueError(f"shard_batch does not know the keys {unknown}; it takes {', '.join(KEYS + FLATTENING_KEYS)}")
     input_ids = batch["input_ids"]
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
         raise ValueError(
             f"input_ids must be an integer tensor (batch, seq_len), got {getattr(input_ids, 'shape', input_ids)}"
         )
-    for key in KEYS[1:]:
+    for key in ROW_KEYS:
         value = batch.get(key)
         if value is not None and (not isinstance(value, torch.Tensor) or value.shape[-1] != input_ids.shape[1]):
             raise ValueError(
@@ -52,16 +63,6 @@ def _check_right_padding(mask: torch.Tensor) -> None:
         )
 
 
-def _check_positions(position_ids: torch.Tensor) -> None:
-    expected = torch.arange(position_ids.shape[-1], device=position_ids.device)
-    if not torch.equal(position_ids, expected.expand_as(position_ids)):
-        raise NotImplementedError(
-            "position_ids other than 0..seq_len-1 in every row (offsets or per-document resets of packed sequences) "
-            "need document masking, which ring attention does not honour yet; drop position_ids to number tokens "
-            "across the packed sequence"
-        )
-
-
 def _checksum(x: torch.Tensor) -> torch.Tensor:
     weights = torch.arange(x.numel(), device=x.device) % 1009 + 1
     return (x.reshape(-1).to(torch.int64) * weights).sum()
@@ -73,21 +74,23 @@ def _check_same_across_ranks(batch, group, sp_size: int) -> None:
         return
     input_ids = batch["input_ids"]
     parts = [torch.tensor(input_ids.shape, device=input_ids.device).sum()]
-    parts += [_checksum(batch[k]) if batch.get(k) is not None else input_ids.new_tensor(-1) for k in KEYS]
+    parts += [
+        _checksum(torch.as_tensor(batch[k])) if batch.get(k) is not None else input_ids.new_tensor(-1) for k in CHECKED
+    ]
     mine = torch.stack([p.to(torch.int64) for p in parts])
     every = [torch.empty_like(mine) for _ in range(sp_size)]
     dist.all_gather(every, mine, group=group)
     rows = [tuple(t.tolist()) for t in every]
     if len(set(rows)) > 1:
-        differ = [KEYS[i - 1] if i else "shape" for i in range(len(rows[0])) if len({r[i] for r in rows}) > 1]
+        differ = [CHECKED[i - 1] if i else "shape" for i in range(len(rows[0])) if len({r[i] for r in rows}) > 1]
         raise ValueError(
             f"the ranks of the sequence-parallel group hold different batches (differing: {differ}); every rank of "
             "one group must load the same full sample, e.g. a sampler seeded by the data-parallel index only"
         )
 
 
-def shift_and_pad(input_ids, labels, attention_mask, chunks: int, pad_token_id: int):
-    """Shifted labels (pads ignored) and both tensors padded to a multiple of `chunks`."""
+def shift_and_pad(input_ids, labels, attention_mask, chunks: int, pad_token_id: int, starts=None):
+    """Shifted labels (pads and document ends ignored) and both tensors padded to a multiple of `chunks`."""
     b, seq = input_ids.shape
     shifted = None
     if labels is not None:
@@ -95,6 +98,8 @@ def shift_and_pad(input_ids, labels, attention_mask, chunks: int, pad_token_id: 
         if attention_mask is not None:
             labels[attention_mask == 0] = IGNORE_INDEX
         shifted = torch.cat([labels[:, 1:], labels.new_full((b, 1), IGNORE_INDEX)], dim=1)
+        for row, row_starts in enumerate(starts or ()):
+            shifted[row, [s - 1 for s in row_starts[1:]]] = IGNORE_INDEX  # a document's last token: no target
     pad = -seq % chunks
     if pad:
         input_ids = torch.cat([input_ids, input_ids.new_full((b, pad), pad_token_id)], dim=1)
@@ -103,33 +108,60 @@ def shift_and_pad(input_ids, labels, attention_mask, chunks: int, pad_token_id: 
     return input_ids, shifted
 
 
+def _padded_documents(starts: list[list[int]], mask, seq: int, padded: int) -> list[tuple[int, ...]]:
+    """Each row's document starts over the padded length: padding (the mask's and the layout's)
+    is a document of its own, so no real token's attention changes."""
+    rows = []
+    for b, row in enumerate(starts):
+        real = int(mask[b].sum()) if mask is not None else seq
+        row = [s for s in row if s < real] + ([real] if real < padded else [])
+        rows.append(tuple(row))
+    return rows
+
+
+def _cu_seqlens(rows: list[tuple[int, ...]], seq: int, device) -> torch.Tensor:
+    """The rows' boundaries laid end to end: [0, ..., len(rows) * seq]."""
+    bounds = [b * seq + s for b, row in enumerate(rows) for s in row] + [len(rows) * seq]
+    return torch.tensor(bounds, dtype=torch.int64, device=device)
+
+
 def shard_batch(batch, group=None, layout: Layout = "zigzag", pad_token_id: int = 0) -> dict:
     """This rank's part of a full-sequence causal-LM batch that every rank of `group` holds.
 
     Takes input_ids (B, S) and optional labels (HF convention: unshifted, -100 ignored),
-    right-padding attention_mask and position_ids (0..S-1). Returns input_ids,
-    position_ids (global), and with labels: labels/shift_labels (shifted, local) and
-    num_items_in_batch (the global count of predicted tokens, for the loss)."""
+    right-padding attention_mask, and position_ids (0..S-1, or restarting at 0 at each packed
+    document; cu_seq_lens_q/k, max_length_q/k and seq_idx from padding-free collators say the
+    same). Returns input_ids and position_ids (global, or each token's offset in its document),
+    with labels: labels/shift_labels (shifted, local) and num_items_in_batch (the global count
+    of predicted tokens, for the loss); with packed documents: ring_cu_seqlens."""
     check_layout(layout)
     input_ids = _check_keys(batch)
     group, sp_size, _ = resolve_group(group)
-    mask, labels, positions = batch.get("attention_mask"), batch.get("labels"), batch.get("position_ids")
+    mask, labels = batch.get("attention_mask"), batch.get("labels")
     if mask is not None:
         _check_right_padding(mask)
-    if positions is not None:
-        _check_positions(positions)
+    starts = document_starts(batch, input_ids.shape[1])
     _check_same_across_ranks(batch, group, sp_size)
-    input_ids, shifted = shift_and_pad(input_ids, labels, mask, num_chunks(layout, sp_size), pad_token_id)
-    b, seq = input_ids.shape
-    position_ids = torch.arange(seq, device=input_ids.device).expand(b, seq)
-    local = {
-        "input_ids": shard(input_ids, group, dim=1, layout=layout),
-        "position_ids": shard(position_ids, group, dim=1, layout=layout),
-    }
+    seq = input_ids.shape[1]
+    input_ids, shifted = shift_and_pad(input_ids, labels, mask, num_chunks(layout, sp_size), pad_token_id, starts)
+    b, padded = input_ids.shape
+    position_ids = torch.arange(padded, device=input_ids.device).expand(b, padded)
+    cu_seqlens = None
+    if starts is not None and any(len(row) > 1 for row in starts):
+        rows = _padded_documents(starts, mask, seq, padded)
+        cu_seqlens = _cu_seqlens(rows, padded, input_ids.device)
+        position_ids = torch.stack([positions_in_documents(position_ids[r], rows[r]) for r in range(b)])
+
+    def cut(x):
+        return shard(x, group, dim=1, layout=layout, cu_seqlens=cu_seqlens)
+
+    local = {"input_ids": cut(input_ids), "position_ids": cut(position_ids)}
+    if cu_seqlens is not None:
+        local[DOCUMENTS_KEY] = cu_seqlens
     if shifted is not None:
         count = (shifted != IGNORE_INDEX).sum()
         if int(count) == 0:
             raise ValueError("every label of the batch is ignored (-100 or padding): there is nothing to learn from")
-        local_labels = shard(shifted, group, dim=1, layout=layout)
+        local_labels = cut(shifted)
         local.update(labels=local_labels, shift_labels=local_labels, num_items_in_batch=count)
     return local

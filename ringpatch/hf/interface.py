@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from ringpatch.attention import ring_attention
+from ringpatch.hf.batch import DOCUMENTS_KEY
 from ringpatch.hf.settings import RingSettings
 
 IMPLEMENTATION = "ringpatch"
@@ -35,9 +36,15 @@ def ring_attention_forward(
         )
     if dropout:
         raise NotImplementedError(f"{model_type}: attention dropout {dropout} is not supported by ring attention")
-    for feature in ("softcap", "s_aux", "cu_seq_lens_q", "cu_seq_lens_k"):
+    for feature in ("softcap", "s_aux"):
         if kwargs.get(feature) is not None:
             raise NotImplementedError(f"{model_type}: ring attention cannot honour {feature!r}")
+    for name in ("cu_seq_lens_q", "cu_seq_lens_k"):
+        if kwargs.get(name) is not None:
+            raise ValueError(
+                f"{name} reached a ring-patched model: pass the packed batch through ringpatch.shard_batch, which "
+                "turns it into document masking over the ring"
+            )
     if getattr(module, "is_causal", True) is False:
         raise NotImplementedError(f"{model_type}: ring attention supports causal self-attention only")
     out = ring_attention(
@@ -50,6 +57,7 @@ def ring_attention_forward(
         scale=scaling,
         layout=settings.layout,
         backend=settings.backend,
+        cu_seqlens=kwargs.get(DOCUMENTS_KEY),
     )
     return out, None  # (B, S_local, H, D), no attention weights
 

@@ -13,6 +13,7 @@ import inspect
 from ringpatch.attention.comm import SumOverGroup, resolve_group
 from ringpatch.attention.kernels import check_backend
 from ringpatch.attention.layout import Layout, check_layout
+from ringpatch.hf.batch import DOCUMENTS_KEY
 from ringpatch.hf.interface import IMPLEMENTATION, register
 from ringpatch.hf.models import check_transformers_version, unsupported_features
 from ringpatch.hf.settings import RingSettings, check_local_batch
@@ -33,7 +34,7 @@ def _check_call(model, args, kwargs):
             "a ring-patched model needs this rank's part of the batch with global position_ids: "
             "call model(**ringpatch.shard_batch(batch, group, layout))"
         )
-    check_local_batch(settings, tokens.shape[1], position_ids)
+    check_local_batch(settings, tokens.shape[1], position_ids, kwargs.get(DOCUMENTS_KEY))
     return args, kwargs
 
 

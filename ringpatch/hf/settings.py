@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ringpatch.attention.documents import documents_per_row, positions_in_documents
 from ringpatch.attention.layout import Layout, local_positions, num_chunks
 
 
@@ -21,16 +22,35 @@ class RingSettings:
     previous_implementation: str | None
 
 
-def check_local_batch(settings: RingSettings, local: int, position_ids: torch.Tensor) -> None:
-    """`local` tokens with `position_ids` must be this rank's part under the model's layout."""
+def expected_positions(settings: RingSettings, rows: int, seq_len: int, cu_seqlens=None, device=None) -> torch.Tensor:
+    """The position_ids of this rank's part of a `seq_len`-token batch, per row: global positions,
+    or with packed documents (cu_seqlens) each token's offset in its own document. # (B, S_local)"""
+    docs = documents_per_row(cu_seqlens, rows, seq_len) or (None,) * rows
+    placed = docs if settings.layout == "balanced" else (None,) * rows  # only balanced places by documents
+    return torch.stack(
+        [
+            positions_in_documents(
+                local_positions(settings.layout, seq_len, settings.sp_size, settings.sp_rank, device, placed[b]),
+                docs[b],
+            )
+            for b in range(rows)
+        ]
+    )
+
+
+def check_local_batch(settings: RingSettings, local: int, position_ids: torch.Tensor, cu_seqlens=None) -> None:
+    """`local` tokens with `position_ids` must be this rank's part under the model's layout
+    (and, with packed documents, their boundaries `cu_seqlens`)."""
     seq_len = local * settings.sp_size
     ok = seq_len % num_chunks(settings.layout, settings.sp_size) == 0 and position_ids.shape[-1] == local
     if ok:
-        expected = local_positions(settings.layout, seq_len, settings.sp_size, settings.sp_rank, position_ids.device)
-        ok = torch.equal(position_ids, expected.expand_as(position_ids))
+        rows = position_ids.shape[0] if position_ids.dim() == 2 else 1
+        expected = expected_positions(settings, rows, seq_len, cu_seqlens, position_ids.device)
+        ok = torch.equal(position_ids, expected.view_as(position_ids))
     if not ok:
         raise ValueError(
-            f"the batch holds {local} tokens per rank with position_ids {position_ids[0, :4].tolist()}..., which is not "
-            f"this rank's part ({settings.layout}, sp_rank {settings.sp_rank} of {settings.sp_size}) of a "
-            f"{seq_len}-token sequence; cut the full batch with ringpatch.shard_batch(batch, group, layout)"
+            f"the batch holds {local} tokens per rank with position_ids {position_ids.reshape(-1)[:4].tolist()}..., "
+            f"which is not this rank's part ({settings.layout}, sp_rank {settings.sp_rank} of {settings.sp_size}) "
+            f"of a {seq_len}-token sequence{' with these document boundaries' if cu_seqlens is not None else ''}; "
+            "cut the full batch with ringpatch.shard_batch(batch, group, layout)"
         )

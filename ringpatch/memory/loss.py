@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ringpatch.attention.comm import SumOverGroup
-from ringpatch.hf.batch import IGNORE_INDEX
+from ringpatch.hf.batch import DOCUMENTS_KEY, IGNORE_INDEX
 from ringpatch.hf.models import PLAIN_HEAD_MODEL_TYPES
 from ringpatch.hf.settings import check_local_batch
 
@@ -53,10 +53,18 @@ def causal_lm_loss(model, batch: dict, chunk_tokens: int = 4096) -> torch.Tensor
     if missing:
         raise ValueError(f"batch lacks {missing}: pass the output of ringpatch.shard_batch with labels")
     settings = getattr(model, "_ringpatch", None)
+    documents = batch.get(DOCUMENTS_KEY)
     if settings is not None:
-        check_local_batch(settings, batch["input_ids"].shape[1], batch["position_ids"])
+        check_local_batch(settings, batch["input_ids"].shape[1], batch["position_ids"], documents)
+    elif documents is not None:
+        raise ValueError(
+            "the batch packs documents (ring_cu_seqlens), which only a ring-patched model keeps apart: "
+            "call ringpatch.patch_model(model) first"
+        )
+    extra = {} if documents is None else {DOCUMENTS_KEY: documents}
     body = model.get_decoder()
-    hidden = body(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).last_hidden_state
+    hidden = body(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False, **extra)
+    hidden = hidden.last_hidden_state
     head = model.get_output_embeddings()
     loss = chunked_cross_entropy(hidden, head.weight, batch["shift_labels"], head.bias, chunk_tokens)
     loss = loss / batch["num_items_in_batch"].to(loss.device)

@@ -143,10 +143,13 @@ class Trainer:
             total += loss.item()
         return self._mean_over_world(total / self.recipe.grad_accum)
 
-    def _forward(self, ids: torch.Tensor) -> torch.Tensor:
-        local = ringpatch.shard_batch(
-            {"input_ids": ids, "labels": ids}, group=self.mesh.sp_group, layout=self.recipe.parallel.layout
-        )
+    def _forward(self, rows: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The loss of packed rows (input_ids, doc_position_ids). With document masking the
+        documents stay apart and their positions restart (shard_batch reads the resets)."""
+        batch = {"input_ids": rows["input_ids"], "labels": rows["input_ids"]}
+        if self.recipe.data.document_masking:
+            batch["position_ids"] = rows["doc_position_ids"]
+        local = ringpatch.shard_batch(batch, group=self.mesh.sp_group, layout=self.recipe.parallel.layout)
         return self.engine(**{k: v.to(self.engine.device) for k, v in local.items()})
 
     @staticmethod
@@ -168,7 +171,7 @@ class Trainer:
             return None
         data = self._prepared(spec.eval_source, spec.eval_split, seq_len, "eval")
         self.engine.module.eval()
-        losses = [self._forward(data[i]["input_ids"][None]).item() for i in range(min(spec.eval_samples, len(data)))]
+        losses = [self._forward(data[i : i + 1]).item() for i in range(min(spec.eval_samples, len(data)))]
         self.engine.module.train()
         return sum(losses) / len(losses)
 
@@ -178,11 +181,12 @@ class Trainer:
 
     @staticmethod
     def _micro_batches(data, sampler, micro_batch: int):
-        """Full (micro_batch, seq_len) batches of this rank's dp index, forever."""
+        """Full batches of this rank's dp index, forever: input_ids and doc_position_ids, each
+        (micro_batch, seq_len)."""
         indices = iter(sampler)
         while True:
-            rows = [next(indices) for _ in range(micro_batch)]
-            yield torch.stack([data[i]["input_ids"] for i in rows])
+            rows = [data[next(indices)] for _ in range(micro_batch)]
+            yield {key: torch.stack([row[key] for row in rows]) for key in ("input_ids", "doc_position_ids")}
 
     def _save(self, step: int, stage_index: int, sampler) -> None:
         client_state = {"stage": stage_index, "sampler": sampler.state_dict()}

@@ -36,6 +36,11 @@ def describe(plan, launch: str | None = None) -> str:
         f"{dims.tp} (tp innermost), ZeRO-{r.zero.stage}{' + CPU offload' if r.zero.offload == 'cpu' else ''}, "
         f"{_precision(r.model.dtype)}, activation checkpointing {'on' if r.activation_checkpointing else 'off'}"
     ]
+    masking = r.data is not None and r.data.document_masking
+    lines.append(
+        f"sequence: {r.parallel.layout} layout over sp (lengths a multiple of {dims.seq_len_divisor}), "
+        + ("packed documents kept apart (document masking)" if masking else "packed documents see each other")
+    )
     if plan.model_config:
         n, _ = parameters(plan.model_config)
         lines.append(f"parameters: {n / 1e9:.2f} B")

@@ -1,9 +1,13 @@
 """The ring's plans: every visible (query, key) pair computed exactly once, hidden blocks
-skipped, equal causal work per rank under zigzag, and windows cut the ring short."""
+skipped, equal causal work per rank under zigzag, windows cut the ring short, and with packed
+documents no call ever spans two documents."""
 
 from __future__ import annotations
 
+import bisect
 import itertools
+import math
+import random
 
 import pytest
 
@@ -14,15 +18,21 @@ from ringpatch.attention.ring import ring_plans
 pytestmark = pytest.mark.unit
 
 
-def _pairs(layout, seq, world, causal, window, tile, rank):
+def _doc(docs, i):
+    return 0 if docs is None else bisect.bisect_right(docs, i) - 1
+
+
+def _pairs(layout, seq, world, causal, window, tile, rank, docs=None):
     """The (i, j) global pairs that rank's calls attend, counting each time it is attended."""
-    pos = [local_positions(layout, seq, world, r).tolist() for r in range(world)]
+    pos = [local_positions(layout, seq, world, r, docs=docs).tolist() for r in range(world)]
     seen: dict[tuple[int, int], int] = {}
-    for step, calls in enumerate(ring_plans(layout, seq, world, causal, window, tile)[rank]):
+    for step, calls in enumerate(ring_plans(layout, seq, world, causal, window, tile, docs)[rank]):
         keys = pos[(rank - step) % world]
         for c in calls:
             for a, b in itertools.product(range(c.q0, c.q1), range(c.k0, c.k1)):
                 i, j = pos[rank][a], keys[b]
+                # a call never spans two documents: nothing across a boundary is computed, even masked
+                assert _doc(docs, i) == _doc(docs, j), f"rank {rank} step {step}: {c} spans documents ({i}, {j})"
                 if c.kind == "causal" and b - c.k0 > a - c.q0:
                     continue  # the kernel's own causal mask
                 if c.kind == "band" and ((causal and j > i) or (window is not None and j <= i - window)):
@@ -31,8 +41,18 @@ def _pairs(layout, seq, world, causal, window, tile, rank):
     return pos[rank], seen
 
 
-def _visible(i, j, causal, window):
-    return (not causal or j <= i) and (window is None or j > i - window)
+def _visible(i, j, causal, window, docs=None):
+    return (not causal or j <= i) and (window is None or j > i - window) and _doc(docs, i) == _doc(docs, j)
+
+
+def _random_docs(seq, rng):
+    """Document starts: 1- and 2-token documents, ones longer than a chunk, anywhere."""
+    starts, pos = [0], 0
+    while True:
+        pos += rng.choice([1, 2, 3, rng.randint(4, 12), rng.randint(13, seq)])
+        if pos >= seq:
+            return tuple(starts)
+        starts.append(pos)
 
 
 @pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
@@ -47,6 +67,61 @@ def test_every_visible_pair_exactly_once(layout, world, causal, window):
             f"rank {rank}: missing {sorted(want - set(seen))[:5]}, extra {sorted(set(seen) - want)[:5]}"
         )
         assert max(seen.values()) == 1, f"rank {rank}: pairs attended twice"
+
+
+@pytest.mark.parametrize("layout", ["zigzag", "contiguous", "balanced"])
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("causal, window", [(True, None), (False, None), (True, 3), (True, 13)])
+def test_documents_every_visible_pair_exactly_once_and_none_across(layout, world, causal, window):
+    seq, rng = 96, random.Random(f"{layout}{world}{causal}{window}")
+    for docs in [_random_docs(seq, rng) for _ in range(4)] + [(0, 1, 2, 95), tuple(range(0, seq, 7))]:
+        for rank in range(world):
+            rows, seen = _pairs(layout, seq, world, causal, window, 4, rank, docs)
+            want = {(i, j) for i in rows for j in range(seq) if _visible(i, j, causal, window, docs)}
+            assert set(seen) == want, (
+                f"docs {docs} rank {rank}: missing {sorted(want - set(seen))[:5]}, extra {sorted(set(seen) - want)[:5]}"
+            )
+            assert max(seen.values()) == 1, f"docs {docs} rank {rank}: pairs attended twice"
+
+
+def test_documents_shorter_than_a_chunk_cut_the_ring():
+    """Documents that fit inside a chunk need no remote keys: the ring stops after step 0."""
+    plans = ring_plans("contiguous", 64, 4, True, None, None, tuple(range(0, 64, 8)))
+    assert all(len(p) == 1 for p in plans)
+
+
+def _lognormal_docs(seq, mean, sigma, rng):
+    mu, starts = math.log(mean) - sigma**2 / 2, [0]
+    while (nxt := starts[-1] + max(1, int(rng.lognormvariate(mu, sigma)))) < seq:
+        starts.append(nxt)
+    return tuple(starts)
+
+
+def _imbalance(layout, seq, world, docs):
+    plans = ring_plans(layout, seq, world, True, None, None, docs)
+    work = [sum(call_work(c) for calls in plans[r] for c in calls) for r in range(world)]
+    return max(work) * world / sum(work)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_balanced_layout_evens_out_document_work(world):
+    """Lognormal document lengths (mean S/16 and S/8): the worst rank's attended pairs stay within
+    1.10x the mean under the balanced layout, where zigzag leaves them far apart."""
+    seq, worst = 4096, {"zigzag": 0.0, "balanced": 0.0}
+    for seed, (mean, sigma) in itertools.product(range(5), [(seq / 16, 0.5), (seq / 16, 1.0), (seq / 8, 1.0)]):
+        docs = _lognormal_docs(seq, mean, sigma, random.Random(seed))
+        for layout in worst:
+            worst[layout] = max(worst[layout], _imbalance(layout, seq, world, docs))
+    assert worst["balanced"] <= 1.10, worst
+    assert worst["zigzag"] > 1.25, worst  # the imbalance the balanced layout removes
+
+
+def test_balanced_without_documents_is_zigzag():
+    for world in (1, 2, 3):
+        for r in range(world):
+            assert (
+                local_positions("balanced", 96, world, r).tolist() == local_positions("zigzag", 96, world, r).tolist()
+            )
 
 
 def test_zigzag_balances_causal_work_every_step():

@@ -65,6 +65,22 @@ def test_bad_options(kwargs, exc, match):
     _raises(exc, match, ringpatch.ring_attention, *_qkv(), **kwargs)
 
 
+@pytest.mark.parametrize(
+    "cu_seqlens, exc, match",
+    [
+        ([0, 3, 7], ValueError, r"document boundaries \[0, 3, 7\] must run from 0 to 16 \(2 row\(s\) x 8 tokens"),
+        ([0, 5, 3, 16], ValueError, r"must increase: position 2 holds 3 after 5"),
+        ([0, 5, 5, 16], ValueError, r"must increase: position 2 holds 5 after 5 .* empty documents"),
+        ([0, 5, 12, 16], ValueError, r"let a document span two rows \(no boundary at \[8\]\)"),
+        (torch.tensor([[0, 8, 16]]), ValueError, r"cu_seqlens must be a 1-D integer tensor"),
+        (torch.tensor([0.0, 16.0]), ValueError, r"cu_seqlens must be a 1-D integer tensor .* torch.float32"),
+        ("0,16", TypeError, r"cu_seqlens must be a 1-D integer tensor or a sequence of ints, got str"),
+    ],
+)
+def test_bad_document_boundaries(cu_seqlens, exc, match):
+    _raises(exc, match, ringpatch.ring_attention, *_qkv(batch=2), cu_seqlens=cu_seqlens)
+
+
 def test_odd_length_zigzag_single_rank():
     _raises(
         ValueError,
@@ -111,6 +127,19 @@ def _check_distributed_errors(rank, world):
         _raises(ValueError, r"query heads 3 are not divisible by key/value heads 2", ringpatch.ring_attention, q, k, v)
     else:
         _raises(ValueError, r"rejected on rank\(s\) \[1\]", ringpatch.ring_attention, q, k, v)
+    # document boundaries that differ across ranks: every rank raises
+    bounds = [0, 4, 16, 32] if rank == 0 else [0, 5, 16, 32]  # 2 rows of 8 local tokens x 2 ranks
+    _raises(
+        ValueError,
+        r"pass different document boundaries \(rank\(s\) \[1\] differ from rank 0\)",
+        ringpatch.ring_attention,
+        *_qkv(batch=2),
+        cu_seqlens=bounds,
+    )
+    # boundaries wrong on one rank only: its own error there, the others told
+    bounds = [0, 4, 16, 32] if rank == 0 else [0, 4, 16, 31]
+    match = r"rejected on rank\(s\) \[1\]" if rank == 0 else r"must run from 0 to 32"
+    _raises(ValueError, match, ringpatch.ring_attention, *_qkv(batch=2), cu_seqlens=bounds)
     # the group still works afterwards
     out = ringpatch.ring_attention(*_qkv())
     assert out.shape == (1, 8, 4, 8)

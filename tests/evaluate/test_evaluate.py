@@ -55,6 +55,37 @@ def _prefill_worker(rank, world, name, layout):
         assert abs(losses[n] - ref.mean().item()) <= 1e-5 * ref.mean().item()
 
 
+def _documents_worker(rank, world, layout):
+    """Packed documents (different per row): ring prefill with position_ids that restart equals the
+    unpatched model under a 4D block-diagonal mask."""
+    import ringpatch
+
+    reference = build("llama").eval()
+    model = ringpatch.patch_model(build("llama").eval(), layout=layout)
+    seq = 128
+    ids = torch.randint(0, reference.config.vocab_size, (2, seq), generator=torch.Generator().manual_seed(6))
+    splits = [[30, 2, 60, 36], [1, 127]]
+    positions = torch.tensor([[p for n in row for p in range(n)] for row in splits])
+    doc = (positions == 0).cumsum(-1)
+    i = torch.arange(seq)
+    visible = (i[None, :, None] >= i[None, None, :]) & (doc[:, :, None] == doc[:, None, :])
+    mask = torch.zeros(visible.shape).masked_fill(~visible, torch.finfo(torch.float32).min)[:, None]
+    scored = torch.tensor([0, 5, 31, 32, 63, 64, seq - 2])
+    with torch.no_grad():
+        logits = reference(input_ids=ids, position_ids=positions, attention_mask=mask).logits[:, scored].float()
+    targets = ids[:, scored + 1]
+    ref_nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+    nll, correct = ring_prefill_scores(model, ids, scored, layout=layout, position_ids=positions)
+    torch.testing.assert_close(nll, ref_nll, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(correct, (logits.argmax(-1) == targets).float(), rtol=0, atol=0)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("layout", ["zigzag", "balanced"])
+def test_ring_prefill_keeps_documents_apart(layout):
+    spawn(_documents_worker, 2, layout)
+
+
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize("name, layout", [("llama", "zigzag"), ("mistral-w20", "zigzag"), ("llama", "contiguous")])

@@ -17,14 +17,23 @@ def visible(seq_len: int, causal: bool, window: int | None) -> torch.Tensor:
     return mask
 
 
-def attention(q, k, v, causal: bool = True, window: int | None = None, scale: float | None = None):
-    """q (B, S, H, D), k/v (B, S, H_kv, D) -> (B, S, H, D)."""
+def attention(q, k, v, causal: bool = True, window: int | None = None, scale: float | None = None, doc_ids=None):
+    """q (B, S, H, D), k/v (B, S, H_kv, D) -> (B, S, H, D). doc_ids (B, S): the document of each
+    token; a query then sees only keys of its own document (block-diagonal)."""
     groups = q.shape[2] // k.shape[2]
     k, v = k.repeat_interleave(groups, dim=2), v.repeat_interleave(groups, dim=2)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     scores = torch.einsum("bihd,bjhd->bhij", q, k) * scale
-    scores = scores.masked_fill(~visible(q.shape[1], causal, window), float("-inf"))
+    mask = visible(q.shape[1], causal, window)[None]  # (1, S, S)
+    if doc_ids is not None:
+        mask = mask & (doc_ids[:, :, None] == doc_ids[:, None, :])  # (B, S, S)
+    scores = scores.masked_fill(~mask[:, None], float("-inf"))
     return torch.einsum("bhij,bjhd->bihd", scores.softmax(-1), v)
+
+
+def doc_ids_from_lengths(lengths_per_row: list[list[int]]) -> torch.Tensor:
+    """(B, S) document index of each token, from each row's document lengths."""
+    return torch.tensor([[d for d, n in enumerate(row) for _ in range(n)] for row in lengths_per_row])
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:

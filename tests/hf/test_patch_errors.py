@@ -137,9 +137,37 @@ def test_patched_model_misuse_single_rank():
             r"rows \[1\] have left or inner padding.*padding_side = 'right'",
         ),
         (
-            {"input_ids": torch.zeros(1, 4, dtype=torch.long), "position_ids": torch.tensor([[0, 1, 0, 1]])},
-            NotImplementedError,
-            r"per-document resets",
+            {"input_ids": torch.zeros(1, 4, dtype=torch.long), "position_ids": torch.tensor([[3, 4, 5, 6]])},
+            ValueError,
+            r"position_ids row 0 reads \[3, 4, 5\] around index 0: .* offsets and other jumps are not supported",
+        ),
+        (
+            {"input_ids": torch.zeros(1, 4, dtype=torch.long), "position_ids": torch.tensor([[0, 2, 1, 3]])},
+            ValueError,
+            r"position_ids row 0 reads \[0, 2, 1, 3\] around index 1",
+        ),
+        (
+            {
+                "input_ids": torch.zeros(1, 4, dtype=torch.long),
+                "position_ids": torch.tensor([[0, 1, 0, 1]]),
+                "cu_seq_lens_q": torch.tensor([0, 3, 4], dtype=torch.int32),
+            },
+            ValueError,
+            r"position_ids and cu_seq_lens_q place the documents of row 0 differently \(\[0, 2\] vs \[0, 3\]\)",
+        ),
+        (
+            {
+                "input_ids": torch.zeros(1, 4, dtype=torch.long),
+                "cu_seq_lens_q": torch.tensor([0, 2, 4]),
+                "cu_seq_lens_k": torch.tensor([0, 1, 4]),
+            },
+            ValueError,
+            r"cu_seq_lens_q and cu_seq_lens_k differ",
+        ),
+        (
+            {"input_ids": torch.zeros(1, 4, dtype=torch.long), "cu_seq_lens_q": torch.tensor([0, 2, 5])},
+            ValueError,
+            r"document boundaries \[0, 2, 5\] must run from 0 to 4",
         ),
         (
             {"input_ids": torch.zeros(1, 4, dtype=torch.long), "labels": torch.full((1, 4), -100)},

@@ -52,12 +52,17 @@ def test_loads_yaml_into_frozen_dataclasses(tmp_path):
         (
             dict(parallel__layout="ring"),
             ValueError,
-            r"parallel.layout must be one of \['zigzag', 'contiguous'\], got 'ring'",
+            r"parallel.layout must be one of \['zigzag', 'contiguous', 'balanced'\], got 'ring'",
         ),
         (
-            dict(stages__0__seq_len=65537),
+            dict(stages__0__seq_len=65537, parallel__layout="zigzag"),
             ValueError,
             r"stages\[0\].seq_len 65537 is not divisible by the zigzag layout's 8 chunks \(sp=4\); use 65544",
+        ),
+        (
+            dict(stages__0__seq_len=65544),  # the default layout, balanced: 8 chunks per rank
+            ValueError,
+            r"stages\[0\].seq_len 65544 is not divisible by the balanced layout's 32 chunks \(sp=4\); use 65568",
         ),
         (dict(zero__stage=3), ValueError, r"AutoTP training does not combine with ZeRO-3"),
         (dict(zero__stage=5), ValueError, r"zero.stage must be 0, 1, 2 or 3, got 5"),

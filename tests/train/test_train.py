@@ -6,6 +6,7 @@ last checkpoint; all three launchers start it."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import subprocess
@@ -244,3 +245,63 @@ def test_a_rope_scaling_stage_reaches_the_exported_config(tmp_path, data):
         "rope_theta": 10000.0,
     }
     assert config["max_position_embeddings"] == 128 and len(metrics(tmp_path / "run")[0]) == 4
+
+
+def _short_documents(folder):
+    """Documents of 5 to 30 bytes: every 64-token sequence packs several."""
+    import json
+    import random
+
+    rng = random.Random(0)
+    folder.mkdir()
+    for name, count in (("train", 400), ("eval", 40)):
+        docs = ["".join(rng.choice("abcdefgh ") for _ in range(rng.randint(5, 30))) for _ in range(count)]
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    return folder
+
+
+def _block_diagonal_loss(recipe_path, rows):
+    """The first step's loss, recomputed in one process by the unpatched model with a 4D
+    block-diagonal causal mask (documents from the resets of doc_position_ids)."""
+    import yaml
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = yaml.safe_load(recipe_path.read_text())["model"]["config"]
+    torch.manual_seed(0)  # the recipe's seed: the trainer's scratch weights
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config), attn_implementation="eager")
+    ids, positions = rows["input_ids"], rows["doc_position_ids"]
+    seq = ids.shape[1]
+    doc = (positions == 0).cumsum(-1)  # (B, S) document index
+    i = torch.arange(seq)
+    visible = (i[None, :, None] >= i[None, None, :]) & (doc[:, :, None] == doc[:, None, :])
+    mask = torch.zeros(visible.shape).masked_fill(~visible, torch.finfo(torch.float32).min)[:, None]
+    with torch.no_grad():
+        logits = model(input_ids=ids, position_ids=positions, attention_mask=mask).logits
+    targets = ids[:, 1:].clone()
+    targets[doc[:, 1:] != doc[:, :-1]] = -100  # a document's last token predicts nothing
+    return torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=-100).item()
+
+
+def test_document_masking_matches_a_block_diagonal_mask(tmp_path):
+    """sp = 2 with document masking (the default, on the balanced layout): the first step's loss
+    equals the unpatched model's under a 4D block-diagonal mask on the same packed rows, and
+    differs from a run that attends across documents."""
+    from ringpatch.data.prepare import load_prepared
+    from ringpatch.data.sampler import DistributedSampler
+
+    data = _short_documents(tmp_path / "short")
+    stages = [{"seq_len": 64, "steps": 2}]
+    masked, unmasked = tmp_path / "masked", tmp_path / "unmasked"
+    for d in (masked, unmasked):
+        d.mkdir()
+    path = recipe(masked, data, parallel__sp=2, stages=stages)
+    ok(launch(path, 2))
+    ok(launch(recipe(unmasked, data, parallel__sp=2, stages=stages, data__document_masking=False), 2))
+    prepared = load_prepared(next((data / "cache").glob("train-64-*")))
+    first = list(itertools.islice(DistributedSampler(len(prepared), 1, 0, seed=0), 2))
+    rows = prepared[first]
+    assert int((rows["doc_position_ids"] == 0).sum()) >= 6, "the rows should pack several documents"
+    want = _block_diagonal_loss(path, rows)
+    got, across = metrics(masked / "run")[0][0], metrics(unmasked / "run")[0][0]
+    assert abs(got - want) <= 1e-5 * want, (got, want)
+    assert abs(across - want) > 1e-3 * want, (across, want)  # attending across documents is not the same
