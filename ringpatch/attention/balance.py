@@ -33,7 +33,7 @@ def chunk_work(seq_len: int, chunks: int, docs: tuple[int, ...]) -> list[int]:
     return (pos - start_of + 1).view(chunks, -1).sum(1).tolist()
 
 
-@functools.lru_cache(maxsize=1024)
+@functools.lru_cache(maxsize=64)
 def balanced_chunks(seq_len: int, sp_size: int, docs: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
     """For each rank, the chunk indices it holds (increasing), out of CHUNKS_PER_RANK * sp_size."""
     chunks = CHUNKS_PER_RANK * sp_size

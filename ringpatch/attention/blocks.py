@@ -120,7 +120,6 @@ def _shared_documents(docs: tuple[int, ...], qa: int, m: int, kb: int, n: int):
             yield q_span, k_span
 
 
-@functools.lru_cache(maxsize=4096)
 def plan_block(
     q_ranges: tuple[tuple[int, int], ...],
     k_ranges: tuple[tuple[int, int], ...],
@@ -136,7 +135,20 @@ def plan_block(
     honours arbitrary band masks natively, so partial pairs are not split. `fuse_causal`
     lets a rank's own block become one causal call when that is exact. `docs`: the global
     start positions of the packed documents (the first is 0), or None for one sequence.
+    Plans without documents are memoised here; with documents (a new set every batch) the
+    ring memoises a few whole plans instead, so no cache holds many boundary lists.
     """
+    if docs is None:
+        return _plan_sequence(q_ranges, k_ranges, causal, window, tile, fuse_causal)
+    return _plan(q_ranges, k_ranges, causal, window, tile, fuse_causal, docs)
+
+
+@functools.lru_cache(maxsize=4096)
+def _plan_sequence(q_ranges, k_ranges, causal, window, tile, fuse_causal) -> tuple[Call, ...]:
+    return _plan(q_ranges, k_ranges, causal, window, tile, fuse_causal, None)
+
+
+def _plan(q_ranges, k_ranges, causal, window, tile, fuse_causal, docs) -> tuple[Call, ...]:
     if fuse_causal and docs is None and q_ranges == k_ranges and causal:
         span = q_ranges[-1][0] + q_ranges[-1][1] - q_ranges[0][0]
         if window is None or span - 1 < window:

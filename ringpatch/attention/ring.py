@@ -86,9 +86,15 @@ class RingSpec:
         return tuple(first), tuple(second)
 
 
-@functools.lru_cache(maxsize=256)
 def ring_plans(layout, seq_len, sp_size, causal, window, tile, docs=None) -> tuple[tuple[tuple[Call, ...], ...], ...]:
-    """plans[r][s]: the calls of rank r at step s, cut to the last step any rank needs."""
+    """plans[r][s]: the calls of rank r at step s, cut to the last step any rank needs.
+    Memoised: every layer of a step asks for the same plans; documents change with each batch,
+    so few of their plans are kept."""
+    cached = _sequence_plans if docs is None else _document_plans
+    return cached(layout, seq_len, sp_size, causal, window, tile, docs)
+
+
+def _plan_ring(layout, seq_len, sp_size, causal, window, tile, docs) -> tuple[tuple[tuple[Call, ...], ...], ...]:
     ranges = [local_ranges(layout, seq_len, sp_size, r, docs) for r in range(sp_size)]
     plans = [
         [plan_block(ranges[r], ranges[(r - s) % sp_size], causal, window, tile, docs=docs) for s in range(sp_size)]
@@ -96,6 +102,10 @@ def ring_plans(layout, seq_len, sp_size, causal, window, tile, docs=None) -> tup
     ]
     last = max(s for r in range(sp_size) for s in range(sp_size) if plans[r][s] or s == 0)
     return tuple(tuple(p[: last + 1]) for p in plans)
+
+
+_sequence_plans = functools.lru_cache(maxsize=256)(_plan_ring)
+_document_plans = functools.lru_cache(maxsize=32)(_plan_ring)  # a micro-batch's rows, several layers
 
 
 def _neighbours(spec: RingSpec, shift: int = 1) -> tuple[int, int]:

@@ -12,11 +12,10 @@ import torch.nn.functional as F
 import ringpatch
 from tests.helpers.models import VOCAB, build
 from tests.helpers.procs import spawn
+from tests.hf.test_patch import _compare, _ring  # the same loss and gradient bounds
 
 pytestmark = pytest.mark.multiprocess
 
-LOSS_REL = 1e-5
-GRAD_REL = 1e-4
 SPLITS = [[10, 1, 20, 6], [2, 35]]  # per row: 37 tokens, a 1-token and a 2-token document
 
 
@@ -46,27 +45,6 @@ def _documents_alone(model, batch):
     loss = total / count
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
-
-
-def _ring(model, batch, layout, world):
-    model.zero_grad()
-    out = model(**ringpatch.shard_batch(batch, layout=layout))
-    out.loss.backward()
-    grads = {}
-    for n, p in model.named_parameters():
-        g = p.grad.clone()
-        dist.all_reduce(g)
-        grads[n] = g / world
-    return out.loss.detach(), grads
-
-
-def _compare(label, ref, got):
-    (ref_loss, ref_grads), (loss, grads) = ref, got
-    err = abs(loss.item() - ref_loss.item()) / abs(ref_loss.item())
-    assert err <= LOSS_REL, f"{label}: loss {loss.item():.7f} vs {ref_loss.item():.7f} (rel {err:.1e} > {LOSS_REL})"
-    for name, want in ref_grads.items():
-        g_err = ((grads[name] - want).abs().max() / want.abs().max().clamp_min(1e-12)).item()
-        assert g_err <= GRAD_REL, f"{label}: grad {name} relative error {g_err:.1e} > {GRAD_REL}"
 
 
 def _check(rank, world, layout):
