@@ -89,3 +89,24 @@ def build_engine(plan: Plan, lm):
         lr_scheduler=lambda opt: LambdaLR(opt, factor),
     )
     return engine
+
+
+def apply_optimizer_settings(engine, recipe) -> dict[str, tuple]:
+    """Make the recipe's optimizer settings the ones in force, after a checkpoint was loaded.
+
+    DeepSpeed restores the optimizer's param groups (betas, weight decay) and the schedule's
+    base learning rate from the checkpoint, so a recipe changed between runs would silently keep
+    the old values. The recipe wins; the schedule keeps its step, and the current lr is set
+    from the new base. Returns {setting: (checkpoint's value, recipe's value)} for what changed."""
+    o, scheduler = recipe.optim, engine.lr_scheduler
+    wanted = {"lr": o.lr, "betas": tuple(o.betas), "weight_decay": o.weight_decay}
+    found = {
+        "lr": scheduler.base_lrs[0],
+        "betas": tuple(engine.optimizer.param_groups[0]["betas"]),
+        "weight_decay": engine.optimizer.param_groups[0]["weight_decay"],
+    }
+    scheduler.base_lrs = [o.lr] * len(engine.optimizer.param_groups)
+    scheduler._last_lr = [o.lr * factor(scheduler.last_epoch) for factor in scheduler.lr_lambdas]
+    for group, lr in zip(engine.optimizer.param_groups, scheduler._last_lr, strict=True):
+        group.update(initial_lr=o.lr, lr=lr, betas=wanted["betas"], weight_decay=o.weight_decay)
+    return {f"optim.{k}": (found[k], v) for k, v in wanted.items() if found[k] != v}

@@ -22,7 +22,13 @@ from ringpatch.data.tokenizer import load_tokenizer
 from ringpatch.hf.rope import apply_rope
 from ringpatch.parallel import stop
 from ringpatch.train import checkpoint
-from ringpatch.train.build import build_engine, build_model, start_distributed, zero3_loading
+from ringpatch.train.build import (
+    apply_optimizer_settings,
+    build_engine,
+    build_model,
+    start_distributed,
+    zero3_loading,
+)
 from ringpatch.train.export import export_hf
 from ringpatch.train.metrics import RunLog
 from ringpatch.train.plan import Plan
@@ -45,9 +51,22 @@ class Trainer:
         self.engine = build_engine(plan, build_model(plan, self.mesh))
         self.lm = self.engine.module.lm
         self.state = checkpoint.resume(self.engine, self.ckpt_dir, self.identity, allowed=resume)
+        changed = apply_optimizer_settings(self.engine, recipe) if self.state["step"] else {}
         if self.rank == 0 and self.state["step"]:
             print(f"ringpatch: resuming {self.ckpt_dir} at step {self.state['step']}")
+            for key, (old, new) in changed.items():
+                print(f"ringpatch: {key} changed since the checkpoint: {old} -> {new} (the recipe's value is used)")
         self.log = RunLog(self.run_dir, self.rank, recipe, resumed_step=self.state["step"])
+        if changed:
+            self.log.write(
+                {
+                    "event": "resume",
+                    "step": self.state["step"],
+                    "changed": {
+                        k: [list(v) if isinstance(v, tuple) else v for v in pair] for k, pair in changed.items()
+                    },
+                }
+            )
 
     # --- the run ----------------------------------------------------------------------------
     def run(self, max_steps: int | None = None) -> None:

@@ -7,6 +7,7 @@ last checkpoint; all three launchers start it."""
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import signal
 import subprocess
@@ -305,3 +306,28 @@ def test_document_masking_matches_a_block_diagonal_mask(tmp_path):
     got, across = metrics(masked / "run")[0][0], metrics(unmasked / "run")[0][0]
     assert abs(got - want) <= 1e-5 * want, (got, want)
     assert abs(across - want) > 1e-3 * want, (across, want)  # attending across documents is not the same
+
+
+def test_a_changed_learning_rate_takes_effect_on_resume(tmp_path, data):
+    """Stopped at step 2, resumed with another optim.lr: the new rate is used from step 3 on (the
+    same lr as a run made with it from the start), and the change is printed and logged."""
+    base = {"parallel__sp": 2, "stages": [{"seq_len": 64, "steps": 4}], "save_every": 2}
+    fresh, resumed = tmp_path / "fresh", tmp_path / "resumed"
+    for d in (fresh, resumed):
+        d.mkdir()
+    ok(launch(recipe(fresh, data, optim__lr=0.001, **base), 2))
+    ok(launch(recipe(resumed, data, optim__lr=0.003, **base), 2, "--max-steps", "2"))
+    proc = launch(recipe(resumed, data, optim__lr=0.001, optim__betas=[0.9, 0.99], **base), 2)
+    ok(proc)
+    records = [json.loads(line) for line in (resumed / "run" / "metrics.jsonl").read_text().splitlines()]
+    lr = {r["step"]: r["lr"] for r in records if "lr" in r}
+    want = {
+        r["step"]: r["lr"]
+        for r in map(json.loads, (fresh / "run" / "metrics.jsonl").read_text().splitlines())
+        if "lr" in r
+    }
+    assert lr[3] == pytest.approx(want[3], rel=1e-12) and lr[4] == pytest.approx(want[4], rel=1e-12), (lr, want)
+    assert lr[2] == pytest.approx(3 * want[2], rel=1e-12)  # the first run's rate, before the change
+    assert [r for r in records if r.get("event") == "resume"][0]["changed"]["optim.lr"] == [0.003, 0.001]
+    assert "optim.lr changed since the checkpoint: 0.003 -> 0.001 (the recipe's value is used)" in proc.stdout
+    assert "optim.betas changed since the checkpoint: (0.9, 0.95) -> (0.9, 0.99)" in proc.stdout
