@@ -9,6 +9,7 @@
   loop.py        the Trainer: stages, steps, evaluation, checkpoints, exports
   metrics.py     metrics.jsonl and wandb
   checkpoint.py  checkpoints that resume exactly and refuse another recipe's state
+  lock.py        one run per run_dir
   export.py      a plain Hugging Face folder from a DeepSpeed run
 
 The top layer of the library: nothing below it (attention, parallel, hf, memory,

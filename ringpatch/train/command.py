@@ -17,6 +17,7 @@ import argparse
 import os
 import sys
 
+from ringpatch.train.lock import RunLock
 from ringpatch.train.preflight import USER_ERRORS, preflight
 
 
@@ -32,8 +33,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher's
     args = parser.parse_args(argv)
 
+    lock = None
     try:
         plan = preflight(args.recipe, run_dir=args.run_dir, deepspeed_file=args.deepspeed)
+        if int(os.environ.get("RANK", "0")) == 0:  # one owner per run; the other ranks follow rank 0
+            lock = RunLock(plan.recipe.run_dir)
+            lock.acquire()
     except USER_ERRORS as e:  # before any process group: a plain message and exit 2
         print(f"ringpatch train: {e}", file=sys.stderr)
         return 2
@@ -43,10 +48,14 @@ def main(argv: list[str] | None = None) -> int:
         trainer = Trainer(plan, resume=not args.no_resume)
         trainer.run(max_steps=args.max_steps)
         trainer.close()
+        if lock is not None:
+            lock.release()
     except USER_ERRORS as e:
         # inside the process groups: leave at once, since a rank that waits for its peers to
         # tear down could hang; the launcher stops the other ranks
         print(f"ringpatch train (rank {os.environ.get('RANK', '0')}): {e}", file=sys.stderr, flush=True)
         sys.stdout.flush()
+        if lock is not None:
+            lock.release()
         os._exit(1)
     return 0

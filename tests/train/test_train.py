@@ -331,3 +331,32 @@ def test_a_changed_learning_rate_takes_effect_on_resume(tmp_path, data):
     assert [r for r in records if r.get("event") == "resume"][0]["changed"]["optim.lr"] == [0.003, 0.001]
     assert "optim.lr changed since the checkpoint: 0.003 -> 0.001 (the recipe's value is used)" in proc.stdout
     assert "optim.betas changed since the checkpoint: (0.9, 0.95) -> (0.9, 0.99)" in proc.stdout
+
+
+def test_a_second_launch_on_a_running_run_dir_is_refused(tmp_path, data):
+    """Two launches on one run_dir: the second stops before any process group, naming the first's
+    pid, its message before any launcher traceback; the first finishes as if alone; a lock left
+    by a killed run (its pid gone) is taken over by the next launch."""
+    import socket
+
+    path = recipe(tmp_path, data, parallel__sp=2, stages=[{"seq_len": 64, "steps": 20}])
+    lock = tmp_path / "run" / "ringpatch.lock"
+    first = subprocess.Popen(
+        command(path, 2), cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and not lock.is_file():
+        time.sleep(0.05)
+    holder = json.loads(lock.read_text())["pid"]
+    second = launch(path, 2)
+    out, err = first.communicate(timeout=400)
+    assert first.returncode == 0, out[-2000:] + err[-3000:]
+    assert second.returncode != 0
+    message = f"ringpatch train: {tmp_path / 'run'} is in use by another run (pid {holder} on "
+    assert message in second.stderr, second.stderr[-3000:]
+    assert "Traceback" not in second.stderr.split(message)[0]
+    assert len(metrics(tmp_path / "run")[0]) == 20 and not lock.exists()
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": 2**22 + 7, "started": "then"}))
+    proc = launch(recipe(tmp_path, data, parallel__sp=2, stages=[{"seq_len": 64, "steps": 21}]), 2)
+    ok(proc)
+    assert "has ended; taking it over" in proc.stdout + proc.stderr
