@@ -14,7 +14,7 @@ import torch.distributed as dist
 from ringpatch.attention.comm import resolve_group
 from ringpatch.attention.documents import positions_in_documents
 from ringpatch.attention.layout import Layout, local_positions
-from ringpatch.hf.batch import DOCUMENTS_KEY
+from ringpatch.hf.batch import DOCUMENTS_KEY, cu_seqlens_of
 from ringpatch.hf.documents import starts_from_positions
 from ringpatch.parallel import ParallelDims
 
@@ -74,14 +74,13 @@ def _row_runs(batch: int, position_ids) -> list[tuple[slice, tuple[int, ...] | N
 def _score(model, ids, scored, into, sp_size: int, sp_rank: int, layout: Layout, docs) -> None:
     """Score rows that share one placement into this rank's slots of `into` = (nll, correct)."""
     batch, seq = ids.shape
-    placed = docs if layout == "balanced" else None
-    pos = local_positions(layout, seq, sp_size, sp_rank, device=ids.device, docs=placed)  # (S_local,) global
+    pos = local_positions(layout, seq, sp_size, sp_rank, device=ids.device, docs=docs)  # (S_local,) global
     where = {p: i for i, p in enumerate(pos.tolist())}
     mine = [(k, where[p]) for k, p in enumerate(scored.tolist()) if p in where]  # (score slot, local index)
     keep = torch.tensor([i for _, i in mine], dtype=torch.long, device=ids.device)
     extra = {}
     if docs is not None:  # the rows' boundaries laid end to end, as shard_batch sends them
-        extra[DOCUMENTS_KEY] = torch.tensor([b * seq + s for b in range(batch) for s in docs] + [batch * seq])
+        extra[DOCUMENTS_KEY] = cu_seqlens_of([docs] * batch, seq)
     rope = positions_in_documents(pos, docs)[None].expand(batch, -1)
     out = model(input_ids=ids[:, pos], position_ids=rope, logits_to_keep=keep, use_cache=False, **extra)
     logits = out.logits.float()  # (B, len(mine), V): only the scored positions this rank holds

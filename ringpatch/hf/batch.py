@@ -119,7 +119,7 @@ def _padded_documents(starts: list[list[int]], mask, seq: int, padded: int) -> l
     return rows
 
 
-def _cu_seqlens(rows: list[tuple[int, ...]], seq: int, device) -> torch.Tensor:
+def cu_seqlens_of(rows: list[tuple[int, ...]], seq: int, device=None) -> torch.Tensor:
     """The rows' boundaries laid end to end: [0, ..., len(rows) * seq]."""
     bounds = [b * seq + s for b, row in enumerate(rows) for s in row] + [len(rows) * seq]
     return torch.tensor(bounds, dtype=torch.int64, device=device)
@@ -149,7 +149,7 @@ def shard_batch(batch, group=None, layout: Layout = "zigzag", pad_token_id: int 
     cu_seqlens = None
     if starts is not None and any(len(row) > 1 for row in starts):
         rows = _padded_documents(starts, mask, seq, padded)
-        cu_seqlens = _cu_seqlens(rows, padded, input_ids.device)
+        cu_seqlens = cu_seqlens_of(rows, padded, input_ids.device)
         position_ids = torch.stack([positions_in_documents(position_ids[r], rows[r]) for r in range(b)])
 
     def cut(x):

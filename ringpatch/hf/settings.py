@@ -26,11 +26,10 @@ def expected_positions(settings: RingSettings, rows: int, seq_len: int, cu_seqle
     """The position_ids of this rank's part of a `seq_len`-token batch, per row: global positions,
     or with packed documents (cu_seqlens) each token's offset in its own document. # (B, S_local)"""
     docs = documents_per_row(cu_seqlens, rows, seq_len) or (None,) * rows
-    placed = docs if settings.layout == "balanced" else (None,) * rows  # only balanced places by documents
     return torch.stack(
         [
             positions_in_documents(
-                local_positions(settings.layout, seq_len, settings.sp_size, settings.sp_rank, device, placed[b]),
+                local_positions(settings.layout, seq_len, settings.sp_size, settings.sp_rank, device, docs[b]),
                 docs[b],
             )
             for b in range(rows)
