@@ -38,17 +38,24 @@ def plan(argv: list[str]) -> int:
     parser.add_argument("--recipe", required=True)
     parser.add_argument("--nodes", type=int, default=1)
     parser.add_argument("--gpus-per-node", type=int, default=8)
+    parser.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU the plan must fit (default 80)")
     parser.add_argument("--launch", help="the launch command to print with the plan")
     args = parser.parse_args(argv)
     from ringpatch.train.plan import describe
-    from ringpatch.train.preflight import USER_ERRORS, preflight
+    from ringpatch.train.preflight import USER_ERRORS, check_memory, preflight
 
     try:
+        if args.nodes < 1 or args.gpus_per_node < 1 or not args.gpu_memory > 0:
+            raise ValueError(
+                f"--nodes, --gpus-per-node and --gpu-memory must be positive, got {args.nodes}, "
+                f"{args.gpus_per_node}, {args.gpu_memory}"
+            )
         p = preflight(args.recipe, world=args.nodes * args.gpus_per_node)
+        print(describe(p, args.launch))
+        check_memory(p, args.gpu_memory, f"a {args.gpu_memory:g} GiB GPU (--gpu-memory)")
     except USER_ERRORS as e:
         print(f"ringpatch plan: {e}", file=sys.stderr)
         return 2
-    print(describe(p, args.launch))
     return 0
 
 

@@ -38,18 +38,30 @@ def local_files(source: str) -> tuple[str, list[Path]] | None:
     return kinds.pop(), files
 
 
-def load_source(source: str, split: str, text_field: str, streaming: bool):
-    """The documents of `source` as a datasets (Iterable)Dataset, checked for `text_field`."""
+def load_source(source: str, split: str, text_field: str, streaming: bool, cache_dir: str | None = None):
+    """The documents of `source` as a datasets (Iterable)Dataset, checked for `text_field`.
+    Non-streaming, datasets converts the source to Arrow under `cache_dir` (None: its own
+    cache in ~/.cache/huggingface, which keeps the copy)."""
     import datasets
 
     local = local_files(source)
     if local is None:
-        ds = datasets.load_dataset(source, split=split, streaming=streaming)
+        ds = datasets.load_dataset(source, split=split, streaming=streaming, cache_dir=cache_dir)
     else:
         builder, files = local
+        empty = [str(f) for f in files if f.stat().st_size == 0]
+        if empty:
+            raise ValueError(
+                f"data source {source}: {empty} {'is' if len(empty) == 1 else 'are'} empty; remove or fill"
+            )
         extra = {"sample_by": "document"} if builder == "text" else {}  # a .txt file is one document
         ds = datasets.load_dataset(
-            builder, data_files=[str(f) for f in files], split="train", streaming=streaming, **extra
+            builder,
+            data_files=[str(f) for f in files],
+            split="train",
+            streaming=streaming,
+            cache_dir=cache_dir,
+            **extra,
         )
     columns = ds.column_names if ds.column_names is not None else list(next(iter(ds)).keys())
     if text_field not in columns:
@@ -100,25 +112,50 @@ def _documents(ds, tokenizer, text_field: str, streaming: bool, num_proc: int) -
         yield row["ids"]
 
 
-def _packed(spec, source: str, split: str, tokenizer, seq_len: int):
+def _packed(spec, source: str, split: str, tokenizer, seq_len: int, cache_dir: str):
     """Generator of packed rows (run by datasets, which writes them to Arrow in batches)."""
     from tqdm.auto import tqdm
 
-    ds = load_source(source, split, spec.text_field, spec.streaming)
+    ds = load_source(source, split, spec.text_field, spec.streaming, cache_dir=cache_dir)
     docs = _documents(ds, tokenizer, spec.text_field, spec.streaming, spec.num_proc)
     packed = pack_documents(docs, seq_len, tokenizer.eos_token_id, spec.min_doc_tokens)
     yield from tqdm(islice(packed, spec.max_sequences), desc=f"packing {split} at {seq_len}", unit="seq")
 
 
-def _tokens_up_to(spec, source: str, split: str, tokenizer, needed: int) -> int:
-    """Tokens the kept documents give (with EOS), counting no further than `needed`."""
-    ds = load_source(source, split, spec.text_field, spec.streaming)
+def count_tokens(spec, source: str, split: str, tokenizer, needed: int) -> int:
+    """Tokens the kept documents of `source` give (with EOS), counting no further than `needed`.
+    Streamed (nothing is copied to disk); a source datasets cannot read is a ValueError."""
     count = 0
-    for doc in _documents(ds, tokenizer, spec.text_field, True, 1):  # serial: stops early
-        count += len(doc) + 1 if len(doc) >= spec.min_doc_tokens else 0
-        if count >= needed:
-            break
+    try:
+        ds = load_source(source, split, spec.text_field, streaming=True)
+        for doc in _documents(ds, tokenizer, spec.text_field, True, 1):  # serial: stops early
+            count += len(doc) + 1 if len(doc) >= spec.min_doc_tokens else 0
+            if count >= needed:
+                break
+    except (ValueError, FileNotFoundError):
+        raise
+    except Exception as e:  # datasets' and pyarrow's many reader errors: one line, the source named
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ValueError(
+            f"data source {source} could not be read ({type(e).__name__}: {detail}); check the file"
+        ) from None
     return count
+
+
+def check_tokens(spec, source: str, split: str, tokenizer, seq_len: int) -> None:
+    """The source gives at least one packed sequence of `seq_len` tokens."""
+    tokens = count_tokens(spec, source, split, tokenizer, seq_len)
+    if tokens < seq_len:
+        raise ValueError(
+            f"data source {source} gives {tokens} tokens (documents of at least data.min_doc_tokens="
+            f"{spec.min_doc_tokens}, with EOS), fewer than the {seq_len} one packed sequence needs: add data or "
+            "lower min_doc_tokens"
+        )
+
+
+def prepared_folder(spec, source: str, split: str, tokenizer, seq_len: int, kind: str) -> Path:
+    """Where prepare_split keeps `source` packed at `seq_len` (complete when it holds MARKER)."""
+    return Path(spec.cache_dir, f"{kind}-{seq_len}-{fingerprint(spec, source, split, tokenizer, seq_len)}")
 
 
 def prepare_split(spec, source: str, split: str, tokenizer, seq_len: int, kind: str = "train") -> Path:
@@ -127,7 +164,7 @@ def prepare_split(spec, source: str, split: str, tokenizer, seq_len: int, kind: 
 
     if tokenizer.eos_token_id is None:
         raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no EOS token, which packing puts between documents")
-    folder = Path(spec.cache_dir, f"{kind}-{seq_len}-{fingerprint(spec, source, split, tokenizer, seq_len)}")
+    folder = prepared_folder(spec, source, split, tokenizer, seq_len, kind)
     if Path(folder, MARKER).is_file():
         return folder
     partial = folder.with_name(folder.name + ".partial")
@@ -135,23 +172,19 @@ def prepare_split(spec, source: str, split: str, tokenizer, seq_len: int, kind: 
         if leftover.exists():
             print(f"ringpatch: {leftover} is an interrupted preparation; rebuilding it")
             shutil.rmtree(leftover)
-    tokens = _tokens_up_to(spec, source, split, tokenizer, seq_len)  # a missing text field fails here too
-    if tokens < seq_len:
-        raise ValueError(
-            f"data source {source} gives {tokens} tokens (documents of at least data.min_doc_tokens="
-            f"{spec.min_doc_tokens}, with EOS), fewer than the {seq_len} one packed sequence needs: add data or "
-            "lower min_doc_tokens"
-        )
+    check_tokens(spec, source, split, tokenizer, seq_len)  # a missing text field fails here too
     features = datasets.Features(
         {name: datasets.Sequence(datasets.Value("int32")) for name in ("input_ids", "doc_position_ids")}
     )
     kwargs = {"spec": spec, "source": source, "split": split, "tokenizer": tokenizer, "seq_len": seq_len}
+    kwargs["cache_dir"] = str(partial / "source")  # datasets' Arrow copy of the source, removed below
     data = datasets.Dataset.from_generator(
         _packed, features=features, gen_kwargs=kwargs, cache_dir=str(partial / "cache")
     )
     data.save_to_disk(str(partial / "data"))
     del data
     shutil.rmtree(partial / "cache")
+    shutil.rmtree(partial / "source", ignore_errors=True)
     Path(partial, MARKER).write_text(json.dumps({"source": source, "split": split, "seq_len": seq_len}))
     partial.rename(folder)  # complete: only now does the fingerprint's folder exist
     return folder
@@ -159,16 +192,25 @@ def prepare_split(spec, source: str, split: str, tokenizer, seq_len: int, kind: 
 
 def prepare_shared(spec, source: str, split: str, tokenizer, seq_len: int, kind: str = "train"):
     """prepare_split on rank 0 of the default group while the others wait (cache_dir must be
-    shared by the nodes), then every rank memory-maps the result. Without a group: this process."""
+    shared by the nodes), then every rank memory-maps the result. Without a group: this process.
+    The others wait on a key in the launcher's store, not in a collective: preparing a large
+    corpus may take longer than the process groups' timeout."""
+    from datetime import timedelta
+
     import torch.distributed as dist
 
     grouped = dist.is_available() and dist.is_initialized()
-    if not grouped or dist.get_rank() == 0:
+    if not grouped:
+        return load_prepared(prepare_split(spec, source, split, tokenizer, seq_len, kind))
+    from torch.distributed import distributed_c10d as c10d
+
+    key = f"ringpatch/prepared/{kind}-{seq_len}-{fingerprint(spec, source, split, tokenizer, seq_len)}"
+    if dist.get_rank() == 0:
         folder = prepare_split(spec, source, split, tokenizer, seq_len, kind)
-    if grouped:
-        dist.barrier()
-        if dist.get_rank() != 0:  # complete now: only the fingerprint is computed
-            folder = prepare_split(spec, source, split, tokenizer, seq_len, kind)
+        c10d._get_default_store().set(key, "1")
+    else:
+        c10d._get_default_store().wait([key], timedelta(hours=24))
+        folder = prepare_split(spec, source, split, tokenizer, seq_len, kind)  # complete: found by fingerprint
     return load_prepared(folder)
 
 

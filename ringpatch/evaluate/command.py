@@ -96,10 +96,10 @@ def _spec_and_models(args):
         data_spec = DataSpec(
             source=args.data,
             eval_source=args.data,
-            eval_samples=args.samples or 4,
+            eval_samples=4 if args.samples is None else args.samples,
             document_masking=not args.no_document_masking,
         )
-    elif data_spec is not None and args.samples:
+    elif data_spec is not None and args.samples is not None:
         data_spec = dataclasses.replace(data_spec, eval_samples=args.samples)
     changes = {
         k: tuple(v)
@@ -108,9 +108,9 @@ def _spec_and_models(args):
             ("passkey_lengths", args.passkey_lengths),
             ("passkey_depths", args.depths),
         )
-        if v
+        if v is not None
     }
-    if args.trials:
+    if args.trials is not None:
         changes["passkey_trials"] = args.trials
     if args.passkey_template:
         changes["passkey_template"] = args.passkey_template
@@ -122,6 +122,12 @@ def _spec_and_models(args):
         spec = dataclasses.replace(spec, passkey_lengths=spec.ppl_lengths)
     if args.model:
         models = {Path(m).name: m for m in args.model}
+        missing = [m for m in args.model if not Path(m, "config.json").is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"--model {missing} {'is' if len(missing) == 1 else 'are'} not a model folder (no config.json); "
+                "give folders written by save_pretrained, e.g. run_dir/final"
+            )
     elif recipe:
         run = Path(recipe.run_dir)
         names = [f"stage{i}" for i in range(len(recipe.stages) - 1)] + ["final"]

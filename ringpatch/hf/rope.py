@@ -9,6 +9,38 @@ docs/design.md, "The NTK rule").
 
 from __future__ import annotations
 
+import math
+
+# transformers' RoPE types a stage may name, with the keys each needs beyond rope_type
+# (original_max_position_embeddings defaults to the model's trained length, see apply_rope).
+ROPE_SCALING_KEYS = {
+    "linear": ("factor",),
+    "dynamic": ("factor",),
+    "yarn": ("factor",),
+    "longrope": ("short_factor", "long_factor"),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor"),
+}
+
+
+def check_rope_scaling(scaling: dict, where: str = "rope_scaling") -> None:
+    """A rope_scaling dict that apply_rope can hand to transformers: a known rope_type, its keys,
+    and positive finite factors."""
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind not in ROPE_SCALING_KEYS:
+        raise ValueError(
+            f"{where}.rope_type {kind!r} is not one of {sorted(ROPE_SCALING_KEYS)} "
+            "(to change only the base, use the stage's rope_theta)"
+        )
+    missing = [key for key in ROPE_SCALING_KEYS[kind] if key not in scaling]
+    if missing:
+        raise ValueError(f"{where} of rope_type {kind!r} needs {missing}; it has {sorted(scaling)}")
+    for key in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+        value = scaling.get(key)
+        if value is not None and not (
+            isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+        ):
+            raise ValueError(f"{where}.{key} must be a positive finite number, got {value!r}")
+
 
 def ntk_rope_theta(theta: float, trained_len: int, seq_len: int, head_dim: int) -> float:
     """The NTK-aware base for extending a model trained at `trained_len` to `seq_len` tokens."""
@@ -47,4 +79,4 @@ def apply_rope(model, max_positions: int, rope_theta: float | None = None, rope_
     return model
 
 
-__all__ = ["ntk_rope_theta", "apply_rope"]
+__all__ = ["ntk_rope_theta", "apply_rope", "check_rope_scaling", "ROPE_SCALING_KEYS"]

@@ -9,6 +9,16 @@ Imports ringpatch.attention only (for the layout's chunk count).
 
 from ringpatch.parallel.dims import ParallelDims
 from ringpatch.parallel.mesh import Mesh, build_mesh
-from ringpatch.parallel.process import local_device, single_process_env, start, stop
+from ringpatch.parallel.process import is_timeout, local_device, set_timeouts, single_process_env, start, stop
 
-__all__ = ["ParallelDims", "Mesh", "build_mesh", "start", "stop", "local_device", "single_process_env"]
+__all__ = [
+    "ParallelDims",
+    "Mesh",
+    "build_mesh",
+    "start",
+    "stop",
+    "local_device",
+    "single_process_env",
+    "set_timeouts",
+    "is_timeout",
+]

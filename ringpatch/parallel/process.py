@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -40,6 +41,24 @@ def start() -> torch.device:
     device, backend = local_device()
     dist.init_process_group(backend)
     return device
+
+
+def set_timeouts(timeout: timedelta) -> int:
+    """Give every process group created so far (the world, the mesh's, DeepSpeed's) `timeout`
+    for its collectives; subgroups otherwise keep torch's default (30 minutes for gloo).
+    Returns how many groups were set."""
+    from torch.distributed import distributed_c10d as c10d
+
+    groups = [g for g in list(c10d._world.pg_map) if not c10d._rank_not_in_group(g)]
+    for group in groups:
+        c10d._set_pg_timeout(timeout, group)
+    return len(groups)
+
+
+def is_timeout(error: BaseException) -> bool:
+    """A collective that waited past its process group's timeout (gloo and nccl word it differently)."""
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and ("timed out" in text or "timeout" in text)
 
 
 def stop() -> None:

@@ -7,6 +7,7 @@ start_distributed -> load_tokenizer -> zero3_loading -> build_model -> build_eng
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 
 import torch
 
@@ -27,8 +28,15 @@ def start_distributed(plan: Plan) -> Mesh:
     _, backend = local_device()
     import deepspeed
 
-    deepspeed.init_distributed(dist_backend=backend)
+    deepspeed.init_distributed(dist_backend=backend, timeout=timeout(plan))
     return build_mesh(plan.dims, "cuda" if plan.cuda else "cpu")
+
+
+def timeout(plan: Plan) -> timedelta:
+    """How long a collective waits for a missing rank: the recipe's timeout_minutes, else 5
+    minutes on CPU and 30 on GPU (a long first compile or a slow load may take minutes there)."""
+    minutes = plan.recipe.timeout_minutes or (30.0 if plan.cuda else 5.0)
+    return timedelta(minutes=minutes)
 
 
 def zero3_loading(plan: Plan):
@@ -52,7 +60,10 @@ def build_model(plan: Plan, mesh: Mesh):
     if spec.init == "scratch":
         lm = AutoModelForCausalLM.from_config(AutoConfig.for_model(**spec.config), dtype=dtype)
     else:
-        lm = AutoModelForCausalLM.from_pretrained(spec.name, dtype=dtype)
+        try:
+            lm = AutoModelForCausalLM.from_pretrained(spec.name, dtype=dtype)
+        except OSError as e:  # a hub id that does not exist, no network, a damaged download
+            raise FileNotFoundError(f"model.name {spec.name} could not be loaded: {str(e).splitlines()[0]}") from None
         check_model_config(spec.config or {}, lm.config.to_dict(), spec.name)
     plan.dims.check_heads(lm.config.num_attention_heads, lm.config.num_key_value_heads or lm.config.num_attention_heads)
     lm.config.use_cache = False

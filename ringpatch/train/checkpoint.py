@@ -1,34 +1,129 @@
-"""Checkpoints of a DeepSpeed run that resume exactly and refuse another recipe's state.
+"""Checkpoints of a DeepSpeed run: complete or ignored, verified before loading, resumed exactly,
+refused when they belong to another run.
 
-Each checkpoint goes into its own tag folder. DeepSpeed's own `latest` is written by rank 0
-before the other ranks are known to have finished their shards, and not atomically, so we
-save with save_latest=False and move `latest` ourselves, by an atomic rename, only after a
-barrier: a crash mid-write leaves the previous checkpoint as the one resumed. Beside the
-tag we keep the run's identity (model, layout, grid), read and compared before any weight
-is loaded; the client state carries the step and the sampler position.
+Each checkpoint goes into its own tag folder (step000000123). The save, on every rank:
+1. the weights are checked finite (a non-finite model is never kept as "the last good one")
+   and the disk is checked for room (the previous checkpoint's size);
+2. rank 0 writes the recipe beside the shards (RECIPE_FILE), then every rank writes its
+   shards (DeepSpeed, with save_latest=False: its own `latest` is written by rank 0 before the
+   other ranks are known to be done, and not atomically);
+3. every rank hashes its share of the files; rank 0 writes MANIFEST (name, size, sha256 of each)
+   by an atomic rename, then moves `latest` to the tag the same way, then prunes all but the
+   newest `keep_last` tags.
+A failure in 2 (a full disk, a dead filesystem) on any rank stops every rank with one message,
+and removes the partial tag; `latest` still names the previous checkpoint.
+
+Loading verifies MANIFEST (every file present, sizes and hashes equal, shared out over the ranks)
+and falls back to the newest intact checkpoint, saying which one and why. The run's recipe
+is compared with the checkpoint's (`resume_changes`): what fixes the run (model, grid, layout,
+ZeRO stage, data and its order, the stages already begun) must be equal; what may change
+(learning rate and schedule, steps, eval, logging, saving) takes effect and is reported.
+The tags assume run_dir is one filesystem that every rank sees (as DeepSpeed's own resume does).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import errno
+import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
-IDENTITY_FILE = "ringpatch_identity.json"
+RECIPE_FILE = "ringpatch_recipe.json"
+MANIFEST = "ringpatch_manifest.json"
+
+# Recipe keys (dotted) that fix the run: a checkpoint resumes only under equal values.
+FIXED = (
+    "model.name",
+    "model.init",
+    "model.config",
+    "model.tokenizer",
+    "model.dtype",
+    "parallel.sp",
+    "parallel.tp",
+    "parallel.layout",
+    "zero.stage",
+    "seed",
+    "micro_batch",
+    "grad_accum",
+    "activation_checkpointing",
+    "loss_chunk_tokens",
+    "data.source",
+    "data.split",
+    "data.text_field",
+    "data.min_doc_tokens",
+    "data.max_sequences",
+    "data.document_masking",
+)
+# Per stage already begun: what it trains on (its length, RoPE and batch); steps and lr may change.
+FIXED_STAGE = ("seq_len", "rope_theta", "rope_scaling", "micro_batch")
 
 
-def identity(recipe, world: int) -> dict:
-    """What must not change between a checkpoint and the run that resumes it."""
-    return {
-        "model": recipe.model.name,
-        "layout": recipe.parallel.layout,
-        "sp": recipe.parallel.sp,
-        "tp": recipe.parallel.tp,
-        "world": world,
-        "zero_stage": recipe.zero.stage,
-    }
+def _flat(tree, prefix: str = "") -> dict:
+    """{"optim.lr": 0.1, "stages": [...], ...}: nested dicts flattened, lists kept whole."""
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and key != "config" and key != "rope_scaling":
+            out.update(_flat(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def recipe_record(recipe, world: int) -> dict:
+    """The recipe as saved beside a checkpoint (JSON types), with the world size."""
+    return json.loads(json.dumps(dict(dataclasses.asdict(recipe), world=world)))
+
+
+def resume_changes(saved: dict, current: dict, stage: int, step: int) -> dict[str, tuple]:
+    """{key: (checkpoint's value, recipe's value)} for what may change on resume and did; raises
+    ValueError naming every difference in what may not. `stage`/`step`: where the checkpoint is."""
+    old, new = _flat(saved), _flat(current)
+    refused = {k: (old.get(k), new.get(k)) for k in (*FIXED, "world") if old.get(k) != new.get(k)}
+    old_stages, new_stages = saved["stages"], current["stages"]
+    for i in range(stage + 1):
+        for key in FIXED_STAGE:
+            a = old_stages[i].get(key) if i < len(old_stages) else None
+            b = new_stages[i].get(key) if i < len(new_stages) else None
+            if a != b:
+                refused[f"stages[{i}].{key}"] = (a, b)
+    if not refused:
+        begin = sum(s["steps"] for s in new_stages[:stage])
+        end = begin + (new_stages[stage]["steps"] if stage < len(new_stages) else 0)
+        if not begin <= step <= end:
+            refused[f"stages[{stage}].steps"] = (
+                f"checkpoint at step {step} of stage {stage}",
+                f"stage {stage} now spans steps {begin}..{end}",
+            )
+    if refused:
+        detail = "; ".join(f"{k}: checkpoint {a!r}, recipe {b!r}" for k, (a, b) in refused.items())
+        raise ValueError(
+            f"the recipe differs from its checkpoint's in what a resumed run cannot change ({detail}); restore "
+            "those values, or start a new run_dir (a stage appended after the last one is fine)"
+        )
+    changed = {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
+    if old_stages != new_stages:
+        for i in range(max(len(old_stages), len(new_stages))):
+            a = old_stages[i] if i < len(old_stages) else None
+            b = new_stages[i] if i < len(new_stages) else None
+            if a != b:
+                changed[f"stages[{i}]"] = (a, b)
+        changed.pop("stages", None)
+    return changed
+
+
+# --- files ----------------------------------------------------------------------------------
+def _tags(ckpt_dir: Path) -> list[str]:
+    """Tag folders, newest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted((p.name for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith("step")), reverse=True)
 
 
 def latest_tag(ckpt_dir: str | Path) -> str | None:
@@ -36,52 +131,201 @@ def latest_tag(ckpt_dir: str | Path) -> str | None:
     return path.read_text().strip() if path.is_file() else None
 
 
-def check_identity(ckpt_dir: str | Path, tag: str, expected: dict) -> None:
-    path = Path(ckpt_dir, tag, IDENTITY_FILE)
-    if not path.is_file():
-        raise ValueError(f"checkpoint {Path(ckpt_dir, tag)} has no {IDENTITY_FILE}: it was not written by ringpatch")
-    saved = json.loads(path.read_text())
-    differ = {k: (saved.get(k), v) for k, v in expected.items() if saved.get(k) != v}
-    if differ:
-        detail = ", ".join(f"{k}: checkpoint {a!r} vs recipe {b!r}" for k, (a, b) in differ.items())
+def _files(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _share(items: list, rank: int, world: int) -> list:
+    return items[rank::world]
+
+
+def _gather(local) -> list:
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, local)
+    return out
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def verify(ckpt_dir: Path, tag: str) -> str | None:
+    """None when the tag is intact; otherwise why not. Collective: the files are hashed shared
+    out over the ranks, and every rank returns the same answer."""
+    folder = ckpt_dir / tag
+    problem, manifest = None, None
+    if not folder.is_dir():
+        problem = "its folder does not exist"
+    elif not (folder / MANIFEST).is_file():
+        problem = f"it has no {MANIFEST} (its save did not complete)"
+    else:
+        try:
+            manifest = json.loads((folder / MANIFEST).read_text())
+        except ValueError:
+            problem = f"its {MANIFEST} is not valid JSON"
+    problems = _gather(problem)
+    if any(problems):
+        return next(p for p in problems if p)
+    local = []
+    for name in _share(sorted(manifest["files"]), dist.get_rank(), dist.get_world_size()):
+        want, path = manifest["files"][name], folder / name
+        if not path.is_file():
+            local.append(f"{name} is missing")
+        elif path.stat().st_size != want["size"]:
+            local.append(f"{name} has {path.stat().st_size} bytes, {want['size']} were written")
+        elif _sha256(path) != want["sha256"]:
+            local.append(f"{name} differs from what was written (sha256)")
+    found = [p for ps in _gather(local) for p in ps]
+    return "; ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "") if found else None
+
+
+def _disk_full(e: BaseException, folder: Path) -> bool:
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return True
+    try:
+        return shutil.disk_usage(folder).free < 64 * 2**20
+    except OSError:
+        return False
+
+
+def _dir_size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def _check_room(ckpt_dir: Path, previous: str | None) -> None:
+    """Every rank's disk has room for another checkpoint the size of the previous one."""
+    need = _dir_size(ckpt_dir / previous) if previous and (ckpt_dir / previous).is_dir() else 0
+    free = shutil.disk_usage(ckpt_dir).free
+    short = [(r, f, n) for r, (f, n) in enumerate(_gather((free, need))) if f < n]
+    if short:
+        rank, free, need = short[0]
         raise ValueError(
-            f"checkpoint {Path(ckpt_dir, tag)} belongs to another run ({detail}); "
-            "point run_dir elsewhere or restore the recipe it was made with"
+            f"not enough disk space for a checkpoint in {ckpt_dir} (rank {rank}): {free / 2**30:.2f} GiB free, "
+            f"the last checkpoint took {need / 2**30:.2f} GiB; free space or lower keep_last, then run the same "
+            f"command to resume from {previous}"
         )
 
 
-def save(engine, ckpt_dir: str | Path, step: int, run_identity: dict, client_state: dict) -> str:
-    """Write checkpoint `step` on every rank; `latest` moves to it only once it is complete."""
-    tag = f"step{step:09d}"
+def parameter_norm(engine) -> float:
+    """The global L2 norm of the weights (ZeRO-3 shards included), the same on every rank."""
+    total = torch.zeros((), dtype=torch.float64, device=engine.device)
+    for p in engine.module.parameters():
+        local = getattr(p, "ds_tensor", p)  # ZeRO-3: this rank's partition
+        if local.numel():
+            total += local.detach().double().pow(2).sum()
+    dist.all_reduce(total)  # replicas are counted more than once: a health check, not a metric
+    return total.sqrt().item()
+
+
+def save(engine, ckpt_dir: str | Path, step: int, record: dict, client_state: dict, keep_last: int = 0) -> str:
+    """Write checkpoint `step` on every rank; `latest` moves to it only once it is complete and
+    verified by its manifest. Returns the tag."""
+    ckpt_dir, tag = Path(ckpt_dir), f"step{step:09d}"
+    previous = latest_tag(ckpt_dir)
+    norm = parameter_norm(engine)
+    if not torch.isfinite(torch.tensor(norm)):
+        raise FloatingPointError(
+            f"the weights are not finite after step {step} (norm {norm}); no checkpoint was written, and "
+            f"{previous or 'no checkpoint yet'} in {ckpt_dir} stays the last good one: lower the learning rate "
+            "or check the data, then run the same command to resume from it"
+        )
     if dist.get_rank() == 0:
-        Path(ckpt_dir, tag).mkdir(parents=True, exist_ok=True)
-        Path(ckpt_dir, tag, IDENTITY_FILE).write_text(json.dumps(run_identity, indent=1))
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
     dist.barrier()
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=dict(client_state, step=step), save_latest=False)
-    dist.barrier()  # every rank's shards are on disk
+    _check_room(ckpt_dir, previous)
+    error = None
+    try:
+        if dist.get_rank() == 0:
+            (ckpt_dir / tag).mkdir(exist_ok=True)
+            (ckpt_dir / tag / RECIPE_FILE).write_text(json.dumps(record, indent=1))
+        dist.barrier()
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=dict(client_state, step=step), save_latest=False)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        error = f"{'the disk is full' if _disk_full(e, ckpt_dir) else type(e).__name__}: {str(e).splitlines()[0]}"
+    errors = _gather(error)  # every rank's shards are on disk, or every rank learns which failed
+    failed = [(r, e) for r, e in enumerate(errors) if e]
+    if failed:
+        if dist.get_rank() == 0:
+            shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
+        rank, message = failed[0]
+        raise ValueError(
+            f"checkpoint {ckpt_dir / tag} could not be written (rank {rank}: {message}); it was removed and "
+            f"{previous or 'no checkpoint'} stays the latest: free disk space, then run the same command to resume"
+        )
+    files = _files(ckpt_dir / tag)
+    mine = {name: {"size": (ckpt_dir / tag / name).stat().st_size, "sha256": _sha256(ckpt_dir / tag / name)}
+            for name in _share(files, dist.get_rank(), dist.get_world_size())}  # fmt: skip
+    hashed = {k: v for part in _gather(mine) for k, v in part.items()}
     if dist.get_rank() == 0:
-        tmp = Path(ckpt_dir, "latest.tmp")
-        tmp.write_text(tag)
-        os.replace(tmp, Path(ckpt_dir, "latest"))
+        manifest = {"step": step, "parameter_norm": norm, "files": hashed}
+        _atomic_write(ckpt_dir / tag / MANIFEST, json.dumps(manifest, indent=1))
+        _atomic_write(ckpt_dir / "latest", tag)
+        if keep_last:
+            for old in _tags(ckpt_dir)[keep_last:]:
+                if old < tag:
+                    shutil.rmtree(ckpt_dir / old, ignore_errors=True)
     dist.barrier()
     return tag
 
 
-def load_latest(engine, ckpt_dir: str | Path, run_identity: dict) -> dict | None:
-    """Resume from the latest complete checkpoint; None when there is none."""
-    tag = latest_tag(ckpt_dir)
-    if tag is None:
-        return None
-    check_identity(ckpt_dir, tag, run_identity)
-    path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
-    if path is None:
-        raise ValueError(f"DeepSpeed could not load checkpoint {Path(ckpt_dir, tag)}")
-    return client_state
+def _saved_record(folder: Path) -> dict | None:
+    path = folder / RECIPE_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
-def resume(engine, ckpt_dir: str | Path, run_identity: dict, allowed: bool = True) -> dict:
-    """The state to start from: the latest complete checkpoint's client state, or step 0.
-    With allowed=False (--no-resume) an existing checkpoint is an error, not a silent restart."""
-    if latest_tag(ckpt_dir) is not None and not allowed:
-        raise ValueError(f"{ckpt_dir} holds a checkpoint and --no-resume was given; choose another run_dir")
-    return load_latest(engine, ckpt_dir, run_identity) or {"step": 0}
+def resume(engine, ckpt_dir: str | Path, record: dict, allowed: bool = True) -> tuple[dict, dict]:
+    """(client state, changed settings) to start from: the newest intact checkpoint's, or
+    ({"step": 0}, {}) when there is none. With allowed=False (--no-resume) an existing
+    checkpoint is an error, not a silent restart."""
+    ckpt_dir = Path(ckpt_dir)
+    latest = latest_tag(ckpt_dir)
+    tags = _tags(ckpt_dir)
+    if latest is None and not tags:
+        return {"step": 0}, {}
+    if not allowed:
+        raise ValueError(f"{ckpt_dir} holds checkpoints and --no-resume was given; choose another run_dir")
+    candidates = ([latest] if latest else []) + [t for t in tags if t != latest and (latest is None or t < latest)]
+    skipped = []
+    for tag in candidates:
+        problem = verify(ckpt_dir, tag)
+        if problem is None and _saved_record(ckpt_dir / tag) is None:
+            problem = f"it has no {RECIPE_FILE}: it was not written by this version of ringpatch"
+        if problem is not None:
+            skipped.append((tag, problem))
+            continue
+        saved = _saved_record(ckpt_dir / tag)
+        step = json.loads((ckpt_dir / tag / MANIFEST).read_text())["step"]
+        changed = resume_changes(saved, record, _stage_of(saved, step), step)
+        if dist.get_rank() == 0:
+            for bad, why in skipped:
+                print(f"ringpatch: skipping checkpoint {ckpt_dir / bad}: {why}")
+            if skipped:
+                print(f"ringpatch: resuming from {ckpt_dir / tag}, the newest intact checkpoint")
+        path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+        if path is None:
+            raise ValueError(f"DeepSpeed could not load checkpoint {ckpt_dir / tag}")
+        if dist.get_rank() == 0 and skipped:
+            _atomic_write(ckpt_dir / "latest", tag)
+        return client_state, changed
+    detail = "; ".join(f"{t}: {why}" for t, why in skipped)
+    raise ValueError(
+        f"{ckpt_dir} holds no intact checkpoint ({detail}); move the folder away to start over, or restore it"
+    )
+
+
+def _stage_of(saved: dict, step: int) -> int:
+    """The stage the checkpoint at `step` belongs to, under the recipe that wrote it (a
+    stage-end checkpoint belongs to the stage it ends)."""
+    end = 0
+    for i, stage in enumerate(saved["stages"]):
+        end += stage["steps"]
+        if step <= end:
+            return i
+    return len(saved["stages"]) - 1

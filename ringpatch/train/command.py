@@ -18,7 +18,7 @@ import os
 import sys
 
 from ringpatch.train.lock import RunLock
-from ringpatch.train.preflight import USER_ERRORS, preflight
+from ringpatch.train.preflight import USER_ERRORS, check_memory, device_memory_gib, preflight
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,27 +30,47 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--no-resume", action="store_true", help="refuse to start when run_dir holds a checkpoint")
     parser.add_argument("--max-steps", type=int, help="stop after this global step (a partial run that resumes later)")
+    parser.add_argument(
+        "--force", action="store_true", help="start even when the plan's memory estimate exceeds the device's memory"
+    )
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher's
     args = parser.parse_args(argv)
 
     lock = None
     try:
-        plan = preflight(args.recipe, run_dir=args.run_dir, deepspeed_file=args.deepspeed)
+        if args.max_steps is not None and args.max_steps < 1:
+            raise ValueError(f"--max-steps must be >= 1, got {args.max_steps}")
+        plan = preflight(args.recipe, run_dir=args.run_dir, deepspeed_file=args.deepspeed, deep=True)
+        if not args.force:
+            check_memory(plan, *device_memory_gib())
         if int(os.environ.get("RANK", "0")) == 0:  # one owner per run; the other ranks follow rank 0
             lock = RunLock(plan.recipe.run_dir)
             lock.acquire()
     except USER_ERRORS as e:  # before any process group: a plain message and exit 2
         print(f"ringpatch train: {e}", file=sys.stderr)
         return 2
+    from ringpatch.parallel import is_timeout
+    from ringpatch.train.build import timeout
     from ringpatch.train.loop import Trainer  # the heavy imports come after the checks
 
+    trainer = None
     try:
         trainer = Trainer(plan, resume=not args.no_resume)
         trainer.run(max_steps=args.max_steps)
         trainer.close()
         if lock is not None:
             lock.release()
-    except USER_ERRORS as e:
+    except (*USER_ERRORS, RuntimeError) as e:
+        if not isinstance(e, USER_ERRORS) and not is_timeout(e):
+            raise  # a bug: its traceback is the report
+        if is_timeout(e):
+            minutes = timeout(plan).total_seconds() / 60
+            e = (
+                trainer.heartbeat.diagnose(minutes)
+                if trainer is not None
+                else f"a collective waited past timeout_minutes ({minutes:g}) while the run was being built: "
+                f"{str(e).splitlines()[0]}"
+            )
         # inside the process groups: leave at once, since a rank that waits for its peers to
         # tear down could hang; the launcher stops the other ranks
         print(f"ringpatch train (rank {os.environ.get('RANK', '0')}): {e}", file=sys.stderr, flush=True)

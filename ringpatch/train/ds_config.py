@@ -16,7 +16,21 @@ def load_overlay(path: str | None) -> dict | None:
         return None
     if not Path(path).is_file():
         raise FileNotFoundError(f"DeepSpeed file {path} does not exist; the shipped ones are in launch/deepspeed/")
-    return json.loads(Path(path).read_text())
+
+    def refuse_duplicates(pairs):
+        keys = [k for k, _ in pairs]
+        twice = sorted({k for k in keys if keys.count(k) > 1})
+        if twice:
+            raise ValueError(f"keys {twice} are given twice")
+        return dict(pairs)
+
+    try:
+        overlay = json.loads(Path(path).read_text(), object_pairs_hook=refuse_duplicates)
+    except ValueError as e:  # json.JSONDecodeError is one
+        raise ValueError(f"DeepSpeed file {path} is not valid JSON: {e}; fix the file") from None
+    if not isinstance(overlay, dict):
+        raise ValueError(f"DeepSpeed file {path} must hold a JSON object, got {type(overlay).__name__}")
+    return overlay
 
 
 def deepspeed_config(

@@ -20,18 +20,20 @@ from ringpatch.data.prepare import prepare_shared
 from ringpatch.data.sampler import DistributedSampler
 from ringpatch.data.tokenizer import load_tokenizer
 from ringpatch.hf.rope import apply_rope
-from ringpatch.parallel import stop
+from ringpatch.parallel import set_timeouts, stop
 from ringpatch.train import checkpoint
 from ringpatch.train.build import (
     apply_optimizer_settings,
     build_engine,
     build_model,
     start_distributed,
+    timeout,
     zero3_loading,
 )
 from ringpatch.train.export import export_hf
 from ringpatch.train.metrics import RunLog
 from ringpatch.train.plan import Plan
+from ringpatch.train.watchdog import Heartbeat
 
 
 class Trainer:
@@ -40,33 +42,28 @@ class Trainer:
         self.plan, self.recipe = plan, recipe
         self.run_dir = Path(recipe.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
-        self.identity = checkpoint.identity(recipe, plan.dims.world)
+        self.record = checkpoint.recipe_record(recipe, plan.dims.world)
         self.mesh = start_distributed(plan)
         self.rank = dist.get_rank()
+        self.heartbeat = Heartbeat()
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         dist.barrier()
         self.tokenizer = load_tokenizer(recipe.model.tokenizer, recipe.model.name)
         self._zero3_loading = zero3_loading(plan)  # kept alive for the run, as transformers asks
         self.engine = build_engine(plan, build_model(plan, self.mesh))
+        set_timeouts(timeout(plan))  # DeepSpeed's groups too
         self.lm = self.engine.module.lm
-        self.state = checkpoint.resume(self.engine, self.ckpt_dir, self.identity, allowed=resume)
-        changed = apply_optimizer_settings(self.engine, recipe) if self.state["step"] else {}
+        self.state, changed = checkpoint.resume(self.engine, self.ckpt_dir, self.record, allowed=resume)
+        if self.state["step"]:
+            apply_optimizer_settings(self.engine, recipe)  # DeepSpeed restored the checkpoint's
         if self.rank == 0 and self.state["step"]:
             print(f"ringpatch: resuming {self.ckpt_dir} at step {self.state['step']}")
             for key, (old, new) in changed.items():
                 print(f"ringpatch: {key} changed since the checkpoint: {old} -> {new} (the recipe's value is used)")
         self.log = RunLog(self.run_dir, self.rank, recipe, resumed_step=self.state["step"])
         if changed:
-            self.log.write(
-                {
-                    "event": "resume",
-                    "step": self.state["step"],
-                    "changed": {
-                        k: [list(v) if isinstance(v, tuple) else v for v in pair] for k, pair in changed.items()
-                    },
-                }
-            )
+            self.log.write({"event": "resume", "step": self.state["step"], "changed": changed})
 
     # --- the run ----------------------------------------------------------------------------
     def run(self, max_steps: int | None = None) -> None:
@@ -98,6 +95,7 @@ class Trainer:
 
     def close(self) -> None:
         self.log.finish()
+        self.heartbeat.close()
         del self.engine  # before the groups go (pytorch/pytorch#56297)
         stop()
 
@@ -209,7 +207,7 @@ class Trainer:
 
     def _save(self, step: int, stage_index: int, sampler) -> None:
         client_state = {"stage": stage_index, "sampler": sampler.state_dict()}
-        checkpoint.save(self.engine, self.ckpt_dir, step, self.identity, client_state)
+        checkpoint.save(self.engine, self.ckpt_dir, step, self.record, client_state, keep_last=self.recipe.keep_last)
 
     def _export(self, name: str) -> None:
         folder = self.run_dir / name

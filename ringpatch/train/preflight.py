@@ -1,8 +1,10 @@
-"""Everything checked before a process group or a download starts, and the run's plan.
+"""Everything checked before a process group, a model or a download starts, and the run's plan.
 
-A bad recipe, a world that does not fit its layout, a model or data path that does not exist,
-heads that tp does not divide, a DeepSpeed overlay that retypes a recipe value: each fails
-here, on every rank alike, with the values and the fix."""
+A bad recipe, a world that does not fit its layout, a model or data path that does not exist
+(or, offline, a hub id that is not cached), heads that tp does not divide, a DeepSpeed overlay
+that retypes a recipe value, data that is empty, lacks its text field or holds too few tokens,
+a tokenizer larger than the model's vocabulary, a plan that does not fit the device's memory:
+each fails here, on every rank alike, with the values and the fix."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from ringpatch.memory.estimate import GIB, estimate
 from ringpatch.train.ds_config import deepspeed_config, load_overlay
 from ringpatch.train.plan import Plan
 from ringpatch.train.recipe import Recipe, load_recipe
@@ -26,11 +29,37 @@ def is_local(name: str) -> bool:
     return name.startswith(("/", ".", "~")) or name.count("/") > 1 or Path(name).exists()
 
 
+def offline() -> bool:
+    return any(
+        os.environ.get(k, "").lower() in ("1", "true", "yes") for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
+
+
+def _cached_hub_file(name: str, filename: str) -> str | None:
+    """The local copy of a hub repository's file, if the Hugging Face cache holds it."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(name, filename)
+    return found if isinstance(found, str) else None
+
+
 def _model_config(recipe: Recipe) -> dict | None:
     spec = recipe.model
     if spec.init == "scratch":
         return dict(spec.config)
-    if is_local(spec.name):
+    if not is_local(spec.name):
+        cached = _cached_hub_file(spec.name, "config.json")
+        if cached is None and offline():
+            raise FileNotFoundError(
+                f"model.name {spec.name} is neither a local folder nor in the Hugging Face cache, and the hub is "
+                "offline (HF_HUB_OFFLINE): download it where there is network (huggingface-cli download "
+                f"{spec.name}) or give a local folder"
+            )
+        if cached is not None:
+            saved = json.loads(Path(cached).read_text())
+            check_model_config(spec.config or {}, saved, cached)
+            return saved
+    else:
         path = Path(spec.name).expanduser() / "config.json"
         if not path.is_file():
             raise FileNotFoundError(
@@ -62,10 +91,101 @@ def _check_sources(recipe: Recipe) -> None:
             )
 
 
+def _tokenizer(recipe: Recipe):
+    """The recipe's tokenizer when it loads without network ("bytes", a folder, the HF cache);
+    None when it would have to be downloaded (then the trainer loads and checks it)."""
+    from ringpatch.data.tokenizer import load_tokenizer
+
+    name = recipe.model.tokenizer or recipe.model.name
+    if name != "bytes" and not is_local(name) and _cached_hub_file(name, "tokenizer_config.json") is None:
+        if offline():
+            raise FileNotFoundError(
+                f"tokenizer {name} is neither a local folder nor in the Hugging Face cache, and the hub is offline "
+                "(HF_HUB_OFFLINE): download it where there is network, or set model.tokenizer to a local folder"
+            )
+        return None
+    try:
+        return load_tokenizer(recipe.model.tokenizer, recipe.model.name)
+    except OSError as e:
+        raise FileNotFoundError(f"tokenizer {name} could not be loaded: {str(e).splitlines()[0]}") from None
+
+
+def check_data(recipe: Recipe, model_config: dict | None) -> None:
+    """Tokenizer against the model, and every local source against the stages: readable, not
+    empty, with its text field, and enough tokens for one sequence of the longest stage. Sources
+    already prepared (their fingerprint's folder is complete) are not read again."""
+    from ringpatch.data.prepare import MARKER, check_tokens, local_files, prepared_folder
+
+    tokenizer = _tokenizer(recipe)
+    if tokenizer is None:
+        return
+    vocab = (model_config or {}).get("vocab_size")
+    if vocab is not None and len(tokenizer) > vocab:
+        raise ValueError(
+            f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {vocab}: ids from {vocab} on "
+            "would index past the embedding; use the model's own tokenizer or a model.config.vocab_size >= "
+            f"{len(tokenizer)}"
+        )
+    spec = recipe.data
+    longest = max(s.seq_len for s in recipe.stages)
+    sources = [(spec.source, spec.split, "train")]
+    if spec.eval_source is not None:
+        sources.append((spec.eval_source, spec.eval_split, "eval"))
+    for source, split, kind in sources:
+        if local_files(source) is None:  # a hub dataset: read (and checked) when prepared
+            continue
+        if Path(prepared_folder(spec, source, split, tokenizer, longest, kind), MARKER).is_file():
+            continue
+        check_tokens(spec, source, split, tokenizer, longest)
+
+
+def peak_gib(plan: Plan) -> tuple[float, int] | None:
+    """The estimate's largest GiB per GPU over the stages, and that stage's index (None: no model config)."""
+    if plan.model_config is None:
+        return None
+    r = plan.recipe
+    totals = [
+        sum(estimate(r, plan.model_config, plan.dims.world, s.seq_len, s.micro_batch or r.micro_batch).values())
+        for s in r.stages
+    ]
+    top = max(range(len(totals)), key=totals.__getitem__)
+    return totals[top], top
+
+
+def check_memory(plan: Plan, capacity_gib: float, what: str) -> None:
+    """The plan's estimated peak per device fits `capacity_gib` (what: the device, for the message)."""
+    peak = peak_gib(plan)
+    if peak is not None and peak[0] > capacity_gib:
+        total, stage = peak
+        raise ValueError(
+            f"the plan needs an estimated {total:.1f} GiB per device at stages[{stage}] "
+            f"(seq_len {plan.recipe.stages[stage].seq_len}), more than the {capacity_gib:.1f} GiB of {what}: raise "
+            "parallel.sp, lower micro_batch or seq_len, use zero.stage 3 / zero.offload: cpu (see `ringpatch plan`), "
+            "or pass --force to start anyway"
+        )
+
+
+def device_memory_gib() -> tuple[float, str]:
+    """(GiB, description) of what one rank may use: its GPU's memory, or on CPU the host's
+    memory shared by the ranks of this node."""
+    if torch.cuda.is_available():
+        index = int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()
+        props = torch.cuda.get_device_properties(index)
+        return props.total_memory / GIB, f"GPU {index} ({props.name})"
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
+    return total / local, f"this host's {total:.1f} GiB shared by {local} local rank(s)"
+
+
 def preflight(
-    recipe_path: str, run_dir: str | None = None, deepspeed_file: str | None = None, world: int | None = None
+    recipe_path: str,
+    run_dir: str | None = None,
+    deepspeed_file: str | None = None,
+    world: int | None = None,
+    deep: bool = False,
 ) -> Plan:
-    """Load and check the recipe against the launched world; no process group, no download."""
+    """Load and check the recipe against the launched world; no process group, no download.
+    deep: also read the tokenizer and the local data (what `ringpatch train` does)."""
     recipe = load_recipe(recipe_path)
     if run_dir is not None:
         recipe = dataclasses.replace(recipe, run_dir=run_dir)
@@ -73,14 +193,16 @@ def preflight(
         raise ValueError(f"{recipe_path} has no data section; training needs data.source (see recipes/tiny-cpu.yaml)")
     world = world if world is not None else int(os.environ.get("WORLD_SIZE", "1"))
     dims = recipe.parallel.dims(world)
+    _check_sources(recipe)
     model_config = _model_config(recipe)
     if model_config is not None:
         heads = model_config.get("num_attention_heads")
         if heads is not None:
             dims.check_heads(heads, model_config.get("num_key_value_heads") or heads)
-    _check_sources(recipe)
     cuda = torch.cuda.is_available()
     bf16 = recipe.model.dtype == "bfloat16" or (recipe.model.dtype == "auto" and cuda)
     overlay_file = deepspeed_file or recipe.deepspeed
     ds_config = deepspeed_config(recipe, bf16, cuda, load_overlay(overlay_file), overlay_name=str(overlay_file))
+    if deep:
+        check_data(recipe, model_config)
     return Plan(recipe, dims, cuda, bf16, ds_config, model_config)

@@ -8,6 +8,7 @@ precision, ZeRO) are generated from the recipe (ds_config.deepspeed_config), nev
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from typing import Any, Literal
 
 import yaml
 
+from ringpatch.hf.rope import check_rope_scaling
 from ringpatch.parallel import ParallelDims
 
 
@@ -33,6 +35,9 @@ class ModelSpec:
     """A hub id or folder; None: the model's own; "bytes": ringpatch's byte-level tokenizer (no download)."""
     dtype: Literal["auto", "bfloat16", "float32"] = "auto"
     """Training precision: auto = bfloat16 on GPU, float32 on CPU."""
+
+    def __post_init__(self):
+        _check_model(self)
 
 
 @dataclass(frozen=True)
@@ -63,6 +68,9 @@ class DataSpec:
     cache_dir: str = "runs/data"
     """Prepared (tokenised, packed) stages, one folder per fingerprint; shared by every node."""
 
+    def __post_init__(self):
+        _check_data(self)
+
 
 @dataclass(frozen=True)
 class EvalSpec:
@@ -81,6 +89,9 @@ class EvalSpec:
     max_tokens_per_rank: int = 262144
     """The most prompt tokens one rank holds during ring prefill; longer lengths are refused up front."""
 
+    def __post_init__(self):  # also on dataclasses.replace, as `ringpatch eval`'s flags do
+        _check_eval(self)
+
 
 @dataclass(frozen=True)
 class ParallelSpec:
@@ -92,6 +103,10 @@ class ParallelSpec:
     """Token layout over the ring. balanced: zigzag for one sequence, and with packed documents
     (data.document_masking) a placement by each batch's documents that keeps the ranks' work
     within a few percent; lengths must divide by 8*sp (zigzag: 2*sp, contiguous: sp)."""
+
+    def __post_init__(self):
+        _positive("parallel.sp", self.sp)
+        _positive("parallel.tp", self.tp)
 
     def dims(self, world: int | None = None) -> ParallelDims:
         """The grid over `world` ranks (None: the smallest world, one data-parallel rank)."""
@@ -105,6 +120,12 @@ class ZeroSpec:
     offload: Literal["none", "cpu"] = "none"
     """Offload optimizer state (stages 1-3) and parameters (stage 3) to CPU memory."""
 
+    def __post_init__(self):
+        if not 0 <= self.stage <= 3:
+            raise ValueError(f"zero.stage must be 0, 1, 2 or 3, got {self.stage}")
+        if self.offload == "cpu" and self.stage == 0:
+            raise ValueError("zero.offload: cpu needs zero.stage >= 1")
+
 
 @dataclass(frozen=True)
 class OptimSpec:
@@ -117,6 +138,9 @@ class OptimSpec:
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value (0 = off)."""
+
+    def __post_init__(self):
+        _check_optim(self)
 
 
 @dataclass(frozen=True)
@@ -166,6 +190,12 @@ class Recipe:
     """Export a Hugging Face folder at the end of every stage (run_dir/stageN), not only final/."""
     log_every: int = 1
     """Write metrics every N optimizer steps."""
+    keep_last: int = 2
+    """Checkpoints kept in run_dir/checkpoints (older ones are deleted after a newer one is complete);
+    0 keeps every one."""
+    timeout_minutes: float | None = None
+    """How long a rank waits for the others in a collective before the run stops with a message
+    naming the rank that stopped making progress (None: 5 on CPU, 30 on GPU)."""
 
     def __post_init__(self):
         _check_recipe(self)
@@ -177,33 +207,33 @@ def _positive(name: str, value, allow_zero: bool = False) -> None:
         raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
 
+def _finite(name: str, value: float, low: float, high: float | None = None, low_open: bool = False) -> None:
+    """`value` is a finite number in [low, high] (low excluded with low_open)."""
+    ok = math.isfinite(value) and (value > low if low_open else value >= low) and (high is None or value <= high)
+    if not ok:
+        bound = (
+            f"{'(' if low_open else '['}{low}, {high if high is not None else 'inf'}{']' if high is not None else ')'}"
+        )
+        raise ValueError(f"{name} must be a finite number in {bound}, got {value}")
+
+
 def _check_recipe(r: Recipe) -> None:
     if not r.stages:
         raise ValueError("a recipe needs at least one stage (seq_len, steps)")
     for name, value in (("micro_batch", r.micro_batch), ("grad_accum", r.grad_accum)):
         _positive(name, value)
     _positive("save_every", r.save_every, allow_zero=True)
+    _positive("keep_last", r.keep_last, allow_zero=True)
     _positive("loss_chunk_tokens", r.loss_chunk_tokens)
     _positive("log_every", r.log_every)
-    _check_model(r.model)
-    if r.data is not None:
-        _check_data(r.data)
-    _check_eval(r.eval)
-    _positive("parallel.sp", r.parallel.sp)
-    _positive("parallel.tp", r.parallel.tp)
-    if not 0 <= r.zero.stage <= 3:
-        raise ValueError(f"zero.stage must be 0, 1, 2 or 3, got {r.zero.stage}")
-    if r.zero.offload == "cpu" and r.zero.stage == 0:
-        raise ValueError("zero.offload: cpu needs zero.stage >= 1")
+    if r.timeout_minutes is not None:
+        _finite("timeout_minutes", r.timeout_minutes, 0.0, low_open=True)
     if r.parallel.tp > 1 and r.zero.stage == 3:
         raise ValueError("DeepSpeed AutoTP training does not combine with ZeRO-3; use zero.stage <= 2 with tp > 1")
     dims = r.parallel.dims()
     previous = 0
     for i, stage in enumerate(r.stages):
-        _positive(f"stages[{i}].seq_len", stage.seq_len)
-        _positive(f"stages[{i}].steps", stage.steps)
-        if stage.micro_batch is not None:
-            _positive(f"stages[{i}].micro_batch", stage.micro_batch)
+        _check_stage(stage, f"stages[{i}]")
         if stage.seq_len % dims.seq_len_divisor:
             raise ValueError(
                 f"stages[{i}].seq_len {stage.seq_len} is not divisible by the {r.parallel.layout} layout's "
@@ -211,9 +241,34 @@ def _check_recipe(r: Recipe) -> None:
             )
         if stage.seq_len < previous:
             raise ValueError(f"stages[{i}].seq_len {stage.seq_len} is shorter than the stage before ({previous})")
-        if stage.rope_theta is not None and stage.rope_scaling is not None:
-            raise ValueError(f"stages[{i}] sets both rope_theta and rope_scaling; choose one rule")
         previous = stage.seq_len
+
+
+def _check_stage(s: Stage, where: str) -> None:
+    _positive(f"{where}.seq_len", s.seq_len)
+    _positive(f"{where}.steps", s.steps)
+    if s.micro_batch is not None:
+        _positive(f"{where}.micro_batch", s.micro_batch)
+    if s.lr is not None:
+        _finite(f"{where}.lr", s.lr, 0.0, low_open=True)
+    if s.rope_theta is not None and s.rope_scaling is not None:
+        raise ValueError(f"{where} sets both rope_theta and rope_scaling; choose one rule")
+    if s.rope_theta is not None:
+        _finite(f"{where}.rope_theta", s.rope_theta, 0.0, low_open=True)
+    if s.rope_scaling is not None:
+        check_rope_scaling(s.rope_scaling, f"{where}.rope_scaling")
+
+
+def _check_optim(o: OptimSpec) -> None:
+    _finite("optim.lr", o.lr, 0.0, low_open=True)
+    _finite("optim.weight_decay", o.weight_decay, 0.0)
+    for i, beta in enumerate(o.betas):
+        _finite(f"optim.betas[{i}]", beta, 0.0, 1.0)
+        if beta == 1.0:
+            raise ValueError(f"optim.betas[{i}] must be below 1 (Adam divides by 1 - beta), got {beta}")
+    _positive("optim.warmup_steps", o.warmup_steps, allow_zero=True)
+    _finite("optim.min_lr_ratio", o.min_lr_ratio, 0.0, 1.0)
+    _finite("optim.grad_clip", o.grad_clip, 0.0)
 
 
 def _check_model(m: ModelSpec) -> None:
@@ -223,6 +278,13 @@ def _check_model(m: ModelSpec) -> None:
         raise ValueError('model.init: scratch has no tokenizer of its own: set model.tokenizer (e.g. "bytes")')
     if m.config is not None and "model_type" not in m.config:
         raise ValueError(f"model.config needs a model_type key; it has {sorted(m.config)}")
+    for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
+        value = (m.config or {}).get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"model.config.{key} must be a positive integer, got {value!r}")
+    theta = (m.config or {}).get("rope_theta")
+    if theta is not None:
+        _finite("model.config.rope_theta", theta, 0.0, low_open=True)
 
 
 def _check_data(d: DataSpec) -> None:
@@ -297,13 +359,40 @@ def from_dict(cls, data, where: str = "recipe"):
     return cls(**{k: _convert(hints[k], v, f"{where}.{k}") for k, v in data.items()})
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.safe_load that refuses a key given twice in one mapping (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice (first on line {seen[key] + 1})", key_node.start_mark
+                )
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: Path) -> object:
+    """A YAML file's content; malformed YAML or a duplicate key is a ValueError naming the line."""
+    try:
+        return yaml.load(path.read_text(), Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as e:
+        mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None) or str(e)
+        where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
+        context = getattr(e, "context", None)
+        raise ValueError(
+            f"{where} is not valid YAML: {problem}{f' ({context})' if context else ''}; fix the file"
+        ) from None
+
+
 def load_recipe(path: str | Path) -> Recipe:
     """Read and validate a recipe YAML file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"recipe {path} does not exist; recipes ship in recipes/ (e.g. recipes/tiny-cpu.yaml)")
-    data = yaml.safe_load(path.read_text())
-    return from_dict(Recipe, data, where=path.name)
+    return from_dict(Recipe, read_yaml(path), where=path.name)
 
 
 __all__ = ["Recipe", "Stage", "DataSpec", "EvalSpec", "ModelSpec", "ParallelSpec", "load_recipe", "from_dict"]

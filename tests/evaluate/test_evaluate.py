@@ -155,7 +155,7 @@ def test_eval_command_writes_tables_csv_json_png(two_models, tmp_path):
         "--data",
         str(two_models / "data" / "eval.jsonl"),
         "--ppl-lengths",
-        "64",
+        "96",
         "128",
         "256",
         "--passkey-lengths",
@@ -180,7 +180,7 @@ def test_eval_command_writes_tables_csv_json_png(two_models, tmp_path):
     assert "loss of the last 64 tokens" in proc.stdout and "passkey accuracy, extended" in proc.stdout
     ppl = json.loads((out / "perplexity.json").read_text())
     assert sorted((r["model"], r["length"]) for r in ppl) == sorted(
-        (m, n) for m in ("base", "extended") for n in (64, 128, 256)
+        (m, n) for m in ("base", "extended") for n in (96, 128, 256)
     )
     assert all(abs(r["perplexity"] - 2.718281828 ** r["loss"]) < 1e-6 * r["perplexity"] for r in ppl)
     keys = json.loads((out / "passkey.json").read_text())

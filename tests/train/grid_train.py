@@ -66,12 +66,11 @@ def main():
     model = ringpatch.patch_model(AutoModelForCausalLM.from_config(config), group=mesh.sp_group)
     ds = deepspeed_config(recipe, bf16=False)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
-    run_identity = checkpoint.identity(recipe, dims.world)
+    record = checkpoint.recipe_record(recipe, dims.world)
     start, losses = 0, []
     if args.run_dir:
-        state = checkpoint.load_latest(engine, args.run_dir, run_identity)
-        if state is not None:
-            start, losses = state["step"], state["losses"]
+        state, _ = checkpoint.resume(engine, args.run_dir, record)
+        start, losses = state["step"], state.get("losses", [])
     for step in range(start, args.steps):
         if step == args.stop_after:
             break
@@ -82,7 +81,7 @@ def main():
         engine.step()
         losses.append(loss.item())
         if args.run_dir:
-            checkpoint.save(engine, args.run_dir, step + 1, run_identity, {"losses": losses})
+            checkpoint.save(engine, args.run_dir, step + 1, record, {"losses": losses})
     if dist.get_rank() == 0:
         Path(args.losses).write_text(" ".join(repr(x) for x in losses))
     if args.export:

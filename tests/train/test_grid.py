@@ -66,7 +66,10 @@ def test_kill_and_resume_continues_exactly(tmp_path):
     # another recipe's checkpoint is refused, naming the difference
     proc, _ = _run(tmp_path, 2, 2, 1, 2, "--steps", "4", "--run-dir", run_dir, "--model-name", "other")
     assert proc.returncode != 0
-    assert "belongs to another run (model: checkpoint 'tiny' vs recipe 'other')" in proc.stderr
+    assert (
+        "the recipe differs from its checkpoint's in what a resumed run cannot change "
+        "(model.name: checkpoint 'tiny', recipe 'other')" in proc.stderr
+    )
 
 
 LOAD_WITHOUT_RINGPATCH = """

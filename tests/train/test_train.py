@@ -190,7 +190,7 @@ def test_checkpoint_of_another_recipe_is_refused(tmp_path, data):
     other = recipe(tmp_path, data, parallel__sp=2, model__name="other", stages=[{"seq_len": 64, "steps": 4}])
     proc = launch(other, 2)
     assert proc.returncode != 0
-    assert "belongs to another run (model: checkpoint 'tiny' vs recipe 'other')" in proc.stderr
+    assert "what a resumed run cannot change (model.name: checkpoint 'tiny', recipe 'other')" in proc.stderr
 
 
 def test_pretrained_folder_under_zero3_matches_one_process(tmp_path, data):
@@ -330,7 +330,7 @@ def test_a_changed_learning_rate_takes_effect_on_resume(tmp_path, data):
     assert lr[2] == pytest.approx(3 * want[2], rel=1e-12)  # the first run's rate, before the change
     assert [r for r in records if r.get("event") == "resume"][0]["changed"]["optim.lr"] == [0.003, 0.001]
     assert "optim.lr changed since the checkpoint: 0.003 -> 0.001 (the recipe's value is used)" in proc.stdout
-    assert "optim.betas changed since the checkpoint: (0.9, 0.95) -> (0.9, 0.99)" in proc.stdout
+    assert "optim.betas changed since the checkpoint: [0.9, 0.95] -> [0.9, 0.99]" in proc.stdout
 
 
 def test_a_second_launch_on_a_running_run_dir_is_refused(tmp_path, data):
