@@ -19,6 +19,11 @@ is compared with the checkpoint's (`resume_changes`): what fixes the run (model,
 ZeRO stage, data and its order, the stages already begun) must be equal; what may change
 (learning rate and schedule, steps, eval, logging, saving) takes effect and is reported.
 The tags assume run_dir is one filesystem that every rank sees (as DeepSpeed's own resume does).
+
+DeepSpeed's checkpoint engine unpickles with weights_only=False, which runs any code a
+tampered file holds. `load_weights_only` makes the engine load with weights_only=True,
+allowing the three DeepSpeed classes its ZeRO 0-3 checkpoints hold (SAFE_GLOBALS). What
+remains unpickled freely: DeepSpeed's universal-checkpoint loaders, which ringpatch never calls.
 """
 
 from __future__ import annotations
@@ -213,6 +218,45 @@ def _check_room(ckpt_dir: Path, previous: str | None) -> None:
         )
 
 
+# Classes DeepSpeed 0.16-0.19 pickles into ZeRO 0-3 checkpoints (found by loading every file
+# that the trainer's tests write with weights_only=True).
+SAFE_GLOBALS = (
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+)
+
+
+def _safe_globals() -> list:
+    import importlib
+
+    found = []
+    for name in SAFE_GLOBALS:
+        module, _, attr = name.rpartition(".")
+        try:
+            found.append(getattr(importlib.import_module(module), attr))
+        except (ImportError, AttributeError):  # another DeepSpeed release: not pickled there either
+            continue
+    return found
+
+
+def load_weights_only(engine) -> None:
+    """Make `engine` read its checkpoints with torch.load(weights_only=True)."""
+    allowed = _safe_globals()
+
+    def load(path: str, map_location=None):
+        with torch.serialization.safe_globals(allowed):
+            try:
+                return torch.load(path, map_location=map_location, weights_only=True)
+            except Exception as e:
+                raise ValueError(
+                    f"checkpoint file {path} could not be loaded safely (torch.load weights_only=True): "
+                    f"{str(e).splitlines()[0]}"
+                ) from None
+
+    engine.checkpoint_engine.load = load
+
+
 def parameter_norm(engine) -> float:
     """The global L2 norm of the weights (ZeRO-3 shards included), the same on every rank."""
     total = torch.zeros((), dtype=torch.float64, device=engine.device)
@@ -308,6 +352,7 @@ def resume(engine, ckpt_dir: str | Path, record: dict, allowed: bool = True) -> 
                 print(f"ringpatch: skipping checkpoint {ckpt_dir / bad}: {why}")
             if skipped:
                 print(f"ringpatch: resuming from {ckpt_dir / tag}, the newest intact checkpoint")
+        load_weights_only(engine)
         path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
         if path is None:
             raise ValueError(f"DeepSpeed could not load checkpoint {ckpt_dir / tag}")

@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
             )
         # inside the process groups: leave at once, since a rank that waits for its peers to
         # tear down could hang; the launcher stops the other ranks
-        print(f"ringpatch train (rank {os.environ.get('RANK', '0')}): {e}", file=sys.stderr, flush=True)
+        # on a line of its own (a progress bar may be mid-line)
+        print(f"\nringpatch train (rank {os.environ.get('RANK', '0')}): {e}", file=sys.stderr, flush=True)
         sys.stdout.flush()
         if lock is not None:
             lock.release()

@@ -1,0 +1,175 @@
+"""Faults a long run meets: damaged checkpoints, a full disk, a stopped rank, non-finite weights.
+Each run either continues with the losses of an uninterrupted run or stops with its message."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ringpatch.train import checkpoint
+from tests.helpers.procs import spawn
+from tests.helpers.trainrun import ENV, ROOT, command, corpus, launch, metrics, ok, recipe
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return corpus(tmp_path_factory.mktemp("corpus"))
+
+
+def _damage(path: Path, how: str) -> None:
+    raw = bytearray(path.read_bytes())
+    if how == "bytes":  # 4 KB overwritten in place: same size, other content
+        start = len(raw) // 2
+        raw[start : start + 4096] = bytes((b + 1) % 256 for b in raw[start : start + 4096])
+    else:  # truncated to half
+        raw = raw[: len(raw) // 2]
+    path.write_bytes(bytes(raw))
+
+
+def _largest(folder: Path) -> Path:
+    return max((p for p in folder.iterdir() if p.suffix == ".pt"), key=lambda p: p.stat().st_size)
+
+
+def test_damaged_checkpoints_fall_back_to_the_newest_intact_one(tmp_path, data):
+    """Corrupted bytes, a truncated shard, `latest` naming a missing tag: each resume skips what is
+    damaged, says so, starts from the newest intact checkpoint, and the losses equal an
+    uninterrupted run's. keep_last bounds the checkpoints kept."""
+    run = {"parallel__sp": 2, "stages": [{"seq_len": 64, "steps": 6}], "save_every": 2, "keep_last": 2}
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    whole.mkdir(), broken.mkdir()
+    ok(launch(recipe(whole, data, **run), 2))
+    path = recipe(broken, data, **run)
+    ckpt = broken / "run" / "checkpoints"
+
+    ok(launch(path, 2, "--max-steps", "4"))
+    assert (ckpt / "latest").read_text() == "step000000004"
+    _damage(_largest(ckpt / "step000000004"), "bytes")
+    proc = launch(path, 2, "--max-steps", "5")
+    ok(proc)
+    assert f"skipping checkpoint {ckpt / 'step000000004'}: " in proc.stdout
+    assert "differs from what was written (sha256)" in proc.stdout
+    assert f"resuming from {ckpt / 'step000000002'}, the newest intact checkpoint" in proc.stdout
+
+    assert sorted(p.name for p in ckpt.iterdir() if p.is_dir()) == ["step000000004", "step000000005"]  # keep_last
+    _damage(_largest(ckpt / "step000000005"), "truncate")
+    (ckpt / "latest").write_text("step000000009")  # a tag that does not exist
+    proc = launch(path, 2)
+    ok(proc)
+    assert f"skipping checkpoint {ckpt / 'step000000009'}: its folder does not exist" in proc.stdout
+    assert f"skipping checkpoint {ckpt / 'step000000005'}: " in proc.stdout and "bytes, " in proc.stdout
+    assert f"resuming from {ckpt / 'step000000004'}" in proc.stdout
+    torch.testing.assert_close(
+        torch.tensor(metrics(broken / "run")[0]), torch.tensor(metrics(whole / "run")[0]), rtol=1e-6, atol=0
+    )
+
+    for tag in [p for p in ckpt.iterdir() if p.is_dir()]:  # every checkpoint damaged: a message, not a restart
+        _damage(_largest(tag), "truncate")
+    proc = launch(path, 2)
+    assert proc.returncode != 0 and "holds no intact checkpoint (step000000006: " in proc.stderr
+    # ours comes first; what follows is torchrun's own ChildFailedError report
+    assert proc.stderr.index("holds no intact checkpoint") < proc.stderr.find("Traceback") % len(proc.stderr)
+
+
+def test_a_full_disk_stops_with_a_message_and_keeps_no_partial_checkpoint(tmp_path, data):
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        path = recipe(tmp_path, data, parallel__sp=2, stages=[{"seq_len": 64, "steps": 3}], run_dir=str(mount / "run"))
+        proc = launch(path, 2)
+        assert proc.returncode != 0
+        assert "could not be written (rank " in proc.stderr and "the disk is full" in proc.stderr
+        assert "it was removed and no checkpoint stays the latest: free disk space" in proc.stderr
+        ckpt = mount / "run" / "checkpoints"
+        assert not (ckpt / "latest").exists() and not [p for p in ckpt.iterdir() if p.is_dir()]
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_stopped_rank_is_named_after_timeout_minutes(tmp_path, data):
+    """SIGSTOP one rank mid-run: the other rank's collective times out after timeout_minutes and
+    the job ends with a message naming the stopped rank."""
+    path = recipe(tmp_path, data, parallel__sp=2, stages=[{"seq_len": 64, "steps": 200}], timeout_minutes=0.25)
+    proc = subprocess.Popen(command(path, 2), cwd=ROOT, env=ENV, text=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
+    metrics_file = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 200
+    while time.time() < deadline and not (metrics_file.is_file() and metrics_file.read_text().count("\n") >= 2):
+        time.sleep(0.1)
+    pids = subprocess.run(["pgrep", "-f", "--", f"ringpatch.train --recipe {path}"], capture_output=True, text=True)
+    workers = sorted(int(p) for p in pids.stdout.split() if int(p) != proc.pid)
+    rank1 = [p for p in workers if Path(f"/proc/{p}/environ").read_bytes().find(b"\0RANK=1\0") >= 0]
+    assert rank1, workers
+    os.kill(rank1[0], signal.SIGSTOP)
+    stopped_at, message = time.time(), ""
+    try:
+        for line in proc.stderr:  # until rank 0's message (torchrun then waits 30 s on the stopped rank)
+            if line.startswith("ringpatch train (rank"):
+                message = line
+                break
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        subprocess.run(["pkill", "-9", "-f", "--", f"--recipe {path}"], check=False)
+        proc.wait()
+    assert message.startswith("ringpatch train (rank 0): rank 1 (silent for "), message
+    assert "stopped making progress; this rank waited 0.25 minutes (timeout_minutes)" in message
+    assert time.time() - stopped_at < 60
+
+
+def _save_nonfinite(rank, world, folder):
+    class Engine:
+        device = torch.device("cpu")
+        module = torch.nn.Linear(2, 2)
+
+    with torch.no_grad():
+        Engine.module.weight[0, 0] = float("inf")
+    with pytest.raises(FloatingPointError, match=r"the weights are not finite after step 7 \(norm inf\)"):
+        checkpoint.save(Engine(), folder, 7, {}, {})
+    assert not Path(folder).exists()  # nothing written, `latest` untouched
+
+
+@pytest.mark.multiprocess
+def test_non_finite_weights_are_never_checkpointed(tmp_path):
+    spawn(_save_nonfinite, 2, str(tmp_path / "checkpoints"))
+
+
+@pytest.mark.unit
+def test_resume_refuses_what_fixes_a_run_and_reports_what_changed():
+    from ringpatch.train.recipe import from_dict, Recipe  # noqa: I001
+
+    base = {"model": {"name": "m"}, "stages": [{"seq_len": 64, "steps": 4}, {"seq_len": 128, "steps": 4}]}
+    saved = checkpoint.recipe_record(from_dict(Recipe, base), 2)
+
+    def record(**changes):
+        r = json.loads(json.dumps(base))
+        r.update(changes)
+        return checkpoint.recipe_record(from_dict(Recipe, r), 2)
+
+    changed = checkpoint.resume_changes(saved, record(optim={"lr": 1e-3}, log_every=5), 0, 2)
+    assert changed == {"optim.lr": (2e-5, 1e-3), "log_every": (1, 5)}
+    longer = record(stages=[{"seq_len": 64, "steps": 6}, {"seq_len": 128, "steps": 4}])
+    assert checkpoint.resume_changes(saved, longer, 0, 2)["stages[0]"][1]["steps"] == 6
+    cases = [
+        (record(seed=1), 0, 2, "seed: checkpoint 0, recipe 1"),
+        (record(parallel={"layout": "zigzag"}), 0, 2, "parallel.layout: checkpoint 'balanced', recipe 'zigzag'"),
+        (record(stages=[{"seq_len": 32, "steps": 4}, {"seq_len": 128, "steps": 4}]), 0, 2, "stages[0].seq_len"),
+        (record(stages=[{"seq_len": 64, "steps": 1}, {"seq_len": 128, "steps": 4}]), 0, 2, "stage 0 now spans"),
+        (checkpoint.recipe_record(from_dict(Recipe, base), 4), 0, 2, "world: checkpoint 2, recipe 4"),
+    ]
+    for current, stage, step, match in cases:
+        with pytest.raises(ValueError, match="what a resumed run cannot change") as e:
+            checkpoint.resume_changes(saved, current, stage, step)
+        assert match in str(e.value)
+    # a stage not begun yet may change in every way
+    later = record(stages=[{"seq_len": 64, "steps": 4}, {"seq_len": 256, "steps": 9, "rope_theta": 5e5}])
+    assert "stages[1]" in checkpoint.resume_changes(saved, later, 0, 4)
