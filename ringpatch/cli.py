@@ -20,11 +20,13 @@ def prepare(argv: list[str]) -> int:
     parser.add_argument("--recipe", required=True)
     args = parser.parse_args(argv)
     from ringpatch.data.prepare import prepare_recipe
-    from ringpatch.train.preflight import USER_ERRORS
+    from ringpatch.train.preflight import USER_ERRORS, preflight
     from ringpatch.train.recipe import load_recipe
 
     try:
-        folders = prepare_recipe(load_recipe(args.recipe))
+        recipe = load_recipe(args.recipe)
+        preflight(args.recipe, world=recipe.parallel.sp * recipe.parallel.tp, deep=True)  # the trainer's checks
+        folders = prepare_recipe(recipe)
     except USER_ERRORS as e:
         print(f"ringpatch prepare: {e}", file=sys.stderr)
         return 2

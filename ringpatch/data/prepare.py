@@ -19,6 +19,11 @@ from pathlib import Path
 from ringpatch.data.packing import pack_documents
 from ringpatch.data.tokenizer import load_tokenizer
 
+
+class DataError(ValueError):
+    """A data source that cannot serve the recipe, in words (see count_tokens)."""
+
+
 FORMAT = 2  # 2: a document continued from the previous sequence restarts its positions
 MARKER = "ringpatch_prepared.json"
 EXTENSIONS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
@@ -31,10 +36,10 @@ def local_files(source: str) -> tuple[str, list[Path]] | None:
         return None
     files = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.suffix in EXTENSIONS)
     if not files:
-        raise ValueError(f"data source {source} holds no {sorted(EXTENSIONS)} files")
+        raise DataError(f"data source {source} holds no {sorted(EXTENSIONS)} files")
     kinds = {EXTENSIONS.get(f.suffix) for f in files}
     if None in kinds or len(kinds) > 1:
-        raise ValueError(f"data source {source} mixes or lacks known file kinds: {sorted({f.suffix for f in files})}")
+        raise DataError(f"data source {source} mixes or lacks known file kinds: {sorted({f.suffix for f in files})}")
     return kinds.pop(), files
 
 
@@ -51,9 +56,7 @@ def load_source(source: str, split: str, text_field: str, streaming: bool, cache
         builder, files = local
         empty = [str(f) for f in files if f.stat().st_size == 0]
         if empty:
-            raise ValueError(
-                f"data source {source}: {empty} {'is' if len(empty) == 1 else 'are'} empty; remove or fill"
-            )
+            raise DataError(f"data source {source}: {empty} {'is' if len(empty) == 1 else 'are'} empty; remove or fill")
         extra = {"sample_by": "document"} if builder == "text" else {}  # a .txt file is one document
         ds = datasets.load_dataset(
             builder,
@@ -65,7 +68,7 @@ def load_source(source: str, split: str, text_field: str, streaming: bool, cache
         )
     columns = ds.column_names if ds.column_names is not None else list(next(iter(ds)).keys())
     if text_field not in columns:
-        raise ValueError(
+        raise DataError(
             f"data source {source} has no text field {text_field!r}; its fields are {columns}: set data.text_field"
         )
     return ds
@@ -124,21 +127,27 @@ def _packed(spec, source: str, split: str, tokenizer, seq_len: int, cache_dir: s
 
 def count_tokens(spec, source: str, split: str, tokenizer, needed: int) -> int:
     """Tokens the kept documents of `source` give (with EOS), counting no further than `needed`.
-    Streamed (nothing is copied to disk); a source datasets cannot read is a ValueError."""
-    count = 0
+    Streamed (nothing is copied to disk); a source datasets cannot read is a DataError (datasets'
+    own error log is silenced meanwhile: the message names the source and the reader's error)."""
+    from datasets.utils import logging as ds_logging
+
+    count, verbosity = 0, ds_logging.get_verbosity()
+    ds_logging.set_verbosity(ds_logging.CRITICAL)
     try:
         ds = load_source(source, split, spec.text_field, streaming=True)
         for doc in _documents(ds, tokenizer, spec.text_field, True, 1):  # serial: stops early
             count += len(doc) + 1 if len(doc) >= spec.min_doc_tokens else 0
             if count >= needed:
                 break
-    except (ValueError, FileNotFoundError):
+    except DataError:
         raise
     except Exception as e:  # datasets' and pyarrow's many reader errors: one line, the source named
         detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise ValueError(
+        raise DataError(
             f"data source {source} could not be read ({type(e).__name__}: {detail}); check the file"
         ) from None
+    finally:
+        ds_logging.set_verbosity(verbosity)
     return count
 
 
@@ -146,7 +155,7 @@ def check_tokens(spec, source: str, split: str, tokenizer, seq_len: int) -> None
     """The source gives at least one packed sequence of `seq_len` tokens."""
     tokens = count_tokens(spec, source, split, tokenizer, seq_len)
     if tokens < seq_len:
-        raise ValueError(
+        raise DataError(
             f"data source {source} gives {tokens} tokens (documents of at least data.min_doc_tokens="
             f"{spec.min_doc_tokens}, with EOS), fewer than the {seq_len} one packed sequence needs: add data or "
             "lower min_doc_tokens"

@@ -28,7 +28,7 @@ from ringpatch.evaluate.prefill import check_lengths
 from ringpatch.evaluate.report import report
 from ringpatch.hf import patch_model
 from ringpatch.parallel import start, stop
-from ringpatch.train.preflight import USER_ERRORS
+from ringpatch.train.preflight import USER_ERRORS, is_local
 from ringpatch.train.recipe import DataSpec, EvalSpec, load_recipe
 
 
@@ -93,6 +93,8 @@ def _spec_and_models(args):
     spec = recipe.eval if recipe else EvalSpec()
     data_spec = recipe.data if recipe else None
     if args.data:
+        if is_local(args.data) and not Path(args.data).exists():
+            raise FileNotFoundError(f"--data {args.data} does not exist; give a json/jsonl/parquet/txt file or folder")
         data_spec = DataSpec(
             source=args.data,
             eval_source=args.data,

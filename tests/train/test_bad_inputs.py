@@ -1,0 +1,239 @@
+"""Every bad input a careless or hostile user tried, through the real entry points (train, prepare,
+eval, plan): each is refused before any process group or model, with exit 2, one message that
+names the value, and no traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch.distributed as dist
+import transformers
+import yaml
+
+from ringpatch import cli
+from ringpatch.evaluate.command import main as eval_main
+from ringpatch.train.command import main as train_main
+from ringpatch.train.lock import LOCK_FILE
+from tests.helpers.trainrun import recipe
+
+pytestmark = pytest.mark.unit
+
+BIG = {"model_type": "llama", "vocab_size": 128256, "hidden_size": 16384, "intermediate_size": 53248,
+       "num_hidden_layers": 126, "num_attention_heads": 128, "num_key_value_heads": 8}  # fmt: skip
+
+# (id, entry, recipe changes (None: no recipe), extra argv, environment, expected message fragment)
+# A change's value may name a file the test writes: "@empty", "@short", "@badjson", "@nofield", "@model", ...
+CASES = [
+    ("unknown-key", "train", {"batch": 4}, [], {}, "unknown keys ['batch']; valid keys are"),
+    ("int-as-str", "train", {"micro_batch": "two"}, [], {}, "micro_batch must be int, got str 'two'"),
+    ("micro-batch-0", "train", {"micro_batch": 0}, [], {}, "micro_batch must be > 0, got 0"),
+    ("grad-accum-neg", "train", {"grad_accum": -1}, [], {}, "grad_accum must be > 0, got -1"),
+    ("save-every-neg", "train", {"save_every": -1}, [], {}, "save_every must be >= 0, got -1"),
+    ("keep-last-neg", "train", {"keep_last": -1}, [], {}, "keep_last must be >= 0, got -1"),
+    ("log-every-0", "train", {"log_every": 0}, [], {}, "log_every must be > 0, got 0"),
+    ("loss-chunk-0", "train", {"loss_chunk_tokens": 0}, [], {}, "loss_chunk_tokens must be > 0, got 0"),
+    ("timeout-0", "train", {"timeout_minutes": 0}, [], {}, "timeout_minutes must be a finite number in (0.0, inf), got 0.0"),
+    ("timeout-nan", "train", {"timeout_minutes": float("nan")}, [], {}, "timeout_minutes must be a finite number in (0.0, inf), got nan"),
+    ("lr-nan", "train", {"optim__lr": float("nan")}, [], {}, "optim.lr must be a finite number in (0.0, inf), got nan"),
+    ("lr-neg", "train", {"optim__lr": -1e-4}, [], {}, "optim.lr must be a finite number in (0.0, inf), got -0.0001"),
+    ("lr-0", "train", {"optim__lr": 0}, [], {}, "optim.lr must be a finite number in (0.0, inf), got 0.0"),
+    ("lr-inf", "train", {"optim__lr": float("inf")}, [], {}, "optim.lr must be a finite number in (0.0, inf), got inf"),
+    ("wd-neg", "train", {"optim__weight_decay": -0.1}, [], {}, "optim.weight_decay must be a finite number in [0.0, inf), got -0.1"),
+    ("beta-1", "train", {"optim__betas": [0.9, 1.0]}, [], {}, "optim.betas[1] must be below 1 (Adam divides by 1 - beta), got 1.0"),
+    ("beta-big", "train", {"optim__betas": [1.5, 0.9]}, [], {}, "optim.betas[0] must be a finite number in [0.0, 1.0], got 1.5"),
+    ("beta-one-item", "train", {"optim__betas": [0.9]}, [], {}, "optim.betas must have 2 items, got 1"),
+    ("warmup-neg", "train", {"optim__warmup_steps": -5}, [], {}, "optim.warmup_steps must be >= 0, got -5"),
+    ("min-lr-big", "train", {"optim__min_lr_ratio": 1.5}, [], {}, "optim.min_lr_ratio must be a finite number in [0.0, 1.0], got 1.5"),
+    ("min-lr-neg", "train", {"optim__min_lr_ratio": -0.1}, [], {}, "optim.min_lr_ratio must be a finite number in [0.0, 1.0], got -0.1"),
+    ("clip-neg", "train", {"optim__grad_clip": -1}, [], {}, "optim.grad_clip must be a finite number in [0.0, inf), got -1.0"),
+    ("clip-nan", "train", {"optim__grad_clip": float("nan")}, [], {}, "optim.grad_clip must be a finite number in [0.0, inf), got nan"),
+    ("no-stages", "train", {"stages": []}, [], {}, "a recipe needs at least one stage (seq_len, steps)"),
+    ("seq-0", "train", {"stages__0__seq_len": 0}, [], {}, "stages[0].seq_len must be > 0, got 0"),
+    ("steps-0", "train", {"stages__0__steps": 0}, [], {}, "stages[0].steps must be > 0, got 0"),
+    ("shorter-stage", "train", {"stages__1__seq_len": 32}, [], {}, "stages[1].seq_len 32 is shorter than the stage before (64)"),
+    ("theta-0", "train", {"stages__1__rope_theta": 0}, [], {}, "stages[1].rope_theta must be a finite number in (0.0, inf), got 0.0"),
+    ("theta-neg", "train", {"stages__1__rope_theta": -1e4}, [], {}, "stages[1].rope_theta must be a finite number in (0.0, inf), got -10000.0"),
+    ("rope-unknown", "train", {"stages__1__rope_theta": None, "stages__1__rope_scaling": {"rope_type": "magic", "factor": 2}}, [], {},
+     "stages[1].rope_scaling.rope_type 'magic' is not one of ['dynamic', 'linear', 'llama3', 'longrope', 'yarn']"),
+    ("rope-no-factor", "train", {"stages__1__rope_theta": None, "stages__1__rope_scaling": {"rope_type": "yarn"}}, [], {},
+     "stages[1].rope_scaling of rope_type 'yarn' needs ['factor']"),
+    ("rope-neg-factor", "train", {"stages__1__rope_theta": None, "stages__1__rope_scaling": {"rope_type": "linear", "factor": -2}}, [], {},
+     "stages[1].rope_scaling.factor must be a positive finite number, got -2"),
+    ("rope-both", "train", {"stages__1__rope_scaling": {"rope_type": "linear", "factor": 2}}, [], {},
+     "stages[1] sets both rope_theta and rope_scaling; choose one rule"),
+    ("stage-lr-neg", "train", {"stages__1__lr": -1.0}, [], {}, "stages[1].lr must be a finite number in (0.0, inf), got -1.0"),
+    ("stage-mb-0", "train", {"stages__1__micro_batch": 0}, [], {}, "stages[1].micro_batch must be > 0, got 0"),
+    ("seq-indivisible", "train", {"parallel__sp": 2, "stages__0__seq_len": 65, "stages__1__seq_len": 128}, [], {},
+     "stages[0].seq_len 65 is not divisible by the balanced layout's 16 chunks (sp=2); use 80"),
+    ("stage-no-len", "train", {"stages__1": {"steps": 2}}, [], {}, "stages[1]: missing required keys ['seq_len']"),
+    ("sp-0", "train", {"parallel__sp": 0}, [], {}, "parallel.sp must be > 0, got 0"),
+    ("tp-0", "train", {"parallel__tp": 0}, [], {}, "parallel.tp must be > 0, got 0"),
+    ("layout", "train", {"parallel__layout": "diagonal"}, [], {}, "parallel.layout must be one of ['zigzag', 'contiguous', 'balanced'], got 'diagonal'"),
+    ("world", "train", {"parallel__sp": 2}, [], {"WORLD_SIZE": "3"}, "world size 3 is not divisible by sp*tp = 2*1 = 2"),
+    ("tp-heads", "train", {"parallel__tp": 3}, [], {"WORLD_SIZE": "3"}, "attention heads 4 are not divisible by tp=3; choose tp among [1, 2]"),
+    ("zero-5", "train", {"zero__stage": 5}, [], {}, "zero.stage must be 0, 1, 2 or 3, got 5"),
+    ("offload-zero0", "train", {"zero": {"stage": 0, "offload": "cpu"}}, [], {}, "zero.offload: cpu needs zero.stage >= 1"),
+    ("tp-zero3", "train", {"parallel__tp": 2, "zero__stage": 3}, [], {"WORLD_SIZE": "2"}, "AutoTP training does not combine with ZeRO-3"),
+    ("init", "train", {"model__init": "random"}, [], {}, "model.init must be one of ['pretrained', 'scratch'], got 'random'"),
+    ("scratch-no-config", "train", {"model__config": None}, [], {}, "model.init: scratch needs model.config with a model_type"),
+    ("scratch-no-tok", "train", {"model__tokenizer": None}, [], {}, "model.init: scratch has no tokenizer of its own"),
+    ("config-no-type", "train", {"model__init": "pretrained", "model__config": {"hidden_size": 64}}, [], {},
+     "model.config needs a model_type key; it has ['hidden_size']"),
+    ("vocab-0", "train", {"model__config__vocab_size": 0}, [], {}, "model.config.vocab_size must be a positive integer, got 0"),
+    ("config-theta", "train", {"model__config__rope_theta": -1.0}, [], {}, "model.config.rope_theta must be a finite number in (0.0, inf), got -1.0"),
+    ("model-path", "train", {"model": {"name": "./no/such/model"}}, [], {}, "model.name ./no/such/model is a local path without config.json"),
+    ("dtype", "train", {"model__dtype": "float16"}, [], {}, "model.dtype must be one of ['auto', 'bfloat16', 'float32'], got 'float16'"),
+    ("hub-offline", "train", {"model": {"name": "no-org/no-such-model-xyz"}}, [], {"HF_HUB_OFFLINE": "1"},
+     "model.name no-org/no-such-model-xyz is neither a local folder nor in the Hugging Face cache, and the hub is offline"),
+    ("model-mismatch", "train", {"model__name": "@model", "model__init": "pretrained"}, [], {},
+     "model.config disagrees with"),
+    ("vocab-small", "train", {"model__config__vocab_size": 100}, [], {},
+     "the tokenizer has 258 tokens but the model's vocab_size is 100"),
+    ("tok-offline", "train", {"model__tokenizer": "no-org/no-such-tokenizer"}, [], {"HF_HUB_OFFLINE": "1"},
+     "tokenizer no-org/no-such-tokenizer is neither a local folder nor in the Hugging Face cache"),
+    ("no-data", "train", {"drop_data": True}, [], {}, "has no data section; training needs data.source"),
+    ("data-missing", "train", {"data__source": "/no/such/train.jsonl"}, [], {}, "data.source /no/such/train.jsonl does not exist"),
+    ("data-empty", "train", {"data__source": "@empty"}, [], {}, "empty.jsonl'] is empty; remove or fill"),
+    ("data-field", "train", {"data__text_field": "body"}, [], {}, "has no text field 'body'; its fields are ['text']: set data.text_field"),
+    ("data-short", "train", {"data__source": "@short"}, [], {}, "fewer than the 128 one packed sequence needs"),
+    ("data-badjson", "train", {"data__source": "@badjson"}, [], {}, "bad.jsonl could not be read ("),
+    ("num-proc-0", "train", {"data__num_proc": 0}, [], {}, "data.num_proc must be > 0, got 0"),
+    ("eval-samples-0", "train", {"data__eval_samples": 0}, [], {}, "data.eval_samples must be > 0, got 0"),
+    ("min-doc-neg", "train", {"data__min_doc_tokens": -1}, [], {}, "data.min_doc_tokens must be >= 0, got -1"),
+    ("max-seq-0", "train", {"data__max_sequences": 0}, [], {}, "data.max_sequences must be > 0, got 0"),
+    ("eval-missing", "train", {"data__eval_source": "/no/such/eval.jsonl"}, [], {}, "data.eval_source /no/such/eval.jsonl does not exist"),
+    ("data-nofiles", "train", {"data__source": "@nofiles"}, [], {}, "holds no ['.json', '.jsonl', '.parquet', '.txt'] files"),
+    ("data-mixed", "train", {"data__source": "@mixed"}, [], {}, "mixes or lacks known file kinds: ['.jsonl', '.txt']"),
+    ("ppl-tokens-0", "train", {"eval__ppl_tokens": 0}, [], {}, "eval.ppl_tokens must be > 0, got 0"),
+    ("depth", "train", {"eval__passkey_depths": [1.5]}, [], {}, "eval.passkey_depths must lie in [0, 1], got [1.5]"),
+    ("ppl-short", "train", {"eval__ppl_lengths": [32]}, [], {}, "eval.ppl_lengths [32] must all exceed eval.ppl_tokens 64"),
+    ("passkey-order", "train", {"eval__passkey_lengths": [256, 128]}, [], {}, "eval.passkey_lengths must be positive and increasing, got [256, 128]"),
+    ("template", "train", {"eval__passkey_template": "fancy"}, [], {}, "eval.passkey_template must be one of ['classic', 'demo'], got 'fancy'"),
+    ("wandb", "train", {"wandb": "maybe"}, [], {}, "wandb must be one of ['online', 'offline', 'disabled'], got 'maybe'"),
+    ("yaml-dup", "train", "@dupkey", [], {}, "is not valid YAML: key 'micro_batch' is given twice (first on line"),
+    ("yaml-bad", "train", "@badyaml", [], {}, "is not valid YAML: expected ',' or ']'"),
+    ("recipe-missing", "train", "/no/such/recipe.yaml", [], {}, "recipe /no/such/recipe.yaml does not exist"),
+    ("recipe-list", "train", "@list", [], {}, "must be a mapping, got list"),
+    ("ds-missing", "train", {}, ["--deepspeed", "/no/ds.json"], {}, "DeepSpeed file /no/ds.json does not exist"),
+    ("ds-badjson", "train", {}, ["--deepspeed", "@dsbad"], {}, "is not valid JSON: Expecting"),
+    ("ds-dup", "train", {}, ["--deepspeed", "@dsdup"], {}, "keys ['zero_optimization'] are given twice"),
+    ("ds-retype", "train", {}, ["--deepspeed", "@dsretype"], {}, "gradient_accumulation_steps = 8 in"),
+    ("memory", "train", {"model__config": BIG}, [], {}, "the plan needs an estimated"),
+    ("locked", "train", {}, [], {}, "@locked"),
+    ("max-steps-0", "train", {}, ["--max-steps", "0"], {}, "--max-steps must be >= 1, got 0"),
+    ("plan-nodes", "plan", {}, ["--nodes", "0"], {}, "--nodes, --gpus-per-node and --gpu-memory must be positive, got 0, 8, 80.0"),
+    ("plan-memory", "plan", {"model__config": BIG, "parallel__sp": 8}, [], {}, "GiB of a 80 GiB GPU (--gpu-memory)"),
+    ("plan-lr-nan", "plan", {"optim__lr": float("nan")}, [], {}, "optim.lr must be a finite number in (0.0, inf), got nan"),
+    ("prepare-no-data", "prepare", {"drop_data": True}, [], {}, "has no data section"),
+    ("prepare-empty", "prepare", {"data__source": "@empty"}, [], {}, "empty.jsonl'] is empty"),
+    ("prepare-missing", "prepare", {"data__source": "/no/such/train.jsonl"}, [], {}, "data.source /no/such/train.jsonl does not exist"),
+    ("eval-trials-neg", "eval", {}, ["--trials", "-2"], {}, "eval.passkey_trials must be > 0, got -2"),
+    ("eval-trials-0", "eval", {}, ["--trials", "0"], {}, "eval.passkey_trials must be > 0, got 0"),
+    ("eval-depth", "eval", {}, ["--depths", "1.5"], {}, "eval.passkey_depths must lie in [0, 1], got [1.5]"),
+    ("eval-model", "eval", None, ["--model", "/no/such/model"], {}, "--model ['/no/such/model'] is not a model folder (no config.json)"),
+    ("eval-nothing", "eval", None, [], {}, "give --recipe (its run's exported models) or --model PATH"),
+    ("eval-data", "eval", None, ["--model", "@model", "--data", "/no/such/held.jsonl"], {}, "--data /no/such/held.jsonl does not exist"),
+    ("eval-samples", "eval", None, ["--model", "@model", "--data", "@short", "--samples", "0"], {}, "data.eval_samples must be > 0, got 0"),
+    ("eval-length", "eval", None, ["--model", "@model", "--ppl-lengths", "102", "204"], {"WORLD_SIZE": "2"},
+     "evaluation length 102 is not divisible by the zigzag layout's 4 chunks over 2 ranks; use 100 or 104"),
+    ("eval-no-export", "eval", {}, [], {}, "holds no exported model yet"),
+]  # fmt: skip
+
+
+def _files(tmp, data) -> dict[str, str]:
+    """The files a case may name with "@..."."""
+    f = {}
+    (tmp / "empty.jsonl").write_text("")
+    f["@empty"] = str(tmp / "empty.jsonl")
+    (tmp / "short.jsonl").write_text('{"text": "too short"}\n')
+    f["@short"] = str(tmp / "short.jsonl")
+    (tmp / "bad.jsonl").write_text('{"text": "ok"}\n{"text": unquoted\n')
+    f["@badjson"] = str(tmp / "bad.jsonl")
+    (tmp / "nofiles").mkdir()
+    (tmp / "nofiles" / "notes.md").write_text("x")
+    f["@nofiles"] = str(tmp / "nofiles")
+    (tmp / "mixed").mkdir()
+    (tmp / "mixed" / "a.jsonl").write_text('{"text": "a"}\n')
+    (tmp / "mixed" / "b.txt").write_text("b")
+    f["@mixed"] = str(tmp / "mixed")
+    config = yaml.safe_load(recipe(tmp, data).read_text())["model"]["config"]
+    (tmp / "model").mkdir()
+    (tmp / "model" / "config.json").write_text(json.dumps(dict(config, num_attention_heads=8)))
+    f["@model"] = str(tmp / "model")
+    good = recipe(tmp, data).read_text()
+    (tmp / "dup.yaml").write_text(good + "micro_batch: 4\n")
+    f["@dupkey"] = str(tmp / "dup.yaml")
+    (tmp / "bad.yaml").write_text(good + "extra: [1, 2\n")
+    f["@badyaml"] = str(tmp / "bad.yaml")
+    (tmp / "list.yaml").write_text("- model\n- stages\n")
+    f["@list"] = str(tmp / "list.yaml")
+    (tmp / "dsbad.json").write_text("{zero: 1}")
+    f["@dsbad"] = str(tmp / "dsbad.json")
+    (tmp / "dsdup.json").write_text('{"zero_optimization": {}, "zero_optimization": {}}')
+    f["@dsdup"] = str(tmp / "dsdup.json")
+    (tmp / "dsretype.json").write_text('{"gradient_accumulation_steps": 8}')
+    f["@dsretype"] = str(tmp / "dsretype.json")
+    return f
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from tests.helpers.trainrun import corpus
+
+    return corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    """A model or process group started by a case fails the test."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the bad input was refused")
+
+    for name in ("from_pretrained", "from_config"):
+        monkeypatch.setattr(transformers.AutoModelForCausalLM, name, refuse)
+    monkeypatch.setattr(dist, "init_process_group", refuse)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_refused_before_any_model(case, tmp_path, data, monkeypatch, capsys, no_model_loads):
+    name, entry, changes, argv, env, fragment = case
+    files = _files(tmp_path, data)
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_WORLD_SIZE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    if isinstance(changes, dict):
+        changes = {k: files.get(v, v) if isinstance(v, str) else v for k, v in changes.items()}
+        drop_data = changes.pop("drop_data", False)
+        path = str(recipe(tmp_path, data, **changes))
+        if drop_data:  # the helper cannot drop a section: rewrite without it
+            raw = yaml.safe_load(open(path))
+            raw.pop("data")
+            open(path, "w").write(yaml.safe_dump(raw))
+    else:
+        path = None if changes is None else files.get(changes, changes)
+    argv = [files.get(a, a) for a in argv]
+    if fragment == "@locked":  # a live owner (this test's process) holds the run_dir
+        run_dir = yaml.safe_load(open(path))["run_dir"]
+        os.makedirs(run_dir)
+        with open(os.path.join(run_dir, LOCK_FILE), "w") as f:
+            json.dump({"host": os.uname().nodename, "pid": os.getpid(), "started": "now"}, f)
+        fragment = f"is in use by another run (pid {os.getpid()} on {os.uname().nodename}"
+    args = (["--recipe", path] if path else []) + argv
+    if entry == "train":
+        code = train_main(args)
+    elif entry == "eval":
+        code = eval_main(args)
+    else:
+        code = cli.main([entry, *args])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert f"ringpatch {entry}: " in err and fragment in err, err
+    assert "Traceback" not in err
+
+
+def test_the_table_covers_at_least_70_cases():
+    assert len(CASES) >= 70 and len({c[0] for c in CASES}) == len(CASES)
