@@ -13,7 +13,7 @@ GPUS_PER_NODE ?= 8
 RECIPE_1M ?= recipes/llama3-8b-1m.yaml
 MASTER_ADDR ?= $(shell hostname)
 
-.PHONY: install demo selfcheck finetune-1m test test-fast lint format bench gpu-check clean
+.PHONY: install demo selfcheck finetune-1m test test-fast lint format bench gpu-check clean clean-runs
 
 install: $(STAMP)
 
@@ -81,8 +81,17 @@ bench: install
 	$(BIN)/python bench/model.py
 	$(BIN)/python bench/documents.py
 
-gpu-check: install
-	$(BIN)/python bench/gpu_check.py
+# Needs only a python with torch (a GPU machine's own; no venv, no install, no network).
+gpu-check:
+	@if $(PY) -c "import torch" 2>/dev/null; then $(PY) bench/gpu_check.py; \
+	else $(MAKE) install && $(BIN)/python bench/gpu_check.py; fi
 
+# Removes what `make` builds. Runs (checkpoints, exports) go only through clean-runs, which asks.
 clean:
-	rm -rf $(VENV) runs bench/results *.egg-info
+	rm -rf $(VENV) bench/results *.egg-info
+
+clean-runs:
+	@if [ ! -d runs ]; then echo "no runs/ to delete"; exit 0; fi; \
+	echo "runs/ holds $$(du -sh runs | cut -f1): $$(ls runs | tr '\n' ' ')"; \
+	if [ "$(YES)" = "1" ]; then answer=y; else printf "delete all of runs/? [y/N] "; read answer; fi; \
+	if [ "$$answer" = "y" ]; then rm -rf runs && echo "deleted runs/"; else echo "kept runs/"; fi

@@ -1,18 +1,28 @@
-"""GPU check (`make gpu-check`): every CUDA backend's block forward/backward against a float64
-reference, and the ring's sequential-blocks-plus-merges throughput against monolithic attention.
+"""GPU check (`make gpu-check`): one script, torch and this repository only (no install, no
+network; flash-attn when present, transformers for the memory check when present).
 
-For each backend: full, causal, windowed and half blocks (the shapes a zigzag ring step
-computes) in bfloat16; the errors of out, dq, dk, dv against float64 must be no worse (rms)
-than those of monolithic bfloat16 attention. Then one GPU plays all P ranks of a zigzag ring
-in turn (every planned block and merge, forward and backward, no communication) at S tokens,
-and its time is compared with monolithic fused attention on the same GPU (target: >= 0.90).
-Without CUDA it says so and exits 0. `--device cpu` runs the same code on CPU (small sizes).
+1. Kernels: every CUDA backend's block forward and backward (full, causal, half, windowed and
+   window-edge blocks, as the ring plans them; GQA 32:8; head_dim 128 and 36, the latter padded)
+   against float64. Pass: rms error / rms of the float64 value <= TOL[dtype] for out, dq, dk, dv.
+   The error of monolithic fused attention on the same inputs is printed beside it.
+2. Simulated ring: one GPU plays all P ranks of a ring in turn (every planned block, every merge,
+   forward and backward, dK/dV returned to their owners), zigzag and contiguous, causal and
+   windowed; the assembled out, dq, dk, dv against float64, with the same tolerance.
+3. Throughput: the simulated ring's blocks + merges at S tokens vs monolithic fused attention
+   (FlashAttention through SDPA) on the same GPU; the fraction is monolithic / ring (target >= 0.90).
+4. Memory: a small Llama, ring-patched over a one-rank group, one forward+backward with activation
+   checkpointing at several lengths; torch.cuda.max_memory_allocated above the weights vs
+   ringpatch.memory.estimate's activation items.
+A summary table ends the output; bench/results/gpu_check.json keeps every figure. Exit 1 when an
+accuracy check fails. Without CUDA: says so and exits 0. `--device cpu --quick` runs the same code
+on CPU at small sizes (how it is tested without a GPU).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -27,11 +37,16 @@ from ringpatch.attention.layout import local_ranges  # noqa: E402
 from ringpatch.attention.merge import merge_  # noqa: E402
 from ringpatch.attention.ring import ring_plans  # noqa: E402
 
+# rms error relative to the float64 value's rms: bf16 rounds at 2^-8 = 3.9e-3 per element; an
+# attention output or gradient through it lands near that, so 1e-2 leaves room for the longer
+# reductions of dk/dv without admitting a wrong mask or a lost block (those give errors ~ 1).
+TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-4}
+
 
 def visible(q_pos, k_pos, causal, window):
     """(m, n) bool: query at q_pos[i] sees key at k_pos[j]."""
     i, j = q_pos[:, None], k_pos[None, :]
-    vis = torch.ones(len(q_pos), len(k_pos), dtype=torch.bool)
+    vis = torch.ones(len(q_pos), len(k_pos), dtype=torch.bool, device=q_pos.device)
     if causal:
         vis &= j <= i
     if window is not None:
@@ -40,17 +55,34 @@ def visible(q_pos, k_pos, causal, window):
 
 
 def reference(q, k, v, mask, scale):
-    """float64 attention under `mask`. # q (B, m, H, D)"""
+    """float64 attention under `mask`, with gradients. q (B, m, H, D); k, v (B, n, H_kv, D)"""
     groups = q.shape[2] // k.shape[2]
     k, v = k.repeat_interleave(groups, 2), v.repeat_interleave(groups, 2)
     s = torch.einsum("bihd,bjhd->bhij", q, k) * scale
-    return torch.einsum("bhij,bjhd->bihd", s.masked_fill(~mask, float("-inf")).softmax(-1), v)
+    p = s.masked_fill(~mask, float("-inf")).softmax(-1).nan_to_num(0.0)  # a row that sees nothing: zeros
+    return torch.einsum("bhij,bjhd->bihd", p, v)
 
 
-def rms(a, b):
-    return (a.double() - b.double()).pow(2).mean().sqrt().item()
+def rel_rms(got, want):
+    want = want.double()
+    return ((got.double() - want).pow(2).mean().sqrt() / want.pow(2).mean().sqrt().clamp_min(1e-30)).item()
 
 
+def _inputs(m, n, heads, kv_heads, dim, device, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    q, dout = (torch.randn(1, m, heads, dim, generator=g, dtype=torch.float64).to(device) for _ in range(2))
+    k, v = (torch.randn(1, n, kv_heads, dim, generator=g, dtype=torch.float64).to(device) for _ in range(2))
+    return q, k, v, dout
+
+
+def _float64(q, k, v, dout, mask, scale):
+    ref_in = [x.clone().requires_grad_() for x in (q, k, v)]
+    ref = reference(*ref_in, mask, scale)
+    ref.backward(dout)
+    return [ref.detach()] + [x.grad for x in ref_in]
+
+
+# --- 1. kernels -----------------------------------------------------------------------------
 def block_cases(seq):
     """(name, m, n, call, causal, window): the block shapes the ring plans produce."""
     half = seq // 2
@@ -66,47 +98,45 @@ def block_cases(seq):
     ]
 
 
-def check_block(kernel, name, m, n, call, causal, window, device, dtype, heads, kv_heads, dim):
-    g = torch.Generator(device="cpu").manual_seed(0)
-    q, dout = (torch.randn(1, m, heads, dim, generator=g, dtype=torch.float64) for _ in range(2))
-    k, v = (torch.randn(1, n, kv_heads, dim, generator=g, dtype=torch.float64) for _ in range(2))
+def check_block(kernel, case, device, dtype, heads, kv_heads, dim):
+    name, m, n, call, causal, window = case
+    q, k, v, dout = _inputs(m, n, heads, kv_heads, dim, device)
     scale = default_scale(dim)
-    q_pos = torch.arange(call.q_pos, call.q_pos + m)
-    k_pos = torch.arange(call.k_pos, call.k_pos + n)
-    ref_in = [x.clone().requires_grad_() for x in (q, k, v)]
+    q_pos = torch.arange(call.q_pos, call.q_pos + m, device=device)
+    k_pos = torch.arange(call.k_pos, call.k_pos + n, device=device)
     mask = visible(q_pos, k_pos, causal, window)
-    ref = reference(*ref_in, mask, scale)
-    ref.backward(dout)
-    refs = [ref.detach()] + [x.grad for x in ref_in]
-    # monolithic bf16: torch's fused attention with the same explicit mask
-    mono_in = [x.to(device, dtype).transpose(1, 2).requires_grad_() for x in (q, k, v)]
-    mono = F.scaled_dot_product_attention(*mono_in, attn_mask=mask.to(device), enable_gqa=True)
-    mono.backward(dout.to(device, dtype).transpose(1, 2))
+    want = _float64(q, k, v, dout, mask, scale)
+    # monolithic: torch's fused attention on the same inputs, printed for comparison
+    mono_in = [x.to(dtype).transpose(1, 2).requires_grad_() for x in (q, k, v)]
+    mono = F.scaled_dot_product_attention(*mono_in, attn_mask=mask, scale=scale, enable_gqa=True)
+    mono.backward(dout.to(dtype).transpose(1, 2))
     monos = [mono.detach().transpose(1, 2)] + [x.grad.transpose(1, 2) for x in mono_in]
-    # the backend's block: forward, then backward with its own out/lse (a one-block ring)
     spec = MaskSpec(causal, window, scale)
-    qd, kd, vd = (x.to(device, dtype) for x in (q, k, v))
+    qd, kd, vd = (x.to(dtype) for x in (q, k, v))
     out, lse = kernel.forward(qd, kd, vd, call, spec)
-    dq, dk, dv = kernel.backward(dout.to(device, dtype), qd, kd, vd, out, lse.float(), call, spec)
-    rows = {}
-    for label, got, mono_t, want in zip(("out", "dq", "dk", "dv"), (out, dq, dk, dv), monos, refs, strict=True):
-        rows[label] = {"block_rms": rms(got.cpu(), want), "monolithic_rms": rms(mono_t.cpu(), want)}
-    ok = all(r["block_rms"] <= r["monolithic_rms"] for r in rows.values())
-    return ok, rows
+    got = [out, *kernel.backward(dout.to(dtype), qd, kd, vd, out, lse.float(), call, spec)]
+    rows = {
+        label: {"rel_rms": rel_rms(g, w), "monolithic_rel_rms": rel_rms(mo, w)}
+        for label, g, mo, w in zip(("out", "dq", "dk", "dv"), got, monos, want, strict=True)
+    }
+    return all(r["rel_rms"] <= TOL[dtype] for r in rows.values()), rows
 
 
-def simulated_ring_seconds(kernel, seq, world, heads, kv_heads, dim, device, dtype):
-    """One device runs every rank's planned blocks and merges, forward and backward."""
-    g = torch.Generator(device="cpu").manual_seed(0)
-    q, dout = (torch.randn(1, seq, heads, dim, generator=g).to(device, dtype) for _ in range(2))
-    k, v = (torch.randn(1, seq, kv_heads, dim, generator=g).to(device, dtype) for _ in range(2))
-    spec = MaskSpec(True, None, default_scale(dim))
-    plans = ring_plans("zigzag", seq, world, True, None, kernel.tile)
+# --- 2. and 3. the simulated ring -----------------------------------------------------------
+def simulated_ring(kernel, q, k, v, dout, world, layout, window, timed=False):
+    """Every rank of a `layout` ring over `world` ranks, played in turn on one device: the
+    assembled (out, dq, dk, dv) in global order, and the seconds it took."""
+    device, dtype, seq = q.device, q.dtype, q.shape[1]
+    spec = MaskSpec(True, window, default_scale(q.shape[-1]))
+    plans = ring_plans(layout, seq, world, True, window, kernel.tile)
     idx = [
-        torch.cat([torch.arange(s, s + n) for s, n in local_ranges("zigzag", seq, world, r)]).to(device)
+        torch.cat([torch.arange(s, s + n) for s, n in local_ranges(layout, seq, world, r)]).to(device)
         for r in range(world)
     ]
     local = [(q[:, i], k[:, i], v[:, i], dout[:, i]) for i in idx]
+    out_g, dq_g = torch.empty_like(q), torch.empty_like(q)
+    dk_g = torch.zeros(k.shape, dtype=torch.float32, device=device)
+    dv_g = torch.zeros(v.shape, dtype=torch.float32, device=device)
     _sync(device)
     start = time.perf_counter()
     for r in range(world):
@@ -121,30 +151,95 @@ def simulated_ring_seconds(kernel, seq, world, heads, kv_heads, dim, device, dty
         out = out.to(dtype)
         dq = torch.zeros(ql.shape, dtype=torch.float32, device=device)
         for s, calls in enumerate(plans[r]):
-            _, kl, vl, _ = local[(r - s) % world]
-            dkv = torch.zeros((2, *kl.shape), dtype=torch.float32, device=device)
+            src = (r - s) % world
+            _, kl, vl, _ = local[src]
             for c in calls:
                 rows, keys = slice(c.q0, c.q1), slice(c.k0, c.k1)
                 dq_b, dk_b, dv_b = kernel.backward(
                     dl[:, rows], ql[:, rows], kl[:, keys], vl[:, keys], out[:, rows], lse[:, rows], c, spec
                 )
                 dq[:, rows] += dq_b
-                dkv[0, :, keys] += dk_b
-                dkv[1, :, keys] += dv_b
+                owner = idx[src][keys]  # dK/dV go back to the rank that holds those keys
+                dk_g[:, owner] += dk_b.float()
+                dv_g[:, owner] += dv_b.float()
+        if not timed:
+            out_g[:, idx[r]], dq_g[:, idx[r]] = out, dq.to(dtype)
     _sync(device)
-    return time.perf_counter() - start
+    return (out_g, dq_g, dk_g, dv_g), time.perf_counter() - start
 
 
-def monolithic_seconds(seq, heads, kv_heads, dim, device, dtype):
-    g = torch.Generator(device="cpu").manual_seed(0)
-    q = torch.randn(1, heads, seq, dim, generator=g).to(device, dtype).requires_grad_()
-    k, v = (torch.randn(1, kv_heads, seq, dim, generator=g).to(device, dtype).requires_grad_() for _ in range(2))
-    _sync(device)
+def check_ring(kernel, seq, world, layout, window, device, dtype, heads, kv_heads, dim):
+    q, k, v, dout = _inputs(seq, seq, heads, kv_heads, dim, device, seed=1)
+    pos = torch.arange(seq, device=device)
+    want = _float64(q, k, v, dout, visible(pos, pos, True, window), default_scale(dim))
+    got, _ = simulated_ring(kernel, *(x.to(dtype) for x in (q, k, v, dout)), world, layout, window)
+    rows = {label: rel_rms(g, w) for label, g, w in zip(("out", "dq", "dk", "dv"), got, want, strict=True)}
+    return all(e <= TOL[dtype] for e in rows.values()), rows
+
+
+def monolithic_seconds(q, k, v, dout):
+    qt, kt, vt = (x.transpose(1, 2).detach().requires_grad_() for x in (q, k, v))
+    _sync(q.device)
     start = time.perf_counter()
-    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-    out.backward(torch.ones_like(out))
-    _sync(device)
+    out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True)
+    out.backward(dout.transpose(1, 2))
+    _sync(q.device)
     return time.perf_counter() - start
+
+
+def throughput(kernel, seq, world, device, dtype, heads, kv_heads, dim):
+    q, k, v, dout = (x.to(dtype) for x in _inputs(seq, seq, heads, kv_heads, dim, device, seed=2))
+    small = [x[:, : seq // 8] for x in (q, k, v, dout)]
+    simulated_ring(kernel, *small, world, "zigzag", None, timed=True)  # warm-up
+    monolithic_seconds(*small)
+    ring = min(simulated_ring(kernel, q, k, v, dout, world, "zigzag", None, timed=True)[1] for _ in range(2))
+    mono = min(monolithic_seconds(q, k, v, dout) for _ in range(2))
+    return {"seq": seq, "world": world, "ring_s": ring, "monolithic_s": mono, "fraction": mono / ring}
+
+
+# --- 4. memory ------------------------------------------------------------------------------
+def memory_check(lengths, device, dtype):
+    """Measured activation peak of a ring-patched Llama vs the planner's estimate, per length."""
+    try:
+        from transformers import AutoModelForCausalLM, LlamaConfig
+    except ImportError:
+        return {"skipped": "transformers is not installed"}
+    import torch.distributed as dist
+
+    import ringpatch
+    from ringpatch.memory.estimate import GIB, estimate
+    from ringpatch.train.recipe import Recipe, from_dict
+
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29533")
+        dist.init_process_group("gloo", rank=0, world_size=1)
+    cfg = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=8,
+               num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=max(lengths))  # fmt: skip
+    torch.manual_seed(0)
+    lm = AutoModelForCausalLM.from_config(LlamaConfig(**cfg), dtype=dtype).to(device)
+    lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lm = ringpatch.patch_model(lm, group=dist.group.WORLD)
+    from ringpatch.memory import causal_lm_loss
+
+    recipe = from_dict(Recipe, {"model": {"name": "check"}, "stages": [{"seq_len": max(lengths), "steps": 1}]})
+    rows = {}
+    for seq in lengths:
+        ids = torch.randint(0, cfg["vocab_size"], (1, seq), device=device)
+        lm.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        batch = ringpatch.shard_batch({"input_ids": ids, "labels": ids}, group=dist.group.WORLD)
+        causal_lm_loss(lm, batch).backward()
+        torch.cuda.synchronize()
+        measured = (torch.cuda.max_memory_allocated() - base) / GIB
+        est = estimate(recipe, dict(cfg, model_type="llama"), 1, seq, 1)
+        items = ("checkpointed activations", "recomputed layer", "ring buffers", "loss chunk")
+        predicted = sum(est[i] for i in items) + est["gradients"]  # one rank: the whole bf16 gradient
+        rows[seq] = {"measured_gib": measured, "predicted_gib": predicted, "ratio": measured / predicted}
+    del lm
+    return rows
 
 
 def _sync(device):
@@ -155,8 +250,8 @@ def _sync(device):
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--quick", action="store_true", help="small sizes (CPU smoke run)")
     parser.add_argument("--seq", type=int, default=65536, help="tokens for the throughput check")
-    parser.add_argument("--block", type=int, default=512, help="tokens per block for the accuracy checks")
     parser.add_argument("--world", type=int, default=8)
     parser.add_argument("--out", default="bench/results/gpu_check.json")
     args = parser.parse_args()
@@ -164,43 +259,79 @@ def main() -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("gpu-check: no CUDA device here; nothing to check (exit 0)")
         return 0
-    dtype = torch.bfloat16
-    heads, kv_heads, dim = 32, 8, 128
-    probe = torch.empty(1, 1, 1, dim, device=device, dtype=dtype)
+    started = time.perf_counter()
+    block, ring_seq, seq = (64, 256, 1024) if args.quick else (512, 4096, args.seq)
+    heads, kv_heads = (8, 2) if args.quick else (32, 8)
+    dtypes = [torch.bfloat16] if device.type == "cuda" else [torch.float32]
+    if device.type == "cuda":
+        dtypes.append(torch.float32)  # the memory-efficient kernel's path
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    print(f"gpu-check on {name}, torch {torch.__version__}")
     kernels = {}
-    for name in ("torch", "flash_attn"):
+    for backend in ("torch", "flash_attn"):
         try:
-            kernels[name] = select(name, probe)
+            kernels[backend] = select(backend, torch.empty(1, 1, 1, 128, device=device, dtype=dtypes[0]))
         except ValueError as exc:
-            print(f"backend {name}: not available ({exc})")
-    report, failures = {"device": str(torch.cuda.get_device_name() if device.type == "cuda" else device)}, 0
-    for bname, kernel in kernels.items():
-        for case in block_cases(args.block):
-            ok, rows = check_block(kernel, *case, device, dtype, heads, kv_heads, dim)
-            failures += not ok
-            report[f"{bname}/{case[0]}"] = rows
-            errs = "  ".join(f"{k} {r['block_rms']:.2e}/{r['monolithic_rms']:.2e}" for k, r in rows.items())
-            print(f"{'ok  ' if ok else 'FAIL'} {bname:<10} {case[0]:<7} rms block/monolithic: {errs}")
-    for bname, kernel in kernels.items():
-        simulated_ring_seconds(kernel, args.seq // 8, args.world, heads, kv_heads, dim, device, dtype)  # warm-up
-        monolithic_seconds(args.seq // 8, heads, kv_heads, dim, device, dtype)
-        ring = min(
-            simulated_ring_seconds(kernel, args.seq, args.world, heads, kv_heads, dim, device, dtype) for _ in range(2)
-        )
-        mono = min(monolithic_seconds(args.seq, heads, kv_heads, dim, device, dtype) for _ in range(2))
-        report[f"{bname}/throughput"] = {
-            "seq": args.seq,
-            "world": args.world,
-            "ring_s": ring,
-            "monolithic_s": mono,
-            "fraction": mono / ring,
-        }
+            print(f"backend {backend}: not available ({exc})")
+    report = {"device": name, "torch": torch.__version__, "tolerance": {str(k): v for k, v in TOL.items()}}
+    summary, failures = [], 0
+
+    def record(check, ok, figure):
+        nonlocal failures
+        failures += not ok
+        summary.append((check, "ok" if ok else "FAIL", figure))
+
+    for bname, kernel in kernels.items():  # 1. kernels
+        for dtype in dtypes if bname == "torch" else [torch.bfloat16]:
+            for dim in (128, 36) if bname == "torch" else (128,):
+                for case in block_cases(block):
+                    ok, rows = check_block(kernel, case, device, dtype, heads, kv_heads, dim)
+                    key = f"{bname}/{str(dtype)[6:]}/d{dim}/{case[0]}"
+                    report[key] = rows
+                    worst = max(r["rel_rms"] for r in rows.values())
+                    mono = max(r["monolithic_rel_rms"] for r in rows.values())
+                    print(
+                        f"{'ok  ' if ok else 'FAIL'} {key:<32} worst rel rms {worst:.2e} (monolithic {mono:.2e}, tol {TOL[dtype]:.0e})"
+                    )
+                    record(f"kernel {key}", ok, f"{worst:.2e}")  # fmt: skip
+    for bname, kernel in kernels.items():  # 2. simulated ring
+        for layout in ("zigzag", "contiguous"):
+            for window in (None, ring_seq // 3):
+                ok, rows = check_ring(kernel, ring_seq, 4, layout, window, device, dtypes[0], heads, kv_heads, 128)
+                key = f"{bname}/ring P=4 {layout} {'causal' if window is None else f'window {window}'}"
+                report[key] = rows
+                errs = " ".join(f"{k} {e:.2e}" for k, e in rows.items())
+                print(f"{'ok  ' if ok else 'FAIL'} {key:<40} rel rms {errs}")
+                record(key, ok, f"{max(rows.values()):.2e}")
+    for bname, kernel in kernels.items():  # 3. throughput
+        t = throughput(kernel, seq, args.world, device, dtypes[0], heads, kv_heads, 128)
+        report[f"{bname}/throughput"] = t
         print(
-            f"{bname}: S={args.seq} P={args.world} blocks+merges {ring:.3f}s, monolithic {mono:.3f}s, throughput fraction {mono / ring:.3f} (target >= 0.90)"
+            f"{bname}: S={seq} P={args.world} blocks+merges {t['ring_s']:.3f}s, monolithic {t['monolithic_s']:.3f}s, "
+            f"fraction {t['fraction']:.3f} (target >= 0.90)"
         )
+        summary.append((f"throughput {bname} S={seq} P={args.world}", "-", f"{t['fraction']:.3f}"))
+    if device.type == "cuda":  # 4. memory
+        lengths = [4096, 16384] if args.quick else [8192, 32768, 65536]
+        mem = memory_check(lengths, device, torch.bfloat16)
+        report["memory"] = mem
+        for seq_len, row in mem.items() if "skipped" not in mem else []:
+            print(
+                f"memory S={seq_len}: measured {row['measured_gib']:.2f} GiB above the weights, planner "
+                f"{row['predicted_gib']:.2f} GiB (ratio {row['ratio']:.2f})"
+            )
+            summary.append((f"memory S={seq_len} measured/planned", "-", f"{row['ratio']:.2f}"))
+        if "skipped" in mem:
+            print(f"memory check skipped: {mem['skipped']}")
+    elapsed = time.perf_counter() - started
+    report["seconds"] = elapsed
+    print("\nsummary")
+    for check, status, figure in summary:
+        print(f"  {status:<4} {check:<52} {figure}")
+    print(f"{failures} failure(s) in {len(summary)} checks, {elapsed:.0f} s")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=1))
-    print(f"wrote {args.out}; {failures} accuracy failure(s)")
+    Path(args.out).write_text(json.dumps(report, indent=1, default=str))
+    print(f"wrote {args.out}")
     return 1 if failures else 0
 
 

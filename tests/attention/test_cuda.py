@@ -14,11 +14,12 @@ from tests.helpers.reference import attention, rms_err, visible
 pytestmark = pytest.mark.gpu
 
 
+@pytest.mark.parametrize("dim", [64, 36])  # 36: padded to 40 for the fused kernels
 @pytest.mark.parametrize("window", [None, 300])
 @pytest.mark.parametrize("heads, kv_heads", [(8, 8), (8, 2)])
-def test_cuda_ring_of_one_matches_float64(window, heads, kv_heads):
+def test_cuda_ring_of_one_matches_float64(window, heads, kv_heads, dim):
     g = torch.Generator().manual_seed(0)
-    seq, dim = 2048, 64
+    seq = 2048
     q, k, v, dout = (
         torch.randn(1, seq, h, dim, generator=g, dtype=torch.float64) for h in (heads, kv_heads, kv_heads, heads)
     )
@@ -43,3 +44,9 @@ def test_cuda_ring_of_one_matches_float64(window, heads, kv_heads):
     bar = run(mono)
     for name, a, m, w in zip(("out", "dq", "dk", "dv"), got, bar, want, strict=True):
         assert rms_err(a, w) <= rms_err(m, w), f"{name}: ring {rms_err(a, w):.3e} > monolithic {rms_err(m, w):.3e}"
+
+
+def test_cuda_float64_is_refused_with_the_fix():
+    q = torch.randn(1, 64, 4, 32, device="cuda", dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"the CUDA kernels take float16, bfloat16 or float32, got torch.float64"):
+        ringpatch.ring_attention(q, q, q, backend="torch")

@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from typing import Literal, get_args
 
@@ -17,6 +16,7 @@ import torch
 
 from ringpatch.attention.kernels.base import Kernel, MaskSpec
 from ringpatch.attention.kernels.flash_attn2 import FlashAttn
+from ringpatch.attention.kernels.flash_attn2 import unavailable as flash_unavailable
 from ringpatch.attention.kernels.torch_cpu import TorchCPU
 from ringpatch.attention.kernels.torch_cuda import TorchCUDA
 
@@ -33,7 +33,7 @@ def select(backend: str, q: torch.Tensor) -> Kernel:
     """Resolve `backend` for tensors like `q`; raises if it cannot serve them."""
     check_backend(backend)
     if backend == "auto":
-        if q.device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        if q.device.type == "cuda" and flash_unavailable() is None:
             try:
                 FlashAttn().check(q)
                 return FlashAttn()

@@ -2,12 +2,33 @@
 
 from __future__ import annotations
 
-import importlib.util
+import functools
 
 import torch
 
 from ringpatch.attention.blocks import Call
 from ringpatch.attention.kernels.base import MaskSpec, bhsd
+
+MIN_VERSION = (2, 7)  # window_size_left/right and softcap as keywords of _flash_attn_forward/_backward
+
+
+@functools.cache
+def unavailable() -> str | None:
+    """Why flash-attn cannot serve (None: it can). Imports the kernels for real: a package that is
+    installed but built against another torch or CUDA fails here, once, not inside the ring."""
+    try:
+        import flash_attn
+        from flash_attn.flash_attn_interface import _flash_attn_backward, _flash_attn_forward  # noqa: F401
+    except ImportError as e:
+        if e.name == "flash_attn":
+            return "the flash-attn package is not installed: pip install 'ringpatch[gpu]' (see README, GPU extra)"
+        return f"flash-attn is installed but does not load ({type(e).__name__}: {e}); rebuild it for this torch/CUDA"
+    except Exception as e:  # a broken build can raise OSError or RuntimeError from its extension
+        return f"flash-attn is installed but does not load ({type(e).__name__}: {e}); rebuild it for this torch/CUDA"
+    version = tuple(int(x) for x in flash_attn.__version__.split(".")[:2] if x.isdigit())
+    if version < MIN_VERSION:
+        return f"flash-attn {flash_attn.__version__} is older than {'.'.join(map(str, MIN_VERSION))}; upgrade it"
+    return None
 
 
 class FlashAttn:
@@ -17,8 +38,9 @@ class FlashAttn:
     tile: int | None = None
 
     def check(self, q: torch.Tensor) -> None:
-        if importlib.util.find_spec("flash_attn") is None:
-            raise ValueError("backend 'flash_attn' needs the flash-attn package: pip install 'ringpatch[gpu]'")
+        reason = unavailable()
+        if reason is not None:
+            raise ValueError(f"backend 'flash_attn': {reason}; or use backend='torch'")
         if q.device.type != "cuda":
             raise ValueError(f"backend 'flash_attn' needs CUDA tensors, got {q.device}; use backend='auto'")
         if q.dtype not in (torch.float16, torch.bfloat16):
@@ -29,6 +51,12 @@ class FlashAttn:
             raise ValueError(
                 f"backend 'flash_attn' supports head_dim <= 256 and divisible by 8, got {q.shape[-1]}; "
                 "use backend='torch'"
+            )
+        capability = torch.cuda.get_device_capability(q.device)
+        if capability < (8, 0):
+            raise ValueError(
+                f"backend 'flash_attn' needs an Ampere or newer GPU (sm80+), got sm{capability[0]}{capability[1]} "
+                f"({torch.cuda.get_device_name(q.device)}); use backend='torch'"
             )
 
     @staticmethod
@@ -84,6 +112,6 @@ class FlashAttn:
             window_size_right=right,
             softcap=0.0,
             alibi_slopes=None,
-            deterministic=False,
+            deterministic=torch.are_deterministic_algorithms_enabled(),
         )
         return dq, dk, dv

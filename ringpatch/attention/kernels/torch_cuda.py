@@ -10,34 +10,54 @@ from ringpatch.attention.kernels.base import MaskSpec, band_bias, bhsd, repeat_k
 aten = torch.ops.aten
 
 
+def pad8(x: torch.Tensor) -> torch.Tensor:
+    """The last dim zero-padded to a multiple of 8, as both fused kernels need (torch pads the
+    same way inside scaled_dot_product_attention). Exact: zero columns add nothing to q.k, and
+    give zero output columns; the scale is passed explicitly, from the true head_dim."""
+    extra = -x.shape[-1] % 8
+    return torch.nn.functional.pad(x, (0, extra)) if extra else x
+
+
 class TorchCUDA:
-    """PyTorch's fused CUDA kernels that return lse: flash (fp16/bf16, no mask) for full and
-    causal calls, memory-efficient (any float dtype, additive bias) for band calls and float32.
-    Neither takes unequal head counts at the aten level, so K/V are repeated per call."""
+    """PyTorch's fused CUDA kernels that return lse, as aten ops (their schemas are unchanged from
+    torch 2.5 to 2.13): flash (fp16/bf16, sm80+, head_dim <= 256, no mask) for full and causal
+    calls, with native GQA; memory-efficient (fp16/bf16/fp32, an additive bias) for band calls,
+    float32 and older GPUs, with K/V repeated per call (it takes equal head counts only).
+    float64 is refused: neither kernel has it."""
 
     name = "torch"
     tile: int | None = 1024
 
     def check(self, q: torch.Tensor) -> None:
+        if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise ValueError(
+                f"the CUDA kernels take float16, bfloat16 or float32, got {q.dtype}; cast q, k, v (e.g. .to(torch.bfloat16))"
+            )
         if q.device.type != "cuda":
             raise ValueError(f"the CUDA kernels serve CUDA tensors, got {q.device}")
 
     @staticmethod
     def _use_flash(q: torch.Tensor, call: Call) -> bool:
-        return call.kind != "band" and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256
+        return (
+            call.kind != "band"
+            and q.dtype in (torch.float16, torch.bfloat16)
+            and q.shape[-1] <= 256
+            and (q.device.type != "cuda" or torch.cuda.get_device_capability(q.device) >= (8, 0))  # meta: tests
+        )
 
     def forward(self, q, k, v, call: Call, spec: MaskSpec):
-        groups = q.shape[2] // k.shape[2]
-        qt, kt, vt = bhsd(q), bhsd(repeat_kv(k, groups)), bhsd(repeat_kv(v, groups))
-        causal = call.kind == "causal"
-        if self._use_flash(q, call):
+        d, causal = q.shape[-1], call.kind == "causal"
+        if self._use_flash(q, call):  # native GQA: K/V as they are
+            qt, kt, vt = (bhsd(pad8(x)) for x in (q, k, v))
             out, lse, *_ = aten._scaled_dot_product_flash_attention(qt, kt, vt, 0.0, causal, False, scale=spec.scale)
-            return bhsd(out), bhsd(lse)
+            return bhsd(out)[..., :d], bhsd(lse)
+        groups = q.shape[2] // k.shape[2]
+        qt, kt, vt = (bhsd(pad8(x)) for x in (q, repeat_kv(k, groups), repeat_kv(v, groups)))
         bias = self._bias(q, k, call, spec)
         out, lse, *_ = aten._scaled_dot_product_efficient_attention(
             qt, kt, vt, bias, True, 0.0, causal, scale=spec.scale
         )
-        return bhsd(out), bhsd(lse[:, :, : q.shape[1]])
+        return bhsd(out)[..., :d], bhsd(lse[:, :, : q.shape[1]])
 
     @staticmethod
     def _bias(q, k, call: Call, spec: MaskSpec):
@@ -48,9 +68,7 @@ class TorchCUDA:
         return band_bias(call, spec, m, k.shape[1], q.dtype, q.device, pad_to=16).expand(b, h, m, k.shape[1])
 
     def backward(self, dout, q, k, v, out, lse, call: Call, spec: MaskSpec):
-        groups = q.shape[2] // k.shape[2]
-        qt, kt, vt = bhsd(q), bhsd(repeat_kv(k, groups)), bhsd(repeat_kv(v, groups))
-        causal = call.kind == "causal"
+        d, causal = q.shape[-1], call.kind == "causal"
         lse_t = bhsd(lse).contiguous()
         m, n = q.shape[1], k.shape[1]
         if self._use_flash(q, call):
@@ -58,11 +76,7 @@ class TorchCUDA:
             seed = torch.zeros(2, dtype=torch.uint64, device=q.device)
             offset = torch.zeros((), dtype=torch.uint64, device=q.device)
             dq, dk, dv = aten._scaled_dot_product_flash_attention_backward(
-                bhsd(dout),
-                qt,
-                kt,
-                vt,
-                bhsd(out),
+                *(bhsd(pad8(x)) for x in (dout, q, k, v, out)),
                 lse_t,
                 None,
                 None,
@@ -74,23 +88,25 @@ class TorchCUDA:
                 offset,
                 scale=spec.scale,
             )
-        else:
-            seed = offset = torch.zeros((), dtype=torch.long, device=q.device)
-            lse_pad = lse_t.new_zeros(*lse_t.shape[:2], -(-m // 32) * 32)  # the kernel's lse is 32-padded
-            lse_pad[:, :, :m] = lse_t
-            dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
-                bhsd(dout),
-                qt,
-                kt,
-                vt,
-                self._bias(q, k, call, spec),
-                bhsd(out),
-                lse_pad,
-                seed,
-                offset,
-                0.0,
-                [True, True, True, False],
-                causal,
-                scale=spec.scale,
-            )
-        return bhsd(dq), sum_kv(bhsd(dk), groups), sum_kv(bhsd(dv), groups)
+            return tuple(bhsd(x)[..., :d] for x in (dq, dk, dv))  # dK/dV come summed over each group
+        groups = q.shape[2] // k.shape[2]
+        seed = offset = torch.zeros((), dtype=torch.long, device=q.device)
+        lse_pad = lse_t.new_zeros(*lse_t.shape[:2], -(-m // 32) * 32)  # the kernel's lse is 32-padded
+        lse_pad[:, :, :m] = lse_t
+        dout_t, qt, kt, vt, out_t = (bhsd(pad8(x)) for x in (dout, q, repeat_kv(k, groups), repeat_kv(v, groups), out))
+        dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
+            dout_t,
+            qt,
+            kt,
+            vt,
+            self._bias(q, k, call, spec),
+            out_t,
+            lse_pad,
+            seed,
+            offset,
+            0.0,
+            [True, True, True, False],
+            causal,
+            scale=spec.scale,
+        )
+        return bhsd(dq)[..., :d], sum_kv(bhsd(dk)[..., :d], groups), sum_kv(bhsd(dv)[..., :d], groups)
