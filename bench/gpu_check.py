@@ -213,7 +213,7 @@ def memory_check(lengths, device, dtype):
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29533")
-        dist.init_process_group("gloo", rank=0, world_size=1)
+        dist.init_process_group("nccl", rank=0, world_size=1)
     cfg = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=8,
                num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=max(lengths))  # fmt: skip
     torch.manual_seed(0)

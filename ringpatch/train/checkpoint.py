@@ -311,10 +311,9 @@ def save(engine, ckpt_dir: str | Path, step: int, record: dict, client_state: di
         manifest = {"step": step, "parameter_norm": norm, "files": hashed}
         _atomic_write(ckpt_dir / tag / MANIFEST, json.dumps(manifest, indent=1))
         _atomic_write(ckpt_dir / "latest", tag)
-        if keep_last:
-            for old in _tags(ckpt_dir)[keep_last:]:
-                if old < tag:
-                    shutil.rmtree(ckpt_dir / old, ignore_errors=True)
+        if keep_last:  # tags newer than this one (left by a run that fell back) will be rewritten
+            for old in [t for t in _tags(ckpt_dir) if t <= tag][keep_last:]:
+                shutil.rmtree(ckpt_dir / old, ignore_errors=True)
     dist.barrier()
     return tag
 
