@@ -26,6 +26,7 @@ from ringpatch.evaluate.passkey import CLASSIC, demo_template, passkey_accuracy
 from ringpatch.evaluate.perplexity import perplexity_by_length
 from ringpatch.evaluate.prefill import check_lengths
 from ringpatch.evaluate.report import report
+from ringpatch.evaluate.ruler import TASKS, Builder, check_tokenizer, min_length, ruler_scores
 from ringpatch.hf import patch_model
 from ringpatch.parallel import start, stop
 from ringpatch.train.preflight import USER_ERRORS, is_local
@@ -50,17 +51,43 @@ def _held_out(data_spec, tokenizer, length: int, count: int, device):
     return rows["input_ids"].to(device), positions
 
 
+def _haystack(spec, data_spec, tokenizer, device):
+    """The RULER haystack: None (repeated filler) or the held-out data's tokens, rows end to end."""
+    if spec.ruler_haystack == "filler":
+        return None
+    ids, _ = _held_out(data_spec, tokenizer, max(spec.ruler_lengths), data_spec.eval_samples, device)
+    return ids.reshape(-1).cpu()
+
+
 def evaluate_models(
     models: dict[str, str], spec, data_spec, out_dir, layout: Layout = "zigzag", device=None, dtype=torch.float32
 ) -> dict:
-    """Perplexity-vs-length (when data is given) and passkey for each model; tables printed by
-    rank 0 and saved as CSV/JSON/PNG in out_dir. Every rank of the default group is one ring."""
+    """Perplexity-vs-length (when data is given), passkey and the RULER tasks for each model;
+    tables printed by rank 0 and saved as CSV/JSON/PNG in out_dir. Every rank of the default
+    group is one ring."""
     ring = dist.get_world_size()
-    check_lengths([*spec.ppl_lengths, *spec.passkey_lengths], layout, ring, spec.max_tokens_per_rank)
+    check_lengths(
+        [*spec.ppl_lengths, *spec.passkey_lengths, *spec.ruler_lengths], layout, ring, spec.max_tokens_per_rank
+    )
     template = demo_template() if spec.passkey_template == "demo" else CLASSIC
-    ppl, passkey = {}, {}
+    ppl, passkey, ruler = {}, {}, {}
     for label, path in models.items():
         model, tokenizer = _load(path, None, layout, device, dtype)
+        if spec.ruler_tasks:
+            scores, seconds = ruler_scores(
+                model,
+                tokenizer,
+                spec.ruler_tasks,
+                spec.ruler_lengths,
+                spec.ruler_depths,
+                spec.ruler_trials,
+                None,
+                layout,
+                haystack=_haystack(spec, data_spec, tokenizer, device),
+                device=device,
+            )
+            claimed = model.config.max_position_embeddings
+            ruler[label] = {"scores": scores, "seconds": seconds, "claimed": claimed}
         if data_spec is not None and spec.ppl_lengths:
             sequences, positions = _held_out(
                 data_spec, tokenizer, max(spec.ppl_lengths), data_spec.eval_samples, device
@@ -82,9 +109,9 @@ def evaluate_models(
             )
         del model
     if dist.get_rank() == 0:
-        report(ppl, passkey, spec, Path(out_dir))
+        report(ppl, passkey, spec, Path(out_dir), ruler=ruler)
     dist.barrier()
-    return {"ppl": ppl, "passkey": passkey}
+    return {"ppl": ppl, "passkey": passkey, "ruler": ruler}
 
 
 def _spec_and_models(args):
@@ -114,6 +141,13 @@ def _spec_and_models(args):
     }
     if args.trials is not None:
         changes["passkey_trials"] = args.trials
+    if args.ruler_tasks:
+        changes["ruler_tasks"] = tuple(TASKS if args.ruler_tasks == ["all"] else args.ruler_tasks)
+    if args.ruler_lengths:
+        changes["ruler_lengths"] = tuple(args.ruler_lengths)
+    for key in ("ruler_trials", "ruler_threshold", "ruler_haystack"):
+        if getattr(args, key) is not None:
+            changes[key] = getattr(args, key)
     if args.passkey_template:
         changes["passkey_template"] = args.passkey_template
     spec = dataclasses.replace(spec, **changes)
@@ -122,6 +156,10 @@ def _spec_and_models(args):
         spec = dataclasses.replace(spec, ppl_lengths=tuple(2**k for k in range(8, 40) if 2**k <= top) or (top,))
     if not spec.passkey_lengths:
         spec = dataclasses.replace(spec, passkey_lengths=spec.ppl_lengths)
+    if spec.ruler_tasks and not spec.ruler_lengths:
+        spec = dataclasses.replace(spec, ruler_lengths=spec.passkey_lengths)
+    if spec.ruler_tasks and spec.ruler_haystack == "data" and data_spec is None:
+        raise ValueError("eval.ruler_haystack: data needs held-out data: give --data or a recipe with data.eval_source")
     if args.model:
         models = {Path(m).name: m for m in args.model}
         missing = [m for m in args.model if not Path(m, "config.json").is_file()]
@@ -142,6 +180,26 @@ def _spec_and_models(args):
     return spec, data_spec, models, out, (recipe.parallel.layout if recipe else args.layout)
 
 
+def _check_ruler(spec, models: dict[str, str]) -> None:
+    """Each model's tokenizer encodes the needles, and every RULER length fits every task's template."""
+    from transformers import AutoTokenizer
+
+    for path in dict.fromkeys(models.values()):
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except OSError as e:
+            raise FileNotFoundError(f"model {path} has no loadable tokenizer: {str(e).splitlines()[0]}") from None
+        check_tokenizer(tokenizer)
+        builder = Builder(tokenizer)
+        for task in spec.ruler_tasks:
+            need = min_length(builder, task)
+            if spec.ruler_lengths[0] < need:
+                raise ValueError(
+                    f"eval.ruler_lengths {spec.ruler_lengths[0]} is below the {task} template's minimum of {need} "
+                    f"tokens in {path}'s tokenizer; use lengths >= {need} or drop {task} from eval.ruler_tasks"
+                )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ringpatch eval", description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipe", help="evaluate this recipe's exported models on its eval data and settings")
@@ -153,6 +211,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trials", type=int)
     parser.add_argument("--samples", type=int, help="held-out sequences for perplexity")
     parser.add_argument("--passkey-template", choices=["classic", "demo"])
+    parser.add_argument("--ruler-tasks", nargs="+", choices=[*TASKS, "all"], help="RULER-style tasks (all: every one)")
+    parser.add_argument("--ruler-lengths", type=int, nargs="+")
+    parser.add_argument("--ruler-trials", type=int)
+    parser.add_argument("--ruler-threshold", type=float, help="effective-length threshold (default 0.856)")
+    parser.add_argument("--ruler-haystack", choices=["filler", "data"])
     parser.add_argument("--layout", default="zigzag", choices=list(LAYOUTS))
     parser.add_argument(
         "--no-document-masking",
@@ -165,7 +228,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         spec, data_spec, models, out, layout = _spec_and_models(args)
         ring = int(os.environ.get("WORLD_SIZE", "1"))  # before any group or model: lengths the ring can take
-        check_lengths([*spec.ppl_lengths, *spec.passkey_lengths], layout, ring, spec.max_tokens_per_rank)
+        lengths = [*spec.ppl_lengths, *spec.passkey_lengths, *spec.ruler_lengths]
+        check_lengths(lengths, layout, ring, spec.max_tokens_per_rank)
+        if spec.ruler_tasks:
+            _check_ruler(spec, models)
     except USER_ERRORS as e:
         print(f"ringpatch eval: {e}", file=sys.stderr)
         return 2

@@ -7,6 +7,8 @@ import json
 import math
 from pathlib import Path
 
+from ringpatch.evaluate.ruler import effective_length, task_means
+
 
 def write_rows(rows: list[dict], base) -> None:
     """rows as base.csv and base.json."""
@@ -73,7 +75,66 @@ def plot_passkey(accuracy: dict[str, dict[tuple[int, float], float]], path) -> N
     plt.close(fig)
 
 
-def report(ppl: dict, passkey: dict, spec, out: Path) -> None:
+def plot_ruler(ruler: dict[str, dict], path) -> None:
+    """One heatmap per model: tasks (and their mean) by length."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(ruler), figsize=(4.8 * len(ruler) + 1, 4.2), squeeze=False, layout="constrained")
+    for ax, (label, result) in zip(axes[0], ruler.items(), strict=True):
+        scores = result["scores"]
+        tasks = list(dict.fromkeys(t for t, _ in scores))
+        lengths = sorted({n for _, n in scores})
+        means = task_means(scores)
+        grid = [[scores[(t, n)] for n in lengths] for t in tasks] + [[means[n] for n in lengths]]
+        image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
+        ax.set_yticks(range(len(tasks) + 1), [*tasks, "mean"])
+        for i, row in enumerate(grid):
+            for j, v in enumerate(row):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8)
+        ax.set_xlabel("prompt length (tokens)")
+        ax.set_title(f"{label}: effective {result['effective']} (claimed {result['claimed']})", fontsize=9)
+    fig.colorbar(image, ax=axes[0].tolist(), label="score")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def report_ruler(ruler: dict[str, dict], spec, out: Path) -> None:
+    """The task x length table and the effective length of each model, then the models side by
+    side; ruler.{csv,json,png} and effective_length.json."""
+    rows, summary = [], []
+    for label, result in ruler.items():
+        scores, means = result["scores"], task_means(result["scores"])
+        result["effective"] = effective_length(means, spec.ruler_threshold)
+        tasks = list(dict.fromkeys(t for t, _ in scores))
+        lengths = sorted(means)
+        cost = ", ".join(f"{n}: {result['seconds'][n]:.1f} s" for n in lengths)
+        print(
+            f"\nRULER tasks, {label} (score: fraction of expected items produced; {spec.ruler_trials} prompt(s) per "
+            f"depth, depths {list(spec.ruler_depths)}; cost per length {cost})"
+        )
+        table = [[t, *(scores[(t, n)] for n in lengths)] for t in tasks] + [["mean", *(means[n] for n in lengths)]]
+        print(format_table(["task", *lengths], table))
+        rows += [{"model": label, "task": t, "length": n, "score": v} for (t, n), v in scores.items()]
+        rows += [{"model": label, "task": "mean", "length": n, "score": v} for n, v in means.items()]
+        summary.append({"model": label, "effective_length": result["effective"], "claimed_length": result["claimed"],
+                        "threshold": spec.ruler_threshold, "mean_by_length": means})  # fmt: skip
+    print(f"\neffective length (mean RULER score >= {spec.ruler_threshold:.3f} up to that length) vs claimed")
+    lengths = sorted({n for r in summary for n in r["mean_by_length"]})
+    print(format_table(
+        ["model", "claimed", "effective", *lengths],
+        [[r["model"], r["claimed_length"], r["effective_length"] or "none", *(r["mean_by_length"][n] for n in lengths)]
+         for r in summary],
+    ))  # fmt: skip
+    write_rows(rows, out / "ruler")
+    (out / "effective_length.json").write_text(json.dumps(summary, indent=1))
+    plot_ruler(ruler, out / "ruler.png")
+
+
+def report(ppl: dict, passkey: dict, spec, out: Path, ruler: dict | None = None) -> None:
     """Print the tables and write them as CSV, JSON and PNG into `out`."""
     out.mkdir(parents=True, exist_ok=True)
     if ppl:
@@ -103,4 +164,7 @@ def report(ppl: dict, passkey: dict, spec, out: Path) -> None:
             out / "passkey",
         )
         plot_passkey(passkey, out / "passkey.png")
-    print(f"\nwrote {out}/perplexity.{{csv,json,png}} and passkey.{{csv,json,png}}")
+    if ruler:
+        report_ruler(ruler, spec, out)
+    written = [name for name, done in (("perplexity", ppl), ("passkey", passkey), ("ruler", ruler)) if done]
+    print(f"\nwrote {', '.join(f'{out}/{n}.{{csv,json,png}}' for n in written)}")

@@ -72,6 +72,9 @@ class DataSpec:
         _check_data(self)
 
 
+RulerTask = Literal["niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "cwe"]
+
+
 @dataclass(frozen=True)
 class EvalSpec:
     ppl_lengths: tuple[int, ...] = ()
@@ -88,6 +91,19 @@ class EvalSpec:
     """classic: the Landmark Attention prompt (5 digits); demo: the demo corpus's own phrasing."""
     max_tokens_per_rank: int = 262144
     """The most prompt tokens one rank holds during ring prefill; longer lengths are refused up front."""
+    ruler_tasks: tuple[RulerTask, ...] = ()
+    """RULER-style tasks for the effective length (ringpatch/evaluate/ruler.py; empty: none)."""
+    ruler_lengths: tuple[int, ...] = ()
+    """Prompt lengths for the RULER tasks (empty: the passkey lengths)."""
+    ruler_depths: tuple[float, ...] = (0.1, 0.5, 0.9)
+    """Fraction of the haystack before the target needle."""
+    ruler_trials: int = 2
+    """Prompts per (task, length, depth)."""
+    ruler_haystack: Literal["filler", "data"] = "filler"
+    """filler: the repeated Landmark sentences; data: the held-out data (data.eval_source)."""
+    ruler_threshold: float = 0.856
+    """Effective length: the longest length up to which the mean task score stays >= this
+    (0.856: Llama-2-7B at 4K, RULER's reference)."""
 
     def __post_init__(self):  # also on dataclasses.replace, as `ringpatch eval`'s flags do
         _check_eval(self)
@@ -304,9 +320,16 @@ def _check_eval(e: EvalSpec) -> None:
     for name, lengths in (("eval.ppl_lengths", e.ppl_lengths), ("eval.passkey_lengths", e.passkey_lengths)):
         if list(lengths) != sorted(set(lengths)) or any(n < 1 for n in lengths):
             raise ValueError(f"{name} must be positive and increasing, got {list(lengths)}")
-    bad = [x for x in e.passkey_depths if not 0.0 <= x <= 1.0]
-    if bad:
-        raise ValueError(f"eval.passkey_depths must lie in [0, 1], got {bad}")
+    for name, depths in (("eval.passkey_depths", e.passkey_depths), ("eval.ruler_depths", e.ruler_depths)):
+        bad = [x for x in depths if not 0.0 <= x <= 1.0]
+        if bad or not depths:
+            raise ValueError(f"{name} must be one or more fractions in [0, 1], got {list(depths)}")
+    if list(e.ruler_lengths) != sorted(set(e.ruler_lengths)) or any(n < 1 for n in e.ruler_lengths):
+        raise ValueError(f"eval.ruler_lengths must be positive and increasing, got {list(e.ruler_lengths)}")
+    if len(set(e.ruler_tasks)) != len(e.ruler_tasks):
+        raise ValueError(f"eval.ruler_tasks names a task twice: {list(e.ruler_tasks)}")
+    _positive("eval.ruler_trials", e.ruler_trials)
+    _finite("eval.ruler_threshold", e.ruler_threshold, 0.0, 1.0)
 
 
 def _convert(tp, value, where: str):

@@ -48,7 +48,7 @@ def test_a_good_recipe_gives_its_plan(tmp_path, data):
         (FileNotFoundError, r"data.source /no/such/train.jsonl does not exist", 2, {"data__source": "/no/such/train.jsonl"}),
         (ValueError, r"data: unknown keys \['positions'\]; valid keys are .*'document_masking'", 2,
          {"data__positions": "documents"}),
-        (ValueError, r"eval.passkey_depths must lie in \[0, 1\], got \[1.5\]", 2, {"eval__passkey_depths": [0.5, 1.5]}),
+        (ValueError, r"eval.passkey_depths must be one or more fractions in \[0, 1\], got \[0.5, 1.5\]", 2, {"eval__passkey_depths": [0.5, 1.5]}),
         (ValueError, r"model.init: scratch needs model.config with a model_type", 2, {"model__config": None}),
     ],
 )  # fmt: skip
