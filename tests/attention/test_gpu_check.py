@@ -1,10 +1,9 @@
-"""bench/gpu_check.py, run on CPU at small sizes: its checks pass on the real kernels and fail on
-a kernel with a wrong scale, so its verdict on a GPU can be trusted."""
+"""bench/gpu_check.py's checks fail on a kernel with a 1% wrong softmax scale (and pass on the
+real one), so its verdict on a GPU can be trusted; tests/test_scripts.py runs the whole script."""
 
 from __future__ import annotations
 
 import importlib.util
-import sys
 
 import pytest
 import torch
@@ -20,14 +19,6 @@ def _module():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def test_gpu_check_passes_on_cpu(tmp_path, monkeypatch, capsys):
-    gc = _module()
-    monkeypatch.setattr(sys, "argv", ["gpu_check", "--device", "cpu", "--quick", "--out", str(tmp_path / "r.json")])
-    assert gc.main() == 0
-    out = capsys.readouterr().out
-    assert "0 failure(s) in 17 checks" in out and "torch/ring P=4 zigzag window 85" in out
 
 
 def test_gpu_check_catches_a_wrong_kernel():
