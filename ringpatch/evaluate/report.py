@@ -96,7 +96,7 @@ def plot_ruler(ruler: dict[str, dict], path) -> None:
             for j, v in enumerate(row):
                 ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8)
         ax.set_xlabel("prompt length (tokens)")
-        ax.set_title(f"{label}: effective {result['effective']} (claimed {result['claimed']})", fontsize=9)
+        ax.set_title(f"{label}: effective {result['effective'] or 'none'} (claimed {result['claimed']})", fontsize=9)
     fig.colorbar(image, ax=axes[0].tolist(), label="score")
     fig.savefig(path, dpi=120)
     plt.close(fig)
