@@ -47,6 +47,10 @@ def ring_attention_forward(
             )
     if getattr(module, "is_causal", True) is False:
         raise NotImplementedError(f"{model_type}: ring attention supports causal self-attention only")
+    device_type = query.device.type
+    if torch.is_autocast_enabled(device_type):  # as transformers' flash-attention path: one dtype, autocast's
+        dtype = torch.get_autocast_dtype(device_type)
+        query, key, value = (x.to(dtype) for x in (query, key, value))
     out = ring_attention(
         query.transpose(1, 2),
         key.transpose(1, 2),

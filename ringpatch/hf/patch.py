@@ -9,6 +9,10 @@ rank's partial loss into the full-sequence loss.
 from __future__ import annotations
 
 import inspect
+import os
+
+import torch
+import torch.distributed as dist
 
 from ringpatch.attention.comm import SumOverGroup, resolve_group
 from ringpatch.attention.kernels import check_backend
@@ -42,27 +46,57 @@ def _full_loss(model, args, kwargs, output):
     """Forward hook: each rank's loss is its tokens' summed loss over the global token count
     (num_items_in_batch from shard_batch); summing over the group gives the full-sequence
     loss on every rank, and the sum's backward makes gradients averaged over the group
-    equal the full-sequence gradients."""
+    equal the full-sequence gradients.
+
+    A training call without labels on a ring of more than one rank raises: its logits are this
+    rank's part of the sequence, and a loss a trainer computes from them (Trainer's
+    label-smoothing path, TRL's compute_loss) would be a fraction of the tokens, never summed over
+    the ring: a silently wrong loss and gradients. patch_model(local_logits=True) allows it for
+    a loss summed over the group by the caller."""
     loss = getattr(output, "loss", None)
+    settings: RingSettings = model._ringpatch
     if loss is None:
+        if settings.sp_size > 1 and model.training and torch.is_grad_enabled() and not settings.local_logits:
+            raise ValueError(
+                "a ring-patched model was called for training without labels: its logits cover only this rank's "
+                f"{kwargs['position_ids'].shape[-1]} of {kwargs['position_ids'].shape[-1] * settings.sp_size} tokens, "
+                "so a loss computed from them misses the other ranks' tokens. Pass shard_batch's labels and use "
+                "output.loss (or ringpatch.causal_lm_loss); for a loss you sum over the group yourself, "
+                "patch_model(..., local_logits=True)"
+            )
         return output
     if kwargs.get("num_items_in_batch") is None:
         raise ValueError("a ring-patched model computes its loss from shard_batch's num_items_in_batch; pass all of it")
-    settings: RingSettings = model._ringpatch
     if settings.sp_size > 1:
         output.loss = SumOverGroup.apply(loss, settings.group)
     return output
 
 
-def patch_model(model, group=None, layout: Layout = "zigzag", backend: str = "auto"):
-    """Switch `model` (a transformers causal LM) to ring attention over `group`, in place.
+def _base_model(model):
+    """The transformers model under a PEFT wrapper (whose forward takes position_ids in **kwargs
+    and hands them on), or `model` itself."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) and type(model).__module__.startswith("peft") else model
+
+
+def patch_model(model, group=None, layout: Layout = "zigzag", backend: str = "auto", local_logits: bool = False):
+    """Switch `model` (a transformers causal LM, or a PEFT model wrapping one) to ring attention
+    over `group`, in place.
 
     Returns the model. Call it with `model(**ringpatch.shard_batch(batch, group, layout))`:
     every rank's `loss` is then the full-sequence loss, and gradients averaged over the
-    group's ranks equal the unpatched model's."""
+    group's ranks equal the unpatched model's. PEFT works in either order: get_peft_model on a
+    patched model, or patch_model on a PEFT model (its base model is patched)."""
     import transformers
 
     check_transformers_version(transformers.__version__)
+    if group is None and not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise RuntimeError(
+            f"WORLD_SIZE is {os.environ['WORLD_SIZE']} but no process group exists yet, so the ring would be this "
+            "rank alone: call torch.distributed.init_process_group (or let accelerate/DeepSpeed start it) before "
+            "ringpatch.patch_model"
+        )
+    outer, model = model, _base_model(model)
     check_layout(layout)
     check_backend(backend)
     config = model.config
@@ -85,7 +119,7 @@ def patch_model(model, group=None, layout: Layout = "zigzag", backend: str = "au
         )
     group, sp_size, sp_rank = resolve_group(group)
     register()
-    settings = RingSettings(group, layout, backend, sp_size, sp_rank, config._attn_implementation)
+    settings = RingSettings(group, layout, backend, sp_size, sp_rank, config._attn_implementation, local_logits)
     model.set_attn_implementation(IMPLEMENTATION)
     for module in model.modules():
         module._ringpatch = settings
@@ -93,11 +127,12 @@ def patch_model(model, group=None, layout: Layout = "zigzag", backend: str = "au
         model.register_forward_pre_hook(_check_call, with_kwargs=True),
         model.register_forward_hook(_full_loss, with_kwargs=True),
     )
-    return model
+    return outer
 
 
 def unpatch_model(model):
     """Restore the attention implementation `model` had before patch_model, in place."""
+    outer, model = model, _base_model(model)
     settings: RingSettings | None = getattr(model, "_ringpatch", None)
     if settings is None:
         raise ValueError("this model is not ring-patched")
@@ -108,4 +143,4 @@ def unpatch_model(model):
             del module._ringpatch
     del model._ringpatch_hooks
     model.set_attn_implementation(settings.previous_implementation or "eager")
-    return model
+    return outer

@@ -20,6 +20,9 @@ class RingSettings:
     sp_size: int
     sp_rank: int
     previous_implementation: str | None
+    local_logits: bool = False
+    """Allow training calls without labels (a loss of your own from this rank's logits, summed
+    over the group by you); otherwise such a call raises (see patch.py, _full_loss)."""
 
 
 def expected_positions(settings: RingSettings, rows: int, seq_len: int, cu_seqlens=None, device=None) -> torch.Tensor:
