@@ -1,5 +1,21 @@
-"""Glue for training frameworks users already run: transformers.Trainer, TRL, PEFT (to come).
+"""Glue for training frameworks users already run.
+
+  trainer.py   RingTrainer / RingTrainerMixin: transformers.Trainer over dp x sp, exact loss
+               with gradient accumulation, DDP or DeepSpeed ZeRO-2/3 (TRL: to come)
 
 Thin by rule: it builds on ringpatch.hf (patch_model, shard_batch) and ringpatch.parallel (the
-grid) and never imports ringpatch.train.
+grid) and never imports ringpatch.train. transformers is imported on first use.
 """
+
+from ringpatch.integrations.trainer import RingTrainerMixin
+
+
+def __getattr__(name: str):
+    if name == "RingTrainer":
+        from ringpatch.integrations import trainer
+
+        return trainer.RingTrainer
+    raise AttributeError(name)
+
+
+__all__ = ["RingTrainer", "RingTrainerMixin"]

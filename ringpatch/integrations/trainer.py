@@ -1,0 +1,114 @@
+"""transformers.Trainer with ring attention: one changed line, `Trainer(...)` -> `RingTrainer(..., sp=N)`.
+
+What the Trainer does by default is wrong for sequence parallelism in three places, each fixed here:
+
+1. Data. Accelerate shards batches over every process, so the ranks of one ring would read
+   different samples. The ring's ranks are one data-parallel rank: the prepared dataloaders
+   (train and eval) are sharded over dp = world / sp only, so every rank of a ring gets the
+   same batch (map-style datasets; accelerate's shuffling generator is already synchronised).
+2. Loss. compute_loss cuts each full batch with shard_batch and calls the patched model, whose
+   loss is the full-sequence sum over the ring divided by the Trainer's num_items_in_batch. That
+   count is recomputed (get_batch_samples) over the dp ranks' batches, each counted once: the
+   Trainer's own gather counts a ring's batch sp times. The Trainer multiplies a loss by the
+   number of processes because DDP averages gradients over them; a ring's ranks hold the same
+   loss, so the factor here is dp. With these, gradient accumulation is exact (the loss a
+   stock Trainer doubles at gradient_accumulation_steps=2 is the one-process loss here).
+3. Batch size. get_total_train_batch_size counts dp ranks, not every process.
+
+The model is patched by the trainer over its sp group (pass it unpatched). Gradients are averaged
+over all processes by DDP or DeepSpeed, as the loss contract asks (ringpatch.hf.patch).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from ringpatch.hf import patch_model, shard_batch
+from ringpatch.parallel import ParallelDims, build_mesh
+
+
+class RingTrainerMixin:
+    """Put before a Trainer class: `class MyTrainer(RingTrainerMixin, transformers.Trainer)`."""
+
+    def __init__(self, *args, sp: int, layout: str = "balanced", **kwargs):
+        super().__init__(*args, **kwargs)
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        if sp < 1 or world % sp:
+            raise ValueError(f"sp={sp} must divide the {world} launched processes (dp = world / sp)")
+        if getattr(self.model, "_ringpatch", None) is not None:
+            raise ValueError("pass the model unpatched: the trainer patches it over its own sp group")
+        self.ring_dims = ParallelDims(world, sp, 1, layout)
+        self.ring_layout = layout
+        if world > 1:
+            mesh = build_mesh(self.ring_dims, self.args.device.type)
+            self.ring_group, self.dp_rank = mesh.sp_group, mesh.dp_rank
+        else:
+            self.ring_group, self.dp_rank = None, 0
+        patch_model(self.model, group=self.ring_group, layout=layout)
+
+    # --- data: sharded over dp only ---------------------------------------------------------
+    def _ring_shard(self, dataloader):
+        if self.ring_dims.sp == 1:
+            return dataloader
+        shard = getattr(dataloader, "batch_sampler", None)
+        if shard is None or not hasattr(shard, "num_processes"):
+            raise NotImplementedError(
+                "RingTrainer shards map-style datasets; an iterable (streaming) dataset would give each rank of "
+                "a ring different samples: materialise it (datasets.Dataset) or shard it over dp yourself"
+            )
+        shard.num_processes, shard.process_index = self.ring_dims.dp, self.dp_rank
+        return dataloader
+
+    def get_train_dataloader(self):
+        return self._ring_shard(super().get_train_dataloader())
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        return self._ring_shard(super().get_eval_dataloader(eval_dataset))
+
+    def get_total_train_batch_size(self, args) -> int:
+        return self._train_batch_size * args.gradient_accumulation_steps * self.ring_dims.dp
+
+    # --- loss -------------------------------------------------------------------------------
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        batches, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if not batches or "labels" not in batches[0]:
+            return batches, None
+        count = sum((b["labels"][..., 1:] != -100).sum() for b in batches).to(device)
+        if self.args.average_tokens_across_devices and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(count)  # every ring's batch once per rank: sp times
+            count = count // self.ring_dims.sp
+        return batches, count
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if "labels" not in inputs:
+            raise ValueError("RingTrainer needs labels in every batch (a causal-LM collator gives them)")
+        local = shard_batch(dict(inputs), group=self.ring_group, layout=self.ring_layout)
+        averaged = self.args.average_tokens_across_devices and dist.is_initialized() and dist.get_world_size() > 1
+        if num_items_in_batch is not None:
+            count = torch.as_tensor(num_items_in_batch, device=local["num_items_in_batch"].device)
+            if not model.training and averaged:  # prediction_step's gather counted each ring's batch sp times
+                count = count / self.ring_dims.sp
+            local["num_items_in_batch"] = count
+        outputs = model(**local)
+        loss = outputs.loss
+        if num_items_in_batch is not None and averaged:
+            loss = loss * self.ring_dims.dp  # DDP averages over every process; a ring's ranks share one loss
+        return (loss, outputs) if return_outputs else loss
+
+
+def _trainer_class():
+    from transformers import Trainer
+
+    class RingTrainer(RingTrainerMixin, Trainer):
+        """transformers.Trainer over dp x sp: `RingTrainer(model=..., args=..., train_dataset=..., sp=2)`."""
+
+    return RingTrainer
+
+
+def __getattr__(name: str):
+    if name == "RingTrainer":  # built on first use: importing ringpatch.integrations loads no transformers
+        cls = _trainer_class()
+        globals()["RingTrainer"] = cls
+        return cls
+    raise AttributeError(name)
