@@ -80,21 +80,85 @@ class RingTrainerMixin:
             count = count // self.ring_dims.sp
         return batches, count
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+    def _ring_local(self, inputs) -> dict:
         if "labels" not in inputs:
             raise ValueError("RingTrainer needs labels in every batch (a causal-LM collator gives them)")
-        local = shard_batch(dict(inputs), group=self.ring_group, layout=self.ring_layout)
-        averaged = self.args.average_tokens_across_devices and dist.is_initialized() and dist.get_world_size() > 1
-        if num_items_in_batch is not None:
-            count = torch.as_tensor(num_items_in_batch, device=local["num_items_in_batch"].device)
-            if not model.training and averaged:  # prediction_step's gather counted each ring's batch sp times
+        return shard_batch(dict(inputs), group=self.ring_group, layout=self.ring_layout)
+
+    def _ring_averaged(self) -> bool:
+        return self.args.average_tokens_across_devices and dist.is_initialized() and dist.get_world_size() > 1
+
+    def _ring_count(self, model, local: dict, num_items_in_batch):
+        """The loss denominator: predicted tokens of this step's batches, each dp batch once
+        (over every dp rank when tokens are averaged across devices)."""
+        if num_items_in_batch is None:  # eval without a count (TRL): this step's batch
+            count = local["num_items_in_batch"].clone()
+            if self._ring_averaged():
+                dist.all_reduce(count)
                 count = count / self.ring_dims.sp
-            local["num_items_in_batch"] = count
+            return count
+        count = torch.as_tensor(num_items_in_batch, device=local["num_items_in_batch"].device)
+        if not model.training and self._ring_averaged():  # prediction_step's gather counted each ring sp times
+            count = count / self.ring_dims.sp
+        return count
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        local = self._ring_local(inputs)
+        local["num_items_in_batch"] = self._ring_count(model, local, num_items_in_batch)
         outputs = model(**local)
-        loss = outputs.loss
-        if num_items_in_batch is not None and averaged:
+        loss = outputs.loss  # the ring's sum over the group / the count
+        if self._ring_averaged():
             loss = loss * self.ring_dims.dp  # DDP averages over every process; a ring's ranks share one loss
         return (loss, outputs) if return_outputs else loss
+
+
+class RingSFTTrainerMixin(RingTrainerMixin):
+    """TRL's SFTTrainer over dp x sp: its own compute_loss (fused LM head, entropy and token
+    accuracy) runs on this rank's part of the batch with the count over dp batches. TRL's loss
+    is this rank's summed token loss over the count, times the number of processes, which DDP
+    then averages: the sum over a ring's disjoint parts is the full-sequence loss, so both the
+    logged loss (a mean over processes) and the gradients come out exact; its metrics are sums
+    over processes of disjoint tokens, exact too."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        packed_eval = self.args.eval_packing if self.args.eval_packing is not None else self.args.packing
+        if packed_eval and self.eval_dataset is not None and self.ring_dims.sp > 1:
+            raise NotImplementedError(
+                "RingSFTTrainer with a packed eval dataset: its eval loss on sp > 1 differed from TRL on one process "
+                "in our tests (training matched); set SFTConfig(eval_packing=False) to evaluate unpacked, which matches"
+            )
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        local = self._ring_local(inputs)
+        count = self._ring_count(model, local, num_items_in_batch)
+        if not self._ring_averaged():
+            count = count / self.ring_dims.sp  # TRL divides this rank's part by it; a ring holds sp parts
+        before = getattr(self, "_total_train_tokens", None)
+        result = super(RingTrainerMixin, self).compute_loss(model, local, return_outputs, num_items_in_batch=count)
+        if model.training and before is not None:
+            self._ring_count_tokens(inputs, before)
+        if not model.training and self.ring_group is not None:
+            # eval: every rank of a ring reports the ring's loss (the Trainer gathers one value per rank)
+            loss = result[0] if return_outputs else result
+            loss = loss.detach().clone()
+            dist.all_reduce(loss, group=self.ring_group)
+            loss = loss / self.ring_dims.sp
+            result = (loss, result[1]) if return_outputs else loss
+        return result
+
+    def _ring_count_tokens(self, inputs, before) -> None:
+        """TRL's num_tokens metric counted this rank's part of a sequence as a whole row; count the
+        full batch as TRL does on one process (its attention_mask, or padding-free: the row
+        length), each dp batch once."""
+        mask = inputs.get("attention_mask")
+        tokens = mask.sum() if mask is not None else torch.tensor(inputs["position_ids"].size(1))
+        tokens = tokens.to(self.args.device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(tokens)
+            tokens = tokens // self.ring_dims.sp
+        self._total_train_tokens = before + tokens.item() // self._tp_size
+        self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
 
 
 def _trainer_class():
@@ -106,9 +170,20 @@ def _trainer_class():
     return RingTrainer
 
 
+def _sft_trainer_class():
+    from trl import SFTTrainer
+
+    class RingSFTTrainer(RingSFTTrainerMixin, SFTTrainer):
+        """TRL's SFTTrainer over dp x sp: `RingSFTTrainer(model=..., args=SFTConfig(...), ..., sp=2)`."""
+
+    return RingSFTTrainer
+
+
 def __getattr__(name: str):
-    if name == "RingTrainer":  # built on first use: importing ringpatch.integrations loads no transformers
-        cls = _trainer_class()
-        globals()["RingTrainer"] = cls
+    # built on first use: importing ringpatch.integrations loads neither transformers nor trl
+    builders = {"RingTrainer": _trainer_class, "RingSFTTrainer": _sft_trainer_class}
+    if name in builders:
+        cls = builders[name]()
+        globals()[name] = cls
         return cls
     raise AttributeError(name)
