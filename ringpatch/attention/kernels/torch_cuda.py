@@ -19,8 +19,8 @@ def pad8(x: torch.Tensor) -> torch.Tensor:
 
 
 class TorchCUDA:
-    """PyTorch's fused CUDA kernels that return lse, as aten ops (their schemas are unchanged from
-    torch 2.5 to 2.13): flash (fp16/bf16, sm80+, head_dim <= 256, no mask) for full and causal
+    """PyTorch's fused CUDA kernels that return lse, as aten ops (called as torch 2.13 declares them;
+    not yet run on a GPU): flash (fp16/bf16, sm80+, head_dim <= 256, no mask) for full and causal
     calls, with native GQA; memory-efficient (fp16/bf16/fp32, an additive bias) for band calls,
     float32 and older GPUs, with K/V repeated per call (it takes equal head counts only).
     float64 is refused: neither kernel has it."""
