@@ -34,16 +34,25 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--sp", type=int, default=1)
     p.add_argument("--plain", action="store_true")
-    p.add_argument("--packing", choices=["none", "wrapped", "bfd"], default="none")
+    p.add_argument("--packing", default="none", help="comma-separated: none, wrapped, bfd (one run each)")
     a = p.parse_args()
+    histories = {mode: run(a, mode) for mode in a.packing.split(",")}  # one launch, several runs
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        Path(a.out).write_text(json.dumps(histories))
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def run(a, mode: str) -> list[dict]:
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=258, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                          eos_token_id=256, pad_token_id=257)  # fmt: skip
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
-    packing = {} if a.packing == "none" else {"packing": True, "packing_strategy": a.packing, "eval_packing": False}
+    packing = {} if mode == "none" else {"packing": True, "packing_strategy": mode, "eval_packing": False}
     args = SFTConfig(
-        output_dir=str(Path(a.out).parent / "sft"), per_device_train_batch_size=2, per_device_eval_batch_size=2,
+        output_dir=str(Path(a.out).parent / f"sft-{mode}"), per_device_train_batch_size=2, per_device_eval_batch_size=2,
         gradient_accumulation_steps=2, max_steps=3, learning_rate=1e-3, logging_steps=1, report_to=[],
         use_cpu=True, seed=0, save_strategy="no", disable_tqdm=True, dataloader_num_workers=0, max_length=64,
         bf16=False,  # TRL turns bf16 autocast on by default, CPU included; float32 compares to 1e-5
@@ -54,12 +63,8 @@ def main() -> None:
     trainer = SFTTrainer(**kwargs) if a.plain else RingSFTTrainer(**kwargs, sp=a.sp)
     trainer.train()
     history = trainer.state.log_history + [trainer.evaluate()]
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        Path(a.out).write_text(json.dumps(history))
     del trainer  # before the groups go (pytorch/pytorch#56297)
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    return history
 
 
 if __name__ == "__main__":

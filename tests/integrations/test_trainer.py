@@ -24,8 +24,8 @@ ZERO = '{{"zero_optimization": {{"stage": {stage}}}, "train_micro_batch_size_per
        '"params": {{"lr": "auto", "weight_decay": "auto", "betas": "auto", "eps": "auto"}}}}}}'  # fmt: skip
 
 
-def _run(tmp, nproc: int, *args: str, script: str = SCRIPT) -> list[dict]:
-    out = tmp / f"{nproc}-{'-'.join(a.replace('/', '_') for a in args)}-{Path(script).stem}.json"
+def _run(tmp, nproc: int, *args: str, script: str = SCRIPT):
+    out = tmp / f"{nproc}-{'-'.join(a.replace('/', '_').replace(',', '_') for a in args)}-{Path(script).stem}.json"
     cmd = [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={nproc}", script, "--out", str(out), *args]
     proc = subprocess.run(cmd, cwd=ROOT, env=dict(ENV, DS_ACCELERATOR="cpu"), capture_output=True, text=True,
                           timeout=400)  # fmt: skip
@@ -69,18 +69,19 @@ def test_ring_trainer_matches_the_stock_trainer(tmp_path, reference, nproc, ring
     assert ring[-1]["total_batch"] == ref[-1]["total_batch"] == 2 * 2 * (nproc // 2)
 
 
-@pytest.mark.parametrize("packing", ["none", "wrapped", "bfd"])
-def test_ring_sft_trainer_matches_trl_on_one_process(tmp_path, packing):
+def test_ring_sft_trainer_matches_trl_on_one_process(tmp_path):
     """TRL's SFTTrainer (its own loss from the fused LM head, its metrics) on sp = 2 against one
     process: without packing, with `wrapped` packing, and with `bfd` packing, whose padding-free
-    rows of several documents reach the ring as document masking."""
-    ring = _run(tmp_path, 2, "--sp", "2", "--packing", packing, script=SFT_SCRIPT)
-    ref = _run(tmp_path, 1, "--plain", "--packing", packing, script=SFT_SCRIPT)
-    for key, tol in (("loss", 1e-5), ("grad_norm", 1e-4), ("eval_loss", 1e-5), ("entropy", 1e-5),
-                     ("mean_token_accuracy", 1e-6), ("num_tokens", 0)):  # fmt: skip
-        got, want = _pick(ring, key), _pick(ref, key)
-        assert len(got) == len(want) > 0, (key, got, want)
-        assert got == pytest.approx(want, rel=tol), (key, got, want)
+    rows of several documents reach the ring as document masking (one launch runs all three)."""
+    modes = "none,wrapped,bfd"
+    ring = _run(tmp_path, 2, "--sp", "2", "--packing", modes, script=SFT_SCRIPT)
+    ref = _run(tmp_path, 1, "--plain", "--packing", modes, script=SFT_SCRIPT)
+    for mode in modes.split(","):
+        for key, tol in (("loss", 1e-5), ("grad_norm", 1e-4), ("eval_loss", 1e-5), ("entropy", 1e-5),
+                         ("mean_token_accuracy", 1e-6), ("num_tokens", 0)):  # fmt: skip
+            got, want = _pick(ring[mode], key), _pick(ref[mode], key)
+            assert len(got) == len(want) > 0, (mode, key, got, want)
+            assert got == pytest.approx(want, rel=tol), (mode, key, got, want)
 
 
 @pytest.mark.unit
