@@ -40,7 +40,11 @@ class Heartbeat:
                 return
 
     def close(self) -> None:
+        """Stop beating and wait for the thread, before the process group (and its store) goes: a
+        thread still inside a store call at interpreter exit can abort the process."""
         self._stop.set()
+        self._thread.join(timeout=10)
+        self.store = None
 
     def silent_ranks(self) -> dict[int, float]:
         """{rank: seconds since its last beat} for ranks silent for over 3 intervals."""
