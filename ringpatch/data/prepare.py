@@ -213,13 +213,12 @@ def prepare_shared(spec, source: str, split: str, tokenizer, seq_len: int, kind:
         return load_prepared(prepare_split(spec, source, split, tokenizer, seq_len, kind))
     from torch.distributed import distributed_c10d as c10d
 
-    key = f"ringpatch/prepared/{kind}-{seq_len}-{fingerprint(spec, source, split, tokenizer, seq_len)}"
     if dist.get_rank() == 0:
         folder = prepare_split(spec, source, split, tokenizer, seq_len, kind)
-        c10d._get_default_store().set(key, "1")
+        c10d._get_default_store().set(f"ringpatch/prepared/{folder.name}", "1")
     else:
-        c10d._get_default_store().wait([key], timedelta(hours=24))
-        folder = prepare_split(spec, source, split, tokenizer, seq_len, kind)  # complete: found by fingerprint
+        folder = prepared_folder(spec, source, split, tokenizer, seq_len, kind)
+        c10d._get_default_store().wait([f"ringpatch/prepared/{folder.name}"], timedelta(hours=24))
     return load_prepared(folder)
 
 

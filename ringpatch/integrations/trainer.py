@@ -75,7 +75,7 @@ class RingTrainerMixin:
         if not batches or "labels" not in batches[0]:
             return batches, None
         count = sum((b["labels"][..., 1:] != -100).sum() for b in batches).to(device)
-        if self.args.average_tokens_across_devices and dist.is_initialized() and dist.get_world_size() > 1:
+        if self._ring_averaged():
             dist.all_reduce(count)  # every ring's batch once per rank: sp times
             count = count // self.ring_dims.sp
         return batches, count

@@ -338,12 +338,12 @@ def resume(engine, ckpt_dir: str | Path, record: dict, allowed: bool = True) -> 
     skipped = []
     for tag in candidates:
         problem = verify(ckpt_dir, tag)
-        if problem is None and _saved_record(ckpt_dir / tag) is None:
+        saved = _saved_record(ckpt_dir / tag) if problem is None else None
+        if problem is None and saved is None:
             problem = f"it has no {RECIPE_FILE}: it was not written by this version of ringpatch"
         if problem is not None:
             skipped.append((tag, problem))
             continue
-        saved = _saved_record(ckpt_dir / tag)
         step = json.loads((ckpt_dir / tag / MANIFEST).read_text())["step"]
         changed = resume_changes(saved, record, _stage_of(saved, step), step)
         if dist.get_rank() == 0:

@@ -55,10 +55,9 @@ def _model_config(recipe: Recipe) -> dict | None:
                 "offline (HF_HUB_OFFLINE): download it where there is network (huggingface-cli download "
                 f"{spec.name}) or give a local folder"
             )
-        if cached is not None:
-            saved = json.loads(Path(cached).read_text())
-            check_model_config(spec.config or {}, saved, cached)
-            return saved
+        if cached is None:  # fetched when the model loads; the recipe's model.config (if any) meanwhile
+            return dict(spec.config) if spec.config else None
+        path = Path(cached)
     else:
         path = Path(spec.name).expanduser() / "config.json"
         if not path.is_file():
@@ -66,10 +65,9 @@ def _model_config(recipe: Recipe) -> dict | None:
                 f"model.name {spec.name} is a local path without config.json; give a folder saved with "
                 "save_pretrained, or a hub id such as meta-llama/Meta-Llama-3-8B"
             )
-        saved = json.loads(path.read_text())
-        check_model_config(spec.config or {}, saved, str(path))
-        return saved
-    return dict(spec.config) if spec.config else None
+    saved = json.loads(path.read_text())
+    check_model_config(spec.config or {}, saved, str(path))
+    return saved
 
 
 def check_model_config(expected: dict, actual: dict, where: str) -> None:

@@ -142,39 +142,37 @@ CASES = [
 ]  # fmt: skip
 
 
+# name -> (path under the test's folder, content); a path with "/" is a file inside a folder
+FILES = {
+    "@empty": ("empty.jsonl", ""),
+    "@short": ("short.jsonl", '{"text": "too short"}\n'),
+    "@badjson": ("bad.jsonl", '{"text": "ok"}\n{"text": unquoted\n'),
+    "@nofiles": ("nofiles/notes.md", "x"),
+    "@mixed": ("mixed/a.jsonl", '{"text": "a"}\n'),
+    "@list": ("list.yaml", "- model\n- stages\n"),
+    "@dsbad": ("dsbad.json", "{zero: 1}"),
+    "@dsdup": ("dsdup.json", '{"zero_optimization": {}, "zero_optimization": {}}'),
+    "@dsretype": ("dsretype.json", '{"gradient_accumulation_steps": 8}'),
+}
+
+
 def _files(tmp, data) -> dict[str, str]:
     """The files a case may name with "@..."."""
-    f = {}
-    (tmp / "empty.jsonl").write_text("")
-    f["@empty"] = str(tmp / "empty.jsonl")
-    (tmp / "short.jsonl").write_text('{"text": "too short"}\n')
-    f["@short"] = str(tmp / "short.jsonl")
-    (tmp / "bad.jsonl").write_text('{"text": "ok"}\n{"text": unquoted\n')
-    f["@badjson"] = str(tmp / "bad.jsonl")
-    (tmp / "nofiles").mkdir()
-    (tmp / "nofiles" / "notes.md").write_text("x")
-    f["@nofiles"] = str(tmp / "nofiles")
-    (tmp / "mixed").mkdir()
-    (tmp / "mixed" / "a.jsonl").write_text('{"text": "a"}\n')
-    (tmp / "mixed" / "b.txt").write_text("b")
-    f["@mixed"] = str(tmp / "mixed")
-    config = yaml.safe_load(recipe(tmp, data).read_text())["model"]["config"]
-    (tmp / "model").mkdir()
-    (tmp / "model" / "config.json").write_text(json.dumps(dict(config, num_attention_heads=8)))
-    f["@model"] = str(tmp / "model")
     good = recipe(tmp, data).read_text()
-    (tmp / "dup.yaml").write_text(good + "micro_batch: 4\n")
-    f["@dupkey"] = str(tmp / "dup.yaml")
-    (tmp / "bad.yaml").write_text(good + "extra: [1, 2\n")
-    f["@badyaml"] = str(tmp / "bad.yaml")
-    (tmp / "list.yaml").write_text("- model\n- stages\n")
-    f["@list"] = str(tmp / "list.yaml")
-    (tmp / "dsbad.json").write_text("{zero: 1}")
-    f["@dsbad"] = str(tmp / "dsbad.json")
-    (tmp / "dsdup.json").write_text('{"zero_optimization": {}, "zero_optimization": {}}')
-    f["@dsdup"] = str(tmp / "dsdup.json")
-    (tmp / "dsretype.json").write_text('{"gradient_accumulation_steps": 8}')
-    f["@dsretype"] = str(tmp / "dsretype.json")
+    config = yaml.safe_load(good)["model"]["config"]
+    table = dict(FILES, **{
+        "@dupkey": ("dup.yaml", good + "micro_batch: 4\n"),
+        "@badyaml": ("bad.yaml", good + "extra: [1, 2\n"),
+        "@model": ("model/config.json", json.dumps(dict(config, num_attention_heads=8))),
+    })  # fmt: skip
+    (tmp / "mixed").mkdir()
+    (tmp / "mixed" / "b.txt").write_text("b")  # beside a.jsonl: two file kinds in one source
+    f = {}
+    for name, (rel, content) in table.items():
+        path = tmp / rel
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(content)
+        f[name] = str(path.parent if "/" in rel else path)
     return f
 
 
