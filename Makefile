@@ -13,7 +13,7 @@ GPUS_PER_NODE ?= 8
 RECIPE_1M ?= recipes/llama3-8b-1m.yaml
 MASTER_ADDR ?= $(shell hostname)
 
-.PHONY: install demo selfcheck finetune-1m test test-fast lint format bench gpu-check clean clean-runs
+.PHONY: install demo selfcheck finetune-1m test test-fast test-compat package-check lint format bench gpu-check clean clean-runs
 
 install: $(STAMP)
 
@@ -32,11 +32,14 @@ $(STAMP): setup.cfg pyproject.toml
 
 # The mission in miniature: a tiny Llama learns the demo corpus at 128 tokens, is extended to
 # 1024 with ring attention over 2 CPU processes, and is evaluated before and after.
-demo: install
-	@test -f data/demo/train.jsonl || $(BIN)/python data/make_demo_corpus.py
+demo: install data/demo/train.jsonl
 	rm -rf runs/demo
 	$(BIN)/torchrun --standalone --nproc_per_node 2 -m ringpatch.train --recipe recipes/tiny-cpu.yaml
 	$(BIN)/torchrun --standalone --nproc_per_node 2 -m ringpatch.evaluate --recipe recipes/tiny-cpu.yaml
+
+# regenerated when its generator changes
+data/demo/train.jsonl: ringpatch/data/corpus.py | install
+	$(BIN)/python data/make_demo_corpus.py
 
 selfcheck: install
 	$(BIN)/torchrun --standalone --nproc_per_node $(NPROC) -m ringpatch.selfcheck
@@ -67,6 +70,26 @@ test: install lint
 # The inner loop: the unit tier only (one process, no process group), under a minute.
 test-fast: install
 	$(BIN)/python -m pytest -q --tier unit
+
+# The oldest releases we claim (setup.cfg), in a second venv: the unit and multiprocess tiers,
+# then the Trainer/TRL integration runs. torch 2.11 is a CUDA build from PyPI (about 3 GB; it
+# runs on the CPU); the newest releases are what `make test` installs.
+COMPAT_VENV := .venv-compat
+COMPAT_PINS ?= torch==2.11.0 transformers==5.0.0
+test-compat:
+	@test -x $(COMPAT_VENV)/bin/python || $(PY) -m venv $(COMPAT_VENV)
+	@printf '%s\n' $(COMPAT_PINS) > $(COMPAT_VENV)/constraints.txt
+	@$(COMPAT_VENV)/bin/pip install -q $(COMPAT_PINS) 2>&1 | grep -v "is ignored: it is neither" || true
+	@$(COMPAT_VENV)/bin/pip install -q -e ".[dev]" -c $(COMPAT_VENV)/constraints.txt 2>&1 | grep -v "is ignored: it is neither" || true
+	@$(COMPAT_VENV)/bin/python -c "import torch, transformers, trl, deepspeed; print('test-compat: torch', torch.__version__, \
+	  'transformers', transformers.__version__, 'trl', trl.__version__, 'deepspeed', deepspeed.__version__)"
+	$(COMPAT_VENV)/bin/python -m pytest -q -p no:cacheprovider --tier unit --tier multiprocess
+	$(COMPAT_VENV)/bin/python -m pytest -q -p no:cacheprovider --tier e2e tests/integrations tests/hf
+
+# The wheel and the sdist, each installed into a clean venv with torch only: the library runs
+# (patch_model, shard_batch on 2 gloo processes) without the training extra (needs PyPI).
+package-check: install
+	$(BIN)/python tests/packaging/check_install.py
 
 lint: install
 	$(BIN)/ruff check ringpatch tests bench examples data

@@ -78,6 +78,11 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE, file=sys.stderr)
         return 2
     command, rest = argv[0], argv[1:]
+    from ringpatch.train.extras import check
+
+    if problem := check(command):
+        print(problem, file=sys.stderr)
+        return 2
     if command == "train":
         from ringpatch.train.command import main as train
 

@@ -1,11 +1,12 @@
-"""The demo corpus: small, generated here, with dependencies far longer than a short context.
+"""The demo corpus: small, generated here, with a dependency that reaches far back.
 
-Each "ledger" document defines a ten-letter code at its start, then runs on in filler and
-recalls the code every few sentences, so a recalled code is predictable only by copying an
-earlier mention. Some documents hide a pass key in filler and ask for it at the end (the
-evaluation's demo passkey prompts use the same template). Filler comes from a handful of fixed
-sentences, so a tiny model learns it fast. Codes are fresh in every document (3000 training
-documents, about 9.5M bytes, more than the demo reads), so they cannot be memorised.
+Every document is a pass-key document: a one-digit key (digits appear nowhere else in the
+corpus) is stated at a random depth of filler, asked for once after the rest of the filler,
+then asked again several times a sentence or two apart. The short recalls teach the copy
+(an attention head that finds the digit) within the first stage's 128 tokens; the long gaps,
+in documents of up to 1,000 bytes, are retrievals only an extended context holds. The
+evaluation's demo passkey prompts use the same template. Filler comes from a handful of fixed
+sentences, so a tiny model learns it fast; keys are fresh in every document.
 """
 
 from __future__ import annotations
@@ -24,9 +25,11 @@ FILLER = (
     "A bell rings in the town. ",
     "The road is long and quiet. ",
 )
-NAMES = ("Ada", "Bo", "Cy", "Di", "Ed", "Flo", "Gus", "Hal", "Ivy", "Jo", "Kai", "Lu", "Max", "Nia", "Oz", "Pia")
 PASSKEY_INTRO = "There is a pass key hidden in this text. "
 PASSKEY_QUESTION = "What is the pass key? The pass key="
+KEY_DIGITS = "0123456789"  # the pass key's class: one byte token, used nowhere else
+RECALLS = (3, 10)  # short-distance recalls after the first answer
+RECALL_GAP = 60  # at most this many characters of filler before each
 
 
 def filler(rng: random.Random, chars: int) -> str:
@@ -38,59 +41,38 @@ def filler(rng: random.Random, chars: int) -> str:
     return "".join(out)
 
 
-# Codes use capitals that no filler sentence starts with, and follow "=", which only codes
-# follow: a recalled code is then predictable by copying (an induction head) from the
-# definition, however far back it is, and by nothing else.
-CODE_LETTERS = "BCDEFGJKLMNOPQRSUVWXYZ"
-
-
 def passkey_line(key: str) -> str:
     return f"The pass key={key}. Remember it. "
 
 
-def code(rng: random.Random, length: int = 10) -> str:
-    return "".join(rng.choice(CODE_LETTERS) for _ in range(length))
-
-
-def ledger(rng: random.Random, chars: int) -> str:
-    """Codes defined first, then filler with recalls of them at every distance."""
-    key = code(rng)
-    parts = [f"Ledger. The code={key}. "]
-    length = len(parts[0])
-    while length < chars:
-        parts.append(filler(rng, rng.randint(0, 60)))
-        parts.append(f"So the code={key}. ")
-        length += len(parts[-2]) + len(parts[-1])
-    return "".join(parts)
-
-
 def passkey_document(rng: random.Random, chars: int, depth: float) -> str:
-    key = code(rng)
+    """The key at `depth` of about `chars` of filler, asked for after the rest of it, then asked
+    again a few times at short distances."""
+    key = rng.choice(KEY_DIGITS)
     before = filler(rng, int(chars * depth))
-    after = filler(rng, max(0, chars - len(before) - 80))
-    return PASSKEY_INTRO + before + passkey_line(key) + after + PASSKEY_QUESTION + key + "."
-
-
-def document(rng: random.Random, chars: int) -> str:
-    if rng.random() < 0.3:
-        return passkey_document(rng, chars, rng.random())
-    return ledger(rng, chars)
+    after = filler(rng, max(0, chars - len(before) - 110))
+    recalls = "".join(
+        filler(rng, rng.randint(0, RECALL_GAP)) + PASSKEY_QUESTION + key + ". " for _ in range(rng.randint(*RECALLS))
+    )
+    return PASSKEY_INTRO + before + passkey_line(key) + after + PASSKEY_QUESTION + key + ". " + recalls
 
 
 def write_corpus(
     folder: str | Path,
-    train_docs: int = 3000,
+    train_docs: int = 6000,
     eval_docs: int = 24,
-    chars: tuple[int, int] = (1500, 5000),
+    chars: tuple[int, int] = (150, 1000),
+    eval_chars: int = 5000,
     seed: int = 0,
 ) -> Path:
-    """Write train.jsonl and eval.jsonl ({"text": ...} per line) into `folder`; idempotent."""
+    """Write train.jsonl (documents of `chars` characters before their recalls) and eval.jsonl
+    (long ones, for perplexity vs length) into `folder`, {"text": ...} per line; idempotent."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
-    for name, count, low in (("train", train_docs, chars[0]), ("eval", eval_docs, chars[1])):
+    for name, count, span in (("train", train_docs, chars), ("eval", eval_docs, (eval_chars, eval_chars))):
         path = folder / f"{name}.jsonl"
-        lines = [json.dumps({"text": document(rng, rng.randint(low, chars[1]))}) for _ in range(count)]
+        lines = [json.dumps({"text": passkey_document(rng, rng.randint(*span), rng.random())}) for _ in range(count)]
         tmp = path.with_suffix(".tmp")
         tmp.write_text("\n".join(lines) + "\n")
         tmp.replace(path)

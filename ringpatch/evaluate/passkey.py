@@ -40,8 +40,8 @@ def demo_template() -> PasskeyTemplate:
         corpus.FILLER,
         corpus.passkey_line("{key}"),
         corpus.PASSKEY_QUESTION,
-        corpus.CODE_LETTERS,
-        10,
+        corpus.KEY_DIGITS,
+        1,
     )
 
 

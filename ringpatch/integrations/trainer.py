@@ -6,6 +6,9 @@ What the Trainer does by default is wrong for sequence parallelism in three plac
    different samples. The ring's ranks are one data-parallel rank: the prepared dataloaders
    (train and eval) are sharded over dp = world / sp only, so every rank of a ring gets the
    same batch (map-style datasets; accelerate's shuffling generator is already synchronised).
+   With dp = 1 the last batch is not padded with repeated samples (one process reads none);
+   with dp > 1 it is, as under DDP, and the eval loop's gather keeps one value per dp rank
+   (every rank of a ring holds the same loss) before accelerate drops the repeats.
 2. Loss. compute_loss cuts each full batch with shard_batch and calls the patched model, whose
    loss is the full-sequence sum over the ring divided by the Trainer's num_items_in_batch. That
    count is recomputed (get_batch_samples) over the dp ranks' batches, each counted once: the
@@ -13,7 +16,9 @@ What the Trainer does by default is wrong for sequence parallelism in three plac
    number of processes because DDP averages gradients over them; a ring's ranks hold the same
    loss, so the factor here is dp. With these, gradient accumulation is exact (the loss a
    stock Trainer doubles at gradient_accumulation_steps=2 is the one-process loss here).
-3. Batch size. get_total_train_batch_size counts dp ranks, not every process.
+3. Counts. get_total_train_batch_size counts dp ranks, not every process, and the tokens seen
+   (include_num_input_tokens_seen, whence the logged train_tokens_per_second) count each
+   ring's batch once: the Trainer's gather over every process counted it sp times.
 
 The model is patched by the trainer over its sp group (pass it unpatched). Gradients are averaged
 over all processes by DDP or DeepSpeed, as the loss contract asks (ringpatch.hf.patch).
@@ -40,12 +45,21 @@ class RingTrainerMixin:
             raise ValueError("pass the model unpatched: the trainer patches it over its own sp group")
         self.ring_dims = ParallelDims(world, sp, 1, layout)
         self.ring_layout = layout
+        if sp > 1 and (self.compute_metrics is not None or self.preprocess_logits_for_metrics is not None):
+            raise NotImplementedError(
+                "compute_metrics / preprocess_logits_for_metrics with sp > 1: each rank holds only its part of the "
+                "sequence's logits, so metrics computed from them would be wrong; compute them in compute_loss "
+                "(as TRL's SFTTrainer does), or evaluate with a separate unpatched run"
+            )
         if world > 1:
             mesh = build_mesh(self.ring_dims, self.args.device.type)
             self.ring_group, self.dp_rank = mesh.sp_group, mesh.dp_rank
+            self.ring_leaders = [r for r in range(world) if self.ring_dims.coords(r)[1] == 0]
         else:
-            self.ring_group, self.dp_rank = None, 0
+            self.ring_group, self.dp_rank, self.ring_leaders = None, 0, [0]
         patch_model(self.model, group=self.ring_group, layout=layout)
+        if sp > 1:
+            self.gather_function = self._ring_gather_for_metrics
 
     # --- data: sharded over dp only ---------------------------------------------------------
     def _ring_shard(self, dataloader):
@@ -58,7 +72,23 @@ class RingTrainerMixin:
                 "a ring different samples: materialise it (datasets.Dataset) or shard it over dp yourself"
             )
         shard.num_processes, shard.process_index = self.ring_dims.dp, self.dp_rank
+        if self.ring_dims.dp == 1:
+            shard.even_batches = False  # one data rank: the last batch as one process reads it
         return dataloader
+
+    def _ring_gather_for_metrics(self, data, use_gather_object: bool = False):
+        """The eval loop's gather (accelerate's gather_for_metrics) with one value per dp rank: a
+        ring's ranks hold the same loss, and accelerate's drop of the last batch's repeats counts
+        samples over dp ranks."""
+        if use_gather_object or not torch.is_tensor(data):
+            raise NotImplementedError("RingTrainer gathers tensors only in evaluation (eval_use_gather_object=False)")
+        gathered = self.accelerator.gather(data)
+        world = dist.get_world_size()
+        gathered = gathered.reshape(world, -1, *data.shape[1:])[self.ring_leaders].flatten(0, 1)
+        state = self.accelerator.gradient_state
+        if state.end_of_dataloader and state.remainder > 0:
+            gathered = gathered[: state.remainder]
+        return gathered
 
     def get_train_dataloader(self):
         return self._ring_shard(super().get_train_dataloader())
@@ -68,6 +98,11 @@ class RingTrainerMixin:
 
     def get_total_train_batch_size(self, args) -> int:
         return self._train_batch_size * args.gradient_accumulation_steps * self.ring_dims.dp
+
+    def _track_num_input_tokens(self, inputs):
+        before = self.state.num_input_tokens_seen
+        super()._track_num_input_tokens(inputs)  # gathers over every process: each ring's batch sp times
+        self.state.num_input_tokens_seen = before + (self.state.num_input_tokens_seen - before) // self.ring_dims.sp
 
     # --- loss -------------------------------------------------------------------------------
     def get_batch_samples(self, epoch_iterator, num_batches, device):
@@ -119,15 +154,6 @@ class RingSFTTrainerMixin(RingTrainerMixin):
     then averages: the sum over a ring's disjoint parts is the full-sequence loss, so both the
     logged loss (a mean over processes) and the gradients come out exact; its metrics are sums
     over processes of disjoint tokens, exact too."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        packed_eval = self.args.eval_packing if self.args.eval_packing is not None else self.args.packing
-        if packed_eval and self.eval_dataset is not None and self.ring_dims.sp > 1:
-            raise NotImplementedError(
-                "RingSFTTrainer with a packed eval dataset: its eval loss on sp > 1 differed from TRL on one process "
-                "in our tests (training matched); set SFTConfig(eval_packing=False) to evaluate unpacked, which matches"
-            )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         local = self._ring_local(inputs)

@@ -2,6 +2,12 @@
 
 import sys
 
-from ringpatch.train.command import main
+from ringpatch.train.extras import check
+
+if problem := check("train"):
+    print(problem, file=sys.stderr)
+    sys.exit(2)
+
+from ringpatch.train.command import main  # noqa: E402
 
 sys.exit(main())

@@ -9,6 +9,7 @@ each fails here, on every rank alike, with the values and the fix."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -201,6 +202,11 @@ def preflight(
     bf16 = recipe.model.dtype == "bfloat16" or (recipe.model.dtype == "auto" and cuda)
     overlay_file = deepspeed_file or recipe.deepspeed
     ds_config = deepspeed_config(recipe, bf16, cuda, load_overlay(overlay_file), overlay_name=str(overlay_file))
+    if recipe.wandb != "disabled" and importlib.util.find_spec("wandb") is None:
+        raise ValueError(
+            f"wandb: {recipe.wandb} in {recipe_path}, but wandb is not installed: pip install wandb (it comes with "
+            "'ringpatch[train]'), or set wandb: disabled"
+        )
     if deep:
         check_data(recipe, model_config)
     return Plan(recipe, dims, cuda, bf16, ds_config, model_config)

@@ -114,7 +114,7 @@ def test_prepare_command_prepares_every_stage(tmp_path):
 
     from ringpatch.data.corpus import write_corpus
 
-    data = write_corpus(tmp_path / "corpus", train_docs=20, eval_docs=3, chars=(500, 1500))
+    data = write_corpus(tmp_path / "corpus", train_docs=20, eval_docs=3, chars=(500, 1500), eval_chars=1500)
     root = ROOT
     tiny = yaml.safe_load((root / "recipes" / "tiny-cpu.yaml").read_text())
     tiny["data"].update(

@@ -135,7 +135,7 @@ def two_models(tmp_path_factory):
         model.resize_token_embeddings(258)
         model.save_pretrained(tmp / name)
         tok.save_pretrained(tmp / name)
-    write_corpus(tmp / "data", train_docs=2, eval_docs=4, chars=(300, 1200))
+    write_corpus(tmp / "data", train_docs=2, eval_docs=4, chars=(300, 1200), eval_chars=1200)
     return tmp
 
 

@@ -19,7 +19,7 @@ def corpus(folder: Path) -> Path:
     from ringpatch.data.corpus import write_corpus
 
     if not (folder / "train.jsonl").is_file():
-        write_corpus(folder, train_docs=60, eval_docs=4, chars=(800, 2500), seed=1)
+        write_corpus(folder, train_docs=60, eval_docs=4, chars=(800, 2500), eval_chars=2500, seed=1)
     return folder
 
 
@@ -69,7 +69,7 @@ def command(recipe_path: Path, nproc: int, *extra: str, launcher: str = "torchru
             "--num_gpus",
             str(nproc),
             "--master_port",
-            str(_free_port()),
+            str(free_port()),
             "--module",
             "ringpatch.train",
             "--recipe",
@@ -85,7 +85,7 @@ def command(recipe_path: Path, nproc: int, *extra: str, launcher: str = "torchru
             "--num_processes",
             str(nproc),
             "--main_process_port",
-            str(_free_port()),
+            str(free_port()),
             *module,
         ]
     elif launcher == "python":
@@ -101,7 +101,7 @@ def launch(recipe_path: Path, nproc: int, *extra: str, launcher: str = "torchrun
     return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     import socket
 
     with socket.socket() as s:

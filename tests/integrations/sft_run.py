@@ -50,7 +50,7 @@ def run(a, mode: str) -> list[dict]:
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                          eos_token_id=256, pad_token_id=257)  # fmt: skip
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
-    packing = {} if mode == "none" else {"packing": True, "packing_strategy": mode, "eval_packing": False}
+    packing = {} if mode == "none" else {"packing": True, "packing_strategy": mode}
     args = SFTConfig(
         output_dir=str(Path(a.out).parent / f"sft-{mode}"), per_device_train_batch_size=2, per_device_eval_batch_size=2,
         gradient_accumulation_steps=2, max_steps=3, learning_rate=1e-3, logging_steps=1, report_to=[],
@@ -58,7 +58,7 @@ def run(a, mode: str) -> list[dict]:
         bf16=False,  # TRL turns bf16 autocast on by default, CPU included; float32 compares to 1e-5
         **packing,
     )  # fmt: skip
-    kwargs = dict(model=model, args=args, train_dataset=data(40, 1), eval_dataset=data(4, 2),
+    kwargs = dict(model=model, args=args, train_dataset=data(40, 1), eval_dataset=data(7, 2),
                   processing_class=byte_tokenizer())  # fmt: skip
     trainer = SFTTrainer(**kwargs) if a.plain else RingSFTTrainer(**kwargs, sp=a.sp)
     trainer.train()

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import ROOT
-from tests.helpers.trainrun import BIN, ENV
+from tests.helpers.trainrun import BIN, ENV, free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -24,9 +24,14 @@ ZERO = '{{"zero_optimization": {{"stage": {stage}}}, "train_micro_batch_size_per
        '"params": {{"lr": "auto", "weight_decay": "auto", "betas": "auto", "eps": "auto"}}}}}}'  # fmt: skip
 
 
-def _run(tmp, nproc: int, *args: str, script: str = SCRIPT):
+def _run(tmp, nproc: int, *args: str, script: str = SCRIPT, launcher: str = "torchrun"):
     out = tmp / f"{nproc}-{'-'.join(a.replace('/', '_').replace(',', '_') for a in args)}-{Path(script).stem}.json"
-    cmd = [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={nproc}", script, "--out", str(out), *args]
+    if launcher == "accelerate":
+        start = [str(BIN / "accelerate"), "launch", "--config_file", str(ROOT / "launch/accelerate/cpu-2proc.yaml"),
+                 "--num_processes", str(nproc), "--main_process_port", str(free_port())]  # fmt: skip
+    else:
+        start = [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={nproc}"]
+    cmd = [*start, script, "--out", str(out), *args]
     proc = subprocess.run(cmd, cwd=ROOT, env=dict(ENV, DS_ACCELERATOR="cpu"), capture_output=True, text=True,
                           timeout=400)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
@@ -46,23 +51,25 @@ def _pick(history, key):
 @pytest.mark.parametrize(
     "nproc, ring_args, ref_nproc, ref_args, rel",
     [
-        (2, ("--sp", "2"), 1, (), 1e-5),
+        (2, ("--sp", "2", "accelerate"), 1, (), 1e-5),  # under `accelerate launch`
         (4, ("--sp", "2"), 2, (), 1e-5),  # dp 2 x sp 2 against DDP over 2 processes
         (2, ("--sp", "2", "--deepspeed", "zero2"), 1, (), 1e-5),
         (2, ("--sp", "2", "--deepspeed", "zero3"), 1, (), 1e-5),
         (2, ("--sp", "2", "--bf16"), 1, ("--bf16",), 2e-2),  # autocast bf16 on both sides
     ],
-    ids=["sp2", "dp2-sp2", "sp2-zero2", "sp2-zero3", "sp2-bf16"],
+    ids=["sp2-accelerate", "dp2-sp2", "sp2-zero2", "sp2-zero3", "sp2-bf16"],
 )
 def test_ring_trainer_matches_the_stock_trainer(tmp_path, reference, nproc, ring_args, ref_nproc, ref_args, rel):
-    args = list(ring_args)
+    args, launcher = list(ring_args), "torchrun"
+    if args[-1] == "accelerate":
+        args, launcher = args[:-1], "accelerate"
     if "--deepspeed" in args:
         i = args.index("--deepspeed") + 1
         config = tmp_path / f"{args[i]}.json"
         config.write_text(ZERO.format(stage=args[i][-1]))
         args[i] = str(config)
-    ring, ref = _run(tmp_path, nproc, "--ga", "2", *args), reference(ref_nproc, *ref_args)
-    for key, tol in (("loss", rel), ("grad_norm", 10 * rel), ("eval_loss", rel)):
+    ring, ref = _run(tmp_path, nproc, "--ga", "2", *args, launcher=launcher), reference(ref_nproc, *ref_args)
+    for key, tol in (("loss", rel), ("grad_norm", 10 * rel), ("eval_loss", rel), ("num_input_tokens_seen", 0)):
         got, want = _pick(ring, key), _pick(ref, key)
         assert len(got) == len(want) > 0, (key, got, want)
         assert got == pytest.approx(want, rel=tol), (key, got, want)
@@ -72,7 +79,9 @@ def test_ring_trainer_matches_the_stock_trainer(tmp_path, reference, nproc, ring
 def test_ring_sft_trainer_matches_trl_on_one_process(tmp_path):
     """TRL's SFTTrainer (its own loss from the fused LM head, its metrics) on sp = 2 against one
     process: without packing, with `wrapped` packing, and with `bfd` packing, whose padding-free
-    rows of several documents reach the ring as document masking (one launch runs all three)."""
+    rows of several documents reach the ring as document masking (one launch runs all three).
+    The eval set (7 samples, batches of 2) is packed like the train set and ends in a partial
+    batch, which a ring must not pad with repeated samples."""
     modes = "none,wrapped,bfd"
     ring = _run(tmp_path, 2, "--sp", "2", "--packing", modes, script=SFT_SCRIPT)
     ref = _run(tmp_path, 1, "--plain", "--packing", modes, script=SFT_SCRIPT)
@@ -85,30 +94,17 @@ def test_ring_sft_trainer_matches_trl_on_one_process(tmp_path):
 
 
 @pytest.mark.unit
-def test_a_packed_eval_set_is_refused_with_the_fix(tmp_path, monkeypatch):
-    """TRL packs the eval set like the train set by default; RingSFTTrainer's eval loss on packed
-    eval rows differed from one process, so it refuses them, naming eval_packing=False."""
+def test_metrics_from_logits_are_refused_on_sp_above_one(tmp_path, monkeypatch):
+    """compute_metrics would see each rank's part of the logits: refused with the way out."""
     import torch.distributed as dist
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, LlamaConfig
-    from trl import SFTConfig
+    from transformers import AutoModelForCausalLM, LlamaConfig, TrainingArguments
 
-    from ringpatch.data.tokenizer import byte_tokenizer
-    from ringpatch.integrations.trainer import RingSFTTrainerMixin, RingTrainerMixin
+    from ringpatch.integrations.trainer import RingTrainer
 
-    def init(self, *args, sp, layout="balanced", **kwargs):  # the grid of 2 ranks, without processes
-        super(RingTrainerMixin, self).__init__(*args, **kwargs)
-        self.ring_dims = type("Dims", (), {"sp": sp, "dp": 1})()
-
-    monkeypatch.setattr(RingTrainerMixin, "__init__", init)
-    monkeypatch.setattr(dist, "is_initialized", lambda: False)
-    from ringpatch.integrations.trainer import RingSFTTrainer
-
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda *a: 2)
     config = LlamaConfig(vocab_size=258, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=1)  # fmt: skip
-    ds = Dataset.from_dict({"text": ["abc def ghi"] * 4})
-    args = SFTConfig(output_dir=str(tmp_path), packing=True, use_cpu=True, report_to=[], bf16=False, max_length=16)
-    with pytest.raises(NotImplementedError, match=r"set SFTConfig\(eval_packing=False\)"):
-        RingSFTTrainer(model=AutoModelForCausalLM.from_config(config), args=args, train_dataset=ds, eval_dataset=ds,
-                       processing_class=byte_tokenizer(), sp=2)  # fmt: skip
-    assert issubclass(RingSFTTrainer, RingSFTTrainerMixin)
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
+    with pytest.raises(NotImplementedError, match="compute_metrics / preprocess_logits_for_metrics with sp > 1"):
+        RingTrainer(model=AutoModelForCausalLM.from_config(config), args=args, compute_metrics=lambda p: {}, sp=2)

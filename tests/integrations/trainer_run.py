@@ -51,9 +51,9 @@ def main() -> None:
         output_dir=str(Path(a.out).parent / "trainer"), per_device_train_batch_size=2, per_device_eval_batch_size=2,
         gradient_accumulation_steps=a.ga, max_steps=3, learning_rate=1e-3, logging_steps=1, report_to=[],
         use_cpu=True, seed=0, save_strategy="no", disable_tqdm=True, dataloader_num_workers=0, bf16=a.bf16,
-        deepspeed=a.deepspeed,
+        deepspeed=a.deepspeed, include_num_input_tokens_seen="non_padding",
     )  # fmt: skip
-    kwargs = dict(model=model, args=args, train_dataset=data(24, 1), eval_dataset=data(4, 2),
+    kwargs = dict(model=model, args=args, train_dataset=data(24, 1), eval_dataset=data(7, 2),
                   data_collator=DataCollatorForLanguageModeling(byte_tokenizer(), mlm=False))  # fmt: skip
     trainer = Trainer(**kwargs) if a.plain else RingTrainer(**kwargs, sp=a.sp)
     trainer.train()

@@ -1,0 +1,36 @@
+"""The commands' optional dependencies: `pip install ringpatch` is the library (torch and
+transformers: patch_model, shard_batch, ring_attention); the recipe trainer, data preparation
+and evaluation need the `train` extra. Checked before anything heavy is imported, so a missing
+package is one line that names the install command, not an ImportError deep in a launcher."""
+
+from __future__ import annotations
+
+import importlib.util
+
+# what each command imports, by import name -> the distribution pip installs
+TRAIN = {"deepspeed": "deepspeed", "accelerate": "accelerate", "datasets": "datasets", "yaml": "pyyaml"}
+NEEDS = {
+    "train": TRAIN,
+    "prepare": {"datasets": "datasets", "yaml": "pyyaml"},
+    "eval": {**TRAIN, "matplotlib": "matplotlib"},
+    "plan": {"yaml": "pyyaml"},
+    "selfcheck": {},
+    "corpus": {},
+}
+
+
+def missing(command: str) -> list[str]:
+    """The distributions `command` needs that are not installed."""
+    return [dist for module, dist in NEEDS[command].items() if importlib.util.find_spec(module) is None]
+
+
+def check(command: str) -> str | None:
+    """None when `command` can run, else the message that says what to install."""
+    gone = missing(command)
+    if not gone:
+        return None
+    return (
+        f"ringpatch {command} needs {', '.join(gone)}, which {'is' if len(gone) == 1 else 'are'} not installed: "
+        "install the training extra with  pip install 'ringpatch[train]'  (the library alone, "
+        "`pip install ringpatch`, is patch_model, shard_batch and ring_attention)"
+    )
