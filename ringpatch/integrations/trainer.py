@@ -11,8 +11,8 @@ What the Trainer does by default is wrong for sequence parallelism in three plac
    (every rank of a ring holds the same loss) before accelerate drops the repeats.
 2. Loss. compute_loss cuts each full batch with shard_batch and calls the patched model, whose
    loss is the full-sequence sum over the ring divided by the Trainer's num_items_in_batch. That
-   count is recomputed (get_batch_samples) over the dp ranks' batches, each counted once: the
-   Trainer's own gather counts a ring's batch sp times. The Trainer multiplies a loss by the
+   count is the Trainer's own (get_batch_samples) divided by sp: its gather over every process
+   counts a ring's batch sp times. The Trainer multiplies a loss by the
    number of processes because DDP averages gradients over them; a ring's ranks hold the same
    loss, so the factor here is dp. With these, gradient accumulation is exact (the loss a
    stock Trainer doubles at gradient_accumulation_steps=2 is the one-process loss here).
@@ -31,6 +31,27 @@ import torch.distributed as dist
 
 from ringpatch.hf import patch_model, shard_batch
 from ringpatch.parallel import ParallelDims, build_mesh
+
+
+def _tokens_seen_per_ring(sp: int):
+    """A callback: the Trainer adds the tokens of every process's batch to
+    state.num_input_tokens_seen (a gather over all processes, each ring's batch sp times); at the
+    end of each step, before the step is logged, it keeps 1/sp of what the step added. A
+    callback rather than an override, since where the Trainer counts differs between releases."""
+    from transformers import TrainerCallback
+
+    class TokensSeenPerRing(TrainerCallback):
+        def __init__(self):
+            self.mark = 0
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.mark = state.num_input_tokens_seen  # after a resumed checkpoint's state is loaded
+
+        def on_step_end(self, args, state, control, **kwargs):
+            state.num_input_tokens_seen = self.mark + (state.num_input_tokens_seen - self.mark) // sp
+            self.mark = state.num_input_tokens_seen
+
+    return TokensSeenPerRing()
 
 
 class RingTrainerMixin:
@@ -60,6 +81,7 @@ class RingTrainerMixin:
         patch_model(self.model, group=self.ring_group, layout=layout)
         if sp > 1:
             self.gather_function = self._ring_gather_for_metrics
+            self.add_callback(_tokens_seen_per_ring(sp))
 
     # --- data: sharded over dp only ---------------------------------------------------------
     def _ring_shard(self, dataloader):
@@ -99,19 +121,12 @@ class RingTrainerMixin:
     def get_total_train_batch_size(self, args) -> int:
         return self._train_batch_size * args.gradient_accumulation_steps * self.ring_dims.dp
 
-    def _track_num_input_tokens(self, inputs):
-        before = self.state.num_input_tokens_seen
-        super()._track_num_input_tokens(inputs)  # gathers over every process: each ring's batch sp times
-        self.state.num_input_tokens_seen = before + (self.state.num_input_tokens_seen - before) // self.ring_dims.sp
-
     # --- loss -------------------------------------------------------------------------------
     def get_batch_samples(self, epoch_iterator, num_batches, device):
-        batches, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
-        if not batches or "labels" not in batches[0]:
-            return batches, None
-        count = sum((b["labels"][..., 1:] != -100).sum() for b in batches).to(device)
-        if self._ring_averaged():
-            dist.all_reduce(count)  # every ring's batch once per rank: sp times
+        # the Trainer's own count (its rule for which labels count differs between releases),
+        # gathered over every process when tokens are averaged: each ring's batches sp times
+        batches, count = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if count is not None and self._ring_averaged():
             count = count // self.ring_dims.sp
         return batches, count
 
