@@ -94,5 +94,16 @@ def main(argv: list[str] | None = None) -> int:
     return {"prepare": prepare, "plan": plan, "corpus": corpus}[command](rest)
 
 
+def entry() -> None:
+    """The `ringpatch` console script: train and eval leave without the interpreter's
+    finalization once done (ringpatch.parallel.leave)."""
+    code = main()
+    if len(sys.argv) > 1 and sys.argv[1] in ("train", "eval"):
+        from ringpatch.parallel import leave
+
+        leave(code)
+    raise SystemExit(code)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    entry()

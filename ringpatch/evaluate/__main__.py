@@ -2,6 +2,7 @@
 
 import sys
 
+from ringpatch.parallel import leave
 from ringpatch.train.extras import check
 
 if problem := check("eval"):
@@ -10,4 +11,4 @@ if problem := check("eval"):
 
 from ringpatch.evaluate.command import main  # noqa: E402
 
-sys.exit(main())
+leave(main())  # a complete run: no interpreter finalization (ringpatch.parallel.leave)

@@ -9,7 +9,15 @@ Imports ringpatch.attention only (for the layout's chunk count).
 
 from ringpatch.parallel.dims import ParallelDims
 from ringpatch.parallel.mesh import Mesh, build_mesh
-from ringpatch.parallel.process import is_timeout, local_device, set_timeouts, single_process_env, start, stop
+from ringpatch.parallel.process import (
+    is_timeout,
+    leave,
+    local_device,
+    set_timeouts,
+    single_process_env,
+    start,
+    stop,
+)
 
 __all__ = [
     "ParallelDims",
@@ -21,4 +29,5 @@ __all__ = [
     "single_process_env",
     "set_timeouts",
     "is_timeout",
+    "leave",
 ]
