@@ -13,6 +13,8 @@ TRANSFORMERS_RANGE = (Version("5.0"), Version("6.0"))  # keep in step with setup
 ALIBI_MODEL_TYPES = ("bloom", "mpt", "baichuan", "falcon")  # falcon only when config.alibi
 PLAIN_HEAD_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 """Causal LMs whose head is exactly logits = lm_head(final hidden states), no scaling or capping."""
+GATED_MLP_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+"""Causal LMs whose MLP is per token, down(act(gate(x)) * up(x)): the ones `mlp_tiles` may tile."""
 
 
 def check_transformers_version(version: str) -> None:

@@ -6,7 +6,8 @@ The estimate counts, per GPU, in bytes (N = parameters, of which tp shards all b
   optimizer (and stage-3 weights) moved to CPU by offload;
 - checkpointed activations: one (tokens x hidden) bf16 input per layer;
 - the working set of the layer being recomputed: about tokens x (8 hidden + 3 intermediate) bf16
-  (q, k, v, attention out and residual tensors, the MLP's gate, up and product);
+  (q, k, v, attention out and residual tensors, the MLP's gate, up and product), the MLP's part
+  divided by mlp_tiles (a tiled MLP holds one tile's at a time);
 - ring buffers: K and V blocks (current + in flight) and float32 dK/dV accumulators;
 - the loss: one chunk of float32 logits and its gradient.
 It is an estimate for choosing a layout, not a promise: allocator slack and NCCL buffers come on top.
@@ -43,8 +44,9 @@ def estimate(recipe, cfg: dict, world: int, seq_len: int, micro_batch: int) -> d
     heads = cfg["num_attention_heads"]
     kv_dim = (cfg.get("num_key_value_heads") or heads) * (cfg.get("head_dim") or h // heads)
     tokens = micro_batch * seq_len // sp  # per GPU
-    ckpt = layers * tokens * h * 2 if recipe.activation_checkpointing else layers * tokens * (8 * h + 3 * inter) * 2
-    work = tokens * (8 * h + 3 * inter / tp) * 2
+    mlp = 3 * inter / tp / recipe.mlp_tiles  # per token, bf16 elements
+    ckpt = layers * tokens * h * 2 if recipe.activation_checkpointing else layers * tokens * (8 * h + mlp) * 2
+    work = tokens * (8 * h + mlp) * 2
     ring = tokens * kv_dim / tp * (2 * 2 * 2 + 2 * 4)
     loss = min(recipe.loss_chunk_tokens, tokens) * cfg["vocab_size"] * 4 * 2
     items = {

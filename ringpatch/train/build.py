@@ -17,6 +17,7 @@ from ringpatch.parallel import Mesh, build_mesh, local_device, single_process_en
 from ringpatch.train.plan import Plan
 from ringpatch.train.preflight import check_model_config
 from ringpatch.train.schedule import schedule
+from ringpatch.train.tiled_mlp import tile_mlps
 
 
 def start_distributed(plan: Plan) -> Mesh:
@@ -69,6 +70,7 @@ def build_model(plan: Plan, mesh: Mesh):
     lm.config.use_cache = False
     if plan.recipe.activation_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    tile_mlps(lm, plan.recipe.mlp_tiles)
     return ringpatch.patch_model(lm, group=mesh.sp_group, layout=plan.recipe.parallel.layout)
 
 

@@ -35,6 +35,7 @@ def describe(plan, launch: str | None = None) -> str:
         f"recipe: model {r.model.name} ({r.model.init}), world {dims.world} = dp {dims.dp} x sp {dims.sp} x tp "
         f"{dims.tp} (tp innermost), ZeRO-{r.zero.stage}{' + CPU offload' if r.zero.offload == 'cpu' else ''}, "
         f"{_precision(r.model.dtype)}, activation checkpointing {'on' if r.activation_checkpointing else 'off'}"
+        + (f", MLP over {r.mlp_tiles} sequence tiles" if r.mlp_tiles > 1 else "")
     ]
     masking = r.data is not None and r.data.document_masking
     lines.append(

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from ringpatch.hf.models import GATED_MLP_MODEL_TYPES
 from ringpatch.memory.estimate import GIB, estimate
 from ringpatch.train.ds_config import deepspeed_config, load_overlay
 from ringpatch.train.plan import Plan
@@ -202,6 +203,13 @@ def preflight(
     bf16 = recipe.model.dtype == "bfloat16" or (recipe.model.dtype == "auto" and cuda)
     overlay_file = deepspeed_file or recipe.deepspeed
     ds_config = deepspeed_config(recipe, bf16, cuda, load_overlay(overlay_file), overlay_name=str(overlay_file))
+    if recipe.mlp_tiles > 1 and model_config is not None:
+        model_type = model_config.get("model_type")
+        if model_type not in GATED_MLP_MODEL_TYPES:
+            raise ValueError(
+                f"mlp_tiles: {recipe.mlp_tiles} tiles the per-token gated MLP of {', '.join(GATED_MLP_MODEL_TYPES)}; "
+                f"{recipe.model.name} is {model_type!r}: set mlp_tiles: 1"
+            )
     if recipe.wandb != "disabled" and importlib.util.find_spec("wandb") is None:
         raise ValueError(
             f"wandb: {recipe.wandb} in {recipe_path}, but wandb is not installed: pip install wandb (it comes with "

@@ -189,6 +189,9 @@ class Recipe:
     grad_accum: int = 1
     """Micro-steps per optimizer step."""
     activation_checkpointing: bool = True
+    mlp_tiles: int = 1
+    """Run each layer's MLP over this many sequence tiles, recomputed tile by tile in backward
+    (ringpatch/train/tiled_mlp.py): its peak falls by this factor, for one more MLP forward."""
     seed: int = 0
     run_dir: str = "runs/default"
     save_every: int = 0
@@ -241,6 +244,7 @@ def _check_recipe(r: Recipe) -> None:
     _positive("save_every", r.save_every, allow_zero=True)
     _positive("keep_last", r.keep_last, allow_zero=True)
     _positive("loss_chunk_tokens", r.loss_chunk_tokens)
+    _positive("mlp_tiles", r.mlp_tiles)
     _positive("log_every", r.log_every)
     if r.timeout_minutes is not None:
         _finite("timeout_minutes", r.timeout_minutes, 0.0, low_open=True)

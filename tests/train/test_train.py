@@ -54,8 +54,9 @@ def _assert_same_run(run_dir, reference_dir):
     "nproc, changes, launcher",
     [
         (2, {"parallel__sp": 2}, "torchrun"),  # sp = 2, ZeRO-2
-        (2, {"parallel__sp": 2, "zero__stage": 3}, "deepspeed"),  # ZeRO-3 under the deepspeed launcher
-        (4, {"parallel__sp": 2, "parallel__tp": 2, "zero__stage": 1}, "accelerate"),  # sp x tp (AutoTP), ZeRO-1
+        # ZeRO-3 under the deepspeed launcher, the MLP over 4 sequence tiles (exact: the reference is untiled)
+        (2, {"parallel__sp": 2, "zero__stage": 3, "mlp_tiles": 4}, "deepspeed"),
+        (4, {"parallel__sp": 2, "parallel__tp": 2, "zero__stage": 1, "mlp_tiles": 3}, "accelerate"),  # sp x tp, ZeRO-1
         (
             2,
             {
@@ -66,7 +67,12 @@ def _assert_same_run(run_dir, reference_dir):
             "torchrun",
         ),
     ],
-    ids=["sp2-zero2-torchrun", "sp2-zero3-deepspeed", "sp2-tp2-zero1-accelerate", "sp2-zero3-offload-overlay"],
+    ids=[
+        "sp2-zero2-torchrun",
+        "sp2-zero3-tiles4-deepspeed",
+        "sp2-tp2-zero1-tiles3-accelerate",
+        "sp2-zero3-offload-overlay",
+    ],
 )
 def test_grid_reproduces_single_process(tmp_path, data, reference, nproc, changes, launcher):
     ok(launch(recipe(tmp_path, data, **changes), nproc, launcher=launcher))

@@ -1,0 +1,51 @@
+"""Sequence-tiled MLP: recipe `mlp_tiles: N` (1: off).
+
+Each decoder layer's MLP runs over N tiles of its rank's tokens. Forward keeps none of the
+(tokens x intermediate) gate, up and product tensors, only the MLP's input; backward recomputes
+the MLP one tile at a time and accumulates the weight gradients over the tiles. The peak of the
+MLP falls from about 3 x tokens x intermediate to 1/N of it, at the cost of one more MLP
+forward per step (ALST: Bekman et al. 2025, arXiv:2506.13996, which ships the autograd function
+used here as DeepSpeed's TiledMLP; it tells ZeRO to reduce a weight's gradient only after the
+last tile).
+
+Exact: a gated MLP acts on each token alone, so the tiles' outputs are the untiled output's rows,
+and the weight gradients are sums over tokens, split into N partial sums (float32 rounding only).
+Only MLPs of that form are tiled (gate_proj, up_proj, down_proj: Llama, Mistral, Qwen); any other
+is refused, since a mixture-of-experts block routes over all tokens together.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+
+GATED = ("gate_proj", "up_proj", "down_proj")
+
+
+def tile_mlps(lm: torch.nn.Module, tiles: int) -> int:
+    """Run every decoder layer's MLP of `lm` over `tiles` sequence tiles; the number of MLPs."""
+    if tiles <= 1:
+        return 0
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledMLP
+
+    mlps = [m.mlp for m in lm.modules() if isinstance(getattr(m, "mlp", None), torch.nn.Module)]
+    if not mlps:
+        raise ValueError(
+            f"mlp_tiles: {tiles}, but {type(lm).__name__} has no decoder layers with an `mlp`; set mlp_tiles: 1"
+        )
+    for mlp in mlps:
+        missing = [name for name in GATED if not isinstance(getattr(mlp, name, None), torch.nn.Module)]
+        if missing:
+            raise ValueError(
+                f"mlp_tiles: {tiles}, but {type(mlp).__name__} is not a gated MLP (no {', '.join(missing)}): only "
+                "per-token MLPs (Llama, Mistral, Qwen) can be tiled exactly; set mlp_tiles: 1"
+            )
+        untiled = type(mlp).forward
+
+        def forward(self, x, _untiled=untiled):
+            n = min(tiles, x.shape[-2])  # the same on every rank: the ring's parts have one length
+            return TiledMLP.apply(_untiled, self, x, n, list(self.parameters()))
+
+        mlp.forward = types.MethodType(forward, mlp)
+    return len(mlps)

@@ -1,0 +1,98 @@
+"""The sequence-tiled MLP (recipe mlp_tiles): the loss and every gradient equal the untiled
+model's; MLPs that are not per-token are refused; the planner counts the smaller peak."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.unit
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def _llama():
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    return AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+
+
+@pytest.mark.parametrize("tiles, checkpointing", [(4, False), (3, True), (64, False)])
+def test_a_tiled_mlp_gives_the_untiled_loss_and_gradients(tiles, checkpointing):
+    from ringpatch.train.tiled_mlp import tile_mlps
+
+    plain = _llama()
+    tiled = copy.deepcopy(plain)
+    assert tile_mlps(tiled, tiles) == 2
+    ids = torch.randint(0, 64, (2, 40), generator=torch.Generator().manual_seed(1))
+    for model in (plain, tiled):
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+    torch.testing.assert_close(tiled(input_ids=ids, labels=ids).loss, plain(input_ids=ids, labels=ids).loss,
+                               rtol=1e-6, atol=0)  # fmt: skip
+    for (name, a), b in zip(tiled.named_parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7, msg=name)
+    assert any("mlp" in n and p.grad.abs().sum() > 0 for n, p in tiled.named_parameters())
+
+
+def test_a_non_gated_mlp_is_refused_with_the_fix():
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    from ringpatch.train.tiled_mlp import tile_mlps
+
+    gpt2 = AutoModelForCausalLM.from_config(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32))
+    with pytest.raises(ValueError, match=r"GPT2MLP is not a gated MLP .*set mlp_tiles: 1"):
+        tile_mlps(gpt2, 4)
+    assert tile_mlps(gpt2, 1) == 0
+
+
+def test_the_planner_counts_the_tiled_mlp():
+    import dataclasses
+
+    from ringpatch.memory.estimate import estimate
+    from ringpatch.train.recipe import load_recipe
+    from tests.helpers import ROOT
+
+    recipe = load_recipe(ROOT / "recipes" / "llama3-8b-1m.yaml")
+    cfg = {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+           "num_key_value_heads": 8, "vocab_size": 128256}  # fmt: skip
+    off = estimate(recipe, cfg, 32, 1 << 20, 1)["recomputed layer"]
+    on = estimate(dataclasses.replace(recipe, mlp_tiles=8), cfg, 32, 1 << 20, 1)["recomputed layer"]
+    tokens = (1 << 20) // recipe.parallel.sp
+    mlp = tokens * 3 * 14336 / recipe.parallel.tp * 2 / 2**30  # GiB
+    assert off - on == pytest.approx(mlp * (1 - 1 / 8), rel=1e-9)
+    with pytest.raises(ValueError, match="mlp_tiles must be > 0, got 0"):
+        dataclasses.replace(recipe, mlp_tiles=0)
+
+
+def test_the_tiled_forward_keeps_only_the_mlp_input():
+    """What autograd keeps for backward: the untiled MLPs keep their gate, up and product
+    (3 x tokens x intermediate floats each, and more); the tiled ones keep none of that."""
+    from ringpatch.train.tiled_mlp import tile_mlps
+
+    def kept_bytes(model, ids):
+        total = []
+
+        def pack(t):
+            total.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(input_ids=ids, labels=ids)
+        return sum(total)
+
+    plain = _llama()
+    tiled = copy.deepcopy(plain)
+    tile_mlps(tiled, 4)
+    ids = torch.randint(0, 64, (1, 256), generator=torch.Generator().manual_seed(2))
+    saved = kept_bytes(plain, ids) - kept_bytes(tiled, ids)
+    per_layer = 3 * 256 * 96 * 4  # gate, up and their product, float32
+    assert saved >= 2 * per_layer, (saved, per_layer)
