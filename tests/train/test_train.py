@@ -109,7 +109,9 @@ print("loss", sum(losses) / len(losses), model.config.max_position_embeddings, m
 """
 
 
-@pytest.mark.parametrize("changes", [{"zero__stage": 3}, {"parallel__tp": 2, "zero__stage": 2}], ids=["zero3", "tp2-zero2"])
+@pytest.mark.parametrize(
+    "changes", [{"zero__stage": 3}, {"parallel__tp": 2, "zero__stage": 2}], ids=["zero3", "tp2-zero2"]
+)
 def test_export_loads_without_ringpatch_and_scores_like_the_trained_model(tmp_path, data, reference, changes):
     """The run itself reproduces the one-process losses (sp 2 x tp 2 with ZeRO-2 is the grid's
     only run of that pair); its final folder then scores like the trained model without ringpatch."""
