@@ -28,7 +28,7 @@ from ringpatch.evaluate.prefill import check_lengths
 from ringpatch.evaluate.report import report
 from ringpatch.evaluate.ruler import TASKS, Builder, check_tokenizer, min_length, ruler_scores
 from ringpatch.hf import patch_model
-from ringpatch.parallel import start, stop
+from ringpatch.parallel import allocator_settings, start, stop
 from ringpatch.train.preflight import USER_ERRORS, is_local
 from ringpatch.train.recipe import DataSpec, EvalSpec, load_recipe
 
@@ -201,6 +201,7 @@ def _check_ruler(spec, models: dict[str, str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    allocator_settings()  # before anything touches CUDA
     parser = argparse.ArgumentParser(prog="ringpatch eval", description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipe", help="evaluate this recipe's exported models on its eval data and settings")
     parser.add_argument("--model", nargs="+", help="model folders (side by side), e.g. the base and the extended one")

@@ -10,6 +10,7 @@ Imports ringpatch.attention only (for the layout's chunk count).
 from ringpatch.parallel.dims import ParallelDims
 from ringpatch.parallel.mesh import Mesh, build_mesh
 from ringpatch.parallel.process import (
+    allocator_settings,
     is_timeout,
     leave,
     local_device,
@@ -29,5 +30,6 @@ __all__ = [
     "single_process_env",
     "set_timeouts",
     "is_timeout",
+    "allocator_settings",
     "leave",
 ]

@@ -85,3 +85,13 @@ def leave(code: int):
             pass
     logging.shutdown()
     os._exit(code)
+
+
+def allocator_settings() -> None:
+    """On CUDA, PyTorch's caching allocator with expandable segments: long-context steps allocate
+    and free tensors of many sizes, and fixed segments leave the freed space fragmented (memory
+    reserved but unusable, then an out-of-memory error well below the card's size). Must run
+    before the first CUDA allocation; a value the user set (PYTORCH_CUDA_ALLOC_CONF or
+    PYTORCH_ALLOC_CONF) is kept. The CPU allocator ignores it."""
+    if "PYTORCH_CUDA_ALLOC_CONF" not in os.environ and "PYTORCH_ALLOC_CONF" not in os.environ:
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"

@@ -17,11 +17,13 @@ import argparse
 import os
 import sys
 
+from ringpatch.parallel import allocator_settings
 from ringpatch.train.lock import RunLock
 from ringpatch.train.preflight import USER_ERRORS, check_memory, device_memory_gib, preflight
 
 
 def main(argv: list[str] | None = None) -> int:
+    allocator_settings()  # before anything touches CUDA
     parser = argparse.ArgumentParser(prog="ringpatch train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipe", required=True, help="a recipe YAML (recipes/)")
     parser.add_argument("--run-dir", help="override the recipe's run_dir")

@@ -238,3 +238,25 @@ def test_bad_input_is_refused_before_any_model(case, tmp_path, data, monkeypatch
 
 def test_the_table_covers_at_least_70_cases():
     assert len(CASES) >= 70 and len({c[0] for c in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("user", [None, "PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"])
+def test_the_commands_ask_cuda_for_expandable_segments_unless_the_user_chose(monkeypatch, tmp_path, user):
+    """Set before anything touches CUDA (the first thing main does, even for a bad recipe); a
+    user's own allocator setting is kept."""
+    import os
+
+    from ringpatch.evaluate.command import main as evaluate
+    from ringpatch.train.command import main as train
+
+    for command in (train, evaluate):
+        for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+            monkeypatch.delenv(name, raising=False)
+        if user:
+            monkeypatch.setenv(user, "max_split_size_mb:128")
+        assert command(["--recipe", str(tmp_path / "missing.yaml")]) == 2
+        if user:
+            assert os.environ[user] == "max_split_size_mb:128"
+            assert user == "PYTORCH_CUDA_ALLOC_CONF" or "PYTORCH_CUDA_ALLOC_CONF" not in os.environ
+        else:
+            assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
