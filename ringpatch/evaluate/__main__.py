@@ -1,13 +1,9 @@
 """python -m ringpatch.evaluate (under torchrun): every rank of the launch is one ring."""
 
-import sys
-
 from ringpatch.parallel import leave
-from ringpatch.train.extras import check
+from ringpatch.train.extras import require
 
-if problem := check("eval"):
-    print(problem, file=sys.stderr)
-    sys.exit(2)
+require("eval")
 
 from ringpatch.evaluate.command import main  # noqa: E402
 

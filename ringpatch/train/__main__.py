@@ -1,13 +1,9 @@
 """python -m ringpatch.train --recipe ... (under torchrun, deepspeed or accelerate launch)."""
 
-import sys
-
 from ringpatch.parallel import leave
-from ringpatch.train.extras import check
+from ringpatch.train.extras import require
 
-if problem := check("train"):
-    print(problem, file=sys.stderr)
-    sys.exit(2)
+require("train")
 
 from ringpatch.train.command import main  # noqa: E402
 

@@ -6,6 +6,7 @@ package is one line that names the install command, not an ImportError deep in a
 from __future__ import annotations
 
 import importlib.util
+import sys
 
 # what each command imports, by import name -> the distribution pip installs
 TRAIN = {"deepspeed": "deepspeed", "accelerate": "accelerate", "datasets": "datasets", "yaml": "pyyaml"}
@@ -22,6 +23,14 @@ NEEDS = {
 def missing(command: str) -> list[str]:
     """The distributions `command` needs that are not installed."""
     return [dist for module, dist in NEEDS[command].items() if importlib.util.find_spec(module) is None]
+
+
+def require(command: str) -> None:
+    """Stop the process (exit 2, one line) when `command` cannot run: for `python -m` entry points."""
+    problem = check(command)
+    if problem:
+        print(problem, file=sys.stderr)
+        raise SystemExit(2)
 
 
 def check(command: str) -> str | None:

@@ -23,6 +23,16 @@ import torch
 GATED = ("gate_proj", "up_proj", "down_proj")
 
 
+def tile_count(tokens: int, tiles: int) -> int:
+    """At most `tiles`, and exactly as many pieces as torch.chunk cuts `tokens` into. TiledMLP's
+    backward chunks the (batch x sequence) tokens into its tile count and marks the weights'
+    gradients ready for ZeRO at the last one; torch.chunk can return fewer pieces than asked
+    (49 tokens in 8: 7 pieces of 7), and then no piece is the last, ZeRO never reduces the MLP's
+    gradients, and they are silently lost."""
+    step = -(-tokens // min(tiles, tokens))
+    return -(-tokens // step)
+
+
 def tile_mlps(lm: torch.nn.Module, tiles: int) -> int:
     """Run every decoder layer's MLP of `lm` over `tiles` sequence tiles; the number of MLPs."""
     if tiles <= 1:
@@ -44,7 +54,8 @@ def tile_mlps(lm: torch.nn.Module, tiles: int) -> int:
         untiled = type(mlp).forward
 
         def forward(self, x, _untiled=untiled):
-            n = min(tiles, x.shape[-2])  # the same on every rank: the ring's parts have one length
+            # the same on every rank: the ring's parts of a batch have one length
+            n = tile_count(x.numel() // x.shape[-1], tiles)
             return TiledMLP.apply(_untiled, self, x, n, list(self.parameters()))
 
         mlp.forward = types.MethodType(forward, mlp)

@@ -43,6 +43,29 @@ def test_a_tiled_mlp_gives_the_untiled_loss_and_gradients(tiles, checkpointing):
     assert any("mlp" in n and p.grad.abs().sum() > 0 for n, p in tiled.named_parameters())
 
 
+def test_the_tile_count_is_what_torch_chunk_cuts():
+    """TiledMLP marks the weights' gradients ready for ZeRO at its last tile; a count torch.chunk
+    cannot cut (49 tokens in 8 gives 7 pieces) would never mark them, and ZeRO would drop them."""
+    from ringpatch.train.tiled_mlp import tile_count
+
+    for tokens in range(1, 300):
+        for tiles in range(1, 20):
+            n = tile_count(tokens, tiles)
+            assert 1 <= n <= tiles and len(torch.arange(tokens).chunk(n)) == n, (tokens, tiles, n)
+    assert tile_count(49, 8) == 7 and tile_count(64, 8) == 8
+
+
+def test_zero_is_told_the_mlp_gradients_are_ready_after_the_last_tile():
+    from ringpatch.train.tiled_mlp import tile_mlps
+
+    model = _llama()
+    tile_mlps(model, 8)
+    ids = torch.randint(0, 64, (1, 49), generator=torch.Generator().manual_seed(3))  # 49 tokens: 7 tiles
+    model(input_ids=ids, labels=ids).loss.backward()
+    flags = {n: p.ds_grad_is_ready for n, p in model.named_parameters() if hasattr(p, "ds_grad_is_ready")}
+    assert len(flags) == 6 and all(flags.values()), flags
+
+
 def test_a_non_gated_mlp_is_refused_with_the_fix():
     from transformers import AutoModelForCausalLM, GPT2Config
 
