@@ -14,7 +14,7 @@ checks it; docs/design.md has the map):
   cli.py, selfcheck.py   commands
 """
 
-from ringpatch.attention import ring_attention, shard, unshard
+from ringpatch.attention import ring_attention, shard, ulysses_ring_group, unshard
 from ringpatch.hf import patch_model, shard_batch, unpatch_model
 from ringpatch.memory import causal_lm_loss, chunked_cross_entropy
 
@@ -22,6 +22,7 @@ __all__ = [
     "ring_attention",
     "shard",
     "unshard",
+    "ulysses_ring_group",
     "patch_model",
     "unpatch_model",
     "shard_batch",

@@ -11,10 +11,22 @@ The bottom layer: it imports torch and nothing of transformers or deepspeed.
   merge.py    merging partial results through their log-sum-exp
   ring.py     the ring: forward and backward over the group, communication overlapped
   comm.py     neighbour exchange, group resolution, a differentiable sum over the group
+  ulysses.py  Ulysses x ring: all-to-all over heads inside a node, the ring across nodes
 """
 
 from ringpatch.attention.api import ring_attention
 from ringpatch.attention.kernels import BACKENDS, Backend
 from ringpatch.attention.layout import LAYOUTS, Layout, shard, unshard
+from ringpatch.attention.ulysses import UlyssesRing, ulysses_ring_group
 
-__all__ = ["ring_attention", "shard", "unshard", "Layout", "LAYOUTS", "Backend", "BACKENDS"]
+__all__ = [
+    "ring_attention",
+    "shard",
+    "unshard",
+    "ulysses_ring_group",
+    "UlyssesRing",
+    "Layout",
+    "LAYOUTS",
+    "Backend",
+    "BACKENDS",
+]

@@ -10,6 +10,7 @@ from ringpatch.attention.documents import docs_digest, documents_per_row
 from ringpatch.attention.kernels import Backend, default_scale, select
 from ringpatch.attention.layout import Layout, check_layout, check_seq_len
 from ringpatch.attention.ring import RingAttentionFn, RingSpec
+from ringpatch.attention.ulysses import UlyssesRing, check_heads, gather_heads, scatter_heads
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -97,12 +98,19 @@ def ring_attention(
     i - W < j (and j <= i when causal). `cu_seqlens`: document boundaries of packed
     sequences, [0, ..., B * S] over the rows laid end to end in global positions (the same on
     every rank; see attention/documents.py); a query then sees only keys of its own document.
+    `group` may be a UlyssesRing (ulysses_ring_group): the heads are then traded for sequence
+    inside each Ulysses group and the ring runs over the ring group (ulysses.py); H / U query
+    heads must be whole, and H_kv a multiple or a divisor of U.
     Returns (B, S_local, H, D) in q's dtype.
     """
+    hybrid = group if isinstance(group, UlyssesRing) and group.ulysses > 1 else None
+    ring_group = group.ring_group if isinstance(group, UlyssesRing) else None
     group, sp_size, sp_rank = resolve_group(group)
     error, kernel, docs = None, None, None
     try:
         _check_tensors(q, k, v)
+        if hybrid is not None:
+            check_heads(q.shape[2], k.shape[2], hybrid.ulysses)
         _check_options(causal, window, scale)
         check_layout(layout)
         kernel = select(backend, q)
@@ -112,6 +120,10 @@ def ring_attention(
     _agree_across_ranks(q, k, docs, error, group, sp_size)
     seq_len = q.shape[1] * sp_size
     check_seq_len(seq_len, layout, sp_size)
+    if ring_group is not None:  # Ulysses x ring: this rank's place in the ring of R = N / U
+        group, sp_size, sp_rank = ring_group, dist.get_world_size(ring_group), dist.get_rank(ring_group)
+    if hybrid is not None:
+        q, k, v = scatter_heads(q, k, v, hybrid)
     spec = RingSpec(
         causal=causal,
         window=window,
@@ -123,4 +135,5 @@ def ring_attention(
         kernel=kernel,
         docs=docs,
     )
-    return RingAttentionFn.apply(q, k, v, spec, group)
+    out = RingAttentionFn.apply(q, k, v, spec, group)
+    return gather_heads(out, hybrid) if hybrid is not None else out

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from ringpatch.attention.ulysses import UlyssesRing
+
 
 class Exchange:
     """Send `send` to group rank `dst` while receiving into `recv` from group rank `src`."""
@@ -28,11 +30,14 @@ class Exchange:
 
 
 def resolve_group(group):
-    """The group to use, its size and this process' rank in it (size 1 without dist)."""
+    """The process group to use for collectives over the sequence, its size and this process'
+    rank in it (size 1 without dist). A UlyssesRing resolves to its group of all N ranks."""
     if not dist.is_available() or not dist.is_initialized():
         if group is not None:
             raise ValueError("a process group was given but torch.distributed is not initialised")
         return None, 1, 0
+    if isinstance(group, UlyssesRing):
+        group = group.group
     group = group if group is not None else dist.group.WORLD
     return group, dist.get_world_size(group), dist.get_rank(group)
 
@@ -42,6 +47,7 @@ class SumOverGroup(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, group):
+        group = resolve_group(group)[0]
         ctx.group = group
         x = x.clone()
         dist.all_reduce(x, group=group)

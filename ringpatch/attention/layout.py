@@ -8,6 +8,10 @@ zigzag:     2P equal chunks, rank r holds chunks r and 2P-1-r, so under a causal
 balanced:   8P equal chunks placed by the work each holds once packed documents are
             taken into account (balance.py); with one document per row, zigzag's placement.
             The placement then depends on each row's document boundaries (`docs`).
+
+With Ulysses x ring (ulysses.py), the layout applies over the R = sp / U ring ranks, and each
+ring rank's positions, in local order, are cut into U consecutive pieces, one per rank of its
+Ulysses group.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import torch.distributed as dist
 from ringpatch.attention.balance import CHUNKS_PER_RANK, balanced_chunks
 from ringpatch.attention.comm import resolve_group
 from ringpatch.attention.documents import Docs, documents_per_row
+from ringpatch.attention.ulysses import check_ulysses, ulysses_degree
 
 Layout = Literal["contiguous", "zigzag", "balanced"]
 LAYOUTS: tuple[str, ...] = get_args(Layout)
@@ -61,11 +66,27 @@ def _merge_adjacent(ranges: list[tuple[int, int]]) -> tuple[tuple[int, int], ...
 
 
 def local_ranges(
-    layout: Layout, seq_len: int, sp_size: int, sp_rank: int, docs: tuple[int, ...] | None = None
+    layout: Layout,
+    seq_len: int,
+    sp_size: int,
+    sp_rank: int,
+    docs: tuple[int, ...] | None = None,
+    ulysses: int = 1,
 ) -> tuple[tuple[int, int], ...]:
     """(global start, length) of each run of positions rank `sp_rank` holds, in local order.
-    `docs`: the row's document starts; only the balanced layout places tokens by them."""
+    `docs`: the row's document starts; only the balanced layout places tokens by them.
+    `ulysses` > 1: the layout over sp_size / ulysses ring ranks, each ring rank's part cut into
+    `ulysses` consecutive pieces (sequence rank = ring rank * ulysses + Ulysses rank)."""
     check_seq_len(seq_len, layout, sp_size)
+    if ulysses == 1:
+        return _ring_ranges(layout, seq_len, sp_size, sp_rank, docs)
+    check_ulysses(ulysses, sp_size)
+    ring_rank, piece = divmod(sp_rank, ulysses)
+    n = seq_len // sp_size
+    return _cut(_ring_ranges(layout, seq_len, sp_size // ulysses, ring_rank, docs), piece * n, n)
+
+
+def _ring_ranges(layout: Layout, seq_len: int, sp_size: int, sp_rank: int, docs) -> tuple[tuple[int, int], ...]:
     if layout == "contiguous":
         c = seq_len // sp_size
         return ((sp_rank * c, c),)
@@ -76,11 +97,28 @@ def local_ranges(
     return ((sp_rank * c, c), ((2 * sp_size - 1 - sp_rank) * c, c))
 
 
+def _cut(ranges, offset: int, n: int) -> tuple[tuple[int, int], ...]:
+    """Local positions [offset, offset + n) of `ranges` (in local order), as ranges."""
+    out, seen = [], 0
+    for start, length in ranges:
+        lo, hi = max(offset, seen), min(offset + n, seen + length)
+        if lo < hi:
+            out.append((start + lo - seen, hi - lo))
+        seen += length
+    return tuple(out)
+
+
 def local_positions(
-    layout: Layout, seq_len: int, sp_size: int, sp_rank: int, device=None, docs: tuple[int, ...] | None = None
+    layout: Layout,
+    seq_len: int,
+    sp_size: int,
+    sp_rank: int,
+    device=None,
+    docs: tuple[int, ...] | None = None,
+    ulysses: int = 1,
 ) -> torch.Tensor:
     """Global positions of the tokens rank `sp_rank` holds, in local order. # (S_local,)"""
-    ranges = local_ranges(layout, seq_len, sp_size, sp_rank, docs)
+    ranges = local_ranges(layout, seq_len, sp_size, sp_rank, docs, ulysses)
     return torch.cat([torch.arange(s, s + n, device=device) for s, n in ranges])
 
 
@@ -106,12 +144,13 @@ def shard(x: torch.Tensor, group=None, dim: int = 1, layout: Layout = "zigzag", 
     """Cut the full tensor `x` along `dim` and return this rank's part (a copy). With the
     balanced layout, `cu_seqlens` (as for ring_attention) places each row by its documents."""
     check_layout(layout)
+    ulysses = ulysses_degree(group)
     _, sp_size, sp_rank = resolve_group(group)
     dim = dim % x.dim()
     docs = _row_docs(layout, cu_seqlens, x.shape[0], x.shape[dim])
     parts = []
     for rows, row_docs in _rows(x, dim, docs):
-        ranges = local_ranges(layout, x.shape[dim], sp_size, sp_rank, row_docs)
+        ranges = local_ranges(layout, x.shape[dim], sp_size, sp_rank, row_docs, ulysses)
         parts.append(torch.cat([x[rows].narrow(dim, s, n) for s, n in ranges], dim=dim))
     return torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
 
@@ -123,6 +162,7 @@ def unshard(
     original order. Every rank must hold a part of the same shape. Not differentiable:
     use it to inspect outputs (e.g. full logits for evaluation)."""
     check_layout(layout)
+    ulysses = ulysses_degree(group)
     group, sp_size, _ = resolve_group(group)
     if sp_size == 1:
         return x_local.clone()
@@ -136,7 +176,7 @@ def unshard(
         pieces: dict[int, torch.Tensor] = {}
         for rank, part in enumerate(parts):
             offset = 0
-            for start, n in local_ranges(layout, seq_len, sp_size, rank, row_docs):
+            for start, n in local_ranges(layout, seq_len, sp_size, rank, row_docs, ulysses):
                 pieces[start] = part[rows].narrow(dim, offset, n)
                 offset += n
         rows_out.append(torch.cat([pieces[s] for s in sorted(pieces)], dim=dim))

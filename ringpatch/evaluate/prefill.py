@@ -14,6 +14,7 @@ import torch.distributed as dist
 from ringpatch.attention.comm import resolve_group
 from ringpatch.attention.documents import positions_in_documents
 from ringpatch.attention.layout import Layout, local_positions
+from ringpatch.attention.ulysses import ulysses_degree
 from ringpatch.hf.batch import DOCUMENTS_KEY, cu_seqlens_of
 from ringpatch.hf.documents import starts_from_positions
 from ringpatch.parallel import ParallelDims
@@ -47,11 +48,13 @@ def ring_prefill_scores(
     one sequence per row), so documents stay apart as in training. Returns (nll, correct), each
     (B, K) float32: the negative log-likelihood of the true next token and whether it is the
     argmax (greedy decoding would produce it), equal on every rank."""
+    ulysses = ulysses_degree(group)
     group, sp_size, sp_rank = resolve_group(group)
+    place = (sp_size, sp_rank, ulysses)
     nll = torch.zeros(ids.shape[0], len(scored), device=ids.device)
     correct = torch.zeros_like(nll)
     for rows, docs in _row_runs(ids.shape[0], position_ids):
-        _score(model, ids[rows], scored, (nll[rows], correct[rows]), sp_size, sp_rank, layout, docs)
+        _score(model, ids[rows], scored, (nll[rows], correct[rows]), place, layout, docs)
     if sp_size > 1:
         dist.all_reduce(nll, group=group)
         dist.all_reduce(correct, group=group)
@@ -71,10 +74,12 @@ def _row_runs(batch: int, position_ids) -> list[tuple[slice, tuple[int, ...] | N
     return runs
 
 
-def _score(model, ids, scored, into, sp_size: int, sp_rank: int, layout: Layout, docs) -> None:
-    """Score rows that share one placement into this rank's slots of `into` = (nll, correct)."""
+def _score(model, ids, scored, into, place: tuple[int, int, int], layout: Layout, docs) -> None:
+    """Score rows that share one placement into this rank's slots of `into` = (nll, correct).
+    place: (sp_size, sp_rank, ulysses)."""
     batch, seq = ids.shape
-    pos = local_positions(layout, seq, sp_size, sp_rank, device=ids.device, docs=docs)  # (S_local,) global
+    sp_size, sp_rank, ulysses = place
+    pos = local_positions(layout, seq, sp_size, sp_rank, ids.device, docs, ulysses)  # (S_local,) global
     where = {p: i for i, p in enumerate(pos.tolist())}
     mine = [(k, where[p]) for k, p in enumerate(scored.tolist()) if p in where]  # (score slot, local index)
     keep = torch.tensor([i for _, i in mine], dtype=torch.long, device=ids.device)

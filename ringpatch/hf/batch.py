@@ -136,7 +136,7 @@ def shard_batch(batch, group=None, layout: Layout = "zigzag", pad_token_id: int 
     of predicted tokens, for the loss); with packed documents: ring_cu_seqlens."""
     check_layout(layout)
     input_ids = _check_keys(batch)
-    group, sp_size, _ = resolve_group(group)
+    given, (group, sp_size, _) = group, resolve_group(group)
     mask, labels = batch.get("attention_mask"), batch.get("labels")
     if mask is not None:
         _check_right_padding(mask)
@@ -153,7 +153,7 @@ def shard_batch(batch, group=None, layout: Layout = "zigzag", pad_token_id: int 
         position_ids = torch.stack([positions_in_documents(position_ids[r], rows[r]) for r in range(b)])
 
     def cut(x):
-        return shard(x, group, dim=1, layout=layout, cu_seqlens=cu_seqlens)
+        return shard(x, given, dim=1, layout=layout, cu_seqlens=cu_seqlens)
 
     local = {"input_ids": cut(input_ids), "position_ids": cut(position_ids)}
     if cu_seqlens is not None:

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from ringpatch.attention.comm import SumOverGroup, resolve_group
 from ringpatch.attention.kernels import check_backend
 from ringpatch.attention.layout import Layout, check_layout
+from ringpatch.attention.ulysses import UlyssesRing, check_heads
 from ringpatch.hf.batch import DOCUMENTS_KEY
 from ringpatch.hf.interface import IMPLEMENTATION, register
 from ringpatch.hf.models import check_transformers_version, unsupported_features
@@ -72,6 +73,19 @@ def _full_loss(model, args, kwargs, output):
     return output
 
 
+def _check_ulysses_heads(config, ulysses: int) -> None:
+    """The Ulysses all-to-all splits heads: refuse head counts it cannot split before any batch.
+    (Under tensor parallelism the per-rank counts are checked again at every attention call.)"""
+    heads = getattr(config, "num_attention_heads", None)
+    if heads is None:
+        return
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    try:
+        check_heads(heads, kv_heads, ulysses)
+    except ValueError as exc:
+        raise ValueError(f"model type {config.model_type!r}: {exc}") from None
+
+
 def _base_model(model):
     """The transformers model under a PEFT wrapper (whose forward takes position_ids in **kwargs
     and hands them on), or `model` itself."""
@@ -117,7 +131,10 @@ def patch_model(model, group=None, layout: Layout = "zigzag", backend: str = "au
             f"model type {config.model_type!r} does not dispatch attention through transformers' AttentionInterface, "
             "so ring attention cannot be plugged in"
         )
-    group, sp_size, sp_rank = resolve_group(group)
+    given, (group, sp_size, sp_rank) = group, resolve_group(group)
+    if isinstance(given, UlyssesRing):  # kept whole: the attention needs its two levels
+        group = given
+        _check_ulysses_heads(config, given.ulysses)
     register()
     settings = RingSettings(group, layout, backend, sp_size, sp_rank, config._attn_implementation, local_logits)
     model.set_attn_implementation(IMPLEMENTATION)

@@ -8,6 +8,7 @@ import torch
 
 from ringpatch.attention.documents import documents_per_row, positions_in_documents
 from ringpatch.attention.layout import Layout, local_positions, num_chunks
+from ringpatch.attention.ulysses import ulysses_degree
 
 
 @dataclass(frozen=True)
@@ -15,6 +16,7 @@ class RingSettings:
     """Per-model settings, set on every module by patch_model; per-batch metadata travels in the batch."""
 
     group: object
+    """The sequence group: a process group, or a UlyssesRing (ulysses.py) as given to patch_model."""
     layout: Layout
     backend: str
     sp_size: int
@@ -24,6 +26,10 @@ class RingSettings:
     """Allow training calls without labels (a loss of your own from this rank's logits, summed
     over the group by you); otherwise such a call raises (see patch.py, _full_loss)."""
 
+    @property
+    def ulysses(self) -> int:
+        return ulysses_degree(self.group)
+
 
 def expected_positions(settings: RingSettings, rows: int, seq_len: int, cu_seqlens=None, device=None) -> torch.Tensor:
     """The position_ids of this rank's part of a `seq_len`-token batch, per row: global positions,
@@ -32,7 +38,9 @@ def expected_positions(settings: RingSettings, rows: int, seq_len: int, cu_seqle
     return torch.stack(
         [
             positions_in_documents(
-                local_positions(settings.layout, seq_len, settings.sp_size, settings.sp_rank, device, docs[b]),
+                local_positions(
+                    settings.layout, seq_len, settings.sp_size, settings.sp_rank, device, docs[b], settings.ulysses
+                ),
                 docs[b],
             )
             for b in range(rows)
@@ -52,7 +60,8 @@ def check_local_batch(settings: RingSettings, local: int, position_ids: torch.Te
     if not ok:
         raise ValueError(
             f"the batch holds {local} tokens per rank with position_ids {position_ids.reshape(-1)[:4].tolist()}..., "
-            f"which is not this rank's part ({settings.layout}, sp_rank {settings.sp_rank} of {settings.sp_size}) "
+            f"which is not this rank's part ({settings.layout}, sp_rank {settings.sp_rank} of {settings.sp_size}"
+            f"{f', ulysses {settings.ulysses}' if settings.ulysses > 1 else ''}) "
             f"of a {seq_len}-token sequence{' with these document boundaries' if cu_seqlens is not None else ''}; "
             "cut the full batch with ringpatch.shard_batch(batch, group, layout)"
         )

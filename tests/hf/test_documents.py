@@ -61,6 +61,19 @@ def test_packed_documents_equal_each_document_alone(world, layout):
     spawn(_check, world, layout)
 
 
+def _check_ulysses(rank, world):
+    group = ringpatch.ulysses_ring_group(2)
+    batch = _packed()
+    for name, layout in (("llama", "balanced"), ("mistral-w3", "zigzag")):
+        ref = _documents_alone(build(name), batch)
+        model = ringpatch.patch_model(build(name), group=group, layout=layout)
+        _compare(f"{name} U=2 x R=2 {layout}", ref, _ring(model, batch, layout, world, group))
+
+
+def test_packed_documents_under_ulysses_ring():
+    spawn(_check_ulysses, 4)
+
+
 def _check_collator_and_chunked_loss(rank, world):
     """transformers' DataCollatorWithFlattening (position_ids, cu_seq_lens_q/k, seq_idx) gives the
     same batch; causal_lm_loss (chunked logits) gives the same loss and gradients."""

@@ -29,9 +29,9 @@ def _reference(model, full):
     return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-def _ring(model, full, layout, world):
+def _ring(model, full, layout, world, group=None):
     model.zero_grad()
-    out = model(**ringpatch.shard_batch(full, layout=layout))
+    out = model(**ringpatch.shard_batch(full, group=group, layout=layout))
     out.loss.backward()
     grads = {}
     for n, p in model.named_parameters():
@@ -69,6 +69,26 @@ def _check_models(rank, world, layout):
 @pytest.mark.parametrize("world", [1, 2, 4])
 def test_loss_and_gradients_match_unpatched(world, layout):
     spawn(_check_models, world, layout)
+
+
+def _check_ulysses(rank, world, layout):
+    """Ulysses x ring (U=2 x R=2): the same contract as the plain ring."""
+    group = ringpatch.ulysses_ring_group(2)
+    for name in ("llama", "mistral-w3", "mistral-w20"):
+        ref_model = build(name)
+        model = ringpatch.patch_model(build(name), group=group, layout=layout)
+        for case, kwargs in (("plain", dict()), ("padded-batch", dict(seq=35, pad_last_row=6))):
+            full = make_batch(**kwargs)
+            label = f"{name} U=2 x R=2 {layout} {case}"
+            _compare(label, _reference(ref_model, full), _ring(model, full, layout, world, group))
+        if layout == "zigzag":  # (contiguous over R, cut in U, is contiguous over N: the same cut)
+            with pytest.raises(ValueError, match="not this rank's part .*ulysses 2"):
+                model(**ringpatch.shard_batch(make_batch(), layout=layout))  # cut for the plain ring of 4
+
+
+@pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
+def test_ulysses_ring_loss_and_gradients_match_unpatched(layout):
+    spawn(_check_ulysses, 4, layout)
 
 
 def _check_checkpointing_and_reload(rank, world):

@@ -1,0 +1,213 @@
+"""Ulysses x ring: two-level sequence parallelism over N = U * R ranks.
+
+Inside a Ulysses group of U neighbouring ranks (one node) an all-to-all trades sequence for
+heads; across the R Ulysses groups the ring runs on those heads:
+
+    (B, S/N, H, D) --all-to-all over U--> (B, S/R, H/U, D) --ring over R--> --all-to-all back-->
+
+(DeepSpeed-Ulysses, Jacobs et al. 2023; Ulysses x ring as in USP, Fang & Zhao 2024.)
+
+Ranks. Sequence rank n = r * U + u: u in [0, U) is the rank in the Ulysses group (adjacent
+global ranks), r in [0, R) the rank in the ring. The ring group of u joins the ranks with that
+same u, one from each Ulysses group.
+
+Layout. The ring needs ring rank r to hold, after the all-to-all, the positions its layout
+gives it over R ranks (zigzag, contiguous or balanced over R, see layout.py), in that local
+order. So the sequence is cut in two steps: first the layout over R, then ring rank r's S/R
+positions, in local order, into U equal consecutive pieces, of which rank (r, u) holds piece
+u. The all-to-all gathers the U pieces in u order, which is ring rank r's local order again.
+Example, S = 16, zigzag, U = 2, R = 2 (chunks of 4 over R): ring rank 0 holds [0:4] + [12:16],
+so rank (0, 0) holds 0-3, rank (0, 1) holds 12-15; ring rank 1 holds [4:8] + [8:12], so rank
+(1, 0) holds 4-7 and rank (1, 1) 8-11. A sequence length that the layout over N cuts
+(num_chunks(layout, N)) is always cut evenly by both steps.
+
+Heads. Query heads are split U ways: H % U == 0. Key/value heads are split too when
+H_kv % U == 0. When U > H_kv (and U % H_kv == 0) each K/V head is repeated U / H_kv times
+before the all-to-all, so every rank receives the one K/V head its query heads use: the
+K/V all-to-all then carries U / H_kv times the bytes of the unexpanded heads. Other head
+counts are refused. Gradients of repeated heads are summed back by autograd.
+
+Groups are built once, collectively (ulysses_ring_group, or the trainer's mesh), and passed as
+`group=` wherever a process group is accepted: ring_attention, shard, unshard, patch_model,
+shard_batch.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True, eq=False)
+class UlyssesRing:
+    """A sequence-parallel group of N = ulysses * ring ranks, and its two levels."""
+
+    group: object
+    """All N ranks, ordered by sequence rank r * ulysses + u (collectives over the sequence)."""
+    ulysses_group: object
+    """The `ulysses` adjacent ranks that trade sequence for heads."""
+    ring_group: object
+    """The `ring` ranks with this rank's Ulysses index."""
+    ulysses: int
+    ring: int
+
+    @property
+    def size(self) -> int:
+        return self.ulysses * self.ring
+
+
+def ulysses_degree(group) -> int:
+    """U of a UlyssesRing group; 1 for a plain process group (or None)."""
+    return group.ulysses if isinstance(group, UlyssesRing) else 1
+
+
+def check_ulysses(ulysses, sp_size: int) -> None:
+    if isinstance(ulysses, bool) or not isinstance(ulysses, int) or ulysses < 1:
+        raise ValueError(f"ulysses must be a positive int, got {ulysses!r}")
+    if sp_size % ulysses:
+        raise ValueError(
+            f"ulysses={ulysses} does not divide the {sp_size} sequence-parallel ranks; choose ulysses among "
+            f"{[d for d in range(1, sp_size + 1) if sp_size % d == 0]} (ring = ranks / ulysses)"
+        )
+
+
+def check_heads(heads: int, kv_heads: int, ulysses: int) -> None:
+    """Query heads split U ways; K/V heads split (U <= H_kv) or repeated (U a multiple of H_kv)."""
+    if ulysses == 1:
+        return
+    if heads % ulysses:
+        choices = [d for d in range(1, heads + 1) if heads % d == 0 and (kv_heads % d == 0 or d % kv_heads == 0)]
+        raise ValueError(
+            f"ulysses={ulysses} does not divide the {heads} query heads (per tensor-parallel rank); "
+            f"choose ulysses among {choices}"
+        )
+    if kv_heads % ulysses and ulysses % kv_heads:
+        choices = [d for d in range(1, heads + 1) if heads % d == 0 and (kv_heads % d == 0 or d % kv_heads == 0)]
+        raise ValueError(
+            f"ulysses={ulysses} neither divides the {kv_heads} key/value heads (per tensor-parallel rank) nor is a "
+            f"multiple of them, so the K/V heads cannot follow their query heads; choose ulysses among {choices}"
+        )
+
+
+def kv_repeats(kv_heads: int, ulysses: int) -> int:
+    """How many times each K/V head is repeated before the all-to-all (1: split, not repeated)."""
+    return 1 if kv_heads % ulysses == 0 else ulysses // kv_heads
+
+
+def _check_node(members: list[int], ulysses: int) -> None:
+    """A Ulysses group must not cross nodes when the launcher says how many ranks a node holds."""
+    local = os.environ.get("LOCAL_WORLD_SIZE")
+    if not local or not local.isdigit() or int(local) < 1:
+        return
+    local = int(local)
+    for i in range(0, len(members), ulysses):
+        part = members[i : i + ulysses]
+        nodes = sorted({m // local for m in part})
+        if len(nodes) > 1:
+            raise ValueError(
+                f"the Ulysses group of ranks {part} spans nodes {nodes} ({local} ranks per node): its all-to-all "
+                f"would cross the slow link. Choose ulysses (with tp) that divides {local}, and a sequence group of "
+                "adjacent ranks"
+            )
+
+
+def ulysses_ring_group(ulysses: int, group=None) -> UlyssesRing:
+    """Split the sequence-parallel `group` (None: every rank) into Ulysses groups of `ulysses`
+    adjacent ranks and rings across them. Collective over the default group: every process calls
+    it, each with its own sequence group (groups of several data-parallel replicas are all built)."""
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError("ulysses_ring_group needs torch.distributed initialised (init_process_group first)")
+    group = group if group is not None else dist.group.WORLD
+    members = dist.get_process_group_ranks(group)
+    check_ulysses(ulysses, len(members))
+    if members != sorted(members):
+        raise ValueError(f"the sequence group's ranks {members} must be in increasing order")
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, (tuple(members), ulysses))
+    degrees = sorted({u for _, u in everyone})
+    if len(degrees) > 1:
+        raise ValueError(f"the ranks asked for different ulysses degrees {degrees}; pass the same on every rank")
+    groups = sorted({m for m, _ in everyone})
+    for g in groups:
+        _check_node(list(g), ulysses)
+    mine_u = mine_r = None
+    me = dist.get_rank()
+    for g in groups:  # the same order on every rank: new_group is collective over the world
+        ring = len(g) // ulysses
+        for r in range(ring):
+            ranks = list(g[r * ulysses : (r + 1) * ulysses])
+            pg = dist.new_group(ranks) if ulysses > 1 else None
+            if me in ranks:
+                mine_u = pg
+        for u in range(ulysses):
+            ranks = list(g[u::ulysses])
+            pg = dist.new_group(ranks)
+            if me in ranks:
+                mine_r = pg
+    return UlyssesRing(group, mine_u, mine_r, ulysses, len(members) // ulysses)
+
+
+def _all_to_all(x: torch.Tensor, group) -> torch.Tensor:
+    """all_to_all_single over dim 0 of x (U, ...): part j goes to rank j, part j of the result
+    came from rank j."""
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    dist.all_to_all_single(out, x, group=group)
+    return out
+
+
+def _seq_to_heads(x: torch.Tensor, group, u: int) -> torch.Tensor:
+    """(B, L, H, D) tokens of this rank, all heads -> (B, U*L, H/U, D) the group's tokens, my heads."""
+    b, n, h, d = x.shape
+    parts = _all_to_all(x.view(b, n, u, h // u, d).permute(2, 0, 1, 3, 4), group)  # (U, B, L, H/U, D) by source
+    return parts.permute(1, 0, 2, 3, 4).reshape(b, u * n, h // u, d)
+
+
+def _heads_to_seq(x: torch.Tensor, group, u: int) -> torch.Tensor:
+    """(B, U*L, H/U, D) the group's tokens, my heads -> (B, L, H, D) my tokens, all heads."""
+    b, n, h, d = x.shape
+    parts = _all_to_all(x.view(b, u, n // u, h, d).permute(1, 0, 2, 3, 4), group)  # (U, B, L, H/U, D) by source
+    return parts.permute(1, 2, 0, 3, 4).reshape(b, n // u, u * h, d)
+
+
+class SeqToHeads(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, u: int):
+        ctx.group, ctx.u = group, u
+        return _seq_to_heads(x, group, u)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _heads_to_seq(grad, ctx.group, ctx.u), None, None
+
+
+class HeadsToSeq(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, u: int):
+        ctx.group, ctx.u = group, u
+        return _heads_to_seq(x, group, u)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _seq_to_heads(grad, ctx.group, ctx.u), None, None
+
+
+def scatter_heads(q, k, v, hybrid: UlyssesRing):
+    """This rank's (B, L, H, D) q and (B, L, H_kv, D) k, v -> its Ulysses group's tokens on this
+    rank's heads: (B, U*L, H/U, D), (B, U*L, max(H_kv/U, 1), D)."""
+    u, group = hybrid.ulysses, hybrid.ulysses_group
+    repeats = kv_repeats(k.shape[2], u)
+    kv = torch.stack([k, v], dim=3)  # (B, L, H_kv, 2, D): one all-to-all for both
+    if repeats > 1:
+        kv = kv.repeat_interleave(repeats, dim=2)
+    b, n, hkv, _, d = kv.shape
+    kv = SeqToHeads.apply(kv.reshape(b, n, hkv * 2, d), group, u).view(b, u * n, hkv // u, 2, d)
+    return SeqToHeads.apply(q, group, u), kv[:, :, :, 0], kv[:, :, :, 1]
+
+
+def gather_heads(out: torch.Tensor, hybrid: UlyssesRing) -> torch.Tensor:
+    """The ring's (B, U*L, H/U, D) output -> this rank's tokens on all heads (B, L, H, D)."""
+    return HeadsToSeq.apply(out, hybrid.ulysses_group, hybrid.ulysses)
