@@ -53,7 +53,8 @@ def plan(argv: list[str]) -> int:
                 f"{args.gpus_per_node}, {args.gpu_memory}"
             )
         p = preflight(args.recipe, world=args.nodes * args.gpus_per_node)
-        print(describe(p, args.launch))
+        p.dims.check_node(args.gpus_per_node)
+        print(describe(p, args.launch, args.gpus_per_node))
         check_memory(p, args.gpu_memory, f"a {args.gpu_memory:g} GiB GPU (--gpu-memory)")
     except USER_ERRORS as e:
         print(f"ringpatch plan: {e}", file=sys.stderr)

@@ -74,18 +74,22 @@ def check_ulysses(ulysses, sp_size: int) -> None:
         )
 
 
-def check_heads(heads: int, kv_heads: int, ulysses: int) -> None:
-    """Query heads split U ways; K/V heads split (U <= H_kv) or repeated (U a multiple of H_kv)."""
+def check_heads(heads: int, kv_heads: int, ulysses: int, sp: int | None = None) -> None:
+    """Query heads split U ways; K/V heads split (U <= H_kv) or repeated (U a multiple of H_kv).
+    `sp`, when known, narrows the degrees the message offers to those that divide it."""
     if ulysses == 1:
         return
+    choices = [
+        d
+        for d in range(1, heads + 1)
+        if heads % d == 0 and (kv_heads % d == 0 or d % kv_heads == 0) and (sp is None or sp % d == 0)
+    ]
     if heads % ulysses:
-        choices = [d for d in range(1, heads + 1) if heads % d == 0 and (kv_heads % d == 0 or d % kv_heads == 0)]
         raise ValueError(
             f"ulysses={ulysses} does not divide the {heads} query heads (per tensor-parallel rank); "
             f"choose ulysses among {choices}"
         )
     if kv_heads % ulysses and ulysses % kv_heads:
-        choices = [d for d in range(1, heads + 1) if heads % d == 0 and (kv_heads % d == 0 or d % kv_heads == 0)]
         raise ValueError(
             f"ulysses={ulysses} neither divides the {kv_heads} key/value heads (per tensor-parallel rank) nor is a "
             f"multiple of them, so the K/V heads cannot follow their query heads; choose ulysses among {choices}"
@@ -131,6 +135,15 @@ def ulysses_ring_group(ulysses: int, group=None) -> UlyssesRing:
     if len(degrees) > 1:
         raise ValueError(f"the ranks asked for different ulysses degrees {degrees}; pass the same on every rank")
     groups = sorted({m for m, _ in everyone})
+    seen: dict[int, tuple] = {}
+    for g in groups:
+        for m in g:
+            if m in seen:
+                raise ValueError(
+                    f"the ranks passed sequence groups that overlap without being equal ({list(seen[m])} and "
+                    f"{list(g)}); every rank must pass its own sequence group, and those groups must partition the ranks"
+                )
+            seen[m] = g
     for g in groups:
         _check_node(list(g), ulysses)
     mine_u = mine_r = None

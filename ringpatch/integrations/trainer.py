@@ -20,7 +20,9 @@ What the Trainer does by default is wrong for sequence parallelism in three plac
    (include_num_input_tokens_seen, whence the logged train_tokens_per_second) count each
    ring's batch once: the Trainer's gather over every process counted it sp times.
 
-The model is patched by the trainer over its sp group (pass it unpatched). Gradients are averaged
+The model is patched by the trainer over its sp group (pass it unpatched); `ulysses=U` splits
+that group into Ulysses x ring (U neighbouring ranks trade sequence for heads, the ring runs
+over sp / U: ringpatch.attention.ulysses). Gradients are averaged
 over all processes by DDP or DeepSpeed, as the loss contract asks (ringpatch.hf.patch).
 """
 
@@ -29,6 +31,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from ringpatch.attention.comm import resolve_group
 from ringpatch.hf import patch_model, shard_batch
 from ringpatch.parallel import ParallelDims, build_mesh
 
@@ -57,14 +60,14 @@ def _tokens_seen_per_ring(sp: int):
 class RingTrainerMixin:
     """Put before a Trainer class: `class MyTrainer(RingTrainerMixin, transformers.Trainer)`."""
 
-    def __init__(self, *args, sp: int, layout: str = "balanced", **kwargs):
+    def __init__(self, *args, sp: int, layout: str = "balanced", ulysses: int = 1, **kwargs):
         super().__init__(*args, **kwargs)
         world = dist.get_world_size() if dist.is_initialized() else 1
         if sp < 1 or world % sp:
             raise ValueError(f"sp={sp} must divide the {world} launched processes (dp = world / sp)")
         if getattr(self.model, "_ringpatch", None) is not None:
             raise ValueError("pass the model unpatched: the trainer patches it over its own sp group")
-        self.ring_dims = ParallelDims(world, sp, 1, layout)
+        self.ring_dims = ParallelDims(world, sp, 1, layout, ulysses)
         self.ring_layout = layout
         if sp > 1 and (self.compute_metrics is not None or self.preprocess_logits_for_metrics is not None):
             raise NotImplementedError(
@@ -74,7 +77,7 @@ class RingTrainerMixin:
             )
         if world > 1:
             mesh = build_mesh(self.ring_dims, self.args.device.type)
-            self.ring_group, self.dp_rank = mesh.sp_group, mesh.dp_rank
+            self.ring_group, self.dp_rank = mesh.seq_group, mesh.dp_rank
             self.ring_leaders = [r for r in range(world) if self.ring_dims.coords(r)[1] == 0]
         else:
             self.ring_group, self.dp_rank, self.ring_leaders = None, 0, [0]
@@ -183,7 +186,7 @@ class RingSFTTrainerMixin(RingTrainerMixin):
             # eval: every rank of a ring reports the ring's loss (the Trainer gathers one value per rank)
             loss = result[0] if return_outputs else result
             loss = loss.detach().clone()
-            dist.all_reduce(loss, group=self.ring_group)
+            dist.all_reduce(loss, group=resolve_group(self.ring_group)[0])
             loss = loss / self.ring_dims.sp
             result = (loss, result[1]) if return_outputs else loss
         return result

@@ -8,12 +8,17 @@ The estimate counts, per GPU, in bytes (N = parameters, of which tp shards all b
 - the working set of the layer being recomputed: about tokens x (8 hidden + 3 intermediate) bf16
   (q, k, v, attention out and residual tensors, the MLP's gate, up and product), the MLP's part
   divided by mlp_tiles (a tiled MLP holds one tile's at a time);
-- ring buffers: K and V blocks (current + in flight) and float32 dK/dV accumulators;
+- ring buffers: K and V blocks (current + in flight) and float32 dK/dV accumulators; with
+  Ulysses x ring the same bytes (U times the tokens on 1/U of the K/V heads), times the
+  repeat factor when U exceeds the K/V heads per tp rank;
+- Ulysses all-to-all copies (ulysses > 1): q, k, v and the output in the other layout;
 - the loss: one chunk of float32 logits and its gradient.
 It is an estimate for choosing a layout, not a promise: allocator slack and NCCL buffers come on top.
 """
 
 from __future__ import annotations
+
+from ringpatch.attention.ulysses import kv_repeats
 
 GIB = 2**30
 
@@ -32,7 +37,7 @@ def parameters(cfg: dict) -> tuple[int, int]:
 
 def estimate(recipe, cfg: dict, world: int, seq_len: int, micro_batch: int) -> dict[str, float]:
     """GiB per GPU, by item, for one stage."""
-    sp, tp = recipe.parallel.sp, recipe.parallel.tp
+    sp, tp, ulysses = recipe.parallel.sp, recipe.parallel.tp, recipe.parallel.ulysses
     shards = world // tp  # dp x sp
     n, emb = parameters(cfg)
     n_tp = (n - emb) / tp + emb
@@ -42,12 +47,16 @@ def estimate(recipe, cfg: dict, world: int, seq_len: int, micro_batch: int) -> d
     optim = 0 if offload else 12 * n_tp / (shards if zero >= 1 else 1)
     h, inter, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
     heads = cfg["num_attention_heads"]
-    kv_dim = (cfg.get("num_key_value_heads") or heads) * (cfg.get("head_dim") or h // heads)
+    kv_heads = cfg.get("num_key_value_heads") or heads
+    kv_dim = kv_heads * (cfg.get("head_dim") or h // heads)
+    q_dim = heads * (cfg.get("head_dim") or h // heads)
+    rep = kv_repeats(kv_heads // tp, ulysses) if ulysses > 1 else 1
     tokens = micro_batch * seq_len // sp  # per GPU
     mlp = 3 * inter / tp / recipe.mlp_tiles  # per token, bf16 elements
     ckpt = layers * tokens * h * 2 if recipe.activation_checkpointing else layers * tokens * (8 * h + mlp) * 2
     work = tokens * (8 * h + mlp) * 2
-    ring = tokens * kv_dim / tp * (2 * 2 * 2 + 2 * 4)
+    ring = tokens * kv_dim * rep / tp * (2 * 2 * 2 + 2 * 4)
+    a2a = tokens * (2 * q_dim + 2 * kv_dim * rep) / tp * 2 if ulysses > 1 else 0
     loss = min(recipe.loss_chunk_tokens, tokens) * cfg["vocab_size"] * 4 * 2
     items = {
         "weights": weights,
@@ -56,6 +65,7 @@ def estimate(recipe, cfg: dict, world: int, seq_len: int, micro_batch: int) -> d
         "checkpointed activations": ckpt,
         "recomputed layer": work,
         "ring buffers": ring,
+        **({"all-to-all copies": a2a} if ulysses > 1 else {}),
         "loss chunk": loss,
     }
     return {k: v / GIB for k, v in items.items()}

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
+from ringpatch.attention.ulysses import UlyssesRing
 from ringpatch.parallel.dims import ParallelDims
 
 
@@ -19,11 +20,14 @@ class Mesh:
     sp_rank: int
     tp_rank: int
     sp_group: object
-    """The ring: the ranks that split one sample's sequence."""
+    """The ranks that split one sample's sequence (all sp of them): collectives over the sequence."""
     tp_group: object
     """The ranks that split one layer's heads and MLP."""
     grad_group: object
     """dp x sp: ZeRO shards and gradient averaging."""
+    seq_group: object = None
+    """What patch_model and shard_batch take: sp_group, or with ulysses > 1 a UlyssesRing whose
+    Ulysses groups are neighbouring ranks and whose rings run across them."""
 
 
 def build_mesh(dims: ParallelDims, device_type: str = "cpu") -> Mesh:
@@ -32,7 +36,13 @@ def build_mesh(dims: ParallelDims, device_type: str = "cpu") -> Mesh:
 
     if dist.get_world_size() != dims.world:
         raise ValueError(f"the recipe plans {dims.world} ranks but {dist.get_world_size()} were launched")
-    mesh = init_device_mesh(device_type, (dims.dp, dims.sp, dims.tp), mesh_dim_names=("dp", "sp", "tp"))
-    grad = mesh["dp", "sp"]._flatten("dp_sp")
+    shape = (dims.dp, dims.ring, dims.ulysses, dims.tp)
+    mesh = init_device_mesh(device_type, shape, mesh_dim_names=("dp", "ring", "ulysses", "tp"))
+    sp = mesh["ring", "ulysses"]._flatten("sp")
+    grad = mesh["dp", "ring", "ulysses"]._flatten("dp_sp")
     dp_rank, sp_rank, tp_rank = dims.coords(dist.get_rank())
-    return Mesh(dims, mesh, dp_rank, sp_rank, tp_rank, mesh.get_group("sp"), mesh.get_group("tp"), grad.get_group())
+    sp_group = sp.get_group()
+    seq_group = sp_group
+    if dims.ulysses > 1:
+        seq_group = UlyssesRing(sp_group, mesh.get_group("ulysses"), mesh.get_group("ring"), dims.ulysses, dims.ring)
+    return Mesh(dims, mesh, dp_rank, sp_rank, tp_rank, sp_group, mesh.get_group("tp"), grad.get_group(), seq_group)

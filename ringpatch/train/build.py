@@ -71,7 +71,7 @@ def build_model(plan: Plan, mesh: Mesh):
     if plan.recipe.activation_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     tile_mlps(lm, plan.recipe.mlp_tiles)
-    return ringpatch.patch_model(lm, group=mesh.sp_group, layout=plan.recipe.parallel.layout)
+    return ringpatch.patch_model(lm, group=mesh.seq_group, layout=plan.recipe.parallel.layout)
 
 
 class LossModel(torch.nn.Module):

@@ -17,7 +17,8 @@ Loading verifies MANIFEST (every file present, sizes and hashes equal, shared ou
 and falls back to the newest intact checkpoint, saying which one and why. The run's recipe
 is compared with the checkpoint's (`resume_changes`): what fixes the run (model, grid, layout,
 ZeRO stage, data and its order, the stages already begun) must be equal; what may change
-(learning rate and schedule, steps, eval, logging, saving) takes effect and is reported.
+(learning rate and schedule, steps, eval, logging, saving; parallel.ulysses and mlp_tiles, which
+change how the same math is computed, not what is saved) takes effect and is reported.
 The tags assume run_dir is one filesystem that every rank sees (as DeepSpeed's own resume does).
 
 DeepSpeed's checkpoint engine unpickles with weights_only=False, which runs any code a

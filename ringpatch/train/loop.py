@@ -166,7 +166,7 @@ class Trainer:
         batch = {"input_ids": rows["input_ids"], "labels": rows["input_ids"]}
         if self.recipe.data.document_masking:
             batch["position_ids"] = rows["doc_position_ids"]
-        local = ringpatch.shard_batch(batch, group=self.mesh.sp_group, layout=self.recipe.parallel.layout)
+        local = ringpatch.shard_batch(batch, group=self.mesh.seq_group, layout=self.recipe.parallel.layout)
         return self.engine(**{k: v.to(self.engine.device) for k, v in local.items()})
 
     @staticmethod

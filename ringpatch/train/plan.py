@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ringpatch.memory.estimate import estimate, parameters
+from ringpatch.memory.traffic import describe_traffic
 from ringpatch.parallel import ParallelDims
 from ringpatch.train.recipe import Recipe
 
@@ -28,12 +29,13 @@ def _precision(dtype: str) -> str:
     return {"auto": "bf16 on GPU (fp32 on CPU)", "bfloat16": "bf16", "float32": "fp32"}[dtype]
 
 
-def describe(plan, launch: str | None = None) -> str:
+def describe(plan, launch: str | None = None, gpus_per_node: int | None = None) -> str:
     """The plan as text: grid, stages with tokens per GPU and memory, and the launch command."""
     r, dims = plan.recipe, plan.dims
     lines = [
-        f"recipe: model {r.model.name} ({r.model.init}), world {dims.world} = dp {dims.dp} x sp {dims.sp} x tp "
-        f"{dims.tp} (tp innermost), ZeRO-{r.zero.stage}{' + CPU offload' if r.zero.offload == 'cpu' else ''}, "
+        f"recipe: model {r.model.name} ({r.model.init}), world {dims.world} = dp {dims.dp} x sp {dims.sp}"
+        + (f" (ulysses {dims.ulysses} x ring {dims.ring})" if dims.ulysses > 1 else "")
+        + f" x tp {dims.tp} (tp innermost), ZeRO-{r.zero.stage}{' + CPU offload' if r.zero.offload == 'cpu' else ''}, "
         f"{_precision(r.model.dtype)}, activation checkpointing {'on' if r.activation_checkpointing else 'off'}"
         + (f", MLP over {r.mlp_tiles} sequence tiles" if r.mlp_tiles > 1 else "")
     ]
@@ -58,6 +60,12 @@ def describe(plan, launch: str | None = None) -> str:
         )
     if est:  # the last stage's
         lines.append("last stage, GiB/GPU: " + ", ".join(f"{k} {v:.2f}" for k, v in est.items()))
+    if plan.model_config and gpus_per_node and dims.sp > 1:
+        last = r.stages[-1]
+        tokens = (last.micro_batch or r.micro_batch) * last.seq_len // dims.sp
+        lines += describe_traffic(
+            plan.model_config, dims.sp, dims.tp, dims.ulysses, tokens, r.activation_checkpointing, gpus_per_node
+        )
     if launch:
         lines.append(f"launch: {launch}")
     return "\n".join(lines)

@@ -193,6 +193,9 @@ def preflight(
         raise ValueError(f"{recipe_path} has no data section; training needs data.source (see recipes/tiny-cpu.yaml)")
     world = world if world is not None else int(os.environ.get("WORLD_SIZE", "1"))
     dims = recipe.parallel.dims(world)
+    local = os.environ.get("LOCAL_WORLD_SIZE", "")
+    if local.isdigit() and int(local) > 0 and world > int(local):  # several nodes: Ulysses groups stay inside one
+        dims.check_node(int(local))
     _check_sources(recipe)
     model_config = _model_config(recipe)
     if model_config is not None:

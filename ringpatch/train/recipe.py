@@ -112,21 +112,33 @@ class EvalSpec:
 @dataclass(frozen=True)
 class ParallelSpec:
     sp: int = 1
-    """Sequence-parallel ranks per sample (the ring)."""
+    """Sequence-parallel ranks per sample."""
     tp: int = 1
     """Tensor-parallel ranks (DeepSpeed AutoTP); dp is what remains of the world."""
     layout: Literal["zigzag", "contiguous", "balanced"] = "balanced"
     """Token layout over the ring. balanced: zigzag for one sequence, and with packed documents
     (data.document_masking) a placement by each batch's documents that keeps the ranks' work
     within a few percent; lengths must divide by 8*sp (zigzag: 2*sp, contiguous: sp)."""
+    ulysses: int = 1
+    """Ulysses x ring: of the sp ranks, groups of this many neighbours (one node, with their tp
+    ranks) trade sequence for heads by all-to-all, and the ring runs over sp / ulysses ranks.
+    Must divide sp and the query heads per tp rank; K/V heads per tp rank are split when they
+    divide by it, repeated when it is a multiple of them. 1: the ring alone."""
 
     def __post_init__(self):
         _positive("parallel.sp", self.sp)
         _positive("parallel.tp", self.tp)
+        _positive("parallel.ulysses", self.ulysses)
+        if self.sp % self.ulysses:
+            raise ValueError(
+                f"parallel.ulysses {self.ulysses} does not divide parallel.sp {self.sp} (the ring runs over "
+                f"sp / ulysses ranks); choose ulysses among {[d for d in range(1, self.sp + 1) if self.sp % d == 0]}"
+            )
 
     def dims(self, world: int | None = None) -> ParallelDims:
         """The grid over `world` ranks (None: the smallest world, one data-parallel rank)."""
-        return ParallelDims(self.sp * self.tp if world is None else world, self.sp, self.tp, self.layout)
+        world = self.sp * self.tp if world is None else world
+        return ParallelDims(world, self.sp, self.tp, self.layout, self.ulysses)
 
 
 @dataclass(frozen=True)

@@ -148,3 +148,43 @@ def _check_distributed_errors(rank, world):
 @pytest.mark.multiprocess
 def test_distributed_misuse_raises_on_every_rank():
     spawn(_check_distributed_errors, 2)
+
+
+def _check_ulysses_errors(rank, world):
+    import torch.distributed as dist
+
+    _raises(
+        ValueError,
+        r"ulysses=3 does not divide the 4 sequence-parallel ranks; choose ulysses among \[1, 2, 4\]",
+        ringpatch.ulysses_ring_group,
+        3,
+    )
+    _raises(
+        ValueError,
+        r"the ranks asked for different ulysses degrees \[1, 2\]",
+        ringpatch.ulysses_ring_group,
+        2 if rank < 2 else 1,
+    )
+    overlapping = [dist.new_group(r) for r in ([0, 1, 2], [1, 2, 3])]
+    _raises(
+        ValueError,
+        r"sequence groups that overlap without being equal \(\[0, 1, 2\] and \[1, 2, 3\]\)",
+        ringpatch.ulysses_ring_group,
+        1,
+        group=overlapping[0] if rank == 0 else overlapping[1],
+    )
+    group = ringpatch.ulysses_ring_group(4)
+    # heads that U does not split, K/V heads that neither divide U nor are divided by it
+    q, k, v = _qkv(seq=4, heads=6, kv_heads=3)
+    _raises(ValueError, r"ulysses=4 does not divide the 6 query heads", ringpatch.ring_attention, q, k, v, group=group)
+    q, k, v = _qkv(seq=4, heads=12, kv_heads=3)
+    _raises(
+        ValueError, r"ulysses=4 neither divides the 3 key/value heads", ringpatch.ring_attention, q, k, v, group=group
+    )
+    out = ringpatch.ring_attention(*_qkv(seq=4, heads=8, kv_heads=2), group=group)  # K/V repeated twice
+    assert out.shape == (1, 4, 8, 8)
+
+
+@pytest.mark.multiprocess
+def test_ulysses_misuse_raises_on_every_rank():
+    spawn(_check_ulysses_errors, 4)

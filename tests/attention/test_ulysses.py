@@ -72,7 +72,9 @@ def _hybrid(q, k, v, dout, causal, window, layout, dtype, cu, group):
     q, k, v = (cut(x).requires_grad_() for x in (q, k, v))
     out = ringpatch.ring_attention(q, k, v, group=group, causal=causal, window=window, layout=layout, cu_seqlens=cu)
     out.backward(cut(dout))
-    return [ringpatch.unshard(x.detach(), group=group, layout=layout, cu_seqlens=cu) for x in (out, q.grad, k.grad, v.grad)]
+    return [
+        ringpatch.unshard(x.detach(), group=group, layout=layout, cu_seqlens=cu) for x in (out, q.grad, k.grad, v.grad)
+    ]
 
 
 def _check_parity(rank, world, ulysses, layout, docs):
@@ -150,7 +152,10 @@ def _check_groups_of_replicas(rank, world):
     mine = replicas[rank // 4]
     group = ringpatch.ulysses_ring_group(2, group=mine)
     base = rank - rank % 4
-    assert dist.get_process_group_ranks(group.ulysses_group) == [base + (rank % 4) // 2 * 2, base + (rank % 4) // 2 * 2 + 1]
+    assert dist.get_process_group_ranks(group.ulysses_group) == [
+        base + (rank % 4) // 2 * 2,
+        base + (rank % 4) // 2 * 2 + 1,
+    ]
     assert dist.get_process_group_ranks(group.ring_group) == [base + rank % 2, base + rank % 2 + 2]
     q, k, v, dout = _inputs(rank // 4, 1, 8, 2, 64)
     ref = _reference(q, k, v, dout, True, None, None)

@@ -36,20 +36,21 @@ def _reference_scores(model, ids, scored):
     return nll, (logits.argmax(-1) == targets).float()
 
 
-def _prefill_worker(rank, world, name, layout):
+def _prefill_worker(rank, world, name, layout, ulysses=1):
     import ringpatch
 
+    group = ringpatch.ulysses_ring_group(ulysses) if ulysses > 1 else None
     reference = build(name).eval()
-    model = ringpatch.patch_model(build(name).eval(), layout=layout)
+    model = ringpatch.patch_model(build(name).eval(), group=group, layout=layout)
     seq = 96 if layout == "contiguous" else 128
     ids = torch.randint(0, reference.config.vocab_size, (2, seq), generator=torch.Generator().manual_seed(5))
     scored = torch.tensor([0, 5, 31, 32, 63, 64, seq - 2])  # spread over every rank's chunks
-    nll, correct = ring_prefill_scores(model, ids, scored, layout=layout)
+    nll, correct = ring_prefill_scores(model, ids, scored, group=group, layout=layout)
     ref_nll, ref_correct = _reference_scores(reference, ids, scored)
     torch.testing.assert_close(nll, ref_nll, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(correct, ref_correct, rtol=0, atol=0)
     lengths = [32, 64, seq] if layout == "contiguous" else [64, seq]
-    losses = perplexity_by_length(model, ids, lengths, 16, layout=layout)
+    losses = perplexity_by_length(model, ids, lengths, 16, group=group, layout=layout)
     for n in lengths:
         ref, _ = _reference_scores(reference, ids[:, -n:], torch.arange(n - 17, n - 1))
         assert abs(losses[n] - ref.mean().item()) <= 1e-5 * ref.mean().item()
@@ -92,6 +93,11 @@ def test_ring_prefill_keeps_documents_apart(layout):
 def test_ring_prefill_equals_single_process(world, name, layout):
     assert name in CONFIGS
     spawn(_prefill_worker, world, name, layout)
+
+
+@pytest.mark.multiprocess
+def test_ring_prefill_under_ulysses_ring_equals_single_process():
+    spawn(_prefill_worker, 4, "mistral-w20", "zigzag", 2)
 
 
 @pytest.mark.parametrize("template", [CLASSIC, demo_template()], ids=["classic", "demo"])

@@ -56,8 +56,9 @@ def _pick(history, key):
         (2, ("--sp", "2", "--deepspeed", "zero2"), 1, (), 1e-5),
         (2, ("--sp", "2", "--deepspeed", "zero3"), 1, (), 1e-5),
         (2, ("--sp", "2", "--bf16"), 1, ("--bf16",), 2e-2),  # autocast bf16 on both sides
+        (4, ("--sp", "4", "--ulysses", "2"), 1, (), 1e-5),  # Ulysses 2 x ring 2
     ],
-    ids=["sp2-accelerate", "dp2-sp2", "sp2-zero2", "sp2-zero3", "sp2-bf16"],
+    ids=["sp2-accelerate", "dp2-sp2", "sp2-zero2", "sp2-zero3", "sp2-bf16", "sp4-ulysses2"],
 )
 def test_ring_trainer_matches_the_stock_trainer(tmp_path, reference, nproc, ring_args, ref_nproc, ref_args, rel):
     args, launcher = list(ring_args), "torchrun"
@@ -73,7 +74,8 @@ def test_ring_trainer_matches_the_stock_trainer(tmp_path, reference, nproc, ring
         got, want = _pick(ring, key), _pick(ref, key)
         assert len(got) == len(want) > 0, (key, got, want)
         assert got == pytest.approx(want, rel=tol), (key, got, want)
-    assert ring[-1]["total_batch"] == ref[-1]["total_batch"] == 2 * 2 * (nproc // 2)
+    sp = int(args[args.index("--sp") + 1])
+    assert ring[-1]["total_batch"] == ref[-1]["total_batch"] == 2 * 2 * (nproc // sp)
 
 
 def test_ring_sft_trainer_matches_trl_on_one_process(tmp_path):

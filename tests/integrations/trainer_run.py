@@ -38,6 +38,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
     p.add_argument("--sp", type=int, default=1)
+    p.add_argument("--ulysses", type=int, default=1)
     p.add_argument("--ga", type=int, default=1)
     p.add_argument("--plain", action="store_true")
     p.add_argument("--bf16", action="store_true")
@@ -55,7 +56,7 @@ def main() -> None:
     )  # fmt: skip
     kwargs = dict(model=model, args=args, train_dataset=data(24, 1), eval_dataset=data(7, 2),
                   data_collator=DataCollatorForLanguageModeling(byte_tokenizer(), mlm=False))  # fmt: skip
-    trainer = Trainer(**kwargs) if a.plain else RingTrainer(**kwargs, sp=a.sp)
+    trainer = Trainer(**kwargs) if a.plain else RingTrainer(**kwargs, sp=a.sp, ulysses=a.ulysses)
     trainer.train()
     history = trainer.state.log_history + [
         trainer.evaluate(),

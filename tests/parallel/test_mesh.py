@@ -88,3 +88,57 @@ def _check_ring_on_sub_groups(rank, world):
 @pytest.mark.multiprocess
 def test_ring_on_sub_groups():
     spawn(_check_ring_on_sub_groups, 4)
+
+
+def test_ulysses_must_divide_sp_and_the_heads():
+    with pytest.raises(
+        ValueError, match=r"ulysses=3 does not divide the 4 sequence-parallel ranks; choose ulysses among \[1, 2, 4\]"
+    ):
+        ParallelDims(8, sp=4, tp=2, ulysses=3)
+    dims = ParallelDims(16, sp=8, tp=2, ulysses=4)
+    assert (dims.ring, dims.dp, dims.seq_len_divisor) == (2, 1, 16)
+    dims.check_heads(32, 8)  # 16 query heads and 4 K/V heads per tp rank: both split 4 ways
+    dims.check_heads(32, 4)  # 2 K/V heads per tp rank: each repeated twice
+    with pytest.raises(ValueError, match=r"ulysses=4 does not divide the 6 query heads \(per tensor-parallel rank\)"):
+        dims.check_heads(12, 4)
+    with pytest.raises(
+        ValueError, match=r"ulysses=4 neither divides the 3 key/value heads .* choose ulysses among \[1\]$"
+    ):
+        ParallelDims(8, sp=4, tp=1, ulysses=4).check_heads(12, 3)  # offered: what also divides sp
+    with pytest.raises(ValueError, match=r"among \[1, 3, 6, 12\]$"):
+        ParallelDims(12, sp=12, tp=1, ulysses=4).check_heads(12, 3)
+
+
+def test_a_ulysses_group_must_sit_in_one_node():
+    ParallelDims(16, sp=8, tp=2, ulysses=4).check_node(8)
+    with pytest.raises(
+        ValueError,
+        match=r"ulysses=4 x tp=2 = 8 neighbouring ranks do not fit evenly in a node of 4 ranks.*among \[1, 2\]",
+    ):
+        ParallelDims(16, sp=8, tp=2, ulysses=4).check_node(4)
+
+
+def _check_ulysses_groups(rank, world, sp, tp, ulysses):
+    dims = ParallelDims(world, sp, tp, ulysses=ulysses)
+    mesh = build_mesh(dims)
+    dp_rank, sp_rank, tp_rank = dims.coords(rank)
+    ring_rank, u = divmod(sp_rank, ulysses)
+    base = dp_rank * sp * tp
+    seq = mesh.seq_group
+    assert (seq.ulysses, seq.ring) == (ulysses, sp // ulysses)
+    assert dist.get_process_group_ranks(seq.group) == [base + s * tp + tp_rank for s in range(sp)]
+    assert dist.get_rank(seq.group) == sp_rank
+    first = base + ring_rank * ulysses * tp + tp_rank
+    assert dist.get_process_group_ranks(seq.ulysses_group) == [first + j * tp for j in range(ulysses)]
+    assert dist.get_rank(seq.ulysses_group) == u
+    assert dist.get_process_group_ranks(seq.ring_group) == [
+        base + (r * ulysses + u) * tp + tp_rank for r in range(sp // ulysses)
+    ]
+    assert dist.get_rank(seq.ring_group) == ring_rank
+    assert dist.get_process_group_ranks(mesh.grad_group) == [r for r in range(world) if r % tp == tp_rank]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("world, sp, tp, ulysses", [(4, 4, 1, 2), (8, 4, 2, 2), (8, 4, 1, 2)])
+def test_ulysses_groups_are_neighbours_and_rings_run_across(world, sp, tp, ulysses):
+    spawn(_check_ulysses_groups, world, sp, tp, ulysses)

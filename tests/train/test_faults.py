@@ -172,6 +172,11 @@ def test_resume_refuses_what_fixes_a_run_and_reports_what_changed():
         with pytest.raises(ValueError, match="what a resumed run cannot change") as e:
             checkpoint.resume_changes(saved, current, stage, step)
         assert match in str(e.value)
+    # Ulysses x ring or the ring alone: the same math and the same ZeRO partition (dp x sp), reported
+    ring = dict(base, parallel={"sp": 2})
+    saved_ring = checkpoint.recipe_record(from_dict(Recipe, ring), 2)
+    hybrid = checkpoint.recipe_record(from_dict(Recipe, dict(base, parallel={"sp": 2, "ulysses": 2})), 2)
+    assert checkpoint.resume_changes(saved_ring, hybrid, 0, 2) == {"parallel.ulysses": (1, 2)}
     # a stage not begun yet may change in every way
     later = record(stages=[{"seq_len": 64, "steps": 4}, {"seq_len": 256, "steps": 9, "rope_theta": 5e5}])
     assert "stages[1]" in checkpoint.resume_changes(saved, later, 0, 4)

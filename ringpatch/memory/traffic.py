@@ -1,0 +1,110 @@
+"""Sequence-parallel communication per rank and step, ring alone vs Ulysses x ring (printed by
+`ringpatch plan`), and the Ulysses degree it recommends.
+
+Per layer and micro-batch, with t tokens per rank, attention inputs in 2-byte precision, the
+K/V of one rank Bkv = t x 2 x kv_dim / tp x 2 bytes (kv_dim = K/V heads x head_dim):
+- ring over R ranks (attention/ring.py): forward sends its K/V block R - 1 times; backward
+  sends the K/V blocks R - 1 times and the float32 dK/dV accumulators R - 1 times (R - 2 hops
+  and the trip home), so 4 (R - 1) x Bkv' in all, where Bkv' is the K/V a ring rank holds.
+  Each step hides one block's transfer behind one block's compute.
+- Ulysses over U ranks (attention/ulysses.py): forward all-to-alls q, k, v in and the output
+  out, each rank keeping 1/U of its part; backward does the same with the gradients. So
+  2 x (U - 1) / U x t x (2 hidden + 2 kv_dim x rep) / tp x 2 bytes, rep = how many times a K/V
+  head is repeated when U exceeds the K/V heads per tp rank. The ring then holds U t tokens on
+  kv_dim x rep / U: Bkv' = Bkv x rep.
+With full-layer activation checkpointing the forward runs twice (its traffic counts twice).
+A Ulysses group (with its tp ranks) sits in one node; a ring hop is inter-node when the sp
+group spans more than one node (the ring is as slow as its slowest hop).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ringpatch.attention.ulysses import kv_repeats
+
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """Bytes one rank sends per optimizer micro-step, all layers, forward and backward."""
+
+    ulysses: int
+    ring: int
+    all_to_all: float
+    """Ulysses all-to-all bytes (inside a node)."""
+    ring_bytes: float
+    """Ring bytes."""
+    ring_crosses_nodes: bool
+
+    @property
+    def inter_node(self) -> float:
+        return self.ring_bytes if self.ring_crosses_nodes else 0.0
+
+    @property
+    def intra_node(self) -> float:
+        return self.all_to_all + (0.0 if self.ring_crosses_nodes else self.ring_bytes)
+
+
+def traffic(cfg: dict, sp: int, tp: int, ulysses: int, tokens: int, checkpointing: bool, gpus_per_node: int) -> Traffic:
+    """`tokens`: the micro-batch's tokens per rank (micro_batch x seq_len / sp)."""
+    h, layers = cfg["hidden_size"], cfg["num_hidden_layers"]
+    heads = cfg["num_attention_heads"]
+    kv_heads = cfg.get("num_key_value_heads") or heads
+    kv_dim = kv_heads * (cfg.get("head_dim") or h // heads)
+    q_dim = heads * (cfg.get("head_dim") or h // heads)
+    rep = kv_repeats(kv_heads // tp, ulysses) if ulysses > 1 else 1
+    ring = sp // ulysses
+    forwards = 2 if checkpointing else 1
+    bkv = tokens * 2 * kv_dim / tp * 2 * rep
+    ring_bytes = layers * bkv * (ring - 1) * (forwards + 1 + 2)  # K/V per forward, K/V + float32 dK/dV backward
+    per_a2a = (ulysses - 1) / ulysses * tokens * (2 * q_dim + 2 * kv_dim * rep) / tp * 2
+    a2a = layers * per_a2a * (forwards + 1)
+    return Traffic(ulysses, ring, a2a, ring_bytes, sp * tp > gpus_per_node)
+
+
+def ulysses_choices(cfg: dict, sp: int, tp: int, gpus_per_node: int) -> list[int]:
+    """Ulysses degrees the grid allows: U divides sp and the query heads per tp rank, the K/V
+    heads per tp rank divide U or U divides them, and U x tp ranks fit in a node."""
+    heads = cfg["num_attention_heads"]
+    kv = (cfg.get("num_key_value_heads") or heads) // tp
+    q = heads // tp
+    return [
+        u
+        for u in range(1, sp + 1)
+        if sp % u == 0 and q % u == 0 and (kv % u == 0 or u % kv == 0) and gpus_per_node % (u * tp) == 0
+    ]
+
+
+def recommend(cfg: dict, sp: int, tp: int, tokens: int, checkpointing: bool, gpus_per_node: int) -> Traffic:
+    """The Ulysses degree with the least inter-node traffic, then the least traffic in all, then
+    the smallest degree (its all-to-all has the fewest peers)."""
+    options = [
+        traffic(cfg, sp, tp, u, tokens, checkpointing, gpus_per_node)
+        for u in ulysses_choices(cfg, sp, tp, gpus_per_node)
+    ]
+    return min(options, key=lambda t: (round(t.inter_node), round(t.inter_node + t.intra_node), t.ulysses))
+
+
+def describe_traffic(
+    cfg: dict, sp: int, tp: int, ulysses: int, tokens: int, checkpointing: bool, gpus_per_node: int
+) -> list[str]:
+    """Lines for the plan: ring alone, the recipe's degree, and the recommended one."""
+    if sp == 1:
+        return []
+    rows = {1: traffic(cfg, sp, tp, 1, tokens, checkpointing, gpus_per_node)}
+    rows[ulysses] = traffic(cfg, sp, tp, ulysses, tokens, checkpointing, gpus_per_node)
+    best = recommend(cfg, sp, tp, tokens, checkpointing, gpus_per_node)
+    rows[best.ulysses] = best
+    lines = [
+        f"sequence-parallel traffic per GPU and micro-batch (all layers, fwd + bwd), {gpus_per_node} GPUs per node:"
+    ]
+    for u, t in sorted(rows.items()):
+        tags = [name for name, v in (("recipe", ulysses), ("recommended", best.ulysses)) if v == u]
+        lines.append(
+            f"  ulysses {u:>2} x ring {t.ring:>3}: all-to-all {t.all_to_all / GIB:7.2f} GiB (in node), ring "
+            f"{t.ring_bytes / GIB:7.2f} GiB ({'across nodes' if t.ring_crosses_nodes else 'in node'})"
+            + (f"  <- {', '.join(tags)}" if tags else "")
+        )
+    return lines
