@@ -15,6 +15,16 @@ K/V of one rank Bkv = t x 2 x kv_dim / tp x 2 bytes (kv_dim = K/V heads x head_d
 With full-layer activation checkpointing the forward runs twice (its traffic counts twice).
 A Ulysses group (with its tp ranks) sits in one node; a ring hop is inter-node when the sp
 group spans more than one node (the ring is as slow as its slowest hop).
+
+Whether a ring step's transfer hides behind its compute: a step computes, per micro-batch row,
+the ring rank's U n queries (n = seq_len / sp) against one block of U n keys on H / (U tp)
+heads, about half of it visible under the causal zigzag/balanced layouts:
+2 x (U n)^2 x H d / (U tp) FLOPs, while it sends U n x 2 kv_dim rep / (U tp) x 2 bytes. So
+FLOPs per byte sent = U n x (H d / kv_dim) / (2 rep): the ring step's intensity grows with U.
+It hides the transfer when it exceeds the GPU's attention FLOP/s over the link's bytes/s (an
+H100 at ~500 TFLOP/s over 400 Gb/s InfiniBand, 50 GB/s: about 10,000; over NVLink, ~1,000:
+HIDES_ACROSS_NODES, HIDES_IN_NODE). The all-to-alls are never hidden (the attention waits for
+them). The recommendation minimises the bytes left exposed: first across nodes, then inside.
 """
 
 from __future__ import annotations
@@ -24,6 +34,8 @@ from dataclasses import dataclass
 from ringpatch.attention.ulysses import kv_repeats
 
 GIB = 2**30
+HIDES_ACROSS_NODES = 10_000  # attention FLOPs per byte sent that hide a ring step over InfiniBand
+HIDES_IN_NODE = 1_000  # ... over NVLink
 
 
 @dataclass(frozen=True)
@@ -37,6 +49,8 @@ class Traffic:
     ring_bytes: float
     """Ring bytes."""
     ring_crosses_nodes: bool
+    step_intensity: float | None = None
+    """Attention FLOPs per byte a ring step sends (None: no ring, R = 1)."""
 
     @property
     def inter_node(self) -> float:
@@ -46,9 +60,23 @@ class Traffic:
     def intra_node(self) -> float:
         return self.all_to_all + (0.0 if self.ring_crosses_nodes else self.ring_bytes)
 
+    @property
+    def ring_hidden(self) -> bool:
+        """Whether each ring step's compute covers its transfer (by the intensity thresholds)."""
+        need = HIDES_ACROSS_NODES if self.ring_crosses_nodes else HIDES_IN_NODE
+        return self.ring_bytes == 0 or (self.step_intensity is not None and self.step_intensity >= need)
 
-def traffic(cfg: dict, sp: int, tp: int, ulysses: int, tokens: int, checkpointing: bool, gpus_per_node: int) -> Traffic:
-    """`tokens`: the micro-batch's tokens per rank (micro_batch x seq_len / sp)."""
+    def exposed(self) -> tuple[float, float]:
+        """(bytes across nodes, bytes inside a node) that the compute does not hide."""
+        ring = 0.0 if self.ring_hidden else self.ring_bytes
+        return (ring, self.all_to_all) if self.ring_crosses_nodes else (0.0, self.all_to_all + ring)
+
+
+def traffic(
+    cfg: dict, sp: int, tp: int, ulysses: int, tokens: int, checkpointing: bool, gpus_per_node: int, row: int = 0
+) -> Traffic:
+    """`tokens`: the micro-batch's tokens per rank (micro_batch x seq_len / sp); `row`: of them,
+    one row's (seq_len / sp), for the ring step's intensity (0: not computed)."""
     h, layers = cfg["hidden_size"], cfg["num_hidden_layers"]
     heads = cfg["num_attention_heads"]
     kv_heads = cfg.get("num_key_value_heads") or heads
@@ -61,7 +89,8 @@ def traffic(cfg: dict, sp: int, tp: int, ulysses: int, tokens: int, checkpointin
     ring_bytes = layers * bkv * (ring - 1) * (forwards + 1 + 2)  # K/V per forward, K/V + float32 dK/dV backward
     per_a2a = (ulysses - 1) / ulysses * tokens * (2 * q_dim + 2 * kv_dim * rep) / tp * 2
     a2a = layers * per_a2a * (forwards + 1)
-    return Traffic(ulysses, ring, a2a, ring_bytes, sp * tp > gpus_per_node)
+    intensity = ulysses * row * q_dim / kv_dim / (2 * rep) if ring > 1 and row else None
+    return Traffic(ulysses, ring, a2a, ring_bytes, sp * tp > gpus_per_node, intensity)
 
 
 def ulysses_choices(cfg: dict, sp: int, tp: int, gpus_per_node: int) -> list[int]:
@@ -77,34 +106,45 @@ def ulysses_choices(cfg: dict, sp: int, tp: int, gpus_per_node: int) -> list[int
     ]
 
 
-def recommend(cfg: dict, sp: int, tp: int, tokens: int, checkpointing: bool, gpus_per_node: int) -> Traffic:
-    """The Ulysses degree with the least inter-node traffic, then the least traffic in all, then
-    the smallest degree (its all-to-all has the fewest peers)."""
+def recommend(
+    cfg: dict, sp: int, tp: int, tokens: int, checkpointing: bool, gpus_per_node: int, row: int = 0
+) -> Traffic:
+    """The Ulysses degree that leaves the fewest bytes exposed across nodes, then inside a node,
+    then the smallest degree (its all-to-all has the fewest peers). Without `row` every ring step
+    counts as exposed."""
     options = [
-        traffic(cfg, sp, tp, u, tokens, checkpointing, gpus_per_node)
+        traffic(cfg, sp, tp, u, tokens, checkpointing, gpus_per_node, row)
         for u in ulysses_choices(cfg, sp, tp, gpus_per_node)
     ]
-    return min(options, key=lambda t: (round(t.inter_node), round(t.inter_node + t.intra_node), t.ulysses))
+    return min(options, key=lambda t: (*(round(b) for b in t.exposed()), t.ulysses))
 
 
 def describe_traffic(
-    cfg: dict, sp: int, tp: int, ulysses: int, tokens: int, checkpointing: bool, gpus_per_node: int
+    cfg: dict, sp: int, tp: int, ulysses: int, tokens: int, checkpointing: bool, gpus_per_node: int, row: int
 ) -> list[str]:
     """Lines for the plan: ring alone, the recipe's degree, and the recommended one."""
     if sp == 1:
         return []
-    rows = {1: traffic(cfg, sp, tp, 1, tokens, checkpointing, gpus_per_node)}
-    rows[ulysses] = traffic(cfg, sp, tp, ulysses, tokens, checkpointing, gpus_per_node)
-    best = recommend(cfg, sp, tp, tokens, checkpointing, gpus_per_node)
+    args = (tokens, checkpointing, gpus_per_node, row)
+    rows = {1: traffic(cfg, sp, tp, 1, *args), ulysses: traffic(cfg, sp, tp, ulysses, *args)}
+    best = recommend(cfg, sp, tp, *args)
     rows[best.ulysses] = best
     lines = [
-        f"sequence-parallel traffic per GPU and micro-batch (all layers, fwd + bwd), {gpus_per_node} GPUs per node:"
+        f"sequence-parallel traffic per GPU and micro-batch at {row * sp} tokens (all layers, fwd + bwd), "
+        f"{gpus_per_node} GPUs per node; a ring step hides its transfer when its FLOPs per byte exceed the GPU's "
+        f"FLOP/s over the link's bytes/s (taken as {HIDES_ACROSS_NODES:,} over InfiniBand, {HIDES_IN_NODE:,} over "
+        "NVLink); all-to-alls are exposed:"
     ]
     for u, t in sorted(rows.items()):
         tags = [name for name, v in (("recipe", ulysses), ("recommended", best.ulysses)) if v == u]
+        step = (
+            f"{t.step_intensity:,.0f} FLOP/byte ({'hidden' if t.ring_hidden else 'exposed'})"
+            if t.step_intensity
+            else "no ring"
+        )
         lines.append(
             f"  ulysses {u:>2} x ring {t.ring:>3}: all-to-all {t.all_to_all / GIB:7.2f} GiB (in node), ring "
-            f"{t.ring_bytes / GIB:7.2f} GiB ({'across nodes' if t.ring_crosses_nodes else 'in node'})"
-            + (f"  <- {', '.join(tags)}" if tags else "")
+            f"{t.ring_bytes / GIB:7.2f} GiB ({'across nodes' if t.ring_crosses_nodes else 'in node'}), ring step "
+            f"{step}" + (f"  <- {', '.join(tags)}" if tags else "")
         )
     return lines

@@ -60,11 +60,18 @@ def describe(plan, launch: str | None = None, gpus_per_node: int | None = None) 
         )
     if est:  # the last stage's
         lines.append("last stage, GiB/GPU: " + ", ".join(f"{k} {v:.2f}" for k, v in est.items()))
-    if plan.model_config and gpus_per_node and dims.sp > 1:
-        last = r.stages[-1]
-        tokens = (last.micro_batch or r.micro_batch) * last.seq_len // dims.sp
+    if plan.model_config and gpus_per_node and dims.sp > 1:  # at the shortest stage: the least work per ring step
+        first = min(r.stages, key=lambda s: s.seq_len)
+        mb = first.micro_batch or r.micro_batch
         lines += describe_traffic(
-            plan.model_config, dims.sp, dims.tp, dims.ulysses, tokens, r.activation_checkpointing, gpus_per_node
+            plan.model_config,
+            dims.sp,
+            dims.tp,
+            dims.ulysses,
+            mb * first.seq_len // dims.sp,
+            r.activation_checkpointing,
+            gpus_per_node,
+            first.seq_len // dims.sp,
         )
     if launch:
         lines.append(f"launch: {launch}")

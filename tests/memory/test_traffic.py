@@ -43,4 +43,18 @@ def test_recommendation_moves_the_ring_off_the_slow_link():
     assert best.ulysses == 8 and best.ring == 4
     assert best.inter_node < ring_only.inter_node / 10  # 3 ring hops instead of 31
     one_node = recommend(LLAMA3_8B, sp=8, tp=1, tokens=tokens, checkpointing=True, gpus_per_node=8)
-    assert one_node.inter_node == 0 and one_node.ulysses == 8  # the all-to-all moves less than the ring
+    assert one_node.inter_node == 0 and one_node.ulysses == 8  # counted as exposed, the ring moves more
+
+
+def test_recommendation_counts_what_the_compute_hides():
+    """64K tokens over 32 GPUs: 2048 per row, 16 rows. A ring step of U x 2048 queries on 32 / U
+    heads sends U x 2048 x 2 x 1024 / U x 2 bytes: U x 2048 x 4096 / 1024 / 2 = U x 4096 FLOPs
+    per byte. U = 4 is the smallest degree past the 10,000 that InfiniBand needs."""
+    for u, want in ((1, 4096), (2, 8192), (4, 16384), (8, 32768)):
+        assert traffic(LLAMA3_8B, 32, 1, u, 16 * 2048, True, 8, row=2048).step_intensity == want
+    four_nodes = recommend(LLAMA3_8B, sp=32, tp=1, tokens=16 * 2048, checkpointing=True, gpus_per_node=8, row=2048)
+    assert (four_nodes.ulysses, four_nodes.ring, four_nodes.ring_hidden) == (4, 8, True)
+    assert four_nodes.exposed() == (0.0, four_nodes.all_to_all)
+    # one node, 256K over 8 GPUs: the in-node ring step (65,536 FLOPs per byte) hides behind NVLink's 1,000
+    one_node = recommend(LLAMA3_8B, sp=8, tp=1, tokens=32768, checkpointing=True, gpus_per_node=8, row=32768)
+    assert one_node.ulysses == 1 and one_node.exposed() == (0.0, 0.0)

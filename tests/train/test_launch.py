@@ -28,7 +28,8 @@ def test_finetune_1m_dry_run_prints_the_plan_and_command():
     proc = _make("DRY_RUN=1", "MASTER_ADDR=head0")
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
-    assert "world 32 = dp 1 x sp 32 x tp 1" in out and "ZeRO-3" in out
+    assert "world 32 = dp 1 x sp 32 (ulysses 4 x ring 8) x tp 1" in out and "ZeRO-3" in out
+    assert "ulysses  4 x ring   8:" in out and "<- recipe, recommended" in out
     assert "4  1048576      100            1       32768  theta 69,123,823" in out
     assert "launch: " in out and "--recipe recipes/llama3-8b-1m.yaml" in out
     assert ("sbatch --nodes 4" in out) or ("--nnodes 4 --nproc_per_node 8" in out and "head0:29500" in out)
