@@ -3,8 +3,11 @@
 Causal forward+backward, 8 heads of 64, float32. Ring: P processes with 1 thread each
 (gloo); monolithic: torch's fused attention in one process with P threads, so both use the
 same cores. Prints ratios (ring time / monolithic time; the limit is 1.0) and writes JSON.
+With --ulysses U (dividing P) it also runs Ulysses x ring (U x P/U) on the same inputs: on one
+host its all-to-alls cost what the ring's steps save, so the ratio shows the overhead of the
+two-level scheme's extra copies, not its gain on a cluster (traffic: ringpatch plan).
 
-    python bench/attention.py                       # S = 16K, 32K; P = 2
+    python bench/attention.py                       # S = 16K, 32K; P = 2; Ulysses 2
     python bench/attention.py --seq 4096 --reps 1   # quick look
 """
 
@@ -59,13 +62,15 @@ def _ring_worker(rank, world, store, seq, reps, configs, result_path):
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     results = {}
     full = _inputs(seq)
-    for name, layout, window in configs:
-        q, k, v = (ringpatch.shard(x, layout=layout) for x in full)
+    groups = {u: ringpatch.ulysses_ring_group(u) for u in sorted({c[3] for c in configs if c[3] > 1})}
+    for name, layout, window, ulysses in configs:
+        group = groups.get(ulysses)
+        q, k, v = (ringpatch.shard(x, group=group, layout=layout) for x in full)
 
-        def fn(q, k, v, layout=layout, window=window):
-            return ringpatch.ring_attention(q, k, v, causal=True, window=window, layout=layout)
+        def fn(q, k, v, layout=layout, window=window, group=group):
+            return ringpatch.ring_attention(q, k, v, group=group, causal=True, window=window, layout=layout)
 
-        small = [ringpatch.shard(x[:, : 256 * world], layout=layout) for x in full]
+        small = [ringpatch.shard(x[:, : 256 * world], group=group, layout=layout) for x in full]
         _step(fn, *small)  # warm-up
         times = []
         for _ in range(reps):
@@ -93,14 +98,17 @@ def main() -> None:
     parser.add_argument("--world", type=int, default=2)
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--window", type=int, default=4096, help="window for the windowed run at the largest S")
+    parser.add_argument("--ulysses", type=int, default=2, help="Ulysses degree of the Ulysses x ring run (1: none)")
     parser.add_argument("--out", default="bench/results/attention.json")
     args = parser.parse_args()
 
     rows = []
     for seq in args.seq:
-        configs = [("zigzag", "zigzag", None), ("contiguous", "contiguous", None)]
+        configs = [("zigzag", "zigzag", None, 1), ("contiguous", "contiguous", None, 1)]
+        if args.ulysses > 1:
+            configs.append((f"ulysses{args.ulysses}_zigzag", "zigzag", None, args.ulysses))
         if seq == max(args.seq):
-            configs.append((f"zigzag_window{args.window}", "zigzag", args.window))
+            configs.append((f"zigzag_window{args.window}", "zigzag", args.window, 1))
         # monolithic before and after the ring runs: both halves of the noise are seen
         mono = monolithic_times(seq, (args.reps + 1) // 2, args.world)
         ring = ring_times(seq, args.reps, args.world, configs)
@@ -112,6 +120,8 @@ def main() -> None:
             row[name] = {"per_rank_s": times, "best_s": step, "ratio_vs_monolithic": step / mono_best}
         if f"zigzag_window{args.window}" in row:
             row["window_vs_causal"] = row[f"zigzag_window{args.window}"]["best_s"] / row["zigzag"]["best_s"]
+        if f"ulysses{args.ulysses}_zigzag" in row:
+            row["ulysses_vs_ring"] = row[f"ulysses{args.ulysses}_zigzag"]["best_s"] / row["zigzag"]["best_s"]
         rows.append(row)
         print(f"S={seq:>6}  monolithic {mono_best:7.2f}s ({args.world} threads)")
         for name in ring:
@@ -119,6 +129,11 @@ def main() -> None:
             print(f"          ring {name:<20} {r['best_s']:7.2f}s  ratio {r['ratio_vs_monolithic']:.3f}")
         if "window_vs_causal" in row:
             print(f"          windowed / unwindowed causal (zigzag): {row['window_vs_causal']:.3f}")
+        if "ulysses_vs_ring" in row:
+            print(
+                f"          Ulysses {args.ulysses} x ring {args.world // args.ulysses} / ring {args.world}: "
+                f"{row['ulysses_vs_ring']:.3f}"
+            )
         sys.stdout.flush()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     meta = {"torch": torch.__version__, "cpu_count": os.cpu_count(), "heads": HEADS, "head_dim": DIM}
