@@ -10,7 +10,8 @@ TORCH_PIN ?= torch==2.13.0
 NPROC ?= 2
 NODES ?= 4
 GPUS_PER_NODE ?= 8
-RECIPE_1M ?= recipes/llama3-8b-1m.yaml
+# NODES=1 picks the one-node recipe (activation offload + tiled MLP); any other count the 4-node one.
+RECIPE_1M ?= $(if $(filter 1,$(NODES)),recipes/llama3-8b-1m-1node.yaml,recipes/llama3-8b-1m.yaml)
 MASTER_ADDR ?= $(shell hostname)
 
 .PHONY: install demo selfcheck finetune-1m test test-fast test-compat package-check lint format bench gpu-check clean clean-runs

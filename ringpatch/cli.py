@@ -42,8 +42,19 @@ def plan(argv: list[str]) -> int:
     parser.add_argument("--gpus-per-node", type=int, default=8)
     parser.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU the plan must fit (default 80)")
     parser.add_argument("--launch", help="the launch command to print with the plan")
+    parser.add_argument(
+        "--max-context",
+        action="store_true",
+        help="also print the longest sequence whose estimate fits --gpu-memory (micro_batch 1, this grid)",
+    )
+    parser.add_argument(
+        "--host-memory",
+        type=float,
+        default=1536.0,
+        help="GiB of host memory per node that activation offload may use (default 1536: a 2 TB node, a quarter kept)",
+    )
     args = parser.parse_args(argv)
-    from ringpatch.train.plan import describe
+    from ringpatch.train.plan import describe, describe_max_context
     from ringpatch.train.preflight import USER_ERRORS, check_memory, preflight
 
     try:
@@ -52,9 +63,13 @@ def plan(argv: list[str]) -> int:
                 f"--nodes, --gpus-per-node and --gpu-memory must be positive, got {args.nodes}, "
                 f"{args.gpus_per_node}, {args.gpu_memory}"
             )
+        if not args.host_memory > 0:
+            raise ValueError(f"--host-memory must be positive (GiB per node), got {args.host_memory}")
         p = preflight(args.recipe, world=args.nodes * args.gpus_per_node)
         p.dims.check_node(args.gpus_per_node)
         print(describe(p, args.launch, args.gpus_per_node))
+        if args.max_context:
+            print(describe_max_context(p, args.gpu_memory, args.gpus_per_node, args.host_memory))
         check_memory(p, args.gpu_memory, f"a {args.gpu_memory:g} GiB GPU (--gpu-memory)")
     except USER_ERRORS as e:
         print(f"ringpatch plan: {e}", file=sys.stderr)

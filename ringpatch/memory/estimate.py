@@ -4,7 +4,8 @@ The estimate counts, per GPU, in bytes (N = parameters, of which tp shards all b
 - weights 2N (bf16), gradients 2N, optimizer 12N (fp32 master, Adam m and v), divided by the
   dp x sp ranks that ZeRO partitions them over (stage 1: optimizer; 2: + gradients; 3: + weights),
   optimizer (and stage-3 weights) moved to CPU by offload;
-- checkpointed activations: one (tokens x hidden) bf16 input per layer;
+- checkpointed activations: one (tokens x hidden) bf16 input per layer; none on the GPU with
+  activation_offload (host_offload_gib counts them on the host, with each layer's RoPE cos/sin);
 - the working set of the layer being recomputed: about tokens x (8 hidden + 3 intermediate) bf16
   (q, k, v, attention out and residual tensors, the MLP's gate, up and product), the MLP's part
   divided by mlp_tiles (a tiled MLP holds one tile's at a time);
@@ -19,6 +20,7 @@ It is an estimate for choosing a layout, not a promise: allocator slack and NCCL
 from __future__ import annotations
 
 from ringpatch.attention.ulysses import kv_repeats
+from ringpatch.memory.offload import offloaded_bytes
 
 GIB = 2**30
 
@@ -54,6 +56,8 @@ def estimate(recipe, cfg: dict, world: int, seq_len: int, micro_batch: int) -> d
     tokens = micro_batch * seq_len // sp  # per GPU
     mlp = 3 * inter / tp / recipe.mlp_tiles  # per token, bf16 elements
     ckpt = layers * tokens * h * 2 if recipe.activation_checkpointing else layers * tokens * (8 * h + mlp) * 2
+    if recipe.activation_offload:
+        ckpt = 0
     work = tokens * (8 * h + mlp) * 2
     ring = tokens * kv_dim * rep / tp * (2 * 2 * 2 + 2 * 4)
     a2a = tokens * (2 * q_dim + 2 * kv_dim * rep) / tp * 2 if ulysses > 1 else 0
@@ -69,3 +73,10 @@ def estimate(recipe, cfg: dict, world: int, seq_len: int, micro_batch: int) -> d
         "loss chunk": loss,
     }
     return {k: v / GIB for k, v in items.items()}
+
+
+def host_offload_gib(recipe, cfg: dict, seq_len: int, micro_batch: int) -> float:
+    """Host GiB per GPU that activation_offload holds (0 when off)."""
+    if not recipe.activation_offload:
+        return 0.0
+    return offloaded_bytes(cfg, micro_batch * seq_len // recipe.parallel.sp) / GIB

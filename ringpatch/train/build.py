@@ -13,6 +13,7 @@ import torch
 
 import ringpatch
 from ringpatch.memory import causal_lm_loss
+from ringpatch.memory.offload import enable_checkpointing
 from ringpatch.parallel import Mesh, build_mesh, local_device, single_process_env
 from ringpatch.train.plan import Plan
 from ringpatch.train.preflight import check_model_config
@@ -69,7 +70,7 @@ def build_model(plan: Plan, mesh: Mesh):
     plan.dims.check_heads(lm.config.num_attention_heads, lm.config.num_key_value_heads or lm.config.num_attention_heads)
     lm.config.use_cache = False
     if plan.recipe.activation_checkpointing:
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(lm, offload=plan.recipe.activation_offload)
     tile_mlps(lm, plan.recipe.mlp_tiles)
     return ringpatch.patch_model(lm, group=mesh.seq_group, layout=plan.recipe.parallel.layout)
 

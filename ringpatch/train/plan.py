@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ringpatch.memory.estimate import estimate, parameters
+from ringpatch.memory.estimate import estimate, host_offload_gib, parameters
 from ringpatch.memory.traffic import describe_traffic
 from ringpatch.parallel import ParallelDims
 from ringpatch.train.recipe import Recipe
@@ -37,6 +37,7 @@ def describe(plan, launch: str | None = None, gpus_per_node: int | None = None) 
         + (f" (ulysses {dims.ulysses} x ring {dims.ring})" if dims.ulysses > 1 else "")
         + f" x tp {dims.tp} (tp innermost), ZeRO-{r.zero.stage}{' + CPU offload' if r.zero.offload == 'cpu' else ''}, "
         f"{_precision(r.model.dtype)}, activation checkpointing {'on' if r.activation_checkpointing else 'off'}"
+        + (" (layer inputs offloaded to host memory)" if r.activation_offload else "")
         + (f", MLP over {r.mlp_tiles} sequence tiles" if r.mlp_tiles > 1 else "")
     ]
     masking = r.data is not None and r.data.document_masking
@@ -60,6 +61,11 @@ def describe(plan, launch: str | None = None, gpus_per_node: int | None = None) 
         )
     if est:  # the last stage's
         lines.append("last stage, GiB/GPU: " + ", ".join(f"{k} {v:.2f}" for k, v in est.items()))
+        last = r.stages[-1]
+        host = host_offload_gib(r, plan.model_config, last.seq_len, last.micro_batch or r.micro_batch)
+        if host:
+            per_node = f", {host * gpus_per_node:.1f} GiB per node of {gpus_per_node}" if gpus_per_node else ""
+            lines.append(f"last stage, host memory for offloaded activations: {host:.2f} GiB per GPU{per_node}")
     if plan.model_config and gpus_per_node and dims.sp > 1:  # at the shortest stage: the least work per ring step
         first = min(r.stages, key=lambda s: s.seq_len)
         mb = first.micro_batch or r.micro_batch
@@ -76,3 +82,51 @@ def describe(plan, launch: str | None = None, gpus_per_node: int | None = None) 
     if launch:
         lines.append(f"launch: {launch}")
     return "\n".join(lines)
+
+
+def max_context(
+    plan: Plan, capacity_gib: float, host_gib_per_gpu: float | None = None, micro_batch: int = 1
+) -> tuple[int, dict[str, float]] | None:
+    """The longest sequence (a multiple of the layout's chunk count) whose estimate at
+    `micro_batch` fits `capacity_gib` per GPU, and whose offloaded activations (if any) fit
+    `host_gib_per_gpu` of host memory, with that estimate; None when not even the shortest fits
+    or the architecture is unknown."""
+    if plan.model_config is None:
+        return None
+    step = plan.dims.seq_len_divisor
+
+    def fits(n: int):
+        est = estimate(plan.recipe, plan.model_config, plan.dims.world, n * step, micro_batch)
+        host = host_offload_gib(plan.recipe, plan.model_config, n * step, micro_batch)
+        ok = sum(est.values()) <= capacity_gib and (host_gib_per_gpu is None or host <= host_gib_per_gpu)
+        return est if ok else None
+
+    if not fits(1):
+        return None
+    low, high = 1, 2
+    while fits(high):
+        low, high = high, high * 2
+    while high - low > 1:  # fits(low), not fits(high)
+        mid = (low + high) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid)
+    return low * step, fits(low)
+
+
+def describe_max_context(plan: Plan, capacity_gib: float, gpus_per_node: int, host_gib_per_node: float) -> str:
+    found = max_context(plan, capacity_gib, host_gib_per_node / gpus_per_node)
+    world = f"{plan.dims.world} GPUs ({plan.dims.world // gpus_per_node} node(s) of {gpus_per_node})"
+    if found is None:
+        return f"max context: unknown (no model config) or not even {plan.dims.seq_len_divisor} tokens fit"
+    seq_len, est = found
+    items = ", ".join(f"{k} {v:.2f}" for k, v in sorted(est.items(), key=lambda kv: -kv[1])[:4])
+    host = host_offload_gib(plan.recipe, plan.model_config, seq_len, 1)
+    host_line = (
+        f"; host memory for offloaded activations {host:.1f} GiB per GPU, {host * gpus_per_node:.0f} of the "
+        f"{host_gib_per_node:g} GiB per node allowed (--host-memory)"
+        if host
+        else ""
+    )
+    return (
+        f"max context on {world} at {capacity_gib:g} GiB per GPU, micro_batch 1: {seq_len:,} tokens "
+        f"({seq_len / 2**20:.2f} Mi), estimate {sum(est.values()):.1f} GiB per GPU; largest: {items}{host_line}"
+    )

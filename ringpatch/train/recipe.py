@@ -201,6 +201,10 @@ class Recipe:
     grad_accum: int = 1
     """Micro-steps per optimizer step."""
     activation_checkpointing: bool = True
+    activation_offload: bool = False
+    """Keep the checkpointed layer inputs in pinned host memory between forward and backward
+    (ringpatch/memory/offload.py): frees layers x tokens x hidden of GPU memory per rank for one
+    copy out and one copy back per layer. Needs activation_checkpointing."""
     mlp_tiles: int = 1
     """Run each layer's MLP over this many sequence tiles, recomputed tile by tile in backward
     (ringpatch/train/tiled_mlp.py): its peak falls by this factor, for one more MLP forward."""
@@ -257,6 +261,11 @@ def _check_recipe(r: Recipe) -> None:
     _positive("keep_last", r.keep_last, allow_zero=True)
     _positive("loss_chunk_tokens", r.loss_chunk_tokens)
     _positive("mlp_tiles", r.mlp_tiles)
+    if r.activation_offload and not r.activation_checkpointing:
+        raise ValueError(
+            "activation_offload: true moves the checkpointed layer inputs to the host, but activation_checkpointing "
+            "is false, so there are none: set activation_checkpointing: true, or activation_offload: false"
+        )
     _positive("log_every", r.log_every)
     if r.timeout_minutes is not None:
         _finite("timeout_minutes", r.timeout_minutes, 0.0, low_open=True)

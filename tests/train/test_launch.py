@@ -35,6 +35,13 @@ def test_finetune_1m_dry_run_prints_the_plan_and_command():
     assert ("sbatch --nodes 4" in out) or ("--nnodes 4 --nproc_per_node 8" in out and "head0:29500" in out)
 
 
+def test_finetune_1m_on_one_node_picks_the_one_node_recipe():
+    proc = _make("DRY_RUN=1", "NODES=1", "MASTER_ADDR=head0")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "world 8 = dp 1 x sp 8 x tp 1" in proc.stdout and "layer inputs offloaded to host memory" in proc.stdout
+    assert "--recipe recipes/llama3-8b-1m-1node.yaml" in proc.stdout
+
+
 def test_finetune_1m_plan_refuses_a_world_the_recipe_cannot_use():
     proc = _make("DRY_RUN=1", "NODES=3")
     assert proc.returncode != 0 and "world size 24 is not divisible by sp*tp = 32*1 = 32" in proc.stderr

@@ -121,13 +121,15 @@ def test_the_command_line_reports_without_a_traceback(tmp_path, data):
 def test_shipped_recipes_validate_and_plan(tmp_path):
     """The cluster recipes load, fit the cluster their comments name, and their RoPE bases follow the NTK rule."""
     from ringpatch.hf.rope import ntk_rope_theta
-    from ringpatch.memory.estimate import estimate
+    from ringpatch.memory.estimate import estimate, host_offload_gib
     from ringpatch.train.plan import describe
 
     for name, world, budget_gib in [
         ("llama3-8b-1m", 32, 80),
         ("mistral-7b-512k", 16, 80),
         ("llama3-8b-256k-1node", 8, 80),
+        ("llama3-8b-1m-1node", 8, 80),  # planned at <= 68 GiB = 0.85 x 80
+        ("llama3-8b-4m", 32, 80),
     ]:
         path = ROOT / "recipes" / f"{name}.yaml"
         plan = preflight(str(path), world=world)
@@ -139,5 +141,29 @@ def test_shipped_recipes_validate_and_plan(tmp_path):
             total = sum(estimate(r, cfg, world, stage.seq_len, stage.micro_batch or r.micro_batch).values())
             assert total < budget_gib * 0.85, (name, stage.seq_len, total)
         assert "tokens/GPU" in describe(plan)
+        last = r.stages[-1]
+        assert host_offload_gib(r, cfg, last.seq_len, last.micro_batch or r.micro_batch) * 8 <= 300  # per node
     tiny = yaml.safe_load((ROOT / "recipes" / "tiny-cpu.yaml").read_text())
     assert tiny["parallel"]["sp"] == 2
+
+
+def test_the_planner_finds_1m_on_one_node_and_4m_on_four():
+    """--max-context: the longest sequence whose estimate fits 68 of 80 GiB per GPU, with the
+    offloaded activations within 1536 GiB of host memory per node."""
+    from ringpatch.memory.estimate import estimate, host_offload_gib
+    from ringpatch.train.plan import max_context
+
+    for name, world, at_least in [("llama3-8b-1m-1node", 8, 2**20), ("llama3-8b-4m", 32, 4 * 2**20)]:
+        plan = preflight(str(ROOT / "recipes" / f"{name}.yaml"), world=world)
+        seq_len, est = max_context(plan, 68.0, 1536 / 8)
+        assert seq_len >= at_least and sum(est.values()) <= 68.0, (name, seq_len)
+        assert seq_len % plan.dims.seq_len_divisor == 0
+        longer = estimate(plan.recipe, plan.model_config, world, seq_len + plan.dims.seq_len_divisor, 1)
+        host = host_offload_gib(plan.recipe, plan.model_config, seq_len + plan.dims.seq_len_divisor, 1)
+        assert sum(longer.values()) > 68.0 or host > 1536 / 8  # the next length does not fit
+    # without offload and tiles, one node stops short of 1M (the reason for the switches)
+    import dataclasses
+
+    plan = preflight(str(ROOT / "recipes" / "llama3-8b-1m-1node.yaml"), world=8)
+    bare = dataclasses.replace(plan, recipe=dataclasses.replace(plan.recipe, activation_offload=False, mlp_tiles=1))
+    assert max_context(bare, 68.0)[0] < 2**20
