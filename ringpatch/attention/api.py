@@ -9,7 +9,7 @@ from ringpatch.attention.comm import resolve_group
 from ringpatch.attention.documents import docs_digest, documents_per_row
 from ringpatch.attention.kernels import Backend, default_scale, select
 from ringpatch.attention.layout import Layout, check_layout, check_seq_len
-from ringpatch.attention.ring import RingAttentionFn, RingSpec
+from ringpatch.attention.ring import KeptAttention, RingAttentionFn, RingSpec
 from ringpatch.attention.ulysses import UlyssesRing, check_heads, gather_heads, scatter_heads
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -90,6 +90,7 @@ def ring_attention(
     layout: Layout = "zigzag",
     backend: Backend = "auto",
     cu_seqlens=None,
+    keep: KeptAttention | None = None,
 ) -> torch.Tensor:
     """Exact attention over the sequence split across `group` (None: the default group).
 
@@ -101,6 +102,9 @@ def ring_attention(
     `group` may be a UlyssesRing (ulysses_ring_group): the heads are then traded for sequence
     inside each Ulysses group and the ring runs over the ring group (ulysses.py); H / U query
     heads must be whole, and H_kv a multiple or a divisor of U.
+    `keep`: a KeptAttention slot of this call site, for attention-aware checkpointing: a forward
+    with grad enabled leaves its output and lse there, and the recompute of an activation
+    checkpoint (inside backward) takes them instead of running the ring again (ring.py).
     Returns (B, S_local, H, D) in q's dtype.
     """
     hybrid = group if isinstance(group, UlyssesRing) and group.ulysses > 1 else None
@@ -135,5 +139,5 @@ def ring_attention(
         kernel=kernel,
         docs=docs,
     )
-    out = RingAttentionFn.apply(q, k, v, spec, group)
+    out = RingAttentionFn.apply(q, k, v, spec, group, keep if torch.is_grad_enabled() else None)
     return gather_heads(out, hybrid) if hybrid is not None else out

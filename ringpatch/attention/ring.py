@@ -189,10 +189,75 @@ def ring_backward(dout, q, k, v, out, lse, spec: RingSpec, group):
     return dq.to(q.dtype), dkv_own[0].to(k.dtype), dkv_own[1].to(v.dtype)
 
 
+class KeptAttention:
+    """Attention-aware checkpointing (Li et al. 2023, DistFlashAttn's rematerialization-aware
+    checkpointing): one call site's attention outputs and log-sum-exps, kept from the forward of
+    an activation-checkpointed layer so that the layer's recompute in backward takes them instead
+    of running the ring forward again. Everything else in the layer (norms, projections, RoPE,
+    MLP) is recomputed as before; the ring's backward gets the same q, k, v (recomputed, bit for
+    bit), out and lse as without it, so the gradients are the same. Cost: the output and lse of
+    every layer stay alive from forward to backward.
+
+    Which forward a recompute belongs to is decided by content, never by order: each entry
+    carries the fingerprints of q, k and v on every rank of the ring (gathered at forward; the
+    output depends on nothing else), and a recompute takes the entry whose fingerprints equal
+    those of its recomputed q, k, v, gathered the same way. So two forwards before one backward
+    (losses summed), or a forward never followed by backward (evaluation with grad on), never hand
+    a layer someone else's output; with no match, or with MAX_ENTRIES forwards pending, the ring
+    simply runs again."""
+
+    MAX_ENTRIES = 4
+    __slots__ = ("entries",)
+
+    def __init__(self):
+        self.entries: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (fingerprints, out, lse)
+
+    def take(self, prints: torch.Tensor):
+        for i, (kept_prints, out, lse) in enumerate(self.entries):
+            if torch.equal(kept_prints, prints):
+                del self.entries[i]
+                return out, lse
+        return None
+
+    def put(self, prints: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> None:
+        self.entries.append((prints, out, lse))
+        del self.entries[: -self.MAX_ENTRIES]
+
+
+def _fingerprints(q, k, v, spec: RingSpec, group) -> torch.Tensor:
+    """q, k, v summarised on every rank of the ring, the same on all ranks: each tensor's sum
+    (accumulated in float64, no copy) and a position-weighted sum of about 64 of its tokens.
+    # (sp_size, 6)"""
+    mine = []
+    for x in (q, k, v):  # (B, S_local, heads, D), possibly strided
+        x = x.detach()
+        sample = x[:, :: max(1, x.shape[1] // 64)].double().reshape(-1)
+        weights = torch.arange(1, sample.numel() + 1, device=x.device, dtype=torch.float64)
+        mine += [x.sum(dtype=torch.float64), (sample * weights).sum()]
+    mine = torch.stack(mine)
+    if spec.sp_size == 1:
+        return mine[None]
+    every = [torch.empty_like(mine) for _ in range(spec.sp_size)]
+    torch.distributed.all_gather(every, mine, group=group)
+    return torch.stack(every)
+
+
+def _in_backward() -> bool:
+    """Whether autograd is running a backward pass now: where a checkpoint recomputes its layer."""
+    return torch._C._current_graph_task_id() != -1
+
+
 class RingAttentionFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, spec: RingSpec, group):
-        out, lse = ring_forward(q, k, v, spec, group)
+    def forward(ctx, q, k, v, spec: RingSpec, group, kept: KeptAttention | None = None):
+        prints = _fingerprints(q, k, v, spec, group) if kept is not None else None
+        found = kept.take(prints) if kept is not None and _in_backward() else None
+        if found is not None:
+            out, lse = found[0].detach(), found[1]  # the checkpoint's recompute: no ring forward
+        else:
+            out, lse = ring_forward(q, k, v, spec, group)
+            if kept is not None and not _in_backward():
+                kept.put(prints, out.detach(), lse)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.spec, ctx.group = spec, group
         return out
@@ -201,4 +266,4 @@ class RingAttentionFn(torch.autograd.Function):
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = ring_backward(dout, q, k, v, out, lse, ctx.spec, ctx.group)
-        return dq, dk, dv, None, None
+        return dq, dk, dv, None, None, None

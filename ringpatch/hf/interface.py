@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from ringpatch.attention import ring_attention
+from ringpatch.attention.ring import KeptAttention
 from ringpatch.hf.batch import DOCUMENTS_KEY
 from ringpatch.hf.settings import RingSettings
 
@@ -62,8 +63,17 @@ def ring_attention_forward(
         layout=settings.layout,
         backend=settings.backend,
         cu_seqlens=kwargs.get(DOCUMENTS_KEY),
+        keep=_kept(module) if settings.keep_attention else None,
     )
     return out, None  # (B, S_local, H, D), no attention weights
+
+
+def _kept(module) -> KeptAttention:
+    """The attention module's slot for its output between forward and the checkpoint's recompute."""
+    kept = module.__dict__.get("_ringpatch_kept")
+    if kept is None:
+        kept = module._ringpatch_kept = KeptAttention()
+    return kept
 
 
 def ring_mask(*args, attention_mask=None, **kwargs):

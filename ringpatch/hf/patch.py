@@ -40,7 +40,21 @@ def _check_call(model, args, kwargs):
             "call model(**ringpatch.shard_batch(batch, group, layout))"
         )
     check_local_batch(settings, tokens.shape[1], position_ids, kwargs.get(DOCUMENTS_KEY))
+    if settings.keep_attention and model.training and torch.is_grad_enabled() and not _checkpointed(model):
+        raise ValueError(
+            "patch_model(keep_attention=True) keeps attention outputs for the recompute of activation-checkpointed "
+            "layers, but this model has no activation checkpointing, so they would be kept for nothing: call "
+            "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False}), or patch "
+            "without keep_attention"
+        )
     return args, kwargs
+
+
+def _checkpointed(model) -> bool:
+    """Whether activation checkpointing is on (transformers >= 5.x renamed the property)."""
+    if hasattr(type(model), "is_activation_checkpointing"):
+        return model.is_activation_checkpointing
+    return model.is_gradient_checkpointing
 
 
 def _full_loss(model, args, kwargs, output):
@@ -93,14 +107,24 @@ def _base_model(model):
     return get_base() if callable(get_base) and type(model).__module__.startswith("peft") else model
 
 
-def patch_model(model, group=None, layout: Layout = "zigzag", backend: str = "auto", local_logits: bool = False):
+def patch_model(
+    model,
+    group=None,
+    layout: Layout = "zigzag",
+    backend: str = "auto",
+    local_logits: bool = False,
+    keep_attention: bool = False,
+):
     """Switch `model` (a transformers causal LM, or a PEFT model wrapping one) to ring attention
     over `group`, in place.
 
     Returns the model. Call it with `model(**ringpatch.shard_batch(batch, group, layout))`:
     every rank's `loss` is then the full-sequence loss, and gradients averaged over the
     group's ranks equal the unpatched model's. PEFT works in either order: get_peft_model on a
-    patched model, or patch_model on a PEFT model (its base model is patched)."""
+    patched model, or patch_model on a PEFT model (its base model is patched).
+    keep_attention: attention-aware checkpointing for a model with activation checkpointing
+    (non-reentrant): each layer's attention output and lse are kept from forward, and the layer's
+    recompute in backward skips the ring forward (attention/ring.py, KeptAttention)."""
     import transformers
 
     check_transformers_version(transformers.__version__)
@@ -136,7 +160,9 @@ def patch_model(model, group=None, layout: Layout = "zigzag", backend: str = "au
         group = given
         _check_ulysses_heads(config, given.ulysses)
     register()
-    settings = RingSettings(group, layout, backend, sp_size, sp_rank, config._attn_implementation, local_logits)
+    settings = RingSettings(
+        group, layout, backend, sp_size, sp_rank, config._attn_implementation, local_logits, keep_attention
+    )
     model.set_attn_implementation(IMPLEMENTATION)
     for module in model.modules():
         module._ringpatch = settings
@@ -156,8 +182,9 @@ def unpatch_model(model):
     for hook in model._ringpatch_hooks:
         hook.remove()
     for module in model.modules():
-        if hasattr(module, "_ringpatch"):
-            del module._ringpatch
+        for name in ("_ringpatch", "_ringpatch_kept"):
+            if name in module.__dict__:
+                delattr(module, name)
     del model._ringpatch_hooks
     model.set_attn_implementation(settings.previous_implementation or "eager")
     return outer

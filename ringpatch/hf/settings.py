@@ -25,6 +25,9 @@ class RingSettings:
     local_logits: bool = False
     """Allow training calls without labels (a loss of your own from this rank's logits, summed
     over the group by you); otherwise such a call raises (see patch.py, _full_loss)."""
+    keep_attention: bool = False
+    """Attention-aware checkpointing: each attention call keeps its output for the recompute of
+    an activation-checkpointed layer, so backward never runs the ring forward again."""
 
     @property
     def ulysses(self) -> int:

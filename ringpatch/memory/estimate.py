@@ -13,6 +13,8 @@ The estimate counts, per GPU, in bytes (N = parameters, of which tp shards all b
   Ulysses x ring the same bytes (U times the tokens on 1/U of the K/V heads), times the
   repeat factor when U exceeds the K/V heads per tp rank;
 - Ulysses all-to-all copies (ulysses > 1): q, k, v and the output in the other layout;
+- kept attention outputs (keep_attention): per layer, the output (tokens x heads x head_dim, bf16)
+  and its float32 log-sum-exp (tokens x heads), divided by tp;
 - the loss: one chunk of float32 logits and its gradient.
 It is an estimate for choosing a layout, not a promise: allocator slack and NCCL buffers come on top.
 """
@@ -70,6 +72,7 @@ def estimate(recipe, cfg: dict, world: int, seq_len: int, micro_batch: int) -> d
         "recomputed layer": work,
         "ring buffers": ring,
         **({"all-to-all copies": a2a} if ulysses > 1 else {}),
+        **({"kept attention outputs": layers * tokens * (q_dim * 2 + heads * 4) / tp} if recipe.keep_attention else {}),
         "loss chunk": loss,
     }
     return {k: v / GIB for k, v in items.items()}

@@ -72,7 +72,9 @@ def build_model(plan: Plan, mesh: Mesh):
     if plan.recipe.activation_checkpointing:
         enable_checkpointing(lm, offload=plan.recipe.activation_offload)
     tile_mlps(lm, plan.recipe.mlp_tiles)
-    return ringpatch.patch_model(lm, group=mesh.seq_group, layout=plan.recipe.parallel.layout)
+    return ringpatch.patch_model(
+        lm, group=mesh.seq_group, layout=plan.recipe.parallel.layout, keep_attention=plan.recipe.keep_attention
+    )
 
 
 class LossModel(torch.nn.Module):

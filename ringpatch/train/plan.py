@@ -38,6 +38,7 @@ def describe(plan, launch: str | None = None, gpus_per_node: int | None = None) 
         + f" x tp {dims.tp} (tp innermost), ZeRO-{r.zero.stage}{' + CPU offload' if r.zero.offload == 'cpu' else ''}, "
         f"{_precision(r.model.dtype)}, activation checkpointing {'on' if r.activation_checkpointing else 'off'}"
         + (" (layer inputs offloaded to host memory)" if r.activation_offload else "")
+        + (", attention outputs kept for the recompute" if r.keep_attention else "")
         + (f", MLP over {r.mlp_tiles} sequence tiles" if r.mlp_tiles > 1 else "")
     ]
     masking = r.data is not None and r.data.document_masking

@@ -205,6 +205,11 @@ class Recipe:
     """Keep the checkpointed layer inputs in pinned host memory between forward and backward
     (ringpatch/memory/offload.py): frees layers x tokens x hidden of GPU memory per rank for one
     copy out and one copy back per layer. Needs activation_checkpointing."""
+    keep_attention: bool = False
+    """Attention-aware checkpointing: keep each layer's attention output (and its log-sum-exp) from
+    forward, so the checkpoint's recompute in backward skips the ring forward, the costliest part of
+    a layer at long context (attention/ring.py, KeptAttention). Costs layers x tokens x hidden of
+    memory per rank, about what the checkpointed layer inputs take. Needs activation_checkpointing."""
     mlp_tiles: int = 1
     """Run each layer's MLP over this many sequence tiles, recomputed tile by tile in backward
     (ringpatch/train/tiled_mlp.py): its peak falls by this factor, for one more MLP forward."""
@@ -261,6 +266,12 @@ def _check_recipe(r: Recipe) -> None:
     _positive("keep_last", r.keep_last, allow_zero=True)
     _positive("loss_chunk_tokens", r.loss_chunk_tokens)
     _positive("mlp_tiles", r.mlp_tiles)
+    if r.keep_attention and not r.activation_checkpointing:
+        raise ValueError(
+            "keep_attention: true keeps attention outputs for the recompute of checkpointed layers, but "
+            "activation_checkpointing is false, so nothing is recomputed: set activation_checkpointing: true, or "
+            "keep_attention: false"
+        )
     if r.activation_offload and not r.activation_checkpointing:
         raise ValueError(
             "activation_offload: true moves the checkpointed layer inputs to the host, but activation_checkpointing "

@@ -86,6 +86,79 @@ def _check_ulysses(rank, world, layout):
                 model(**ringpatch.shard_batch(make_batch(), layout=layout))  # cut for the plain ring of 4
 
 
+def _ring_forwards(monkeypatch_target):
+    """Count the ring forwards: wraps attention.ring.ring_forward, returns the counter."""
+    import ringpatch.attention.ring as ring
+
+    calls = {"n": 0}
+    real = ring.ring_forward
+
+    def counting(*args, **kwargs):
+        calls["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch_target.ring_forward = counting
+    return calls
+
+
+def _check_keep_attention(rank, world, ulysses):
+    """Attention-aware checkpointing: the checkpoint's recompute takes each layer's kept output, so
+    backward runs no ring forward; loss and gradients are those of full-layer checkpointing, bit for
+    bit, and match the unpatched model."""
+    import ringpatch.attention.ring as ring
+
+    calls = _ring_forwards(ring)
+    group = ringpatch.ulysses_ring_group(ulysses) if ulysses > 1 else None
+    full = make_batch()
+    for name in ("llama", "mistral-w3") if ulysses == 1 else ("llama",):
+        ref = _reference(build(name), full)
+        runs = {}
+        for keep in (False, True):
+            model = build(name)
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.train()
+            ringpatch.patch_model(model, group=group, keep_attention=keep)
+            calls["n"] = 0
+            runs[keep] = _ring(model, full, "zigzag", world, group)
+            runs[keep] += (calls["n"],)
+        layers = build(name).config.num_hidden_layers
+        assert runs[False][2] == 2 * layers and runs[True][2] == layers, (runs[False][2], runs[True][2])
+        torch.testing.assert_close(runs[True][0], runs[False][0], rtol=0, atol=0)
+        for n, g in runs[False][1].items():
+            torch.testing.assert_close(runs[True][1][n], g, rtol=0, atol=0, msg=n)
+        _compare(f"{name} keep_attention U={ulysses}", ref, runs[True][:2])
+    # two forwards, one backward (losses summed), after a forward never backwarded: each layer's
+    # recompute takes its own forward's output, found by content, never the other's
+    other = make_batch(seed=7)
+    grads, counts = {}, {}
+    for keep in (False, True):
+        model = build("llama")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        ringpatch.patch_model(model, group=group, keep_attention=keep)
+        model(**ringpatch.shard_batch(make_batch(seed=9), group=group))  # no backward
+        calls["n"] = 0
+        loss = sum(model(**ringpatch.shard_batch(b, group=group)).loss for b in (full, other))
+        loss.backward()
+        counts[keep] = calls["n"]
+        grads[keep] = {n: p.grad.clone() for n, p in model.named_parameters()}
+    layers = build("llama").config.num_hidden_layers
+    assert (counts[False], counts[True]) == (4 * layers, 2 * layers)
+    for n, g in grads[False].items():
+        torch.testing.assert_close(grads[True][n], g, rtol=0, atol=0, msg=n)
+    model = ringpatch.patch_model(build("llama"), group=group, keep_attention=True)
+    model.train()
+    with pytest.raises(
+        ValueError, match=r"keep_attention=True\) keeps attention outputs .* no activation checkpointing"
+    ):
+        model(**ringpatch.shard_batch(full, group=group))
+
+
+@pytest.mark.parametrize("world, ulysses", [(2, 1), (4, 2)])
+def test_keep_attention_skips_the_ring_in_the_recompute(world, ulysses):
+    spawn(_check_keep_attention, world, ulysses)
+
+
 @pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
 def test_ulysses_ring_loss_and_gradients_match_unpatched(layout):
     spawn(_check_ulysses, 4, layout)

@@ -35,6 +35,8 @@ CASES = [
     ("log-every-0", "train", {"log_every": 0}, [], {}, "log_every must be > 0, got 0"),
     ("loss-chunk-0", "train", {"loss_chunk_tokens": 0}, [], {}, "loss_chunk_tokens must be > 0, got 0"),
     ("mlp-tiles-0", "train", {"mlp_tiles": 0}, [], {}, "mlp_tiles must be > 0, got 0"),
+    ("keep-no-ckpt", "train", {"keep_attention": True, "activation_checkpointing": False}, [], {},
+     "keep_attention: true keeps attention outputs for the recompute of checkpointed layers, but activation_checkpointing is false"),
     ("offload-no-ckpt", "train", {"activation_offload": True, "activation_checkpointing": False}, [], {},
      "activation_offload: true moves the checkpointed layer inputs to the host, but activation_checkpointing is false"),
     ("mlp-tiles-gpt2", "train", {"mlp_tiles": 4, "model__config__model_type": "gpt2"}, [], {},
