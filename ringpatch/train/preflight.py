@@ -152,16 +152,39 @@ def peak_gib(plan: Plan) -> tuple[float, int] | None:
     return totals[top], top
 
 
+def _remedies(recipe: Recipe) -> dict[str, str]:
+    """For each estimate item, the recipe switch that shrinks it (when not already on)."""
+    zero = "zero.stage: 3" if recipe.zero.stage < 3 else "zero.offload: cpu"
+    return {
+        "weights": zero,
+        "gradients": zero,
+        "optimizer": "zero.offload: cpu" if recipe.zero.offload == "none" else "more ranks (parallel.sp)",
+        "checkpointed activations": "activation_offload: true"
+        if recipe.activation_checkpointing
+        else "activation_checkpointing: true",
+        "recomputed layer": f"mlp_tiles: {recipe.mlp_tiles * 4} (and more ranks, parallel.sp)",
+        "ring buffers": "more ranks (parallel.sp)",
+        "all-to-all copies": "a smaller parallel.ulysses",
+        "kept attention outputs": "keep_attention: false",
+        "loss chunk": f"loss_chunk_tokens: {max(256, recipe.loss_chunk_tokens // 4)}",
+    }
+
+
 def check_memory(plan: Plan, capacity_gib: float, what: str) -> None:
     """The plan's estimated peak per device fits `capacity_gib` (what: the device, for the message)."""
     peak = peak_gib(plan)
     if peak is not None and peak[0] > capacity_gib:
         total, stage = peak
+        r = plan.recipe
+        s = r.stages[stage]
+        items = estimate(r, plan.model_config, plan.dims.world, s.seq_len, s.micro_batch or r.micro_batch)
+        largest = sorted(items.items(), key=lambda kv: -kv[1])[:3]
+        remedies = _remedies(r)
+        named = "; ".join(f"{k} {v:.1f} GiB (try {remedies[k]})" for k, v in largest)
         raise ValueError(
             f"the plan needs an estimated {total:.1f} GiB per device at stages[{stage}] "
-            f"(seq_len {plan.recipe.stages[stage].seq_len}), more than the {capacity_gib:.1f} GiB of {what}: raise "
-            "parallel.sp, lower micro_batch or seq_len, use zero.stage 3 / zero.offload: cpu (see `ringpatch plan`), "
-            "or pass --force to start anyway"
+            f"(seq_len {s.seq_len}), more than the {capacity_gib:.1f} GiB of {what}. Largest: {named}. Or raise "
+            "parallel.sp, lower micro_batch or seq_len (see `ringpatch plan`), or pass --force to start anyway"
         )
 
 
