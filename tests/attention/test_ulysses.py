@@ -82,7 +82,7 @@ def _check_parity(rank, world, ulysses, layout, docs):
     assert (group.ulysses, group.ring) == (ulysses, world // ulysses)
     seq = _seq(world)
     rng = random.Random(f"{world}-{ulysses}-{layout}")
-    cases = itertools.product((True, False), (None, 5, 40), HEADS)
+    cases = itertools.product((True, False) if world == 4 else (True,), (None, 5, 40), HEADS)  # non-causal: P=4
     for case_id, (causal, window, (h, hkv)) in enumerate(cases):
         if h % ulysses:
             continue

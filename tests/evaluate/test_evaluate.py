@@ -88,16 +88,20 @@ def test_ring_prefill_keeps_documents_apart(layout):
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("world", [2, 4])
-@pytest.mark.parametrize("name, layout", [("llama", "zigzag"), ("mistral-w20", "zigzag"), ("llama", "contiguous")])
-def test_ring_prefill_equals_single_process(world, name, layout):
+@pytest.mark.parametrize(
+    "world, name, layout, ulysses",
+    [
+        (2, "llama", "zigzag", 1),
+        (2, "mistral-w20", "zigzag", 1),
+        (2, "llama", "contiguous", 1),
+        (4, "llama", "zigzag", 1),
+        (4, "mistral-w20", "zigzag", 2),  # Ulysses 2 x ring 2
+        (4, "llama", "contiguous", 1),
+    ],
+)
+def test_ring_prefill_equals_single_process(world, name, layout, ulysses):
     assert name in CONFIGS
-    spawn(_prefill_worker, world, name, layout)
-
-
-@pytest.mark.multiprocess
-def test_ring_prefill_under_ulysses_ring_equals_single_process():
-    spawn(_prefill_worker, 4, "mistral-w20", "zigzag", 2)
+    spawn(_prefill_worker, world, name, layout, ulysses)
 
 
 @pytest.mark.parametrize("template", [CLASSIC, demo_template()], ids=["classic", "demo"])

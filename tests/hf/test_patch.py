@@ -154,12 +154,13 @@ def _check_keep_attention(rank, world, ulysses):
         model(**ringpatch.shard_batch(full, group=group))
 
 
-@pytest.mark.parametrize("world, ulysses", [(2, 1), (4, 2)])
+@pytest.mark.parametrize("world, ulysses", [(2, 1)])  # Ulysses x ring + keep_attention: tests/train/test_train.py
 def test_keep_attention_skips_the_ring_in_the_recompute(world, ulysses):
     spawn(_check_keep_attention, world, ulysses)
 
 
-@pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
+# contiguous over R cut into U pieces is contiguous over N: the plain ring's cut, tested above
+@pytest.mark.parametrize("layout", ["zigzag"])
 def test_ulysses_ring_loss_and_gradients_match_unpatched(layout):
     spawn(_check_ulysses, 4, layout)
 

@@ -57,11 +57,14 @@ def _assert_same_run(run_dir, reference_dir):
         # ZeRO-3 under the deepspeed launcher, the MLP over 4 sequence tiles, the layer inputs offloaded
         # (exact: the reference is untiled and keeps them)
         (2, {"parallel__sp": 2, "zero__stage": 3, "mlp_tiles": 4, "activation_offload": True}, "deepspeed"),
-        (4, {"parallel__sp": 2, "parallel__tp": 2, "zero__stage": 1, "mlp_tiles": 3}, "accelerate"),  # sp x tp, ZeRO-1
+        # sp x tp, ZeRO-1, sp = Ulysses 2 (each tp rank's 1 K/V head repeated for its 2 Ulysses ranks)
+        (
+            4,
+            {"parallel__sp": 2, "parallel__ulysses": 2, "parallel__tp": 2, "zero__stage": 1, "mlp_tiles": 3},
+            "accelerate",
+        ),
         # Ulysses 2 x ring 2, dp 1, attention outputs kept for the recompute (the reference recomputes them)
         (4, {"parallel__sp": 4, "parallel__ulysses": 2, "keep_attention": True}, "torchrun"),
-        # Ulysses 2 over tp 2: each tp rank's 1 K/V head is repeated for its 2 Ulysses ranks
-        (4, {"parallel__sp": 2, "parallel__ulysses": 2, "parallel__tp": 2, "zero__stage": 1}, "torchrun"),
         (
             2,
             {
@@ -75,9 +78,8 @@ def _assert_same_run(run_dir, reference_dir):
     ids=[
         "sp2-zero2-torchrun",
         "sp2-zero3-tiles4-offload-deepspeed",
-        "sp2-tp2-zero1-tiles3-accelerate",
+        "sp2-ulysses2-tp2-zero1-tiles3-accelerate",
         "sp4-ulysses2-ring2-keep-attention-torchrun",
-        "ulysses2-tp2-zero1-torchrun",
         "sp2-zero3-offload-overlay",
     ],
 )
