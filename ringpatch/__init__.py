@@ -4,7 +4,7 @@ The package's layers, each importing only those above it in this list (tests/tes
 checks it; docs/design.md has the map):
 
   attention/     ring attention: layouts, block planner, kernels, the ring (torch only)
-  parallel/      the dp x sp x tp grid and process start
+  parallel/      the dp x (ring x ulysses) x tp grid and process start
   hf/            patch_model, shard_batch, RoPE rules, model-type tables
   memory/        chunked loss, the memory estimate
   integrations/  Trainer / TRL / PEFT glue
