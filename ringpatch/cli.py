@@ -54,7 +54,7 @@ def plan(argv: list[str]) -> int:
         help="GiB of host memory per node that activation offload may use (default 1536: a 2 TB node, a quarter kept)",
     )
     args = parser.parse_args(argv)
-    from ringpatch.train.plan import describe, describe_max_context
+    from ringpatch.train.plan import describe, describe_max_context, on_gpus
     from ringpatch.train.preflight import USER_ERRORS, check_memory, preflight
 
     try:
@@ -66,6 +66,7 @@ def plan(argv: list[str]) -> int:
         if not args.host_memory > 0:
             raise ValueError(f"--host-memory must be positive (GiB per node), got {args.host_memory}")
         p = preflight(args.recipe, world=args.nodes * args.gpus_per_node)
+        p = on_gpus(p)  # `plan` plans for GPUs wherever it runs
         p.dims.check_node(args.gpus_per_node)
         print(describe(p, args.launch, args.gpus_per_node))
         if args.max_context:

@@ -16,6 +16,8 @@ The estimate counts, per GPU, in bytes (N = parameters, of which tp shards all b
 - kept attention outputs (keep_attention): per layer, the output (tokens x heads x head_dim, bf16)
   and its float32 log-sum-exp (tokens x heads), divided by tp;
 - the loss: one chunk of float32 logits and its gradient.
+With bf16=False (float32 training, as on CPU) every 2-byte tensor above is 4 bytes, and the
+optimizer holds Adam's m and v only (8N: the weights are already float32).
 It is an estimate for choosing a layout, not a promise: allocator slack and NCCL buffers come on top.
 """
 
@@ -39,16 +41,17 @@ def parameters(cfg: dict) -> tuple[int, int]:
     return n_layers * (attn + mlp + 2 * h) + h + emb, emb
 
 
-def estimate(recipe, cfg: dict, world: int, seq_len: int, micro_batch: int) -> dict[str, float]:
-    """GiB per GPU, by item, for one stage."""
+def estimate(recipe, cfg: dict, world: int, seq_len: int, micro_batch: int, bf16: bool = True) -> dict[str, float]:
+    """GiB per GPU, by item, for one stage. bf16: the training precision (False: float32)."""
+    b = 2 if bf16 else 4  # bytes of a weight, gradient or activation element
     sp, tp, ulysses = recipe.parallel.sp, recipe.parallel.tp, recipe.parallel.ulysses
     shards = world // tp  # dp x sp
     n, emb = parameters(cfg)
     n_tp = (n - emb) / tp + emb
     zero, offload = recipe.zero.stage, recipe.zero.offload == "cpu"
-    weights = 2 * n_tp / (shards if zero == 3 else 1) * (0 if offload and zero == 3 else 1)
-    grads = 2 * n_tp / (shards if zero >= 2 else 1)
-    optim = 0 if offload else 12 * n_tp / (shards if zero >= 1 else 1)
+    weights = b * n_tp / (shards if zero == 3 else 1) * (0 if offload and zero == 3 else 1)
+    grads = b * n_tp / (shards if zero >= 2 else 1)
+    optim = 0 if offload else (12 if bf16 else 8) * n_tp / (shards if zero >= 1 else 1)
     h, inter, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
     heads = cfg["num_attention_heads"]
     kv_heads = cfg.get("num_key_value_heads") or heads
@@ -56,13 +59,13 @@ def estimate(recipe, cfg: dict, world: int, seq_len: int, micro_batch: int) -> d
     q_dim = heads * (cfg.get("head_dim") or h // heads)
     rep = kv_repeats(kv_heads // tp, ulysses) if ulysses > 1 else 1
     tokens = micro_batch * seq_len // sp  # per GPU
-    mlp = 3 * inter / tp / recipe.mlp_tiles  # per token, bf16 elements
-    ckpt = layers * tokens * h * 2 if recipe.activation_checkpointing else layers * tokens * (8 * h + mlp) * 2
+    mlp = 3 * inter / tp / recipe.mlp_tiles  # per token, elements
+    ckpt = layers * tokens * h * b if recipe.activation_checkpointing else layers * tokens * (8 * h + mlp) * b
     if recipe.activation_offload:
         ckpt = 0
-    work = tokens * (8 * h + mlp) * 2
-    ring = tokens * kv_dim * rep / tp * (2 * 2 * 2 + 2 * 4)
-    a2a = tokens * (2 * q_dim + 2 * kv_dim * rep) / tp * 2 if ulysses > 1 else 0
+    work = tokens * (8 * h + mlp) * b
+    ring = tokens * kv_dim * rep / tp * (2 * 2 * b + 2 * 4)
+    a2a = tokens * (2 * q_dim + 2 * kv_dim * rep) / tp * b if ulysses > 1 else 0
     loss = min(recipe.loss_chunk_tokens, tokens) * cfg["vocab_size"] * 4 * 2
     items = {
         "weights": weights,
@@ -72,14 +75,14 @@ def estimate(recipe, cfg: dict, world: int, seq_len: int, micro_batch: int) -> d
         "recomputed layer": work,
         "ring buffers": ring,
         **({"all-to-all copies": a2a} if ulysses > 1 else {}),
-        **({"kept attention outputs": layers * tokens * (q_dim * 2 + heads * 4) / tp} if recipe.keep_attention else {}),
+        **({"kept attention outputs": layers * tokens * (q_dim * b + heads * 4) / tp} if recipe.keep_attention else {}),
         "loss chunk": loss,
     }
     return {k: v / GIB for k, v in items.items()}
 
 
-def host_offload_gib(recipe, cfg: dict, seq_len: int, micro_batch: int) -> float:
+def host_offload_gib(recipe, cfg: dict, seq_len: int, micro_batch: int, bf16: bool = True) -> float:
     """Host GiB per GPU that activation_offload holds (0 when off)."""
     if not recipe.activation_offload:
         return 0.0
-    return offloaded_bytes(cfg, micro_batch * seq_len // recipe.parallel.sp) / GIB
+    return offloaded_bytes(cfg, micro_batch * seq_len // recipe.parallel.sp, 2 if bf16 else 4) / GIB

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from ringpatch.memory.estimate import estimate, host_offload_gib, parameters
@@ -23,6 +24,11 @@ class Plan:
     """The DeepSpeed config (ds_config.deepspeed_config), overlay merged."""
     model_config: dict | None
     """The architecture, when known without a download (recipe or local config.json)."""
+
+
+def on_gpus(plan: Plan) -> Plan:
+    """The plan as it trains on GPUs, wherever it is made: dtype auto is bf16 there."""
+    return dataclasses.replace(plan, bf16=plan.recipe.model.dtype != "float32")
 
 
 def _precision(dtype: str) -> str:
@@ -55,7 +61,7 @@ def describe(plan, launch: str | None = None, gpus_per_node: int | None = None) 
         rope = (
             f"theta {s.rope_theta:,.0f}" if s.rope_theta else (str(s.rope_scaling) if s.rope_scaling else "as loaded")
         )
-        est = estimate(r, plan.model_config, dims.world, s.seq_len, mb) if plan.model_config else None
+        est = estimate(r, plan.model_config, dims.world, s.seq_len, mb, plan.bf16) if plan.model_config else None
         mem = f"{sum(est.values()):.1f}" if est else "unknown (no model config)"
         lines.append(
             f"{i:>5}  {s.seq_len:>7}  {s.steps:>7}  {mb:>11}  {mb * s.seq_len // dims.sp:>10}  {rope:<27}  {mem}"
@@ -63,7 +69,7 @@ def describe(plan, launch: str | None = None, gpus_per_node: int | None = None) 
     if est:  # the last stage's
         lines.append("last stage, GiB/GPU: " + ", ".join(f"{k} {v:.2f}" for k, v in est.items()))
         last = r.stages[-1]
-        host = host_offload_gib(r, plan.model_config, last.seq_len, last.micro_batch or r.micro_batch)
+        host = host_offload_gib(r, plan.model_config, last.seq_len, last.micro_batch or r.micro_batch, plan.bf16)
         if host:
             per_node = f", {host * gpus_per_node:.1f} GiB per node of {gpus_per_node}" if gpus_per_node else ""
             lines.append(f"last stage, host memory for offloaded activations: {host:.2f} GiB per GPU{per_node}")
@@ -97,8 +103,8 @@ def max_context(
     step = plan.dims.seq_len_divisor
 
     def fits(n: int):
-        est = estimate(plan.recipe, plan.model_config, plan.dims.world, n * step, micro_batch)
-        host = host_offload_gib(plan.recipe, plan.model_config, n * step, micro_batch)
+        est = estimate(plan.recipe, plan.model_config, plan.dims.world, n * step, micro_batch, plan.bf16)
+        host = host_offload_gib(plan.recipe, plan.model_config, n * step, micro_batch, plan.bf16)
         ok = sum(est.values()) <= capacity_gib and (host_gib_per_gpu is None or host <= host_gib_per_gpu)
         return est if ok else None
 
@@ -120,7 +126,7 @@ def describe_max_context(plan: Plan, capacity_gib: float, gpus_per_node: int, ho
         return f"max context: unknown (no model config) or not even {plan.dims.seq_len_divisor} tokens fit"
     seq_len, est = found
     items = ", ".join(f"{k} {v:.2f}" for k, v in sorted(est.items(), key=lambda kv: -kv[1])[:4])
-    host = host_offload_gib(plan.recipe, plan.model_config, seq_len, 1)
+    host = host_offload_gib(plan.recipe, plan.model_config, seq_len, 1, plan.bf16)
     host_line = (
         f"; host memory for offloaded activations {host:.1f} GiB per GPU, {host * gpus_per_node:.0f} of the "
         f"{host_gib_per_node:g} GiB per node allowed (--host-memory)"

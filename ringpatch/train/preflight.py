@@ -145,7 +145,11 @@ def peak_gib(plan: Plan) -> tuple[float, int] | None:
         return None
     r = plan.recipe
     totals = [
-        sum(estimate(r, plan.model_config, plan.dims.world, s.seq_len, s.micro_batch or r.micro_batch).values())
+        sum(
+            estimate(
+                r, plan.model_config, plan.dims.world, s.seq_len, s.micro_batch or r.micro_batch, plan.bf16
+            ).values()
+        )
         for s in r.stages
     ]
     top = max(range(len(totals)), key=totals.__getitem__)
@@ -177,7 +181,7 @@ def check_memory(plan: Plan, capacity_gib: float, what: str) -> None:
         total, stage = peak
         r = plan.recipe
         s = r.stages[stage]
-        items = estimate(r, plan.model_config, plan.dims.world, s.seq_len, s.micro_batch or r.micro_batch)
+        items = estimate(r, plan.model_config, plan.dims.world, s.seq_len, s.micro_batch or r.micro_batch, plan.bf16)
         largest = sorted(items.items(), key=lambda kv: -kv[1])[:3]
         remedies = _remedies(r)
         named = "; ".join(f"{k} {v:.1f} GiB (try {remedies[k]})" for k, v in largest)

@@ -151,10 +151,10 @@ def test_the_planner_finds_1m_on_one_node_and_4m_on_four():
     """--max-context: the longest sequence whose estimate fits 68 of 80 GiB per GPU, with the
     offloaded activations within 1536 GiB of host memory per node."""
     from ringpatch.memory.estimate import estimate, host_offload_gib
-    from ringpatch.train.plan import max_context
+    from ringpatch.train.plan import max_context, on_gpus
 
     for name, world, at_least in [("llama3-8b-1m-1node", 8, 2**20), ("llama3-8b-4m", 32, 4 * 2**20)]:
-        plan = preflight(str(ROOT / "recipes" / f"{name}.yaml"), world=world)
+        plan = on_gpus(preflight(str(ROOT / "recipes" / f"{name}.yaml"), world=world))
         seq_len, est = max_context(plan, 68.0, 1536 / 8)
         assert seq_len >= at_least and sum(est.values()) <= 68.0, (name, seq_len)
         assert seq_len % plan.dims.seq_len_divisor == 0
@@ -164,6 +164,6 @@ def test_the_planner_finds_1m_on_one_node_and_4m_on_four():
     # without offload and tiles, one node stops short of 1M (the reason for the switches)
     import dataclasses
 
-    plan = preflight(str(ROOT / "recipes" / "llama3-8b-1m-1node.yaml"), world=8)
+    plan = on_gpus(preflight(str(ROOT / "recipes" / "llama3-8b-1m-1node.yaml"), world=8))
     bare = dataclasses.replace(plan, recipe=dataclasses.replace(plan.recipe, activation_offload=False, mlp_tiles=1))
     assert max_context(bare, 68.0)[0] < 2**20
