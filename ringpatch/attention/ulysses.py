@@ -126,11 +126,21 @@ def ulysses_ring_group(ulysses: int, group=None) -> UlyssesRing:
         raise ValueError("ulysses_ring_group needs torch.distributed initialised (init_process_group first)")
     group = group if group is not None else dist.group.WORLD
     members = dist.get_process_group_ranks(group)
-    check_ulysses(ulysses, len(members))
-    if members != sorted(members):
-        raise ValueError(f"the sequence group's ranks {members} must be in increasing order")
+    problem = None
+    try:  # checked on every rank, then shared, so a misuse on one rank raises on all of them
+        check_ulysses(ulysses, len(members))
+        if members != sorted(members):
+            raise ValueError(f"the sequence group's ranks {members} must be in increasing order")
+    except ValueError as exc:
+        problem = str(exc)
     everyone: list = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, (tuple(members), ulysses))
+    dist.all_gather_object(everyone, (tuple(members), ulysses, problem))
+    if problem is not None:
+        raise ValueError(problem)
+    refused = [r for r, (_, _, p) in enumerate(everyone) if p is not None]
+    if refused:
+        raise ValueError(f"ulysses_ring_group was refused on rank(s) {refused}: {everyone[refused[0]][2]}")
+    everyone = [(m, u) for m, u, _ in everyone]
     degrees = sorted({u for _, u in everyone})
     if len(degrees) > 1:
         raise ValueError(f"the ranks asked for different ulysses degrees {degrees}; pass the same on every rank")

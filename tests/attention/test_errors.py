@@ -165,6 +165,9 @@ def _check_ulysses_errors(rank, world):
         ringpatch.ulysses_ring_group,
         2 if rank < 2 else 1,
     )
+    # a degree refused on one rank only: that rank's own error, the others told, nobody waits
+    match = r"ulysses=3 does not divide" if rank == 0 else r"refused on rank\(s\) \[0\]: ulysses=3 does not divide"
+    _raises(ValueError, match, ringpatch.ulysses_ring_group, 3 if rank == 0 else 2)
     overlapping = [dist.new_group(r) for r in ([0, 1, 2], [1, 2, 3])]
     _raises(
         ValueError,
