@@ -251,12 +251,13 @@ class RingAttentionFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, spec: RingSpec, group, kept: KeptAttention | None = None):
         prints = _fingerprints(q, k, v, spec, group) if kept is not None else None
-        found = kept.take(prints) if kept is not None and _in_backward() else None
+        recompute = kept is not None and _in_backward()
+        found = kept.take(prints) if recompute else None
         if found is not None:
             out, lse = found[0].detach(), found[1]  # the checkpoint's recompute: no ring forward
         else:
             out, lse = ring_forward(q, k, v, spec, group)
-            if kept is not None and not _in_backward():
+            if kept is not None and not recompute:
                 kept.put(prints, out.detach(), lse)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.spec, ctx.group = spec, group

@@ -74,26 +74,26 @@ def check_ulysses(ulysses, sp_size: int) -> None:
         )
 
 
+def splits_heads(heads: int, kv_heads: int, ulysses: int) -> bool:
+    """Whether U can take these head counts: it divides the query heads, and the K/V heads divide
+    by it (split) or it by them (repeated)."""
+    return heads % ulysses == 0 and (kv_heads % ulysses == 0 or ulysses % kv_heads == 0)
+
+
 def check_heads(heads: int, kv_heads: int, ulysses: int, sp: int | None = None) -> None:
     """Query heads split U ways; K/V heads split (U <= H_kv) or repeated (U a multiple of H_kv).
     `sp`, when known, narrows the degrees the message offers to those that divide it."""
-    if ulysses == 1:
-        return
-    choices = [
-        d
-        for d in range(1, heads + 1)
-        if heads % d == 0 and (kv_heads % d == 0 or d % kv_heads == 0) and (sp is None or sp % d == 0)
-    ]
     if heads % ulysses:
-        raise ValueError(
-            f"ulysses={ulysses} does not divide the {heads} query heads (per tensor-parallel rank); "
-            f"choose ulysses among {choices}"
+        problem = f"does not divide the {heads} query heads (per tensor-parallel rank)"
+    elif kv_heads % ulysses and ulysses % kv_heads:
+        problem = (
+            f"neither divides the {kv_heads} key/value heads (per tensor-parallel rank) nor is a multiple of them, "
+            "so the K/V heads cannot follow their query heads"
         )
-    if kv_heads % ulysses and ulysses % kv_heads:
-        raise ValueError(
-            f"ulysses={ulysses} neither divides the {kv_heads} key/value heads (per tensor-parallel rank) nor is a "
-            f"multiple of them, so the K/V heads cannot follow their query heads; choose ulysses among {choices}"
-        )
+    else:
+        return  # (ulysses 1 always passes; this runs at every attention call, the choices only on error)
+    choices = [d for d in range(1, heads + 1) if splits_heads(heads, kv_heads, d) and (sp is None or sp % d == 0)]
+    raise ValueError(f"ulysses={ulysses} {problem}; choose ulysses among {choices}")
 
 
 def kv_repeats(kv_heads: int, ulysses: int) -> int:
@@ -196,26 +196,18 @@ def _heads_to_seq(x: torch.Tensor, group, u: int) -> torch.Tensor:
     return parts.permute(1, 2, 0, 3, 4).reshape(b, n // u, u * h, d)
 
 
-class SeqToHeads(torch.autograd.Function):
+class Trade(torch.autograd.Function):
+    """One all-to-all of a Ulysses group, sequence for heads (to_heads) or back; its backward is
+    the other direction."""
+
     @staticmethod
-    def forward(ctx, x, group, u: int):
-        ctx.group, ctx.u = group, u
-        return _seq_to_heads(x, group, u)
+    def forward(ctx, x, group, u: int, to_heads: bool):
+        ctx.group, ctx.u, ctx.to_heads = group, u, to_heads
+        return (_seq_to_heads if to_heads else _heads_to_seq)(x, group, u)
 
     @staticmethod
     def backward(ctx, grad):
-        return _heads_to_seq(grad, ctx.group, ctx.u), None, None
-
-
-class HeadsToSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group, u: int):
-        ctx.group, ctx.u = group, u
-        return _heads_to_seq(x, group, u)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _seq_to_heads(grad, ctx.group, ctx.u), None, None
+        return (_heads_to_seq if ctx.to_heads else _seq_to_heads)(grad, ctx.group, ctx.u), None, None, None
 
 
 def scatter_heads(q, k, v, hybrid: UlyssesRing):
@@ -227,10 +219,10 @@ def scatter_heads(q, k, v, hybrid: UlyssesRing):
     if repeats > 1:
         kv = kv.repeat_interleave(repeats, dim=2)
     b, n, hkv, _, d = kv.shape
-    kv = SeqToHeads.apply(kv.reshape(b, n, hkv * 2, d), group, u).view(b, u * n, hkv // u, 2, d)
-    return SeqToHeads.apply(q, group, u), kv[:, :, :, 0], kv[:, :, :, 1]
+    kv = Trade.apply(kv.reshape(b, n, hkv * 2, d), group, u, True).view(b, u * n, hkv // u, 2, d)
+    return Trade.apply(q, group, u, True), kv[:, :, :, 0], kv[:, :, :, 1]
 
 
 def gather_heads(out: torch.Tensor, hybrid: UlyssesRing) -> torch.Tensor:
     """The ring's (B, U*L, H/U, D) output -> this rank's tokens on all heads (B, L, H, D)."""
-    return HeadsToSeq.apply(out, hybrid.ulysses_group, hybrid.ulysses)
+    return Trade.apply(out, hybrid.ulysses_group, hybrid.ulysses, False)

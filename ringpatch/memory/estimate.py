@@ -24,17 +24,27 @@ It is an estimate for choosing a layout, not a promise: allocator slack and NCCL
 from __future__ import annotations
 
 from ringpatch.attention.ulysses import kv_repeats
-from ringpatch.memory.offload import offloaded_bytes
 
 GIB = 2**30
+
+
+def attention_shape(cfg: dict) -> tuple[int, int, int]:
+    """(query heads, K/V heads, head_dim) of a Llama/Mistral-style config."""
+    heads = cfg["num_attention_heads"]
+    return heads, cfg.get("num_key_value_heads") or heads, cfg.get("head_dim") or cfg["hidden_size"] // heads
+
+
+def offloaded_bytes(cfg: dict, tokens: int, dtype_bytes: int = 2) -> float:
+    """Host bytes per rank under activation_offload: every layer's hidden input plus its RoPE cos
+    and sin (copied per layer)."""
+    head_dim = attention_shape(cfg)[2]
+    return cfg["num_hidden_layers"] * tokens * (cfg["hidden_size"] + 2 * head_dim) * dtype_bytes
 
 
 def parameters(cfg: dict) -> tuple[int, int]:
     """(all parameters, embedding parameters) of a Llama/Mistral-style config."""
     h, v, n_layers = cfg["hidden_size"], cfg["vocab_size"], cfg["num_hidden_layers"]
-    heads = cfg["num_attention_heads"]
-    kv = cfg.get("num_key_value_heads") or heads
-    d = cfg.get("head_dim") or h // heads
+    heads, kv, d = attention_shape(cfg)
     attn = h * heads * d * 2 + h * kv * d * 2
     mlp = 3 * h * cfg["intermediate_size"]
     emb = v * h * (1 if cfg.get("tie_word_embeddings") else 2)
@@ -53,10 +63,8 @@ def estimate(recipe, cfg: dict, world: int, seq_len: int, micro_batch: int, bf16
     grads = b * n_tp / (shards if zero >= 2 else 1)
     optim = 0 if offload else (12 if bf16 else 8) * n_tp / (shards if zero >= 1 else 1)
     h, inter, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
-    heads = cfg["num_attention_heads"]
-    kv_heads = cfg.get("num_key_value_heads") or heads
-    kv_dim = kv_heads * (cfg.get("head_dim") or h // heads)
-    q_dim = heads * (cfg.get("head_dim") or h // heads)
+    heads, kv_heads, head_dim = attention_shape(cfg)
+    kv_dim, q_dim = kv_heads * head_dim, heads * head_dim
     rep = kv_repeats(kv_heads // tp, ulysses) if ulysses > 1 else 1
     tokens = micro_batch * seq_len // sp  # per GPU
     mlp = 3 * inter / tp / recipe.mlp_tiles  # per token, elements

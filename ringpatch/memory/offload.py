@@ -55,10 +55,3 @@ def enable_by_hand(lm, offload: bool) -> None:
         lm._set_gradient_checkpointing(
             enable=True, gradient_checkpointing_func=functools.partial(_offloaded_checkpoint, **kwargs)
         )
-
-
-def offloaded_bytes(cfg: dict, tokens: int, dtype_bytes: int = 2) -> float:
-    """Host bytes per rank: every layer's hidden input plus its RoPE cos and sin (copied per layer)."""
-    heads = cfg["num_attention_heads"]
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
-    return cfg["num_hidden_layers"] * tokens * (cfg["hidden_size"] + 2 * head_dim) * dtype_bytes

@@ -31,7 +31,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ringpatch.attention.ulysses import kv_repeats
+from ringpatch.attention.ulysses import kv_repeats, splits_heads
+from ringpatch.memory.estimate import attention_shape
 
 GIB = 2**30
 HIDES_ACROSS_NODES = 10_000  # attention FLOPs per byte sent that hide a ring step over InfiniBand
@@ -77,11 +78,9 @@ def traffic(
 ) -> Traffic:
     """`tokens`: the micro-batch's tokens per rank (micro_batch x seq_len / sp); `row`: of them,
     one row's (seq_len / sp), for the ring step's intensity (0: not computed)."""
-    h, layers = cfg["hidden_size"], cfg["num_hidden_layers"]
-    heads = cfg["num_attention_heads"]
-    kv_heads = cfg.get("num_key_value_heads") or heads
-    kv_dim = kv_heads * (cfg.get("head_dim") or h // heads)
-    q_dim = heads * (cfg.get("head_dim") or h // heads)
+    layers = cfg["num_hidden_layers"]
+    heads, kv_heads, head_dim = attention_shape(cfg)
+    kv_dim, q_dim = kv_heads * head_dim, heads * head_dim
     rep = kv_repeats(kv_heads // tp, ulysses) if ulysses > 1 else 1
     ring = sp // ulysses
     forwards = 2 if checkpointing else 1
@@ -96,13 +95,11 @@ def traffic(
 def ulysses_choices(cfg: dict, sp: int, tp: int, gpus_per_node: int) -> list[int]:
     """Ulysses degrees the grid allows: U divides sp and the query heads per tp rank, the K/V
     heads per tp rank divide U or U divides them, and U x tp ranks fit in a node."""
-    heads = cfg["num_attention_heads"]
-    kv = (cfg.get("num_key_value_heads") or heads) // tp
-    q = heads // tp
+    heads, kv_heads, _ = attention_shape(cfg)
     return [
         u
         for u in range(1, sp + 1)
-        if sp % u == 0 and q % u == 0 and (kv % u == 0 or u % kv == 0) and gpus_per_node % (u * tp) == 0
+        if sp % u == 0 and splits_heads(heads // tp, kv_heads // tp, u) and gpus_per_node % (u * tp) == 0
     ]
 
 

@@ -27,8 +27,8 @@ SPLITS = {
 }
 
 
-def _random_lengths(rng: random.Random) -> list[int]:
-    lengths, left = [], SEQ
+def _random_lengths(rng: random.Random, seq: int = SEQ) -> list[int]:
+    lengths, left = [], seq
     while left:
         n = min(left, rng.choice([1, 2, rng.randint(3, 12), rng.randint(13, 60)]))
         lengths.append(n)
@@ -58,8 +58,11 @@ def _reference(q, k, v, dout, causal, window, doc_ids):
 
 
 def _monolithic(q, k, v, dout, causal, window, doc_ids, dtype):
-    """One-process fused attention with the block-diagonal mask: the bf16 bar."""
-    mask = visible(SEQ, causal, window)[None] & (doc_ids[:, :, None] == doc_ids[:, None, :])
+    """One-process fused attention with the block-diagonal mask (doc_ids None: one sequence per
+    row): the bf16 bar."""
+    mask = visible(q.shape[1], causal, window)[None]
+    if doc_ids is not None:
+        mask = mask & (doc_ids[:, :, None] == doc_ids[:, None, :])
     q, k, v = (x.to(dtype).transpose(1, 2).requires_grad_() for x in (q, k, v))
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=True)
     out.backward(dout.to(dtype).transpose(1, 2))

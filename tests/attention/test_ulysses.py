@@ -10,12 +10,12 @@ import random
 import pytest
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 import ringpatch
 from ringpatch.attention.layout import local_ranges
+from tests.attention.test_documents import _monolithic, _random_lengths, _reference
 from tests.helpers.procs import spawn
-from tests.helpers.reference import attention, doc_ids_from_lengths, rel_err, rms_err, visible
+from tests.helpers.reference import doc_ids_from_lengths, rel_err, rms_err
 
 pytestmark = pytest.mark.multiprocess
 
@@ -32,37 +32,6 @@ def _inputs(seed, batch, heads, kv_heads, seq, dim=16):
     g = torch.Generator().manual_seed(seed)
     shapes = [(batch, seq, h, dim) for h in (heads, kv_heads, kv_heads, heads)]
     return [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
-
-
-def _lengths(rng: random.Random, seq: int) -> list[int]:
-    lengths, left = [], seq
-    while left:
-        n = min(left, rng.choice([1, 2, rng.randint(3, 12), rng.randint(13, 60)]))
-        lengths.append(n)
-        left -= n
-    return lengths
-
-
-def _mask(seq, causal, window, doc_ids):
-    mask = visible(seq, causal, window)[None]
-    if doc_ids is not None:
-        mask = mask & (doc_ids[:, :, None] == doc_ids[:, None, :])
-    return mask
-
-
-def _reference(q, k, v, dout, causal, window, doc_ids):
-    q, k, v = (x.clone().requires_grad_() for x in (q, k, v))
-    out = attention(q, k, v, causal, window, doc_ids=doc_ids)
-    out.backward(dout)
-    return out.detach(), q.grad, k.grad, v.grad
-
-
-def _monolithic(q, k, v, dout, causal, window, doc_ids, dtype):
-    mask = _mask(q.shape[1], causal, window, doc_ids)
-    q, k, v = (x.to(dtype).transpose(1, 2).requires_grad_() for x in (q, k, v))
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=True)
-    out.backward(dout.to(dtype).transpose(1, 2))
-    return [x.transpose(1, 2) for x in (out.detach(), q.grad, k.grad, v.grad)]
 
 
 def _hybrid(q, k, v, dout, causal, window, layout, dtype, cu, group):
@@ -87,7 +56,7 @@ def _check_parity(rank, world, ulysses, layout, docs):
         if h % ulysses:
             continue
         batch = 2 if docs else 1 + case_id % 2
-        rows = [_lengths(rng, seq) for _ in range(batch)] if docs else None
+        rows = [_random_lengths(rng, seq) for _ in range(batch)] if docs else None
         doc_ids = doc_ids_from_lengths(rows) if docs else None
         cu = [0] + list(itertools.accumulate(n for row in rows for n in row)) if docs else None
         q, k, v, dout = _inputs(case_id, batch, h, hkv, seq)
