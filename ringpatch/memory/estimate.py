@@ -4,20 +4,27 @@ The estimate counts, per GPU, in bytes (N = parameters, of which tp shards all b
 - weights 2N (bf16), gradients 2N, optimizer 12N (fp32 master, Adam m and v), divided by the
   dp x sp ranks that ZeRO partitions them over (stage 1: optimizer; 2: + gradients; 3: + weights),
   optimizer (and stage-3 weights) moved to CPU by offload;
-- checkpointed activations: one (tokens x hidden) bf16 input per layer; none on the GPU with
-  activation_offload (host_offload_gib counts them on the host, with each layer's RoPE cos/sin);
-- the working set of the layer being recomputed: about tokens x (8 hidden + 3 intermediate) bf16
-  (q, k, v, attention out and residual tensors, the MLP's gate, up and product), the MLP's part
-  divided by mlp_tiles (a tiled MLP holds one tile's at a time);
+- checkpointed activations: one (tokens x hidden) input per layer (none on the GPU with
+  activation_offload: host_offload_gib counts them on the host, with each layer's RoPE cos/sin),
+  plus what the final norm saves; without checkpointing, everything every layer saves (below);
+- the recomputed layer: what one decoder layer saves for its backward, counted tensor by tensor
+  for transformers' Llama/Mistral layer (tests/memory/test_estimate.py counts them with autograd's
+  saved-tensor hooks): each RMSNorm a float32 copy of its input, the normalized input and its
+  scaled output; roped q and k, v, the attention output and its float32 log-sum-exp; the MLP's
+  gate, activation, up and product; plus the gradients alive at the worst moment of its backward
+  (the layer's output and input gradients, three MLP-sized ones). With mlp_tiles the MLP saves
+  only its input and its recompute holds one tile's part;
 - ring buffers: K and V blocks (current + in flight) and float32 dK/dV accumulators; with
   Ulysses x ring the same bytes (U times the tokens on 1/U of the K/V heads), times the
   repeat factor when U exceeds the K/V heads per tp rank;
 - Ulysses all-to-all copies (ulysses > 1): q, k, v and the output in the other layout;
-- kept attention outputs (keep_attention): per layer, the output (tokens x heads x head_dim, bf16)
+- kept attention outputs (keep_attention): per layer, the output (tokens x heads x head_dim)
   and its float32 log-sum-exp (tokens x heads), divided by tp;
-- the loss: one chunk of float32 logits and its gradient.
+- the loss: one chunk's float32 log-softmax, its gradient and the logits' gradient (three
+  chunk x vocab float32 tensors at the peak of a chunk's backward).
 With bf16=False (float32 training, as on CPU) every 2-byte tensor above is 4 bytes, and the
 optimizer holds Adam's m and v only (8N: the weights are already float32).
+bench/memory.py compares the activation items with measured peaks (2 CPU ranks, float32).
 It is an estimate for choosing a layout, not a promise: allocator slack and NCCL buffers come on top.
 """
 
@@ -39,6 +46,19 @@ def offloaded_bytes(cfg: dict, tokens: int, dtype_bytes: int = 2) -> float:
     and sin (copied per layer)."""
     head_dim = attention_shape(cfg)[2]
     return cfg["num_hidden_layers"] * tokens * (cfg["hidden_size"] + 2 * head_dim) * dtype_bytes
+
+
+def layer_saved_bytes(cfg: dict, tp: int = 1, dtype_bytes: int = 2, tiled: bool = False) -> float:
+    """Bytes per token that one transformers Llama/Mistral decoder layer saves for its backward:
+    two RMSNorms (each a float32 copy of its input, the normalized input and its scaled output),
+    roped q and k, v and the attention output, the float32 log-sum-exp, and the MLP's gate,
+    activation, up and product (only the input, already counted, when the MLP is tiled)."""
+    b, h = dtype_bytes, cfg["hidden_size"]
+    heads, kv_heads, head_dim = attention_shape(cfg)
+    norms = 2 * (4 + 2 * b) * h
+    attention = ((2 * heads + 2 * kv_heads) * head_dim * b + heads * 4) / tp
+    mlp = 0 if tiled else 4 * cfg["intermediate_size"] / tp * b
+    return norms + attention + mlp
 
 
 def parameters(cfg: dict) -> tuple[int, int]:
@@ -67,14 +87,22 @@ def estimate(recipe, cfg: dict, world: int, seq_len: int, micro_batch: int, bf16
     kv_dim, q_dim = kv_heads * head_dim, heads * head_dim
     rep = kv_repeats(kv_heads // tp, ulysses) if ulysses > 1 else 1
     tokens = micro_batch * seq_len // sp  # per GPU
-    mlp = 3 * inter / tp / recipe.mlp_tiles  # per token, elements
-    ckpt = layers * tokens * h * b if recipe.activation_checkpointing else layers * tokens * (8 * h + mlp) * b
-    if recipe.activation_offload:
-        ckpt = 0
-    work = tokens * (8 * h + mlp) * b
+    tiles = recipe.mlp_tiles
+    saved = layer_saved_bytes(cfg, tp, b, tiled=tiles > 1)  # per token, one layer's forward
+    final_norm = (4 + 2 * b) * h
+    rope = 2 * head_dim * b  # cos and sin, shared by the layers
+    if not recipe.activation_checkpointing:
+        ckpt = tokens * (layers * saved + rope + final_norm)
+    elif recipe.activation_offload:
+        ckpt = tokens * final_norm
+    else:
+        ckpt = tokens * (layers * h * b + rope + final_norm)
+    mlp_step = 3 * inter / tp / tiles * b  # MLP-sized gradients of one tile's backward
+    recompute = (saved + 4 * inter / tp / tiles * b * (tiles > 1)) if recipe.activation_checkpointing else 0
+    work = tokens * (recompute + 2 * h * b + mlp_step)
     ring = tokens * kv_dim * rep / tp * (2 * 2 * b + 2 * 4)
     a2a = tokens * (2 * q_dim + 2 * kv_dim * rep) / tp * b if ulysses > 1 else 0
-    loss = min(recipe.loss_chunk_tokens, tokens) * cfg["vocab_size"] * 4 * 2
+    loss = min(recipe.loss_chunk_tokens, tokens) * cfg["vocab_size"] * 4 * 3
     items = {
         "weights": weights,
         "gradients": grads,
@@ -87,6 +115,21 @@ def estimate(recipe, cfg: dict, world: int, seq_len: int, micro_batch: int, bf16
         "loss chunk": loss,
     }
     return {k: v / GIB for k, v in items.items()}
+
+
+# one layer's backward (its recompute, the ring's blocks, the all-to-all's copies) and one loss
+# chunk's backward happen at different moments of a step: the peak holds the larger of the two
+LAYER_BACKWARD = ("recomputed layer", "ring buffers", "all-to-all copies")
+
+
+def total_gib(items: dict[str, float]) -> float:
+    """The peak of a step from estimate's items: everything held through the step (weights,
+    gradients, optimizer, checkpointed and kept activations) plus the larger of a layer's
+    backward and a loss chunk's backward, which never overlap."""
+    layer = sum(v for k, v in items.items() if k in LAYER_BACKWARD)
+    loss = items.get("loss chunk", 0.0)
+    held = sum(v for k, v in items.items() if k not in LAYER_BACKWARD and k != "loss chunk")
+    return held + max(layer, loss)
 
 
 def host_offload_gib(recipe, cfg: dict, seq_len: int, micro_batch: int, bf16: bool = True) -> float:

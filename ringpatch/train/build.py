@@ -15,6 +15,7 @@ import ringpatch
 from ringpatch.memory import causal_lm_loss
 from ringpatch.memory.offload import enable_checkpointing
 from ringpatch.parallel import Mesh, build_mesh, local_device, single_process_env
+from ringpatch.parallel.process import unlink_deepspeed_shm
 from ringpatch.train.plan import Plan
 from ringpatch.train.preflight import check_model_config
 from ringpatch.train.schedule import schedule
@@ -31,6 +32,8 @@ def start_distributed(plan: Plan) -> Mesh:
     import deepspeed
 
     deepspeed.init_distributed(dist_backend=backend, timeout=timeout(plan))
+    if not plan.cuda:
+        unlink_deepspeed_shm()  # DeepSpeed leaves its CPU all-reduce workspaces in /dev/shm
     return build_mesh(plan.dims, "cuda" if plan.cuda else "cpu")
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from ringpatch.memory.estimate import estimate, host_offload_gib, parameters
+from ringpatch.memory.estimate import estimate, host_offload_gib, parameters, total_gib
 from ringpatch.memory.traffic import describe_traffic
 from ringpatch.parallel import ParallelDims
 from ringpatch.train.recipe import Recipe
@@ -62,7 +62,7 @@ def describe(plan, launch: str | None = None, gpus_per_node: int | None = None) 
             f"theta {s.rope_theta:,.0f}" if s.rope_theta else (str(s.rope_scaling) if s.rope_scaling else "as loaded")
         )
         est = estimate(r, plan.model_config, dims.world, s.seq_len, mb, plan.bf16) if plan.model_config else None
-        mem = f"{sum(est.values()):.1f}" if est else "unknown (no model config)"
+        mem = f"{total_gib(est):.1f}" if est else "unknown (no model config)"
         lines.append(
             f"{i:>5}  {s.seq_len:>7}  {s.steps:>7}  {mb:>11}  {mb * s.seq_len // dims.sp:>10}  {rope:<27}  {mem}"
         )
@@ -105,7 +105,7 @@ def max_context(
     def fits(n: int):
         est = estimate(plan.recipe, plan.model_config, plan.dims.world, n * step, micro_batch, plan.bf16)
         host = host_offload_gib(plan.recipe, plan.model_config, n * step, micro_batch, plan.bf16)
-        ok = sum(est.values()) <= capacity_gib and (host_gib_per_gpu is None or host <= host_gib_per_gpu)
+        ok = total_gib(est) <= capacity_gib and (host_gib_per_gpu is None or host <= host_gib_per_gpu)
         return est if ok else None
 
     if not fits(1):
@@ -135,5 +135,5 @@ def describe_max_context(plan: Plan, capacity_gib: float, gpus_per_node: int, ho
     )
     return (
         f"max context on {world} at {capacity_gib:g} GiB per GPU, micro_batch 1: {seq_len:,} tokens "
-        f"({seq_len / 2**20:.2f} Mi), estimate {sum(est.values()):.1f} GiB per GPU; largest: {items}{host_line}"
+        f"({seq_len / 2**20:.2f} Mi), estimate {total_gib(est):.1f} GiB per GPU; largest: {items}{host_line}"
     )

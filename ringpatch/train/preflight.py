@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ringpatch.hf.models import GATED_MLP_MODEL_TYPES
-from ringpatch.memory.estimate import GIB, estimate
+from ringpatch.memory.estimate import GIB, estimate, total_gib
 from ringpatch.train.ds_config import deepspeed_config, load_overlay
 from ringpatch.train.plan import Plan
 from ringpatch.train.recipe import Recipe, load_recipe
@@ -145,11 +145,7 @@ def peak_gib(plan: Plan) -> tuple[float, int] | None:
         return None
     r = plan.recipe
     totals = [
-        sum(
-            estimate(
-                r, plan.model_config, plan.dims.world, s.seq_len, s.micro_batch or r.micro_batch, plan.bf16
-            ).values()
-        )
+        total_gib(estimate(r, plan.model_config, plan.dims.world, s.seq_len, s.micro_batch or r.micro_batch, plan.bf16))
         for s in r.stages
     ]
     top = max(range(len(totals)), key=totals.__getitem__)

@@ -95,10 +95,19 @@ def command(recipe_path: Path, nproc: int, *extra: str, launcher: str = "torchru
     return cmd
 
 
+def _shm_workspaces() -> set[str]:
+    return {p.name for p in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")}
+
+
 def launch(recipe_path: Path, nproc: int, *extra: str, launcher: str = "torchrun", timeout: int = 400):
-    """Run the trainer under a launcher; returns the CompletedProcess."""
+    """Run the trainer under a launcher; returns the CompletedProcess. The run must leave none of
+    DeepSpeed's CPU all-reduce workspaces in /dev/shm (ringpatch.parallel.unlink_deepspeed_shm)."""
     cmd = command(recipe_path, nproc, *extra, launcher=launcher)
-    return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+    before = _shm_workspaces()
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+    leaked = _shm_workspaces() - before
+    assert not leaked, f"the run left {sorted(leaked)} in /dev/shm"
+    return proc
 
 
 def free_port() -> int:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
-from ringpatch.memory.estimate import GIB, estimate, parameters
+from ringpatch.memory.estimate import GIB, estimate, layer_saved_bytes, parameters, total_gib
 from ringpatch.train.recipe import Recipe, from_dict
 
 pytestmark = pytest.mark.unit
@@ -13,15 +15,38 @@ CFG = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_atte
            num_key_value_heads=2, vocab_size=32000)  # fmt: skip
 
 
-def test_float32_doubles_every_2_byte_tensor_and_drops_the_master_copy():
+def test_float32_doubles_the_2_byte_tensors_and_drops_the_master_copy():
     recipe = from_dict(Recipe, {"model": {"name": "m"}, "parallel": {"sp": 2}, "zero": {"stage": 1},
                                 "stages": [{"seq_len": 32768, "steps": 1}]})  # fmt: skip
     bf16 = estimate(recipe, CFG, 2, 32768, 1)
     fp32 = estimate(recipe, CFG, 2, 32768, 1, bf16=False)
-    for item in ("weights", "gradients", "checkpointed activations", "recomputed layer"):
+    for item in ("weights", "gradients"):
         assert fp32[item] == pytest.approx(2 * bf16[item]), item
+    # activations: RMSNorm upcasts to float32 in either precision, so less than twice
+    for item in ("checkpointed activations", "recomputed layer"):
+        assert 1.5 * bf16[item] < fp32[item] < 2 * bf16[item], item
     n, _ = parameters(CFG)
     assert bf16["optimizer"] == pytest.approx(12 * n / 2 / GIB) and fp32["optimizer"] == pytest.approx(8 * n / 2 / GIB)
-    assert fp32["loss chunk"] == bf16["loss chunk"]  # float32 logits either way
+    assert fp32["loss chunk"] == bf16["loss chunk"] == pytest.approx(3 * 4096 * 32000 * 4 / GIB)  # float32 logits
     tokens, kv_dim = 16384, 64
     assert fp32["ring buffers"] == pytest.approx(tokens * kv_dim * (2 * 2 * 4 + 2 * 4) / GIB)
+
+
+def test_the_peak_holds_a_loss_chunk_or_a_layer_backward_not_both():
+    items = {"weights": 1.0, "checkpointed activations": 2.0, "recomputed layer": 3.0, "ring buffers": 0.5,
+             "loss chunk": 1.5}  # fmt: skip
+    assert total_gib(items) == 1.0 + 2.0 + 3.5
+    assert total_gib({**items, "loss chunk": 5.0}) == 1.0 + 2.0 + 5.0
+
+
+def test_checkpointing_keeps_one_input_per_layer_instead_of_everything_each_layer_saves():
+    on = from_dict(Recipe, {"model": {"name": "m"}, "parallel": {"sp": 2}, "stages": [{"seq_len": 32768, "steps": 1}]})
+    off = dataclasses.replace(on, activation_checkpointing=False)
+    tokens, b, h = 16384, 2, CFG["hidden_size"]
+    rope_and_final_norm = tokens * (2 * 32 * b + 8 * h)
+    est_on, est_off = estimate(on, CFG, 2, 32768, 1), estimate(off, CFG, 2, 32768, 1)
+    assert est_on["checkpointed activations"] * GIB == pytest.approx(4 * tokens * h * b + rope_and_final_norm)
+    per_layer = layer_saved_bytes(CFG, 1, b)
+    assert est_off["checkpointed activations"] * GIB == pytest.approx(4 * tokens * per_layer + rope_and_final_norm)
+    # the recompute holds one layer's saved tensors on top of the gradients both have
+    assert (est_on["recomputed layer"] - est_off["recomputed layer"]) * GIB == pytest.approx(tokens * per_layer)

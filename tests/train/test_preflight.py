@@ -121,7 +121,7 @@ def test_the_command_line_reports_without_a_traceback(tmp_path, data):
 def test_shipped_recipes_validate_and_plan(tmp_path):
     """The cluster recipes load, fit the cluster their comments name, and their RoPE bases follow the NTK rule."""
     from ringpatch.hf.rope import ntk_rope_theta
-    from ringpatch.memory.estimate import estimate, host_offload_gib
+    from ringpatch.memory.estimate import estimate, host_offload_gib, total_gib
     from ringpatch.train.plan import describe
 
     for name, world, budget_gib in [
@@ -138,7 +138,7 @@ def test_shipped_recipes_validate_and_plan(tmp_path):
         base, trained = cfg["rope_theta"], cfg["max_position_embeddings"]
         for stage in r.stages:
             assert stage.rope_theta == pytest.approx(ntk_rope_theta(base, trained, stage.seq_len, head_dim), rel=1e-4)
-            total = sum(estimate(r, cfg, world, stage.seq_len, stage.micro_batch or r.micro_batch).values())
+            total = total_gib(estimate(r, cfg, world, stage.seq_len, stage.micro_batch or r.micro_batch))
             assert total < budget_gib * 0.85, (name, stage.seq_len, total)
         assert "tokens/GPU" in describe(plan)
         last = r.stages[-1]
@@ -150,17 +150,17 @@ def test_shipped_recipes_validate_and_plan(tmp_path):
 def test_the_planner_finds_1m_on_one_node_and_4m_on_four():
     """--max-context: the longest sequence whose estimate fits 68 of 80 GiB per GPU, with the
     offloaded activations within 1536 GiB of host memory per node."""
-    from ringpatch.memory.estimate import estimate, host_offload_gib
+    from ringpatch.memory.estimate import estimate, host_offload_gib, total_gib
     from ringpatch.train.plan import max_context, on_gpus
 
     for name, world, at_least in [("llama3-8b-1m-1node", 8, 2**20), ("llama3-8b-4m", 32, 4 * 2**20)]:
         plan = on_gpus(preflight(str(ROOT / "recipes" / f"{name}.yaml"), world=world))
         seq_len, est = max_context(plan, 68.0, 1536 / 8)
-        assert seq_len >= at_least and sum(est.values()) <= 68.0, (name, seq_len)
+        assert seq_len >= at_least and total_gib(est) <= 68.0, (name, seq_len)
         assert seq_len % plan.dims.seq_len_divisor == 0
         longer = estimate(plan.recipe, plan.model_config, world, seq_len + plan.dims.seq_len_divisor, 1)
         host = host_offload_gib(plan.recipe, plan.model_config, seq_len + plan.dims.seq_len_divisor, 1)
-        assert sum(longer.values()) > 68.0 or host > 1536 / 8  # the next length does not fit
+        assert total_gib(longer) > 68.0 or host > 1536 / 8  # the next length does not fit
     # without offload and tiles, one node stops short of 1M (the reason for the switches)
     import dataclasses
 

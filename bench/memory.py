@@ -1,0 +1,293 @@
+"""The planner's memory estimate against measured peaks, and the longest sequence under a budget.
+
+The bench's Llama-shaped model (bench/model.py: hidden 256, intermediate 688, 4 layers, 8 heads,
+2 kv heads, vocab 32000, float32), ring-patched over P = 2 processes x 1 thread (gloo), trained
+one step (forward, backward, AdamW step) per measurement, with the memory switches of a recipe:
+
+  off        no activation checkpointing, transformers' loss (full logits): the baseline
+  chunked    no checkpointing, ringpatch's chunked loss (what the trainer always uses)
+  ckpt       + full-layer activation checkpointing
+  ckpt-tiles + mlp_tiles: 4
+  on         + activation_offload (on a CPU the "host" is the same memory, so it counts in the RSS)
+  ckpt-keep  ckpt + keep_attention
+
+Each (configuration, S) runs in fresh processes (a process that ran a longer step keeps freed
+heap resident, which hides part of the next step's peak). Measured, the larger rank's:
+- rss: the resident-set high-water mark above the idle process (after a short warm-up step, so
+  the weights, the optimizer state and the libraries are in the idle size; the high-water mark
+  is reset just before the step);
+- live: the peak of the bytes the step's tensors hold, from the profiler's allocation events
+  (the CPU's torch.cuda.max_memory_allocated); rss - live is the C allocator's slack.
+Predicted: ringpatch's estimate (ringpatch.memory.estimate, float32, total_gib) of everything but
+the weights and the optimizer, plus the host bytes of activation_offload. Printed for each
+configuration and S with the ratio to rss, and for the items that one configuration minus
+another isolates. Then, from linear fits of the absolute peak, the longest S under `--budget-gib`
+per rank with each configuration, and one confirming run of the features-on configuration at
+twice the baseline's longest S. The chunked loss uses `--loss-chunk` tokens (1024: at 4096 a
+chunk's 3 x 4096 x 32000 float32 tensors, 1.5 GiB, outweigh every layer item of this model).
+Targets (issue: memory): predicted within +-20% of measured everywhere; longest S with the
+features on >= 2x the baseline's.
+
+    python bench/memory.py                                 # S = 8K, 16K, 32K; confirm at 2x
+    python bench/memory.py --seq 4096 8192 --no-confirm    # quick look (about 3 minutes)
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+GIB = 1024**3
+
+SWITCHES = {
+    "off": dict(activation_checkpointing=False, chunked=False),
+    "chunked": dict(activation_checkpointing=False),
+    "ckpt": dict(),
+    "ckpt-tiles": dict(mlp_tiles=4),
+    "on": dict(mlp_tiles=4, activation_offload=True),
+    "ckpt-keep": dict(keep_attention=True),
+}
+# item isolated by (configuration, minus configuration): the estimate's items that differ
+ISOLATED = {
+    "checkpointing (chunked - ckpt)": ("chunked", "ckpt"),
+    "tiled MLP (ckpt - ckpt-tiles)": ("ckpt", "ckpt-tiles"),
+    "kept attention (ckpt-keep - ckpt)": ("ckpt-keep", "ckpt"),
+}
+
+
+def _kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"{field}:\s+(\d+) kB", f.read()).group(1)) * 1024
+
+
+def recipe_for(name: str, seq: int, world: int, loss_chunk: int):
+    """The recipe a trainer would run for configuration `name` (None for the baseline)."""
+    from ringpatch.train.recipe import Recipe, from_dict
+
+    if not SWITCHES[name].get("chunked", True):
+        return None
+    switches = {k: v for k, v in SWITCHES[name].items() if k != "chunked"}
+    spec = {"model": {"name": "bench"}, "parallel": {"sp": world}, "zero": {"stage": 0},
+            "stages": [{"seq_len": seq, "steps": 1}], "loss_chunk_tokens": loss_chunk, **switches}  # fmt: skip
+    return from_dict(Recipe, spec)
+
+
+def predicted_gib(name: str, seq: int, world: int, cfg: dict, loss_chunk: int) -> dict | None:
+    """The estimate's items (GiB per rank) the step adds above the idle process, float32."""
+    from ringpatch.memory.estimate import estimate, host_offload_gib
+
+    recipe = recipe_for(name, seq, world, loss_chunk)
+    if recipe is None:
+        return None
+    items = estimate(recipe, cfg, world, seq, 1, bf16=False)
+    resident = ("weights", "optimizer")
+    items = {k: v for k, v in items.items() if k not in resident}
+    host = host_offload_gib(recipe, cfg, seq, 1, bf16=False)
+    if host:
+        items["offloaded activations (host)"] = host  # held through the step, as the weights
+    return items
+
+
+def _live_peak(prof) -> int | None:
+    """Peak of the bytes allocated and not yet freed within a profiled region (CPU tensors)."""
+    from torch.autograd import DeviceType
+
+    try:
+        events = prof.profiler.kineto_results.events()
+        changes = sorted(
+            (e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]" and e.device_type() == DeviceType.CPU
+        )
+    except AttributeError:  # a torch without these accessors
+        return None
+    live = peak = 0
+    for _, nbytes in changes:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
+def _train_step(name: str, seq: int, warm: int, loss_chunk: int) -> dict:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    import ringpatch
+    from bench.model import build_model
+    from ringpatch.memory.offload import enable_checkpointing
+    from ringpatch.train.tiled_mlp import tile_mlps
+
+    sw = dict(SWITCHES[name])
+    chunked = sw.pop("chunked", True)
+    model = build_model()
+    if sw.get("activation_checkpointing", True):
+        enable_checkpointing(model, offload=sw.get("activation_offload", False))
+    tile_mlps(model, sw.get("mlp_tiles", 1))
+    model.train()
+    ringpatch.patch_model(model, keep_attention=sw.get("keep_attention", False))
+    optim = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=False)
+
+    def step(s: int) -> None:
+        ids = torch.randint(0, 32000, (1, s), generator=torch.Generator().manual_seed(1))
+        local = ringpatch.shard_batch({"input_ids": ids, "labels": ids})
+        loss = ringpatch.causal_lm_loss(model, local, loss_chunk) if chunked else model(**local).loss
+        loss.backward()
+        optim.step()
+        optim.zero_grad(set_to_none=True)
+
+    step(warm)
+    gc.collect()
+    idle = _kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the high-water mark (VmHWM) to the current size
+    start = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step(seq)
+    seconds = time.perf_counter() - start
+    peak = _kib("VmHWM")
+    return {"idle": idle, "peak": peak, "live": _live_peak(prof), "seconds": seconds}
+
+
+def _worker(rank, world, store, name, seq, warm, loss_chunk, release, out_dir):
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import torch
+    import torch.distributed as dist
+
+    from ringpatch.parallel.process import release_freed_host_memory
+
+    if release:
+        release_freed_host_memory()
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    row = _train_step(name, seq, warm, loss_chunk)
+    Path(out_dir, f"{rank}.json").write_text(json.dumps(row))
+    dist.destroy_process_group()
+
+
+def measure(
+    name: str, seq: int, world: int = 2, loss_chunk: int = 1024, release: bool = True, warm: int = 1024
+) -> dict:
+    """One step of configuration `name` at `seq` in fresh processes: the larger rank's peak RSS
+    above idle ("step_gib"), absolute ("peak_gib"), its live-tensor peak ("live_gib") and the
+    slower rank's seconds. release: glibc gives freed tensors back, as the trainer sets it on
+    CPU (ringpatch.parallel.process.release_freed_host_memory); False: glibc's defaults."""
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        args = (world, os.path.join(tmp, "store"), name, seq, warm, loss_chunk, release, tmp)
+        mp.spawn(_worker, args=args, nprocs=world)
+        ranks = [json.loads(Path(tmp, f"{r}.json").read_text()) for r in range(world)]
+    live = [r["live"] for r in ranks]
+    return {
+        "name": name,
+        "seq": seq,
+        "step_gib": max(r["peak"] - r["idle"] for r in ranks) / GIB,
+        "peak_gib": max(r["peak"] for r in ranks) / GIB,
+        "live_gib": None if None in live else max(live) / GIB,
+        "seconds": max(r["seconds"] for r in ranks),
+    }
+
+
+def bench_config() -> dict:
+    from bench.model import build_model
+
+    return build_model().config.to_dict()
+
+
+def fit(points) -> tuple[float, float]:
+    """Least squares y = a + b * x."""
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
+    return my - b * mx, b
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seq", type=int, nargs="+", default=[8192, 16384, 32768])
+    parser.add_argument("--configs", nargs="+", default=list(SWITCHES), choices=list(SWITCHES))
+    parser.add_argument("--world", type=int, default=2)
+    parser.add_argument("--budget-gib", type=float, default=8.0)
+    parser.add_argument("--loss-chunk", type=int, default=1024, help="tokens per chunk of the chunked loss")
+    parser.add_argument("--no-confirm", action="store_true", help="skip the run at twice the baseline's longest S")
+    parser.add_argument("--out", default="bench/results/memory.json")
+    args = parser.parse_args()
+    from ringpatch.memory.estimate import total_gib
+    from ringpatch.parallel.dims import ParallelDims
+
+    cfg, world = bench_config(), args.world
+    rows = []
+    print("GiB per rank; rss and live: what the step adds above the idle process; peak: absolute rss")
+    print(
+        f"{'config':<11} {'S':>7} {'rss':>6} {'live':>6} {'predicted':>9} {'/rss':>6} {'/live':>6} {'peak':>6} {'time':>6}"
+    )
+    for name in args.configs:
+        for seq in args.seq:
+            row = measure(name, seq, world, args.loss_chunk)
+            items = predicted_gib(name, seq, world, cfg, args.loss_chunk)
+            row["items"] = items
+            row["predicted_gib"] = None if items is None else total_gib(items)
+            live = row["live_gib"]
+            if items is None:
+                pred = ratio = ratio_live = "-"
+            else:
+                pred, ratio = f"{row['predicted_gib']:.2f}", f"{row['predicted_gib'] / row['step_gib']:.3f}"
+                ratio_live = f"{row['predicted_gib'] / live:.3f}" if live else "-"
+            print(f"{name:<11} {seq:>7} {row['step_gib']:6.2f} {live or float('nan'):6.2f} {pred:>9} {ratio:>6} "
+                  f"{ratio_live:>6} {row['peak_gib']:6.2f} {row['seconds']:5.0f}s")  # fmt: skip
+            sys.stdout.flush()
+            rows.append(row)
+    report = {"world": world, "budget_gib": args.budget_gib, "loss_chunk": args.loss_chunk, "rows": rows}
+
+    by = {(r["name"], r["seq"]): r for r in rows}
+    print("items isolated by difference (GiB per rank): measured (rss), predicted, ratio")
+    isolated = []
+    for label, (a, b) in ISOLATED.items():
+        for s in args.seq:
+            if (a, s) in by and (b, s) in by:
+                meas = by[(a, s)]["step_gib"] - by[(b, s)]["step_gib"]
+                pred = by[(a, s)]["predicted_gib"] - by[(b, s)]["predicted_gib"]
+                isolated.append({"item": label, "seq": s, "measured_gib": meas, "predicted_gib": pred})
+                print(f"  {label:<36} S={s:>6}: {meas:6.3f} {pred:6.3f} {pred / meas if meas else float('nan'):6.3f}")
+    report["isolated"] = isolated
+
+    ratios = [r["predicted_gib"] / r["step_gib"] for r in rows if r["predicted_gib"] is not None]
+    if ratios:
+        worst = max(ratios, key=lambda x: abs(x - 1))
+        print(
+            f"predicted / measured: {min(ratios):.3f} .. {max(ratios):.3f} (target within 0.80 .. 1.20); worst {worst:.3f}"
+        )
+    longest = {}
+    for name in args.configs:
+        points = [(r["seq"], r["peak_gib"]) for r in rows if r["name"] == name]
+        if len(points) >= 2:
+            a, b = fit(points)
+            longest[name] = (args.budget_gib - a) / b
+            print(f"peak RSS {name:<11} ~ {a:.2f} GiB + {b * 1024:.4f} GiB per 1K tokens -> longest S under "
+                  f"{args.budget_gib:g} GiB: {longest[name] / 1024:.1f}K (fit)")  # fmt: skip
+    report["longest_fit"] = longest
+    if "off" in longest and "on" in longest:
+        print(f"longest S, features on / off: {longest['on'] / longest['off']:.2f}x (fits; target >= 2)")
+    if "off" in longest and not args.no_confirm:
+        seq = ParallelDims(sp=world).round_up(int(2 * longest["off"]))
+        run = measure("on", seq, world, args.loss_chunk)
+        run["predicted_gib"] = total_gib(predicted_gib("on", seq, world, cfg, args.loss_chunk))
+        report["confirm"] = run
+        verdict = "under" if run["peak_gib"] <= args.budget_gib else "OVER"
+        print(f"confirm: 'on' at S={seq} (2 x the baseline's {longest['off'] / 1024:.1f}K): peak {run['peak_gib']:.2f} "
+              f"GiB per rank, {verdict} {args.budget_gib:g} GiB; step adds {run['step_gib']:.2f}, predicted "
+              f"{run['predicted_gib']:.2f} ({run['predicted_gib'] / run['step_gib']:.3f}); {run['seconds']:.0f}s")  # fmt: skip
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
