@@ -10,9 +10,11 @@ network; flash-attn when present, transformers for the memory check when present
    windowed; the assembled out, dq, dk, dv against float64, with the same tolerance.
 3. Throughput: the simulated ring's blocks + merges at S tokens vs monolithic fused attention
    (FlashAttention through SDPA) on the same GPU; the fraction is monolithic / ring (target >= 0.90).
-4. Memory: a small Llama, ring-patched over a one-rank group, one forward+backward with activation
-   checkpointing at several lengths; torch.cuda.max_memory_allocated above the weights vs
-   ringpatch.memory.estimate's activation items.
+4. Memory: a Llama-3-8B-shaped stack of 2 layers (random weights, bf16), ring-patched over a
+   one-rank group, at 131,072 tokens, with activation checkpointing and each memory switch
+   (keep_attention, activation_offload, and offload + 8 MLP tiles when DeepSpeed is installed):
+   torch.cuda.max_memory_allocated above the weights vs the planner (ringpatch.memory.estimate),
+   step times, and the offload copies' cost (its step over plain checkpointing's).
 A summary table ends the output; bench/results/gpu_check.json keeps every figure. Exit 1 when an
 accuracy check fails. Without CUDA: says so and exits 0. `--device cpu --quick` runs the same code
 on CPU at small sizes (how it is tested without a GPU).
@@ -198,47 +200,99 @@ def throughput(kernel, seq, world, device, dtype, heads, kv_heads, dim):
 
 
 # --- 4. memory ------------------------------------------------------------------------------
-def memory_check(lengths, device, dtype):
-    """Measured activation peak of a ring-patched Llama vs the planner's estimate, per length."""
+MEMORY_SWITCHES = {  # recipe switches of each configuration (activation checkpointing always on)
+    "ckpt": {},
+    "keep_attention": {"keep_attention": True},
+    "offload": {"activation_offload": True},
+    "offload+tiles8": {"activation_offload": True, "mlp_tiles": 8},
+}
+
+
+def memory_check(lengths, device, dtype, quick=False):
+    """Each memory switch on and off: one training step (forward + backward) of a Llama-3-8B-shaped
+    stack (2 layers, random weights; quick: a small one), ring-patched over a one-rank group. Per
+    configuration and length: the peak of allocated memory above the weights
+    (torch.cuda.max_memory_allocated; on CPU the profiler's live-tensor peak) against the
+    planner (ringpatch.memory.estimate's items but the weights and the optimizer, total_gib), and
+    the step time; offload's copy cost is its step time over plain checkpointing's."""
     try:
         from transformers import AutoModelForCausalLM, LlamaConfig
     except ImportError:
         return {"skipped": "transformers is not installed"}
+    import dataclasses
+
     import torch.distributed as dist
 
     import ringpatch
-    from ringpatch.memory.estimate import GIB, estimate
+    from ringpatch.memory import causal_lm_loss
+    from ringpatch.memory.estimate import GIB, estimate, total_gib
+    from ringpatch.memory.offload import enable_checkpointing
     from ringpatch.train.recipe import Recipe, from_dict
 
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29533")
-        dist.init_process_group("nccl", rank=0, world_size=1)
-    cfg = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=8,
-               num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=max(lengths))  # fmt: skip
-    torch.manual_seed(0)
-    lm = AutoModelForCausalLM.from_config(LlamaConfig(**cfg), dtype=dtype).to(device)
-    lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    lm = ringpatch.patch_model(lm, group=dist.group.WORLD)
-    from ringpatch.memory import causal_lm_loss
-
-    recipe = from_dict(Recipe, {"model": {"name": "check"}, "stages": [{"seq_len": max(lengths), "steps": 1}]})
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
+    if quick:
+        cfg = dict(vocab_size=4096, hidden_size=256, intermediate_size=896, num_hidden_layers=2,
+                   num_attention_heads=8, num_key_value_heads=2)  # fmt: skip
+    else:  # Llama-3-8B's layer, head and vocabulary, two layers
+        cfg = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=2,
+                   num_attention_heads=32, num_key_value_heads=8)  # fmt: skip
+    cfg.update(max_position_embeddings=max(lengths), rope_theta=500000.0, tie_word_embeddings=False)
+    switches = dict(MEMORY_SWITCHES)
+    try:
+        import deepspeed  # noqa: F401  (the tiled MLP is DeepSpeed's TiledMLP)
+    except ImportError:
+        switches.pop("offload+tiles8")
+    base_recipe = from_dict(Recipe, {"model": {"name": "check"}, "stages": [{"seq_len": max(lengths), "steps": 1}]})
     rows = {}
+    for name, sw in switches.items():
+        from ringpatch.train.tiled_mlp import tile_mlps
+
+        torch.manual_seed(0)
+        lm = AutoModelForCausalLM.from_config(LlamaConfig(**cfg), dtype=dtype, attn_implementation="sdpa").to(device)
+        enable_checkpointing(lm, offload=sw.get("activation_offload", False))
+        tile_mlps(lm, sw.get("mlp_tiles", 1))
+        lm.train()
+        lm = ringpatch.patch_model(lm, group=dist.group.WORLD, keep_attention=sw.get("keep_attention", False))
+        recipe = dataclasses.replace(base_recipe, **sw)
+        for seq in lengths:
+            ids = torch.randint(0, cfg["vocab_size"], (1, seq), device=device)
+            batch = ringpatch.shard_batch({"input_ids": ids, "labels": ids}, group=dist.group.WORLD)
+            causal_lm_loss(lm, batch, recipe.loss_chunk_tokens).backward()  # warm-up: kernels, gradients
+            lm.zero_grad(set_to_none=True)
+            _sync(device)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+            start = time.perf_counter()
+            if device.type == "cuda":
+                causal_lm_loss(lm, batch, recipe.loss_chunk_tokens).backward()
+                _sync(device)
+                measured = (torch.cuda.max_memory_allocated() - base) / GIB
+            else:
+                from torch.profiler import ProfilerActivity, profile
+
+                from bench.memory import _live_peak
+
+                with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+                    causal_lm_loss(lm, batch, recipe.loss_chunk_tokens).backward()
+                live = _live_peak(prof)
+                measured = None if live is None else live / GIB
+            seconds = time.perf_counter() - start
+            lm.zero_grad(set_to_none=True)
+            est = estimate(recipe, dict(cfg, model_type="llama"), 1, seq, 1, bf16=dtype == torch.bfloat16)
+            # the weights are in `base`; no optimizer steps here; one rank holds the whole gradient
+            predicted = total_gib({k: v for k, v in est.items() if k not in ("weights", "optimizer")})
+            ratio = None if measured is None else measured / predicted
+            rows[f"{name} S={seq}"] = {"measured_gib": measured, "predicted_gib": predicted, "ratio": ratio,
+                                       "seconds": seconds}  # fmt: skip
+        del lm
     for seq in lengths:
-        ids = torch.randint(0, cfg["vocab_size"], (1, seq), device=device)
-        lm.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        batch = ringpatch.shard_batch({"input_ids": ids, "labels": ids}, group=dist.group.WORLD)
-        causal_lm_loss(lm, batch).backward()
-        torch.cuda.synchronize()
-        measured = (torch.cuda.max_memory_allocated() - base) / GIB
-        est = estimate(recipe, dict(cfg, model_type="llama"), 1, seq, 1)
-        items = ("checkpointed activations", "recomputed layer", "ring buffers", "loss chunk")
-        predicted = sum(est[i] for i in items) + est["gradients"]  # one rank: the whole bf16 gradient
-        rows[seq] = {"measured_gib": measured, "predicted_gib": predicted, "ratio": measured / predicted}
-    del lm
+        ckpt, off = rows.get(f"ckpt S={seq}"), rows.get(f"offload S={seq}")
+        if ckpt and off:
+            off["copy_cost"] = off["seconds"] / ckpt["seconds"] - 1  # > 0.05: overlap the copies (issue 10)
     return rows
 
 
@@ -311,18 +365,18 @@ def main() -> int:
             f"fraction {t['fraction']:.3f} (target >= 0.90)"
         )
         summary.append((f"throughput {bname} S={seq} P={args.world}", "-", f"{t['fraction']:.3f}"))
-    if device.type == "cuda":  # 4. memory
-        lengths = [4096, 16384] if args.quick else [8192, 32768, 65536]
-        mem = memory_check(lengths, device, torch.bfloat16)
-        report["memory"] = mem
-        for seq_len, row in mem.items() if "skipped" not in mem else []:
-            print(
-                f"memory S={seq_len}: measured {row['measured_gib']:.2f} GiB above the weights, planner "
-                f"{row['predicted_gib']:.2f} GiB (ratio {row['ratio']:.2f})"
-            )
-            summary.append((f"memory S={seq_len} measured/planned", "-", f"{row['ratio']:.2f}"))
-        if "skipped" in mem:
-            print(f"memory check skipped: {mem['skipped']}")
+    lengths = [2048] if args.quick else [131072]  # 4. memory
+    mem = memory_check(lengths, device, dtypes[0], quick=args.quick)
+    report["memory"] = mem
+    if "skipped" in mem:
+        print(f"memory check skipped: {mem['skipped']}")
+    for key, row in mem.items() if "skipped" not in mem else []:
+        measured = "-" if row["measured_gib"] is None else f"{row['measured_gib']:.2f}"
+        ratio = "-" if row["ratio"] is None else f"{row['ratio']:.2f}"
+        cost = f", copies +{row['copy_cost']:.1%} of the step" if "copy_cost" in row else ""
+        print(f"memory {key}: measured {measured} GiB above the weights, planner {row['predicted_gib']:.2f} GiB "
+              f"(ratio {ratio}), step {row['seconds']:.2f} s{cost}")  # fmt: skip
+        summary.append((f"memory {key} measured/planned", "-", ratio))
     elapsed = time.perf_counter() - started
     report["seconds"] = elapsed
     print("\nsummary")

@@ -23,8 +23,9 @@ the weights and the optimizer, plus the host bytes of activation_offload. Printe
 configuration and S with the ratio to rss, and for the items that one configuration minus
 another isolates. Then, from linear fits of the absolute peak, the longest S under `--budget-gib`
 per rank with each configuration, and one confirming run of the features-on configuration at
-twice the baseline's longest S. The chunked loss uses `--loss-chunk` tokens (1024: at 4096 a
-chunk's 3 x 4096 x 32000 float32 tensors, 1.5 GiB, outweigh every layer item of this model).
+twice the baseline's longest S. The chunked loss uses `--loss-chunk` tokens (256: at the recipes'
+4096 a chunk's 3 x 4096 x 32000 float32 tensors, 1.5 GiB, outweigh every layer item of this
+small model, and the peak would show nothing else).
 Targets (issue: memory): predicted within +-20% of measured everywhere; longest S with the
 features on >= 2x the baseline's.
 
@@ -171,9 +172,7 @@ def _worker(rank, world, store, name, seq, warm, loss_chunk, release, out_dir):
     dist.destroy_process_group()
 
 
-def measure(
-    name: str, seq: int, world: int = 2, loss_chunk: int = 1024, release: bool = True, warm: int = 1024
-) -> dict:
+def measure(name: str, seq: int, world: int = 2, loss_chunk: int = 256, release: bool = True, warm: int = 1024) -> dict:
     """One step of configuration `name` at `seq` in fresh processes: the larger rank's peak RSS
     above idle ("step_gib"), absolute ("peak_gib"), its live-tensor peak ("live_gib") and the
     slower rank's seconds. release: glibc gives freed tensors back, as the trainer sets it on
@@ -209,83 +208,106 @@ def fit(points) -> tuple[float, float]:
     return my - b * mx, b
 
 
+def _predict(row: dict, world: int, cfg: dict, loss_chunk: int) -> None:
+    from ringpatch.memory.estimate import total_gib
+
+    items = predicted_gib(row["name"], row["seq"], world, cfg, loss_chunk)
+    row["items"] = items
+    row["predicted_gib"] = None if items is None else total_gib(items)
+
+
+def _print_row(row: dict) -> None:
+    pred, live = row["predicted_gib"], row["live_gib"]
+    cols = ("-", "-", "-") if pred is None else (
+        f"{pred:.2f}", f"{pred / row['step_gib']:.3f}", f"{pred / live:.3f}" if live else "-")  # fmt: skip
+    print(f"{row['name']:<11} {row['seq']:>7} {row['step_gib']:6.2f} {live or float('nan'):6.2f} {cols[0]:>9} "
+          f"{cols[1]:>6} {cols[2]:>6} {row['peak_gib']:6.2f} {row['seconds']:5.0f}s")  # fmt: skip
+    sys.stdout.flush()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seq", type=int, nargs="+", default=[8192, 16384, 32768])
     parser.add_argument("--configs", nargs="+", default=list(SWITCHES), choices=list(SWITCHES))
     parser.add_argument("--world", type=int, default=2)
     parser.add_argument("--budget-gib", type=float, default=8.0)
-    parser.add_argument("--loss-chunk", type=int, default=1024, help="tokens per chunk of the chunked loss")
+    parser.add_argument("--loss-chunk", type=int, default=256, help="tokens per chunk of the chunked loss")
     parser.add_argument("--no-confirm", action="store_true", help="skip the run at twice the baseline's longest S")
     parser.add_argument("--out", default="bench/results/memory.json")
+    parser.add_argument(
+        "--predict-only", metavar="JSON", help="no runs: this bench's earlier measurements against the current estimate"
+    )
     args = parser.parse_args()
     from ringpatch.memory.estimate import total_gib
     from ringpatch.parallel.dims import ParallelDims
 
-    cfg, world = bench_config(), args.world
-    rows = []
-    print("GiB per rank; rss and live: what the step adds above the idle process; peak: absolute rss")
+    cfg = bench_config()
+    if args.predict_only:
+        report = json.loads(Path(args.predict_only).read_text())
+        rows, world, loss_chunk = report["rows"], report["world"], report["loss_chunk"]
+    else:
+        report, rows, world, loss_chunk = None, [], args.world, args.loss_chunk
+    print(f"GiB per rank ({world} ranks, loss chunk {loss_chunk} tokens); rss and live: what the step adds above")
+    print("the idle process; predicted: the estimate of the same; peak: absolute rss")
     print(
         f"{'config':<11} {'S':>7} {'rss':>6} {'live':>6} {'predicted':>9} {'/rss':>6} {'/live':>6} {'peak':>6} {'time':>6}"
     )
-    for name in args.configs:
-        for seq in args.seq:
-            row = measure(name, seq, world, args.loss_chunk)
-            items = predicted_gib(name, seq, world, cfg, args.loss_chunk)
-            row["items"] = items
-            row["predicted_gib"] = None if items is None else total_gib(items)
-            live = row["live_gib"]
-            if items is None:
-                pred = ratio = ratio_live = "-"
-            else:
-                pred, ratio = f"{row['predicted_gib']:.2f}", f"{row['predicted_gib'] / row['step_gib']:.3f}"
-                ratio_live = f"{row['predicted_gib'] / live:.3f}" if live else "-"
-            print(f"{name:<11} {seq:>7} {row['step_gib']:6.2f} {live or float('nan'):6.2f} {pred:>9} {ratio:>6} "
-                  f"{ratio_live:>6} {row['peak_gib']:6.2f} {row['seconds']:5.0f}s")  # fmt: skip
-            sys.stdout.flush()
-            rows.append(row)
-    report = {"world": world, "budget_gib": args.budget_gib, "loss_chunk": args.loss_chunk, "rows": rows}
+    if report is None:
+        for name in args.configs:
+            for seq in args.seq:
+                row = measure(name, seq, world, loss_chunk)
+                _predict(row, world, cfg, loss_chunk)
+                _print_row(row)
+                rows.append(row)
+        report = {"world": world, "budget_gib": args.budget_gib, "loss_chunk": loss_chunk, "rows": rows}
+    else:
+        for row in rows:
+            _predict(row, world, cfg, loss_chunk)
+            _print_row(row)
 
     by = {(r["name"], r["seq"]): r for r in rows}
+    seqs = sorted({r["seq"] for r in rows})
     print("items isolated by difference (GiB per rank): measured (rss), predicted, ratio")
     isolated = []
     for label, (a, b) in ISOLATED.items():
-        for s in args.seq:
+        for s in seqs:
             if (a, s) in by and (b, s) in by:
                 meas = by[(a, s)]["step_gib"] - by[(b, s)]["step_gib"]
                 pred = by[(a, s)]["predicted_gib"] - by[(b, s)]["predicted_gib"]
                 isolated.append({"item": label, "seq": s, "measured_gib": meas, "predicted_gib": pred})
-                print(f"  {label:<36} S={s:>6}: {meas:6.3f} {pred:6.3f} {pred / meas if meas else float('nan'):6.3f}")
+                print(f"  {label:<36} S={s:>6}: {meas:6.3f} {pred:6.3f}")
     report["isolated"] = isolated
 
     ratios = [r["predicted_gib"] / r["step_gib"] for r in rows if r["predicted_gib"] is not None]
+    lives = [r["predicted_gib"] / r["live_gib"] for r in rows if r["predicted_gib"] is not None and r["live_gib"]]
     if ratios:
-        worst = max(ratios, key=lambda x: abs(x - 1))
-        print(
-            f"predicted / measured: {min(ratios):.3f} .. {max(ratios):.3f} (target within 0.80 .. 1.20); worst {worst:.3f}"
-        )
+        print(f"predicted / rss: {min(ratios):.3f} .. {max(ratios):.3f}; predicted / live: "
+              f"{min(lives, default=float('nan')):.3f} .. {max(lives, default=float('nan')):.3f} "
+              "(target within 0.80 .. 1.20)")  # fmt: skip
     longest = {}
-    for name in args.configs:
+    for name in dict.fromkeys(r["name"] for r in rows):
         points = [(r["seq"], r["peak_gib"]) for r in rows if r["name"] == name]
         if len(points) >= 2:
             a, b = fit(points)
-            longest[name] = (args.budget_gib - a) / b
+            longest[name] = (report["budget_gib"] - a) / b
             print(f"peak RSS {name:<11} ~ {a:.2f} GiB + {b * 1024:.4f} GiB per 1K tokens -> longest S under "
-                  f"{args.budget_gib:g} GiB: {longest[name] / 1024:.1f}K (fit)")  # fmt: skip
+                  f"{report['budget_gib']:g} GiB: {longest[name] / 1024:.1f}K (linear fit of {len(points)} points)")  # fmt: skip
     report["longest_fit"] = longest
     if "off" in longest and "on" in longest:
-        print(f"longest S, features on / off: {longest['on'] / longest['off']:.2f}x (fits; target >= 2)")
-    if "off" in longest and not args.no_confirm:
-        seq = ParallelDims(sp=world).round_up(int(2 * longest["off"]))
-        run = measure("on", seq, world, args.loss_chunk)
-        run["predicted_gib"] = total_gib(predicted_gib("on", seq, world, cfg, args.loss_chunk))
-        report["confirm"] = run
-        verdict = "under" if run["peak_gib"] <= args.budget_gib else "OVER"
-        print(f"confirm: 'on' at S={seq} (2 x the baseline's {longest['off'] / 1024:.1f}K): peak {run['peak_gib']:.2f} "
-              f"GiB per rank, {verdict} {args.budget_gib:g} GiB; step adds {run['step_gib']:.2f}, predicted "
-              f"{run['predicted_gib']:.2f} ({run['predicted_gib'] / run['step_gib']:.3f}); {run['seconds']:.0f}s")  # fmt: skip
+        print(f"longest S by the fits, features on / off: {longest['on'] / longest['off']:.2f}x (target >= 2)")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1))
+    if "off" in longest and not args.no_confirm and not args.predict_only:
+        seq = ParallelDims(world=world, sp=world).round_up(int(2 * longest["off"]))
+        run = measure("on", seq, world, loss_chunk)
+        run["predicted_gib"] = total_gib(predicted_gib("on", seq, world, cfg, loss_chunk))
+        report["confirm"] = run
+        verdict = "under" if run["peak_gib"] <= report["budget_gib"] else "OVER"
+        print(f"confirm: 'on' at S={seq} (2 x the baseline's {longest['off'] / 1024:.1f}K): peak {run['peak_gib']:.2f} "
+              f"GiB per rank, {verdict} {report['budget_gib']:g} GiB; step adds {run['step_gib']:.2f} (live "
+              f"{run['live_gib'] or float('nan'):.2f}), predicted {run['predicted_gib']:.2f} "
+              f"({run['predicted_gib'] / run['step_gib']:.3f}); {run['seconds']:.0f}s")  # fmt: skip
+        Path(args.out).write_text(json.dumps(report, indent=1))
     print(f"wrote {args.out}")
 
 

@@ -4,16 +4,16 @@ The estimate counts, per GPU, in bytes (N = parameters, of which tp shards all b
 - weights 2N (bf16), gradients 2N, optimizer 12N (fp32 master, Adam m and v), divided by the
   dp x sp ranks that ZeRO partitions them over (stage 1: optimizer; 2: + gradients; 3: + weights),
   optimizer (and stage-3 weights) moved to CPU by offload;
-- checkpointed activations: one (tokens x hidden) input per layer (none on the GPU with
-  activation_offload: host_offload_gib counts them on the host, with each layer's RoPE cos/sin),
-  plus what the final norm saves; without checkpointing, everything every layer saves (below);
+- checkpointed activations: one (tokens x hidden) input per layer and RoPE's cos/sin (none on
+  the GPU with activation_offload: host_offload_gib counts them on the host, cos/sin per layer);
+  without checkpointing, everything every layer saves (below);
 - the recomputed layer: what one decoder layer saves for its backward, counted tensor by tensor
-  for transformers' Llama/Mistral layer (tests/memory/test_estimate.py counts them with autograd's
+  for transformers' Llama/Mistral layer (tests/memory/test_census.py counts them with autograd's
   saved-tensor hooks): each RMSNorm a float32 copy of its input, the normalized input and its
   scaled output; roped q and k, v, the attention output and its float32 log-sum-exp; the MLP's
-  gate, activation, up and product; plus the gradients alive at the worst moment of its backward
-  (the layer's output and input gradients, three MLP-sized ones). With mlp_tiles the MLP saves
-  only its input and its recompute holds one tile's part;
+  gate, activation, up and product; plus the gradients of the layer's output and input (the
+  backward frees each saved tensor as it uses it, so its other gradients take their place).
+  With mlp_tiles the MLP saves only its input and its backward holds one tile's part;
 - ring buffers: K and V blocks (current + in flight) and float32 dK/dV accumulators; with
   Ulysses x ring the same bytes (U times the tokens on 1/U of the K/V heads), times the
   repeat factor when U exceeds the K/V heads per tp rank;
@@ -21,7 +21,9 @@ The estimate counts, per GPU, in bytes (N = parameters, of which tp shards all b
 - kept attention outputs (keep_attention): per layer, the output (tokens x heads x head_dim)
   and its float32 log-sum-exp (tokens x heads), divided by tp;
 - the loss: one chunk's float32 log-softmax, its gradient and the logits' gradient (three
-  chunk x vocab float32 tensors at the peak of a chunk's backward).
+  chunk x vocab float32 tensors at the peak of a chunk's backward), and the final norm's saved
+  tensors, (4 + 2 x dtype bytes) x hidden per token.
+A layer's backward and the loss's never overlap: the peak (total_gib) holds the larger.
 With bf16=False (float32 training, as on CPU) every 2-byte tensor above is 4 bytes, and the
 optimizer holds Adam's m and v only (8N: the weights are already float32).
 bench/memory.py compares the activation items with measured peaks (2 CPU ranks, float32).
@@ -92,14 +94,14 @@ def estimate(recipe, cfg: dict, world: int, seq_len: int, micro_batch: int, bf16
     final_norm = (4 + 2 * b) * h
     rope = 2 * head_dim * b  # cos and sin, shared by the layers
     if not recipe.activation_checkpointing:
-        ckpt = tokens * (layers * saved + rope + final_norm)
+        ckpt = tokens * (layers * saved + rope)
     elif recipe.activation_offload:
-        ckpt = tokens * final_norm
+        ckpt = 0
     else:
-        ckpt = tokens * (layers * h * b + rope + final_norm)
-    mlp_step = 3 * inter / tp / tiles * b  # MLP-sized gradients of one tile's backward
-    recompute = (saved + 4 * inter / tp / tiles * b * (tiles > 1)) if recipe.activation_checkpointing else 0
-    work = tokens * (recompute + 2 * h * b + mlp_step)
+        ckpt = tokens * (layers * h * b + rope)
+    tile = 4 * inter / tp / tiles * b if tiles > 1 else 0  # a tile's MLP tensors, in its own backward
+    recompute = saved + tile if recipe.activation_checkpointing else 0
+    work = tokens * (recompute + 2 * h * b)  # + the gradients of the layer's output and input
     ring = tokens * kv_dim * rep / tp * (2 * 2 * b + 2 * 4)
     a2a = tokens * (2 * q_dim + 2 * kv_dim * rep) / tp * b if ulysses > 1 else 0
     loss = min(recipe.loss_chunk_tokens, tokens) * cfg["vocab_size"] * 4 * 3
@@ -110,6 +112,7 @@ def estimate(recipe, cfg: dict, world: int, seq_len: int, micro_batch: int, bf16
         "checkpointed activations": ckpt,
         "recomputed layer": work,
         "ring buffers": ring,
+        "final norm": tokens * final_norm,
         **({"all-to-all copies": a2a} if ulysses > 1 else {}),
         **({"kept attention outputs": layers * tokens * (q_dim * b + heads * 4) / tp} if recipe.keep_attention else {}),
         "loss chunk": loss,
@@ -117,18 +120,20 @@ def estimate(recipe, cfg: dict, world: int, seq_len: int, micro_batch: int, bf16
     return {k: v / GIB for k, v in items.items()}
 
 
-# one layer's backward (its recompute, the ring's blocks, the all-to-all's copies) and one loss
-# chunk's backward happen at different moments of a step: the peak holds the larger of the two
+# A layer's backward (its recompute, the ring's blocks, the all-to-all's copies) and the loss's
+# (a chunk's logits, the final norm's saved tensors, freed once its backward has run) happen at
+# different moments of a step: the peak holds the larger of the two.
 LAYER_BACKWARD = ("recomputed layer", "ring buffers", "all-to-all copies")
+LOSS_BACKWARD = ("loss chunk", "final norm")
 
 
 def total_gib(items: dict[str, float]) -> float:
     """The peak of a step from estimate's items: everything held through the step (weights,
     gradients, optimizer, checkpointed and kept activations) plus the larger of a layer's
-    backward and a loss chunk's backward, which never overlap."""
+    backward and the loss's backward, which never overlap."""
     layer = sum(v for k, v in items.items() if k in LAYER_BACKWARD)
-    loss = items.get("loss chunk", 0.0)
-    held = sum(v for k, v in items.items() if k not in LAYER_BACKWARD and k != "loss chunk")
+    loss = sum(v for k, v in items.items() if k in LOSS_BACKWARD)
+    held = sum(v for k, v in items.items() if k not in LAYER_BACKWARD + LOSS_BACKWARD)
     return held + max(layer, loss)
 
 

@@ -167,6 +167,7 @@ def _remedies(recipe: Recipe) -> dict[str, str]:
         "all-to-all copies": "a smaller parallel.ulysses",
         "kept attention outputs": "keep_attention: false",
         "loss chunk": f"loss_chunk_tokens: {max(256, recipe.loss_chunk_tokens // 4)}",
+        "final norm": "more ranks (parallel.sp)",
     }
 
 

@@ -27,7 +27,7 @@ SCRIPT = textwrap.dedent("""
     blocks, keep = [], []
     for _ in range(100):  # 4 MiB tensors, each followed by a small one that stays
         blocks.append(torch.ones(2**20))
-        keep.append(torch.ones(256))
+        keep.append(torch.ones(4000))  # 16 KB: carved from the heap right after the block
     del blocks
     print(round(rss_mib() - base))
 """)
