@@ -3,7 +3,8 @@
 The estimate counts, per GPU, in bytes (N = parameters, of which tp shards all but the embeddings):
 - weights 2N (bf16), gradients 2N, optimizer 12N (fp32 master, Adam m and v), divided by the
   dp x sp ranks that ZeRO partitions them over (stage 1: optimizer; 2: + gradients; 3: + weights),
-  optimizer (and stage-3 weights) moved to CPU by offload;
+  optimizer (and stage-3 weights) moved to CPU by offload; below stage 2 an untied input
+  embedding's gradient is left out (backward makes it last, after the activations are freed);
 - checkpointed activations: one (tokens x hidden) input per layer and RoPE's cos/sin (none on
   the GPU with activation_offload: host_offload_gib counts them on the host, cos/sin per layer);
   without checkpointing, everything every layer saves (below);
@@ -82,7 +83,11 @@ def estimate(recipe, cfg: dict, world: int, seq_len: int, micro_batch: int, bf16
     n_tp = (n - emb) / tp + emb
     zero, offload = recipe.zero.stage, recipe.zero.offload == "cpu"
     weights = b * n_tp / (shards if zero == 3 else 1) * (0 if offload and zero == 3 else 1)
-    grads = b * n_tp / (shards if zero >= 2 else 1)
+    # ZeRO-2/3 reduce gradients into partition buffers allocated at the start; below that each
+    # gradient appears when backward produces it, an untied input embedding's last, after every
+    # activation is freed: past the peak (bench/memory.py, ZeRO-0)
+    late = 0 if zero >= 2 or cfg.get("tie_word_embeddings") else cfg["vocab_size"] * cfg["hidden_size"]
+    grads = b * (n_tp - late) / (shards if zero >= 2 else 1)
     optim = 0 if offload else (12 if bf16 else 8) * n_tp / (shards if zero >= 1 else 1)
     h, inter, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
     heads, kv_heads, head_dim = attention_shape(cfg)
