@@ -106,6 +106,7 @@ bench: install
 	$(BIN)/python bench/documents.py
 	$(BIN)/python bench/tiled_mlp.py
 	$(BIN)/python bench/checkpointing.py
+	$(BIN)/python bench/memory.py
 
 # Needs only a python with torch (a GPU machine's own; no venv, no install, no network).
 gpu-check:

@@ -31,6 +31,7 @@ features on >= 2x the baseline's.
 
     python bench/memory.py                                 # S = 8K, 16K, 32K; confirm at 2x
     python bench/memory.py --seq 4096 8192 --no-confirm    # quick look (about 3 minutes)
+    python bench/memory.py --from bench/results/memory.json --no-confirm  # the stored runs, re-predicted
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def recipe_for(name: str, seq: int, world: int, loss_chunk: int):
     if not SWITCHES[name].get("chunked", True):
         return None
     switches = {k: v for k, v in SWITCHES[name].items() if k != "chunked"}
-    spec = {"model": {"name": "bench"}, "parallel": {"sp": world}, "zero": {"stage": 0},
+    spec = {"model": {"name": "bench"}, "parallel": {"sp": world, "layout": "zigzag"}, "zero": {"stage": 0},
             "stages": [{"seq_len": seq, "steps": 1}], "loss_chunk_tokens": loss_chunk, **switches}  # fmt: skip
     return from_dict(Recipe, spec)
 
@@ -235,15 +236,19 @@ def main() -> None:
     parser.add_argument("--no-confirm", action="store_true", help="skip the run at twice the baseline's longest S")
     parser.add_argument("--out", default="bench/results/memory.json")
     parser.add_argument(
-        "--predict-only", metavar="JSON", help="no runs: this bench's earlier measurements against the current estimate"
+        "--from",
+        dest="stored",
+        metavar="JSON",
+        help="no grid runs: this bench's stored measurements against the current estimate (then the confirming "
+        "run unless --no-confirm)",
     )
     args = parser.parse_args()
     from ringpatch.memory.estimate import total_gib
     from ringpatch.parallel.dims import ParallelDims
 
     cfg = bench_config()
-    if args.predict_only:
-        report = json.loads(Path(args.predict_only).read_text())
+    if args.stored:
+        report = json.loads(Path(args.stored).read_text())
         rows, world, loss_chunk = report["rows"], report["world"], report["loss_chunk"]
     else:
         report, rows, world, loss_chunk = None, [], args.world, args.loss_chunk
@@ -267,7 +272,7 @@ def main() -> None:
 
     by = {(r["name"], r["seq"]): r for r in rows}
     seqs = sorted({r["seq"] for r in rows})
-    print("items isolated by difference (GiB per rank): measured (rss), predicted, ratio")
+    print("items isolated by difference (GiB per rank): measured (rss), predicted")
     isolated = []
     for label, (a, b) in ISOLATED.items():
         for s in seqs:
@@ -297,8 +302,8 @@ def main() -> None:
         print(f"longest S by the fits, features on / off: {longest['on'] / longest['off']:.2f}x (target >= 2)")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1))
-    if "off" in longest and not args.no_confirm and not args.predict_only:
-        seq = ParallelDims(world=world, sp=world).round_up(int(2 * longest["off"]))
+    if "off" in longest and not args.no_confirm:
+        seq = ParallelDims(world=world, sp=world, layout="zigzag").round_up(int(2 * longest["off"]))
         run = measure("on", seq, world, loss_chunk)
         run["predicted_gib"] = total_gib(predicted_gib("on", seq, world, cfg, loss_chunk))
         report["confirm"] = run
