@@ -228,6 +228,7 @@ def memory_check(lengths, device, dtype, quick=False):
     from ringpatch.memory.estimate import GIB, estimate, total_gib
     from ringpatch.memory.offload import enable_checkpointing
     from ringpatch.train.recipe import Recipe, from_dict
+    from ringpatch.train.tiled_mlp import tile_mlps
 
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -248,8 +249,6 @@ def memory_check(lengths, device, dtype, quick=False):
     base_recipe = from_dict(Recipe, {"model": {"name": "check"}, "stages": [{"seq_len": max(lengths), "steps": 1}]})
     rows = {}
     for name, sw in switches.items():
-        from ringpatch.train.tiled_mlp import tile_mlps
-
         torch.manual_seed(0)
         lm = AutoModelForCausalLM.from_config(LlamaConfig(**cfg), dtype=dtype, attn_implementation="sdpa").to(device)
         enable_checkpointing(lm, offload=sw.get("activation_offload", False))

@@ -122,7 +122,7 @@ def _train_step(name: str, seq: int, warm: int, loss_chunk: int) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     import ringpatch
-    from bench.model import build_model
+    from bench.model import _batch, build_model
     from ringpatch.memory.offload import enable_checkpointing
     from ringpatch.train.tiled_mlp import tile_mlps
 
@@ -137,8 +137,7 @@ def _train_step(name: str, seq: int, warm: int, loss_chunk: int) -> dict:
     optim = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=False)
 
     def step(s: int) -> None:
-        ids = torch.randint(0, 32000, (1, s), generator=torch.Generator().manual_seed(1))
-        local = ringpatch.shard_batch({"input_ids": ids, "labels": ids})
+        local = ringpatch.shard_batch(_batch(s))
         loss = ringpatch.causal_lm_loss(model, local, loss_chunk) if chunked else model(**local).loss
         loss.backward()
         optim.step()
@@ -201,14 +200,6 @@ def bench_config() -> dict:
     return build_model().config.to_dict()
 
 
-def fit(points) -> tuple[float, float]:
-    """Least squares y = a + b * x."""
-    xs, ys = [p[0] for p in points], [p[1] for p in points]
-    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
-    return my - b * mx, b
-
-
 def _predict(row: dict, world: int, cfg: dict, loss_chunk: int) -> None:
     from ringpatch.memory.estimate import total_gib
 
@@ -243,6 +234,7 @@ def main() -> None:
         "run unless --no-confirm)",
     )
     args = parser.parse_args()
+    from bench.model import fit
     from ringpatch.memory.estimate import total_gib
     from ringpatch.parallel.dims import ParallelDims
 
