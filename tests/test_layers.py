@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.helpers import ROOT
+from tests.helpers import HANG_S, ROOT
 
 pytestmark = pytest.mark.unit
 
@@ -94,5 +94,5 @@ def test_importing_loads_no_transformers_or_deepspeed(module):
         "print(heavy)\n"
         "sys.exit(1 if heavy else 0)"
     )
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=HANG_S)
     assert proc.returncode == 0, f"import {module} loaded {proc.stdout.strip()}{proc.stderr[-2000:]}"

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from tests.helpers import ROOT
+from tests.helpers import HANG_S, ROOT
 
 pytestmark = pytest.mark.e2e
 
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.e2e
 def test_gpu_check_runs_on_cpu(tmp_path):
     out = tmp_path / "g.json"
     cmd = [sys.executable, "bench/gpu_check.py", "--device", "cpu", "--quick", "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=HANG_S)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads(out.read_text())
     kernels = {f"torch/float32/d{d}/{c}" for d in (128, 36) for c in ("full", "causal", "window", "w-edge")}
@@ -31,5 +31,7 @@ def test_gpu_check_runs_on_cpu(tmp_path):
 def test_gpu_check_without_cuda_exits_zero():
     if torch.cuda.is_available():
         return
-    proc = subprocess.run([sys.executable, "bench/gpu_check.py"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "bench/gpu_check.py"], cwd=ROOT, capture_output=True, text=True, timeout=HANG_S
+    )
     assert proc.returncode == 0 and "no CUDA device" in proc.stdout, proc.stdout + proc.stderr

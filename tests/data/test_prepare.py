@@ -13,7 +13,7 @@ import torch
 from ringpatch.data.prepare import MARKER, load_prepared, prepare_split
 from ringpatch.data.tokenizer import byte_tokenizer
 from ringpatch.train.recipe import DataSpec
-from tests.helpers import ROOT
+from tests.helpers import HANG_S, ROOT
 
 pytestmark = pytest.mark.unit
 
@@ -126,7 +126,7 @@ def test_prepare_command_prepares_every_stage(tmp_path):
         [sys.executable, "-m", "ringpatch.cli", "prepare", "--recipe", str(path)],
         [sys.executable, "data/prepare.py", "--recipe", str(path)],
     ):
-        proc = subprocess.run(command, capture_output=True, text=True, cwd=root, timeout=300)
+        proc = subprocess.run(command, capture_output=True, text=True, cwd=root, timeout=HANG_S)
         assert proc.returncode == 0, proc.stderr[-3000:]
         names = sorted(Path(line.split()[-1]).name.rsplit("-", 1)[0] for line in proc.stdout.splitlines())
         assert names == ["eval-1024", "eval-128", "train-1024", "train-128"]

@@ -22,6 +22,7 @@ from ringpatch.evaluate import (
     perplexity_by_length,
     ring_prefill_scores,
 )
+from tests.helpers import HANG_S
 from tests.helpers.models import CONFIGS, build
 from tests.helpers.procs import spawn
 
@@ -184,7 +185,7 @@ def test_eval_command_writes_tables_csv_json_png(two_models, tmp_path):
         str(out),
     ]
     proc = subprocess.run(
-        cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1")
+        cmd, cwd=tmp_path, capture_output=True, text=True, timeout=HANG_S, env=dict(os.environ, OMP_NUM_THREADS="1")
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "loss of the last 64 tokens" in proc.stdout and "passkey accuracy, extended" in proc.stdout
@@ -216,7 +217,7 @@ def test_eval_command_refuses_bad_lengths_before_starting(two_models):
         ],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=HANG_S,
         env=dict(os.environ, WORLD_SIZE="4"),
     )
     assert proc.returncode == 2

@@ -10,3 +10,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 """The repository root (commands run from here)."""
+
+HANG_S = 1800
+"""The limit for a command a test starts: it only catches a hang. Outcomes never depend on speed,
+and a loaded machine (`make test-stress`) may be many times slower than an idle one."""

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import yaml
 
-from tests.helpers import ROOT
+from tests.helpers import HANG_S, ROOT
 
 BIN = Path(sys.executable).parent
 
@@ -99,7 +101,7 @@ def _shm_workspaces() -> set[str]:
     return {p.name for p in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")}
 
 
-def launch(recipe_path: Path, nproc: int, *extra: str, launcher: str = "torchrun", timeout: int = 400):
+def launch(recipe_path: Path, nproc: int, *extra: str, launcher: str = "torchrun", timeout: int = HANG_S):
     """Run the trainer under a launcher; returns the CompletedProcess. The run must leave none of
     DeepSpeed's CPU all-reduce workspaces in /dev/shm (ringpatch.parallel.unlink_deepspeed_shm)."""
     cmd = command(recipe_path, nproc, *extra, launcher=launcher)
@@ -122,6 +124,32 @@ def metrics(run_dir: Path) -> tuple[list[float], list[dict]]:
     """(training losses by step, eval records) from run_dir/metrics.jsonl."""
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [r["loss"] for r in records if "loss" in r], [r for r in records if r.get("event") == "eval"]
+
+
+def wait_for(condition, what: str, limit_s: float = 900) -> None:
+    """Poll `condition` until it holds. The limit only catches a hang (a loaded machine may be many
+    times slower than an idle one); the outcome of a test never depends on how soon it holds."""
+    deadline = time.monotonic() + limit_s
+    while not condition():
+        assert time.monotonic() < deadline, f"waited {limit_s:.0f} s for {what}"
+        time.sleep(0.02)
+
+
+def run_pids(recipe_path: Path) -> list[int]:
+    """The processes of a trainer launch (launcher and workers) by their command line: torchrun's
+    workers live in sessions of their own."""
+    found = subprocess.run(["pgrep", "-f", "--", f"--recipe {recipe_path}"], capture_output=True, text=True)
+    return [int(p) for p in found.stdout.split()]
+
+
+def hold(recipe_path: Path, sig: int = signal.SIGSTOP) -> list[int]:
+    """Send `sig` to every process of a launch (SIGSTOP holds a run where it is, whatever the
+    machine's speed; SIGCONT lets it go on). Returns the pids."""
+    pids = run_pids(recipe_path)
+    assert pids, f"no process runs --recipe {recipe_path}"
+    for pid in pids:
+        os.kill(pid, sig)
+    return pids
 
 
 def ok(proc) -> None:

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 import ringpatch
-from tests.helpers import ROOT
+from tests.helpers import HANG_S, ROOT
 from tests.helpers.models import CONFIGS, build
 from tests.helpers.models import batch as make_batch
 from tests.helpers.procs import spawn
@@ -229,7 +229,7 @@ def test_own_script_under_torchrun(tmp_path, script):
     for nproc in (1, 2):
         out = tmp_path / f"losses{nproc}.txt"
         cmd = [torchrun, "--standalone", f"--nproc_per_node={nproc}", script, "--steps", "3"]
-        proc = subprocess.run([*cmd, "--losses", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        proc = subprocess.run([*cmd, "--losses", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=HANG_S)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         losses[nproc] = [float(x) for x in out.read_text().split()]
     assert len(losses[2]) == 3

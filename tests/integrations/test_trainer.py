@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT
+from tests.helpers import HANG_S, ROOT
 from tests.helpers.trainrun import BIN, ENV, free_port
 
 pytestmark = pytest.mark.e2e
@@ -33,7 +33,7 @@ def _run(tmp, nproc: int, *args: str, script: str = SCRIPT, launcher: str = "tor
         start = [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={nproc}"]
     cmd = [*start, script, "--out", str(out), *args]
     proc = subprocess.run(cmd, cwd=ROOT, env=dict(ENV, DS_ACCELERATOR="cpu"), capture_output=True, text=True,
-                          timeout=400)  # fmt: skip
+                          timeout=HANG_S)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return json.loads(out.read_text())
 

@@ -15,7 +15,7 @@ import torch
 
 from ringpatch.train import checkpoint
 from tests.helpers.procs import spawn
-from tests.helpers.trainrun import ENV, ROOT, command, corpus, launch, ok, recipe
+from tests.helpers.trainrun import ENV, ROOT, command, corpus, launch, ok, recipe, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -105,9 +105,7 @@ def test_a_stopped_rank_is_named_after_timeout_minutes(tmp_path, data):
     proc = subprocess.Popen(command(path, 2), cwd=ROOT, env=ENV, text=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
     metrics_file = tmp_path / "run" / "metrics.jsonl"
-    deadline = time.time() + 200
-    while time.time() < deadline and not (metrics_file.is_file() and metrics_file.read_text().count("\n") >= 2):
-        time.sleep(0.1)
+    wait_for(lambda: metrics_file.is_file() and metrics_file.read_text().count("\n") >= 2, "two logged steps")
     pids = subprocess.run(["pgrep", "-f", "--", f"ringpatch.train --recipe {path}"], capture_output=True, text=True)
     workers = sorted(int(p) for p in pids.stdout.split() if int(p) != proc.pid)
     rank1 = [p for p in workers if Path(f"/proc/{p}/environ").read_bytes().find(b"\0RANK=1\0") >= 0]
@@ -125,7 +123,8 @@ def test_a_stopped_rank_is_named_after_timeout_minutes(tmp_path, data):
         proc.wait()
     assert message.startswith("ringpatch train (rank 0): rank 1 (silent for "), message
     assert "stopped making progress; this rank waited 0.15 minutes (timeout_minutes)" in message
-    assert time.time() - stopped_at < 60
+    # named at timeout_minutes (9 s), not at the 5-minute default; the bound leaves a loaded machine 20x
+    assert time.time() - stopped_at < 180
 
 
 def _save_nonfinite(rank, world, folder):

@@ -8,7 +8,7 @@ import subprocess
 import pytest
 import torch
 
-from tests.helpers import ROOT
+from tests.helpers import HANG_S, ROOT
 
 pytestmark = pytest.mark.e2e
 
@@ -19,7 +19,7 @@ def _make(*args, env=None):
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=HANG_S,
         env=dict(os.environ, **(env or {})),
     )
 
@@ -86,7 +86,7 @@ def test_slurm_script_runs_torchrun_per_node_with_a_rendezvous_on_the_first(tmp_
         env=env,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=HANG_S,
     )
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "cmd").read_text().split() == [

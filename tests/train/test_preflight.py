@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from ringpatch.train.preflight import preflight
+from tests.helpers import HANG_S
 from tests.helpers.trainrun import ROOT, recipe
 
 pytestmark = pytest.mark.unit
@@ -111,7 +112,7 @@ def test_the_command_line_reports_without_a_traceback(tmp_path, data):
         capture_output=True,
         text=True,
         cwd=ROOT,
-        timeout=120,
+        timeout=HANG_S,
         env={"WORLD_SIZE": "3", "PATH": "/usr/bin:/bin"},
     )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr

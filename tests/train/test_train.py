@@ -12,12 +12,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
-from tests.helpers.trainrun import ENV, ROOT, command, corpus, launch, metrics, ok, recipe
+from tests.helpers import HANG_S
+from tests.helpers.trainrun import ENV, ROOT, command, corpus, hold, launch, metrics, ok, recipe, run_pids, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -137,7 +137,7 @@ def test_export_loads_without_ringpatch_and_scores_like_the_trained_model(tmp_pa
         [sys.executable, "-c", LOSS_WITHOUT_RINGPATCH, str(tmp_path / "run" / "final"), str(tmp_path / "ids.pt")],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=HANG_S,
         cwd=tmp_path,
     )
     ok(proc)
@@ -155,7 +155,9 @@ def _texts(path):
 
 def test_killed_run_resumes_to_the_same_losses(tmp_path, data):
     """SIGKILL the whole launcher mid-run, leave a half-written checkpoint beside it, run the
-    same command again: the loss sequence equals an uninterrupted run's."""
+    same command again: the loss sequence equals an uninterrupted run's. The run is held
+    (SIGSTOP) the moment its first checkpoint is complete, so it is killed mid-run however fast
+    or slow the machine is."""
     long = {"parallel__sp": 2, "stages__0__steps": 30, "save_every": 3}
     whole = tmp_path / "whole"
     whole.mkdir()
@@ -172,18 +174,14 @@ def test_killed_run_resumes_to_the_same_losses(tmp_path, data):
         stderr=subprocess.DEVNULL,
     )
     run = killed / "run"
-    deadline = time.time() + 300
-    while time.time() < deadline and not (run / "checkpoints" / "latest").is_file():
-        time.sleep(0.05)
-    time.sleep(0.3)
-    # torchrun's workers live in their own sessions: kill them by their command line, then the launcher
-    subprocess.run(["pkill", "-9", "-f", "--", f"--recipe {path}"], check=False)
-    os.killpg(proc.pid, signal.SIGKILL)
+    wait_for(lambda: (run / "checkpoints" / "latest").is_file(), "the first checkpoint")
+    hold(path)
+    for pid in run_pids(path):
+        os.kill(pid, signal.SIGKILL)
     proc.wait()
-    while subprocess.run(["pgrep", "-f", "--", f"--recipe {path}"], capture_output=True).returncode == 0:
-        time.sleep(0.1)
-    assert not (run / "final").exists(), "the run finished before it was killed"
+    wait_for(lambda: not run_pids(path), "the killed processes to go")
     latest = (run / "checkpoints" / "latest").read_text()
+    assert not (run / "final").exists() and int(latest[4:]) < 30, latest
     partial = run / "checkpoints" / "step000000099"  # as a crash while writing would leave it
     partial.mkdir()
     (partial / "mp_rank_00_model_states.pt").write_bytes(b"truncated")
@@ -356,7 +354,9 @@ def test_a_changed_learning_rate_takes_effect_on_resume(tmp_path, data):
 def test_a_second_launch_on_a_running_run_dir_is_refused(tmp_path, data):
     """Two launches on one run_dir: the second stops before any process group, naming the first's
     pid, its message before any launcher traceback; the first finishes as if alone; a lock left
-    by a killed run (its pid gone) is taken over by the next launch."""
+    by a killed run (its pid gone) is taken over by the next launch. The first run is held
+    (SIGSTOP) from the moment it holds the lock until the second has been refused, so the outcome
+    does not depend on which launch is faster."""
     import socket
 
     path = recipe(tmp_path, data, parallel__sp=2, stages=[{"seq_len": 64, "steps": 20}])
@@ -364,12 +364,15 @@ def test_a_second_launch_on_a_running_run_dir_is_refused(tmp_path, data):
     first = subprocess.Popen(
         command(path, 2), cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    deadline = time.time() + 120
-    while time.time() < deadline and not lock.is_file():
-        time.sleep(0.05)
-    holder = json.loads(lock.read_text())["pid"]
-    second = launch(path, 2)
-    out, err = first.communicate(timeout=400)
+    wait_for(lock.is_file, "the first run's lock")
+    held = hold(path)
+    try:
+        holder = json.loads(lock.read_text())["pid"]
+        second = launch(path, 2)
+    finally:
+        for pid in held:
+            os.kill(pid, signal.SIGCONT)
+    out, err = first.communicate(timeout=HANG_S)
     assert first.returncode == 0, out[-2000:] + err[-3000:]
     assert second.returncode != 0
     message = f"ringpatch train: {tmp_path / 'run'} is in use by another run (pid {holder} on "
