@@ -99,24 +99,6 @@ def predicted_gib(name: str, seq: int, world: int, cfg: dict, loss_chunk: int) -
     return items
 
 
-def _live_peak(prof) -> int | None:
-    """Peak of the bytes allocated and not yet freed within a profiled region (CPU tensors)."""
-    from torch.autograd import DeviceType
-
-    try:
-        events = prof.profiler.kineto_results.events()
-        changes = sorted(
-            (e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]" and e.device_type() == DeviceType.CPU
-        )
-    except AttributeError:  # a torch without these accessors
-        return None
-    live = peak = 0
-    for _, nbytes in changes:
-        live += nbytes
-        peak = max(peak, live)
-    return peak
-
-
 def _train_step(name: str, seq: int, warm: int, loss_chunk: int) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -124,6 +106,7 @@ def _train_step(name: str, seq: int, warm: int, loss_chunk: int) -> dict:
     import ringpatch
     from bench.model import _batch, build_model
     from ringpatch.memory.offload import enable_checkpointing
+    from ringpatch.memory.tracker import live_peak
     from ringpatch.train.tiled_mlp import tile_mlps
 
     sw = dict(SWITCHES[name])
@@ -153,7 +136,7 @@ def _train_step(name: str, seq: int, warm: int, loss_chunk: int) -> dict:
         step(seq)
     seconds = time.perf_counter() - start
     peak = _kib("VmHWM")
-    return {"idle": idle, "peak": peak, "live": _live_peak(prof), "seconds": seconds}
+    return {"idle": idle, "peak": peak, "live": live_peak(prof), "seconds": seconds}
 
 
 def _worker(rank, world, store, name, seq, warm, loss_chunk, release, out_dir):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ringpatch.attention.comm import resolve_group
+from ringpatch.attention.comm import agree, resolve_group
 from ringpatch.attention.documents import docs_digest, documents_per_row
 from ringpatch.attention.kernels import Backend, default_scale, select
 from ringpatch.attention.layout import Layout, check_layout, check_seq_len
@@ -48,31 +48,19 @@ def _check_options(causal, window, scale) -> None:
 def _agree_across_ranks(q, k, docs, error: Exception | None, group, sp_size: int) -> None:
     """Every rank learns whether every rank's inputs were valid and of one shape, so a misuse
     on one rank raises everywhere instead of leaving the others waiting in the ring."""
-    if sp_size == 1:
-        if error is not None:
-            raise error
-        return
     device = q.device if isinstance(q, torch.Tensor) else torch.device("cpu")
-    if error is None:
-        meta = torch.tensor([1, *q.shape, k.shape[2], _DTYPES.index(q.dtype), docs_digest(docs)], device=device)
-    else:
-        meta = torch.zeros(8, dtype=torch.long, device=device)
-    metas = [torch.empty_like(meta) for _ in range(sp_size)]
-    dist.all_gather(metas, meta, group=group)
-    if error is not None:
-        raise error
-    rows = [tuple(m.tolist()) for m in metas]
-    failed = [r for r, row in enumerate(rows) if row[0] == 0]
-    if failed:
-        raise ValueError(f"ring_attention inputs were rejected on rank(s) {failed} of the group; see their error")
-    if len({row[:7] for row in rows}) > 1:
-        shapes = "; ".join(f"rank {r}: q {row[1:5]} kv_heads {row[5]} {_DTYPES[row[6]]}" for r, row in enumerate(rows))
+    row = [0] * 7 if error is not None else [*q.shape, k.shape[2], _DTYPES.index(q.dtype), docs_digest(docs)]
+    rows = agree(error, row, group, sp_size, device, what="ring_attention inputs")
+    if len({found[:6] for found in rows}) > 1:
+        shapes = "; ".join(
+            f"rank {r}: q {found[:4]} kv_heads {found[4]} {_DTYPES[found[5]]}" for r, found in enumerate(rows)
+        )
         raise ValueError(
             f"ranks hold different local blocks ({shapes}); every rank must hold seq_len/sp_size tokens "
             "of the same batch: cut the full sequence with ringpatch.shard or ringpatch.shard_batch"
         )
-    if len({row[7] for row in rows}) > 1:
-        differ = sorted(r for r, row in enumerate(rows) if row[7] != rows[0][7])
+    if len({found[6] for found in rows}) > 1:
+        differ = sorted(r for r, found in enumerate(rows) if found[6] != rows[0][6])
         raise ValueError(
             f"the ranks of the group pass different document boundaries (rank(s) {differ} differ from rank 0); "
             "every rank must pass the boundaries of the whole batch, the same on all ranks"
@@ -91,6 +79,7 @@ def ring_attention(
     backend: Backend = "auto",
     cu_seqlens=None,
     keep: KeptAttention | None = None,
+    agreed: bool = False,
 ) -> torch.Tensor:
     """Exact attention over the sequence split across `group` (None: the default group).
 
@@ -105,6 +94,11 @@ def ring_attention(
     `keep`: a KeptAttention slot of this call site, for attention-aware checkpointing: a forward
     with grad enabled leaves its output and lse there, and the recompute of an activation
     checkpoint (inside backward) takes them instead of running the ring again (ring.py).
+    `backend`: "auto", "torch", "flash_attn", or a kernel object (kernels.base.Kernel), used as is.
+    `agreed`: the caller has already checked, collectively, that every rank of the group passes
+    inputs of one shape, dtype and set of document boundaries (a patched model does this once per
+    forward, in hf.settings.check_local_batch); the call then skips its own all_gather and the host
+    sync that comes with it. Any other check still runs, and raises alike on every rank.
     Returns (B, S_local, H, D) in q's dtype.
     """
     hybrid = group if isinstance(group, UlyssesRing) and group.ulysses > 1 else None
@@ -121,7 +115,10 @@ def ring_attention(
         docs = documents_per_row(cu_seqlens, q.shape[0], q.shape[1] * sp_size)
     except (TypeError, ValueError) as exc:
         error = exc
-    _agree_across_ranks(q, k, docs, error, group, sp_size)
+    if not agreed:
+        _agree_across_ranks(q, k, docs, error, group, sp_size)
+    elif error is not None:
+        raise error
     seq_len = q.shape[1] * sp_size
     check_seq_len(seq_len, layout, sp_size)
     if ring_group is not None:  # Ulysses x ring: this rank's place in the ring of R = N / U

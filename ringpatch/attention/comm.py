@@ -42,6 +42,44 @@ def resolve_group(group):
     return group, dist.get_world_size(group), dist.get_rank(group)
 
 
+def group_device(group, fallback: torch.device) -> torch.device:
+    """Where a collective over `group` takes its tensors: the current CUDA device for NCCL,
+    `fallback` (the data's device) otherwise."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return fallback
+
+
+def agree(
+    error: Exception | None, row: list, group, sp_size: int, device: torch.device, what: str = "the inputs"
+) -> list[tuple[int, ...]]:
+    """Every rank learns whether every rank's local checks passed, and every rank's `row` of ints
+    (one all_gather and one host sync). Entries of `row` may be 0-d integer tensors, such as a
+    check's result on the device, so a check and the agreement cost that one sync together.
+
+    A rank whose checks failed raises its own `error`; the others raise a ValueError naming the
+    failed ranks (`what` names the inputs); no rank is left waiting in a collective that the others never enter. Returns
+    every rank's row (this rank's alone when sp_size is 1)."""
+    if sp_size == 1:
+        if error is not None:
+            raise error
+        return [tuple(int(x) for x in row)]
+    device = group_device(group, device)
+    if error is None:
+        mine = torch.stack([torch.as_tensor(x, dtype=torch.int64).to(device) for x in (1, *row)])
+    else:
+        mine = torch.zeros(1 + len(row), dtype=torch.int64, device=device)
+    every = [torch.empty_like(mine) for _ in range(sp_size)]
+    dist.all_gather(every, mine, group=group)
+    rows = [tuple(r) for r in torch.stack(every).tolist()]
+    if error is not None:
+        raise error
+    failed = [r for r, found in enumerate(rows) if found[0] == 0]
+    if failed:
+        raise ValueError(f"{what} were rejected on rank(s) {failed} of the group; see their error")
+    return [found[1:] for found in rows]
+
+
 class SumOverGroup(torch.autograd.Function):
     """all_reduce(SUM) with its exact gradient: the sum of every rank's upstream gradient."""
 

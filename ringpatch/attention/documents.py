@@ -18,6 +18,11 @@ import torch
 Docs = tuple[tuple[int, ...] | None, ...] | None
 
 
+def boundaries(cu_seqlens) -> tuple[int, ...]:
+    """The boundaries as ints, read from the device once (a tensor) or taken as they are."""
+    return tuple(_as_list(cu_seqlens))
+
+
 def _as_list(cu_seqlens) -> list[int]:
     if isinstance(cu_seqlens, torch.Tensor):
         if cu_seqlens.dim() != 1 or cu_seqlens.is_floating_point() or cu_seqlens.is_complex():

@@ -113,34 +113,75 @@ def _neighbours(spec: RingSpec, shift: int = 1) -> tuple[int, int]:
     return (spec.sp_rank + shift) % spec.sp_size, (spec.sp_rank - shift) % spec.sp_size
 
 
-def ring_forward(q, k, v, spec: RingSpec, group) -> tuple[torch.Tensor, torch.Tensor]:
-    """out in q's dtype, lse float32. # q (B, S_local, H, D); k, v (B, S_local, H_kv, D)"""
+GROUP_BYTES = 256 * 2**20
+"""The most bytes that one head group's float32 accumulator (output or dQ) may take. The ring runs
+once per group of K/V heads (with their query heads), so its float32 accumulators, K/V buffers,
+dK/dV accumulators and each kernel call's outputs and scratch hold 1/G of the heads: at
+Llama-3-8B's shape (32/8 heads of 128) and 131,072 tokens a rank, G = 8 cuts the ring's working
+set from about 11 GiB to 1.5 GiB, for G times the calls and messages of 1/G the size each (heads
+are independent: exact)."""
+
+
+def head_groups(q_shape: tuple[int, ...], kv_heads: int, budget: int | None = None) -> int:
+    """The fewest groups G (a divisor of the K/V heads) whose float32 per-group accumulator fits
+    `budget` bytes (GROUP_BYTES); all K/V heads one by one when none does."""
+    b, s, h, d = q_shape
+    budget = GROUP_BYTES if budget is None else budget
+    for g in range(1, kv_heads + 1):
+        if kv_heads % g == 0 and b * s * (h // g) * d * 4 <= budget:
+            return g
+    return kv_heads
+
+
+def _group_slices(heads: int, kv_heads: int, groups: int):
+    """(query heads, K/V heads) of each group: K/V heads g*n..(g+1)*n and the query heads that use them."""
+    q_per, kv_per = heads // groups, kv_heads // groups
+    return [(slice(g * q_per, (g + 1) * q_per), slice(g * kv_per, (g + 1) * kv_per)) for g in range(groups)]
+
+
+def ring_forward(q, kv, spec: RingSpec, group) -> tuple[torch.Tensor, torch.Tensor]:
+    """out in q's dtype, lse float32, one head group at a time (head_groups).
+    # q (B, S_local, H, D); kv (2, B, S_local, H_kv, D): K and V stacked, as they travel"""
+    groups = head_groups(q.shape, kv.shape[3])
+    if groups == 1:
+        return _ring_forward_group(q, kv, spec, group)
+    out = torch.empty_like(q)
+    lse = q.new_empty(q.shape[:3], dtype=torch.float32)
+    for qh, kh in _group_slices(q.shape[2], kv.shape[3], groups):
+        _, lse_g = _ring_forward_group(q[:, :, qh], kv[:, :, :, kh].contiguous(), spec, group, into=out[:, :, qh])
+        lse[:, :, qh] = lse_g
+    return out, lse
+
+
+def _ring_forward_group(q, kv, spec: RingSpec, group, into=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ring over one head group; the result cast into `into` when given."""
     b, s_local, h, d = q.shape
-    out = q.new_zeros(b, s_local, h, d, dtype=torch.float32)
+    acc = q.new_zeros(b, s_local, h, d, dtype=torch.float32)
     lse = q.new_full((b, s_local, h), float("-inf"), dtype=torch.float32)
     steps = spec.steps()
-    bufs = [torch.stack([k, v]), None]  # (2, B, S_local, H_kv, D): K/V travel unexpanded
+    # K/V travel unexpanded; this rank's own are saved for backward, so blocks arrive in two others
+    recv = [torch.empty_like(kv) for _ in range(min(2, len(steps) - 1))]
     dst, src = _neighbours(spec)
     for step, calls in enumerate(steps):
-        cur = bufs[step % 2]
+        cur = kv if step == 0 else recv[(step - 1) % 2]
         pending = None
         if step + 1 < len(steps):
-            if bufs[(step + 1) % 2] is None:
-                bufs[(step + 1) % 2] = torch.empty_like(cur)
-            pending = Exchange(cur, bufs[(step + 1) % 2], dst, src, group, tag=0)
+            pending = Exchange(cur, recv[step % 2], dst, src, group, tag=0)
         for rows, c in calls:
             out_b, lse_b = spec.kernel.forward(
                 q[rows, c.q0 : c.q1], cur[0, rows, c.k0 : c.k1], cur[1, rows, c.k0 : c.k1], c, spec.mask
             )
-            merge_(out[rows, c.q0 : c.q1], lse[rows, c.q0 : c.q1], out_b, lse_b)
+            merge_(acc[rows, c.q0 : c.q1], lse[rows, c.q0 : c.q1], out_b, lse_b)
+            del out_b, lse_b  # before the next call's
         if pending is not None:
             pending.wait()
-    return out.to(q.dtype), lse
+    if into is None:
+        return acc.to(q.dtype), lse
+    return into.copy_(acc), lse
 
 
-def _block_grads(dout, q, kv, out, lse, calls, dq, spec: RingSpec) -> torch.Tensor:
-    """Add this block's dQ into `dq`; return its float32 dK/dV. # (2, B, S_local, H_kv, D)"""
-    dkv = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)
+def _block_grads(dout, q, kv, out, lse, calls, dq, dkv, spec: RingSpec) -> None:
+    """Add this block's dQ into `dq` and its dK/dV into `dkv` (float32). # dkv (2, B, S_local, H_kv, D)"""
     for b, c in calls:
         qs, ks = slice(c.q0, c.q1), slice(c.k0, c.k1)
         dq_b, dk_b, dv_b = spec.kernel.backward(
@@ -149,44 +190,71 @@ def _block_grads(dout, q, kv, out, lse, calls, dq, spec: RingSpec) -> torch.Tens
         dq[b, qs] += dq_b
         dkv[0, b, ks] += dk_b
         dkv[1, b, ks] += dv_b
-    return dkv
+        del dq_b, dk_b, dv_b  # before the next call's
 
 
-def ring_backward(dout, q, k, v, out, lse, spec: RingSpec, group):
-    """dq, dk, dv in the input dtype, accumulated in float32.
+def ring_backward(dout, q, kv, out, lse, spec: RingSpec, group) -> tuple[torch.Tensor, torch.Tensor]:
+    """dq and d(kv) in the input dtype, accumulated in float32, one head group at a time."""
+    groups = head_groups(q.shape, kv.shape[3])
+    if groups == 1:
+        return _ring_backward_group(dout, q, kv, out, lse, spec, group)
+    dq, dkv = torch.empty_like(q), torch.empty_like(kv)
+    for qh, kh in _group_slices(q.shape[2], kv.shape[3], groups):
+        _ring_backward_group(
+            dout[:, :, qh],
+            q[:, :, qh],
+            kv[:, :, :, kh].contiguous(),
+            out[:, :, qh],
+            lse[:, :, qh],
+            spec,
+            group,
+            into=(dq[:, :, qh], dkv[:, :, :, kh]),
+        )
+    return dq, dkv
+
+
+def _ring_backward_group(dout, q, kv, out, lse, spec: RingSpec, group, into=None):
+    """The ring's backward over one head group.
 
     Remote blocks come in the forward's order; the accumulator of block j starts on rank j+1
     and travels with the block, then goes home from the last rank that needs it while the
-    owner computes the second half of its own block's gradients."""
-    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    owner computes the second half of its own block's gradients. Two accumulators alternate
+    (one is computed into while the other is in flight) and one buffer receives: no buffer is
+    allocated per step."""
+    dq = torch.zeros_like(q, dtype=torch.float32)
     steps = spec.steps()
     last = len(steps) - 1
     own_first, own_second = spec.own_block_halves() if last > 0 else (steps[0], ())
     dst, src = _neighbours(spec)
-    kv_own = torch.stack([k, v])  # (2, B, S_local, H_kv, D)
-    bufs = [torch.empty_like(kv_own), torch.empty_like(kv_own)] if last > 0 else []
-    kv_pending = Exchange(kv_own, bufs[0], dst, src, group, tag=0) if last > 0 else None
-    dkv_own = _block_grads(dout, q, kv_own, out, lse, own_first, dq, spec)
-    dkv_pending = home = arrived = None
+    dkv_own = torch.zeros_like(kv, dtype=torch.float32)
+    if last > 0:
+        bufs = [torch.empty_like(kv), torch.empty_like(kv)]
+        kv_pending = Exchange(kv, bufs[0], dst, src, group, tag=0)
+        accs = [torch.empty_like(dkv_own), torch.empty_like(dkv_own)]
+        arrived = torch.empty_like(dkv_own)
+    _block_grads(dout, q, kv, out, lse, own_first, dq, dkv_own, spec)
+    dkv_pending = home = None
     for step in range(1, last + 1):
         kv_pending.wait()
-        kv = bufs[(step - 1) % 2]
+        kv_cur = bufs[(step - 1) % 2]
         if step < last:
-            kv_pending = Exchange(kv, bufs[step % 2], dst, src, group, tag=0)
-        dkv = _block_grads(dout, q, kv, out, lse, steps[step], dq, spec)
+            kv_pending = Exchange(kv_cur, bufs[step % 2], dst, src, group, tag=0)
+        dkv = accs[step % 2].zero_()  # sent two steps ago, and that send was waited for last step
+        _block_grads(dout, q, kv_cur, out, lse, steps[step], dq, dkv, spec)
         if dkv_pending is not None:
             dkv_pending.wait()
             dkv += arrived
-        arrived = torch.empty_like(dkv)
         if step < last:
             dkv_pending = Exchange(dkv, arrived, dst, src, group, tag=1)
         else:
             home = Exchange(dkv, arrived, *_neighbours(spec, -last), group, tag=2)
-    dkv_own += _block_grads(dout, q, kv_own, out, lse, own_second, dq, spec)
+    _block_grads(dout, q, kv, out, lse, own_second, dq, dkv_own, spec)
     if home is not None:
         home.wait()
         dkv_own += arrived
-    return dq.to(q.dtype), dkv_own[0].to(k.dtype), dkv_own[1].to(v.dtype)
+    if into is None:
+        return dq.to(q.dtype), dkv_own.to(kv.dtype)
+    return into[0].copy_(dq), into[1].copy_(dkv_own)
 
 
 class KeptAttention:
@@ -248,23 +316,27 @@ def _in_backward() -> bool:
 
 
 class RingAttentionFn(torch.autograd.Function):
+    """q (B, S_local, H, D), k and v (B, S_local, H_kv, D). Saves K and V stacked, as the ring sends
+    them, so backward needs no second copy."""
+
     @staticmethod
     def forward(ctx, q, k, v, spec: RingSpec, group, kept: KeptAttention | None = None):
         prints = _fingerprints(q, k, v, spec, group) if kept is not None else None
         recompute = kept is not None and _in_backward()
         found = kept.take(prints) if recompute else None
+        kv = torch.stack([k, v])  # (2, B, S_local, H_kv, D)
         if found is not None:
             out, lse = found[0].detach(), found[1]  # the checkpoint's recompute: no ring forward
         else:
-            out, lse = ring_forward(q, k, v, spec, group)
+            out, lse = ring_forward(q, kv, spec, group)
             if kept is not None and not recompute:
                 kept.put(prints, out.detach(), lse)
-        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.save_for_backward(q, kv, out, lse)
         ctx.spec, ctx.group = spec, group
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = ring_backward(dout, q, k, v, out, lse, ctx.spec, ctx.group)
-        return dq, dk, dv, None, None, None
+        q, kv, out, lse = ctx.saved_tensors
+        dq, dkv = ring_backward(dout, q, kv, out, lse, ctx.spec, ctx.group)
+        return dq, dkv[0], dkv[1], None, None, None

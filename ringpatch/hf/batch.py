@@ -14,9 +14,8 @@ batch, as ring_attention takes them) travels with the local batch to every atten
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
-from ringpatch.attention.comm import resolve_group
+from ringpatch.attention.comm import agree, resolve_group
 from ringpatch.attention.documents import positions_in_documents
 from ringpatch.attention.layout import Layout, check_layout, num_chunks, shard
 from ringpatch.hf.documents import FLATTENING_KEYS, document_starts
@@ -27,6 +26,9 @@ ROW_KEYS = (*KEYS[1:], "seq_idx")  # (batch, seq_len) like input_ids
 CHECKED = (*KEYS, "cu_seq_lens_q", "cu_seq_lens_k", "seq_idx")  # compared across the ranks of the group
 DOCUMENTS_KEY = "ring_cu_seqlens"
 """The local batch's key for the document boundaries the patched model's attention reads."""
+AGREED_KEY = "ring_agreed"
+"""Set by the patched model for its attention calls once the batch is checked across the group
+(settings.check_local_batch): each call then skips its own agreement."""
 
 
 def _check_keys(batch) -> torch.Tensor:
@@ -77,10 +79,7 @@ def _check_same_across_ranks(batch, group, sp_size: int) -> None:
     parts += [
         _checksum(torch.as_tensor(batch[k])) if batch.get(k) is not None else input_ids.new_tensor(-1) for k in CHECKED
     ]
-    mine = torch.stack([p.to(torch.int64) for p in parts])
-    every = [torch.empty_like(mine) for _ in range(sp_size)]
-    dist.all_gather(every, mine, group=group)
-    rows = [tuple(t.tolist()) for t in every]
+    rows = agree(None, parts, group, sp_size, input_ids.device)
     if len(set(rows)) > 1:
         differ = [CHECKED[i - 1] if i else "shape" for i in range(len(rows[0])) if len({r[i] for r in rows}) > 1]
         raise ValueError(

@@ -12,7 +12,7 @@ import torch
 
 from ringpatch.attention import ring_attention
 from ringpatch.attention.ring import KeptAttention
-from ringpatch.hf.batch import DOCUMENTS_KEY
+from ringpatch.hf.batch import AGREED_KEY, DOCUMENTS_KEY
 from ringpatch.hf.settings import RingSettings
 
 IMPLEMENTATION = "ringpatch"
@@ -64,6 +64,7 @@ def ring_attention_forward(
         backend=settings.backend,
         cu_seqlens=kwargs.get(DOCUMENTS_KEY),
         keep=_kept(module) if settings.keep_attention else None,
+        agreed=kwargs.get(AGREED_KEY, False),
     )
     return out, None  # (B, S_local, H, D), no attention weights
 

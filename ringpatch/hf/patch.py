@@ -18,7 +18,7 @@ from ringpatch.attention.comm import SumOverGroup, resolve_group
 from ringpatch.attention.kernels import check_backend
 from ringpatch.attention.layout import Layout, check_layout
 from ringpatch.attention.ulysses import UlyssesRing, check_heads
-from ringpatch.hf.batch import DOCUMENTS_KEY
+from ringpatch.hf.batch import AGREED_KEY, DOCUMENTS_KEY
 from ringpatch.hf.interface import IMPLEMENTATION, register
 from ringpatch.hf.models import check_transformers_version, unsupported_features
 from ringpatch.hf.settings import RingSettings, check_local_batch
@@ -39,7 +39,10 @@ def _check_call(model, args, kwargs):
             "a ring-patched model needs this rank's part of the batch with global position_ids: "
             "call model(**ringpatch.shard_batch(batch, group, layout))"
         )
-    check_local_batch(settings, tokens.shape[1], position_ids, kwargs.get(DOCUMENTS_KEY))
+    bounds = check_local_batch(settings, tokens.shape[1], position_ids, kwargs.get(DOCUMENTS_KEY))
+    if bounds is not None:
+        kwargs[DOCUMENTS_KEY] = bounds  # read from the device once, here, not by every layer
+    kwargs[AGREED_KEY] = True
     if settings.keep_attention and model.training and torch.is_grad_enabled() and not _checkpointed(model):
         raise ValueError(
             "patch_model(keep_attention=True) keeps attention outputs for the recompute of activation-checkpointed "

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ringpatch.attention.documents import documents_per_row, positions_in_documents
+from ringpatch.attention.comm import agree, resolve_group
+from ringpatch.attention.documents import boundaries, docs_digest, documents_per_row, positions_in_documents
 from ringpatch.attention.layout import Layout, local_positions, num_chunks
 from ringpatch.attention.ulysses import ulysses_degree
 
@@ -51,20 +52,44 @@ def expected_positions(settings: RingSettings, rows: int, seq_len: int, cu_seqle
     )
 
 
-def check_local_batch(settings: RingSettings, local: int, position_ids: torch.Tensor, cu_seqlens=None) -> None:
-    """`local` tokens with `position_ids` must be this rank's part under the model's layout
-    (and, with packed documents, their boundaries `cu_seqlens`)."""
+def check_local_batch(settings: RingSettings, local: int, position_ids: torch.Tensor, cu_seqlens=None):
+    """`local` tokens with `position_ids` must be this rank's part under the model's layout (and,
+    with packed documents, their boundaries `cu_seqlens`), and every rank of the group must hold
+    the same batch shape and boundaries.
+
+    Collective over the model's group, once per forward: one all_gather and one host sync (the
+    position check rides in it). Every attention call of that forward can then skip its own
+    agreement (ring_attention(agreed=True)). Returns the boundaries as a tuple of ints (None
+    without documents), for the attention layers to read without touching the device again."""
+    group, sp_size, _ = resolve_group(settings.group)
+    rows = position_ids.shape[0] if position_ids.dim() == 2 else 1
     seq_len = local * settings.sp_size
-    ok = seq_len % num_chunks(settings.layout, settings.sp_size) == 0 and position_ids.shape[-1] == local
-    if ok:
-        rows = position_ids.shape[0] if position_ids.dim() == 2 else 1
-        expected = expected_positions(settings, rows, seq_len, cu_seqlens, position_ids.device)
-        ok = torch.equal(position_ids, expected.view_as(position_ids))
-    if not ok:
+    error, matches, bounds, digest = None, 0, None, 0
+    try:
+        bounds = None if cu_seqlens is None else boundaries(cu_seqlens)
+        digest = docs_digest(documents_per_row(bounds, rows, seq_len))
+        if seq_len % num_chunks(settings.layout, settings.sp_size) == 0 and position_ids.shape[-1] == local:
+            expected = expected_positions(settings, rows, seq_len, bounds, position_ids.device)
+            matches = (position_ids == expected.view_as(position_ids)).all()
+    except (TypeError, ValueError) as e:
+        error = e
+    found = agree(error, [matches, rows, local, digest], group, sp_size, position_ids.device, "the batches")
+    if not found[settings.sp_rank if sp_size > 1 else 0][0]:
         raise ValueError(
             f"the batch holds {local} tokens per rank with position_ids {position_ids.reshape(-1)[:4].tolist()}..., "
             f"which is not this rank's part ({settings.layout}, sp_rank {settings.sp_rank} of {settings.sp_size}"
             f"{f', ulysses {settings.ulysses}' if settings.ulysses > 1 else ''}) "
-            f"of a {seq_len}-token sequence{' with these document boundaries' if cu_seqlens is not None else ''}; "
+            f"of a {seq_len}-token sequence{' with these document boundaries' if bounds else ''}; "
             "cut the full batch with ringpatch.shard_batch(batch, group, layout)"
         )
+    wrong = [r for r, row in enumerate(found) if not row[0]]
+    if wrong:
+        raise ValueError(f"rank(s) {wrong} of the group do not hold their part of the batch; see their error")
+    if len({row[1:] for row in found}) > 1:
+        shapes = "; ".join(f"rank {r}: {row[1]} x {row[2]} tokens" for r, row in enumerate(found))
+        raise ValueError(
+            f"the ranks of the group hold different batches ({shapes}"
+            f"{', or different document boundaries' if bounds else ''}); every rank of the group must hold its "
+            "part of the same batch: cut it with ringpatch.shard_batch(batch, group, layout) on every rank"
+        )
+    return bounds

@@ -1,41 +1,45 @@
-"""Per-GPU memory estimate of a recipe (printed by `ringpatch plan`, see ringpatch.train.plan).
+"""Per-GPU memory estimate of a recipe's stage (printed by `ringpatch plan`; see docs/memory.md).
 
-The estimate counts, per GPU, in bytes (N = parameters, of which tp shards all but the embeddings):
-- weights 2N (bf16), gradients 2N, optimizer 12N (fp32 master, Adam m and v), divided by the
-  dp x sp ranks that ZeRO partitions them over (stage 1: optimizer; 2: + gradients; 3: + weights),
-  optimizer (and stage-3 weights) moved to CPU by offload; below stage 2 an untied input
-  embedding's gradient is left out (backward makes it last, after the activations are freed);
-- checkpointed activations: one (tokens x hidden) input per layer and RoPE's cos/sin (none on
-  the GPU with activation_offload: host_offload_gib counts them on the host, cos/sin per layer);
-  without checkpointing, everything every layer saves (below);
-- the recomputed layer: what one decoder layer saves for its backward, counted tensor by tensor
-  for transformers' Llama/Mistral layer (tests/memory/test_census.py counts them with autograd's
-  saved-tensor hooks): each RMSNorm a float32 copy of its input, the normalized input and its
-  scaled output; roped q and k, v, the attention output and its float32 log-sum-exp; the MLP's
-  gate, activation, up and product; plus the gradients of the layer's output and input (the
-  backward frees each saved tensor as it uses it, so its other gradients take their place).
-  With mlp_tiles the MLP saves only its input and its backward holds one tile's part;
-- ring buffers: K and V blocks (current + in flight) and float32 dK/dV accumulators; with
-  Ulysses x ring the same bytes (U times the tokens on 1/U of the K/V heads), times the
-  repeat factor when U exceeds the K/V heads per tp rank;
-- Ulysses all-to-all copies (ulysses > 1): q, k, v and the output in the other layout;
-- kept attention outputs (keep_attention): per layer, the output (tokens x heads x head_dim)
-  and its float32 log-sum-exp (tokens x heads), divided by tp;
-- the loss: one chunk's float32 log-softmax, its gradient and the logits' gradient (three
-  chunk x vocab float32 tensors at the peak of a chunk's backward), and the final norm's saved
-  tensors, (4 + 2 x dtype bytes) x hidden per token.
-A layer's backward and the loss's never overlap: the peak (total_gib) holds the larger.
-With bf16=False (float32 training, as on CPU) every 2-byte tensor above is 4 bytes, and the
-optimizer holds Adam's m and v only (8N: the weights are already float32).
-bench/memory.py compares the activation items with measured peaks (2 CPU ranks, float32).
-It is an estimate for choosing a layout, not a promise: allocator slack and NCCL buffers come on top.
+Held through the step (GiB per GPU; N parameters, of which tp shards all but the embeddings):
+- weights 2N, gradients 2N, optimizer 12N (fp32 master, Adam m and v), divided by the dp x sp
+  ranks that ZeRO partitions them over (stage 1: optimizer; 2: + gradients; 3: + weights); below
+  stage 2 an untied input embedding's gradient is left out (backward makes it last);
+- checkpointed activations: one (tokens x hidden) input per layer, and RoPE's cos and sin (on the
+  host with activation_offload: host_offload_gib); without checkpointing, all a layer saves;
+- kept attention outputs (keep_attention): each layer's output and log-sum-exp.
+On top, the larger of the two backwards, which never overlap: a layer's (its phases below) and
+the loss's (a chunk's logits, the final norm's saved tensors and its backward).
+
+A layer's backward, per token, is the largest of its phases, each the tensors live in it: what
+the layer saved and still holds, the gradient coming in, and that phase's own working set. The
+counts are those of transformers' Llama/Mistral layer under autograd, as the simulated rank
+(train/simulate.py) finds them tensor by tensor; tests/train/test_simulate.py holds the sum to
+the simulation at every shipped recipe's shape and at small float32 ones:
+- MLP: the MLP's six (tokens x intermediate) tensors at its backward's peak (three saved, three
+  gradients), or one tile's with mlp_tiles, plus the tiled MLP's input-gradient accumulator;
+- norm (the attention's output norm): its backward's five float32 (tokens x hidden) temporaries
+  beside its own float32 copy and the input norm's saved tensors;
+- attention: the ring's backward: per head group (attention/ring.py, head_groups), the float32
+  dQ and four dK/dV buffers, K/V in flight, and the kernel's outputs for one call.
+With bf16=False (float32 training, as on CPU) RMSNorm's float32 copy is no copy, a 2-byte tensor
+is 4 bytes, and the optimizer holds Adam's m and v only (8N).
+What no tensor shows (CUDA context, NCCL, kernel scratch, fragmentation) is reserve.py's.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from ringpatch.attention.ring import head_groups
 from ringpatch.attention.ulysses import kv_repeats
 
 GIB = 2**30
+NORM_BACKWARD_FP32 = 5
+"""float32 (tokens x hidden) temporaries an RMSNorm's autograd backward holds at once (the
+gradients of its float32 cast, pow, mean and scaling), beside its saved float32 copy."""
+MLP_BACKWARD = 6
+"""(tokens x intermediate) tensors a gated MLP's backward holds at its peak: three saved (gate,
+activation, up) and three gradients."""
 
 
 def attention_shape(cfg: dict) -> tuple[int, int, int]:
@@ -44,11 +48,30 @@ def attention_shape(cfg: dict) -> tuple[int, int, int]:
     return heads, cfg.get("num_key_value_heads") or heads, cfg.get("head_dim") or cfg["hidden_size"] // heads
 
 
-def offloaded_bytes(cfg: dict, tokens: int, dtype_bytes: int = 2) -> float:
-    """Host bytes per rank under activation_offload: every layer's hidden input plus its RoPE cos
-    and sin (copied per layer)."""
-    head_dim = attention_shape(cfg)[2]
-    return cfg["num_hidden_layers"] * tokens * (cfg["hidden_size"] + 2 * head_dim) * dtype_bytes
+@dataclass(frozen=True)
+class Shapes:
+    """Bytes per token of the tensors a layer's step is made of, on one rank."""
+
+    h: int  # hidden
+    i: float  # intermediate / tp
+    q: float  # query heads x head_dim / tp (the attention output too)
+    kv: float  # K/V heads x head_dim / tp, times the Ulysses repeat
+    heads: float  # query heads / tp
+    d: int  # head_dim
+    b: int  # bytes of a weight, gradient or activation element
+
+    @property
+    def copy(self) -> int:
+        """RMSNorm's float32 copy of its input: none when the input is float32 already."""
+        return 4 * self.h if self.b < 4 else 0
+
+
+def shapes(cfg: dict, tp: int = 1, ulysses: int = 1, b: int = 2) -> Shapes:
+    heads, kv_heads, d = attention_shape(cfg)
+    rep = kv_repeats(kv_heads // tp, ulysses) if ulysses > 1 else 1
+    return Shapes(
+        cfg["hidden_size"], cfg["intermediate_size"] / tp, heads * d / tp, kv_heads * d * rep / tp, heads / tp, d, b
+    )
 
 
 def layer_saved_bytes(cfg: dict, tp: int = 1, dtype_bytes: int = 2, tiled: bool = False) -> float:
@@ -56,12 +79,87 @@ def layer_saved_bytes(cfg: dict, tp: int = 1, dtype_bytes: int = 2, tiled: bool 
     two RMSNorms (each a float32 copy of its input, the normalized input and its scaled output),
     roped q and k, v and the attention output, the float32 log-sum-exp, and the MLP's gate,
     activation, up and product (only the input, already counted, when the MLP is tiled)."""
-    b, h = dtype_bytes, cfg["hidden_size"]
-    heads, kv_heads, head_dim = attention_shape(cfg)
-    norms = 2 * (4 + 2 * b) * h
-    attention = ((2 * heads + 2 * kv_heads) * head_dim * b + heads * 4) / tp
-    mlp = 0 if tiled else 4 * cfg["intermediate_size"] / tp * b
+    s = shapes(cfg, tp, 1, dtype_bytes)
+    norms = 2 * (4 + 2 * s.b) * s.h
+    attention = (2 * s.q + 2 * s.kv) * s.b + s.heads * 4
+    mlp = 0 if tiled else 4 * s.i * s.b
     return norms + attention + mlp
+
+
+def _attention_saved(s: Shapes, keep: bool, ulysses: int) -> float:
+    """What the attention keeps for its backward: roped q, K and V stacked (as the ring saves them),
+    the output (held by keep_attention instead) and the float32 lse; with Ulysses the all-to-all
+    keeps one more query-sized copy."""
+    out = 0 if keep else s.q * s.b
+    return s.q * s.b + 2 * s.kv * s.b + out + 4 * s.heads + (s.q * s.b if ulysses > 1 else 0)
+
+
+def _ring_working_set(s: Shapes, tokens: int, micro_batch: int, sp: int, ulysses: int, kernel: str) -> float:
+    """Bytes per token of the ring's backward over one head group, and one kernel call's outputs
+    (a call over the whole local block, the largest)."""
+    kv_heads = s.kv / s.d  # per ring rank's heads, as the ring sees them (tokens x U, heads / U)
+    groups = head_groups((micro_batch, tokens // micro_batch, int(s.heads), s.d), max(1, int(kv_heads)))
+    ring = sp // ulysses
+    dkv = 2 * s.kv * 4 / groups
+    work = 4 * s.q / groups + (4 * dkv + 2 * 2 * s.kv * s.b / groups if ring > 1 else dkv)
+    if groups > 1:
+        work += 2 * s.kv * s.b / groups  # the group's K/V, contiguous
+    if groups > 1 or s.b < 4:
+        work += s.q * s.b + 2 * s.kv * s.b  # dq, dk, dv in the input dtype
+    if kernel == "efficient":  # K/V repeated to the query heads; dK/dV come back repeated, then summed
+        call = (5 * s.q + 2 * s.kv) * s.b / groups
+    else:  # flash (native GQA) or the CPU kernel
+        call = (s.q + 2 * s.kv) * s.b / groups
+    return work + call
+
+
+def kernel_kind(b: int, cuda: bool = True) -> str:
+    """Which fused kernel the ring's full and causal calls use: flash for 2-byte inputs on a GPU,
+    the memory-efficient kernel for float32 on a GPU, the CPU kernel elsewhere."""
+    if not cuda:
+        return "cpu"
+    return "flash" if b < 4 else "efficient"
+
+
+def layer_backward(
+    s: Shapes,
+    tokens: int,
+    micro_batch: int,
+    sp: int,
+    ulysses: int,
+    tiles: int,
+    keep: bool,
+    offload: bool,
+    kernel: str,
+) -> dict[str, float]:
+    """Bytes per token of a layer's backward, by phase (MLP, norm, attention): the largest is its peak."""
+    grad_in = s.b * s.h  # the gradient arriving from the layer above
+    norms = s.copy + 4 * s.h + 4 * s.b * s.h + 8  # both norms' saved tensors and their 1/rms
+    # the layer's input, copied back from the host for the recompute, still held by the MLP's
+    # backward (the layer's first), released before the norm's
+    unpacked = s.b * s.h if offload else 0
+    attention = _attention_saved(s, keep, ulysses)
+    if tiles > 1:  # one tile's MLP, and the tiled MLP's accumulated input gradient
+        mlp = MLP_BACKWARD * s.i * s.b / tiles + s.b * s.h * (1 + 1 / tiles)
+    else:
+        mlp = MLP_BACKWARD * s.i * s.b
+    input_norm = s.copy + 2 * s.b * s.h + 4
+    return {
+        "MLP": norms + attention + mlp + grad_in + unpacked,
+        "norm": (NORM_BACKWARD_FP32 + 1) * 4 * s.h + input_norm + grad_in + attention,
+        "attention": input_norm
+        + grad_in
+        + s.q * s.b  # the gradient of the attention's output
+        + attention
+        + _ring_working_set(s, tokens, micro_batch, sp, ulysses, kernel),
+    }
+
+
+def offloaded_bytes(cfg: dict, tokens: int, dtype_bytes: int = 2) -> float:
+    """Host bytes per rank under activation_offload: every layer's hidden input, in pinned blocks
+    that torch's host allocator rounds up to a power of two."""
+    block = tokens * cfg["hidden_size"] * dtype_bytes
+    return cfg["num_hidden_layers"] * (1 << max(0, int(block - 1).bit_length()))
 
 
 def parameters(cfg: dict) -> tuple[int, int]:
@@ -74,10 +172,9 @@ def parameters(cfg: dict) -> tuple[int, int]:
     return n_layers * (attn + mlp + 2 * h) + h + emb, emb
 
 
-def estimate(recipe, cfg: dict, world: int, seq_len: int, micro_batch: int, bf16: bool = True) -> dict[str, float]:
-    """GiB per GPU, by item, for one stage. bf16: the training precision (False: float32)."""
-    b = 2 if bf16 else 4  # bytes of a weight, gradient or activation element
-    sp, tp, ulysses = recipe.parallel.sp, recipe.parallel.tp, recipe.parallel.ulysses
+def model_states(recipe, cfg: dict, world: int, b: int) -> dict[str, float]:
+    """Bytes per GPU of weights, gradients and optimizer under the recipe's ZeRO stage."""
+    tp = recipe.parallel.tp
     shards = world // tp  # dp x sp
     n, emb = parameters(cfg)
     n_tp = (n - emb) / tp + emb
@@ -88,58 +185,70 @@ def estimate(recipe, cfg: dict, world: int, seq_len: int, micro_batch: int, bf16
     # activation is freed: past the peak (bench/memory.py, ZeRO-0)
     late = 0 if zero >= 2 or cfg.get("tie_word_embeddings") else cfg["vocab_size"] * cfg["hidden_size"]
     grads = b * (n_tp - late) / (shards if zero >= 2 else 1)
-    optim = 0 if offload else (12 if bf16 else 8) * n_tp / (shards if zero >= 1 else 1)
-    h, inter, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
-    heads, kv_heads, head_dim = attention_shape(cfg)
-    kv_dim, q_dim = kv_heads * head_dim, heads * head_dim
-    rep = kv_repeats(kv_heads // tp, ulysses) if ulysses > 1 else 1
+    optim = 0 if offload else (12 if b < 4 else 8) * n_tp / (shards if zero >= 1 else 1)
+    return {"weights": weights, "gradients": grads, "optimizer": optim}
+
+
+def estimate(
+    recipe, cfg: dict, world: int, seq_len: int, micro_batch: int, bf16: bool = True, cuda: bool = True
+) -> dict[str, float]:
+    """GiB per GPU, by item, for one stage. bf16: the training precision (False: float32); cuda:
+    the ring's kernels are the GPU's (False: the CPU kernel)."""
+    b = 2 if bf16 else 4
+    sp, tp, ulysses = recipe.parallel.sp, recipe.parallel.tp, recipe.parallel.ulysses
+    s = shapes(cfg, tp, ulysses, b)
+    layers = cfg["num_hidden_layers"]
     tokens = micro_batch * seq_len // sp  # per GPU
-    tiles = recipe.mlp_tiles
-    saved = layer_saved_bytes(cfg, tp, b, tiled=tiles > 1)  # per token, one layer's forward
-    final_norm = (4 + 2 * b) * h
-    rope = 2 * head_dim * b  # cos and sin, shared by the layers
-    if not recipe.activation_checkpointing:
-        ckpt = tokens * (layers * saved + rope)
+    rope = 2 * s.d * s.b  # cos and sin, shared by the layers
+    checkpointing, keep = recipe.activation_checkpointing, recipe.keep_attention
+    if not checkpointing:
+        held = tokens * (layers * layer_saved_bytes(cfg, tp, b) + rope)
     elif recipe.activation_offload:
-        ckpt = 0
+        held = tokens * rope
     else:
-        ckpt = tokens * (layers * h * b + rope)
-    tile = 4 * inter / tp / tiles * b if tiles > 1 else 0  # a tile's MLP tensors, in its own backward
-    recompute = saved + tile if recipe.activation_checkpointing else 0
-    work = tokens * (recompute + 2 * h * b)  # + the gradients of the layer's output and input
-    ring = tokens * kv_dim * rep / tp * (2 * 2 * b + 2 * 4)
-    a2a = tokens * (2 * q_dim + 2 * kv_dim * rep) / tp * b if ulysses > 1 else 0
-    loss = min(recipe.loss_chunk_tokens, tokens) * cfg["vocab_size"] * 4 * 3
+        held = tokens * (layers * s.h * s.b + rope)
+    phases = layer_backward(
+        s,
+        tokens,
+        micro_batch,
+        sp,
+        ulysses,
+        recipe.mlp_tiles,
+        keep,
+        recipe.activation_offload and checkpointing,
+        kernel_kind(b, cuda),
+    )
+    if not checkpointing:  # the layer's saved tensors are already in `held`; its backward adds its working set
+        phases = {k: v - layer_saved_bytes(cfg, tp, b) for k, v in phases.items()}
+    phase = max(phases, key=phases.get)
+    chunk = min(recipe.loss_chunk_tokens, tokens)
+    final_norm = s.copy + 2 * s.b * s.h  # the final norm's saved tensors, until the loss's backward is done
     items = {
-        "weights": weights,
-        "gradients": grads,
-        "optimizer": optim,
-        "checkpointed activations": ckpt,
-        "recomputed layer": work,
-        "ring buffers": ring,
-        "final norm": tokens * final_norm,
-        **({"all-to-all copies": a2a} if ulysses > 1 else {}),
-        **({"kept attention outputs": layers * tokens * (q_dim * b + heads * 4) / tp} if recipe.keep_attention else {}),
-        "loss chunk": loss,
+        **model_states(recipe, cfg, world, b),
+        "checkpointed activations": held,
+        **({"kept attention outputs": layers * tokens * (s.q * s.b + 4 * s.heads)} if keep else {}),
+        f"layer backward ({phase})": tokens * phases[phase],
+        # a chunk's float32 logits, their log-softmax and gradient; the final norm's saved tensors
+        # and the hidden states' gradient as it builds up; the LM head's gradient and one chunk's part
+        "loss chunk": chunk * cfg["vocab_size"] * 4 * 3
+        + tokens * (final_norm + s.b * s.h)
+        + 2 * cfg["vocab_size"] * s.h * s.b / tp,
+        # the final norm's backward: its temporaries beside its float32 copy
+        "final norm backward": tokens * ((NORM_BACKWARD_FP32 + 1) * 4 * s.h + s.b * s.h),
     }
     return {k: v / GIB for k, v in items.items()}
 
 
-# A layer's backward (its recompute, the ring's blocks, the all-to-all's copies) and the loss's
-# (a chunk's logits, the final norm's saved tensors, freed once its backward has run) happen at
-# different moments of a step: the peak holds the larger of the two.
-LAYER_BACKWARD = ("recomputed layer", "ring buffers", "all-to-all copies")
-LOSS_BACKWARD = ("loss chunk", "final norm")
+LOSS_BACKWARD = ("loss chunk", "final norm backward")
 
 
 def total_gib(items: dict[str, float]) -> float:
-    """The peak of a step from estimate's items: everything held through the step (weights,
-    gradients, optimizer, checkpointed and kept activations) plus the larger of a layer's
-    backward and the loss's backward, which never overlap."""
-    layer = sum(v for k, v in items.items() if k in LAYER_BACKWARD)
-    loss = sum(v for k, v in items.items() if k in LOSS_BACKWARD)
-    held = sum(v for k, v in items.items() if k not in LAYER_BACKWARD + LOSS_BACKWARD)
-    return held + max(layer, loss)
+    """The peak of a step from estimate's items: everything held through the step plus the
+    largest of a layer's backward, a loss chunk's backward and the final norm's backward, which
+    never overlap."""
+    backwards = [v for k, v in items.items() if k.startswith("layer backward") or k in LOSS_BACKWARD]
+    held = sum(v for k, v in items.items() if not (k.startswith("layer backward") or k in LOSS_BACKWARD))
+    return held + max(backwards, default=0.0)
 
 
 def host_offload_gib(recipe, cfg: dict, seq_len: int, micro_batch: int, bf16: bool = True) -> float:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ringpatch.attention.comm import SumOverGroup
-from ringpatch.hf.batch import DOCUMENTS_KEY, IGNORE_INDEX
+from ringpatch.hf.batch import AGREED_KEY, DOCUMENTS_KEY, IGNORE_INDEX
 from ringpatch.hf.models import PLAIN_HEAD_MODEL_TYPES
 from ringpatch.hf.settings import check_local_batch
 
@@ -54,14 +54,17 @@ def causal_lm_loss(model, batch: dict, chunk_tokens: int = 4096) -> torch.Tensor
         raise ValueError(f"batch lacks {missing}: pass the output of ringpatch.shard_batch with labels")
     settings = getattr(model, "_ringpatch", None)
     documents = batch.get(DOCUMENTS_KEY)
+    extra = {}
     if settings is not None:
-        check_local_batch(settings, batch["input_ids"].shape[1], batch["position_ids"], documents)
+        documents = check_local_batch(settings, batch["input_ids"].shape[1], batch["position_ids"], documents)
+        extra[AGREED_KEY] = True
     elif documents is not None:
         raise ValueError(
             "the batch packs documents (ring_cu_seqlens), which only a ring-patched model keeps apart: "
             "call ringpatch.patch_model(model) first"
         )
-    extra = {} if documents is None else {DOCUMENTS_KEY: documents}
+    if documents is not None:
+        extra[DOCUMENTS_KEY] = documents
     body = model.get_decoder()
     hidden = body(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False, **extra)
     hidden = hidden.last_hidden_state

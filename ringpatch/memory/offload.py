@@ -1,57 +1,57 @@
 """Activation-checkpoint offload: recipe `activation_offload: true` (with activation_checkpointing).
 
 With full-layer checkpointing, what a step keeps between forward and backward is each decoder
-layer's input: layers x tokens x hidden, 32 GiB per GPU for Llama-3-8B at 1M tokens over 8 GPUs,
-more than anything else the step holds. Offload keeps those inputs in (pinned) host memory: each
-checkpointed layer call runs under torch.autograd.graph.save_on_cpu, which copies what autograd
-saves in that scope to the host in forward and back to the device when backward needs it. For a
-non-reentrant checkpoint that is exactly the checkpoint's inputs (the hidden states, and the RoPE
-cos/sin the layer is given); everything the layer computes is saved by the checkpoint's own
-hooks, inside, and recomputed as before.
+layer's input: layers x tokens x hidden, 32 GiB per GPU for Llama-3-8B at 1M tokens over 8 GPUs.
+Offload keeps those inputs in host memory: each checkpointed layer call runs under saved-tensor
+hooks that copy what autograd saves in that scope (for a non-reentrant checkpoint, exactly the
+checkpoint's inputs) to the host in forward, and back to the device, as a fresh copy, when the
+layer's backward needs it. Everything the layer computes is saved by the checkpoint's own hooks,
+inside, and recomputed as before.
 
-Cost: one device-to-host copy of each layer's inputs in forward and one host-to-device copy in
-backward, on the compute stream (not overlapped; a side stream with prefetch is worth it only if
-a GPU measurement shows the copies above 5% of the step). Host memory: the inputs of every
-layer of every rank of the node. Exact: the values are copied, never changed.
-
-transformers provides this as activation_checkpointing_enable(offload=True) in recent releases,
-used here on CUDA. On releases without it (5.0), and on hosts without an accelerator, the same
-checkpoint function is installed through the model's _set_gradient_checkpointing, the hook
-transformers itself uses: transformers 5.24 asks for pinned memory whenever offload is on, which
-torch refuses on a CPU-only host ("pin_memory=True requires a CUDA or other accelerator
-backend"), and on the CPU there is nothing to move anyway (the copy keeps the run exact and
-testable).
+One path on every host: pinned host memory where CUDA is, and on a CPU the same copies within one
+memory (so a CPU run, a simulated rank and a GPU run hold the same tensors). Cost: one copy out and
+one copy back per layer, on the compute stream (docs/memory.md). Exact: values are copied, never
+changed.
 """
 
 from __future__ import annotations
 
 import functools
-import inspect
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
 
-def _offloaded_checkpoint(function, *args, **kwargs):
-    with torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()):
+def _to_host(t: torch.Tensor):
+    pinned = torch.cuda.is_available()
+    host = torch.empty(t.size(), dtype=t.dtype, layout=t.layout, pin_memory=pinned)
+    host.copy_(t, non_blocking=pinned)
+    return t.device, host
+
+
+def _from_host(packed) -> torch.Tensor:
+    device, host = packed
+    return host.to(device, non_blocking=host.is_pinned(), copy=True)
+
+
+def offloaded_checkpoint(function, *args, **kwargs):
+    """torch.utils.checkpoint.checkpoint with the checkpoint's inputs held on the host."""
+    with torch.autograd.graph.saved_tensors_hooks(_to_host, _from_host):
         return checkpoint(function, *args, **kwargs)
 
 
 def enable_checkpointing(lm, offload: bool = False) -> None:
     """Full-layer activation checkpointing (non-reentrant) on a transformers model; with
-    `offload`, the checkpointed layers' inputs live on the host between forward and backward."""
-    modern = getattr(lm, "activation_checkpointing_enable", None)
-    if torch.cuda.is_available() and modern is not None and "offload" in inspect.signature(modern).parameters:
-        modern(activation_checkpointing_kwargs={"use_reentrant": False}, offload=offload)
-    else:
-        enable_by_hand(lm, offload)
-
-
-def enable_by_hand(lm, offload: bool) -> None:
-    """For transformers releases without activation_checkpointing_enable(offload=...)."""
+    `offload`, the checkpointed layers' inputs live on the host between forward and backward.
+    The checkpoint function goes in through transformers' _set_gradient_checkpointing, the hook
+    gradient_checkpointing_enable itself uses (docs/private-apis.md)."""
     kwargs = {"use_reentrant": False}
-    lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    enable = getattr(lm, "activation_checkpointing_enable", None)  # the name from transformers 5.x on
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if offload:
         lm._set_gradient_checkpointing(
-            enable=True, gradient_checkpointing_func=functools.partial(_offloaded_checkpoint, **kwargs)
+            enable=True, gradient_checkpointing_func=functools.partial(offloaded_checkpoint, **kwargs)
         )

@@ -57,26 +57,46 @@ def zero3_loading(plan: Plan):
 
 def build_model(plan: Plan, mesh: Mesh):
     """The recipe's causal LM (loaded or built from its config), ring-patched over the sp group."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    return prepare_lm(plan, load_lm(plan), mesh)
+
+
+def load_lm(plan: Plan):
+    """The recipe's causal LM: its pretrained weights, or its config with seeded random weights."""
+    from transformers import AutoModelForCausalLM
 
     spec = plan.recipe.model
-    dtype = torch.bfloat16 if plan.bf16 else torch.float32
     torch.manual_seed(plan.recipe.seed)  # the same scratch weights on every rank
     if spec.init == "scratch":
-        lm = AutoModelForCausalLM.from_config(AutoConfig.for_model(**spec.config), dtype=dtype)
-    else:
-        try:
-            lm = AutoModelForCausalLM.from_pretrained(spec.name, dtype=dtype)
-        except OSError as e:  # a hub id that does not exist, no network, a damaged download
-            raise FileNotFoundError(f"model.name {spec.name} could not be loaded: {str(e).splitlines()[0]}") from None
-        check_model_config(spec.config or {}, lm.config.to_dict(), spec.name)
+        return lm_from_config(spec.config, plan.bf16)
+    try:
+        lm = AutoModelForCausalLM.from_pretrained(spec.name, dtype=torch.bfloat16 if plan.bf16 else torch.float32)
+    except OSError as e:  # a hub id that does not exist, no network, a damaged download
+        raise FileNotFoundError(f"model.name {spec.name} could not be loaded: {str(e).splitlines()[0]}") from None
+    check_model_config(spec.config or {}, lm.config.to_dict(), spec.name)
+    return lm
+
+
+def lm_from_config(config: dict, bf16: bool):
+    """A causal LM of this architecture with random weights (the simulator builds it on fake tensors)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(**config), dtype=dtype)
+
+
+def prepare_lm(plan: Plan, lm, mesh: Mesh, backend="auto"):
+    """The recipe's memory switches and the ring, applied to a loaded LM (in place; returns it)."""
     plan.dims.check_heads(lm.config.num_attention_heads, lm.config.num_key_value_heads or lm.config.num_attention_heads)
     lm.config.use_cache = False
     if plan.recipe.activation_checkpointing:
         enable_checkpointing(lm, offload=plan.recipe.activation_offload)
     tile_mlps(lm, plan.recipe.mlp_tiles)
     return ringpatch.patch_model(
-        lm, group=mesh.seq_group, layout=plan.recipe.parallel.layout, keep_attention=plan.recipe.keep_attention
+        lm,
+        group=mesh.seq_group,
+        layout=plan.recipe.parallel.layout,
+        backend=backend,
+        keep_attention=plan.recipe.keep_attention,
     )
 
 

@@ -36,6 +36,16 @@ from ringpatch.train.plan import Plan
 from ringpatch.train.watchdog import Heartbeat
 
 
+def local_batch(rows: dict[str, torch.Tensor], recipe, mesh) -> dict[str, torch.Tensor]:
+    """This rank's part of packed rows (input_ids, doc_position_ids), labelled for the causal-LM
+    loss. With document masking the documents stay apart and their positions restart
+    (shard_batch reads the resets)."""
+    batch = {"input_ids": rows["input_ids"], "labels": rows["input_ids"]}
+    if recipe.data.document_masking:
+        batch["position_ids"] = rows["doc_position_ids"]
+    return ringpatch.shard_batch(batch, group=mesh.seq_group, layout=recipe.parallel.layout)
+
+
 class Trainer:
     def __init__(self, plan: Plan, resume: bool = True):
         recipe = plan.recipe
@@ -161,12 +171,7 @@ class Trainer:
         return self._mean_over_world(total / self.recipe.grad_accum)
 
     def _forward(self, rows: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The loss of packed rows (input_ids, doc_position_ids). With document masking the
-        documents stay apart and their positions restart (shard_batch reads the resets)."""
-        batch = {"input_ids": rows["input_ids"], "labels": rows["input_ids"]}
-        if self.recipe.data.document_masking:
-            batch["position_ids"] = rows["doc_position_ids"]
-        local = ringpatch.shard_batch(batch, group=self.mesh.seq_group, layout=self.recipe.parallel.layout)
+        local = local_batch(rows, self.recipe, self.mesh)
         return self.engine(**{k: v.to(self.engine.device) for k, v in local.items()})
 
     @staticmethod

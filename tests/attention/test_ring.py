@@ -49,7 +49,13 @@ def _ring(q, k, v, dout, causal, window, layout, dtype):
     return [ringpatch.unshard(x.detach(), layout=layout) for x in (out, q.grad, k.grad, v.grad)]
 
 
-def _check_parity(rank, world, layout):
+def _check_parity(rank, world, layout, group_bytes=None):
+    """group_bytes: force the ring to run one head group at a time (ring.GROUP_BYTES: 1 byte makes
+    every K/V head a group of its own)."""
+    if group_bytes is not None:
+        from ringpatch.attention import ring
+
+        ring.GROUP_BYTES = group_bytes
     names = ("out", "dq", "dk", "dv")
     cases = itertools.product((True, False), WINDOWS, HEADS, (1, 2))
     for case_id, (causal, window, (h, hkv), batch) in enumerate(cases):
@@ -76,6 +82,16 @@ def _check_parity(rank, world, layout):
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 def test_parity_with_full_attention(world, layout):
     spawn(_check_parity, world, layout)
+
+
+@pytest.mark.parametrize("world", [1, 3])
+def test_parity_one_head_group_at_a_time(world):
+    """The ring over K/V head groups in turn (each K/V head alone here) equals full attention."""
+    from ringpatch.attention.ring import head_groups
+
+    assert head_groups((1, 4096, 32, 128), 8, budget=8 * 2**20) == 8  # Llama-3-8B's heads: groups of 4 + 1
+    assert head_groups((1, 4096, 32, 128), 8, budget=64 * 2**20) == 1
+    spawn(_check_parity, world, "zigzag", 1)
 
 
 def _stack(h, layers, fn):

@@ -24,14 +24,23 @@ Backend = Literal["auto", "torch", "flash_attn"]
 BACKENDS: tuple[str, ...] = get_args(Backend)
 
 
-def check_backend(backend: str) -> None:
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+def is_kernel(backend) -> bool:
+    """A kernel object (base.Kernel) given in place of a backend name."""
+    return all(callable(getattr(backend, name, None)) for name in ("check", "forward", "backward"))
 
 
-def select(backend: str, q: torch.Tensor) -> Kernel:
-    """Resolve `backend` for tensors like `q`; raises if it cannot serve them."""
+def check_backend(backend) -> None:
+    if not is_kernel(backend) and backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}, or pass a kernel object")
+
+
+def select(backend, q: torch.Tensor) -> Kernel:
+    """Resolve `backend` (a name, or a kernel object used as is) for tensors like `q`; raises if it
+    cannot serve them."""
     check_backend(backend)
+    if is_kernel(backend):
+        backend.check(q)
+        return backend
     if backend == "auto":
         if q.device.type == "cuda" and flash_unavailable() is None:
             try:

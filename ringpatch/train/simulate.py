@@ -1,0 +1,296 @@
+"""A simulated rank: one training step of a recipe's stage at its real shape, with no GPU.
+
+One rank of the recipe's grid runs the trainer's own code (load_lm's architecture, prepare_lm's
+checkpointing, offload, kept attention, tiled MLP and patch_model, local_batch's shard_batch, the
+chunked loss, forward and backward) on fake tensors (FakeTensorMode: shapes and dtypes, no data)
+over torch's `fake` process group of the recipe's world size, whose collectives and P2P complete at
+once. The ring's kernel calls are those of the CUDA kernel module (kernels/torch_cuda.py), made on
+fake CPU tensors: fake CUDA tensors cannot run backward without a GPU. Small bookkeeping tensors
+(positions, the checks' rows) stay real, so every check runs on values (tracker.FakeLarge).
+
+Counted (memory/tracker.py): every storage the step allocates and frees, by category, on the
+device and on the host (offloaded activations); the FLOPs (FlopCounterMode, causal calls at half);
+every read of tensor data into Python (a host sync on a GPU), by call site. ZeRO's partitioning of
+weights, gradients and optimizer state stays arithmetic (DeepSpeed does not run on fake tensors):
+memory/estimate.py's items, added to the simulated activations and working memory. Parameter
+gradients are dropped as they are made, as ZeRO-2/3 reduce them into partitions.
+
+`ringpatch plan --simulate` prints it; tests/train/test_simulate.py holds it to a real run on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from ringpatch.attention.kernels import TorchCPU, TorchCUDA
+from ringpatch.hf.models import GATED_MLP_MODEL_TYPES
+from ringpatch.memory.estimate import GIB, estimate
+from ringpatch.memory.tracker import StorageTracker, SyncCounter
+from ringpatch.train.plan import Plan
+
+SIMULATED_MODEL_TYPES = GATED_MLP_MODEL_TYPES
+"""Model types whose layers the simulator has been checked on (tests/train/test_simulate.py)."""
+MODEL_STATES = ("weights", "gradients", "optimizer")
+
+
+class SimulatedCUDA(TorchCUDA):
+    """The CUDA kernel module's calls on fake CPU tensors, as on a GPU of compute capability 8.0 or
+    newer (flash for bf16/fp16 full and causal calls, memory-efficient for band and float32 calls)."""
+
+    def check(self, q: torch.Tensor) -> None:
+        if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise ValueError(f"the CUDA kernels take float16, bfloat16 or float32, got {q.dtype}")
+
+
+@dataclass
+class Simulation:
+    stage: int
+    seq_len: int
+    micro_batch: int
+    tokens: int
+    """Tokens per rank."""
+    model_states: dict[str, float]
+    """GiB per rank, arithmetic (ZeRO): weights, gradients, optimizer."""
+    peak: dict[str, float]
+    """GiB live at the device's peak of activations and working memory, by category."""
+    host: dict[str, float]
+    """GiB of host memory at its peak (offloaded activations), by category."""
+    flops: int
+    syncs: Counter = field(default_factory=Counter)
+    """Reads of device data into Python in the step, by call site (each a host sync on a GPU)."""
+    seconds: float = 0.0
+    total_peak: float = 0.0
+    """GiB: the peak of device and host together (one memory on a CPU run)."""
+    largest: list = field(default_factory=list)
+    """The largest storages live at the device's peak: (GiB, category, shape and dtype)."""
+
+    @property
+    def total_gib(self) -> float:
+        """The device peak: model states plus the step's simulated peak."""
+        return sum(self.model_states.values()) + sum(self.peak.values())
+
+
+def check_simulable(plan: Plan) -> None:
+    """One line naming what the simulator cannot run, before any work."""
+    cfg = plan.model_config
+    if cfg is None:
+        raise ValueError(
+            f"--simulate needs the architecture of {plan.recipe.model.name} without a download: set model.config "
+            "in the recipe, or use a local folder or a model in the Hugging Face cache"
+        )
+    if cfg.get("model_type") not in SIMULATED_MODEL_TYPES:
+        raise NotImplementedError(
+            f"--simulate runs {', '.join(SIMULATED_MODEL_TYPES)} layers; {plan.recipe.model.name} is "
+            f"{cfg.get('model_type')!r}: use `ringpatch plan` without --simulate for the arithmetic estimate"
+        )
+    if plan.recipe.parallel.tp > 1:
+        raise NotImplementedError(
+            f"--simulate runs tp = 1 (AutoTP shards the model inside DeepSpeed, which does not run on fake tensors); "
+            f"this recipe has parallel.tp {plan.recipe.parallel.tp}: use `ringpatch plan` without --simulate"
+        )
+
+
+@contextlib.contextmanager
+def fake_world(world: int, rank: int = 0):
+    """torch's `fake` process group of `world` ranks, as rank `rank`: collectives complete at once
+    (all_gather copies this rank's input to every slot, as if every rank held the same)."""
+    if dist.is_initialized():
+        raise RuntimeError("--simulate starts its own fake process group; run it outside a launched job")
+    import torch.testing._internal.distributed.fake_pg  # noqa: F401 (registers the `fake` backend)
+
+    dist.init_process_group("fake", store=dist.HashStore(), rank=rank, world_size=world)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+SITES = (  # (file, function or "" for any): the category of what it allocates
+    ("ringpatch/attention/kernels/", "", "kernel outputs"),
+    ("ringpatch/attention/ring.py", "", "ring buffers"),
+    ("ringpatch/attention/merge.py", "", "ring buffers"),
+    ("ringpatch/attention/comm.py", "", "ring buffers"),
+    ("ringpatch/attention/ulysses.py", "", "all-to-all copies"),
+    ("ringpatch/memory/loss.py", "_chunk_loss_sum", "loss chunk"),
+    ("ringpatch/memory/loss.py", "chunked_cross_entropy", "loss chunk"),
+    ("ringpatch/memory/offload.py", "_to_host", "offload"),
+)
+
+
+def _site() -> str | None:
+    """The category of what the innermost ringpatch function on the stack allocates, if it has one
+    (the modules that count, and the trainer's own frames, are skipped)."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        name = frame.f_code.co_filename.replace("\\", "/")
+        if "ringpatch/" in name and not name.endswith(("memory/tracker.py", "train/simulate.py")):
+            function = frame.f_code.co_name
+            for part, func, category in SITES:
+                if part in name and func in ("", function):
+                    return category
+            return None
+        frame = frame.f_back
+    return None
+
+
+class Scope:
+    """What the step is doing when a storage appears: forward or backward, inside the final norm,
+    and in backward the part last entered (the loss's chunks, or a layer's recompute)."""
+
+    def __init__(self, recipe, lm):
+        self.checkpointing = recipe.activation_checkpointing
+        self.keep = recipe.keep_attention
+        self.final_norm = False
+        self.backward_part = "loss chunk"  # backward starts at the loss
+        self.tracker: StorageTracker | None = None
+        decoder = lm.get_decoder()
+        self.norm, self.layers = decoder.norm, list(decoder.layers)
+        # a layer's own forward, under any wrapper (transformers checkpoints `forward`, so a recompute
+        # in backward runs it without the module's hooks)
+        self.layer_codes = {inspect.unwrap(type(layer).forward).__code__ for layer in self.layers}
+
+    def label(self) -> tuple[str, str]:
+        site = _site()
+        if torch._C._current_graph_task_id() == -1:  # forward
+            if site == "offload":
+                return "host", "offloaded activations"
+            if site is not None:
+                return "device", site
+            if self.final_norm:
+                return "device", "final norm"
+            return "device", "checkpointed activations" if self.checkpointing else "layer activations"
+        if site == "loss chunk" or self._in_layer():
+            self.backward_part = "loss chunk" if site == "loss chunk" else "recomputed layer"
+        return "device", site if site not in (None, "offload") else self.backward_part
+
+    def _in_layer(self) -> bool:
+        frame = sys._getframe(3)
+        while frame is not None:
+            if frame.f_code in self.layer_codes:
+                return True
+            frame = frame.f_back
+        return False
+
+    def hook(self) -> list:
+        """Module hooks: the final norm's scope, and each layer's forward, which relabels what the
+        layer leaves alive (its output, or with keep_attention its kept attention output)."""
+        handles = [
+            self.norm.register_forward_pre_hook(lambda *_: setattr(self, "final_norm", True)),
+            self.norm.register_forward_hook(lambda *_: setattr(self, "final_norm", False)),
+        ]
+        for layer in self.layers:
+            handles.append(layer.register_forward_pre_hook(self._enter))
+            handles.append(layer.register_forward_hook(self._leave))
+        return handles
+
+    def _enter(self, module, args):
+        module._ringpatch_events = self.tracker.events
+
+    def _leave(self, module, args, output):
+        if torch._C._current_graph_task_id() != -1:
+            return
+        saved = "checkpointed activations" if self.checkpointing else "layer activations"
+        since = module._ringpatch_events
+        if self.keep:  # the ring's output and lse, kept for the recompute
+            self.tracker.relabel(since, "kept attention outputs", keep=lambda c: c == "ring buffers")
+        self.tracker.relabel(since, saved, keep=lambda c: c != "kept attention outputs")
+
+
+def _answer(name: str, tensors, site: str):
+    """A read of a fake tensor (device data the simulation does not have) in the step: a check's
+    result (equal, bool) passes, as every simulated rank holds the same; a value is 1."""
+    if name == "tolist":
+        raise NotImplementedError(
+            f"the step reads a whole device tensor into Python at {site}; the simulator has no values"
+        )
+    return True if name in ("equal", "__bool__") else 1
+
+
+def step_batch(plan: Plan, mesh, stage: int) -> dict[str, torch.Tensor]:
+    """This rank's part of a stage's batch, as the trainer builds it (local_batch) from full rows
+    of one document each (the ring's most work)."""
+    from ringpatch.train.loop import local_batch
+
+    s = plan.recipe.stages[stage]
+    micro_batch = s.micro_batch or plan.recipe.micro_batch
+    ids = torch.zeros(micro_batch, s.seq_len, dtype=torch.long)
+    rows = {"input_ids": ids, "doc_position_ids": torch.arange(s.seq_len).expand(micro_batch, s.seq_len)}
+    return local_batch(rows, plan.recipe, mesh)
+
+
+def step_model(plan: Plan, lm, mesh, backend="auto"):
+    """The trainer's model around `lm` (prepare_lm, LossModel), in training mode, its parameter
+    gradients dropped as they are made: ZeRO takes each into its partition (counted by the estimate)."""
+    from ringpatch.train.build import LossModel, prepare_lm
+
+    model = LossModel(prepare_lm(plan, lm, mesh, backend=backend), chunk_tokens=plan.recipe.loss_chunk_tokens)
+    model.train()
+    for p in model.parameters():
+        p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
+    return model
+
+
+def counted_step(plan: Plan, model, local: dict, fake_mode=None) -> tuple[StorageTracker, SyncCounter]:
+    """Forward and backward of `model` on `local`, counted: storages by category, FLOPs, host syncs."""
+    scope = Scope(plan.recipe, model.lm)
+    handles = scope.hook()
+    syncs = SyncCounter(answer=_answer if fake_mode is not None else None)
+    tracker = scope.tracker = StorageTracker(scope.label, count_flops=True, fake_mode=fake_mode, syncs=syncs)
+    try:
+        with tracker, syncs:
+            model(**local).backward()
+    finally:
+        for h in handles:
+            h.remove()
+    return tracker, syncs
+
+
+def longest_stage(recipe) -> int:
+    return max(range(len(recipe.stages)), key=lambda i: recipe.stages[i].seq_len)
+
+
+def simulate(plan: Plan, stage: int | None = None, rank: int = 0, kernel: str = "cuda") -> Simulation:
+    """Simulate one step of `stage` (None: the longest) on `rank` of the plan's grid.
+    kernel "cuda": the CUDA kernel module's calls (what a GPU runs); "cpu": the CPU kernel (what a
+    CPU run does, for holding the simulator to one)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from ringpatch.parallel import build_mesh
+    from ringpatch.train.build import lm_from_config
+
+    check_simulable(plan)
+    recipe = plan.recipe
+    stage = longest_stage(recipe) if stage is None else stage
+    s = recipe.stages[stage]
+    micro_batch = s.micro_batch or recipe.micro_batch
+    started = time.perf_counter()
+    with fake_world(plan.dims.world, rank):
+        mesh = build_mesh(plan.dims, "cpu")
+        fake = FakeTensorMode(allow_non_fake_inputs=True)
+        with fake:
+            lm = lm_from_config(plan.model_config, plan.bf16)
+        model = step_model(plan, lm, mesh, backend=SimulatedCUDA() if kernel == "cuda" else TorchCPU())
+        tracker, syncs = counted_step(plan, model, step_batch(plan, mesh, stage), fake_mode=fake)
+    states = estimate(recipe, plan.model_config, plan.dims.world, s.seq_len, micro_batch, plan.bf16)
+    return Simulation(
+        stage=stage,
+        seq_len=s.seq_len,
+        micro_batch=micro_batch,
+        tokens=micro_batch * s.seq_len // plan.dims.sp,
+        model_states={k: states[k] for k in MODEL_STATES},
+        peak={k: v / GIB for k, v in tracker.at_peak.get("device", Counter()).items()},
+        host={k: v / GIB for k, v in tracker.at_peak.get("host", Counter()).items()},
+        flops=tracker.flops,
+        syncs=syncs.sites,
+        seconds=time.perf_counter() - started,
+        largest=[(size / GIB, c, what) for size, c, what in tracker.largest_at_peak.get("device", [])],
+        total_peak=tracker.peak["all"] / GIB,
+    )
