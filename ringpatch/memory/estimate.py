@@ -190,10 +190,19 @@ def model_states(recipe, cfg: dict, world: int, b: int) -> dict[str, float]:
 
 
 def estimate(
-    recipe, cfg: dict, world: int, seq_len: int, micro_batch: int, bf16: bool = True, cuda: bool = True
+    recipe,
+    cfg: dict,
+    world: int,
+    seq_len: int,
+    micro_batch: int,
+    bf16: bool = True,
+    cuda: bool = True,
+    zero: dict[str, float] | None = None,
 ) -> dict[str, float]:
     """GiB per GPU, by item, for one stage. bf16: the training precision (False: float32); cuda:
-    the ring's kernels are the GPU's (False: the CPU kernel)."""
+    the ring's kernels are the GPU's (False: the CPU kernel); zero: DeepSpeed's buffers in bytes
+    (reserve.zero_buffers), as items of their own (None: the step's tensors only, which is what
+    the simulated rank holds)."""
     b = 2 if bf16 else 4
     sp, tp, ulysses = recipe.parallel.sp, recipe.parallel.tp, recipe.parallel.ulysses
     s = shapes(cfg, tp, ulysses, b)
@@ -228,27 +237,44 @@ def estimate(
         "checkpointed activations": held,
         **({"kept attention outputs": layers * tokens * (s.q * s.b + 4 * s.heads)} if keep else {}),
         f"layer backward ({phase})": tokens * phases[phase],
-        # a chunk's float32 logits, their log-softmax and gradient; the final norm's saved tensors
-        # and the hidden states' gradient as it builds up; the LM head's gradient and one chunk's part
+        # a chunk's float32 logits, their log-softmax and gradient, and the final norm's saved
+        # tensors; past the first chunk also the LM head's gradient and the hidden states' as they
+        # build up over the chunks
         "loss chunk": chunk * cfg["vocab_size"] * 4 * 3
-        + tokens * (final_norm + s.b * s.h)
-        + 2 * cfg["vocab_size"] * s.h * s.b / tp,
+        + tokens * final_norm
+        + (cfg["vocab_size"] * s.h * s.b / tp + tokens * s.b * s.h if tokens > chunk else 0),
         # the final norm's backward: its temporaries beside its float32 copy
         "final norm backward": tokens * ((NORM_BACKWARD_FP32 + 1) * 4 * s.h + s.b * s.h),
     }
+    if zero is not None and any(zero.values()):
+        items |= {"ZeRO gradient buckets": zero["held"], LAYER_GATHERED: zero["layer"], LOSS_GATHERED: zero["loss"]}
     return {k: v / GIB for k, v in items.items()}
 
 
-LOSS_BACKWARD = ("loss chunk", "final norm backward")
+LAYER_GATHERED, LOSS_GATHERED = "ZeRO-3 gathered weights (layer)", "ZeRO-3 gathered weights (LM head)"
+
+
+def _backward_of(item: str) -> str | None:
+    """Which backward an item belongs to (they never overlap), or None for one held through the step."""
+    if item.startswith("layer backward") or item == LAYER_GATHERED:
+        return "layer"
+    if item in ("loss chunk", LOSS_GATHERED):
+        return "loss"
+    return "final norm" if item == "final norm backward" else None
 
 
 def total_gib(items: dict[str, float]) -> float:
     """The peak of a step from estimate's items: everything held through the step plus the
     largest of a layer's backward, a loss chunk's backward and the final norm's backward, which
     never overlap."""
-    backwards = [v for k, v in items.items() if k.startswith("layer backward") or k in LOSS_BACKWARD]
-    held = sum(v for k, v in items.items() if not (k.startswith("layer backward") or k in LOSS_BACKWARD))
-    return held + max(backwards, default=0.0)
+    held, backwards = 0.0, {}
+    for item, value in items.items():
+        part = _backward_of(item)
+        if part is None:
+            held += value
+        else:
+            backwards[part] = backwards.get(part, 0.0) + value
+    return held + max(backwards.values(), default=0.0)
 
 
 def host_offload_gib(recipe, cfg: dict, seq_len: int, micro_batch: int, bf16: bool = True) -> float:

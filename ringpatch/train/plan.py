@@ -6,7 +6,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from ringpatch.memory.estimate import estimate, host_offload_gib, parameters, total_gib
+from ringpatch.memory.estimate import estimate, host_offload_gib, kernel_kind, parameters, shapes, total_gib
+from ringpatch.memory.reserve import kernel_scratch_bytes, reserve_gib, zero_buffers
 from ringpatch.memory.traffic import describe_traffic
 from ringpatch.parallel import ParallelDims
 from ringpatch.train.recipe import Recipe
@@ -26,9 +27,48 @@ class Plan:
     """The architecture, when known without a download (recipe or local config.json)."""
 
 
+@dataclass(frozen=True)
+class Budget:
+    """A stage's memory per GPU: the step's tensors and DeepSpeed's buffers (items, GiB, as
+    estimate gives them) and the reserve for what no tensor shows."""
+
+    items: dict[str, float]
+    reserve: dict[str, float]
+    host: float
+    """GiB of host memory for offloaded activations."""
+
+    @property
+    def tensors(self) -> float:
+        return total_gib(self.items)
+
+    @property
+    def total(self) -> float:
+        return self.tensors + sum(self.reserve.values())
+
+
+def budget(plan: Plan, seq_len: int, micro_batch: int) -> Budget:
+    """The plan's memory per GPU for sequences of `seq_len` at `micro_batch` (needs model_config)."""
+    r, cfg, dims = plan.recipe, plan.model_config, plan.dims
+    b = 2 if plan.bf16 else 4
+    zero = zero_buffers(plan.ds_config, cfg, b, dims.tp)
+    items = estimate(r, cfg, dims.world, seq_len, micro_batch, plan.bf16, plan.cuda, zero=zero)
+    tokens = micro_batch * seq_len // dims.sp
+    scratch = kernel_scratch_bytes(
+        shapes(cfg, dims.tp, dims.ulysses, b), tokens, micro_batch, kernel_kind(b, plan.cuda)
+    )
+    communicators = 3 + (2 if dims.ulysses > 1 else 0) + (1 if dims.tp > 1 else 0)
+    reserve = reserve_gib(total_gib(items), plan.cuda, communicators, scratch)
+    return Budget(items, reserve, host_offload_gib(r, cfg, seq_len, micro_batch, plan.bf16))
+
+
+def stage_budget(plan: Plan, index: int) -> Budget:
+    s = plan.recipe.stages[index]
+    return budget(plan, s.seq_len, s.micro_batch or plan.recipe.micro_batch)
+
+
 def on_gpus(plan: Plan) -> Plan:
     """The plan as it trains on GPUs, wherever it is made: dtype auto is bf16 there."""
-    return dataclasses.replace(plan, bf16=plan.recipe.model.dtype != "float32")
+    return dataclasses.replace(plan, bf16=plan.recipe.model.dtype != "float32", cuda=True)
 
 
 def _precision(dtype: str) -> str:
@@ -55,24 +95,30 @@ def describe(plan, launch: str | None = None, gpus_per_node: int | None = None) 
     if plan.model_config:
         n, _ = parameters(plan.model_config)
         lines.append(f"parameters: {n / 1e9:.2f} B")
-    lines.append("stage  seq_len    steps  micro_batch  tokens/GPU  rope                         est. GiB/GPU")
+    lines.append(
+        "stage  seq_len    steps  micro_batch  tokens/GPU  rope                         GiB/GPU planned + reserve"
+    )
+    last = None
     for i, s in enumerate(r.stages):
         mb = s.micro_batch or r.micro_batch
         rope = (
             f"theta {s.rope_theta:,.0f}" if s.rope_theta else (str(s.rope_scaling) if s.rope_scaling else "as loaded")
         )
-        est = estimate(r, plan.model_config, dims.world, s.seq_len, mb, plan.bf16) if plan.model_config else None
-        mem = f"{total_gib(est):.1f}" if est else "unknown (no model config)"
+        last = stage_budget(plan, i) if plan.model_config else None
+        mem = (
+            f"{last.tensors:.1f} + {sum(last.reserve.values()):.1f} = {last.total:.1f}"
+            if last
+            else "unknown (no model config)"
+        )
         lines.append(
             f"{i:>5}  {s.seq_len:>7}  {s.steps:>7}  {mb:>11}  {mb * s.seq_len // dims.sp:>10}  {rope:<27}  {mem}"
         )
-    if est:  # the last stage's
-        lines.append("last stage, GiB/GPU: " + ", ".join(f"{k} {v:.2f}" for k, v in est.items()))
-        last = r.stages[-1]
-        host = host_offload_gib(r, plan.model_config, last.seq_len, last.micro_batch or r.micro_batch, plan.bf16)
-        if host:
-            per_node = f", {host * gpus_per_node:.1f} GiB per node of {gpus_per_node}" if gpus_per_node else ""
-            lines.append(f"last stage, host memory for offloaded activations: {host:.2f} GiB per GPU{per_node}")
+    if last:
+        lines.append("last stage, planned GiB/GPU: " + ", ".join(f"{k} {v:.2f}" for k, v in last.items.items()))
+        lines.append("last stage, reserve GiB/GPU: " + ", ".join(f"{k} {v:.2f}" for k, v in last.reserve.items()))
+        if last.host:
+            per_node = f", {last.host * gpus_per_node:.1f} GiB per node of {gpus_per_node}" if gpus_per_node else ""
+            lines.append(f"last stage, host memory for offloaded activations: {last.host:.2f} GiB per GPU{per_node}")
     if plan.model_config and gpus_per_node and dims.sp > 1:  # at the shortest stage: the least work per ring step
         first = min(r.stages, key=lambda s: s.seq_len)
         mb = first.micro_batch or r.micro_batch
@@ -93,20 +139,19 @@ def describe(plan, launch: str | None = None, gpus_per_node: int | None = None) 
 
 def max_context(
     plan: Plan, capacity_gib: float, host_gib_per_gpu: float | None = None, micro_batch: int = 1
-) -> tuple[int, dict[str, float]] | None:
-    """The longest sequence (a multiple of the layout's chunk count) whose estimate at
-    `micro_batch` fits `capacity_gib` per GPU, and whose offloaded activations (if any) fit
-    `host_gib_per_gpu` of host memory, with that estimate; None when not even the shortest fits
+) -> tuple[int, Budget] | None:
+    """The longest sequence (a multiple of the layout's chunk count) whose planned tensors and
+    reserve at `micro_batch` fit `capacity_gib` per GPU, and whose offloaded activations (if any)
+    fit `host_gib_per_gpu` of host memory, with its budget; None when not even the shortest fits
     or the architecture is unknown."""
     if plan.model_config is None:
         return None
     step = plan.dims.seq_len_divisor
 
     def fits(n: int):
-        est = estimate(plan.recipe, plan.model_config, plan.dims.world, n * step, micro_batch, plan.bf16)
-        host = host_offload_gib(plan.recipe, plan.model_config, n * step, micro_batch, plan.bf16)
-        ok = total_gib(est) <= capacity_gib and (host_gib_per_gpu is None or host <= host_gib_per_gpu)
-        return est if ok else None
+        found = budget(plan, n * step, micro_batch)
+        ok = found.total <= capacity_gib and (host_gib_per_gpu is None or found.host <= host_gib_per_gpu)
+        return found if ok else None
 
     if not fits(1):
         return None
@@ -124,16 +169,16 @@ def describe_max_context(plan: Plan, capacity_gib: float, gpus_per_node: int, ho
     world = f"{plan.dims.world} GPUs ({plan.dims.world // gpus_per_node} node(s) of {gpus_per_node})"
     if found is None:
         return f"max context: unknown (no model config) or not even {plan.dims.seq_len_divisor} tokens fit"
-    seq_len, est = found
-    items = ", ".join(f"{k} {v:.2f}" for k, v in sorted(est.items(), key=lambda kv: -kv[1])[:4])
-    host = host_offload_gib(plan.recipe, plan.model_config, seq_len, 1, plan.bf16)
+    seq_len, best = found
+    items = ", ".join(f"{k} {v:.2f}" for k, v in sorted(best.items.items(), key=lambda kv: -kv[1])[:4])
     host_line = (
-        f"; host memory for offloaded activations {host:.1f} GiB per GPU, {host * gpus_per_node:.0f} of the "
-        f"{host_gib_per_node:g} GiB per node allowed (--host-memory)"
-        if host
+        f"; host memory for offloaded activations {best.host:.1f} GiB per GPU, {best.host * gpus_per_node:.0f} of "
+        f"the {host_gib_per_node:g} GiB per node allowed (--host-memory)"
+        if best.host
         else ""
     )
     return (
         f"max context on {world} at {capacity_gib:g} GiB per GPU, micro_batch 1: {seq_len:,} tokens "
-        f"({seq_len / 2**20:.2f} Mi), estimate {total_gib(est):.1f} GiB per GPU; largest: {items}{host_line}"
+        f"({seq_len / 2**20:.2f} Mi), planned {best.tensors:.1f} GiB per GPU + reserve {sum(best.reserve.values()):.1f}; "
+        f"largest: {items}{host_line}"
     )

@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 
 from ringpatch.hf.models import GATED_MLP_MODEL_TYPES
-from ringpatch.memory.estimate import GIB, estimate, total_gib
+from ringpatch.memory.estimate import GIB
 from ringpatch.train.ds_config import deepspeed_config, load_overlay
-from ringpatch.train.plan import Plan
+from ringpatch.train.plan import Plan, stage_budget
 from ringpatch.train.recipe import Recipe, load_recipe
 
 # What a bad recipe, launch or input raises: reported as one line, without a traceback.
@@ -140,21 +140,22 @@ def check_data(recipe: Recipe, model_config: dict | None) -> None:
 
 
 def peak_gib(plan: Plan) -> tuple[float, int] | None:
-    """The estimate's largest GiB per GPU over the stages, and that stage's index (None: no model config)."""
+    """The largest planned GiB per GPU (tensors and reserve) over the stages, and that stage's
+    index (None: no model config)."""
     if plan.model_config is None:
         return None
-    r = plan.recipe
-    totals = [
-        total_gib(estimate(r, plan.model_config, plan.dims.world, s.seq_len, s.micro_batch or r.micro_batch, plan.bf16))
-        for s in r.stages
-    ]
+    totals = [stage_budget(plan, i).total for i in range(len(plan.recipe.stages))]
     top = max(range(len(totals)), key=totals.__getitem__)
     return totals[top], top
 
 
-def _remedies(recipe: Recipe) -> dict[str, str]:
-    """For each estimate item, the recipe switch that shrinks it (when not already on)."""
+def _remedy(recipe: Recipe, item: str) -> str:
+    """The recipe switch that shrinks an estimate item (when not already on)."""
     zero = "zero.stage: 3" if recipe.zero.stage < 3 else "zero.offload: cpu"
+    if item.startswith("layer backward"):
+        if "MLP" in item:
+            return f"mlp_tiles: {recipe.mlp_tiles * 4} (and more ranks, parallel.sp)"
+        return "more ranks (parallel.sp)"
     return {
         "weights": zero,
         "gradients": zero,
@@ -162,30 +163,26 @@ def _remedies(recipe: Recipe) -> dict[str, str]:
         "checkpointed activations": "activation_offload: true"
         if recipe.activation_checkpointing
         else "activation_checkpointing: true",
-        "recomputed layer": f"mlp_tiles: {recipe.mlp_tiles * 4} (and more ranks, parallel.sp)",
-        "ring buffers": "more ranks (parallel.sp)",
-        "all-to-all copies": "a smaller parallel.ulysses",
         "kept attention outputs": "keep_attention: false",
         "loss chunk": f"loss_chunk_tokens: {max(256, recipe.loss_chunk_tokens // 4)}",
-        "final norm": "more ranks (parallel.sp)",
-    }
+        "ZeRO gradient buckets": "a smaller reduce_bucket_size in the DeepSpeed file",
+    }.get(item, "more ranks (parallel.sp)")
 
 
 def check_memory(plan: Plan, capacity_gib: float, what: str) -> None:
-    """The plan's estimated peak per device fits `capacity_gib` (what: the device, for the message)."""
+    """The plan's peak per device (tensors and reserve) fits `capacity_gib` (what: the device, for the message)."""
     peak = peak_gib(plan)
     if peak is not None and peak[0] > capacity_gib:
         total, stage = peak
         r = plan.recipe
-        s = r.stages[stage]
-        items = estimate(r, plan.model_config, plan.dims.world, s.seq_len, s.micro_batch or r.micro_batch, plan.bf16)
-        largest = sorted(items.items(), key=lambda kv: -kv[1])[:3]
-        remedies = _remedies(r)
-        named = "; ".join(f"{k} {v:.1f} GiB (try {remedies[k]})" for k, v in largest)
+        found = stage_budget(plan, stage)
+        largest = sorted(found.items.items(), key=lambda kv: -kv[1])[:3]
+        named = "; ".join(f"{k} {v:.1f} GiB (try {_remedy(r, k)})" for k, v in largest)
         raise ValueError(
-            f"the plan needs an estimated {total:.1f} GiB per device at stages[{stage}] "
-            f"(seq_len {s.seq_len}), more than the {capacity_gib:.1f} GiB of {what}. Largest: {named}. Or raise "
-            "parallel.sp, lower micro_batch or seq_len (see `ringpatch plan`), or pass --force to start anyway"
+            f"the plan needs {total:.1f} GiB per device at stages[{stage}] (seq_len {r.stages[stage].seq_len}): "
+            f"{found.tensors:.1f} planned + {sum(found.reserve.values()):.1f} reserve, more than the "
+            f"{capacity_gib:.1f} GiB of {what}. Largest: {named}. Or raise parallel.sp, lower micro_batch or "
+            "seq_len (see `ringpatch plan`), or pass --force to start anyway"
         )
 
 

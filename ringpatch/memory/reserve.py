@@ -1,0 +1,79 @@
+"""What the plan adds to the step's tensors: DeepSpeed's own buffers, which the simulated rank does
+not run (arithmetic from the DeepSpeed config), and a reserve for what no tensor shows.
+
+ZeRO buffers (DeepSpeed's defaults where the config is silent: reduce_bucket_size 5e8,
+stage3_prefetch_bucket_size 5e7, overlap_comm off below stage 3):
+- stages 1-2 with contiguous_gradients: the gradient bucket, reduce_bucket_size elements in the
+  training dtype, twice with overlap_comm (one fills while the other is reduced);
+- stage 3: the same bucket, and the gathered weights of the layer running plus the prefetched
+  ones (stage3_prefetch_bucket_size, at most one more layer); in the loss, the gathered LM head.
+
+Reserve on a GPU, per process (docs/memory.md has the sources):
+- CUDA context and library workspaces: 1.0 GiB (the context with lazy module loading is about
+  0.5 GiB on Hopper, cuBLAS/cuBLASLt workspaces and the caching allocator's first blocks the rest);
+- NCCL: 0.25 GiB per communicator the step uses (NCCL_BUFFSIZE 4 MiB per channel and peer, up to
+  32 channels on NVLink);
+- the attention kernels' scratch, which no tensor of the step shows: flash-attention's backward
+  keeps a float32 dQ accumulator, and for grouped-query heads dK and dV expanded to the query
+  heads, for the largest call of one head group;
+- fragmentation: 5% of the tensors' peak (expandable segments, which ringpatch turns on, leave
+  little; fixed segments more).
+On a CPU the reserve is the process's own runtime: the imported libraries (torch, transformers,
+DeepSpeed) and what the trainer holds besides tensors (DeepSpeed's engine, the data's arrow maps,
+gloo's buffers), CPU_RUNTIME_GIB, measured (docs/memory.md).
+"""
+
+from __future__ import annotations
+
+from ringpatch.attention.ring import head_groups
+from ringpatch.memory.estimate import GIB, Shapes, attention_shape
+
+CUDA_CONTEXT_GIB = 1.0
+NCCL_GIB_PER_COMMUNICATOR = 0.25
+FRAGMENTATION = 0.05
+CPU_RUNTIME_GIB = 0.9
+"""A CPU rank's resident memory besides the step's tensors: the imported stack (torch,
+transformers, DeepSpeed, datasets) and the trainer's engine and data, measured on the tiny
+recipes (docs/memory.md)."""
+
+
+def zero_buffers(ds_config: dict | None, cfg: dict, b: int, tp: int = 1) -> dict[str, float]:
+    """Bytes of DeepSpeed's ZeRO buffers: held through the backward, and gathered weights in a
+    layer's backward and in the loss's (stage 3)."""
+    zero = (ds_config or {}).get("zero_optimization", {})
+    stage = zero.get("stage", 0)
+    if stage == 0:
+        return {"held": 0.0, "layer": 0.0, "loss": 0.0}
+    bucket = float(zero.get("reduce_bucket_size", 5e8))
+    overlap = zero.get("overlap_comm", stage == 3)
+    held = bucket * b * (2 if overlap else 1) if zero.get("contiguous_gradients", True) else 0.0
+    if stage < 3:
+        return {"held": held, "layer": 0.0, "loss": 0.0}
+    heads, kv, d = attention_shape(cfg)
+    h = cfg["hidden_size"]
+    layer = (2 * h * heads * d + 2 * h * kv * d + 3 * h * cfg["intermediate_size"]) / tp
+    prefetch = min(float(zero.get("stage3_prefetch_bucket_size", 5e7)), layer)
+    return {"held": held, "layer": (layer + prefetch) * b, "loss": cfg["vocab_size"] * h * b / tp}
+
+
+def kernel_scratch_bytes(s: Shapes, tokens: int, micro_batch: int, kernel: str) -> float:
+    """Flash-attention backward's float32 dQ accumulator and, for grouped-query heads, dK and dV
+    expanded to the query heads, for one call over the whole local block of one head group."""
+    if kernel != "flash":
+        return 0.0
+    groups = head_groups((micro_batch, tokens // micro_batch, int(s.heads), s.d), max(1, int(s.kv / s.d)))
+    expanded = 2 * s.q * s.b if s.kv < s.q else 0
+    return tokens * (4 * s.q + expanded) / groups
+
+
+def reserve_gib(tensors_gib: float, cuda: bool, communicators: int = 3, scratch_bytes: float = 0.0) -> dict[str, float]:
+    """The reserve per process, by source: on a GPU for `tensors_gib` of planned tensors and
+    `communicators` NCCL communicators; on a CPU, the process's runtime."""
+    if not cuda:
+        return {"process runtime (CPU)": CPU_RUNTIME_GIB}
+    return {
+        "CUDA context and workspaces": CUDA_CONTEXT_GIB,
+        "NCCL buffers": NCCL_GIB_PER_COMMUNICATOR * communicators,
+        "attention kernel scratch": scratch_bytes / GIB,
+        "fragmentation": FRAGMENTATION * tensors_gib,
+    }
