@@ -3,7 +3,7 @@
 ringpatch train --recipe recipes/tiny-cpu.yaml      # under torchrun / deepspeed / accelerate launch
 ringpatch prepare --recipe recipes/llama3-8b-1m.yaml
 ringpatch eval --recipe recipes/tiny-cpu.yaml
-ringpatch plan --recipe recipes/llama3-8b-1m.yaml --nodes 4 --gpus-per-node 8
+ringpatch plan --recipe recipes/llama3-8b-1m.yaml --nodes 4 --gpus-per-node 8 [--max-context] [--simulate]
 ringpatch corpus --out data/demo
 """
 
@@ -48,6 +48,13 @@ def plan(argv: list[str]) -> int:
         help="also print the longest sequence whose estimate fits --gpu-memory (micro_batch 1, this grid)",
     )
     parser.add_argument(
+        "--simulate",
+        action="store_true",
+        help="also run one rank of the grid through a training step of a stage at its real shape on fake tensors "
+        "(no GPU; minutes at 1M tokens) and print it beside the plan",
+    )
+    parser.add_argument("--stage", type=int, help="the stage --simulate runs (default: the longest)")
+    parser.add_argument(
         "--host-memory",
         type=float,
         default=1536.0,
@@ -68,9 +75,22 @@ def plan(argv: list[str]) -> int:
         p = preflight(args.recipe, world=args.nodes * args.gpus_per_node)
         p = on_gpus(p)  # `plan` plans for GPUs wherever it runs
         p.dims.check_node(args.gpus_per_node)
+        if args.simulate:
+            from ringpatch.train.simulate import check_simulable
+
+            check_simulable(p)  # before any work
+            stage = args.stage
+            if stage is not None and not 0 <= stage < len(p.recipe.stages):
+                raise ValueError(f"--stage {stage} is not a stage of {args.recipe} (0..{len(p.recipe.stages) - 1})")
         print(describe(p, args.launch, args.gpus_per_node))
         if args.max_context:
             print(describe_max_context(p, args.gpu_memory, args.gpus_per_node, args.host_memory))
+        if args.simulate:
+            from ringpatch.train.plan import stage_budget
+            from ringpatch.train.simulate import describe_simulation, simulate
+
+            sim = simulate(p, stage)
+            print(describe_simulation(sim, stage_budget(p, sim.stage), p.dims.world, args.gpu_memory))
         check_memory(p, args.gpu_memory, f"a {args.gpu_memory:g} GiB GPU (--gpu-memory)")
     except USER_ERRORS as e:
         print(f"ringpatch plan: {e}", file=sys.stderr)

@@ -20,31 +20,34 @@ Reserve on a GPU, per process (docs/memory.md has the sources):
   little; fixed segments more).
 On a CPU the reserve is the process's own runtime: the imported libraries (torch, transformers,
 DeepSpeed) and what the trainer holds besides tensors (DeepSpeed's engine, the data's arrow maps,
-gloo's buffers), CPU_RUNTIME_GIB, measured (docs/memory.md).
+gloo's buffers), CPU_RUNTIME_GIB, measured.
 """
 
 from __future__ import annotations
 
 from ringpatch.attention.ring import head_groups
-from ringpatch.memory.estimate import GIB, Shapes, attention_shape
+from ringpatch.memory.estimate import GIB, Shapes, attention_shape, parameters
 
 CUDA_CONTEXT_GIB = 1.0
 NCCL_GIB_PER_COMMUNICATOR = 0.25
 FRAGMENTATION = 0.05
-CPU_RUNTIME_GIB = 0.9
-"""A CPU rank's resident memory besides the step's tensors: the imported stack (torch,
-transformers, DeepSpeed, datasets) and the trainer's engine and data, measured on the tiny
-recipes (docs/memory.md)."""
+CPU_RUNTIME_GIB = 0.55
+"""A CPU rank's resident memory besides the step's tensors, measured (docs/measurements.md): the
+imported stack (torch, transformers, DeepSpeed, datasets) 0.35 GiB, the built trainer (groups,
+engine, data) 0.18 more."""
 
 
-def zero_buffers(ds_config: dict | None, cfg: dict, b: int, tp: int = 1) -> dict[str, float]:
+def zero_buffers(ds_config: dict | None, cfg: dict, b: int, tp: int = 1, cuda: bool = True) -> dict[str, float]:
     """Bytes of DeepSpeed's ZeRO buffers: held through the backward, and gathered weights in a
-    layer's backward and in the loss's (stage 3)."""
+    layer's backward and in the loss's (stage 3). DeepSpeed allocates its gradient bucket whole,
+    which a GPU's allocator holds; on a CPU only the pages a model's gradients touch are resident."""
     zero = (ds_config or {}).get("zero_optimization", {})
     stage = zero.get("stage", 0)
     if stage == 0:
         return {"held": 0.0, "layer": 0.0, "loss": 0.0}
     bucket = float(zero.get("reduce_bucket_size", 5e8))
+    if not cuda:
+        bucket = min(bucket, float(parameters(cfg)[0]) / tp)
     overlap = zero.get("overlap_comm", stage == 3)
     held = bucket * b * (2 if overlap else 1) if zero.get("contiguous_gradients", True) else 0.0
     if stage < 3:

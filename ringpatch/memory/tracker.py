@@ -75,6 +75,7 @@ class StorageTracker(TorchDispatchMode):
         self.largest_at_peak: dict[str, list] = {}  # place -> [(bytes, category, shape and dtype)]
         self.events = 0  # storages added so far: an entry's order
         self.flops = 0
+        self.largest_numel = 0  # a kernel indexing with 32-bit ints overflows from 2**31 elements
         self.formulas = _flop_formulas() if count_flops else {}
         self.fake_mode, self.threshold = fake_mode, threshold
 
@@ -94,6 +95,7 @@ class StorageTracker(TorchDispatchMode):
         inputs = None
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor) and not t._is_view() and t.layout == torch.strided:
+                self.largest_numel = max(self.largest_numel, t.numel())
                 if inputs is None:
                     inputs = {_storage_key(x) for x in tensors}
                 key = _storage_key(t)

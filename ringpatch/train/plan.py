@@ -50,7 +50,7 @@ def budget(plan: Plan, seq_len: int, micro_batch: int) -> Budget:
     """The plan's memory per GPU for sequences of `seq_len` at `micro_batch` (needs model_config)."""
     r, cfg, dims = plan.recipe, plan.model_config, plan.dims
     b = 2 if plan.bf16 else 4
-    zero = zero_buffers(plan.ds_config, cfg, b, dims.tp)
+    zero = zero_buffers(plan.ds_config, cfg, b, dims.tp, plan.cuda)
     items = estimate(r, cfg, dims.world, seq_len, micro_batch, plan.bf16, plan.cuda, zero=zero)
     tokens = micro_batch * seq_len // dims.sp
     scratch = kernel_scratch_bytes(

@@ -32,9 +32,9 @@ import torch.distributed as dist
 
 from ringpatch.attention.kernels import TorchCPU, TorchCUDA
 from ringpatch.hf.models import GATED_MLP_MODEL_TYPES
-from ringpatch.memory.estimate import GIB, estimate
+from ringpatch.memory.estimate import GIB, estimate, total_gib
 from ringpatch.memory.tracker import StorageTracker, SyncCounter
-from ringpatch.train.plan import Plan
+from ringpatch.train.plan import Budget, Plan
 
 SIMULATED_MODEL_TYPES = GATED_MLP_MODEL_TYPES
 """Model types whose layers the simulator has been checked on (tests/train/test_simulate.py)."""
@@ -67,6 +67,8 @@ class Simulation:
     syncs: Counter = field(default_factory=Counter)
     """Reads of device data into Python in the step, by call site (each a host sync on a GPU)."""
     seconds: float = 0.0
+    largest_numel: int = 0
+    """Elements of the largest tensor the step made (a 32-bit index overflows from 2**31)."""
     total_peak: float = 0.0
     """GiB: the peak of device and host together (one memory on a CPU run)."""
     largest: list = field(default_factory=list)
@@ -214,6 +216,53 @@ def _answer(name: str, tensors, site: str):
     return True if name in ("equal", "__bool__") else 1
 
 
+SUSTAINED_FLOPS = 0.4 * 989e12
+"""The step-time estimate's rate: 40% of an H100 SXM's dense bf16 peak (989 TFLOP/s), about what
+long-context training sustains (ALST reports 34-45% MFU for Llama-3-8B at 500K-3.7M tokens)."""
+
+
+def describe_simulation(sim: Simulation, planned: Budget, world: int, capacity_gib: float | None = None) -> str:
+    """The simulated rank beside the plan, per GPU: model states, the step's tensors, DeepSpeed's
+    buffers, the reserve, and what was live at the simulated peak."""
+    states = sum(sim.model_states.values())
+    tensors = total_gib({k: v for k, v in planned.items.items() if not k.startswith("ZeRO")})
+    ds = planned.tensors - tensors  # DeepSpeed's buffers, where they add to the peak
+    steps_tensors = tensors - states
+    simulated = sum(sim.peak.values())
+    reserve = sum(planned.reserve.values())
+    sim_total = states + simulated + ds + reserve
+    top = ", ".join(f"{k} {v:.2f}" for k, v in sorted(sim.peak.items(), key=lambda kv: -kv[1]) if v >= 0.005)
+    lines = [
+        f"simulated rank 0 of {world}, stages[{sim.stage}] (seq_len {sim.seq_len:,}, micro_batch {sim.micro_batch}, "
+        f"{sim.tokens:,} tokens per GPU): the CUDA kernels' calls on fake tensors, {sim.seconds:.0f} s",
+        "  GiB per GPU                 planned  simulated",
+        f"  model states (ZeRO)        {states:8.2f}  {states:9.2f}   arithmetic in both",
+        f"  the step's tensors         {steps_tensors:8.2f}  {simulated:9.2f}   planned/simulated "
+        f"{(states + steps_tensors) / (states + simulated):.3f} with the model states",
+        f"  DeepSpeed's buffers        {ds:8.2f}  {ds:9.2f}   arithmetic (the DeepSpeed config)",
+        f"  reserve                    {reserve:8.2f}  {reserve:9.2f}   "
+        + ", ".join(f"{k} {v:.2f}" for k, v in planned.reserve.items()),
+        f"  total                      {planned.total:8.2f}  {sim_total:9.2f}",
+        f"  live at the simulated peak: {top}",
+        "  largest tensors there: " + "; ".join(f"{what} {c} {gib:.2f}" for gib, c, what in sim.largest[:6]),
+    ]
+    if sim.host:
+        lines.append("  host at its peak: " + ", ".join(f"{k} {v:.2f}" for k, v in sim.host.items()) + " GiB per GPU")
+    syncs = ", ".join(f"{site.rsplit('/', 1)[-1]} x{n}" for site, n in sim.syncs.most_common())
+    lines += [
+        f"  step: {sim.flops:.3g} FLOPs per GPU (forward, recompute, backward), about {sim.flops / SUSTAINED_FLOPS:.0f} s "
+        f"at {SUSTAINED_FLOPS / 1e12:.0f} TFLOP/s (40% of an H100's 989 bf16 dense)",
+        f"  host syncs in the step's forward and backward: {sum(sim.syncs.values())} ({syncs or 'none'})",
+    ]
+    if capacity_gib is not None and sim_total > capacity_gib:
+        raise ValueError(
+            f"the simulated rank needs {sim_total:.1f} GiB per GPU at stages[{sim.stage}] (seq_len {sim.seq_len}), "
+            f"more than the {capacity_gib:g} GiB allowed (--gpu-memory). Live at its peak: {top}; with model states "
+            f"{states:.1f}, DeepSpeed's buffers {ds:.1f} and reserve {reserve:.1f}"
+        )
+    return "\n".join(lines)
+
+
 def step_batch(plan: Plan, mesh, stage: int) -> dict[str, torch.Tensor]:
     """This rank's part of a stage's batch, as the trainer builds it (local_batch) from full rows
     of one document each (the ring's most work)."""
@@ -293,4 +342,5 @@ def simulate(plan: Plan, stage: int | None = None, rank: int = 0, kernel: str = 
         seconds=time.perf_counter() - started,
         largest=[(size / GIB, c, what) for size, c, what in tracker.largest_at_peak.get("device", [])],
         total_peak=tracker.peak["all"] / GIB,
+        largest_numel=tracker.largest_numel,
     )
