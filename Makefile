@@ -117,6 +117,7 @@ bench: install
 	$(BIN)/python bench/tiled_mlp.py
 	$(BIN)/python bench/checkpointing.py
 	$(BIN)/python bench/memory.py
+	$(BIN)/python bench/simulate.py
 
 # Needs only a python with torch (a GPU machine's own; no venv, no install, no network).
 gpu-check:

@@ -108,6 +108,12 @@ def main() -> None:
     print(f"planned / simulated: {min(ratios):.3f} .. {max(ratios):.3f} (target within 0.95 .. 1.05)")
     print(f"host syncs per step: {sorted({r['syncs'] for r in rows})}")
     print(f"largest tensor a kernel sees: {max(r['largest_numel'] for r in rows):,} elements (2^31 = {2**31:,})")
+    for label, budget in (("head groups (shipped)", None), ("all heads at once", 2**62)):
+        r = ring_layer(group_bytes=budget)
+        print(
+            f"one ring layer, Llama-3-8B attention, 131,072 tokens a rank of 8, {label}: forward peak "
+            f"{r['forward_gib']:.2f} GiB, forward + backward {r['step_gib']:.2f} GiB above q, k, v"
+        )
     structures = host_structures()
     for r in structures:
         print(
@@ -122,3 +128,32 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def ring_layer(tokens: int = 131072, world: int = 8, group_bytes: int | None = None) -> dict:
+    """One ring attention call at Llama-3-8B's attention shape (32/8 heads of 128, bf16), forward
+    and backward on fake tensors over a fake group: the peak of what the ring allocates above its
+    inputs (GiB), with head groups as shipped, or with `group_bytes` per group."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    import ringpatch
+    from ringpatch.attention import ring
+    from ringpatch.memory.tracker import StorageTracker
+    from ringpatch.train.simulate import SimulatedCUDA, fake_world
+
+    default = ring.GROUP_BYTES
+    ring.GROUP_BYTES = default if group_bytes is None else group_bytes
+    try:
+        with fake_world(world), FakeTensorMode(allow_non_fake_inputs=True):
+            q = torch.empty(1, tokens, 32, 128, dtype=torch.bfloat16, requires_grad=True)
+            k, v = (torch.empty(1, tokens, 8, 128, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+            dout = torch.empty(1, tokens, 32, 128, dtype=torch.bfloat16)
+            tracker = StorageTracker(lambda: ("device", "ring"))
+            with tracker:
+                out = ringpatch.ring_attention(q, k, v, backend=SimulatedCUDA(), agreed=True)
+                forward = tracker.peak["device"]
+                out.backward(dout)
+    finally:
+        ring.GROUP_BYTES = default
+    return {"forward_gib": forward / 2**30, "step_gib": tracker.peak["device"] / 2**30}

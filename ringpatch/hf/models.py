@@ -15,6 +15,8 @@ PLAIN_HEAD_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 """Causal LMs whose head is exactly logits = lm_head(final hidden states), no scaling or capping."""
 GATED_MLP_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 """Causal LMs whose MLP is per token, down(act(gate(x)) * up(x)): the ones `mlp_tiles` may tile."""
+RMSNORM_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+"""Causal LMs whose norms are transformers' RMSNorm (float32 statistics): the ones `rmsnorm: chunked` takes."""
 
 
 def check_transformers_version(version: str) -> None:

@@ -18,9 +18,10 @@ from ringpatch.attention.comm import SumOverGroup, resolve_group
 from ringpatch.attention.kernels import check_backend
 from ringpatch.attention.layout import Layout, check_layout
 from ringpatch.attention.ulysses import UlyssesRing, check_heads
+from ringpatch.hf.architecture import check_architecture
 from ringpatch.hf.batch import AGREED_KEY, DOCUMENTS_KEY
 from ringpatch.hf.interface import IMPLEMENTATION, register
-from ringpatch.hf.models import check_transformers_version, unsupported_features
+from ringpatch.hf.models import check_transformers_version
 from ringpatch.hf.settings import RingSettings, check_local_batch
 
 
@@ -143,11 +144,7 @@ def patch_model(
     config = model.config
     if getattr(model, "_ringpatch", None) is not None:
         raise ValueError("this model is already ring-patched; call ringpatch.unpatch_model(model) first")
-    problems = unsupported_features(config)
-    if problems:
-        raise NotImplementedError(
-            f"model type {config.model_type!r}: ring attention cannot honour " + "; ".join(problems)
-        )
+    check_architecture(config, "model.config", causal_lm=False)
     if "position_ids" not in inspect.signature(model.forward).parameters:
         raise NotImplementedError(
             f"model type {config.model_type!r} ({type(model).__name__}) takes no position_ids, so its positions "

@@ -40,6 +40,12 @@ def check_rope_scaling(scaling: dict, where: str = "rope_scaling") -> None:
             isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
         ):
             raise ValueError(f"{where}.{key} must be a positive finite number, got {value!r}")
+    factor = scaling.get("factor")
+    if kind != "longrope" and isinstance(factor, (int, float)) and factor < 1:
+        raise ValueError(
+            f"{where}.factor {factor} is below 1, which would shrink the context the model was trained for; "
+            "an extension stage scales by seq_len / trained length (>= 1)"
+        )
 
 
 def ntk_rope_theta(theta: float, trained_len: int, seq_len: int, head_dim: int) -> float:

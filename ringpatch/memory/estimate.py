@@ -32,11 +32,14 @@ from dataclasses import dataclass
 
 from ringpatch.attention.ring import head_groups
 from ringpatch.attention.ulysses import kv_repeats
+from ringpatch.memory.rmsnorm import RMS_CHUNK_BYTES
 
 GIB = 2**30
 NORM_BACKWARD_FP32 = 5
 """float32 (tokens x hidden) temporaries an RMSNorm's autograd backward holds at once (the
 gradients of its float32 cast, pow, mean and scaling), beside its saved float32 copy."""
+NORM_CHUNK_TEMPORARIES = 4
+"""float32 (chunk x hidden) temporaries a chunked RMSNorm's backward holds at once."""
 MLP_BACKWARD = 6
 """(tokens x intermediate) tensors a gated MLP's backward holds at its peak: three saved (gate,
 activation, up) and three gradients."""
@@ -74,13 +77,16 @@ def shapes(cfg: dict, tp: int = 1, ulysses: int = 1, b: int = 2) -> Shapes:
     )
 
 
-def layer_saved_bytes(cfg: dict, tp: int = 1, dtype_bytes: int = 2, tiled: bool = False) -> float:
+def layer_saved_bytes(
+    cfg: dict, tp: int = 1, dtype_bytes: int = 2, tiled: bool = False, chunked_norm: bool = False
+) -> float:
     """Bytes per token that one transformers Llama/Mistral decoder layer saves for its backward:
-    two RMSNorms (each a float32 copy of its input, the normalized input and its scaled output),
-    roped q and k, v and the attention output, the float32 log-sum-exp, and the MLP's gate,
-    activation, up and product (only the input, already counted, when the MLP is tiled)."""
+    two RMSNorms (stock: each a float32 copy of its input, the normalized input and its scaled
+    output; chunked: each its input and output), roped q and k, v and the attention output,
+    the float32 log-sum-exp, and the MLP's gate, activation, up and product (only the input,
+    already counted, when the MLP is tiled)."""
     s = shapes(cfg, tp, 1, dtype_bytes)
-    norms = 2 * (4 + 2 * s.b) * s.h
+    norms = 4 * s.b * s.h if chunked_norm else 2 * (4 + 2 * s.b) * s.h  # chunked: both norms' inputs and outputs
     attention = (2 * s.q + 2 * s.kv) * s.b + s.heads * 4
     mlp = 0 if tiled else 4 * s.i * s.b
     return norms + attention + mlp
@@ -121,6 +127,25 @@ def kernel_kind(b: int, cuda: bool = True) -> str:
     return "flash" if b < 4 else "efficient"
 
 
+def _norms(s: Shapes, chunked: bool) -> tuple[float, float, float]:
+    """Per token: both norms' saved tensors, the input norm's alone, and the final norm's saved
+    tensors. Stock: each keeps a float32 copy of its input (none in float32, where the post-attention
+    norm keeps its input itself), the normalized input and its output, and 1/rms; chunked: its input
+    where no one else keeps it (the residual), its output and 1/rms."""
+    if chunked:
+        return 3 * s.b * s.h + 8, s.b * s.h + 4, 2 * s.b * s.h + 4
+    return s.copy + 4 * s.h + 4 * s.b * s.h + 8, s.copy + 2 * s.b * s.h + 4, s.copy + 2 * s.b * s.h
+
+
+def norm_backward_bytes(s: Shapes, tokens: int, chunked: bool) -> float:
+    """What one RMSNorm's backward holds besides its saved tensors and the gradient coming in:
+    stock, five float32 (tokens x hidden) temporaries and its float32 copy (its input in float32);
+    chunked, its input's gradient and four float32 temporaries of one chunk."""
+    if chunked:
+        return tokens * s.b * s.h + NORM_CHUNK_TEMPORARIES * min(RMS_CHUNK_BYTES, tokens * 4 * s.h)
+    return tokens * (NORM_BACKWARD_FP32 + 1) * 4 * s.h
+
+
 def layer_backward(
     s: Shapes,
     tokens: int,
@@ -131,27 +156,34 @@ def layer_backward(
     keep: bool,
     offload: bool,
     kernel: str,
+    chunked_norm: bool = False,
 ) -> dict[str, float]:
-    """Bytes per token of a layer's backward, by phase (MLP, norm, attention): the largest is its peak."""
+    """Bytes of a layer's backward, by phase (MLP, norm, attention): the largest is its peak."""
     grad_in = s.b * s.h  # the gradient arriving from the layer above
-    norms = s.copy + 4 * s.h + 4 * s.b * s.h + 8  # both norms' saved tensors and their 1/rms
-    # the layer's input, copied back from the host for the recompute, still held by the MLP's
-    # backward (the layer's first), released before the norm's
+    norms, input_norm, _ = _norms(s, chunked_norm)
+    # the layer's input, copied back from the host for the recompute: held by the MLP's backward
+    # (the layer's first), then released, unless a chunked input norm keeps it to its backward
     unpacked = s.b * s.h if offload else 0
+    kept_input = unpacked if chunked_norm else 0
     attention = _attention_saved(s, keep, ulysses)
     if tiles > 1:  # one tile's MLP, and the tiled MLP's accumulated input gradient
         mlp = MLP_BACKWARD * s.i * s.b / tiles + s.b * s.h * (1 + 1 / tiles)
     else:
         mlp = MLP_BACKWARD * s.i * s.b
-    input_norm = s.copy + 2 * s.b * s.h + 4
+    # chunked, the attention's output norm keeps its input, the residual, and 1/rms
+    residual = s.b * s.h + 4 if chunked_norm else 0
     return {
-        "MLP": norms + attention + mlp + grad_in + unpacked,
-        "norm": (NORM_BACKWARD_FP32 + 1) * 4 * s.h + input_norm + grad_in + attention,
-        "attention": input_norm
-        + grad_in
-        + s.q * s.b  # the gradient of the attention's output
-        + attention
-        + _ring_working_set(s, tokens, micro_batch, sp, ulysses, kernel),
+        "MLP": tokens * (norms + attention + mlp + grad_in + unpacked),
+        "norm": norm_backward_bytes(s, tokens, chunked_norm) + tokens * (residual + input_norm + grad_in + attention),
+        "attention": tokens
+        * (
+            input_norm
+            + grad_in
+            + s.q * s.b  # the gradient of the attention's output
+            + attention
+            + _ring_working_set(s, tokens, micro_batch, sp, ulysses, kernel)
+            + kept_input
+        ),
     }
 
 
@@ -210,8 +242,9 @@ def estimate(
     tokens = micro_batch * seq_len // sp  # per GPU
     rope = 2 * s.d * s.b  # cos and sin, shared by the layers
     checkpointing, keep = recipe.activation_checkpointing, recipe.keep_attention
+    chunked = recipe.rmsnorm == "chunked"
     if not checkpointing:
-        held = tokens * (layers * layer_saved_bytes(cfg, tp, b) + rope)
+        held = tokens * (layers * layer_saved_bytes(cfg, tp, b, chunked_norm=chunked) + rope)
     elif recipe.activation_offload:
         held = tokens * rope
     else:
@@ -226,25 +259,28 @@ def estimate(
         keep,
         recipe.activation_offload and checkpointing,
         kernel_kind(b, cuda),
+        chunked,
     )
     if not checkpointing:  # the layer's saved tensors are already in `held`; its backward adds its working set
-        phases = {k: v - layer_saved_bytes(cfg, tp, b) for k, v in phases.items()}
+        # (the phases count a layer's tensors but its input, which a checkpoint would hold)
+        saved = layer_saved_bytes(cfg, tp, b, chunked_norm=chunked) - (s.b * s.h if chunked else 0)
+        phases = {k: v - tokens * saved for k, v in phases.items()}
     phase = max(phases, key=phases.get)
     chunk = min(recipe.loss_chunk_tokens, tokens)
-    final_norm = s.copy + 2 * s.b * s.h  # the final norm's saved tensors, until the loss's backward is done
+    final_norm = _norms(s, chunked)[2]  # the final norm's saved tensors, until the loss's backward is done
     items = {
         **model_states(recipe, cfg, world, b),
         "checkpointed activations": held,
         **({"kept attention outputs": layers * tokens * (s.q * s.b + 4 * s.heads)} if keep else {}),
-        f"layer backward ({phase})": tokens * phases[phase],
+        f"layer backward ({phase})": phases[phase],
         # a chunk's float32 logits, their log-softmax and gradient, and the final norm's saved
         # tensors; past the first chunk also the LM head's gradient and the hidden states' as they
         # build up over the chunks
         "loss chunk": chunk * cfg["vocab_size"] * 4 * 3
         + tokens * final_norm
         + (cfg["vocab_size"] * s.h * s.b / tp + tokens * s.b * s.h if tokens > chunk else 0),
-        # the final norm's backward: its temporaries beside its float32 copy
-        "final norm backward": tokens * ((NORM_BACKWARD_FP32 + 1) * 4 * s.h + s.b * s.h),
+        # the final norm's backward beside its input and the gradient coming in
+        "final norm backward": norm_backward_bytes(s, tokens, chunked) + tokens * s.b * s.h * (1 + chunked),
     }
     if zero is not None and any(zero.values()):
         items |= {"ZeRO gradient buckets": zero["held"], LAYER_GATHERED: zero["layer"], LOSS_GATHERED: zero["loss"]}

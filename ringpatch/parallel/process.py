@@ -73,12 +73,17 @@ def stop() -> None:
 
 def leave(code: int):
     """End a command's process with `code` once its work is done and its groups are gone,
-    without the interpreter's finalization. A library's daemon thread still inside a C++ call
-    at that point (its GIL re-acquire ends the thread by unwinding through noexcept frames)
-    aborted a complete training run with "terminate called without an active exception" about
-    once in 90 runs on 2 loaded cores, which the launcher reports as a failed job. Everything
-    the run writes is closed before this (checkpoints, metrics, wandb.finish); the standard
-    streams and logging are flushed here. For process entry points only (`__main__`)."""
+    without the interpreter's finalization. Gloo's worker threads free a finished collective's
+    work on their own thread, and with it tensors whose Python objects need the GIL; when that
+    happens after the main thread has entered finalization, taking the GIL ends the thread
+    through a noexcept destructor and the process aborts with "terminate called without an
+    active exception" (a core of an aborting rank: ProcessGroupGloo::runLoop ->
+    ~AsyncBarrierWork -> ~AsyncAllgatherWork -> TensorImpl::decref_pyobject -> take_gil ->
+    pthread_exit, while the main thread runs Py_FinalizeEx; pytorch/pytorch#190489). Seen about
+    once in 190 complete 2-rank ZeRO-3 runs on 2 loaded cores, when they ended through
+    finalization. Everything the run writes is closed before this (checkpoints, metrics,
+    wandb.finish); the standard streams and logging are flushed here. For process entry points
+    only (`__main__`)."""
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()

@@ -14,6 +14,7 @@ import torch
 import ringpatch
 from ringpatch.memory import causal_lm_loss
 from ringpatch.memory.offload import enable_checkpointing
+from ringpatch.memory.rmsnorm import chunk_rmsnorms
 from ringpatch.parallel import Mesh, build_mesh, local_device, single_process_env
 from ringpatch.parallel.process import unlink_deepspeed_shm
 from ringpatch.train.plan import Plan
@@ -91,6 +92,8 @@ def prepare_lm(plan: Plan, lm, mesh: Mesh, backend="auto"):
     if plan.recipe.activation_checkpointing:
         enable_checkpointing(lm, offload=plan.recipe.activation_offload)
     tile_mlps(lm, plan.recipe.mlp_tiles)
+    if plan.recipe.rmsnorm == "chunked":
+        chunk_rmsnorms(lm)
     return ringpatch.patch_model(
         lm,
         group=mesh.seq_group,

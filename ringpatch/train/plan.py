@@ -86,6 +86,7 @@ def describe(plan, launch: str | None = None, gpus_per_node: int | None = None) 
         + (" (layer inputs offloaded to host memory)" if r.activation_offload else "")
         + (", attention outputs kept for the recompute" if r.keep_attention else "")
         + (f", MLP over {r.mlp_tiles} sequence tiles" if r.mlp_tiles > 1 else "")
+        + (", RMSNorm chunked" if r.rmsnorm == "chunked" else "")
     ]
     masking = r.data is not None and r.data.document_masking
     lines.append(

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from ringpatch.hf.models import GATED_MLP_MODEL_TYPES
+from ringpatch.hf.architecture import check_architecture
+from ringpatch.hf.models import GATED_MLP_MODEL_TYPES, RMSNORM_MODEL_TYPES
 from ringpatch.memory.estimate import GIB
 from ringpatch.train.ds_config import deepspeed_config, load_overlay
 from ringpatch.train.plan import Plan, stage_budget
@@ -155,7 +156,11 @@ def _remedy(recipe: Recipe, item: str) -> str:
     if item.startswith("layer backward"):
         if "MLP" in item:
             return f"mlp_tiles: {recipe.mlp_tiles * 4} (and more ranks, parallel.sp)"
+        if "norm" in item and recipe.rmsnorm == "stock":
+            return "rmsnorm: chunked"
         return "more ranks (parallel.sp)"
+    if item == "final norm backward" and recipe.rmsnorm == "stock":
+        return "rmsnorm: chunked"
     return {
         "weights": zero,
         "gradients": zero,
@@ -219,10 +224,9 @@ def preflight(
         dims.check_node(int(local))
     _check_sources(recipe)
     model_config = _model_config(recipe)
-    if model_config is not None:
-        heads = model_config.get("num_attention_heads")
-        if heads is not None:
-            dims.check_heads(heads, model_config.get("num_key_value_heads") or heads)
+    if model_config is not None and "model_type" in model_config:
+        built = check_architecture(model_config, "model.config")
+        dims.check_heads(built.num_attention_heads, built.num_key_value_heads or built.num_attention_heads)
     cuda = torch.cuda.is_available()
     bf16 = recipe.model.dtype == "bfloat16" or (recipe.model.dtype == "auto" and cuda)
     overlay_file = deepspeed_file or recipe.deepspeed
@@ -233,6 +237,13 @@ def preflight(
             raise ValueError(
                 f"mlp_tiles: {recipe.mlp_tiles} tiles the per-token gated MLP of {', '.join(GATED_MLP_MODEL_TYPES)}; "
                 f"{recipe.model.name} is {model_type!r}: set mlp_tiles: 1"
+            )
+    if recipe.rmsnorm == "chunked" and model_config is not None:
+        model_type = model_config.get("model_type")
+        if model_type not in RMSNORM_MODEL_TYPES:
+            raise ValueError(
+                f"rmsnorm: chunked takes the RMSNorm of {', '.join(RMSNORM_MODEL_TYPES)}; {recipe.model.name} is "
+                f"{model_type!r}: set rmsnorm: stock"
             )
     if recipe.wandb != "disabled" and importlib.util.find_spec("wandb") is None:
         raise ValueError(

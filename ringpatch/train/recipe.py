@@ -213,6 +213,11 @@ class Recipe:
     mlp_tiles: int = 1
     """Run each layer's MLP over this many sequence tiles, recomputed tile by tile in backward
     (ringpatch/train/tiled_mlp.py): its peak falls by this factor, for one more MLP forward."""
+    rmsnorm: Literal["stock", "chunked"] = "stock"
+    """chunked: every RMSNorm saves only its input and 1/rms and recomputes its float32
+    intermediates in backward, a chunk of tokens at a time (ringpatch/memory/rmsnorm.py): the
+    stock norm's backward holds five float32 (tokens x hidden) temporaries, the largest part of a
+    layer's backward once the MLP is tiled. Exact (float32 rounding), for one more normalization."""
     seed: int = 0
     run_dir: str = "runs/default"
     save_every: int = 0

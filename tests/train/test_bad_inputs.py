@@ -136,7 +136,7 @@ CASES = [
     ("ds-badjson", "train", {}, ["--deepspeed", "@dsbad"], {}, "is not valid JSON: Expecting"),
     ("ds-dup", "train", {}, ["--deepspeed", "@dsdup"], {}, "keys ['zero_optimization'] are given twice"),
     ("ds-retype", "train", {}, ["--deepspeed", "@dsretype"], {}, "gradient_accumulation_steps = 8 in"),
-    ("memory", "train", {"model__config": BIG}, [], {}, "the plan needs an estimated"),
+    ("memory", "train", {"model__config": BIG}, [], {}, "planned + 0.6 reserve, more than the"),
     ("locked", "train", {}, [], {}, "@locked"),
     ("max-steps-0", "train", {}, ["--max-steps", "0"], {}, "--max-steps must be >= 1, got 0"),
     ("plan-nodes", "plan", {}, ["--nodes", "0"], {}, "--nodes, --gpus-per-node and --gpu-memory must be positive, got 0, 8, 80.0"),

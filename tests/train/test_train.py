@@ -54,9 +54,13 @@ def _assert_same_run(run_dir, reference_dir):
     "nproc, changes, launcher",
     [
         (2, {"parallel__sp": 2}, "torchrun"),  # sp = 2, ZeRO-2
-        # ZeRO-3 under the deepspeed launcher, the MLP over 4 sequence tiles, the layer inputs offloaded
-        # (exact: the reference is untiled and keeps them)
-        (2, {"parallel__sp": 2, "zero__stage": 3, "mlp_tiles": 4, "activation_offload": True}, "deepspeed"),
+        # ZeRO-3 under the deepspeed launcher, the MLP over 4 sequence tiles, the layer inputs offloaded,
+        # the norms chunked (exact: the reference is untiled, stock, and keeps them)
+        (
+            2,
+            {"parallel__sp": 2, "zero__stage": 3, "mlp_tiles": 4, "activation_offload": True, "rmsnorm": "chunked"},
+            "deepspeed",
+        ),
         # sp x tp, ZeRO-1, sp = Ulysses 2 (each tp rank's 1 K/V head repeated for its 2 Ulysses ranks)
         (
             4,
@@ -77,7 +81,7 @@ def _assert_same_run(run_dir, reference_dir):
     ],
     ids=[
         "sp2-zero2-torchrun",
-        "sp2-zero3-tiles4-offload-deepspeed",
+        "sp2-zero3-tiles4-offload-chunked-norm-deepspeed",
         "sp2-ulysses2-tp2-zero1-tiles3-accelerate",
         "sp4-ulysses2-ring2-keep-attention-torchrun",
         "sp2-zero3-offload-overlay",

@@ -1,0 +1,99 @@
+"""A model's architecture, checked once, before any process group, download or first forward.
+
+check_architecture takes the recipe's model.config (or a folder's config.json, or a loaded
+model's config), lets transformers' own config class validate it, then applies ringpatch's rules:
+a causal LM, head counts the ring can split, an even head_dim for RoPE, RoPE parameters that
+extend rather than shrink the context, and none of the features ring attention cannot honour.
+`ringpatch train`'s preflight, `ringpatch plan` and patch_model all call it, so each refusal
+reads the same wherever it is met.
+"""
+
+from __future__ import annotations
+
+import copy
+
+from ringpatch.hf.models import unsupported_features
+from ringpatch.hf.rope import check_rope_scaling
+
+CONFIG_ERRORS = (ValueError, TypeError, KeyError, AttributeError)
+
+
+def _build(config: dict, where: str):
+    from transformers import AutoConfig
+
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str) or not model_type:
+        raise ValueError(f"{where} needs a model_type (e.g. llama); it has {sorted(config)}")
+    try:
+        return AutoConfig.for_model(**copy.deepcopy(config))  # transformers fills in and may mutate its input
+    except CONFIG_ERRORS as e:
+        problem = " ".join(str(e).split())
+        if problem.startswith("Unrecognized model identifier"):
+            problem = f"transformers {_version()} has no model type {model_type!r}"
+        raise ValueError(f"{where} is not a valid {model_type} config: {problem[:300]}") from None
+
+
+def _version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
+def _causal_lm(config, where: str) -> None:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise NotImplementedError(
+            f"{where}: model type {config.model_type!r} is not a causal language model (transformers has no "
+            "AutoModelForCausalLM for it); ringpatch trains decoders such as llama, mistral or qwen2"
+        )
+
+
+def _heads(config, where: str) -> None:
+    heads = getattr(config, "num_attention_heads", None)
+    if not isinstance(heads, int) or heads < 1:
+        raise ValueError(f"{where}.num_attention_heads must be a positive integer, got {heads!r}")
+    kv_heads = getattr(config, "num_key_value_heads", None)
+    kv_heads = heads if kv_heads is None else kv_heads
+    if not isinstance(kv_heads, int) or kv_heads < 1 or heads % kv_heads:
+        raise ValueError(
+            f"{where}.num_key_value_heads {kv_heads!r} must be a positive divisor of the {heads} query heads "
+            f"(each K/V head serves heads / kv_heads query heads); choose among "
+            f"{[d for d in range(1, heads + 1) if heads % d == 0]}"
+        )
+    hidden = getattr(config, "hidden_size", None)
+    head_dim = getattr(config, "head_dim", None)
+    if head_dim is None and isinstance(hidden, int) and hidden % heads:
+        raise ValueError(f"{where}.hidden_size {hidden} is not divisible by the {heads} attention heads")
+    head_dim = head_dim if head_dim is not None else (hidden // heads if isinstance(hidden, int) else None)
+    if isinstance(head_dim, int) and head_dim % 2:
+        raise ValueError(
+            f"{where}: head_dim {head_dim} is odd; rotary position embeddings rotate pairs of dimensions, so "
+            "it must be even: change hidden_size or num_attention_heads (or head_dim)"
+        )
+
+
+def _rope(config, where: str) -> None:
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
+    if not isinstance(params, dict) or params.get("rope_type", params.get("type", "default")) == "default":
+        return
+    check_rope_scaling(params, f"{where}.rope_parameters")
+
+
+def check_architecture(config, where: str = "model.config", causal_lm: bool = True):
+    """The transformers config of `config` (a dict with model_type, or a config object), or a
+    ValueError / NotImplementedError naming the key, the value and the fix. causal_lm: the model
+    type must have an AutoModelForCausalLM (what the trainer loads; patch_model, which is handed a
+    model, leaves that out)."""
+    if isinstance(config, dict):
+        config = _build(config, where)
+    if causal_lm:
+        _causal_lm(config, where)
+    problems = unsupported_features(config)
+    if problems:
+        raise NotImplementedError(
+            f"model type {config.model_type!r}: ring attention cannot honour " + "; ".join(problems)
+        )
+    _heads(config, where)
+    _rope(config, where)
+    return config
