@@ -14,7 +14,7 @@ GPUS_PER_NODE ?= 8
 RECIPE_1M ?= $(if $(filter 1,$(NODES)),recipes/llama3-8b-1m-1node.yaml,recipes/llama3-8b-1m.yaml)
 MASTER_ADDR ?= $(shell hostname)
 
-.PHONY: install demo selfcheck finetune-1m test test-fast test-stress test-compat package-check lint format bench gpu-check clean clean-runs
+.PHONY: install demo selfcheck finetune-1m test test-fast test-stress fuzz test-compat package-check lint format bench gpu-check clean clean-runs
 
 install: $(STAMP)
 
@@ -71,6 +71,11 @@ test: install lint
 # The inner loop: the unit tier only (one process, no process group), under a minute.
 test-fast: install
 	$(BIN)/python -m pytest -q --tier unit
+
+# The bad-input fuzzer at length (CI runs 300 examples of it in `make test`).
+FUZZ_EXAMPLES ?= 3000
+fuzz: install
+	$(BIN)/python -m pytest -q tests/train/test_fuzz.py --fuzz-examples $(FUZZ_EXAMPLES)
 
 # The end-to-end tier on a busy machine (not in CI): STRESS_HOGS busy processes compete with it for
 # the cores, so a test whose outcome depends on how fast a process starts or a step runs fails

@@ -5,6 +5,7 @@ ringpatch prepare --recipe recipes/llama3-8b-1m.yaml
 ringpatch eval --recipe recipes/tiny-cpu.yaml
 ringpatch plan --recipe recipes/llama3-8b-1m.yaml --nodes 4 --gpus-per-node 8 [--max-context] [--simulate]
 ringpatch corpus --out data/demo
+ringpatch recipe --schema                           # every recipe key: type, default, range, description
 """
 
 from __future__ import annotations
@@ -98,6 +99,30 @@ def plan(argv: list[str]) -> int:
     return 0
 
 
+def recipe(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="ringpatch recipe", description="the recipe schema, or check a recipe")
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--schema", action="store_true", help="print every key: type, default, range, description")
+    group.add_argument("--check", metavar="RECIPE", help="load and validate a recipe file (no model, no data)")
+    args = parser.parse_args(argv)
+    from ringpatch.train.preflight import USER_ERRORS
+    from ringpatch.train.recipe import Recipe, load_recipe
+    from ringpatch.train.schema import schema_rows
+
+    if args.schema:
+        for key, kind, default, rule, doc in schema_rows(Recipe):
+            extra = "".join(f"; {x}" for x in (f"default {default}" if default else "", rule) if x)
+            print(f"{key}  ({kind}{extra})\n    {doc}")
+        return 0
+    try:
+        load_recipe(args.check)
+    except USER_ERRORS as e:
+        print(f"ringpatch recipe: {e}", file=sys.stderr)
+        return 2
+    print(f"{args.check}: valid")
+    return 0
+
+
 def corpus(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="ringpatch corpus", description="write the demo corpus")
     parser.add_argument("--out", default="data/demo")
@@ -111,7 +136,7 @@ def corpus(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("train", "prepare", "eval", "plan", "corpus"):
+    if not argv or argv[0] not in ("train", "prepare", "eval", "plan", "corpus", "recipe"):
         print(USAGE, file=sys.stderr)
         return 2
     command, rest = argv[0], argv[1:]
@@ -128,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         from ringpatch.evaluate.command import main as evaluate
 
         return evaluate(rest)
-    return {"prepare": prepare, "plan": plan, "corpus": corpus}[command](rest)
+    return {"prepare": prepare, "plan": plan, "corpus": corpus, "recipe": recipe}[command](rest)
 
 
 def entry() -> None:

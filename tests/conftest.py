@@ -20,6 +20,9 @@ TIERS = ("unit", "multiprocess", "e2e", "gpu")
 
 def pytest_addoption(parser):
     parser.addoption("--tier", action="append", choices=TIERS, help="run only the tests of this tier (repeatable)")
+    parser.addoption(
+        "--fuzz-examples", type=int, default=300, help="examples of the bad-input fuzzer (make fuzz: more)"
+    )
 
 
 def pytest_configure(config):

@@ -9,9 +9,11 @@ interrupted preparation is detected by its leftover and rebuilt, never read.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import shutil
+import time
 from collections.abc import Iterator
 from itertools import islice
 from pathlib import Path
@@ -24,7 +26,7 @@ class DataError(ValueError):
     """A data source that cannot serve the recipe, in words (see count_tokens)."""
 
 
-FORMAT = 2  # 2: a document continued from the previous sequence restarts its positions
+FORMAT = 3  # 2: a document continued from the previous sequence restarts its positions; 3: blank documents skipped
 MARKER = "ringpatch_prepared.json"
 EXTENSIONS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
 
@@ -43,7 +45,30 @@ def local_files(source: str) -> tuple[str, list[Path]] | None:
     return kinds.pop(), files
 
 
-def load_source(source: str, split: str, text_field: str, streaming: bool, cache_dir: str | None = None):
+def text_field_of(spec, kind: str) -> tuple[str, str]:
+    """(the text field, the recipe key that names it) of the train or the eval source."""
+    if kind == "eval" and spec.eval_text_field is not None:
+        return spec.eval_text_field, "data.eval_text_field"
+    return spec.text_field, "data.text_field" if kind == "train" else "data.eval_text_field (or data.text_field)"
+
+
+def check_split(source: str, split: str, key: str) -> None:
+    """A local file or folder has one split, "train" (what datasets calls it): any other is refused."""
+    if split != "train" and local_files(source) is not None:
+        raise DataError(
+            f"{key} {split!r}: the local source {source} has one split, 'train'; to hold documents out, give them as "
+            "data.eval_source (a file or folder of their own), or use a hub dataset with that split"
+        )
+
+
+def load_source(
+    source: str,
+    split: str,
+    text_field: str,
+    streaming: bool,
+    cache_dir: str | None = None,
+    key: str = "data.text_field",
+):
     """The documents of `source` as a datasets (Iterable)Dataset, checked for `text_field`.
     Non-streaming, datasets converts the source to Arrow under `cache_dir` (None: its own
     cache in ~/.cache/huggingface, which keeps the copy)."""
@@ -68,9 +93,7 @@ def load_source(source: str, split: str, text_field: str, streaming: bool, cache
         )
     columns = ds.column_names if ds.column_names is not None else list(next(iter(ds)).keys())
     if text_field not in columns:
-        raise DataError(
-            f"data source {source} has no text field {text_field!r}; its fields are {columns}: set data.text_field"
-        )
+        raise DataError(f"data source {source} has no text field {text_field!r}; its fields are {columns}: set {key}")
     return ds
 
 
@@ -80,14 +103,14 @@ def tokenizer_digest(tokenizer) -> str:
     return hashlib.sha256(f"{text}|eos={tokenizer.eos_token_id}".encode()).hexdigest()
 
 
-def fingerprint(spec, source: str, split: str, tokenizer, seq_len: int) -> str:
+def fingerprint(spec, source: str, split: str, tokenizer, seq_len: int, kind: str = "train") -> str:
     local = local_files(source)
     where = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in local[1]] if local else source
     key = {
         "format": FORMAT,
         "source": where,
         "split": split,
-        "text_field": spec.text_field,
+        "text_field": text_field_of(spec, kind)[0],
         "tokenizer": tokenizer_digest(tokenizer),
         "seq_len": seq_len,
         "min_doc_tokens": spec.min_doc_tokens,
@@ -97,8 +120,12 @@ def fingerprint(spec, source: str, split: str, tokenizer, seq_len: int) -> str:
 
 
 def _documents(ds, tokenizer, text_field: str, streaming: bool, num_proc: int) -> Iterator[list[int]]:
+    """Each document's token ids; blank documents (empty or whitespace only: records.py counts them)
+    are skipped."""
+
     def tokenize(batch):
-        return {"ids": tokenizer(batch[text_field], add_special_tokens=False)["input_ids"]}
+        texts = [text for text in batch[text_field] if isinstance(text, str) and text.strip()]
+        return {"ids": tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []}
 
     if streaming:  # serial: a stream has no random access for workers
         for batch in ds.iter(batch_size=256):
@@ -115,17 +142,18 @@ def _documents(ds, tokenizer, text_field: str, streaming: bool, num_proc: int) -
         yield row["ids"]
 
 
-def _packed(spec, source: str, split: str, tokenizer, seq_len: int, cache_dir: str):
+def _packed(spec, source: str, split: str, tokenizer, seq_len: int, cache_dir: str, kind: str = "train"):
     """Generator of packed rows (run by datasets, which writes them to Arrow in batches)."""
     from tqdm.auto import tqdm
 
-    ds = load_source(source, split, spec.text_field, spec.streaming, cache_dir=cache_dir)
-    docs = _documents(ds, tokenizer, spec.text_field, spec.streaming, spec.num_proc)
+    field, key = text_field_of(spec, kind)
+    ds = load_source(source, split, field, spec.streaming, cache_dir=cache_dir, key=key)
+    docs = _documents(ds, tokenizer, field, spec.streaming, spec.num_proc)
     packed = pack_documents(docs, seq_len, tokenizer.eos_token_id, spec.min_doc_tokens)
     yield from tqdm(islice(packed, spec.max_sequences), desc=f"packing {split} at {seq_len}", unit="seq")
 
 
-def count_tokens(spec, source: str, split: str, tokenizer, needed: int) -> int:
+def count_tokens(spec, source: str, split: str, tokenizer, needed: int, kind: str = "train") -> int:
     """Tokens the kept documents of `source` give (with EOS), counting no further than `needed`.
     Streamed (nothing is copied to disk); a source datasets cannot read is a DataError (datasets'
     own error log is silenced meanwhile: the message names the source and the reader's error)."""
@@ -134,8 +162,9 @@ def count_tokens(spec, source: str, split: str, tokenizer, needed: int) -> int:
     count, verbosity = 0, ds_logging.get_verbosity()
     ds_logging.set_verbosity(ds_logging.CRITICAL)
     try:
-        ds = load_source(source, split, spec.text_field, streaming=True)
-        for doc in _documents(ds, tokenizer, spec.text_field, True, 1):  # serial: stops early
+        field, key = text_field_of(spec, kind)
+        ds = load_source(source, split, field, streaming=True, key=key)
+        for doc in _documents(ds, tokenizer, field, True, 1):  # serial: stops early
             count += len(doc) + 1 if len(doc) >= spec.min_doc_tokens else 0
             if count >= needed:
                 break
@@ -151,9 +180,17 @@ def count_tokens(spec, source: str, split: str, tokenizer, needed: int) -> int:
     return count
 
 
-def check_tokens(spec, source: str, split: str, tokenizer, seq_len: int) -> None:
-    """The source gives at least one packed sequence of `seq_len` tokens."""
-    tokens = count_tokens(spec, source, split, tokenizer, seq_len)
+def check_tokens(spec, source: str, split: str, tokenizer, seq_len: int, kind: str = "train") -> None:
+    """Every record of a local source has its text field as text, and the source gives at least
+    one packed sequence of `seq_len` tokens."""
+    from ringpatch.data.records import check_records
+
+    check_split(source, split, "data.split" if kind == "train" else "data.eval_split")
+    local = local_files(source)
+    if local is not None:
+        field, key = text_field_of(spec, kind)
+        check_records(source, *local, field, key)
+    tokens = count_tokens(spec, source, split, tokenizer, seq_len, kind)
     if tokens < seq_len:
         raise DataError(
             f"data source {source} gives {tokens} tokens (documents of at least data.min_doc_tokens="
@@ -164,7 +201,7 @@ def check_tokens(spec, source: str, split: str, tokenizer, seq_len: int) -> None
 
 def prepared_folder(spec, source: str, split: str, tokenizer, seq_len: int, kind: str) -> Path:
     """Where prepare_split keeps `source` packed at `seq_len` (complete when it holds MARKER)."""
-    return Path(spec.cache_dir, f"{kind}-{seq_len}-{fingerprint(spec, source, split, tokenizer, seq_len)}")
+    return Path(spec.cache_dir, f"{kind}-{seq_len}-{fingerprint(spec, source, split, tokenizer, seq_len, kind)}")
 
 
 def prepare_split(spec, source: str, split: str, tokenizer, seq_len: int, kind: str = "train") -> Path:
@@ -181,31 +218,52 @@ def prepare_split(spec, source: str, split: str, tokenizer, seq_len: int, kind: 
         if leftover.exists():
             print(f"ringpatch: {leftover} is an interrupted preparation; rebuilding it")
             shutil.rmtree(leftover)
-    check_tokens(spec, source, split, tokenizer, seq_len)  # a missing text field fails here too
+    check_tokens(spec, source, split, tokenizer, seq_len, kind)  # a missing text field fails here too
     features = datasets.Features(
         {name: datasets.Sequence(datasets.Value("int32")) for name in ("input_ids", "doc_position_ids")}
     )
-    kwargs = {"spec": spec, "source": source, "split": split, "tokenizer": tokenizer, "seq_len": seq_len}
+    kwargs = {"spec": spec, "source": source, "split": split, "tokenizer": tokenizer, "seq_len": seq_len, "kind": kind}
     kwargs["cache_dir"] = str(partial / "source")  # datasets' Arrow copy of the source, removed below
-    data = datasets.Dataset.from_generator(
-        _packed, features=features, gen_kwargs=kwargs, cache_dir=str(partial / "cache")
-    )
-    data.save_to_disk(str(partial / "data"))
-    del data
-    shutil.rmtree(partial / "cache")
-    shutil.rmtree(partial / "source", ignore_errors=True)
-    Path(partial, MARKER).write_text(json.dumps({"source": source, "split": split, "seq_len": seq_len}))
+    try:
+        data = datasets.Dataset.from_generator(
+            _packed, features=features, gen_kwargs=kwargs, cache_dir=str(partial / "cache")
+        )
+        data.save_to_disk(str(partial / "data"))
+        del data
+        shutil.rmtree(partial / "cache")
+        shutil.rmtree(partial / "source", ignore_errors=True)
+        Path(partial, MARKER).write_text(json.dumps({"source": source, "split": split, "seq_len": seq_len}))
+    except Exception as e:  # nothing half-written stays; a full disk or a failed write is one line
+        shutil.rmtree(partial, ignore_errors=True)
+        cause = _os_error(e)
+        if cause is None:
+            raise
+        if cause.errno == errno.ENOSPC:
+            raise DataError(
+                f"the disk holding {spec.cache_dir} is full while preparing {source} at {seq_len} tokens; the partial "
+                f"copy {partial} was removed: free space (or set data.cache_dir to a larger disk) and run again"
+            ) from None
+        raise DataError(f"preparing {source} into {partial} failed ({cause}); the partial copy was removed") from None
     partial.rename(folder)  # complete: only now does the fingerprint's folder exist
     return folder
 
 
-def prepare_shared(spec, source: str, split: str, tokenizer, seq_len: int, kind: str = "train"):
+def _os_error(e: BaseException) -> OSError | None:
+    """The OSError under `e`, which datasets wraps in its own errors."""
+    while e is not None:
+        if isinstance(e, OSError):
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def prepare_shared(spec, source: str, split: str, tokenizer, seq_len: int, kind: str = "train", waiting=None):
     """prepare_split on rank 0 of the default group while the others wait (cache_dir must be
     shared by the nodes), then every rank memory-maps the result. Without a group: this process.
     The others wait on a key in the launcher's store, not in a collective: preparing a large
-    corpus may take longer than the process groups' timeout."""
-    from datetime import timedelta
-
+    corpus may take longer than the process groups' timeout. Every WAIT_CHECK they call
+    `waiting()`, which raises when rank 0 has stopped (a heartbeat gone silent); rank 0's own
+    failure reaches them as a key too, and each rank raises it."""
     import torch.distributed as dist
 
     grouped = dist.is_available() and dist.is_initialized()
@@ -213,13 +271,42 @@ def prepare_shared(spec, source: str, split: str, tokenizer, seq_len: int, kind:
         return load_prepared(prepare_split(spec, source, split, tokenizer, seq_len, kind))
     from torch.distributed import distributed_c10d as c10d
 
+    store = c10d._get_default_store()
+    folder = prepared_folder(spec, source, split, tokenizer, seq_len, kind)
+    key = f"ringpatch/prepared/{folder.name}"
     if dist.get_rank() == 0:
-        folder = prepare_split(spec, source, split, tokenizer, seq_len, kind)
-        c10d._get_default_store().set(f"ringpatch/prepared/{folder.name}", "1")
+        try:
+            prepare_split(spec, source, split, tokenizer, seq_len, kind)
+        except Exception as e:
+            store.set(key, f"failed: {e}")
+            raise
+        store.set(key, "done")
     else:
-        folder = prepared_folder(spec, source, split, tokenizer, seq_len, kind)
-        c10d._get_default_store().wait([f"ringpatch/prepared/{folder.name}"], timedelta(hours=24))
+        _wait_for(store, key, waiting)
     return load_prepared(folder)
+
+
+WAIT_CHECK = 15.0  # seconds between two looks at the preparing rank's heartbeat
+
+
+def _wait_for(store, key: str, waiting) -> None:
+    from datetime import timedelta
+
+    deadline = time.monotonic() + 24 * 3600
+    while True:
+        try:
+            store.wait([key], timedelta(seconds=WAIT_CHECK))
+            break
+        except Exception as e:  # the store's timeout: check that the preparing rank still lives
+            if "timeout" not in str(e).lower() and "timed out" not in str(e).lower():
+                raise
+            if waiting is not None:
+                waiting()
+            if time.monotonic() > deadline:
+                raise DataError(f"rank 0 did not finish preparing the data within 24 hours ({key})") from None
+    state = store.get(key).decode()
+    if state.startswith("failed"):
+        raise DataError(f"rank 0 could not prepare the data ({state.split(': ', 1)[1]})")
 
 
 def load_prepared(folder: str | Path):

@@ -15,8 +15,6 @@ import copy
 from ringpatch.hf.models import unsupported_features
 from ringpatch.hf.rope import check_rope_scaling
 
-CONFIG_ERRORS = (ValueError, TypeError, KeyError, AttributeError)
-
 
 def _build(config: dict, where: str):
     from transformers import AutoConfig
@@ -24,13 +22,19 @@ def _build(config: dict, where: str):
     model_type = config.get("model_type")
     if not isinstance(model_type, str) or not model_type:
         raise ValueError(f"{where} needs a model_type (e.g. llama); it has {sorted(config)}")
+    from transformers.utils import logging
+
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()  # its warnings about a config are ringpatch's refusals, one line each
     try:
         return AutoConfig.for_model(**copy.deepcopy(config))  # transformers fills in and may mutate its input
-    except CONFIG_ERRORS as e:
+    except Exception as e:  # noqa: BLE001 (its validators raise their own classes; every one is a bad config)
         problem = " ".join(str(e).split())
         if problem.startswith("Unrecognized model identifier"):
             problem = f"transformers {_version()} has no model type {model_type!r}"
         raise ValueError(f"{where} is not a valid {model_type} config: {problem[:300]}") from None
+    finally:
+        logging.set_verbosity(verbosity)
 
 
 def _version() -> str:

@@ -33,6 +33,11 @@ def unsupported_features(config) -> list[str]:
     found = []
     if getattr(config, "is_encoder_decoder", False):
         found.append("encoder-decoder architecture (ring attention patches causal decoders only)")
+    if hasattr(config, "type_vocab_size") and not getattr(config, "is_decoder", False):  # BERT-style encoders
+        found.append(
+            "bidirectional (encoder) attention: ring attention trains causal decoders; use a decoder-only model "
+            "(or is_decoder: true for a BERT-style decoder)"
+        )
     if getattr(config, "alibi", False) or (config.model_type in ALIBI_MODEL_TYPES and config.model_type != "falcon"):
         found.append("ALiBi position biases")
     for key in ("attn_logit_softcapping", "attention_logit_softcapping"):

@@ -38,7 +38,8 @@ def _check_call(model, args, kwargs):
     if tokens is None or position_ids is None:
         raise ValueError(
             "a ring-patched model needs this rank's part of the batch with global position_ids: "
-            "call model(**ringpatch.shard_batch(batch, group, layout))"
+            "call model(**ringpatch.shard_batch(batch, group, layout)); under transformers.Trainer or TRL use "
+            "ringpatch.integrations.RingTrainer / RingSFTTrainer, which cut each batch for you"
         )
     bounds = check_local_batch(settings, tokens.shape[1], position_ids, kwargs.get(DOCUMENTS_KEY))
     if bounds is not None:

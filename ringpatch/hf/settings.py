@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
 from ringpatch.attention.comm import agree, resolve_group
 from ringpatch.attention.documents import boundaries, docs_digest, documents_per_row, positions_in_documents
-from ringpatch.attention.layout import Layout, local_positions, num_chunks
+from ringpatch.attention.layout import LAYOUTS, Layout, local_positions, num_chunks
 from ringpatch.attention.ulysses import ulysses_degree
 
 
@@ -52,6 +53,21 @@ def expected_positions(settings: RingSettings, rows: int, seq_len: int, cu_seqle
     )
 
 
+def _layout_that_matches(settings: RingSettings, rows: int, seq_len: int, bounds, position_ids) -> str | None:
+    """Another layout whose part of the batch these positions are (a shard_batch / patch_model mismatch)."""
+    for layout in LAYOUTS:
+        if layout == settings.layout or seq_len % num_chunks(layout, settings.sp_size):
+            continue
+        other = dataclasses.replace(settings, layout=layout)
+        try:
+            expected = expected_positions(other, rows, seq_len, bounds, position_ids.device)
+        except ValueError:
+            continue
+        if torch.equal(position_ids, expected.view_as(position_ids)):
+            return layout
+    return None
+
+
 def check_local_batch(settings: RingSettings, local: int, position_ids: torch.Tensor, cu_seqlens=None):
     """`local` tokens with `position_ids` must be this rank's part under the model's layout (and,
     with packed documents, their boundaries `cu_seqlens`), and every rank of the group must hold
@@ -74,6 +90,16 @@ def check_local_batch(settings: RingSettings, local: int, position_ids: torch.Te
     except (TypeError, ValueError) as e:
         error = e
     found = agree(error, [matches, rows, local, digest], group, sp_size, position_ids.device, "the batches")
+    wrong = [r for r, row in enumerate(found) if not row[0]]
+    if wrong:  # every rank is here: they agree on whether the batch was cut for another layout
+        other = _layout_that_matches(settings, rows, seq_len, bounds, position_ids)
+        index = LAYOUTS.index(other) if other is not None else -1
+        if {row[0] for row in agree(None, [index], group, sp_size, position_ids.device)} == {index} and other:
+            raise ValueError(
+                f"the batch was cut with layout {other!r}, but the model was patched with layout {settings.layout!r}: "
+                f"pass the same layout to both (shard_batch(batch, group, layout={settings.layout!r}), or "
+                f"patch_model(model, group, layout={other!r}))"
+            )
     if not found[settings.sp_rank if sp_size > 1 else 0][0]:
         raise ValueError(
             f"the batch holds {local} tokens per rank with position_ids {position_ids.reshape(-1)[:4].tolist()}..., "

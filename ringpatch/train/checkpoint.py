@@ -162,6 +162,28 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def manifest_problem(manifest, on_disk: list[str]) -> str | None:
+    """Why a manifest cannot vouch for its checkpoint (None: it can): it must be an object with an
+    integer step and a non-empty `files` mapping every file of the folder to its size and sha256."""
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("step"), int):
+        return f"its {MANIFEST} has no integer step"
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        return f"its {MANIFEST} lists no files"
+    for name, entry in files.items():
+        if not (
+            isinstance(entry, dict)
+            and isinstance(entry.get("size"), int)
+            and isinstance(entry.get("sha256"), str)
+            and len(entry["sha256"]) == 64
+        ):
+            return f"its {MANIFEST} entry for {name!r} has no size and sha256"
+    unlisted = sorted(set(on_disk) - set(files))
+    if unlisted:
+        return f"its {MANIFEST} does not list {unlisted[:3]}"
+    return None
+
+
 def verify(ckpt_dir: Path, tag: str) -> str | None:
     """None when the tag is intact; otherwise why not. Collective: the files are hashed shared
     out over the ranks, and every rank returns the same answer."""
@@ -174,8 +196,10 @@ def verify(ckpt_dir: Path, tag: str) -> str | None:
     else:
         try:
             manifest = json.loads((folder / MANIFEST).read_text())
-        except ValueError:
-            problem = f"its {MANIFEST} is not valid JSON"
+        except (ValueError, OSError) as e:
+            problem = f"its {MANIFEST} could not be read ({type(e).__name__})"
+        else:
+            problem = manifest_problem(manifest, _files(folder))
     problems = _gather(problem)
     if any(problems):
         return next(p for p in problems if p)
@@ -207,8 +231,11 @@ def _dir_size(folder: Path) -> int:
 
 def _check_room(ckpt_dir: Path, previous: str | None) -> None:
     """Every rank's disk has room for another checkpoint the size of the previous one."""
-    need = _dir_size(ckpt_dir / previous) if previous and (ckpt_dir / previous).is_dir() else 0
-    free = shutil.disk_usage(ckpt_dir).free
+    try:
+        need = _dir_size(ckpt_dir / previous) if previous and (ckpt_dir / previous).is_dir() else 0
+        free = shutil.disk_usage(ckpt_dir).free
+    except OSError:  # the save that follows names the cause
+        need, free = 0, 1
     short = [(r, f, n) for r, (f, n) in enumerate(_gather((free, need))) if f < n]
     if short:
         rank, free, need = short[0]
@@ -281,42 +308,61 @@ def save(engine, ckpt_dir: str | Path, step: int, record: dict, client_state: di
             f"{previous or 'no checkpoint yet'} in {ckpt_dir} stays the last good one: lower the learning rate "
             "or check the data, then run the same command to resume from it"
         )
+    keep = f"{previous or 'no checkpoint'} stays the latest"
+    error = None
     if dist.get_rank() == 0:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-    dist.barrier()
+        try:
+            (ckpt_dir / tag).mkdir(parents=True, exist_ok=True)
+            (ckpt_dir / tag / RECIPE_FILE).write_text(json.dumps(record, indent=1))
+        except OSError as e:
+            error = f"{type(e).__name__}: {e.strerror or e}"
+    _agree(error, f"checkpoint folder {ckpt_dir / tag} could not be written", f"{keep}: make {ckpt_dir} writable")
     _check_room(ckpt_dir, previous)
     error = None
     try:
-        if dist.get_rank() == 0:
-            (ckpt_dir / tag).mkdir(exist_ok=True)
-            (ckpt_dir / tag / RECIPE_FILE).write_text(json.dumps(record, indent=1))
-        dist.barrier()
         engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=dict(client_state, step=step), save_latest=False)
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
         error = f"{'the disk is full' if _disk_full(e, ckpt_dir) else type(e).__name__}: {str(e).splitlines()[0]}"
-    errors = _gather(error)  # every rank's shards are on disk, or every rank learns which failed
-    failed = [(r, e) for r, e in enumerate(errors) if e]
-    if failed:
-        if dist.get_rank() == 0:
-            shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
-        rank, message = failed[0]
-        raise ValueError(
-            f"checkpoint {ckpt_dir / tag} could not be written (rank {rank}: {message}); it was removed and "
-            f"{previous or 'no checkpoint'} stays the latest: free disk space, then run the same command to resume"
-        )
-    files = _files(ckpt_dir / tag)
-    mine = {name: {"size": (ckpt_dir / tag / name).stat().st_size, "sha256": _sha256(ckpt_dir / tag / name)}
-            for name in _share(files, dist.get_rank(), dist.get_world_size())}  # fmt: skip
+    _agree(
+        error,
+        f"checkpoint {ckpt_dir / tag} could not be written",
+        f"it was removed and {keep}: free disk space, then run the same command to resume",
+        remove=ckpt_dir / tag,
+    )
+    error, mine = None, {}
+    try:
+        files = _files(ckpt_dir / tag)
+        mine = {name: {"size": (ckpt_dir / tag / name).stat().st_size, "sha256": _sha256(ckpt_dir / tag / name)}
+                for name in _share(files, dist.get_rank(), dist.get_world_size())}  # fmt: skip
+    except OSError as e:
+        error = f"{type(e).__name__}: {e}"
     hashed = {k: v for part in _gather(mine) for k, v in part.items()}
+    _agree(error, f"checkpoint {ckpt_dir / tag} could not be read back", f"it was removed and {keep}", ckpt_dir / tag)
+    error = None
     if dist.get_rank() == 0:
-        manifest = {"step": step, "parameter_norm": norm, "files": hashed}
-        _atomic_write(ckpt_dir / tag / MANIFEST, json.dumps(manifest, indent=1))
-        _atomic_write(ckpt_dir / "latest", tag)
-        if keep_last:  # tags newer than this one (left by a run that fell back) will be rewritten
-            for old in [t for t in _tags(ckpt_dir) if t <= tag][keep_last:]:
-                shutil.rmtree(ckpt_dir / old, ignore_errors=True)
-    dist.barrier()
+        try:
+            manifest = {"step": step, "parameter_norm": norm, "files": hashed}
+            _atomic_write(ckpt_dir / tag / MANIFEST, json.dumps(manifest, indent=1))
+            _atomic_write(ckpt_dir / "latest", tag)
+            if keep_last:  # tags newer than this one (left by a run that fell back) will be rewritten
+                for old in [t for t in _tags(ckpt_dir) if t <= tag][keep_last:]:
+                    shutil.rmtree(ckpt_dir / old, ignore_errors=True)
+        except OSError as e:
+            error = f"{type(e).__name__}: {e.strerror or e}"
+    _agree(error, f"checkpoint {ckpt_dir / tag} could not be completed", f"{keep}: make {ckpt_dir} writable")
     return tag
+
+
+def _agree(error: str | None, what: str, then: str, remove: Path | None = None) -> None:
+    """Every rank learns every rank's failure (an all_gather, which also keeps them in step), and
+    all raise the first: no rank is left in a collective that a failed rank never enters."""
+    failed = [(r, e) for r, e in enumerate(_gather(error)) if e]
+    if not failed:
+        return
+    if remove is not None and dist.get_rank() == 0:
+        shutil.rmtree(remove, ignore_errors=True)
+    rank, message = failed[0]
+    raise ValueError(f"{what} (rank {rank}: {message}); {then}")
 
 
 def _saved_record(folder: Path) -> dict | None:

@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     from ringpatch.parallel import is_timeout
     from ringpatch.train.build import timeout
     from ringpatch.train.loop import Trainer  # the heavy imports come after the checks
+    from ringpatch.train.watchdog import SilentRank
 
     trainer = None
     try:
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         if lock is not None:
             lock.release()
     except (*USER_ERRORS, RuntimeError) as e:
-        if not isinstance(e, USER_ERRORS) and not is_timeout(e):
+        if not isinstance(e, (*USER_ERRORS, SilentRank)) and not is_timeout(e):
             raise  # a bug: its traceback is the report
         if is_timeout(e):
             minutes = timeout(plan).total_seconds() / 60

@@ -33,20 +33,33 @@ def export_hf(engine, out_dir: str | Path, module=None, tokenizer=None) -> None:
     as a Hugging Face model folder, with the tokenizer when given. Every rank must call it."""
     module = engine.module if module is None else module
     state = _full_state_dict(engine, module)
+    error = None
     if dist.get_rank() == 0:
-        out_dir = Path(out_dir)
-        tmp = out_dir.with_name(out_dir.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        settings = getattr(module, "_ringpatch", None)
-        saved_impl = module.config._attn_implementation
-        if settings is not None:  # a stock implementation in config.json: ringpatch is not needed to load it
-            module.config._attn_implementation = settings.previous_implementation or "sdpa"
         try:
-            module.save_pretrained(tmp, state_dict=state)
-        finally:
-            module.config._attn_implementation = saved_impl
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        shutil.rmtree(out_dir, ignore_errors=True)
-        tmp.rename(out_dir)
-    dist.barrier()
+            _write(module, state, Path(out_dir), tokenizer)
+        except OSError as e:
+            error = f"{type(e).__name__}: {e.strerror or e}"
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)  # every rank learns whether rank 0 wrote it
+    if errors[0]:
+        raise ValueError(
+            f"the model could not be exported to {out_dir} (rank 0: {errors[0]}); the checkpoints are kept: make the "
+            "folder writable (or free space), then run the same command, which resumes and exports again"
+        )
+
+
+def _write(module, state: dict, out_dir: Path, tokenizer) -> None:
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    settings = getattr(module, "_ringpatch", None)
+    saved_impl = module.config._attn_implementation
+    if settings is not None:  # a stock implementation in config.json: ringpatch is not needed to load it
+        module.config._attn_implementation = settings.previous_implementation or "sdpa"
+    try:
+        module.save_pretrained(tmp, state_dict=state)
+    finally:
+        module.config._attn_implementation = saved_impl
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)

@@ -17,6 +17,7 @@ NEEDS = {
     "plan": {"yaml": "pyyaml"},
     "selfcheck": {},
     "corpus": {},
+    "recipe": {"yaml": "pyyaml"},
 }
 
 

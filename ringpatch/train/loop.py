@@ -16,7 +16,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 import ringpatch
-from ringpatch.data.prepare import prepare_shared
+from ringpatch.data.prepare import prepare_shared, prepared_folder
 from ringpatch.data.sampler import DistributedSampler
 from ringpatch.data.tokenizer import load_tokenizer
 from ringpatch.hf.rope import apply_rope
@@ -115,14 +115,24 @@ class Trainer:
         end = first + stage.steps
         data = self._prepared(recipe.data.source, recipe.data.split, stage.seq_len, "train")
         sampler = DistributedSampler(len(data), self.plan.dims.dp, self.mesh.dp_rank, seed=recipe.seed + index)
+        prepared = prepared_folder(
+            recipe.data, recipe.data.source, recipe.data.split, self.tokenizer, stage.seq_len, "train"
+        )
         if state.get("stage") == index and step > first:
+            saved = state.get("data")
+            if saved is not None and saved != prepared.name:
+                raise ValueError(
+                    f"the training data of stages[{index}] changed since the checkpoint at step {step} (prepared then "
+                    f"as {saved}, now as {prepared.name}: the source's files, the tokenizer or the filters differ), so "
+                    "the run cannot continue where it stopped: restore the data, or start a new run_dir"
+                )
             sampler.load_state_dict(state["sampler"])
         micro_batch = stage.micro_batch or recipe.micro_batch
         batches = self._micro_batches(data, sampler, micro_batch)
         tokens = self.plan.dims.dp * micro_batch * recipe.grad_accum * stage.seq_len
         while step < end:
             if max_steps is not None and step >= max_steps:
-                self._save(step, index, sampler)
+                self._save(step, index, sampler, prepared.name)
                 return step
             started = time.perf_counter()
             loss = self._step(batches, step, index)
@@ -140,7 +150,7 @@ class Trainer:
             bar.set_postfix(stage=f"{index}@{stage.seq_len}", loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
             bar.update()
             if recipe.save_every and step % recipe.save_every == 0 and step != end:
-                self._save(step, index, sampler)
+                self._save(step, index, sampler, prepared.name)
         eval_loss = self._eval_loss(stage.seq_len)
         if eval_loss is not None:
             self.log.write(
@@ -148,7 +158,7 @@ class Trainer:
             )
             if self.rank == 0:
                 bar.write(f"stage {index} ({stage.seq_len} tokens): held-out loss {eval_loss:.4f}")
-        self._save(step, index, sampler)
+        self._save(step, index, sampler, prepared.name)
         return step
 
     # --- steps ------------------------------------------------------------------------------
@@ -199,7 +209,15 @@ class Trainer:
 
     # --- data and files ---------------------------------------------------------------------
     def _prepared(self, source: str, split: str, seq_len: int, kind: str):
-        return prepare_shared(self.recipe.data, source, split, self.tokenizer, seq_len, kind)
+        return prepare_shared(
+            self.recipe.data,
+            source,
+            split,
+            self.tokenizer,
+            seq_len,
+            kind,
+            waiting=self.heartbeat.require(0, "preparing the data"),
+        )
 
     @staticmethod
     def _micro_batches(data, sampler, micro_batch: int):
@@ -210,8 +228,8 @@ class Trainer:
             rows = [data[next(indices)] for _ in range(micro_batch)]
             yield {key: torch.stack([row[key] for row in rows]) for key in ("input_ids", "doc_position_ids")}
 
-    def _save(self, step: int, stage_index: int, sampler) -> None:
-        client_state = {"stage": stage_index, "sampler": sampler.state_dict()}
+    def _save(self, step: int, stage_index: int, sampler, prepared: str) -> None:
+        client_state = {"stage": stage_index, "sampler": sampler.state_dict(), "data": prepared}
         checkpoint.save(self.engine, self.ckpt_dir, step, self.record, client_state, keep_last=self.recipe.keep_last)
 
     def _export(self, name: str) -> None:

@@ -12,6 +12,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -22,6 +23,7 @@ from ringpatch.memory.estimate import GIB
 from ringpatch.train.ds_config import deepspeed_config, load_overlay
 from ringpatch.train.plan import Plan, stage_budget
 from ringpatch.train.recipe import Recipe, load_recipe
+from ringpatch.train.schema import check_writable
 
 # What a bad recipe, launch or input raises: reported as one line, without a traceback.
 USER_ERRORS = (ValueError, TypeError, NotImplementedError, FileNotFoundError, FloatingPointError)
@@ -115,7 +117,7 @@ def check_data(recipe: Recipe, model_config: dict | None) -> None:
     """Tokenizer against the model, and every local source against the stages: readable, not
     empty, with its text field, and enough tokens for one sequence of the longest stage. Sources
     already prepared (their fingerprint's folder is complete) are not read again."""
-    from ringpatch.data.prepare import MARKER, check_tokens, local_files, prepared_folder
+    from ringpatch.data.prepare import MARKER, check_split, check_tokens, local_files, prepared_folder
 
     tokenizer = _tokenizer(recipe)
     if tokenizer is None:
@@ -133,11 +135,77 @@ def check_data(recipe: Recipe, model_config: dict | None) -> None:
     if spec.eval_source is not None:
         sources.append((spec.eval_source, spec.eval_split, "eval"))
     for source, split, kind in sources:
+        check_split(source, split, "data.split" if kind == "train" else "data.eval_split")
         if local_files(source) is None:  # a hub dataset: read (and checked) when prepared
             continue
         if Path(prepared_folder(spec, source, split, tokenizer, longest, kind), MARKER).is_file():
             continue
-        check_tokens(spec, source, split, tokenizer, longest)
+        check_tokens(spec, source, split, tokenizer, longest, kind)
+
+
+def check_batches(recipe: Recipe, dp: int) -> None:
+    """data.max_sequences holds at least one optimizer step's batch of every stage."""
+    limit = recipe.data.max_sequences
+    if limit is None:
+        return
+    for i, s in enumerate(recipe.stages):
+        batch = (s.micro_batch or recipe.micro_batch) * recipe.grad_accum * dp
+        if limit < batch:
+            raise ValueError(
+                f"data.max_sequences {limit} is fewer than one step of stages[{i}] takes (micro_batch "
+                f"{s.micro_batch or recipe.micro_batch} x grad_accum {recipe.grad_accum} x dp {dp} = {batch} sequences); "
+                "raise max_sequences or remove it"
+            )
+
+
+def check_launch(cuda: bool) -> None:
+    """The process was started the way its environment says: WORLD_SIZE only under a launcher, and
+    on a CPU host no more ranks than cores (a GPU launch config run on a CPU host starts one rank
+    per GPU it expected, which silently changes dp)."""
+    env = os.environ
+    world = env.get("WORLD_SIZE", "1")
+    if world.isdigit() and int(world) > 1 and not all(k in env for k in ("RANK", "MASTER_ADDR", "MASTER_PORT")):
+        raise ValueError(
+            f"WORLD_SIZE={world} is set but no launcher started this process (RANK, MASTER_ADDR or MASTER_PORT is "
+            "unset): run it under torchrun, deepspeed or accelerate launch, or unset WORLD_SIZE for one process"
+        )
+    local = env.get("LOCAL_WORLD_SIZE", "1")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if not cuda and local.isdigit() and int(local) > cores:
+        raise ValueError(
+            f"{local} ranks were launched on this host, which has no GPU and {cores} CPU core(s): launch at most "
+            f"{cores} (a GPU launch config, e.g. launch/accelerate/1node-8gpu.yaml, starts one rank per GPU it "
+            "expects; on CPU use launch/accelerate/cpu-2proc.yaml or torchrun --nproc_per_node 2)"
+        )
+
+
+def check_host(cuda: bool) -> None:
+    """What the run writes besides run_dir: the Hugging Face caches; and on CPU no build lock of a
+    torch extension left by a killed run (torch waits on it forever, silently)."""
+    env = os.environ
+    cache = env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    hf_home = env.get("HF_HOME") or os.path.join(cache, "huggingface")
+    try:
+        check_writable("the Hugging Face cache (HF_HOME)", hf_home)
+    except ValueError as e:
+        raise ValueError(f"{e}; set HF_HOME to a writable folder (HOME is {env.get('HOME')!r})") from None
+    if not cuda:
+        for lock in stale_extension_locks():
+            raise ValueError(
+                f"{lock} was left by a build of a torch extension that was killed (it is {(time.time() - lock.stat().st_mtime) / 60:.0f} "
+                "minutes old, and torch would wait on it forever): if no other run is building it now, remove it"
+            )
+
+
+def stale_extension_locks(older_than_s: float = 600.0) -> list[Path]:
+    """Build locks of torch extensions (DeepSpeed's JIT ops) older than `older_than_s`: a build takes a minute."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or str(Path.home() / ".cache" / "torch_extensions")
+    try:
+        locks = list(Path(root).glob("*/*/lock")) + list(Path(root).glob("*/lock"))
+    except OSError:
+        return []
+    now = time.time()
+    return [lock for lock in locks if lock.is_file() and now - lock.stat().st_mtime > older_than_s]
 
 
 def peak_gib(plan: Plan) -> tuple[float, int] | None:
@@ -217,6 +285,9 @@ def preflight(
         recipe = dataclasses.replace(recipe, run_dir=run_dir)
     if recipe.data is None:
         raise ValueError(f"{recipe_path} has no data section; training needs data.source (see recipes/tiny-cpu.yaml)")
+    cuda = torch.cuda.is_available()
+    if world is None:
+        check_launch(cuda)
     world = world if world is not None else int(os.environ.get("WORLD_SIZE", "1"))
     dims = recipe.parallel.dims(world)
     local = os.environ.get("LOCAL_WORLD_SIZE", "")
@@ -226,8 +297,10 @@ def preflight(
     model_config = _model_config(recipe)
     if model_config is not None and "model_type" in model_config:
         built = check_architecture(model_config, "model.config")
-        dims.check_heads(built.num_attention_heads, built.num_key_value_heads or built.num_attention_heads)
-    cuda = torch.cuda.is_available()
+        heads = built.num_attention_heads
+        dims.check_heads(heads, getattr(built, "num_key_value_heads", None) or heads)
+        # the whole architecture, the config class's defaults filled in, for the plan and the simulator
+        model_config = {**built.to_dict(), **model_config}
     bf16 = recipe.model.dtype == "bfloat16" or (recipe.model.dtype == "auto" and cuda)
     overlay_file = deepspeed_file or recipe.deepspeed
     ds_config = deepspeed_config(recipe, bf16, cuda, load_overlay(overlay_file), overlay_name=str(overlay_file))
@@ -250,6 +323,10 @@ def preflight(
             f"wandb: {recipe.wandb} in {recipe_path}, but wandb is not installed: pip install wandb (it comes with "
             "'ringpatch[train]'), or set wandb: disabled"
         )
+    check_batches(recipe, dims.dp)
     if deep:
+        check_host(cuda)
+        check_writable("run_dir", recipe.run_dir)
+        check_writable("data.cache_dir", recipe.data.cache_dir)
         check_data(recipe, model_config)
     return Plan(recipe, dims, cuda, bf16, ds_config, model_config)

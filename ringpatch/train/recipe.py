@@ -8,22 +8,22 @@ precision, ZeRO) are generated from the recipe (ds_config.deepspeed_config), nev
 from __future__ import annotations
 
 import dataclasses
-import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 
 from ringpatch.hf.rope import check_rope_scaling
 from ringpatch.parallel import ParallelDims
+from ringpatch.train.schema import NONNEGATIVE, POSITIVE, PathKind, Range, check_fields
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    name: str
+    name: Annotated[str, PathKind("source")]
     """A hub id (e.g. meta-llama/Meta-Llama-3-8B) or a local folder with config.json; with
     init: scratch, only the run's label."""
     init: Literal["pretrained", "scratch"] = "pretrained"
@@ -31,7 +31,7 @@ class ModelSpec:
     config: dict | None = None
     """A transformers config (with model_type). scratch: the architecture. pretrained: optional, the
     architecture expected, so the plan's memory estimate needs no download (checked against the loaded one)."""
-    tokenizer: str | None = None
+    tokenizer: Annotated[str, PathKind("source")] | None = None
     """A hub id or folder; None: the model's own; "bytes": ringpatch's byte-level tokenizer (no download)."""
     dtype: Literal["auto", "bfloat16", "float32"] = "auto"
     """Training precision: auto = bfloat16 on GPU, float32 on CPU."""
@@ -42,30 +42,34 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class DataSpec:
-    source: str
+    source: Annotated[str, PathKind("source")]
     """A hub dataset name, or a local json/jsonl/parquet/txt file or folder of them."""
     text_field: str = "text"
     """The column that holds each document's text."""
     split: str = "train"
-    eval_source: str | None = None
+    """The split to read: a hub dataset's name for it; a local file or folder has only "train"."""
+    eval_source: Annotated[str, PathKind("source")] | None = None
     """Held-out documents (same kinds of source) for the stage-end loss and perplexity-vs-length."""
     eval_split: str = "train"
-    eval_samples: int = 4
+    """The eval source's split (as `split`)."""
+    eval_text_field: str | None = None
+    """The column that holds each held-out document's text (None: text_field)."""
+    eval_samples: Annotated[int, POSITIVE] = 4
     """Held-out packed sequences scored at each stage end."""
     streaming: bool = False
     """Read the source as a stream (corpora larger than memory or disk); tokenising is then serial."""
-    num_proc: int = 1
+    num_proc: Annotated[int, POSITIVE] = 1
     """Tokenising processes (non-streaming)."""
-    min_doc_tokens: int = 0
+    min_doc_tokens: Annotated[int, NONNEGATIVE] = 0
     """Skip documents shorter than this (long-context runs want long documents)."""
-    max_sequences: int | None = None
+    max_sequences: Annotated[int, POSITIVE] | None = None
     """Stop packing a stage after this many sequences (None: the whole source)."""
     document_masking: bool = True
     """true: attention stays inside each packed document and positions restart at 0 for each
     (exact: the loss of every document run alone; pair it with parallel.layout: balanced, which
     evens out the ranks' work). false: one sequence across the documents, positions running on
     (continual pretraining on concatenated text)."""
-    cache_dir: str = "runs/data"
+    cache_dir: Annotated[str, PathKind("dir")] = "runs/data"
     """Prepared (tokenised, packed) stages, one folder per fingerprint; shared by every node."""
 
     def __post_init__(self):
@@ -77,31 +81,31 @@ RulerTask = Literal["niah_single", "niah_multikey", "niah_multivalue", "niah_mul
 
 @dataclass(frozen=True)
 class EvalSpec:
-    ppl_lengths: tuple[int, ...] = ()
+    ppl_lengths: Annotated[tuple[int, ...], POSITIVE] = ()
     """Context lengths for perplexity-vs-length (empty: powers of two from 256 up to the last stage)."""
-    ppl_tokens: int = 64
+    ppl_tokens: Annotated[int, POSITIVE] = 64
     """Perplexity is measured on the last this-many tokens of each context (the same tokens at every length)."""
-    passkey_lengths: tuple[int, ...] = ()
+    passkey_lengths: Annotated[tuple[int, ...], POSITIVE] = ()
     """Prompt lengths for passkey retrieval (empty: the ppl lengths)."""
     passkey_depths: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)
     """Where the key sits in the filler, as a fraction of the prompt."""
-    passkey_trials: int = 4
+    passkey_trials: Annotated[int, POSITIVE] = 4
     """Random keys per (length, depth) cell."""
     passkey_template: Literal["classic", "demo"] = "classic"
     """classic: the Landmark Attention prompt (5 digits); demo: the demo corpus's own phrasing."""
-    max_tokens_per_rank: int = 262144
+    max_tokens_per_rank: Annotated[int, POSITIVE] = 262144
     """The most prompt tokens one rank holds during ring prefill; longer lengths are refused up front."""
     ruler_tasks: tuple[RulerTask, ...] = ()
     """RULER-style tasks for the effective length (ringpatch/evaluate/ruler.py; empty: none)."""
-    ruler_lengths: tuple[int, ...] = ()
+    ruler_lengths: Annotated[tuple[int, ...], POSITIVE] = ()
     """Prompt lengths for the RULER tasks (empty: the passkey lengths)."""
     ruler_depths: tuple[float, ...] = (0.1, 0.5, 0.9)
     """Fraction of the haystack before the target needle."""
-    ruler_trials: int = 2
+    ruler_trials: Annotated[int, POSITIVE] = 2
     """Prompts per (task, length, depth)."""
     ruler_haystack: Literal["filler", "data"] = "filler"
     """filler: the repeated Landmark sentences; data: the held-out data (data.eval_source)."""
-    ruler_threshold: float = 0.856
+    ruler_threshold: Annotated[float, Range(0.0, 1.0)] = 0.856
     """Effective length: the longest length up to which the mean task score stays >= this
     (0.856: Llama-2-7B at 4K, RULER's reference)."""
 
@@ -111,24 +115,22 @@ class EvalSpec:
 
 @dataclass(frozen=True)
 class ParallelSpec:
-    sp: int = 1
+    sp: Annotated[int, POSITIVE] = 1
     """Sequence-parallel ranks per sample."""
-    tp: int = 1
+    tp: Annotated[int, POSITIVE] = 1
     """Tensor-parallel ranks (DeepSpeed AutoTP); dp is what remains of the world."""
     layout: Literal["zigzag", "contiguous", "balanced"] = "balanced"
     """Token layout over the ring. balanced: zigzag for one sequence, and with packed documents
     (data.document_masking) a placement by each batch's documents that keeps the ranks' work
     within a few percent; lengths must divide by 8*sp (zigzag: 2*sp, contiguous: sp)."""
-    ulysses: int = 1
+    ulysses: Annotated[int, POSITIVE] = 1
     """Ulysses x ring: of the sp ranks, groups of this many neighbours (one node, with their tp
     ranks) trade sequence for heads by all-to-all, and the ring runs over sp / ulysses ranks.
     Must divide sp and the query heads per tp rank; K/V heads per tp rank are split when they
     divide by it, repeated when it is a multiple of them. 1: the ring alone."""
 
     def __post_init__(self):
-        _positive("parallel.sp", self.sp)
-        _positive("parallel.tp", self.tp)
-        _positive("parallel.ulysses", self.ulysses)
+        check_fields(self, "parallel")
         if self.sp % self.ulysses:
             raise ValueError(
                 f"parallel.ulysses {self.ulysses} does not divide parallel.sp {self.sp} (the ring runs over "
@@ -143,28 +145,30 @@ class ParallelSpec:
 
 @dataclass(frozen=True)
 class ZeroSpec:
-    stage: int = 2
+    stage: Annotated[int, Range(0, 3)] = 2
     """DeepSpeed ZeRO stage, 0-3."""
     offload: Literal["none", "cpu"] = "none"
     """Offload optimizer state (stages 1-3) and parameters (stage 3) to CPU memory."""
 
     def __post_init__(self):
-        if not 0 <= self.stage <= 3:
-            raise ValueError(f"zero.stage must be 0, 1, 2 or 3, got {self.stage}")
+        check_fields(self, "zero")
         if self.offload == "cpu" and self.stage == 0:
             raise ValueError("zero.offload: cpu needs zero.stage >= 1")
 
 
 @dataclass(frozen=True)
 class OptimSpec:
-    lr: float = 2e-5
+    lr: Annotated[float, POSITIVE] = 2e-5
     """Peak learning rate (a stage may set its own)."""
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.95)
-    warmup_steps: int = 0
+    weight_decay: Annotated[float, NONNEGATIVE] = 0.0
+    """Decoupled weight decay (AdamW)."""
+    betas: Annotated[tuple[float, float], Range(0.0, 1.0)] = (0.9, 0.95)
+    """Adam's (beta1, beta2), each below 1."""
+    warmup_steps: Annotated[int, NONNEGATIVE] = 0
     """Linear warm-up at the start of each stage, then cosine decay to min_lr_ratio * lr."""
-    min_lr_ratio: float = 0.1
-    grad_clip: float = 1.0
+    min_lr_ratio: Annotated[float, Range(0.0, 1.0)] = 0.1
+    """The cosine schedule ends at this fraction of the peak learning rate."""
+    grad_clip: Annotated[float, NONNEGATIVE] = 1.0
     """Clip the global gradient norm to this value (0 = off)."""
 
     def __post_init__(self):
@@ -173,17 +177,17 @@ class OptimSpec:
 
 @dataclass(frozen=True)
 class Stage:
-    seq_len: int
+    seq_len: Annotated[int, POSITIVE]
     """Tokens per sample in this stage."""
-    steps: int
+    steps: Annotated[int, POSITIVE]
     """Optimizer steps in this stage."""
-    rope_theta: float | None = None
+    rope_theta: Annotated[float, POSITIVE] | None = None
     """RoPE base for this stage (None keeps the model's)."""
     rope_scaling: dict | None = None
     """transformers rope_scaling dict (e.g. {rope_type: yarn, factor: 4.0}); excludes rope_theta changes."""
-    lr: float | None = None
+    lr: Annotated[float, POSITIVE] | None = None
     """Peak learning rate of this stage (None: optim.lr)."""
-    micro_batch: int | None = None
+    micro_batch: Annotated[int, POSITIVE] | None = None
     """Samples per dp rank per micro-step in this stage (None: the recipe's micro_batch); longer
     stages usually take fewer samples so the tokens per step stay level."""
 
@@ -191,16 +195,21 @@ class Stage:
 @dataclass(frozen=True)
 class Recipe:
     model: ModelSpec
+    """The model: its name, weights, architecture, tokenizer and training precision."""
     stages: tuple[Stage, ...]
     """Context-extension stages, in order, lengths not decreasing."""
     parallel: ParallelSpec = field(default_factory=ParallelSpec)
+    """How each sample is split over ranks (sp, Ulysses, tp, layout); dp is what the world leaves."""
     zero: ZeroSpec = field(default_factory=ZeroSpec)
+    """DeepSpeed ZeRO stage and offload."""
     optim: OptimSpec = field(default_factory=OptimSpec)
-    micro_batch: int = 1
+    """AdamW and its schedule."""
+    micro_batch: Annotated[int, POSITIVE] = 1
     """Samples per dp rank per micro-step."""
-    grad_accum: int = 1
+    grad_accum: Annotated[int, POSITIVE] = 1
     """Micro-steps per optimizer step."""
     activation_checkpointing: bool = True
+    """Keep one input per decoder layer and recompute the layer in backward (non-reentrant)."""
     activation_offload: bool = False
     """Keep the checkpointed layer inputs in pinned host memory between forward and backward
     (ringpatch/memory/offload.py): frees layers x tokens x hidden of GPU memory per rank for one
@@ -210,7 +219,7 @@ class Recipe:
     forward, so the checkpoint's recompute in backward skips the ring forward, the costliest part of
     a layer at long context (attention/ring.py, KeptAttention). Costs layers x tokens x hidden of
     memory per rank, about what the checkpointed layer inputs take. Needs activation_checkpointing."""
-    mlp_tiles: int = 1
+    mlp_tiles: Annotated[int, POSITIVE] = 1
     """Run each layer's MLP over this many sequence tiles, recomputed tile by tile in backward
     (ringpatch/train/tiled_mlp.py): its peak falls by this factor, for one more MLP forward."""
     rmsnorm: Literal["stock", "chunked"] = "stock"
@@ -218,27 +227,32 @@ class Recipe:
     intermediates in backward, a chunk of tokens at a time (ringpatch/memory/rmsnorm.py): the
     stock norm's backward holds five float32 (tokens x hidden) temporaries, the largest part of a
     layer's backward once the MLP is tiled. Exact (float32 rounding), for one more normalization."""
-    seed: int = 0
-    run_dir: str = "runs/default"
-    save_every: int = 0
+    seed: Annotated[int, Range(0, 2**32 - 1)] = 0
+    """Seeds the scratch weights, the samplers' order and the evaluation prompts."""
+    run_dir: Annotated[str, PathKind("dir")] = "runs/default"
+    """Checkpoints, metrics, exports and the run's lock (created if missing)."""
+    save_every: Annotated[int, NONNEGATIVE] = 0
     """Checkpoint every N optimizer steps (0: only at stage ends)."""
     wandb: Literal["online", "offline", "disabled"] = "disabled"
+    """Weights & Biases logging beside metrics.jsonl."""
     wandb_project: str = "ringpatch"
+    """The wandb project."""
     data: DataSpec | None = None
     """Training data; required to train."""
     eval: EvalSpec = field(default_factory=EvalSpec)
-    loss_chunk_tokens: int = 4096
+    """Evaluation: perplexity by length, passkey, RULER tasks (`ringpatch eval`)."""
+    loss_chunk_tokens: Annotated[int, POSITIVE] = 4096
     """Tokens per chunk of the chunked cross-entropy (the peak holds chunk x vocab float32 logits)."""
-    deepspeed: str | None = None
+    deepspeed: Annotated[str, PathKind("file")] | None = None
     """A DeepSpeed JSON (launch/deepspeed/) with tuning knobs; values the recipe owns must be "auto" there."""
     export_stages: bool = True
     """Export a Hugging Face folder at the end of every stage (run_dir/stageN), not only final/."""
-    log_every: int = 1
+    log_every: Annotated[int, POSITIVE] = 1
     """Write metrics every N optimizer steps."""
-    keep_last: int = 2
+    keep_last: Annotated[int, NONNEGATIVE] = 2
     """Checkpoints kept in run_dir/checkpoints (older ones are deleted after a newer one is complete);
     0 keeps every one."""
-    timeout_minutes: float | None = None
+    timeout_minutes: Annotated[float, Range(0.1)] | None = None
     """How long a rank waits for the others in a collective before the run stops with a message
     naming the rank that stopped making progress (None: 5 on CPU, 30 on GPU)."""
 
@@ -246,31 +260,10 @@ class Recipe:
         _check_recipe(self)
 
 
-def _positive(name: str, value, allow_zero: bool = False) -> None:
-    low = 0 if allow_zero else 1
-    if value < low:
-        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
-
-
-def _finite(name: str, value: float, low: float, high: float | None = None, low_open: bool = False) -> None:
-    """`value` is a finite number in [low, high] (low excluded with low_open)."""
-    ok = math.isfinite(value) and (value > low if low_open else value >= low) and (high is None or value <= high)
-    if not ok:
-        bound = (
-            f"{'(' if low_open else '['}{low}, {high if high is not None else 'inf'}{']' if high is not None else ')'}"
-        )
-        raise ValueError(f"{name} must be a finite number in {bound}, got {value}")
-
-
 def _check_recipe(r: Recipe) -> None:
+    check_fields(r, "")
     if not r.stages:
         raise ValueError("a recipe needs at least one stage (seq_len, steps)")
-    for name, value in (("micro_batch", r.micro_batch), ("grad_accum", r.grad_accum)):
-        _positive(name, value)
-    _positive("save_every", r.save_every, allow_zero=True)
-    _positive("keep_last", r.keep_last, allow_zero=True)
-    _positive("loss_chunk_tokens", r.loss_chunk_tokens)
-    _positive("mlp_tiles", r.mlp_tiles)
     if r.keep_attention and not r.activation_checkpointing:
         raise ValueError(
             "keep_attention: true keeps attention outputs for the recompute of checkpointed layers, but "
@@ -282,9 +275,6 @@ def _check_recipe(r: Recipe) -> None:
             "activation_offload: true moves the checkpointed layer inputs to the host, but activation_checkpointing "
             "is false, so there are none: set activation_checkpointing: true, or activation_offload: false"
         )
-    _positive("log_every", r.log_every)
-    if r.timeout_minutes is not None:
-        _finite("timeout_minutes", r.timeout_minutes, 0.0, low_open=True)
     if r.parallel.tp > 1 and r.zero.stage == 3:
         raise ValueError("DeepSpeed AutoTP training does not combine with ZeRO-3; use zero.stage <= 2 with tp > 1")
     dims = r.parallel.dims()
@@ -302,33 +292,22 @@ def _check_recipe(r: Recipe) -> None:
 
 
 def _check_stage(s: Stage, where: str) -> None:
-    _positive(f"{where}.seq_len", s.seq_len)
-    _positive(f"{where}.steps", s.steps)
-    if s.micro_batch is not None:
-        _positive(f"{where}.micro_batch", s.micro_batch)
-    if s.lr is not None:
-        _finite(f"{where}.lr", s.lr, 0.0, low_open=True)
+    check_fields(s, where)
     if s.rope_theta is not None and s.rope_scaling is not None:
         raise ValueError(f"{where} sets both rope_theta and rope_scaling; choose one rule")
-    if s.rope_theta is not None:
-        _finite(f"{where}.rope_theta", s.rope_theta, 0.0, low_open=True)
     if s.rope_scaling is not None:
         check_rope_scaling(s.rope_scaling, f"{where}.rope_scaling")
 
 
 def _check_optim(o: OptimSpec) -> None:
-    _finite("optim.lr", o.lr, 0.0, low_open=True)
-    _finite("optim.weight_decay", o.weight_decay, 0.0)
+    check_fields(o, "optim")
     for i, beta in enumerate(o.betas):
-        _finite(f"optim.betas[{i}]", beta, 0.0, 1.0)
         if beta == 1.0:
             raise ValueError(f"optim.betas[{i}] must be below 1 (Adam divides by 1 - beta), got {beta}")
-    _positive("optim.warmup_steps", o.warmup_steps, allow_zero=True)
-    _finite("optim.min_lr_ratio", o.min_lr_ratio, 0.0, 1.0)
-    _finite("optim.grad_clip", o.grad_clip, 0.0)
 
 
 def _check_model(m: ModelSpec) -> None:
+    check_fields(m, "model")
     if m.init == "scratch" and not (m.config and "model_type" in m.config):
         raise ValueError("model.init: scratch needs model.config with a model_type (e.g. {model_type: llama, ...})")
     if m.init == "scratch" and m.tokenizer is None:
@@ -341,21 +320,19 @@ def _check_model(m: ModelSpec) -> None:
             raise ValueError(f"model.config.{key} must be a positive integer, got {value!r}")
     theta = (m.config or {}).get("rope_theta")
     if theta is not None:
-        _finite("model.config.rope_theta", theta, 0.0, low_open=True)
+        POSITIVE.check("model.config.rope_theta", theta)
 
 
 def _check_data(d: DataSpec) -> None:
-    _positive("data.num_proc", d.num_proc)
-    _positive("data.eval_samples", d.eval_samples)
-    _positive("data.min_doc_tokens", d.min_doc_tokens, allow_zero=True)
-    if d.max_sequences is not None:
-        _positive("data.max_sequences", d.max_sequences)
+    check_fields(d, "data")
+    for name in ("text_field", "split", "eval_split", "eval_text_field"):
+        value = getattr(d, name)
+        if value is not None and not value.strip():
+            raise ValueError(f"data.{name} must be a non-empty name, got {value!r}")
 
 
 def _check_eval(e: EvalSpec) -> None:
-    _positive("eval.ppl_tokens", e.ppl_tokens)
-    _positive("eval.passkey_trials", e.passkey_trials)
-    _positive("eval.max_tokens_per_rank", e.max_tokens_per_rank)
+    check_fields(e, "eval")
     if any(n <= e.ppl_tokens for n in e.ppl_lengths):
         raise ValueError(f"eval.ppl_lengths {list(e.ppl_lengths)} must all exceed eval.ppl_tokens {e.ppl_tokens}")
     for name, lengths in (("eval.ppl_lengths", e.ppl_lengths), ("eval.passkey_lengths", e.passkey_lengths)):
@@ -369,12 +346,13 @@ def _check_eval(e: EvalSpec) -> None:
         raise ValueError(f"eval.ruler_lengths must be positive and increasing, got {list(e.ruler_lengths)}")
     if len(set(e.ruler_tasks)) != len(e.ruler_tasks):
         raise ValueError(f"eval.ruler_tasks names a task twice: {list(e.ruler_tasks)}")
-    _positive("eval.ruler_trials", e.ruler_trials)
-    _finite("eval.ruler_threshold", e.ruler_threshold, 0.0, 1.0)
 
 
 def _convert(tp, value, where: str):
-    """Check `value` against the annotation `tp`, building nested dataclasses."""
+    """Check `value` against the annotation `tp`, building nested dataclasses (ranges and paths are
+    the dataclasses' own checks, schema.check_fields)."""
+    if typing.get_origin(tp) is Annotated:
+        return _convert(tp.__origin__, value, where)
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, where)
@@ -400,9 +378,25 @@ def _convert(tp, value, where: str):
         return tuple(_convert(t, v, f"{where}[{i}]") for i, (t, v) in enumerate(zip(item_types, value, strict=True)))
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp in (float, int) and isinstance(value, str) and _number(value) is not None:
+        text = value.strip().lower()
+        if "e" in text and "." not in text:  # YAML 1.1 reads 3e-3 as a string, 3.0e-3 as a number
+            mantissa, exponent = text.split("e", 1)
+            raise TypeError(
+                f"{where} must be a number, got the string {value!r}: YAML reads an exponent without a decimal "
+                f"point as text; write {mantissa}.0e{exponent}"
+            )
+        raise TypeError(f"{where} must be a number, got the string {value!r}; write it without quotes")
     if tp is Any or (isinstance(tp, type) and isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
         return value
     raise TypeError(f"{where} must be {getattr(tp, '__name__', tp)}, got {type(value).__name__} {value!r}")
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
 
 
 def from_dict(cls, data, where: str = "recipe"):
@@ -413,7 +407,7 @@ def from_dict(cls, data, where: str = "recipe"):
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ValueError(f"{where}: unknown keys {unknown}; valid keys are {sorted(fields)}")
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     required = [
         n for n, f in fields.items() if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
     ]
@@ -454,6 +448,8 @@ def read_yaml(path: Path) -> object:
 def load_recipe(path: str | Path) -> Recipe:
     """Read and validate a recipe YAML file."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"recipe {path} is a folder; give a recipe YAML file (e.g. recipes/tiny-cpu.yaml)")
     if not path.is_file():
         raise FileNotFoundError(f"recipe {path} does not exist; recipes ship in recipes/ (e.g. recipes/tiny-cpu.yaml)")
     return from_dict(Recipe, read_yaml(path), where=path.name)

@@ -17,6 +17,10 @@ import torch.distributed as dist
 KEY = "ringpatch/heartbeat/{}"
 
 
+class SilentRank(RuntimeError):
+    """A rank stopped making progress while the others waited for it (a message for the user)."""
+
+
 class Heartbeat:
     def __init__(self, interval_s: float = 2.0):
         from torch.distributed import distributed_c10d as c10d
@@ -61,6 +65,20 @@ class Heartbeat:
             if age > 3 * self.interval:
                 silent[rank] = age
         return silent
+
+    def require(self, rank: int, doing: str):
+        """A check for a wait outside the collectives (the store): it raises when `rank` has gone
+        silent while `doing`, naming it."""
+
+        def check() -> None:
+            age = self.silent_ranks().get(rank)
+            if age is not None:
+                raise SilentRank(
+                    f"rank {rank} stopped making progress while {doing} (silent for {age:.0f} s): check that rank's "
+                    "host (a stopped process, a frozen node); run the same command to resume"
+                )
+
+        return check
 
     def diagnose(self, minutes: float) -> str:
         silent = self.silent_ranks()

@@ -202,9 +202,15 @@ def _check_group_misuse(rank, world):
     # the full batch on each rank instead of shard_batch's part
     with pytest.raises(ValueError, match=r"not this rank's part \(zigzag, sp_rank \d of 2\)"):
         model(input_ids=full["input_ids"], position_ids=torch.arange(37).expand(2, 37), labels=full["labels"])
-    # a different layout than the model was patched for
-    with pytest.raises(ValueError, match=r"not this rank's part"):
+    # a different layout than the model was patched for: named, with the fix
+    with pytest.raises(ValueError, match=r"the batch was cut with layout 'contiguous', but the model was patched "
+                                         r"with layout 'zigzag': pass the same layout to both"):  # fmt: skip
         model(**ringpatch.shard_batch(full, layout="contiguous"))
+    # patched balanced, packed documents cut with shard_batch's default zigzag
+    balanced = ringpatch.patch_model(build("llama"), layout="balanced")
+    packed = dict(make_batch(seq=64), position_ids=torch.cat([torch.arange(40), torch.arange(24)]).expand(2, 64))
+    with pytest.raises(ValueError, match=r"cut with layout 'zigzag', but the model was patched with layout 'balanced'"):
+        balanced(**ringpatch.shard_batch(packed))
 
 
 @pytest.mark.multiprocess

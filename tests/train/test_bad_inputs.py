@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import pytest
 import torch.distributed as dist
@@ -41,8 +42,8 @@ CASES = [
      "activation_offload: true moves the checkpointed layer inputs to the host, but activation_checkpointing is false"),
     ("mlp-tiles-gpt2", "train", {"mlp_tiles": 4, "model__config__model_type": "gpt2"}, [], {},
      "mlp_tiles: 4 tiles the per-token gated MLP of llama, mistral, qwen2, qwen3; tiny is 'gpt2': set mlp_tiles: 1"),
-    ("timeout-0", "train", {"timeout_minutes": 0}, [], {}, "timeout_minutes must be a finite number in (0.0, inf), got 0.0"),
-    ("timeout-nan", "train", {"timeout_minutes": float("nan")}, [], {}, "timeout_minutes must be a finite number in (0.0, inf), got nan"),
+    ("timeout-0", "train", {"timeout_minutes": 0}, [], {}, "timeout_minutes must be a finite number in [0.1, inf), got 0.0"),
+    ("timeout-nan", "train", {"timeout_minutes": float("nan")}, [], {}, "timeout_minutes must be a finite number in [0.1, inf), got nan"),
     ("lr-nan", "train", {"optim__lr": float("nan")}, [], {}, "optim.lr must be a finite number in (0.0, inf), got nan"),
     ("lr-neg", "train", {"optim__lr": -1e-4}, [], {}, "optim.lr must be a finite number in (0.0, inf), got -0.0001"),
     ("lr-0", "train", {"optim__lr": 0}, [], {}, "optim.lr must be a finite number in (0.0, inf), got 0.0"),
@@ -88,8 +89,12 @@ CASES = [
      "ulysses=4 x tp=1 = 4 neighbouring ranks do not fit evenly in a node of 2 ranks, so some Ulysses all-to-alls would cross nodes; choose ulysses among [1, 2]"),
     ("layout", "train", {"parallel__layout": "diagonal"}, [], {}, "parallel.layout must be one of ['zigzag', 'contiguous', 'balanced'], got 'diagonal'"),
     ("world", "train", {"parallel__sp": 2}, [], {"WORLD_SIZE": "3"}, "world size 3 is not divisible by sp*tp = 2*1 = 2"),
+    ("world-no-launcher", "train", {}, [], {"WORLD_SIZE": "2", "no launcher": True},
+     "WORLD_SIZE=2 is set but no launcher started this process"),
+    ("ranks-over-cores", "train", {}, [], {"WORLD_SIZE": "64", "LOCAL_WORLD_SIZE": "64"},
+     "64 ranks were launched on this host, which has no GPU and"),
     ("tp-heads", "train", {"parallel__tp": 3}, [], {"WORLD_SIZE": "3"}, "attention heads 4 are not divisible by tp=3; choose tp among [1, 2]"),
-    ("zero-5", "train", {"zero__stage": 5}, [], {}, "zero.stage must be 0, 1, 2 or 3, got 5"),
+    ("zero-5", "train", {"zero__stage": 5}, [], {}, "zero.stage must be an integer in [0, 3], got 5"),
     ("offload-zero0", "train", {"zero": {"stage": 0, "offload": "cpu"}}, [], {}, "zero.offload: cpu needs zero.stage >= 1"),
     ("tp-zero3", "train", {"parallel__tp": 2, "zero__stage": 3}, [], {"WORLD_SIZE": "2"}, "AutoTP training does not combine with ZeRO-3"),
     ("init", "train", {"model__init": "random"}, [], {}, "model.init must be one of ['pretrained', 'scratch'], got 'random'"),
@@ -112,9 +117,9 @@ CASES = [
     ("no-data", "train", {"drop_data": True}, [], {}, "has no data section; training needs data.source"),
     ("data-missing", "train", {"data__source": "/no/such/train.jsonl"}, [], {}, "data.source /no/such/train.jsonl does not exist"),
     ("data-empty", "train", {"data__source": "@empty"}, [], {}, "empty.jsonl'] is empty; remove or fill"),
-    ("data-field", "train", {"data__text_field": "body"}, [], {}, "has no text field 'body'; its fields are ['text']: set data.text_field"),
+    ("data-field", "train", {"data__text_field": "body"}, [], {}, "train.jsonl, line 1: the record has no field 'body' (it has ['text']); fix the file or set data.text_field"),
     ("data-short", "train", {"data__source": "@short"}, [], {}, "fewer than the 128 one packed sequence needs"),
-    ("data-badjson", "train", {"data__source": "@badjson"}, [], {}, "bad.jsonl could not be read ("),
+    ("data-badjson", "train", {"data__source": "@badjson"}, [], {}, "bad.jsonl, line 2: not valid JSON (Expecting value, column 10)"),
     ("num-proc-0", "train", {"data__num_proc": 0}, [], {}, "data.num_proc must be > 0, got 0"),
     ("eval-samples-0", "train", {"data__eval_samples": 0}, [], {}, "data.eval_samples must be > 0, got 0"),
     ("min-doc-neg", "train", {"data__min_doc_tokens": -1}, [], {}, "data.min_doc_tokens must be >= 0, got -1"),
@@ -164,6 +169,53 @@ CASES = [
     ("eval-length", "eval", None, ["--model", "@model", "--ppl-lengths", "102", "204"], {"WORLD_SIZE": "2"},
      "evaluation length 102 is not divisible by the zigzag layout's 4 chunks over 2 ranks; use 100 or 104"),
     ("eval-no-export", "eval", {}, [], {}, "holds no exported model yet"),
+    # the model's architecture, before any process group (hf/architecture.py)
+    ("cfg-hidden-heads", "train", {"model__config__hidden_size": 102}, [], {},
+     "model.config is not a valid llama config: Class validation error for validator 'validate_architecture': "
+     "ValueError: The hidden size (102) is not a multiple of the number of attention heads (4)."),
+    ("cfg-odd-head-dim", "train", {"model__config__hidden_size": 36}, [], {},
+     "model.config is not a valid llama config: Class validation error for validator 'validate_rope': ValueError: "
+     "RoPE requires an even rotary dimension, but got `head_dim`=9"),
+    ("cfg-kv-0", "train", {"model__config__num_key_value_heads": 0}, [], {},
+     "model.config.num_key_value_heads 0 must be a positive divisor of the 4 query heads"),
+    ("cfg-kv-3", "train", {"model__config__num_key_value_heads": 3}, [], {},
+     "model.config.num_key_value_heads 3 must be a positive divisor of the 4 query heads"),
+    ("cfg-rope-keys", "train", {"model__config__rope_scaling": {"rope_type": "yarn"}}, [], {},
+     "Missing required keys in `rope_parameters` for 'rope_type'='yarn': {'factor'}"),
+    ("cfg-rope-shrink", "train", {"model__config__rope_scaling": {"rope_type": "yarn", "factor": 0.5}}, [], {},
+     "model.config.rope_parameters.factor 0.5 is below 1, which would shrink the context"),
+    ("cfg-bert", "train", {"model__config": {"model_type": "bert", "vocab_size": 258}}, [], {},
+     "model type 'bert': ring attention cannot honour bidirectional (encoder) attention"),
+    ("cfg-dropout", "train", {"model__config__attention_dropout": 0.1}, [], {},
+     "ring attention cannot honour attention dropout (attention_dropout=0.1)"),
+    ("cfg-unknown-type", "train", {"model__config": {"model_type": "nonsense"}}, [], {},
+     "model.config is not a valid nonsense config: transformers"),
+    ("stage-yarn-shrink", "train", {"stages__1": {"seq_len": 128, "steps": 1, "rope_scaling": {"rope_type": "yarn", "factor": 0.5}}}, [], {},
+     "stages[1].rope_scaling.factor 0.5 is below 1"),
+    ("tokenizer-empty", "train", {"model__tokenizer": ""}, [], {}, "model.tokenizer must be a non-empty path, got ''"),
+    # paths
+    ("run-dir-empty", "train", {"run_dir": ""}, [], {}, "run_dir must be a non-empty path, got ''"),
+    ("run-dir-flag-empty", "train", {}, ["--run-dir", ""], {}, "run_dir must be a non-empty path, got ''"),
+    ("source-empty", "train", {"data__source": ""}, [], {}, "data.source must be a non-empty path, got ''"),
+    ("run-dir-file", "train", {"run_dir": "@short"}, [], {}, "is a file; give a folder (it is created if missing)"),
+    ("cache-dir-file", "train", {"data__cache_dir": "@short"}, [], {}, "data.cache_dir"),
+    ("recipe-folder", "train", "@nofiles", [], {}, "is a folder; give a recipe YAML file"),
+    # data, record by record
+    ("data-late-missing", "train", {"data__source": "@latemissing"}, [], {},
+     "late.jsonl, line 3: the record has no field 'text' (it has ['body']); fix the file or set data.text_field"),
+    ("data-null", "train", {"data__source": "@null"}, [], {}, "null.jsonl, line 2: field 'text' holds null, not text"),
+    ("data-number", "train", {"data__source": "@number"}, [], {}, "number.jsonl, line 2: field 'text' holds int '7', not text"),
+    ("data-blank", "train", {"data__source": "@blank"}, [], {}, "of its 12 records are empty or whitespace only"),
+    ("data-latin1", "train", {"data__source": "@latin1"}, [], {}, "latin1.jsonl, line 1: not UTF-8"),
+    ("max-sequences-batch", "train", {"data__max_sequences": 1, "micro_batch": 4}, [], {},
+     "data.max_sequences 1 is fewer than one step of stages[0] takes (micro_batch 4 x grad_accum 1 x dp 1 = 4"),
+    ("split-local", "train", {"data__split": "validation"}, [], {},
+     "data.split 'validation': the local source"),
+    ("eval-field", "train", {"data__eval_text_field": "body"}, [], {}, "set data.eval_text_field"),
+    # values
+    ("seed-huge", "train", {"seed": 2**70}, [], {}, "seed must be an integer in [0, 4294967295], got 1180591620717411303424"),
+    ("timeout-tiny", "train", {"timeout_minutes": 1e-6}, [], {}, "timeout_minutes must be a finite number in [0.1, inf), got 1e-06"),
+    ("lr-string", "train", {"optim__lr": "3e-3"}, [], {}, "optim.lr must be a number, got the string '3e-3'"),
 ]  # fmt: skip
 
 
@@ -178,6 +230,10 @@ FILES = {
     "@dsbad": ("dsbad.json", "{zero: 1}"),
     "@dsdup": ("dsdup.json", '{"zero_optimization": {}, "zero_optimization": {}}'),
     "@dsretype": ("dsretype.json", '{"gradient_accumulation_steps": 8}'),
+    "@latemissing": ("late.jsonl", '{"text": "one"}\n{"text": "two"}\n{"body": "three"}\n'),
+    "@null": ("null.jsonl", '{"text": "one"}\n{"text": null}\n'),
+    "@number": ("number.jsonl", '{"text": "one"}\n{"text": 7}\n'),
+    "@blank": ("blank.jsonl", '{"text": "' + "word " * 200 + '"}\n' + '{"text": "  "}\n' * 11),
 }
 
 
@@ -198,6 +254,9 @@ def _files(tmp, data) -> dict[str, str]:
         path.parent.mkdir(exist_ok=True)
         path.write_text(content)
         f[name] = str(path.parent if "/" in rel else path)
+    latin1 = tmp / "latin1.jsonl"
+    latin1.write_bytes('{"text": "caf\u00e9"}\n'.encode("latin-1"))
+    f["@latin1"] = str(latin1)
     return f
 
 
@@ -224,8 +283,12 @@ def no_model_loads(monkeypatch):
 def test_bad_input_is_refused_before_any_model(case, tmp_path, data, monkeypatch, capsys, no_model_loads):
     name, entry, changes, argv, env, fragment = case
     files = _files(tmp_path, data)
-    for key in ("WORLD_SIZE", "RANK", "LOCAL_WORLD_SIZE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "HF_HUB_OFFLINE",
+                "TRANSFORMERS_OFFLINE"):  # fmt: skip
         monkeypatch.delenv(key, raising=False)
+    env = dict(env)
+    if "WORLD_SIZE" in env and not env.pop("no launcher", False):  # as a launcher sets them
+        env = {"RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500", **env}
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     if isinstance(changes, dict):
@@ -282,3 +345,30 @@ def test_the_commands_ask_cuda_for_expandable_segments_unless_the_user_chose(mon
             assert user == "PYTORCH_CUDA_ALLOC_CONF" or "PYTORCH_CUDA_ALLOC_CONF" not in os.environ
         else:
             assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+
+
+def test_the_host_is_checked_before_any_model(tmp_path, data, monkeypatch, capsys, no_model_loads):
+    """HOME a file (the Hugging Face cache cannot be created), and a torch extension's build lock
+    left by a killed run (torch would wait on it forever): each one line before anything starts."""
+    path = str(recipe(tmp_path, data))
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_WORLD_SIZE", "HF_HOME", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(key, raising=False)
+    home = tmp_path / "home-file"
+    home.write_text("not a folder")
+    monkeypatch.setenv("HOME", str(home))
+    assert train_main(["--recipe", path]) == 2
+    err = capsys.readouterr().err
+    assert f"the Hugging Face cache (HF_HOME) {home}/.cache/huggingface: {home} is a file" in err, err
+    assert "set HF_HOME to a writable folder" in err and "Traceback" not in err
+    monkeypatch.setenv("HOME", str(tmp_path))
+    lock = tmp_path / "ext" / "py311_cpu" / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.write_text("")
+    os.utime(lock, (time.time() - 3600, time.time() - 3600))
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    assert train_main(["--recipe", path]) == 2
+    err = capsys.readouterr().err
+    assert (
+        f"ringpatch train: {lock} was left by a build of a torch extension that was killed (it is 60 minutes old" in err
+    )
+    assert "if no other run is building it now, remove it" in err

@@ -3,6 +3,7 @@ Each run either continues with the losses of an uninterrupted run or stops with 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -98,6 +99,69 @@ def test_a_full_disk_stops_with_a_message_and_keeps_no_partial_checkpoint(tmp_pa
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
+@contextlib.contextmanager
+def _tmpfs(mount: Path, size: str = "64m"):
+    mount.mkdir(parents=True, exist_ok=True)
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], capture_output=True
+    ).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_read_only_checkpoint_folder_stops_every_rank_with_its_cause(tmp_path, data):
+    """The checkpoints' filesystem turns read-only between two launches (as root, permission bits do
+    not stop a write; a read-only mount does): the next save fails on rank 0, every rank stops at
+    once naming it, and the checkpoint already written stays the latest."""
+    path = recipe(tmp_path, data, parallel__sp=2, stages=[{"seq_len": 64, "steps": 6}], save_every=2)
+    with _tmpfs(tmp_path / "run" / "checkpoints") as ckpt:
+        ok(launch(path, 2, "--max-steps", "2"))
+        assert (ckpt / "latest").read_text() == "step000000002"
+        subprocess.run(["mount", "-o", "remount,ro", str(ckpt)], check=True)
+        started = time.monotonic()
+        proc = launch(path, 2)
+        seconds = time.monotonic() - started
+    assert proc.returncode != 0
+    message = (
+        f"checkpoint folder {ckpt / 'step000000004'} could not be written (rank 0: OSError: Read-only file system)"
+    )
+    assert message in proc.stderr and "step000000002 stays the latest: make" in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.index(message) < proc.stderr.find("Traceback") % len(proc.stderr)
+    assert seconds < 5 * 60  # stopped with its cause, not after the ranks' timeout
+
+
+def test_a_manifest_that_vouches_for_nothing_is_damaged(tmp_path, data):
+    """A manifest without `files`, or with an empty one, cannot vouch for its checkpoint: resume
+    skips it, says why, and continues from the older intact one with the same losses."""
+    path = recipe(tmp_path, data, parallel__sp=2, stages=[{"seq_len": 64, "steps": 5}], save_every=2, keep_last=0)
+    ckpt = tmp_path / "run" / "checkpoints"
+    ok(launch(path, 2, "--max-steps", "4"))
+    before = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    for damaged, why in (({"step": 4}, "lists no files"), ({"step": 4, "files": {}}, "lists no files")):
+        (ckpt / "step000000004" / checkpoint.MANIFEST).write_text(json.dumps(damaged))
+        proc = launch(path, 2, "--max-steps", "4")
+        ok(proc)
+        assert f"skipping checkpoint {ckpt / 'step000000004'}: its {checkpoint.MANIFEST} {why}" in proc.stdout
+        assert f"resuming from {ckpt / 'step000000002'}, the newest intact checkpoint" in proc.stdout
+    after = {r["step"]: r["loss"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").open()) if "loss" in r}
+    assert [after[s] for s in (3, 4)] == pytest.approx([r["loss"] for r in before if r.get("step") in (3, 4)], rel=1e-6)
+
+
+def test_a_full_disk_while_preparing_stops_with_one_line_and_removes_the_partial_copy(tmp_path, data):
+    """The data cache's disk fills while rank 0 prepares: every rank stops naming it, and no
+    .partial folder is left filling the disk."""
+    with _tmpfs(tmp_path / "cache", "200k") as cache:
+        path = recipe(tmp_path, data, parallel__sp=2, data__cache_dir=str(cache))
+        proc = launch(path, 2)
+        assert proc.returncode != 0
+        assert f"the disk holding {cache} is full while preparing" in proc.stderr, proc.stderr[-3000:]
+        assert "the partial copy" in proc.stderr and "was removed" in proc.stderr
+        assert not list(cache.glob("*.partial"))
+
+
 def test_a_stopped_rank_is_named_after_timeout_minutes(tmp_path, data):
     """SIGSTOP one rank mid-run: the other rank's collective times out after timeout_minutes and
     the job ends with a message naming the stopped rank."""
@@ -179,3 +243,52 @@ def test_resume_refuses_what_fixes_a_run_and_reports_what_changed():
     # a stage not begun yet may change in every way
     later = record(stages=[{"seq_len": 64, "steps": 4}, {"seq_len": 256, "steps": 9, "rope_theta": 5e5}])
     assert "stages[1]" in checkpoint.resume_changes(saved, later, 0, 4)
+
+
+def test_a_resume_after_the_data_changed_names_the_change(tmp_path, data):
+    """The training file grows between two launches: the resumed run stops, saying the data changed
+    since the checkpoint (not that a sampler's sizes differ), and the checkpoint stays."""
+    own = tmp_path / "data"
+    own.mkdir()
+    train = own / "train.jsonl"
+    train.write_text((data / "train.jsonl").read_text())
+    path = recipe(tmp_path, data, parallel__sp=2, stages=[{"seq_len": 64, "steps": 4}], save_every=2,
+                  data__source=str(train))  # fmt: skip
+    ok(launch(path, 2, "--max-steps", "2"))
+    with train.open("a") as f:
+        f.write(json.dumps({"text": "a new document " * 40}) + "\n")
+    proc = launch(path, 2)
+    assert proc.returncode != 0
+    assert (
+        "the training data of stages[0] changed since the checkpoint at step 2 (prepared then as train-64-"
+        in proc.stderr
+    )
+    assert "restore the data, or start a new run_dir" in proc.stderr
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step000000002"
+
+
+def test_a_rank_waiting_for_the_data_names_a_preparing_rank_that_stopped(monkeypatch):
+    """The ranks that wait for rank 0's preparation look at its heartbeat between waits on the
+    store: a silent rank 0 is named, not waited for a day."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from ringpatch.data import prepare
+
+    monkeypatch.setattr(prepare, "WAIT_CHECK", 0.05)
+    store = dist.HashStore()
+    store.set_timeout(timedelta(seconds=1))
+    looks = []
+
+    def waiting():
+        looks.append(1)
+        if len(looks) == 3:
+            raise RuntimeError("rank 0 stopped making progress while preparing the data (silent for 40 s)")
+
+    with pytest.raises(RuntimeError, match="rank 0 stopped making progress while preparing the data"):
+        prepare._wait_for(store, "ringpatch/prepared/x", waiting)
+    assert len(looks) == 3
+    store.set("ringpatch/prepared/y", "failed: the disk is full")
+    with pytest.raises(prepare.DataError, match="rank 0 could not prepare the data \\(the disk is full\\)"):
+        prepare._wait_for(store, "ringpatch/prepared/y", waiting)

@@ -113,7 +113,13 @@ def test_the_command_line_reports_without_a_traceback(tmp_path, data):
         text=True,
         cwd=ROOT,
         timeout=HANG_S,
-        env={"WORLD_SIZE": "3", "PATH": "/usr/bin:/bin"},
+        env={
+            "WORLD_SIZE": "3",
+            "RANK": "0",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": "29500",
+            "PATH": "/usr/bin:/bin",
+        },
     )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "ringpatch train: world size 3 is not divisible by sp*tp = 2*1 = 2" in proc.stderr

@@ -48,7 +48,11 @@ def test_loads_yaml_into_frozen_dataclasses(tmp_path):
     "changes, exc, match",
     [
         (dict(zero__stages=3), ValueError, r"zero: unknown keys \['stages'\]; valid keys are \['offload', 'stage'\]"),
-        (dict(micro_batch="1"), TypeError, r"recipe.micro_batch must be int, got str '1'"),
+        (
+            dict(micro_batch="1"),
+            TypeError,
+            r"recipe.micro_batch must be a number, got the string '1'; write it without quotes",
+        ),
         (
             dict(parallel__layout="ring"),
             ValueError,
@@ -65,7 +69,7 @@ def test_loads_yaml_into_frozen_dataclasses(tmp_path):
             r"stages\[0\].seq_len 65544 is not divisible by the balanced layout's 32 chunks \(sp=4\); use 65568",
         ),
         (dict(zero__stage=3), ValueError, r"AutoTP training does not combine with ZeRO-3"),
-        (dict(zero__stage=5), ValueError, r"zero.stage must be 0, 1, 2 or 3, got 5"),
+        (dict(zero__stage=5), ValueError, r"zero.stage must be an integer in \[0, 3\], got 5"),
         (
             dict(stages__1__seq_len=32768),
             ValueError,

@@ -1,0 +1,174 @@
+"""The recipe schema's building blocks: each key's type, range and path kind, declared once on the
+field (typing.Annotated), checked by one function, and printed by `ringpatch recipe --schema`.
+
+    micro_batch: Annotated[int, Range(1)] = 1
+    \"\"\"Samples per dp rank per micro-step.\"\"\"
+
+Every message names the dotted key, the value and the rule; the field's description follows as
+the fix's context.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import math
+import os
+import textwrap
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Literal
+
+
+@dataclass(frozen=True)
+class Range:
+    """low <= value <= high (None: unbounded); low_open excludes low. Integers print as "> 0" and
+    ">= 0", other numbers as "a finite number in [low, high]"."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+
+    def check(self, where: str, value) -> None:
+        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+            return
+        low_ok = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        high_ok = self.high is None or value <= self.high
+        if isinstance(value, int) and low_ok and high_ok:
+            return
+        if isinstance(value, float) and math.isfinite(value) and low_ok and high_ok:
+            return
+        raise ValueError(f"{where} must be {self.rule(value)}, got {value!r}")
+
+    def rule(self, value=0) -> str:
+        if isinstance(value, int) and not isinstance(value, bool) and self.low is not None:
+            if self.high is not None:
+                return f"an integer in [{int(self.low)}, {int(self.high)}]"
+            return f"> {self.low:g}" if self.low_open else f">= {self.low:g}"
+        low = "-inf" if self.low is None else float(self.low)
+        high = "inf" if self.high is None else float(self.high)
+        opening = "(" if self.low_open or self.low is None else "["
+        closing = ")" if self.high is None else "]"
+        return f"a finite number in {opening}{low}, {high}{closing}"
+
+
+POSITIVE = Range(0, low_open=True)
+NONNEGATIVE = Range(0)
+
+
+@dataclass(frozen=True)
+class PathKind:
+    """A path a key names. kind: "file" (must exist), "dir" (a folder, or one ringpatch creates: not
+    an existing file), "source" (a local file or folder, or a hub id: checked where it is read)."""
+
+    kind: Literal["file", "dir", "source"]
+
+    def check(self, where: str, value) -> None:
+        if value is None:
+            return
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f"{where} must be a non-empty path, got {value!r}: an empty path means this folder")
+        path = Path(value).expanduser()
+        if self.kind == "file" and path.is_dir():
+            raise ValueError(f"{where} {value} is a folder; give a file")
+        if self.kind == "file" and not path.exists():
+            raise FileNotFoundError(f"{where} {value} does not exist")
+        if self.kind == "dir" and path.exists() and not path.is_dir():
+            raise ValueError(f"{where} {value} is a file; give a folder (it is created if missing)")
+
+
+def check_writable(where: str, value: str) -> None:
+    """The folder `value` can be created and written: its nearest existing ancestor is a writable folder."""
+    path = Path(value).expanduser().absolute()
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ValueError(f"{where} {value}: {probe} is a file, so the folder cannot be created; choose another path")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"{where} {value} cannot be written ({probe} is not writable); choose a writable folder")
+
+
+def markers(hint) -> tuple:
+    """The Range / PathKind markers of an Annotated type hint (through Optional)."""
+    if typing.get_origin(hint) is Annotated:
+        return tuple(m for m in hint.__metadata__ if isinstance(m, (Range, PathKind)))
+    for arg in typing.get_args(hint):
+        if typing.get_origin(arg) is Annotated:
+            return markers(arg)
+    return ()
+
+
+def check_fields(obj, prefix: str) -> None:
+    """Every field of dataclass `obj` against its markers; nested spec dataclasses check themselves."""
+    hints = typing.get_type_hints(type(obj), include_extras=True)
+    for f in dataclasses.fields(obj):
+        where = f"{prefix}.{f.name}" if prefix else f.name
+        value = getattr(obj, f.name)
+        for marker in markers(hints[f.name]):
+            if isinstance(value, tuple):
+                for i, item in enumerate(value):
+                    marker.check(f"{where}[{i}]", item)
+            else:
+                marker.check(where, value)
+
+
+def field_docs(cls) -> dict[str, str]:
+    """The docstring under each field of a dataclass (the line after `name: type = default`)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, after in zip(body, body[1:] + [None], strict=True):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            if (
+                isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant)
+                and isinstance(after.value.value, str)
+            ):
+                docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def type_name(hint) -> str:
+    """A short readable name of a field's type."""
+    if typing.get_origin(hint) is Annotated:
+        return type_name(hint.__origin__)
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in args)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return " | ".join(type_name(a) for a in args)
+    if origin is tuple:
+        return f"list of {type_name(args[0])}" if args and args[-1] is Ellipsis else f"list of {len(args)}"
+    if hint is type(None):
+        return "null"
+    return getattr(hint, "__name__", str(hint))
+
+
+def schema_rows(cls, prefix: str = "") -> list[tuple[str, str, str, str, str]]:
+    """(key, type, default, range or path kind, description) of every key of `cls`, nested
+    sections flattened with dotted keys."""
+    hints = typing.get_type_hints(cls, include_extras=True)
+    docs = field_docs(cls)
+    rows = []
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        hint = hints[f.name]
+        inner = [a for a in (hint, *typing.get_args(hint)) if isinstance(a, type) and dataclasses.is_dataclass(a)]
+        if inner:
+            listed = typing.get_origin(hint) is tuple
+            rows.append((key, "list of sections" if listed else "section", "", "", docs.get(f.name, "")))
+            rows += schema_rows(inner[0], f"{key}[]." if listed else f"{key}.")
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = repr(f.default)
+        elif f.default_factory is not dataclasses.MISSING:
+            default = repr(f.default_factory())
+        else:
+            default = "required"
+        sample = 0.0 if "float" in type_name(hint) else 0
+        rule = "; ".join(m.rule(sample) if isinstance(m, Range) else f"path: {m.kind}" for m in markers(hint))
+        rows.append((key, type_name(hint), default, rule, docs.get(f.name, "")))
+    return rows
