@@ -48,8 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         if int(os.environ.get("RANK", "0")) == 0:  # one owner per run; the other ranks follow rank 0
             lock = RunLock(plan.recipe.run_dir)
             lock.acquire()
-    except USER_ERRORS as e:  # before any process group: a plain message and exit 2
-        print(f"ringpatch train: {e}", file=sys.stderr)
+    except USER_ERRORS as e:  # before any process group: a plain message, on one line, and exit 2
+        print(f"ringpatch train: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     from ringpatch.parallel import is_timeout
     from ringpatch.train.build import timeout

@@ -109,8 +109,12 @@ def _tokenizer(recipe: Recipe):
         return None
     try:
         return load_tokenizer(recipe.model.tokenizer, recipe.model.name)
-    except OSError as e:
-        raise FileNotFoundError(f"tokenizer {name} could not be loaded: {str(e).splitlines()[0]}") from None
+    except (OSError, ValueError) as e:  # a folder without a tokenizer, a file that is not one
+        key = "model.tokenizer" if recipe.model.tokenizer is not None else "model.name"
+        raise ValueError(
+            f"{key} {name} holds no tokenizer transformers can load ({' '.join(str(e).split())[:200]}); give a "
+            'tokenizer folder or hub id, or "bytes"'
+        ) from None
 
 
 def check_data(recipe: Recipe, model_config: dict | None) -> None:

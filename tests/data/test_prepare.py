@@ -91,7 +91,9 @@ def test_an_interrupted_preparation_is_rebuilt_never_read(tmp_path, jsonl, capsy
 
 def test_bad_data_is_refused_with_what_is_there(tmp_path, jsonl):
     tok = byte_tokenizer()
-    with pytest.raises(ValueError, match=r"has no text field 'content'; its fields are \['text', 'id'\]"):
+    with pytest.raises(
+        ValueError, match=r"docs.jsonl, line 1: the record has no field 'content' \(it has \['id', 'text'\]\)"
+    ):
         prepare_split(_spec(tmp_path, jsonl, text_field="content"), str(jsonl), "train", tok, 32)
     total = len(_expected(1).flatten())
     with pytest.raises(ValueError, match=rf"gives {total} tokens .* fewer than the 100000 one packed sequence needs"):
