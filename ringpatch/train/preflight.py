@@ -162,10 +162,14 @@ def check_batches(recipe: Recipe, dp: int) -> None:
             )
 
 
+OVERSUBSCRIBE = "RINGPATCH_OVERSUBSCRIBE"
+
+
 def check_launch(cuda: bool) -> None:
     """The process was started the way its environment says: WORLD_SIZE only under a launcher, and
-    on a CPU host no more ranks than cores (a GPU launch config run on a CPU host starts one rank
-    per GPU it expected, which silently changes dp)."""
+    on a CPU host no more ranks than cores unless RINGPATCH_OVERSUBSCRIBE=1 asks for it (a GPU launch
+    config run on a CPU host starts one rank per GPU it expected, which silently changes dp; the tests
+    run 4 ranks on 2 cores on purpose)."""
     env = os.environ
     world = env.get("WORLD_SIZE", "1")
     if world.isdigit() and int(world) > 1 and not all(k in env for k in ("RANK", "MASTER_ADDR", "MASTER_PORT")):
@@ -175,11 +179,13 @@ def check_launch(cuda: bool) -> None:
         )
     local = env.get("LOCAL_WORLD_SIZE", "1")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if not cuda and local.isdigit() and int(local) > cores:
+    oversubscribe = env.get(OVERSUBSCRIBE, "") == "1"
+    if not cuda and not oversubscribe and local.isdigit() and int(local) > cores:
         raise ValueError(
             f"{local} ranks were launched on this host, which has no GPU and {cores} CPU core(s): launch at most "
             f"{cores} (a GPU launch config, e.g. launch/accelerate/1node-8gpu.yaml, starts one rank per GPU it "
-            "expects; on CPU use launch/accelerate/cpu-2proc.yaml or torchrun --nproc_per_node 2)"
+            "expects; on CPU use launch/accelerate/cpu-2proc.yaml or torchrun --nproc_per_node 2), or set "
+            f"{OVERSUBSCRIBE}=1 to share the cores on purpose"
         )
 
 

@@ -284,7 +284,7 @@ def test_bad_input_is_refused_before_any_model(case, tmp_path, data, monkeypatch
     name, entry, changes, argv, env, fragment = case
     files = _files(tmp_path, data)
     for key in ("WORLD_SIZE", "RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "HF_HUB_OFFLINE",
-                "TRANSFORMERS_OFFLINE"):  # fmt: skip
+                "TRANSFORMERS_OFFLINE", "RINGPATCH_OVERSUBSCRIBE"):  # fmt: skip
         monkeypatch.delenv(key, raising=False)
     env = dict(env)
     if "WORLD_SIZE" in env and not env.pop("no launcher", False):  # as a launcher sets them
