@@ -39,7 +39,13 @@ def check_lengths(lengths, layout: Layout, ring_size: int, max_tokens_per_rank: 
 
 @torch.no_grad()
 def ring_prefill_scores(
-    model, ids: torch.Tensor, scored: torch.Tensor, group=None, layout: Layout = "zigzag", position_ids=None
+    model,
+    ids: torch.Tensor,
+    scored: torch.Tensor,
+    group=None,
+    layout: Layout = "zigzag",
+    position_ids=None,
+    predicted: bool = False,
 ):
     """Next-token scores of a ring-patched causal LM at chosen positions of full sequences.
 
@@ -47,18 +53,22 @@ def ring_prefill_scores(
     ids[:, p + 1] is wanted; position_ids: (B, S) restarting at 0 at each packed document (None:
     one sequence per row), so documents stay apart as in training. Returns (nll, correct), each
     (B, K) float32: the negative log-likelihood of the true next token and whether it is the
-    argmax (greedy decoding would produce it), equal on every rank."""
+    argmax (greedy decoding would produce it), equal on every rank. predicted=True adds a third,
+    (B, K) long: the argmax token itself."""
     ulysses = ulysses_degree(group)
     group, sp_size, sp_rank = resolve_group(group)
     place = (sp_size, sp_rank, ulysses)
     nll = torch.zeros(ids.shape[0], len(scored), device=ids.device)
     correct = torch.zeros_like(nll)
+    argmax = torch.zeros(nll.shape, dtype=torch.long, device=ids.device)
     for rows, docs in _row_runs(ids.shape[0], position_ids):
-        _score(model, ids[rows], scored, (nll[rows], correct[rows]), place, layout, docs)
-    if sp_size > 1:
+        _score(model, ids[rows], scored, (nll[rows], correct[rows], argmax[rows]), place, layout, docs)
+    if sp_size > 1:  # each slot is filled on the one rank that holds its position, zero elsewhere
         dist.all_reduce(nll, group=group)
         dist.all_reduce(correct, group=group)
-    return nll, correct
+        if predicted:
+            dist.all_reduce(argmax, group=group)
+    return (nll, correct, argmax) if predicted else (nll, correct)
 
 
 def _row_runs(batch: int, position_ids) -> list[tuple[slice, tuple[int, ...] | None]]:
@@ -75,7 +85,7 @@ def _row_runs(batch: int, position_ids) -> list[tuple[slice, tuple[int, ...] | N
 
 
 def _score(model, ids, scored, into, place: tuple[int, int, int], layout: Layout, docs) -> None:
-    """Score rows that share one placement into this rank's slots of `into` = (nll, correct).
+    """Score rows that share one placement into this rank's slots of `into` = (nll, correct, argmax).
     place: (sp_size, sp_rank, ulysses)."""
     batch, seq = ids.shape
     sp_size, sp_rank, ulysses = place
@@ -90,8 +100,9 @@ def _score(model, ids, scored, into, place: tuple[int, int, int], layout: Layout
     out = model(input_ids=ids[:, pos], position_ids=rope, logits_to_keep=keep, use_cache=False, **extra)
     logits = out.logits.float()  # (B, len(mine), V): only the scored positions this rank holds
     if mine:
-        nll, correct = into
+        nll, correct, argmax = into
         slots = torch.tensor([k for k, _ in mine], device=ids.device)
         targets = ids[:, scored[slots] + 1]  # (B, len(mine))
         nll[:, slots] = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
-        correct[:, slots] = (logits.argmax(-1) == targets).float()
+        argmax[:, slots] = logits.argmax(-1)
+        correct[:, slots] = (argmax[:, slots] == targets).float()

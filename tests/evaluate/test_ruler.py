@@ -19,9 +19,11 @@ from ringpatch.evaluate.ruler import (
     Builder,
     check_tokenizer,
     effective_length,
+    encode_answer,
     min_length,
     ruler_scores,
     score,
+    score_prompt,
     scored_positions,
     task_means,
 )
@@ -52,7 +54,10 @@ def test_prompts_have_the_length_the_depth_and_an_answer_only_the_truth_passes(t
     for depth in (0.0, 0.25, 0.5, 1.0) if task != "cwe" else (None,):
         prompt = builder.build(task, length, depth, random.Random(f"{task}-{depth}"))
         assert prompt.ids.shape == (length,)
-        assert prompt.items[-1][1] == length  # the answer ends the prompt
+        end = prompt.items[-1][1]  # the answer, then room to reorder it
+        assert length - 2 * len(prompt.items) <= end <= length
+        whole = tok(prompt.question + " " + ", ".join(prompt.answers), add_special_tokens=False)["input_ids"]
+        assert prompt.ids[prompt.tail : end].tolist() == whole
         if task != "cwe":
             (start, size), others = prompt.needles[0], prompt.needles[1:]
             hay_before = start - prompt.region[0] - sum(n for s, n in others if s < start)
@@ -71,6 +76,75 @@ def test_prompts_have_the_length_the_depth_and_an_answer_only_the_truth_passes(t
             partial = torch.ones(k)
             partial[first - 1] = 0
             assert score(prompt, partial) == pytest.approx(1 - 1 / len(prompt.items))
+
+
+@pytest.fixture(scope="module")
+def bpe():
+    """A GPT-2-style byte-level BPE trained here on the task templates: words and numbers carry
+    the space before them (" 3", " magic"), as in GPT-2's and Llama-3's tokenizers."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    rng, builder = random.Random(0), Builder(byte_tokenizer())
+    lines = []
+    for _ in range(400):
+        k, v = builder.word(rng), builder.number(rng)
+        lines += [f"The magic number for {k} is {v}. What is the magic number for {k}? It is {v}, {builder.number(rng)}.",
+                  f"VAR {k.upper()} = {v}. Which variables are assigned the value {v}? They are {k.upper()}, {k}."]  # fmt: skip
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<eos>"])  # fmt: skip
+    tok.train_from_iterator(lines, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+
+
+class Answers(torch.nn.Module):
+    """A 'model' that answers the prompt's question with `answers` (in its own order), encoded whole
+    as text would be: after each prefix of its answer it predicts the next token, and anything
+    after a prefix it would not have written gets token 0."""
+
+    def __init__(self, prompt, tokenizer, answers, vocab: int):
+        super().__init__()
+        tail, _ = encode_answer(tokenizer, prompt.question, answers)
+        self.text = torch.cat([prompt.ids[: prompt.tail], tail])
+        self.vocab = vocab
+
+    def forward(self, input_ids, position_ids, logits_to_keep, **_):
+        out = []
+        for p in logits_to_keep.tolist():
+            ok = p + 1 < len(self.text) and torch.equal(input_ids[0, : p + 1], self.text[: p + 1])
+            out.append(int(self.text[p + 1]) if ok else 0)
+        return SimpleNamespace(logits=torch.nn.functional.one_hot(torch.tensor(out), self.vocab).float()[None] * 50)
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_answers_in_the_texts_own_tokens_and_in_any_order_score_one(task, bpe):
+    """With a BPE whose numbers and words carry their space, the answer is the whole text's
+    encoding: a model that writes the answer as text (" 3141592", not " " then "3141592") scores
+    1.0, and one that lists every item in another order scores 1.0 on the multi-item tasks, while
+    the question-order scorer gives it less; a wrong answer scores 0."""
+    builder = Builder(bpe)
+    apart = bpe("It is ")["input_ids"] + bpe("3141592")["input_ids"]
+    assert apart != bpe("It is 3141592")["input_ids"]  # the tokenizer shows the problem
+    vocab = len(bpe)
+    for depth in (0.2, 0.8) if task != "cwe" else (None,):
+        prompt = builder.build(task, 1024, depth, random.Random(f"bpe-{task}-{depth}"))
+        first = bpe.convert_ids_to_tokens(int(prompt.ids[prompt.items[0][0]]))
+        assert first.startswith("\u0120"), first  # the first answer token carries the space (GPT-2's 'Ġ')
+        text = bpe.decode(prompt.ids[prompt.tail : prompt.items[-1][1]])
+        assert bpe(text)["input_ids"] == prompt.ids[prompt.tail : prompt.items[-1][1]].tolist()
+        assert score_prompt(Answers(prompt, bpe, prompt.answers, vocab), builder, prompt) == 1.0
+        wrong = [a[::-1] + "x" for a in prompt.answers]
+        assert score_prompt(Answers(prompt, bpe, wrong, vocab), builder, prompt) == 0.0
+        if len(prompt.answers) > 1:
+            permuted = Answers(prompt, bpe, prompt.answers[::-1], vocab)
+            assert score_prompt(permuted, builder, prompt) == 1.0
+            assert score_prompt(permuted, builder, prompt, ordered=True) < 1.0
+            half = [*prompt.answers[1:][::-1], "0000000"]  # all but the first item, in another order, then junk
+            expected = (len(prompt.answers) - 1) / len(prompt.answers)
+            assert score_prompt(Answers(prompt, bpe, half, vocab), builder, prompt) == pytest.approx(expected)
 
 
 def test_a_million_token_prompt_is_built_without_per_token_lists():
@@ -92,6 +166,10 @@ def test_a_million_token_prompt_is_built_without_per_token_lists():
 def test_effective_length_rule():
     assert effective_length({1024: 0.95, 2048: 0.90, 4096: 0.86, 8192: 0.70}) == 4096
     assert effective_length({1024: 0.95, 2048: 0.80, 4096: 0.90}) == 1024  # must stay above: no comeback
+    assert effective_length({1024: 0.95, 2048: 0.80, 4096: 0.90}, rule="any") == 4096  # RULER's tables' reading
+    assert effective_length({1024: 0.5, 2048: 0.9}, rule="any") == 2048
+    with pytest.raises(ValueError, match="rule must be 'prefix' or 'any'"):
+        effective_length({1024: 0.9}, rule="ruler")
     assert effective_length({1024: 0.5, 2048: 0.9}) == 0
     assert effective_length({1024: 0.856}) == 1024  # at the threshold counts
     assert effective_length({1024: 0.7, 2048: 0.6}, threshold=0.6) == 2048
@@ -116,11 +194,15 @@ def _reference(model, ids, positions):
 
 
 def _ring_worker(rank, world):
+    import torch.distributed as dist
+
     import ringpatch
 
     tok = byte_tokenizer()
     reference, model = _model(), ringpatch.patch_model(_model(), layout="zigzag")
+    alone = [dist.new_group([r]) for r in range(world)][rank]  # the reference: the whole prompt on one rank
     ring, _ = ruler_scores(model, tok, TASKS, [512], [0.3], 1, layout="zigzag")
+    ring_ordered, _ = ruler_scores(model, tok, TASKS, [512], [0.3], 1, layout="zigzag", ordered=True)
     builder = Builder(tok)
     for task in TASKS:
         depth = 0.3 if task != "cwe" else None
@@ -130,7 +212,8 @@ def _ring_worker(rank, world):
         ref_nll, ref_correct = _reference(reference, prompt.ids[None], positions)
         torch.testing.assert_close(nll, ref_nll, rtol=1e-5, atol=1e-5)
         assert torch.equal(correct, ref_correct)
-        assert ring[(task, 512)] == score(prompt, ref_correct[0])
+        assert ring_ordered[(task, 512)] == score(prompt, ref_correct[0])
+        assert ring[(task, 512)] == score_prompt(reference, builder, prompt, group=alone)
 
 
 @pytest.mark.multiprocess
@@ -172,7 +255,7 @@ def model_folder(tmp_path):
     "argv, message",
     [
         (["--ruler-tasks", "niah_single", "--ruler-lengths", "128"],
-         "eval.ruler_lengths 128 is below the niah_single template's minimum of 160 tokens"),
+         "eval.ruler_lengths 128 is below the niah_single template's minimum of 176 tokens"),
         (["--ruler-tasks", "vt", "--ruler-lengths", "512", "--depths", "1.5"],
          "eval.passkey_depths must be one or more fractions in [0, 1], got [1.5]"),
         (["--ruler-tasks", "vt", "--ruler-lengths", "512", "--ruler-threshold", "1.5"],
