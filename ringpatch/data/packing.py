@@ -18,18 +18,21 @@ import torch
 
 
 def pack_documents(
-    docs: Iterable[list[int]], seq_len: int, eos_id: int, min_doc_tokens: int = 0
+    docs: Iterable, seq_len: int, eos_id: int, min_doc_tokens: int = 0, sources: int = 0
 ) -> Iterator[dict[str, list[int]]]:
     """Yield {"input_ids": seq_len tokens, "doc_position_ids": positions restarting at each document}.
 
     Documents shorter than `min_doc_tokens` are skipped; each kept document is followed by
     `eos_id`. A document longer than the room left continues into the next sequence, where
-    its positions restart at 0."""
+    its positions restart at 0. sources > 0: `docs` are (ids, source index) pairs, and each
+    sequence also has "source_tokens", its tokens from each of the `sources` sources."""
     if seq_len < 2:
         raise ValueError(f"seq_len must be at least 2, got {seq_len}")
     ids: list[int] = []
     pos: list[int] = []
+    counts = [0] * sources
     for doc in docs:
+        doc, label = doc if sources else (doc, 0)
         if len(doc) < min_doc_tokens:
             continue
         tokens = list(doc) + [eos_id]
@@ -38,10 +41,12 @@ def pack_documents(
             take = min(seq_len - len(ids), len(tokens) - start)
             ids += tokens[start : start + take]
             pos += range(take)
+            if sources:
+                counts[label] += take
             start += take
             if len(ids) == seq_len:
-                yield {"input_ids": ids, "doc_position_ids": pos}
-                ids, pos = [], []
+                yield {"input_ids": ids, "doc_position_ids": pos, **({"source_tokens": counts} if sources else {})}
+                ids, pos, counts = [], [], [0] * sources
 
 
 def restart_first_document(positions: torch.Tensor) -> torch.Tensor:

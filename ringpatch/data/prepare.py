@@ -9,6 +9,7 @@ interrupted preparation is detected by its leftover and rebuilt, never read.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import json
@@ -103,20 +104,84 @@ def tokenizer_digest(tokenizer) -> str:
     return hashlib.sha256(f"{text}|eos={tokenizer.eos_token_id}".encode()).hexdigest()
 
 
-def fingerprint(spec, source: str, split: str, tokenizer, seq_len: int, kind: str = "train") -> str:
+def mixed(spec, kind: str) -> bool:
+    """Whether `kind`'s data is a mixture (data.sources): the training data only."""
+    return kind == "train" and bool(spec.sources)
+
+
+def members(spec) -> list[tuple[object, float]]:
+    """The training sources, each as a one-source data spec (its own source, split, text field and
+    filter) with its weight; without data.sources, the spec itself with weight 1."""
+    if not spec.sources:
+        return [(spec, 1.0)]
+    return [
+        (
+            dataclasses.replace(
+                spec,
+                source=m.source,
+                sources=(),
+                text_field=m.text_field or spec.text_field,
+                split=m.split or spec.split,
+                min_doc_tokens=spec.min_doc_tokens if m.min_doc_tokens is None else m.min_doc_tokens,
+            ),
+            m.weight,
+        )
+        for m in spec.sources
+    ]
+
+
+def describe(spec, source: str | None, kind: str = "train") -> str:
+    """How messages name the data: the source, or the mixture's sources."""
+    if mixed(spec, kind):
+        return "the data.sources mixture (" + ", ".join(m.source for m, _ in members(spec)) + ")"
+    return str(source)
+
+
+def _where(source: str):
     local = local_files(source)
-    where = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in local[1]] if local else source
+    return [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in local[1]] if local else source
+
+
+def fingerprint(spec, source: str | None, split: str, tokenizer, seq_len: int, kind: str = "train") -> str:
     key = {
         "format": FORMAT,
-        "source": where,
-        "split": split,
-        "text_field": text_field_of(spec, kind)[0],
         "tokenizer": tokenizer_digest(tokenizer),
         "seq_len": seq_len,
-        "min_doc_tokens": spec.min_doc_tokens,
         "max_sequences": spec.max_sequences,
     }
+    if mixed(spec, kind):
+        key["mixture"] = [
+            [_where(m.source), m.split, m.text_field, m.min_doc_tokens, w, MIX_RULE] for m, w in members(spec)
+        ]
+    else:
+        key |= {
+            "source": _where(source),
+            "split": split,
+            "text_field": text_field_of(spec, kind)[0],
+            "min_doc_tokens": spec.min_doc_tokens,
+        }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+MIX_RULE = "token-deficit-1"  # how mix() interleaves: part of a mixture's fingerprint
+
+
+def mix(streams, weights) -> Iterator[tuple[list[int], int]]:
+    """(document, source index) from each stream in turn, so that each source's share of the
+    tokens (EOS included) follows its weight: the next document comes from the source furthest
+    below its share (ties: the first). Deterministic, so a prepared mixture is the same on every
+    machine. Stops when a source runs out, so that the shares hold to the end."""
+    total = float(sum(weights))
+    shares = [w / total for w in weights]
+    taken = [0] * len(streams)
+    while True:
+        everything = sum(taken)
+        i = max(range(len(streams)), key=lambda j: (shares[j] * everything - taken[j], -j))
+        doc = next(streams[i], None)
+        if doc is None:
+            return
+        taken[i] += len(doc) + 1
+        yield doc, i
 
 
 def _documents(ds, tokenizer, text_field: str, streaming: bool, num_proc: int) -> Iterator[list[int]]:
@@ -142,14 +207,25 @@ def _documents(ds, tokenizer, text_field: str, streaming: bool, num_proc: int) -
         yield row["ids"]
 
 
-def _packed(spec, source: str, split: str, tokenizer, seq_len: int, cache_dir: str, kind: str = "train"):
-    """Generator of packed rows (run by datasets, which writes them to Arrow in batches)."""
+def _packed(spec, source: str | None, split: str, tokenizer, seq_len: int, cache_dir: str, kind: str = "train"):
+    """Generator of packed rows (run by datasets, which writes them to Arrow in batches); a
+    mixture's rows also count their tokens from each source (source_tokens)."""
     from tqdm.auto import tqdm
 
-    field, key = text_field_of(spec, kind)
-    ds = load_source(source, split, field, spec.streaming, cache_dir=cache_dir, key=key)
-    docs = _documents(ds, tokenizer, field, spec.streaming, spec.num_proc)
-    packed = pack_documents(docs, seq_len, tokenizer.eos_token_id, spec.min_doc_tokens)
+    if mixed(spec, kind):
+        streams, weights = [], []
+        for i, (m, weight) in enumerate(members(spec)):
+            ds = load_source(m.source, m.split, m.text_field, m.streaming, cache_dir=f"{cache_dir}/{i}",
+                             key="data.sources[].text_field")  # fmt: skip
+            docs = _documents(ds, tokenizer, m.text_field, m.streaming, m.num_proc)
+            streams.append(doc for doc in docs if len(doc) >= m.min_doc_tokens)
+            weights.append(weight)
+        packed = pack_documents(mix(streams, weights), seq_len, tokenizer.eos_token_id, sources=len(streams))
+    else:
+        field, key = text_field_of(spec, kind)
+        ds = load_source(source, split, field, spec.streaming, cache_dir=cache_dir, key=key)
+        docs = _documents(ds, tokenizer, field, spec.streaming, spec.num_proc)
+        packed = pack_documents(docs, seq_len, tokenizer.eos_token_id, spec.min_doc_tokens)
     yield from tqdm(islice(packed, spec.max_sequences), desc=f"packing {split} at {seq_len}", unit="seq")
 
 
@@ -180,11 +256,29 @@ def count_tokens(spec, source: str, split: str, tokenizer, needed: int, kind: st
     return count
 
 
-def check_tokens(spec, source: str, split: str, tokenizer, seq_len: int, kind: str = "train") -> None:
+def check_tokens(spec, source: str | None, split: str, tokenizer, seq_len: int, kind: str = "train") -> None:
     """Every record of a local source has its text field as text, and the source gives at least
-    one packed sequence of `seq_len` tokens."""
+    one packed sequence of `seq_len` tokens. A mixture: each local source gives at least its share
+    of one sequence (hub sources are checked when prepared)."""
     from ringpatch.data.records import check_records
 
+    if mixed(spec, kind):
+        total = sum(w for _, w in members(spec))
+        for m, weight in members(spec):
+            check_split(m.source, m.split, "data.sources[].split")
+            local = local_files(m.source)
+            if local is None:
+                continue
+            check_records(m.source, *local, m.text_field, "data.sources[].text_field")
+            needed = max(1, -(-seq_len * weight // total))
+            tokens = count_tokens(m, m.source, m.split, tokenizer, needed)
+            if tokens < needed:
+                raise DataError(
+                    f"data source {m.source} (weight {weight:g} of {total:g}) gives {tokens} tokens in documents of "
+                    f"at least {m.min_doc_tokens} tokens (with EOS), fewer than its share of one packed sequence of "
+                    f"{seq_len} ({int(needed)}): add data, lower its min_doc_tokens or its weight"
+                )
+        return
     check_split(source, split, "data.split" if kind == "train" else "data.eval_split")
     local = local_files(source)
     if local is not None:
@@ -219,9 +313,8 @@ def prepare_split(spec, source: str, split: str, tokenizer, seq_len: int, kind: 
             print(f"ringpatch: {leftover} is an interrupted preparation; rebuilding it")
             shutil.rmtree(leftover)
     check_tokens(spec, source, split, tokenizer, seq_len, kind)  # a missing text field fails here too
-    features = datasets.Features(
-        {name: datasets.Sequence(datasets.Value("int32")) for name in ("input_ids", "doc_position_ids")}
-    )
+    columns = ("input_ids", "doc_position_ids", *(("source_tokens",) if mixed(spec, kind) else ()))
+    features = datasets.Features({name: datasets.Sequence(datasets.Value("int32")) for name in columns})
     kwargs = {"spec": spec, "source": source, "split": split, "tokenizer": tokenizer, "seq_len": seq_len, "kind": kind}
     kwargs["cache_dir"] = str(partial / "source")  # datasets' Arrow copy of the source, removed below
     try:
@@ -232,7 +325,8 @@ def prepare_split(spec, source: str, split: str, tokenizer, seq_len: int, kind: 
         del data
         shutil.rmtree(partial / "cache")
         shutil.rmtree(partial / "source", ignore_errors=True)
-        Path(partial, MARKER).write_text(json.dumps({"source": source, "split": split, "seq_len": seq_len}))
+        Path(partial, MARKER).write_text(json.dumps({"source": describe(spec, source, kind), "split": split,
+                                                     "seq_len": seq_len}))  # fmt: skip
     except Exception as e:  # nothing half-written stays; a full disk or a failed write is one line
         shutil.rmtree(partial, ignore_errors=True)
         cause = _os_error(e)
@@ -240,10 +334,13 @@ def prepare_split(spec, source: str, split: str, tokenizer, seq_len: int, kind: 
             raise
         if cause.errno == errno.ENOSPC:
             raise DataError(
-                f"the disk holding {spec.cache_dir} is full while preparing {source} at {seq_len} tokens; the partial "
+                f"the disk holding {spec.cache_dir} is full while preparing {describe(spec, source, kind)} at {seq_len} "
+                "tokens; the partial "
                 f"copy {partial} was removed: free space (or set data.cache_dir to a larger disk) and run again"
             ) from None
-        raise DataError(f"preparing {source} into {partial} failed ({cause}); the partial copy was removed") from None
+        raise DataError(
+            f"preparing {describe(spec, source, kind)} into {partial} failed ({cause}); the partial copy was removed"
+        ) from None
     partial.rename(folder)  # complete: only now does the fingerprint's folder exist
     return folder
 

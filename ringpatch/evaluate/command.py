@@ -158,6 +158,11 @@ def _spec_and_models(args):
         spec = dataclasses.replace(spec, passkey_lengths=spec.ppl_lengths)
     if spec.ruler_tasks and not spec.ruler_lengths:
         spec = dataclasses.replace(spec, ruler_lengths=spec.passkey_lengths)
+    if data_spec is not None and data_spec.source is None and data_spec.eval_source is None:
+        raise ValueError(
+            "the recipe trains on a mixture (data.sources) and names no held-out data for perplexity and the RULER "
+            "haystack: set data.eval_source in the recipe, or pass --data"
+        )
     if spec.ruler_tasks and spec.ruler_haystack == "data" and data_spec is None:
         raise ValueError("eval.ruler_haystack: data needs held-out data: give --data or a recipe with data.eval_source")
     if args.model:

@@ -60,6 +60,7 @@ FIXED = (
     "activation_checkpointing",
     "loss_chunk_tokens",
     "data.source",
+    "data.sources",
     "data.split",
     "data.text_field",
     "data.min_doc_tokens",

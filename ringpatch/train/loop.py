@@ -128,7 +128,8 @@ class Trainer:
                 )
             sampler.load_state_dict(state["sampler"])
         micro_batch = stage.micro_batch or recipe.micro_batch
-        batches = self._micro_batches(data, sampler, micro_batch)
+        mixture = [0] * len(recipe.data.sources) if "source_tokens" in data.column_names else None
+        batches = self._micro_batches(data, sampler, micro_batch, mixture)
         tokens = self.plan.dims.dp * micro_batch * recipe.grad_accum * stage.seq_len
         while step < end:
             if max_steps is not None and step >= max_steps:
@@ -145,6 +146,8 @@ class Trainer:
                 "lr": self.engine.get_lr()[0],
                 "tokens_per_s": tokens / (time.perf_counter() - started),
             }
+            if mixture is not None and sum(mixture):  # the tokens this rank has read from each source, this stage
+                record["source_share"] = [round(n / sum(mixture), 6) for n in mixture]
             if step % recipe.log_every == 0 or step == end:
                 self.log.write(record)
             bar.set_postfix(stage=f"{index}@{stage.seq_len}", loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
@@ -220,12 +223,16 @@ class Trainer:
         )
 
     @staticmethod
-    def _micro_batches(data, sampler, micro_batch: int):
+    def _micro_batches(data, sampler, micro_batch: int, mixture: list[int] | None = None):
         """Full batches of this rank's dp index, forever: input_ids and doc_position_ids, each
-        (micro_batch, seq_len)."""
+        (micro_batch, seq_len); a mixture's tokens per source are added to `mixture` as read."""
         indices = iter(sampler)
         while True:
             rows = [data[next(indices)] for _ in range(micro_batch)]
+            if mixture is not None:
+                for row in rows:
+                    for i, n in enumerate(row["source_tokens"].tolist()):
+                        mixture[i] += n
             yield {key: torch.stack([row[key] for row in rows]) for key in ("input_ids", "doc_position_ids")}
 
     def _save(self, step: int, stage_index: int, sampler, prepared: str) -> None:

@@ -44,7 +44,11 @@ class RunLog:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.wandb is not None:
-            self.wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record.get("step"))
+            numbers = {k: v for k, v in record.items() if isinstance(v, (int, float))}
+            for k, v in record.items():  # a list of numbers (source_share) as one series each
+                if isinstance(v, list) and all(isinstance(x, (int, float)) for x in v):
+                    numbers |= {f"{k}/{i}": x for i, x in enumerate(v)}
+            self.wandb.log(numbers, step=record.get("step"))
 
     def finish(self) -> None:
         if self.wandb is not None:

@@ -121,7 +121,7 @@ def check_data(recipe: Recipe, model_config: dict | None) -> None:
     """Tokenizer against the model, and every local source against the stages: readable, not
     empty, with its text field, and enough tokens for one sequence of the longest stage. Sources
     already prepared (their fingerprint's folder is complete) are not read again."""
-    from ringpatch.data.prepare import MARKER, check_split, check_tokens, local_files, prepared_folder
+    from ringpatch.data.prepare import MARKER, check_split, check_tokens, local_files, members, mixed, prepared_folder
 
     tokenizer = _tokenizer(recipe)
     if tokenizer is None:
@@ -139,9 +139,13 @@ def check_data(recipe: Recipe, model_config: dict | None) -> None:
     if spec.eval_source is not None:
         sources.append((spec.eval_source, spec.eval_split, "eval"))
     for source, split, kind in sources:
-        check_split(source, split, "data.split" if kind == "train" else "data.eval_split")
-        if local_files(source) is None:  # a hub dataset: read (and checked) when prepared
-            continue
+        if mixed(spec, kind):
+            if all(local_files(m.source) is None for m, _ in members(spec)):  # hub datasets: checked when prepared
+                continue
+        else:
+            check_split(source, split, "data.split" if kind == "train" else "data.eval_split")
+            if local_files(source) is None:  # a hub dataset: read (and checked) when prepared
+                continue
         if Path(prepared_folder(spec, source, split, tokenizer, longest, kind), MARKER).is_file():
             continue
         check_tokens(spec, source, split, tokenizer, longest, kind)

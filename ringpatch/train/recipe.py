@@ -41,9 +41,33 @@ class ModelSpec:
 
 
 @dataclass(frozen=True)
-class DataSpec:
+class SourceSpec:
     source: Annotated[str, PathKind("source")]
     """A hub dataset name, or a local json/jsonl/parquet/txt file or folder of them."""
+    weight: Annotated[float, POSITIVE]
+    """This source's share of the training tokens, relative to the others' weights (0.6 and 0.4, or 3 and 2)."""
+    text_field: str | None = None
+    """The column that holds each document's text (None: data.text_field)."""
+    split: str | None = None
+    """The split to read (None: data.split)."""
+    min_doc_tokens: Annotated[int, NONNEGATIVE] | None = None
+    """Skip this source's documents shorter than this (None: data.min_doc_tokens)."""
+
+    def __post_init__(self):
+        check_fields(self, "data.sources[]")
+        for name in ("text_field", "split"):
+            value = getattr(self, name)
+            if value is not None and not value.strip():
+                raise ValueError(f"data.sources[].{name} must be a non-empty name, got {value!r}")
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    source: Annotated[str, PathKind("source")] | None = None
+    """A hub dataset name, or a local json/jsonl/parquet/txt file or folder of them (or give data.sources)."""
+    sources: tuple[SourceSpec, ...] = ()
+    """A training mixture instead of one source: each source with its weight; packed sequences draw
+    documents so that each source's share of the tokens follows its weight."""
     text_field: str = "text"
     """The column that holds each document's text."""
     split: str = "train"
@@ -325,6 +349,11 @@ def _check_model(m: ModelSpec) -> None:
 
 def _check_data(d: DataSpec) -> None:
     check_fields(d, "data")
+    if (d.source is None) == (not d.sources):
+        raise ValueError(
+            "data needs exactly one of source (one source) and sources (a mixture, each with its weight), got "
+            + ("both" if d.source is not None else "neither (an empty sources list counts as none)")
+        )
     for name in ("text_field", "split", "eval_split", "eval_text_field"):
         value = getattr(d, name)
         if value is not None and not value.strip():
@@ -455,4 +484,14 @@ def load_recipe(path: str | Path) -> Recipe:
     return from_dict(Recipe, read_yaml(path), where=path.name)
 
 
-__all__ = ["Recipe", "Stage", "DataSpec", "EvalSpec", "ModelSpec", "ParallelSpec", "load_recipe", "from_dict"]
+__all__ = [
+    "Recipe",
+    "Stage",
+    "DataSpec",
+    "SourceSpec",
+    "EvalSpec",
+    "ModelSpec",
+    "ParallelSpec",
+    "load_recipe",
+    "from_dict",
+]
