@@ -49,7 +49,12 @@ selfcheck: install
 # node with NODE_RANK and MASTER_ADDR set). DRY_RUN=1 prints the validated plan and the command.
 FT_TORCHRUN = $(BIN)/torchrun --nnodes $(NODES) --nproc_per_node $(GPUS_PER_NODE) --node_rank $${NODE_RANK:-0} \
 	--rdzv_backend c10d --rdzv_endpoint $(MASTER_ADDR):29500 -m ringpatch.train --recipe $(RECIPE_1M)
-FT_SBATCH = sbatch --nodes $(NODES) --gpus-per-node $(GPUS_PER_NODE) launch/slurm/finetune.sbatch $(RECIPE_1M)
+# GRACE: seconds between SLURM's warning (SIGUSR1) and the time limit, in which every rank finishes
+# its step and checkpoints it; choose the checkpoint write time the trainer prints ("checkpoint
+# step N written in S s") plus a step and a margin. The job then requeues itself and resumes.
+GRACE ?= 600
+FT_SBATCH = sbatch --nodes $(NODES) --gpus-per-node $(GPUS_PER_NODE) --signal=B:USR1@$(GRACE) \
+	launch/slurm/finetune.sbatch $(RECIPE_1M)
 finetune-1m: install
 	@if command -v sbatch >/dev/null; then launch="$(FT_SBATCH)"; else launch="$(FT_TORCHRUN)"; fi; \
 	if [ "$(DRY_RUN)" = "1" ]; then \

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from ringpatch.parallel import allocator_settings
 from ringpatch.train.lock import RunLock
@@ -35,6 +36,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--force", action="store_true", help="start even when the plan's memory estimate exceeds the device's memory"
     )
+    parser.add_argument(
+        "--stop-file",
+        help="stop (checkpointed, exit 75) at the end of the step during which this file appears, as on SIGTERM or "
+        "SIGUSR1; it is removed once honoured",
+    )
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher's
     args = parser.parse_args(argv)
 
@@ -42,6 +48,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.max_steps is not None and args.max_steps < 1:
             raise ValueError(f"--max-steps must be >= 1, got {args.max_steps}")
+        if args.stop_file is not None and (not args.stop_file.strip() or Path(args.stop_file).exists()):
+            raise ValueError(
+                f"--stop-file {args.stop_file!r} "
+                + ("is empty" if not args.stop_file.strip() else "exists already, so the run would stop after one step")
+                + ": give a path that does not exist yet (the run stops when it appears)"
+            )
         plan = preflight(args.recipe, run_dir=args.run_dir, deepspeed_file=args.deepspeed, deep=True)
         if not args.force:
             check_memory(plan, *device_memory_gib())
@@ -54,15 +66,23 @@ def main(argv: list[str] | None = None) -> int:
     from ringpatch.parallel import is_timeout
     from ringpatch.train.build import timeout
     from ringpatch.train.loop import Trainer  # the heavy imports come after the checks
+    from ringpatch.train.stop import RESUME_EXIT, Stopped
     from ringpatch.train.watchdog import SilentRank
 
     trainer = None
     try:
-        trainer = Trainer(plan, resume=not args.no_resume)
+        trainer = Trainer(plan, resume=not args.no_resume, stop_file=args.stop_file)
         trainer.run(max_steps=args.max_steps)
         trainer.close()
         if lock is not None:
             lock.release()
+    except Stopped as e:  # every rank checkpointed the same step: a clean exit that asks to be resumed
+        trainer.close()
+        if lock is not None:
+            lock.release()
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"\nringpatch train: {e}", file=sys.stderr, flush=True)
+        return RESUME_EXIT
     except (*USER_ERRORS, RuntimeError) as e:
         if not isinstance(e, (*USER_ERRORS, SilentRank)) and not is_timeout(e):
             raise  # a bug: its traceback is the report

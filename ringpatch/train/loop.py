@@ -33,6 +33,7 @@ from ringpatch.train.build import (
 from ringpatch.train.export import export_hf
 from ringpatch.train.metrics import RunLog
 from ringpatch.train.plan import Plan
+from ringpatch.train.stop import Stopped, StopRequest
 from ringpatch.train.watchdog import Heartbeat
 
 
@@ -47,8 +48,10 @@ def local_batch(rows: dict[str, torch.Tensor], recipe, mesh) -> dict[str, torch.
 
 
 class Trainer:
-    def __init__(self, plan: Plan, resume: bool = True):
+    def __init__(self, plan: Plan, resume: bool = True, stop_file: str | None = None):
         recipe = plan.recipe
+        self.stop_request = StopRequest(stop_file)  # first: a signal during the build is kept for the first step
+        self.stop_agreed = False
         self.plan, self.recipe = plan, recipe
         self.run_dir = Path(recipe.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
@@ -104,6 +107,7 @@ class Trainer:
         self._export("final")
 
     def close(self) -> None:
+        self.stop_request.close()
         self.log.finish()
         self.heartbeat.close()
         del self.engine  # before the groups go (pytorch/pytorch#56297)
@@ -152,6 +156,8 @@ class Trainer:
                 self.log.write(record)
             bar.set_postfix(stage=f"{index}@{stage.seq_len}", loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
             bar.update()
+            if self.stop_agreed and step != end:  # every rank saw the same flag in the step's all-reduce; at a
+                self._stop(step, index, sampler, prepared.name, bar)  # stage's end it first evaluates and exports
             if recipe.save_every and step % recipe.save_every == 0 and step != end:
                 self._save(step, index, sampler, prepared.name)
         eval_loss = self._eval_loss(stage.seq_len)
@@ -194,10 +200,24 @@ class Trainer:
         return bool(flag.item())
 
     def _mean_over_world(self, value: float) -> float:
-        """Every sp and tp rank of a dp index holds the same loss: the world mean is the dp mean."""
-        t = torch.tensor([value], dtype=torch.float64, device=self.engine.device)
+        """Every sp and tp rank of a dp index holds the same loss: the world mean is the dp mean.
+        The same all-reduce carries each rank's stop request (stop.py): stop_agreed on every rank
+        when any rank has one."""
+        t = torch.tensor([value, float(self.stop_request.pending)], dtype=torch.float64, device=self.engine.device)
         dist.all_reduce(t)
-        return t.item() / dist.get_world_size()
+        self.stop_agreed = bool(t[1].item() > 0)
+        return t[0].item() / dist.get_world_size()
+
+    def _stop(self, step: int, index: int, sampler, prepared: str, bar) -> None:
+        """Checkpoint `step` and leave on request (stop.py); the stop file is removed once honoured."""
+        reason = self.stop_request.reason()
+        self._save(step, index, sampler, prepared)
+        self.log.write({"event": "stopped", "step": step, "stage": index, "reason": reason})
+        stop_file = self.stop_request.stop_file
+        if self.rank == 0 and stop_file is not None:
+            stop_file.unlink(missing_ok=True)
+        bar.close()
+        raise Stopped(step, reason)
 
     @torch.no_grad()
     def _eval_loss(self, seq_len: int) -> float | None:
@@ -237,7 +257,12 @@ class Trainer:
 
     def _save(self, step: int, stage_index: int, sampler, prepared: str) -> None:
         client_state = {"stage": stage_index, "sampler": sampler.state_dict(), "data": prepared}
+        started = time.perf_counter()
         checkpoint.save(self.engine, self.ckpt_dir, step, self.record, client_state, keep_last=self.recipe.keep_last)
+        seconds = time.perf_counter() - started  # what a scheduler's grace before a stop must cover
+        self.log.write({"event": "checkpoint", "step": step, "seconds": round(seconds, 3)})
+        if self.rank == 0:
+            tqdm.write(f"ringpatch: checkpoint step {step} written in {seconds:.1f} s")
 
     def _export(self, name: str) -> None:
         folder = self.run_dir / name

@@ -79,6 +79,7 @@ def test_slurm_script_runs_torchrun_per_node_with_a_rendezvous_on_the_first(tmp_
         SLURM_GPUS_ON_NODE="8",
         OUT=str(tmp_path / "cmd"),
         TORCHRUN=str(bin_dir / "torchrun"),
+        STOP_FILE=str(tmp_path / "stop"),
     )
     proc = subprocess.run(
         ["bash", "launch/slurm/finetune.sbatch", "recipes/llama3-8b-1m.yaml", "--no-resume"],
@@ -91,5 +92,5 @@ def test_slurm_script_runs_torchrun_per_node_with_a_rendezvous_on_the_first(tmp_
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "cmd").read_text().split() == [
         "torchrun", "--nnodes", "2", "--nproc_per_node", "8", "--rdzv_id", "77", "--rdzv_backend", "c10d",
-        "--rdzv_endpoint", "gpu-a1:29500", "-m", "ringpatch.train", "--recipe", "recipes/llama3-8b-1m.yaml", "--no-resume",
+        "--rdzv_endpoint", "gpu-a1:29500", "-m", "ringpatch.train", "--recipe", "recipes/llama3-8b-1m.yaml", "--stop-file", str(tmp_path / "stop"), "--no-resume",
     ]  # fmt: skip
