@@ -132,7 +132,7 @@ def test_no_bad_input_gets_past_a_check_or_out_as_a_traceback(tmp_path, data, mo
             str(tmp_path / "a-file") if a == "@file" else str(tmp_path / "a-folder") if a == "@folder" else a
             for a in flags
         ]
-        for key in ("WORLD_SIZE", "RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        for key in ("WORLD_SIZE", "RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "RINGPATCH_OVERSUBSCRIBE"):
             monkeypatch.delenv(key, raising=False)
         for key, value in env.items():
             monkeypatch.setenv(key, value)
