@@ -28,7 +28,7 @@ from ringpatch.evaluate.prefill import check_lengths
 from ringpatch.evaluate.report import report
 from ringpatch.evaluate.ruler import TASKS, Builder, check_tokenizer, min_length, ruler_scores
 from ringpatch.hf import patch_model
-from ringpatch.parallel import allocator_settings, start, stop
+from ringpatch.parallel import allocator_settings, launch_int, start, stop
 from ringpatch.train.preflight import USER_ERRORS, is_local
 from ringpatch.train.recipe import DataSpec, EvalSpec, load_recipe
 
@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         spec, data_spec, models, out, layout = _spec_and_models(args)
-        ring = int(os.environ.get("WORLD_SIZE", "1"))  # before any group or model: lengths the ring can take
+        ring = launch_int("WORLD_SIZE", 1, minimum=1)  # before any group or model: lengths the ring can take
         lengths = [*spec.ppl_lengths, *spec.passkey_lengths, *spec.ruler_lengths]
         check_lengths(lengths, layout, ring, spec.max_tokens_per_rank)
         if spec.ruler_tasks:

@@ -23,6 +23,7 @@ from ringpatch.hf.batch import AGREED_KEY, DOCUMENTS_KEY
 from ringpatch.hf.interface import IMPLEMENTATION, register
 from ringpatch.hf.models import check_transformers_version
 from ringpatch.hf.settings import RingSettings, check_local_batch
+from ringpatch.parallel import launch_int
 
 
 def _check_call(model, args, kwargs):
@@ -133,7 +134,7 @@ def patch_model(
     import transformers
 
     check_transformers_version(transformers.__version__)
-    if group is None and not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if group is None and not dist.is_initialized() and launch_int("WORLD_SIZE", 1) > 1:
         raise RuntimeError(
             f"WORLD_SIZE is {os.environ['WORLD_SIZE']} but no process group exists yet, so the ring would be this "
             "rank alone: call torch.distributed.init_process_group (or let accelerate/DeepSpeed start it) before "

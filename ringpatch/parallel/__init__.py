@@ -12,6 +12,7 @@ from ringpatch.parallel.mesh import Mesh, build_mesh
 from ringpatch.parallel.process import (
     allocator_settings,
     is_timeout,
+    launch_int,
     leave,
     local_device,
     set_timeouts,
@@ -21,6 +22,7 @@ from ringpatch.parallel.process import (
 )
 
 __all__ = [
+    "launch_int",
     "ParallelDims",
     "Mesh",
     "build_mesh",

@@ -29,10 +29,28 @@ def single_process_env() -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
 
 
+def launch_int(name: str, default: int, minimum: int = 0) -> int:
+    """An integer the launcher sets in the environment (WORLD_SIZE, RANK, LOCAL_RANK,
+    LOCAL_WORLD_SIZE); a value that is not an integer >= minimum is a ValueError naming it."""
+    raw = os.environ.get(name, "")
+    if not raw.strip():
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = minimum - 1
+    if value < minimum:
+        raise ValueError(
+            f"{name}={raw!r} is not an integer >= {minimum}; the launcher (torchrun, deepspeed, accelerate launch) "
+            f"sets it: unset {name}, or start the run under a launcher"
+        ) from None
+    return value
+
+
 def local_device() -> tuple[torch.device, str]:
     """(this process' device, the backend for it), with the CUDA device made current."""
     if torch.cuda.is_available():
-        index = int(os.environ.get("LOCAL_RANK", "0"))
+        index = launch_int("LOCAL_RANK", 0)
         torch.cuda.set_device(index)
         return torch.device("cuda", index), "nccl"
     return torch.device("cpu"), "gloo"

@@ -18,7 +18,7 @@ import os
 import sys
 from pathlib import Path
 
-from ringpatch.parallel import allocator_settings
+from ringpatch.parallel import allocator_settings, launch_int
 from ringpatch.train.lock import RunLock
 from ringpatch.train.preflight import USER_ERRORS, check_memory, device_memory_gib, preflight
 
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         plan = preflight(args.recipe, run_dir=args.run_dir, deepspeed_file=args.deepspeed, deep=True)
         if not args.force:
             check_memory(plan, *device_memory_gib())
-        if int(os.environ.get("RANK", "0")) == 0:  # one owner per run; the other ranks follow rank 0
+        if launch_int("RANK", 0) == 0:  # one owner per run; the other ranks follow rank 0
             lock = RunLock(plan.recipe.run_dir)
             lock.acquire()
     except USER_ERRORS as e:  # before any process group: a plain message, on one line, and exit 2
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         trainer.close()
         if lock is not None:
             lock.release()
-        if int(os.environ.get("RANK", "0")) == 0:
+        if launch_int("RANK", 0) == 0:
             print(f"\nringpatch train: {e}", file=sys.stderr, flush=True)
         return RESUME_EXIT
     except (*USER_ERRORS, RuntimeError) as e:

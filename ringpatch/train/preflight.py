@@ -20,6 +20,7 @@ import torch
 from ringpatch.hf.architecture import check_architecture
 from ringpatch.hf.models import GATED_MLP_MODEL_TYPES, RMSNORM_MODEL_TYPES
 from ringpatch.memory.estimate import GIB
+from ringpatch.parallel import launch_int
 from ringpatch.train.ds_config import deepspeed_config, load_overlay
 from ringpatch.train.plan import Plan, stage_budget
 from ringpatch.train.recipe import Recipe, load_recipe
@@ -277,10 +278,10 @@ def device_memory_gib() -> tuple[float, str]:
     """(GiB, description) of what one rank may use: its GPU's memory, or on CPU the host's
     memory shared by the ranks of this node."""
     if torch.cuda.is_available():
-        index = int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()
+        index = launch_int("LOCAL_RANK", 0) % torch.cuda.device_count()
         props = torch.cuda.get_device_properties(index)
         return props.total_memory / GIB, f"GPU {index} ({props.name})"
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    local = launch_int("LOCAL_WORLD_SIZE", 1, minimum=1)
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
     return total / local, f"this host's {total:.1f} GiB shared by {local} local rank(s)"
 
@@ -302,7 +303,7 @@ def preflight(
     cuda = torch.cuda.is_available()
     if world is None:
         check_launch(cuda)
-    world = world if world is not None else int(os.environ.get("WORLD_SIZE", "1"))
+    world = world if world is not None else launch_int("WORLD_SIZE", 1, minimum=1)
     dims = recipe.parallel.dims(world)
     local = os.environ.get("LOCAL_WORLD_SIZE", "")
     if local.isdigit() and int(local) > 0 and world > int(local):  # several nodes: Ulysses groups stay inside one
