@@ -53,7 +53,10 @@ def recipe(tmp: Path, data: Path, **changes) -> Path:
         else:
             target[last] = value
     path = tmp / f"recipe-{len(list(tmp.glob('recipe-*.yaml')))}.yaml"
-    path.write_text(yaml.safe_dump(r))
+    # atomic: ranks of one spawned group may write the same recipe while another reads it
+    part = path.with_name(f".{path.name}.{os.getpid()}")
+    part.write_text(yaml.safe_dump(r))
+    os.replace(part, path)
     return path
 
 
