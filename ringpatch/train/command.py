@@ -69,20 +69,16 @@ def main(argv: list[str] | None = None) -> int:
     from ringpatch.train.stop import RESUME_EXIT, Stopped
     from ringpatch.train.watchdog import SilentRank
 
-    trainer = None
+    trainer = stopped = None
     try:
         trainer = Trainer(plan, resume=not args.no_resume, stop_file=args.stop_file)
-        trainer.run(max_steps=args.max_steps)
+        try:
+            trainer.run(max_steps=args.max_steps)
+        except Stopped as e:  # every rank checkpointed the same step: a clean exit that asks to be resumed
+            stopped = e
         trainer.close()
         if lock is not None:
             lock.release()
-    except Stopped as e:  # every rank checkpointed the same step: a clean exit that asks to be resumed
-        trainer.close()
-        if lock is not None:
-            lock.release()
-        if launch_int("RANK", 0) == 0:
-            print(f"\nringpatch train: {e}", file=sys.stderr, flush=True)
-        return RESUME_EXIT
     except (*USER_ERRORS, RuntimeError) as e:
         if not isinstance(e, (*USER_ERRORS, SilentRank)) and not is_timeout(e):
             raise  # a bug: its traceback is the report
@@ -102,4 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         if lock is not None:
             lock.release()
         os._exit(1)
+    if stopped is not None:
+        if launch_int("RANK", 0) == 0:
+            print(f"\nringpatch train: {stopped}", file=sys.stderr, flush=True)
+        return RESUME_EXIT
     return 0

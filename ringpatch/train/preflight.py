@@ -176,16 +176,16 @@ def check_launch(cuda: bool) -> None:
     config run on a CPU host starts one rank per GPU it expected, which silently changes dp; the tests
     run 4 ranks on 2 cores on purpose)."""
     env = os.environ
-    world = env.get("WORLD_SIZE", "1")
-    if world.isdigit() and int(world) > 1 and not all(k in env for k in ("RANK", "MASTER_ADDR", "MASTER_PORT")):
+    world = launch_int("WORLD_SIZE", 1, minimum=1)
+    if world > 1 and not all(k in env for k in ("RANK", "MASTER_ADDR", "MASTER_PORT")):
         raise ValueError(
             f"WORLD_SIZE={world} is set but no launcher started this process (RANK, MASTER_ADDR or MASTER_PORT is "
             "unset): run it under torchrun, deepspeed or accelerate launch, or unset WORLD_SIZE for one process"
         )
-    local = env.get("LOCAL_WORLD_SIZE", "1")
+    local = launch_int("LOCAL_WORLD_SIZE", 1, minimum=1)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     oversubscribe = env.get(OVERSUBSCRIBE, "") == "1"
-    if not cuda and not oversubscribe and local.isdigit() and int(local) > cores:
+    if not cuda and not oversubscribe and local > cores:
         raise ValueError(
             f"{local} ranks were launched on this host, which has no GPU and {cores} CPU core(s): launch at most "
             f"{cores} (a GPU launch config, e.g. launch/accelerate/1node-8gpu.yaml, starts one rank per GPU it "
@@ -305,9 +305,9 @@ def preflight(
         check_launch(cuda)
     world = world if world is not None else launch_int("WORLD_SIZE", 1, minimum=1)
     dims = recipe.parallel.dims(world)
-    local = os.environ.get("LOCAL_WORLD_SIZE", "")
-    if local.isdigit() and int(local) > 0 and world > int(local):  # several nodes: Ulysses groups stay inside one
-        dims.check_node(int(local))
+    local = launch_int("LOCAL_WORLD_SIZE", 0, minimum=1)
+    if local and world > local:  # several nodes: Ulysses groups stay inside one
+        dims.check_node(local)
     _check_sources(recipe)
     model_config = _model_config(recipe)
     if model_config is not None and "model_type" in model_config:

@@ -55,10 +55,7 @@ class SourceSpec:
 
     def __post_init__(self):
         check_fields(self, "data.sources[]")
-        for name in ("text_field", "split"):
-            value = getattr(self, name)
-            if value is not None and not value.strip():
-                raise ValueError(f"data.sources[].{name} must be a non-empty name, got {value!r}")
+        _check_names(self, "data.sources[]", ("text_field", "split"))
 
 
 @dataclass(frozen=True)
@@ -347,6 +344,14 @@ def _check_model(m: ModelSpec) -> None:
         POSITIVE.check("model.config.rope_theta", theta)
 
 
+def _check_names(spec, prefix: str, names) -> None:
+    """Column and split names: None (the default) or non-empty."""
+    for name in names:
+        value = getattr(spec, name)
+        if value is not None and not value.strip():
+            raise ValueError(f"{prefix}.{name} must be a non-empty name, got {value!r}")
+
+
 def _check_data(d: DataSpec) -> None:
     check_fields(d, "data")
     if (d.source is None) == (not d.sources):
@@ -354,10 +359,7 @@ def _check_data(d: DataSpec) -> None:
             "data needs exactly one of source (one source) and sources (a mixture, each with its weight), got "
             + ("both" if d.source is not None else "neither (an empty sources list counts as none)")
         )
-    for name in ("text_field", "split", "eval_split", "eval_text_field"):
-        value = getattr(d, name)
-        if value is not None and not value.strip():
-            raise ValueError(f"data.{name} must be a non-empty name, got {value!r}")
+    _check_names(d, "data", ("text_field", "split", "eval_split", "eval_text_field"))
 
 
 def _check_eval(e: EvalSpec) -> None:
