@@ -263,13 +263,6 @@ def _files(tmp, data) -> dict[str, str]:
     return f
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    from tests.helpers.trainrun import corpus
-
-    return corpus(tmp_path_factory.mktemp("corpus"))
-
-
 @pytest.fixture
 def no_model_loads(monkeypatch):
     """A model or process group started by a case fails the test."""

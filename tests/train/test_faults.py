@@ -16,14 +16,9 @@ import torch
 
 from ringpatch.train import checkpoint
 from tests.helpers.procs import spawn
-from tests.helpers.trainrun import ENV, ROOT, command, corpus, launch, ok, recipe, wait_for
+from tests.helpers.trainrun import ENV, ROOT, command, launch, ok, recipe, wait_for
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return corpus(tmp_path_factory.mktemp("corpus"))
 
 
 def _damage(path: Path, how: str) -> None:

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from ringpatch.train import loop
 from ringpatch.train.command import main as train_main
-from tests.helpers.trainrun import corpus, recipe
+from tests.helpers.trainrun import recipe
 
 pytestmark = pytest.mark.unit
 
@@ -85,11 +85,6 @@ def mutations(draw, base: dict):
                                   ["--run-dir", "@file"], ["--deepspeed", "@folder"], ["--no-resume"]]))  # fmt: skip
     env = draw(st.sampled_from([{}, {"WORLD_SIZE": "2"}, {"WORLD_SIZE": "x"}, {"LOCAL_WORLD_SIZE": "999"}]))
     return r, lines, flags, env
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return corpus(tmp_path_factory.mktemp("corpus"))
 
 
 def _base(tmp: Path, data: Path) -> dict:

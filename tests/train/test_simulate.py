@@ -14,7 +14,7 @@ import torch
 
 from tests.helpers import HANG_S, ROOT
 from tests.helpers.procs import spawn
-from tests.helpers.trainrun import corpus, recipe
+from tests.helpers.trainrun import recipe
 
 pytestmark = pytest.mark.multiprocess
 
@@ -28,11 +28,6 @@ SWITCHES = {
     "keep_attention": dict(keep_attention=True),
     "mlp_tiles": dict(mlp_tiles=4),
 }
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return corpus(tmp_path_factory.mktemp("corpus"))
 
 
 def _plan(tmp: Path, data: Path, switches: dict):

@@ -14,14 +14,9 @@ import pytest
 import torch
 
 from tests.helpers import HANG_S
-from tests.helpers.trainrun import ENV, ROOT, command, corpus, hold, launch, metrics, ok, recipe, wait_for
+from tests.helpers.trainrun import ENV, ROOT, command, hold, launch, metrics, ok, recipe, wait_for
 
 LONG = {"parallel__sp": 2, "stages__0__steps": 30, "save_every": 3}
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return corpus(tmp_path_factory.mktemp("corpus"))
 
 
 @pytest.fixture(scope="module")

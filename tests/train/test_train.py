@@ -17,16 +17,11 @@ import pytest
 import torch
 
 from tests.helpers import HANG_S
-from tests.helpers.trainrun import ENV, ROOT, command, corpus, hold, launch, metrics, ok, recipe, run_pids, wait_for
+from tests.helpers.trainrun import ENV, ROOT, command, hold, launch, metrics, ok, recipe, run_pids, wait_for
 
 pytestmark = pytest.mark.e2e
 
 RTOL = 1e-5  # float32 on CPU; the ring's own error is ~1e-7 relative
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return corpus(tmp_path_factory.mktemp("corpus"))
 
 
 @pytest.fixture(scope="module")
