@@ -47,26 +47,30 @@ selfcheck: install
 
 # Llama-3-8B to 1M tokens: SLURM when sbatch exists, else torchrun on this node (run it on every
 # node with NODE_RANK and MASTER_ADDR set). DRY_RUN=1 prints the validated plan and the command.
-FT_TORCHRUN = $(BIN)/torchrun --nnodes $(NODES) --nproc_per_node $(GPUS_PER_NODE) --node_rank $${NODE_RANK:-0} \
-	--rdzv_backend c10d --rdzv_endpoint $(MASTER_ADDR):29500 -m ringpatch.train --recipe $(RECIPE_1M)
+# MAX_RESTARTS: torchrun starts a failed worker group again this many times, resuming from the
+# newest checkpoint (a failure that repeats at one step stops after that many, naming the step).
+MAX_RESTARTS ?= 3
+FT_TORCHRUN = TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 $(BIN)/torchrun --nnodes $(NODES) --nproc_per_node $(GPUS_PER_NODE) --node_rank $${NODE_RANK:-0} \
+	--max-restarts $(MAX_RESTARTS) --rdzv_backend c10d --rdzv_endpoint $(MASTER_ADDR):29500 \
+	-m ringpatch.train --recipe $(RECIPE_1M) --grace $(GRACE)
 # GRACE: seconds between SLURM's warning (SIGUSR1) and the time limit, in which every rank finishes
 # its step and checkpoints it; choose the checkpoint write time the trainer prints ("checkpoint
 # step N written in S s") plus a step and a margin. The job then requeues itself and resumes.
 GRACE ?= 600
-FT_SBATCH = sbatch --nodes $(NODES) --gpus-per-node $(GPUS_PER_NODE) --signal=B:USR1@$(GRACE) \
-	launch/slurm/finetune.sbatch $(RECIPE_1M)
+FT_SBATCH = MAX_RESTARTS=$(MAX_RESTARTS) sbatch --nodes $(NODES) --gpus-per-node $(GPUS_PER_NODE) \
+	--signal=B:USR1@$(GRACE) launch/slurm/finetune.sbatch $(RECIPE_1M) --grace $(GRACE)
 finetune-1m: install
 	@if command -v sbatch >/dev/null; then launch="$(FT_SBATCH)"; else launch="$(FT_TORCHRUN)"; fi; \
 	if [ "$(DRY_RUN)" = "1" ]; then \
-	  $(BIN)/ringpatch plan --recipe $(RECIPE_1M) --nodes $(NODES) --gpus-per-node $(GPUS_PER_NODE) --launch "$$launch"; \
+	  $(BIN)/ringpatch plan --recipe $(RECIPE_1M) --nodes $(NODES) --gpus-per-node $(GPUS_PER_NODE) --max-restarts $(MAX_RESTARTS) --launch "$$launch"; \
 	elif command -v sbatch >/dev/null; then \
-	  $(BIN)/ringpatch plan --recipe $(RECIPE_1M) --nodes $(NODES) --gpus-per-node $(GPUS_PER_NODE) >/dev/null && $$launch; \
+	  $(BIN)/ringpatch plan --recipe $(RECIPE_1M) --nodes $(NODES) --gpus-per-node $(GPUS_PER_NODE) --max-restarts $(MAX_RESTARTS) >/dev/null && $$launch; \
 	elif ! $(BIN)/python -c "import torch, sys; sys.exit(0 if torch.cuda.device_count() >= $(GPUS_PER_NODE) else 1)"; then \
 	  echo "finetune-1m needs $(NODES) nodes x $(GPUS_PER_NODE) GPUs (SLURM or torchrun on each node); this machine has" \
 	    "$$($(BIN)/python -c 'import torch; print(torch.cuda.device_count())') GPUs and no sbatch." \
 	    "Try 'make finetune-1m DRY_RUN=1' for the plan, or 'make demo' for the CPU miniature." >&2; exit 1; \
 	else \
-	  $(BIN)/ringpatch plan --recipe $(RECIPE_1M) --nodes $(NODES) --gpus-per-node $(GPUS_PER_NODE) >/dev/null && $$launch; \
+	  $(BIN)/ringpatch plan --recipe $(RECIPE_1M) --nodes $(NODES) --gpus-per-node $(GPUS_PER_NODE) --max-restarts $(MAX_RESTARTS) >/dev/null && $$launch; \
 	fi
 
 # The whole suite, as CI runs it (tiers in tests/conftest.py: unit, multiprocess, e2e, gpu).

@@ -1,4 +1,4 @@
-"""`ringpatch` command: train, prepare, eval, plan, corpus.
+"""`ringpatch` command: train, prepare, eval, plan, corpus, recipe, report.
 
 ringpatch train --recipe recipes/tiny-cpu.yaml      # under torchrun / deepspeed / accelerate launch
 ringpatch prepare --recipe recipes/llama3-8b-1m.yaml
@@ -6,6 +6,7 @@ ringpatch eval --recipe recipes/tiny-cpu.yaml
 ringpatch plan --recipe recipes/llama3-8b-1m.yaml --nodes 4 --gpus-per-node 8 [--max-context] [--simulate]
 ringpatch corpus --out data/demo
 ringpatch recipe --schema                           # every recipe key: type, default, range, description
+ringpatch report runs/tiny-cpu                      # summary.json and plots of a run (written at its end too)
 """
 
 from __future__ import annotations
@@ -44,6 +45,12 @@ def plan(argv: list[str]) -> int:
     parser.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU the plan must fit (default 80)")
     parser.add_argument("--launch", help="the launch command to print with the plan")
     parser.add_argument(
+        "--max-restarts",
+        type=int,
+        default=0,
+        help="torchrun's --max-restarts for the launch, checked against the recipe",
+    )
+    parser.add_argument(
         "--max-context",
         action="store_true",
         help="also print the longest sequence whose estimate fits --gpu-memory (micro_batch 1, this grid)",
@@ -74,6 +81,11 @@ def plan(argv: list[str]) -> int:
         if not args.host_memory > 0:
             raise ValueError(f"--host-memory must be positive (GiB per node), got {args.host_memory}")
         p = preflight(args.recipe, world=args.nodes * args.gpus_per_node)
+        if args.max_restarts < 0:
+            raise ValueError(f"--max-restarts must be >= 0, got {args.max_restarts}")
+        from ringpatch.train.restart import check_restarts
+
+        check_restarts(p.recipe, args.max_restarts)
         p = on_gpus(p)  # `plan` plans for GPUs wherever it runs
         p.dims.check_node(args.gpus_per_node)
         if args.simulate:
@@ -123,6 +135,24 @@ def recipe(argv: list[str]) -> int:
     return 0
 
 
+def report(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="ringpatch report",
+        description="write RUN_DIR/report: summary.json and plots of loss, tokens/s, MFU, memory",
+    )
+    parser.add_argument("run_dir")
+    args = parser.parse_args(argv)
+    from ringpatch.train.report import write_report
+
+    try:
+        folder = write_report(args.run_dir)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"ringpatch report: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {folder}")
+    return 0
+
+
 def corpus(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="ringpatch corpus", description="write the demo corpus")
     parser.add_argument("--out", default="data/demo")
@@ -136,7 +166,7 @@ def corpus(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("train", "prepare", "eval", "plan", "corpus", "recipe"):
+    if not argv or argv[0] not in ("train", "prepare", "eval", "plan", "corpus", "recipe", "report"):
         print(USAGE, file=sys.stderr)
         return 2
     command, rest = argv[0], argv[1:]
@@ -153,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         from ringpatch.evaluate.command import main as evaluate
 
         return evaluate(rest)
-    return {"prepare": prepare, "plan": plan, "corpus": corpus, "recipe": recipe}[command](rest)
+    return {"prepare": prepare, "plan": plan, "corpus": corpus, "recipe": recipe, "report": report}[command](rest)
 
 
 def entry() -> None:

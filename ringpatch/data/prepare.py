@@ -13,6 +13,7 @@ import dataclasses
 import errno
 import hashlib
 import json
+import os
 import shutil
 import time
 from collections.abc import Iterator
@@ -184,20 +185,60 @@ def mix(streams, weights) -> Iterator[tuple[list[int], int]]:
         yield doc, i
 
 
+def _texts(batch: dict, text_field: str) -> list[str]:
+    return [text for text in batch[text_field] if isinstance(text, str) and text.strip()]
+
+
+def _tokenize(texts: list[str], tokenizer) -> list[list[int]]:
+    return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+
+
+_WORKER_TOKENIZER = None
+
+
+def _start_worker(tokenizer) -> None:
+    global _WORKER_TOKENIZER
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker: the workers are the parallelism
+    _WORKER_TOKENIZER = tokenizer
+
+
+def _tokenize_in_worker(texts: list[str]) -> list[list[int]]:
+    return _tokenize(texts, _WORKER_TOKENIZER)
+
+
+def _in_order(batches: Iterator[list[str]], tokenizer, processes: int) -> Iterator[list[list[int]]]:
+    """Each batch tokenised by one of `processes` workers, yielded in the batches' order; at most
+    2 x processes batches are read ahead, so a stream larger than memory stays a stream. The
+    workers are spawned (the trainer's process has threads a fork would copy mid-state)."""
+    import multiprocessing
+    from collections import deque
+    from concurrent.futures import ProcessPoolExecutor
+
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(processes, mp_context=context, initializer=_start_worker, initargs=(tokenizer,)) as pool:
+        pending: deque = deque()
+        for texts in batches:
+            pending.append(pool.submit(_tokenize_in_worker, texts))
+            if len(pending) >= 2 * processes:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
 def _documents(ds, tokenizer, text_field: str, streaming: bool, num_proc: int) -> Iterator[list[int]]:
-    """Each document's token ids; blank documents (empty or whitespace only: records.py counts them)
-    are skipped."""
-
-    def tokenize(batch):
-        texts = [text for text in batch[text_field] if isinstance(text, str) and text.strip()]
-        return {"ids": tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []}
-
-    if streaming:  # serial: a stream has no random access for workers
-        for batch in ds.iter(batch_size=256):
-            yield from tokenize(batch)["ids"]
+    """Each document's token ids, in the source's order whatever num_proc is; blank documents
+    (empty or whitespace only: records.py counts them) are skipped."""
+    if streaming:
+        batches = (_texts(batch, text_field) for batch in ds.iter(batch_size=256))
+        if num_proc > 1:
+            for ids in _in_order(batches, tokenizer, num_proc):
+                yield from ids
+        else:
+            for texts in batches:
+                yield from _tokenize(texts, tokenizer)
         return
     tokens = ds.map(
-        tokenize,
+        lambda batch: {"ids": _tokenize(_texts(batch, text_field), tokenizer)},
         batched=True,
         num_proc=num_proc if num_proc > 1 else None,
         remove_columns=ds.column_names,

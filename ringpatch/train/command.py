@@ -16,11 +16,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 from pathlib import Path
 
 from ringpatch.parallel import allocator_settings, launch_int
+from ringpatch.train import restart
 from ringpatch.train.lock import RunLock
 from ringpatch.train.preflight import USER_ERRORS, check_memory, device_memory_gib, preflight
+from ringpatch.train.stop import RESUME_EXIT
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,13 +44,23 @@ def main(argv: list[str] | None = None) -> int:
         help="stop (checkpointed, exit 75) at the end of the step during which this file appears, as on SIGTERM or "
         "SIGUSR1; it is removed once honoured",
     )
+    parser.add_argument(
+        "--grace",
+        type=float,
+        help="seconds a scheduler gives between its stop signal and the kill (SLURM's --signal=B:USR1@GRACE); the "
+        "run warns at start when the last checkpoint took longer",
+    )
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher's
     args = parser.parse_args(argv)
 
     lock = None
+    restarted, max_restarts = restart.attempt()
     try:
         if args.max_steps is not None and args.max_steps < 1:
             raise ValueError(f"--max-steps must be >= 1, got {args.max_steps}")
+        if args.grace is not None and not args.grace > 0:
+            raise ValueError(f"--grace must be a positive number of seconds, got {args.grace}")
+        restart.Fault.from_env()
         if args.stop_file is not None and (not args.stop_file.strip() or Path(args.stop_file).exists()):
             raise ValueError(
                 f"--stop-file {args.stop_file!r} "
@@ -55,23 +68,39 @@ def main(argv: list[str] | None = None) -> int:
                 + ": give a path that does not exist yet (the run stops when it appears)"
             )
         plan = preflight(args.recipe, run_dir=args.run_dir, deepspeed_file=args.deepspeed, deep=True)
+        restart.check_restarts(plan.recipe, max_restarts)
+        stopped_at = restart.stopped_before(plan.recipe.run_dir)
+        if stopped_at is not None:  # torchrun restarted a group that had stopped on request: stay stopped
+            # every rank says so: the first to exit has torchrun terminate the others
+            print(
+                f"ringpatch train (rank {launch_int('RANK', 0)}): the run stopped on request at step {stopped_at} "
+                "(checkpointed); torchrun restarted it, but it stays stopped: run the same command to resume",
+                file=sys.stderr,
+                flush=True,
+            )
+            return RESUME_EXIT
         if not args.force:
             check_memory(plan, *device_memory_gib())
         if launch_int("RANK", 0) == 0:  # one owner per run; the other ranks follow rank 0
             lock = RunLock(plan.recipe.run_dir)
             lock.acquire()
+            if restarted == 0:
+                restart.start_launch(plan.recipe.run_dir)
     except USER_ERRORS as e:  # before any process group: a plain message, on one line, and exit 2
         print(f"ringpatch train: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     from ringpatch.parallel import is_timeout
     from ringpatch.train.build import timeout
     from ringpatch.train.loop import Trainer  # the heavy imports come after the checks
-    from ringpatch.train.stop import RESUME_EXIT, Stopped
+    from ringpatch.train.stop import Stopped
     from ringpatch.train.watchdog import SilentRank
 
     trainer = stopped = None
     try:
-        trainer = Trainer(plan, resume=not args.no_resume, stop_file=args.stop_file)
+        # a restarted group resumes what this launch checkpointed, --no-resume or not
+        trainer = Trainer(
+            plan, resume=not args.no_resume or restarted > 0, stop_file=args.stop_file, grace_s=args.grace
+        )
         try:
             trainer.run(max_steps=args.max_steps)
         except Stopped as e:  # every rank checkpointed the same step: a clean exit that asks to be resumed
@@ -79,9 +108,12 @@ def main(argv: list[str] | None = None) -> int:
         trainer.close()
         if lock is not None:
             lock.release()
-    except (*USER_ERRORS, RuntimeError) as e:
-        if not isinstance(e, (*USER_ERRORS, SilentRank)) and not is_timeout(e):
-            raise  # a bug: its traceback is the report
+    except Exception as e:
+        rank = launch_int("RANK", 0)
+        restart.record_failure(plan.recipe.run_dir, rank, trainer.step_in_progress if trainer else None, e)
+        summary = restart.last_attempt_summary(plan.recipe.run_dir) if rank == 0 or restart.primary(e) else None
+        if summary:
+            print(f"\nringpatch train (rank {rank}): {summary}", file=sys.stderr, flush=True)
         if is_timeout(e):
             minutes = timeout(plan).total_seconds() / 60
             e = (
@@ -90,10 +122,14 @@ def main(argv: list[str] | None = None) -> int:
                 else f"a collective waited past timeout_minutes ({minutes:g}) while the run was being built: "
                 f"{str(e).splitlines()[0]}"
             )
+        elif not restart.primary(e):
+            e = f"another rank failed, and this one lost its connection to it ({restart.first_line(e)})"
+        elif not isinstance(e, (*USER_ERRORS, SilentRank)):
+            traceback.print_exc()  # a bug: its traceback is the report
         # inside the process groups: leave at once, since a rank that waits for its peers to
         # tear down could hang; the launcher stops the other ranks
         # on a line of its own (a progress bar may be mid-line)
-        print(f"\nringpatch train (rank {os.environ.get('RANK', '0')}): {e}", file=sys.stderr, flush=True)
+        print(f"\nringpatch train (rank {rank}): {e}", file=sys.stderr, flush=True)
         sys.stdout.flush()
         if lock is not None:
             lock.release()

@@ -11,13 +11,14 @@ import sys
 # what each command imports, by import name -> the distribution pip installs
 TRAIN = {"deepspeed": "deepspeed", "accelerate": "accelerate", "datasets": "datasets", "yaml": "pyyaml"}
 NEEDS = {
-    "train": TRAIN,
+    "train": {**TRAIN, "matplotlib": "matplotlib"},  # the run's report
     "prepare": {"datasets": "datasets", "yaml": "pyyaml"},
     "eval": {**TRAIN, "matplotlib": "matplotlib"},
     "plan": {"yaml": "pyyaml"},
     "selfcheck": {},
     "corpus": {},
     "recipe": {"yaml": "pyyaml"},
+    "report": {"matplotlib": "matplotlib"},
 }
 
 

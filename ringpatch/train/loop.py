@@ -32,8 +32,11 @@ from ringpatch.train.build import (
 )
 from ringpatch.train.export import export_hf
 from ringpatch.train.metrics import RunLog
-from ringpatch.train.plan import Plan
+from ringpatch.train.plan import Plan, stage_budget, step_flops
+from ringpatch.train.report import write_report
+from ringpatch.train.restart import Fault, note_stop, restart_notice
 from ringpatch.train.stop import Stopped, StopRequest
+from ringpatch.train.telemetry import MemoryPeak, StepClock, peak_tflops, slowest_rank
 from ringpatch.train.watchdog import Heartbeat
 
 
@@ -48,10 +51,12 @@ def local_batch(rows: dict[str, torch.Tensor], recipe, mesh) -> dict[str, torch.
 
 
 class Trainer:
-    def __init__(self, plan: Plan, resume: bool = True, stop_file: str | None = None):
+    def __init__(self, plan: Plan, resume: bool = True, stop_file: str | None = None, grace_s: float | None = None):
         recipe = plan.recipe
         self.stop_request = StopRequest(stop_file)  # first: a signal during the build is kept for the first step
         self.stop_agreed = False
+        self.fault = Fault.from_env()
+        self.step_in_progress: int | None = None
         self.plan, self.recipe = plan, recipe
         self.run_dir = Path(recipe.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
@@ -77,6 +82,34 @@ class Trainer:
         self.log = RunLog(self.run_dir, self.rank, recipe, resumed_step=self.state["step"])
         if changed:
             self.log.write({"event": "resume", "step": self.state["step"], "changed": changed})
+        self._start_record(grace_s)
+
+    def _start_record(self, grace_s: float | None) -> None:
+        """The run's facts for its metrics: device, the peak MFU is taken against, a restart, and a
+        grace before a scheduler's stop too short for the checkpoint measured last time."""
+        device = self.engine.device
+        self.clock, self.memory = StepClock(device), MemoryPeak(device)
+        self.peak_tflops, source = peak_tflops(device, next(self.lm.parameters()).dtype, self.recipe.peak_tflops)
+        record = {"event": "start", "step": self.state["step"], "world": self.plan.dims.world,
+                  "device": str(device), "peak_tflops": self.peak_tflops, "peak_source": source}  # fmt: skip
+        notice = restart_notice(self.run_dir, self.state["step"])
+        if notice:
+            record["restart"] = notice
+        last = self.log.last_event("checkpoint")
+        if grace_s is not None and last is not None and grace_s < last["seconds"]:
+            record["grace_warning"] = (
+                f"--grace {grace_s:g} s is shorter than the last checkpoint write, {last['seconds']:.1f} s (step "
+                f"{last['step']}): a stop asked for that long before the time limit would be killed mid-checkpoint "
+                f"and lose the steps since the one before; ask the scheduler for at least "
+                f"{last['seconds'] + (self.log.last_step_seconds() or 0):.0f} s (the checkpoint and a step) plus a margin"
+            )
+        self.log.write(record)
+        if self.rank == 0:
+            for key in ("restart", "grace_warning"):
+                if key in record:
+                    print(f"ringpatch: {'warning: ' if key == 'grace_warning' else ''}{record[key]}", flush=True)
+            if self.peak_tflops is None:
+                print(f"ringpatch: {source}", flush=True)
 
     # --- the run ----------------------------------------------------------------------------
     def run(self, max_steps: int | None = None) -> None:
@@ -105,6 +138,8 @@ class Trainer:
             first = end
         bar.close()
         self._export("final")
+        if self.rank == 0:
+            print(f"ringpatch: report in {write_report(self.run_dir)}")
 
     def close(self) -> None:
         self.stop_request.close()
@@ -135,31 +170,47 @@ class Trainer:
         mixture = [0] * len(recipe.data.sources) if "source_tokens" in data.column_names else None
         batches = self._micro_batches(data, sampler, micro_batch, mixture)
         tokens = self.plan.dims.dp * micro_batch * recipe.grad_accum * stage.seq_len
+        budget = stage_budget(self.plan, index) if self.plan.model_config else None
+        flops = step_flops(self.plan, index)
         while step < end:
             if max_steps is not None and step >= max_steps:
                 self._save(step, index, sampler, prepared.name)
                 return step
+            self.clock.reset()
+            self.memory.reset()
+            self.step_in_progress = step + 1
+            if self.fault is not None:
+                self.fault.before_step(step + 1, self.rank)
             started = time.perf_counter()
-            loss = self._step(batches, step, index)
+            loss, waited = self._step(batches, step, index)
+            seconds = time.perf_counter() - started
             step += 1
+            stopping = self.stop_agreed and step != end  # every rank saw the same flag in the step's all-reduce; at a
+            if stopping or (recipe.save_every and step % recipe.save_every == 0 and step != end):  # stage's end it
+                self._save(step, index, sampler, prepared.name)  # first evaluates and exports
             record = {
                 "step": step,
                 "stage": index,
                 "seq_len": stage.seq_len,
                 "loss": loss,
                 "lr": self.engine.get_lr()[0],
-                "tokens_per_s": tokens / (time.perf_counter() - started),
+                "tokens_per_s": tokens / seconds,
+                "tokens_per_s_per_gpu": tokens / seconds / self.plan.dims.world,
+                "step_s": seconds,
+                **{f"time_{phase}_s": round(t, 6) for phase, t in self.clock.seconds.items()},
             }
+            if flops is not None and self.peak_tflops:
+                record["mfu"] = flops / seconds / (self.peak_tflops * 1e12)
+            record |= self._memory_record(index, budget)
             if mixture is not None and sum(mixture):  # the tokens this rank has read from each source, this stage
                 record["source_share"] = [round(n / sum(mixture), 6) for n in mixture]
             if step % recipe.log_every == 0 or step == end:
+                record |= slowest_rank(seconds - waited, self.engine.device)  # a collective: every rank logs here
                 self.log.write(record)
             bar.set_postfix(stage=f"{index}@{stage.seq_len}", loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
             bar.update()
-            if self.stop_agreed and step != end:  # every rank saw the same flag in the step's all-reduce; at a
-                self._stop(step, index, sampler, prepared.name, bar)  # stage's end it first evaluates and exports
-            if recipe.save_every and step % recipe.save_every == 0 and step != end:
-                self._save(step, index, sampler, prepared.name)
+            if stopping:
+                self._stop(step, index, bar)
         eval_loss = self._eval_loss(stage.seq_len)
         if eval_loss is not None:
             self.log.write(
@@ -171,12 +222,16 @@ class Trainer:
         return step
 
     # --- steps ------------------------------------------------------------------------------
-    def _step(self, batches, step: int, stage_index: int) -> float:
-        """One optimizer step (grad_accum micro-steps). A non-finite loss stops every rank before
-        the update, so the model and the last checkpoint stay as they were."""
-        total = 0.0
+    def _step(self, batches, step: int, stage_index: int) -> tuple[float, float]:
+        """One optimizer step (grad_accum micro-steps), timed by phase: (the world's mean loss,
+        seconds waited in the closing all-reduce). A non-finite loss stops every rank before the
+        update, so the model and the last checkpoint stay as they were."""
+        total, clock = 0.0, self.clock
         for micro in range(self.recipe.grad_accum):
-            loss = self._forward(next(batches))
+            with clock("data"):
+                rows = next(batches)
+            with clock("forward"):
+                loss = self._forward(rows)
             if not self._all_finite(loss):
                 tag = checkpoint.latest_tag(self.ckpt_dir)
                 raise FloatingPointError(
@@ -184,10 +239,14 @@ class Trainer:
                     f"before the update. The last good checkpoint ({tag or 'none yet'} in {self.ckpt_dir}) is kept: "
                     "lower the learning rate or check the data, then run the same command to resume from it"
                 )
-            self.engine.backward(loss)
-            self.engine.step()
+            with clock("backward"):
+                self.engine.backward(loss)
+            with clock("optimizer"):
+                self.engine.step()
             total += loss.item()
-        return self._mean_over_world(total / self.recipe.grad_accum)
+        started = time.perf_counter()
+        mean = self._mean_over_world(total / self.recipe.grad_accum)
+        return mean, time.perf_counter() - started
 
     def _forward(self, rows: dict[str, torch.Tensor]) -> torch.Tensor:
         local = local_batch(rows, self.recipe, self.mesh)
@@ -208,16 +267,29 @@ class Trainer:
         self.stop_agreed = bool(t[1].item() > 0)
         return t[0].item() / dist.get_world_size()
 
-    def _stop(self, step: int, index: int, sampler, prepared: str, bar) -> None:
-        """Checkpoint `step` and leave on request (stop.py); the stop file is removed once honoured."""
+    def _stop(self, step: int, index: int, bar) -> None:
+        """Leave on request (stop.py) after `step` is checkpointed; the stop file is removed once honoured."""
         reason = self.stop_request.reason()
-        self._save(step, index, sampler, prepared)
         self.log.write({"event": "stopped", "step": step, "stage": index, "reason": reason})
         stop_file = self.stop_request.stop_file
-        if self.rank == 0 and stop_file is not None:
-            stop_file.unlink(missing_ok=True)
+        if self.rank == 0:
+            note_stop(self.run_dir, step)
+            if stop_file is not None:
+                stop_file.unlink(missing_ok=True)
+            write_report(self.run_dir)
         bar.close()
         raise Stopped(step, reason)
+
+    def _memory_record(self, stage: int, budget) -> dict:
+        """This step's peak memory, the plan's figure beside it, and the warning when over."""
+        measured = self.memory.read()
+        if not measured or budget is None:
+            return measured
+        planned = self.memory.planned(budget)
+        warning = self.memory.over_plan(stage, measured["mem_peak_gib"], planned)
+        if warning and self.rank == 0:
+            tqdm.write(f"ringpatch: warning: {warning}")
+        return measured | {"mem_planned_gib": planned}
 
     @torch.no_grad()
     def _eval_loss(self, seq_len: int) -> float | None:
@@ -258,7 +330,10 @@ class Trainer:
     def _save(self, step: int, stage_index: int, sampler, prepared: str) -> None:
         client_state = {"stage": stage_index, "sampler": sampler.state_dict(), "data": prepared}
         started = time.perf_counter()
-        checkpoint.save(self.engine, self.ckpt_dir, step, self.record, client_state, keep_last=self.recipe.keep_last)
+        with self.clock("checkpoint"):
+            checkpoint.save(
+                self.engine, self.ckpt_dir, step, self.record, client_state, keep_last=self.recipe.keep_last
+            )
         seconds = time.perf_counter() - started  # what a scheduler's grace before a stop must cover
         self.log.write({"event": "checkpoint", "step": step, "seconds": round(seconds, 3)})
         if self.rank == 0:

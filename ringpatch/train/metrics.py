@@ -50,6 +50,16 @@ class RunLog:
                     numbers |= {f"{k}/{i}": x for i, x in enumerate(v)}
             self.wandb.log(numbers, step=record.get("step"))
 
+    def records(self) -> list[dict]:
+        return [json.loads(line) for line in self.path.read_text().splitlines()] if self.path.is_file() else []
+
+    def last_event(self, event: str) -> dict | None:
+        """The newest record of `event` (rank 0 reads the file; other ranks have none)."""
+        return next((r for r in reversed(self.records()) if r.get("event") == event), None)
+
+    def last_step_seconds(self) -> float | None:
+        return next((r["step_s"] for r in reversed(self.records()) if "step_s" in r), None)
+
     def finish(self) -> None:
         if self.wandb is not None:
             self.wandb.finish()

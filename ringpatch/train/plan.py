@@ -6,7 +6,15 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from ringpatch.memory.estimate import estimate, host_offload_gib, kernel_kind, parameters, shapes, total_gib
+from ringpatch.memory.estimate import (
+    attention_shape,
+    estimate,
+    host_offload_gib,
+    kernel_kind,
+    parameters,
+    shapes,
+    total_gib,
+)
 from ringpatch.memory.reserve import kernel_scratch_bytes, reserve_gib, zero_buffers
 from ringpatch.memory.traffic import describe_traffic
 from ringpatch.parallel import ParallelDims
@@ -66,6 +74,24 @@ def stage_budget(plan: Plan, index: int) -> Budget:
     return budget(plan, s.seq_len, s.micro_batch or plan.recipe.micro_batch)
 
 
+def step_flops(plan: Plan, index: int) -> float | None:
+    """Model FLOPs of one optimizer step of stage `index`, per GPU (None: no model config): the
+    forward and backward (3x the forward) of every matmul, lm_head included, and of causal
+    attention over the whole sequence, QK^T and AV at half; recompute is not counted (MFU's
+    convention). Packed documents kept apart do less attention than this counts."""
+    cfg = plan.model_config
+    if cfg is None:
+        return None
+    r, dims, stage = plan.recipe, plan.dims, plan.recipe.stages[index]
+    n, emb = parameters(cfg)
+    heads, _, d = attention_shape(cfg)
+    seq = stage.seq_len
+    matmul = n - emb + cfg["vocab_size"] * cfg["hidden_size"]
+    forward = 2 * seq * matmul + cfg["num_hidden_layers"] * 2 * seq * seq * heads * d
+    sequences = dims.dp * (stage.micro_batch or r.micro_batch) * r.grad_accum
+    return 3 * forward * sequences / dims.world
+
+
 def on_gpus(plan: Plan) -> Plan:
     """The plan as it trains on GPUs, wherever it is made: dtype auto is bf16 there."""
     return dataclasses.replace(plan, bf16=plan.recipe.model.dtype != "float32", cuda=True)
@@ -97,7 +123,7 @@ def describe(plan, launch: str | None = None, gpus_per_node: int | None = None) 
         n, _ = parameters(plan.model_config)
         lines.append(f"parameters: {n / 1e9:.2f} B")
     lines.append(
-        "stage  seq_len    steps  micro_batch  tokens/GPU  rope                         GiB/GPU planned + reserve"
+        "stage  seq_len    steps  micro_batch  tokens/GPU  TFLOP/GPU/step  rope                         GiB/GPU planned + reserve"
     )
     last = None
     for i, s in enumerate(r.stages):
@@ -111,8 +137,10 @@ def describe(plan, launch: str | None = None, gpus_per_node: int | None = None) 
             if last
             else "unknown (no model config)"
         )
+        flops = step_flops(plan, i)
+        tflop = f"{flops / 1e12:>14,.1f}" if flops is not None else f"{'?':>14}"
         lines.append(
-            f"{i:>5}  {s.seq_len:>7}  {s.steps:>7}  {mb:>11}  {mb * s.seq_len // dims.sp:>10}  {rope:<27}  {mem}"
+            f"{i:>5}  {s.seq_len:>7}  {s.steps:>7}  {mb:>11}  {mb * s.seq_len // dims.sp:>10}  {tflop}  {rope:<27}  {mem}"
         )
     if last:
         lines.append("last stage, planned GiB/GPU: " + ", ".join(f"{k} {v:.2f}" for k, v in last.items.items()))

@@ -78,9 +78,10 @@ class DataSpec:
     eval_samples: Annotated[int, POSITIVE] = 4
     """Held-out packed sequences scored at each stage end."""
     streaming: bool = False
-    """Read the source as a stream (corpora larger than memory or disk); tokenising is then serial."""
+    """Read the source as a stream (corpora larger than memory or disk), tokenised by num_proc
+    workers in order."""
     num_proc: Annotated[int, POSITIVE] = 1
-    """Tokenising processes (non-streaming)."""
+    """Tokenising processes; the prepared sequences and their fingerprint do not depend on it."""
     min_doc_tokens: Annotated[int, NONNEGATIVE] = 0
     """Skip documents shorter than this (long-context runs want long documents)."""
     max_sequences: Annotated[int, POSITIVE] | None = None
@@ -276,6 +277,9 @@ class Recipe:
     timeout_minutes: Annotated[float, Range(0.1)] | None = None
     """How long a rank waits for the others in a collective before the run stops with a message
     naming the rank that stopped making progress (None: 5 on CPU, 30 on GPU)."""
+    peak_tflops: Annotated[float, Range(0, low_open=True)] | None = None
+    """The device's peak dense TFLOP/s per GPU that the logged MFU divides by (None: the data-sheet
+    bf16 figure of a known GPU, tf32's for float32; on CPU a matmul measured at start)."""
 
     def __post_init__(self):
         _check_recipe(self)

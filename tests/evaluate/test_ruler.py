@@ -27,6 +27,7 @@ from ringpatch.evaluate.ruler import (
     scored_positions,
     task_means,
 )
+from tests.helpers.bpe import train_bpe
 from tests.helpers.procs import spawn
 
 pytestmark = pytest.mark.unit
@@ -80,24 +81,14 @@ def test_prompts_have_the_length_the_depth_and_an_answer_only_the_truth_passes(t
 
 @pytest.fixture(scope="module")
 def bpe():
-    """A GPT-2-style byte-level BPE trained here on the task templates: words and numbers carry
-    the space before them (" 3", " magic"), as in GPT-2's and Llama-3's tokenizers."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
+    """A GPT-2-style byte-level BPE trained here on the task templates."""
     rng, builder = random.Random(0), Builder(byte_tokenizer())
     lines = []
     for _ in range(400):
         k, v = builder.word(rng), builder.number(rng)
         lines += [f"The magic number for {k} is {v}. What is the magic number for {k}? It is {v}, {builder.number(rng)}.",
                   f"VAR {k.upper()} = {v}. Which variables are assigned the value {v}? They are {k.upper()}, {k}."]  # fmt: skip
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=600, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  special_tokens=["<eos>"])  # fmt: skip
-    tok.train_from_iterator(lines, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+    return train_bpe(lines)
 
 
 class Answers(torch.nn.Module):
