@@ -5,7 +5,8 @@ A generated corpus of plain words (no download) and a byte-level BPE trained on 
 GPT-2 kind). Printed, side by side in one run: the tokenizer alone in one process, with its own
 threads (TOKENIZERS_PARALLELISM, the fast tokenizers' default) and on one thread; then the
 streamed and the non-streamed preparation (tokenise, filter, pack, write) at num_proc 1 and N,
-in tokens/s, tokens/s per core used, and the fraction of the one-thread tokenizer's rate. Every
+in tokens/s, tokens/s per core of the machine (num_proc 1 uses every core too: the tokenizer's own
+threads), and that per-core rate as a fraction of the one-thread tokenizer's. Every
 preparation is checked to give the same sequences as num_proc 1.
 
     python bench/prepare.py                 # ~12M tokens, num_proc 1 and 2
@@ -83,7 +84,7 @@ def main() -> None:
                 ids = data[:]["input_ids"].numpy().tobytes()
                 reference = reference or ids
                 tokens = data.num_rows * 4096
-                used = min(procs, cores)
+                used = cores
                 print(
                     f"{'streamed' if streaming else 'arrow':<10}  {procs:>8}  {tokens / seconds:9,.0f}  "
                     f"{tokens / seconds / used:9,.0f}  {tokens / seconds / used / base:24.2f}   {ids == reference}"
