@@ -22,7 +22,8 @@ def prepare(argv: list[str]) -> int:
     parser.add_argument("--recipe", required=True)
     args = parser.parse_args(argv)
     from ringpatch.data.prepare import prepare_recipe
-    from ringpatch.train.preflight import USER_ERRORS, preflight
+    from ringpatch.errors import USER_ERRORS
+    from ringpatch.train.preflight import preflight
     from ringpatch.train.recipe import load_recipe
 
     try:
@@ -69,8 +70,9 @@ def plan(argv: list[str]) -> int:
         help="GiB of host memory per node that activation offload may use (default 1536: a 2 TB node, a quarter kept)",
     )
     args = parser.parse_args(argv)
+    from ringpatch.errors import USER_ERRORS
     from ringpatch.train.plan import describe, describe_max_context, on_gpus
-    from ringpatch.train.preflight import USER_ERRORS, check_memory, preflight
+    from ringpatch.train.preflight import check_memory, preflight
 
     try:
         if args.nodes < 1 or args.gpus_per_node < 1 or not args.gpu_memory > 0:
@@ -117,7 +119,7 @@ def recipe(argv: list[str]) -> int:
     group.add_argument("--schema", action="store_true", help="print every key: type, default, range, description")
     group.add_argument("--check", metavar="RECIPE", help="load and validate a recipe file (no model, no data)")
     args = parser.parse_args(argv)
-    from ringpatch.train.preflight import USER_ERRORS
+    from ringpatch.errors import USER_ERRORS
     from ringpatch.train.recipe import Recipe, load_recipe
     from ringpatch.train.schema import schema_rows
 

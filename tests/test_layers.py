@@ -15,7 +15,7 @@ pytestmark = pytest.mark.unit
 
 PACKAGE = ROOT / "ringpatch"
 # Lowest first: a module may import its own layer and those before it, never one after it.
-LAYERS = ("attention", "parallel", "hf", "memory", "integrations", "data", "train", "evaluate")
+LAYERS = ("errors", "attention", "parallel", "hf", "memory", "integrations", "data", "train", "evaluate")
 PUBLIC_API = "memory"  # `import ringpatch` loads attention, hf and memory: it ranks with memory
 COMMANDS = ("cli", "selfcheck")  # top-level commands: may import every layer
 # Third-party packages a layer must not import, even inside a function.

@@ -10,6 +10,6 @@ The repository's top-level data/ holds the scripts that call these and the demo 
 """
 
 from ringpatch.data.packing import pack_documents
-from ringpatch.data.sampler import DistributedSampler
+from ringpatch.data.sampler import ResumableSampler
 
-__all__ = ["pack_documents", "DistributedSampler"]
+__all__ = ["pack_documents", "ResumableSampler"]

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import torch
 
 
-class DistributedSampler:
+class ResumableSampler:
     """Deterministic shuffled indices for one dp rank, resumable from a position.
 
     Epoch e uses the permutation seeded by (seed, e); dp rank d reads every dp_size-th index

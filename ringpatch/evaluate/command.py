@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from ringpatch.attention.layout import LAYOUTS, Layout
 from ringpatch.data.prepare import prepare_shared
+from ringpatch.errors import USER_ERRORS
 from ringpatch.evaluate.passkey import CLASSIC, demo_template, passkey_accuracy
 from ringpatch.evaluate.perplexity import perplexity_by_length
 from ringpatch.evaluate.prefill import check_lengths
@@ -29,7 +30,7 @@ from ringpatch.evaluate.report import report
 from ringpatch.evaluate.ruler import TASKS, Builder, check_tokenizer, min_length, ruler_scores
 from ringpatch.hf import patch_model
 from ringpatch.parallel import allocator_settings, launch_int, start, stop
-from ringpatch.train.preflight import USER_ERRORS, is_local
+from ringpatch.train.preflight import is_local
 from ringpatch.train.recipe import DataSpec, EvalSpec, load_recipe
 
 

@@ -9,6 +9,6 @@ The sequence-tiled MLP lives in train/tiled_mlp.py (it uses DeepSpeed's TiledMLP
 feature is one recipe switch, exact, and counted by estimate.py.
 """
 
-from ringpatch.memory.loss import causal_lm_loss, chunked_cross_entropy
+from ringpatch.hf.loss import causal_lm_loss, chunked_cross_entropy
 
 __all__ = ["causal_lm_loss", "chunked_cross_entropy"]

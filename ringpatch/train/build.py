@@ -12,7 +12,7 @@ from datetime import timedelta
 import torch
 
 import ringpatch
-from ringpatch.memory import causal_lm_loss
+from ringpatch.hf.loss import CHUNK_TOKENS, causal_lm_loss
 from ringpatch.memory.offload import enable_checkpointing
 from ringpatch.memory.rmsnorm import chunk_rmsnorms
 from ringpatch.parallel import Mesh, build_mesh, local_device, single_process_env
@@ -107,7 +107,7 @@ class LossModel(torch.nn.Module):
     """The causal LM whose forward is the chunked cross-entropy of shard_batch's output, so
     DeepSpeed (and ZeRO-3's parameter hooks) see the whole loss, head included, in one forward."""
 
-    def __init__(self, lm, chunk_tokens: int = 4096):
+    def __init__(self, lm, chunk_tokens: int = CHUNK_TOKENS):
         super().__init__()
         self.lm = lm
         self.config = lm.config  # AutoTP reads the architecture from here
@@ -148,7 +148,7 @@ def apply_optimizer_settings(engine, recipe) -> dict[str, tuple]:
         "weight_decay": engine.optimizer.param_groups[0]["weight_decay"],
     }
     scheduler.base_lrs = [o.lr] * len(engine.optimizer.param_groups)
-    scheduler._last_lr = [o.lr * factor(scheduler.last_epoch) for factor in scheduler.lr_lambdas]
-    for group, lr in zip(engine.optimizer.param_groups, scheduler._last_lr, strict=True):
+    lrs = [o.lr * factor(scheduler.last_epoch) for factor in scheduler.lr_lambdas]  # what its next step gives
+    for group, lr in zip(engine.optimizer.param_groups, lrs, strict=True):
         group.update(initial_lr=o.lr, lr=lr, betas=wanted["betas"], weight_decay=o.weight_decay)
     return {f"optim.{k}": (found[k], v) for k, v in wanted.items() if found[k] != v}

@@ -19,10 +19,11 @@ import sys
 import traceback
 from pathlib import Path
 
+from ringpatch.errors import USER_ERRORS
 from ringpatch.parallel import allocator_settings, launch_int
 from ringpatch.train import restart
 from ringpatch.train.lock import RunLock
-from ringpatch.train.preflight import USER_ERRORS, check_memory, device_memory_gib, preflight
+from ringpatch.train.preflight import check_memory, device_memory_gib, preflight
 from ringpatch.train.stop import RESUME_EXIT
 
 

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 import ringpatch
 from ringpatch.data.prepare import prepare_shared, prepared_folder
-from ringpatch.data.sampler import DistributedSampler
+from ringpatch.data.sampler import ResumableSampler
 from ringpatch.data.tokenizer import load_tokenizer
 from ringpatch.hf.rope import apply_rope
 from ringpatch.parallel import set_timeouts, stop
@@ -153,7 +153,7 @@ class Trainer:
         recipe, stage, step = self.recipe, self.recipe.stages[index], state["step"]
         end = first + stage.steps
         data = self._prepared(recipe.data.source, recipe.data.split, stage.seq_len, "train")
-        sampler = DistributedSampler(len(data), self.plan.dims.dp, self.mesh.dp_rank, seed=recipe.seed + index)
+        sampler = ResumableSampler(len(data), self.plan.dims.dp, self.mesh.dp_rank, seed=recipe.seed + index)
         prepared = prepared_folder(
             recipe.data, recipe.data.source, recipe.data.split, self.tokenizer, stage.seq_len, "train"
         )

@@ -26,9 +26,6 @@ from ringpatch.train.plan import Plan, stage_budget
 from ringpatch.train.recipe import Recipe, load_recipe
 from ringpatch.train.schema import check_writable
 
-# What a bad recipe, launch or input raises: reported as one line, without a traceback.
-USER_ERRORS = (ValueError, TypeError, NotImplementedError, FileNotFoundError, FloatingPointError)
-
 
 def is_local(name: str) -> bool:
     """A local path, as opposed to a hub id ("org/name" or "name")."""

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 
+from ringpatch.hf.loss import CHUNK_TOKENS
 from ringpatch.hf.rope import check_rope_scaling
 from ringpatch.parallel import ParallelDims
 from ringpatch.train.schema import NONNEGATIVE, POSITIVE, PathKind, Range, check_fields
@@ -263,7 +264,7 @@ class Recipe:
     """Training data; required to train."""
     eval: EvalSpec = field(default_factory=EvalSpec)
     """Evaluation: perplexity by length, passkey, RULER tasks (`ringpatch eval`)."""
-    loss_chunk_tokens: Annotated[int, POSITIVE] = 4096
+    loss_chunk_tokens: Annotated[int, POSITIVE] = CHUNK_TOKENS
     """Tokens per chunk of the chunked cross-entropy (the peak holds chunk x vocab float32 logits)."""
     deepspeed: Annotated[str, PathKind("file")] | None = None
     """A DeepSpeed JSON (launch/deepspeed/) with tuning knobs; values the recipe owns must be "auto" there."""

@@ -121,8 +121,8 @@ SITES = (  # (file, function or "" for any): the category of what it allocates
     ("ringpatch/attention/merge.py", "", "ring buffers"),
     ("ringpatch/attention/comm.py", "", "ring buffers"),
     ("ringpatch/attention/ulysses.py", "", "all-to-all copies"),
-    ("ringpatch/memory/loss.py", "_chunk_loss_sum", "loss chunk"),
-    ("ringpatch/memory/loss.py", "chunked_cross_entropy", "loss chunk"),
+    ("ringpatch/hf/loss.py", "_chunk_loss_sum", "loss chunk"),
+    ("ringpatch/hf/loss.py", "chunked_cross_entropy", "loss chunk"),
     ("ringpatch/memory/offload.py", "_to_host", "offload"),
 )
 

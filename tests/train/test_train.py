@@ -305,7 +305,7 @@ def test_document_masking_matches_a_block_diagonal_mask(tmp_path):
     equals the unpatched model's under a 4D block-diagonal mask on the same packed rows, and
     differs from a run that attends across documents."""
     from ringpatch.data.prepare import load_prepared
-    from ringpatch.data.sampler import DistributedSampler
+    from ringpatch.data.sampler import ResumableSampler
 
     data = _short_documents(tmp_path / "short")
     stages = [{"seq_len": 64, "steps": 2}]
@@ -316,7 +316,7 @@ def test_document_masking_matches_a_block_diagonal_mask(tmp_path):
     ok(launch(path, 2))
     ok(launch(recipe(unmasked, data, parallel__sp=2, stages=stages, data__document_masking=False), 2))
     prepared = load_prepared(next((data / "cache").glob("train-64-*")))
-    first = list(itertools.islice(DistributedSampler(len(prepared), 1, 0, seed=0), 2))
+    first = list(itertools.islice(ResumableSampler(len(prepared), 1, 0, seed=0), 2))
     rows = prepared[first]
     assert int((rows["doc_position_ids"] == 0).sum()) >= 6, "the rows should pack several documents"
     want = _block_diagonal_loss(path, rows)

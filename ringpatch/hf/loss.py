@@ -17,6 +17,10 @@ from ringpatch.hf.batch import AGREED_KEY, DOCUMENTS_KEY, IGNORE_INDEX
 from ringpatch.hf.models import PLAIN_HEAD_MODEL_TYPES
 from ringpatch.hf.settings import check_local_batch
 
+CHUNK_TOKENS = 4096
+"""Tokens per chunk by default (recipe key loss_chunk_tokens): the peak holds chunk x vocab
+float32 logits, 2 GiB at Llama-3's 128K vocabulary."""
+
 
 def _chunk_loss_sum(hidden, weight, bias, labels):
     logits = F.linear(hidden, weight, bias)  # (n, V): one chunk only
@@ -24,7 +28,7 @@ def _chunk_loss_sum(hidden, weight, bias, labels):
     return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
-def chunked_cross_entropy(hidden, weight, labels, bias=None, chunk_tokens: int = 4096) -> torch.Tensor:
+def chunked_cross_entropy(hidden, weight, labels, bias=None, chunk_tokens: int = CHUNK_TOKENS) -> torch.Tensor:
     """Sum over tokens of cross_entropy(hidden @ weight.T + bias, labels), -100 ignored.
 
     hidden (..., D), labels (...) already shifted; returns a float32 (or float64) scalar (a sum: divide
@@ -40,7 +44,7 @@ def chunked_cross_entropy(hidden, weight, labels, bias=None, chunk_tokens: int =
     return total
 
 
-def causal_lm_loss(model, batch: dict, chunk_tokens: int = 4096) -> torch.Tensor:
+def causal_lm_loss(model, batch: dict, chunk_tokens: int = CHUNK_TOKENS) -> torch.Tensor:
     """The full-sequence loss of a ring-patched causal LM on shard_batch's output, computed
     with chunked_cross_entropy. Equal to `model(**batch).loss` without its logits."""
     config = model.config
