@@ -20,6 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import ringpatch
+from ringpatch.attention.layout import LAYOUTS
 from ringpatch.parallel import start, stop
 
 
@@ -39,7 +40,7 @@ def main() -> int:
     parser.add_argument("--kv-heads", type=int, default=2)
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--window", type=int, default=None)
-    parser.add_argument("--layout", default="zigzag", choices=["zigzag", "contiguous"])
+    parser.add_argument("--layout", default="zigzag", choices=list(LAYOUTS))
     args = parser.parse_args()
 
     device = start()

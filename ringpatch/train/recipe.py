@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 
+from ringpatch.attention.layout import Layout
 from ringpatch.hf.loss import CHUNK_TOKENS
 from ringpatch.hf.rope import check_rope_scaling
 from ringpatch.parallel import ParallelDims
@@ -142,7 +143,7 @@ class ParallelSpec:
     """Sequence-parallel ranks per sample."""
     tp: Annotated[int, POSITIVE] = 1
     """Tensor-parallel ranks (DeepSpeed AutoTP); dp is what remains of the world."""
-    layout: Literal["zigzag", "contiguous", "balanced"] = "balanced"
+    layout: Layout = "balanced"
     """Token layout over the ring. balanced: zigzag for one sequence, and with packed documents
     (data.document_masking) a placement by each batch's documents that keeps the ranks' work
     within a few percent; lengths must divide by 8*sp (zigzag: 2*sp, contiguous: sp)."""
