@@ -87,7 +87,7 @@ CASES = [
      {"WORLD_SIZE": "8"}, "ulysses=4 does not divide the 2 query heads (per tensor-parallel rank); choose ulysses among [1, 2]"),
     ("ulysses-crosses-node", "train", {"parallel__sp": 4, "parallel__ulysses": 4}, [], {"WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2"},
      "ulysses=4 x tp=1 = 4 neighbouring ranks do not fit evenly in a node of 2 ranks, so some Ulysses all-to-alls would cross nodes; choose ulysses among [1, 2]"),
-    ("layout", "train", {"parallel__layout": "diagonal"}, [], {}, "parallel.layout must be one of ['zigzag', 'contiguous', 'balanced'], got 'diagonal'"),
+    ("layout", "train", {"parallel__layout": "diagonal"}, [], {}, "parallel.layout must be one of ['contiguous', 'zigzag', 'balanced'], got 'diagonal'"),
     ("world", "train", {"parallel__sp": 2}, [], {"WORLD_SIZE": "3"}, "world size 3 is not divisible by sp*tp = 2*1 = 2"),
     ("world-no-launcher", "train", {}, [], {"WORLD_SIZE": "2", "no launcher": True},
      "WORLD_SIZE=2 is set but no launcher started this process"),

@@ -56,7 +56,7 @@ def test_loads_yaml_into_frozen_dataclasses(tmp_path):
         (
             dict(parallel__layout="ring"),
             ValueError,
-            r"parallel.layout must be one of \['zigzag', 'contiguous', 'balanced'\], got 'ring'",
+            r"parallel.layout must be one of \['contiguous', 'zigzag', 'balanced'\], got 'ring'",
         ),
         (
             dict(stages__0__seq_len=65537, parallel__layout="zigzag"),
