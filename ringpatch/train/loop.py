@@ -286,7 +286,7 @@ class Trainer:
         if not measured or budget is None:
             return measured
         planned = self.memory.planned(budget)
-        warning = self.memory.over_plan(stage, measured["mem_peak_gib"], planned)
+        warning = self.memory.over_plan(stage, measured["mem_peak_gib"], planned, self.memory.parts(budget))
         if warning and self.rank == 0:
             tqdm.write(f"ringpatch: warning: {warning}")
         return measured | {"mem_planned_gib": planned}

@@ -130,17 +130,25 @@ class MemoryPeak:
         """The plan's figure comparable to mem_peak_gib."""
         return budget.tensors if self.cuda else budget.total
 
-    def over_plan(self, stage: int, measured: float, planned: float) -> str | None:
-        """A warning, once per stage, when measured exceeds planned by more than 10%."""
+    def over_plan(self, stage: int, measured: float, planned: float, parts: str = "") -> str | None:
+        """A warning, once per stage, when measured exceeds planned by more than 10% (`parts`: what
+        the plan's figure is made of, for the message)."""
         if measured <= OVER_PLAN * planned or stage in self.warned:
             return None
         self.warned.add(stage)
         what = "allocated" if self.cuda else "resident (VmHWM)"
         return (
             f"stage {stage}: peak {what} memory {measured:.2f} GiB is {measured / planned:.2f}x the plan's "
-            f"{planned:.2f} GiB (over by more than {OVER_PLAN - 1:.0%}); the plan may miss something at this shape: "
-            "report it with `ringpatch plan --recipe ... --simulate`, and keep headroom"
+            f"{planned:.2f} GiB{f' ({parts})' if parts else ''}, over by more than {OVER_PLAN - 1:.0%}; the plan may "
+            "miss something at this shape: compare `ringpatch plan --recipe ... --simulate`, and keep headroom"
         )
+
+    def parts(self, budget) -> str:
+        """What planned() adds up, in words."""
+        if self.cuda:
+            return f"the step's tensors; reserve {sum(budget.reserve.values()):.2f} GiB besides"
+        reserve = ", ".join(f"{k} {v:.2f}" for k, v in budget.reserve.items())
+        return f"tensors {budget.tensors:.3f} + {reserve}"
 
 
 def slowest_rank(busy_s: float, device: torch.device) -> dict[str, float]:

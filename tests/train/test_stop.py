@@ -12,6 +12,7 @@ import os
 import re
 import signal
 import subprocess
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -186,6 +187,8 @@ def test_memory_over_the_plan_is_warned_once_per_stage():
     warning = memory.over_plan(0, 1.25, 1.0)
     assert "peak resident (VmHWM) memory 1.25 GiB is 1.25x the plan's 1.00 GiB" in warning
     assert memory.over_plan(0, 1.5, 1.0) is None and memory.over_plan(1, 1.5, 1.0) is not None
+    plan = SimpleNamespace(tensors=0.035, reserve={"process runtime (CPU)": 0.55})
+    assert "(tensors 0.035 + process runtime (CPU) 0.55)" in memory.over_plan(2, 0.77, 0.585, memory.parts(plan))
     assert memory.read()["mem_peak_gib"] > 0
 
 
