@@ -71,29 +71,21 @@ class FlashAttn:
         assert (spec.window is None or left >= 0) and (not spec.causal or right >= 0), (call, left, right)
         return False, left, right
 
+    def _options(self, q, k, call: Call, spec: MaskSpec) -> dict:
+        """The keyword arguments forward and backward share: the mask, the scale, no dropout."""
+        causal, left, right = self._window(call, spec, q.shape[1], k.shape[1])
+        return {"dropout_p": 0.0, "softmax_scale": spec.scale, "causal": causal, "window_size_left": left,
+                "window_size_right": right, "softcap": 0.0, "alibi_slopes": None}  # fmt: skip
+
     def forward(self, q, k, v, call: Call, spec: MaskSpec):
         from flash_attn.flash_attn_interface import _flash_attn_forward
 
-        causal, left, right = self._window(call, spec, q.shape[1], k.shape[1])
-        out, lse, _, _ = _flash_attn_forward(
-            q,
-            k,
-            v,
-            dropout_p=0.0,
-            softmax_scale=spec.scale,
-            causal=causal,
-            window_size_left=left,
-            window_size_right=right,
-            softcap=0.0,
-            alibi_slopes=None,
-            return_softmax=False,
-        )
+        out, lse, _, _ = _flash_attn_forward(q, k, v, return_softmax=False, **self._options(q, k, call, spec))
         return out, bhsd(lse)
 
     def backward(self, dout, q, k, v, out, lse, call: Call, spec: MaskSpec):
         from flash_attn.flash_attn_interface import _flash_attn_backward
 
-        causal, left, right = self._window(call, spec, q.shape[1], k.shape[1])
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         _flash_attn_backward(
             dout.contiguous(),
@@ -105,13 +97,7 @@ class FlashAttn:
             dq,
             dk,
             dv,
-            dropout_p=0.0,
-            softmax_scale=spec.scale,
-            causal=causal,
-            window_size_left=left,
-            window_size_right=right,
-            softcap=0.0,
-            alibi_slopes=None,
             deterministic=torch.are_deterministic_algorithms_enabled(),
+            **self._options(q, k, call, spec),
         )
         return dq, dk, dv
