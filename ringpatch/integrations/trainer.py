@@ -1,29 +1,9 @@
 """transformers.Trainer with ring attention: one changed line, `Trainer(...)` -> `RingTrainer(..., sp=N)`.
 
-What the Trainer does by default is wrong for sequence parallelism in three places, each fixed here:
-
-1. Data. Accelerate shards batches over every process, so the ranks of one ring would read
-   different samples. The ring's ranks are one data-parallel rank: the prepared dataloaders
-   (train and eval) are sharded over dp = world / sp only, so every rank of a ring gets the
-   same batch (map-style datasets; accelerate's shuffling generator is already synchronised).
-   With dp = 1 the last batch is not padded with repeated samples (one process reads none);
-   with dp > 1 it is, as under DDP, and the eval loop's gather keeps one value per dp rank
-   (every rank of a ring holds the same loss) before accelerate drops the repeats.
-2. Loss. compute_loss cuts each full batch with shard_batch and calls the patched model, whose
-   loss is the full-sequence sum over the ring divided by the Trainer's num_items_in_batch. That
-   count is the Trainer's own (get_batch_samples) divided by sp: its gather over every process
-   counts a ring's batch sp times. The Trainer multiplies a loss by the
-   number of processes because DDP averages gradients over them; a ring's ranks hold the same
-   loss, so the factor here is dp. With these, gradient accumulation is exact (the loss a
-   stock Trainer doubles at gradient_accumulation_steps=2 is the one-process loss here).
-3. Counts. get_total_train_batch_size counts dp ranks, not every process, and the tokens seen
-   (include_num_input_tokens_seen, whence the logged train_tokens_per_second) count each
-   ring's batch once: the Trainer's gather over every process counted it sp times.
-
-The model is patched by the trainer over its sp group (pass it unpatched); `ulysses=U` splits
-that group into Ulysses x ring (U neighbouring ranks trade sequence for heads, the ring runs
-over sp / U: ringpatch.attention.ulysses). Gradients are averaged
-over all processes by DDP or DeepSpeed, as the loss contract asks (ringpatch.hf.patch).
+The Trainer's data sharding, loss normalisation and counts are made right for sequence
+parallelism (the ranks of one ring are one data-parallel rank); the model is patched over the sp
+group (pass it unpatched), `ulysses=U` splits that group into Ulysses x ring. What each fix does
+and why: docs/design.md, "The Trainer integration".
 """
 
 from __future__ import annotations

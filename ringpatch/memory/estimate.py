@@ -1,29 +1,10 @@
-"""Per-GPU memory estimate of a recipe's stage (printed by `ringpatch plan`; see docs/memory.md).
+"""Per-GPU memory estimate of a recipe's stage (printed by `ringpatch plan`).
 
-Held through the step (GiB per GPU; N parameters, of which tp shards all but the embeddings):
-- weights 2N, gradients 2N, optimizer 12N (fp32 master, Adam m and v), divided by the dp x sp
-  ranks that ZeRO partitions them over (stage 1: optimizer; 2: + gradients; 3: + weights); below
-  stage 2 an untied input embedding's gradient is left out (backward makes it last);
-- checkpointed activations: one (tokens x hidden) input per layer, and RoPE's cos and sin (on the
-  host with activation_offload: host_offload_gib); without checkpointing, all a layer saves;
-- kept attention outputs (keep_attention): each layer's output and log-sum-exp.
-On top, the larger of the two backwards, which never overlap: a layer's (its phases below) and
-the loss's (a chunk's logits, the final norm's saved tensors and its backward).
-
-A layer's backward, per token, is the largest of its phases, each the tensors live in it: what
-the layer saved and still holds, the gradient coming in, and that phase's own working set. The
-counts are those of transformers' Llama/Mistral layer under autograd, as the simulated rank
-(train/simulate.py) finds them tensor by tensor; tests/train/test_simulate.py holds the sum to
-the simulation at every shipped recipe's shape and at small float32 ones:
-- MLP: the MLP's six (tokens x intermediate) tensors at its backward's peak (three saved, three
-  gradients), or one tile's with mlp_tiles, plus the tiled MLP's input-gradient accumulator;
-- norm (the attention's output norm): its backward's five float32 (tokens x hidden) temporaries
-  beside its own float32 copy and the input norm's saved tensors;
-- attention: the ring's backward: per head group (attention/ring.py, head_groups), the float32
-  dQ and four dK/dV buffers, K/V in flight, and the kernel's outputs for one call.
-With bf16=False (float32 training, as on CPU) RMSNorm's float32 copy is no copy, a 2-byte tensor
-is 4 bytes, and the optimizer holds Adam's m and v only (8N).
-What no tensor shows (CUDA context, NCCL, kernel scratch, fragmentation) is reserve.py's.
+Model states by ZeRO stage, what lives through the step, and the largest of the backwards that
+never overlap (a layer's phases: MLP, norm, attention; a loss chunk's; the final norm's), counted
+as transformers' Llama/Mistral layer allocates them and held to the simulated rank
+(train/simulate.py, tests/train/test_simulate.py). What each item holds: docs/memory.md and
+docs/design.md, "The memory estimate"; what no tensor shows is reserve.py's.
 """
 
 from __future__ import annotations
