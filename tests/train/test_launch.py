@@ -30,8 +30,9 @@ def test_finetune_1m_dry_run_prints_the_plan_and_command():
     out = proc.stdout
     assert "world 32 = dp 1 x sp 32 (ulysses 4 x ring 8) x tp 1" in out and "ZeRO-3" in out
     assert "ulysses  4 x ring   8:" in out and "<- recipe, recommended" in out
-    assert "4  1048576      100            1       32768  theta 69,123,823" in out
+    assert "4  1048576      100            1       32768        28,497.1  theta 69,123,823" in out  # TFLOP/GPU/step
     assert "launch: " in out and "--recipe recipes/llama3-8b-1m.yaml" in out
+    assert "--max-restarts 3" in out and "--grace 600" in out
     assert ("sbatch --nodes 4" in out) or ("--nnodes 4 --nproc_per_node 8" in out and "head0:29500" in out)
 
 
@@ -91,6 +92,6 @@ def test_slurm_script_runs_torchrun_per_node_with_a_rendezvous_on_the_first(tmp_
     )
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "cmd").read_text().split() == [
-        "torchrun", "--nnodes", "2", "--nproc_per_node", "8", "--rdzv_id", "77", "--rdzv_backend", "c10d",
+        "torchrun", "--nnodes", "2", "--nproc_per_node", "8", "--max-restarts", "3", "--rdzv_id", "77", "--rdzv_backend", "c10d",
         "--rdzv_endpoint", "gpu-a1:29500", "-m", "ringpatch.train", "--recipe", "recipes/llama3-8b-1m.yaml", "--stop-file", str(tmp_path / "stop"), "--no-resume",
     ]  # fmt: skip
