@@ -230,12 +230,11 @@ def _documents(ds, tokenizer, text_field: str, streaming: bool, num_proc: int) -
     (empty or whitespace only: records.py counts them) are skipped."""
     if streaming:
         batches = (_texts(batch, text_field) for batch in ds.iter(batch_size=256))
-        if num_proc > 1:
-            for ids in _in_order(batches, tokenizer, num_proc):
-                yield from ids
-        else:
-            for texts in batches:
-                yield from _tokenize(texts, tokenizer)
+        tokenised = (
+            _in_order(batches, tokenizer, num_proc) if num_proc > 1 else (_tokenize(t, tokenizer) for t in batches)
+        )
+        for ids in tokenised:
+            yield from ids
         return
     tokens = ds.map(
         lambda batch: {"ids": _tokenize(_texts(batch, text_field), tokenizer)},

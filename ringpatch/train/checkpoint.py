@@ -157,7 +157,7 @@ def _gather(local) -> list:
     return out
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
@@ -343,8 +343,8 @@ def save(engine, ckpt_dir: str | Path, step: int, record: dict, client_state: di
     if dist.get_rank() == 0:
         try:
             manifest = {"step": step, "parameter_norm": norm, "files": hashed}
-            _atomic_write(ckpt_dir / tag / MANIFEST, json.dumps(manifest, indent=1))
-            _atomic_write(ckpt_dir / "latest", tag)
+            atomic_write(ckpt_dir / tag / MANIFEST, json.dumps(manifest, indent=1))
+            atomic_write(ckpt_dir / "latest", tag)
             if keep_last:  # tags newer than this one (left by a run that fell back) will be rewritten
                 for old in [t for t in _tags(ckpt_dir) if t <= tag][keep_last:]:
                     shutil.rmtree(ckpt_dir / old, ignore_errors=True)
@@ -404,7 +404,7 @@ def resume(engine, ckpt_dir: str | Path, record: dict, allowed: bool = True) -> 
         if path is None:
             raise ValueError(f"DeepSpeed could not load checkpoint {ckpt_dir / tag}")
         if dist.get_rank() == 0 and skipped:
-            _atomic_write(ckpt_dir / "latest", tag)
+            atomic_write(ckpt_dir / "latest", tag)
         return client_state, changed
     detail = "; ".join(f"{t}: {why}" for t, why in skipped)
     raise ValueError(

@@ -55,8 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     lock = None
-    restarted, max_restarts = restart.attempt()
     try:
+        rank = launch_int("RANK", 0)
+        restarted, max_restarts = restart.attempt()
         if args.max_steps is not None and args.max_steps < 1:
             raise ValueError(f"--max-steps must be >= 1, got {args.max_steps}")
         if args.grace is not None and not args.grace > 0:
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         if stopped_at is not None:  # torchrun restarted a group that had stopped on request: stay stopped
             # every rank says so: the first to exit has torchrun terminate the others
             print(
-                f"ringpatch train (rank {launch_int('RANK', 0)}): the run stopped on request at step {stopped_at} "
+                f"ringpatch train (rank {rank}): the run stopped on request at step {stopped_at} "
                 "(checkpointed); torchrun restarted it, but it stays stopped: run the same command to resume",
                 file=sys.stderr,
                 flush=True,
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             return RESUME_EXIT
         if not args.force:
             check_memory(plan, *device_memory_gib())
-        if launch_int("RANK", 0) == 0:  # one owner per run; the other ranks follow rank 0
+        if rank == 0:  # one owner per run; the other ranks follow rank 0
             lock = RunLock(plan.recipe.run_dir)
             lock.acquire()
             if restarted == 0:
@@ -110,7 +111,6 @@ def main(argv: list[str] | None = None) -> int:
         if lock is not None:
             lock.release()
     except Exception as e:
-        rank = launch_int("RANK", 0)
         restart.record_failure(plan.recipe.run_dir, rank, trainer.step_in_progress if trainer else None, e)
         summary = restart.last_attempt_summary(plan.recipe.run_dir) if rank == 0 or restart.primary(e) else None
         if summary:
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             lock.release()
         os._exit(1)
     if stopped is not None:
-        if launch_int("RANK", 0) == 0:
+        if rank == 0:
             print(f"\nringpatch train: {stopped}", file=sys.stderr, flush=True)
         return RESUME_EXIT
     return 0

@@ -31,7 +31,7 @@ from ringpatch.train.build import (
     zero3_loading,
 )
 from ringpatch.train.export import export_hf
-from ringpatch.train.metrics import RunLog
+from ringpatch.train.metrics import RunLog, read_records
 from ringpatch.train.plan import Plan, stage_budget, step_flops
 from ringpatch.train.report import write_report
 from ringpatch.train.restart import Fault, note_stop, restart_notice
@@ -90,26 +90,29 @@ class Trainer:
         device = self.engine.device
         self.clock, self.memory = StepClock(device), MemoryPeak(device)
         self.peak_tflops, source = peak_tflops(device, next(self.lm.parameters()).dtype, self.recipe.peak_tflops)
+        if self.rank != 0:  # the record is rank 0's to write
+            return
         record = {"event": "start", "step": self.state["step"], "world": self.plan.dims.world,
                   "device": str(device), "peak_tflops": self.peak_tflops, "peak_source": source}  # fmt: skip
         notice = restart_notice(self.run_dir, self.state["step"])
         if notice:
             record["restart"] = notice
-        last = self.log.last_event("checkpoint")
+        history = read_records(self.run_dir)  # the resumed run's, up to its checkpoint
+        last = next((r for r in reversed(history) if r.get("event") == "checkpoint"), None)
         if grace_s is not None and last is not None and grace_s < last["seconds"]:
+            step_s = next((r["step_s"] for r in reversed(history) if "step_s" in r), 0.0)
             record["grace_warning"] = (
                 f"--grace {grace_s:g} s is shorter than the last checkpoint write, {last['seconds']:.1f} s (step "
                 f"{last['step']}): a stop asked for that long before the time limit would be killed mid-checkpoint "
                 f"and lose the steps since the one before; ask the scheduler for at least "
-                f"{last['seconds'] + (self.log.last_step_seconds() or 0):.0f} s (the checkpoint and a step) plus a margin"
+                f"{last['seconds'] + step_s:.0f} s (the checkpoint and a step) plus a margin"
             )
         self.log.write(record)
-        if self.rank == 0:
-            for key in ("restart", "grace_warning"):
-                if key in record:
-                    print(f"ringpatch: {'warning: ' if key == 'grace_warning' else ''}{record[key]}", flush=True)
-            if self.peak_tflops is None:
-                print(f"ringpatch: {source}", flush=True)
+        for key in ("restart", "grace_warning"):
+            if key in record:
+                print(f"ringpatch: {'warning: ' if key == 'grace_warning' else ''}{record[key]}", flush=True)
+        if self.peak_tflops is None:
+            print(f"ringpatch: {source}", flush=True)
 
     # --- the run ----------------------------------------------------------------------------
     def run(self, max_steps: int | None = None) -> None:
@@ -329,12 +332,11 @@ class Trainer:
 
     def _save(self, step: int, stage_index: int, sampler, prepared: str) -> None:
         client_state = {"stage": stage_index, "sampler": sampler.state_dict(), "data": prepared}
-        started = time.perf_counter()
         with self.clock("checkpoint"):
             checkpoint.save(
                 self.engine, self.ckpt_dir, step, self.record, client_state, keep_last=self.recipe.keep_last
             )
-        seconds = time.perf_counter() - started  # what a scheduler's grace before a stop must cover
+        seconds = self.clock.last  # what a scheduler's grace before a stop must cover
         self.log.write({"event": "checkpoint", "step": step, "seconds": round(seconds, 3)})
         if self.rank == 0:
             tqdm.write(f"ringpatch: checkpoint step {step} written in {seconds:.1f} s")

@@ -7,6 +7,12 @@ import json
 from pathlib import Path
 
 
+def read_records(run_dir: str | Path) -> list[dict]:
+    """Every record of run_dir/metrics.jsonl, oldest first ([] when there is none yet)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
 class RunLog:
     """Appends records to metrics.jsonl and logs their numbers to wandb (online, offline or disabled).
 
@@ -49,16 +55,6 @@ class RunLog:
                 if isinstance(v, list) and all(isinstance(x, (int, float)) for x in v):
                     numbers |= {f"{k}/{i}": x for i, x in enumerate(v)}
             self.wandb.log(numbers, step=record.get("step"))
-
-    def records(self) -> list[dict]:
-        return [json.loads(line) for line in self.path.read_text().splitlines()] if self.path.is_file() else []
-
-    def last_event(self, event: str) -> dict | None:
-        """The newest record of `event` (rank 0 reads the file; other ranks have none)."""
-        return next((r for r in reversed(self.records()) if r.get("event") == event), None)
-
-    def last_step_seconds(self) -> float | None:
-        return next((r["step_s"] for r in reversed(self.records()) if "step_s" in r), None)
 
     def finish(self) -> None:
         if self.wandb is not None:

@@ -9,19 +9,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ringpatch.train.metrics import read_records
+from ringpatch.train.telemetry import PHASES
+
 PLOTS = {  # file: (title, y label, [(field, label)])
     "loss.png": ("training loss", "loss", [("loss", "loss")]),
     "tokens_per_s.png": ("throughput", "tokens/s per GPU", [("tokens_per_s_per_gpu", "tokens/s per GPU")]),
     "mfu.png": ("model FLOPs utilisation", "MFU", [("mfu", "MFU")]),
     "memory.png": ("peak memory per step", "GiB", [("mem_peak_gib", "measured peak"), ("mem_planned_gib", "plan")]),
 }
-
-
-def _records(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: give the run_dir of a run that has taken a step")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _mean(values: list[float]) -> float | None:
@@ -49,7 +45,7 @@ def summary(records: list[dict]) -> dict:
         "mem_peak_gib_max": max(peaks) if peaks else None,
         "mem_planned_gib_max": max(planned) if planned else None,
         "mem_peak_over_plan_max": max(ratios) if ratios else None,
-        "time_s": {p: sum(field(f"time_{p}_s")) for p in ("data", "forward", "backward", "optimizer", "checkpoint")},
+        "time_s": {p: sum(field(f"time_{p}_s")) for p in PHASES},
         "checkpoints": [{"step": r["step"], "seconds": r["seconds"]} for r in events if r["event"] == "checkpoint"],
         "evals": [r for r in events if r["event"] == "eval"],
         "starts": sum(1 for r in events if r["event"] == "start"),
@@ -67,7 +63,11 @@ def write_report(run_dir: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     run_dir = Path(run_dir)
-    records = _records(run_dir)
+    records = read_records(run_dir)
+    if not records:
+        raise FileNotFoundError(
+            f"{run_dir / 'metrics.jsonl'} does not exist or is empty: give the run_dir of a run that has taken a step"
+        )
     folder = run_dir / "report"
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "summary.json").write_text(json.dumps(summary(records), indent=1) + "\n")

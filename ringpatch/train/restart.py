@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ringpatch.parallel import launch_int
+from ringpatch.train.checkpoint import atomic_write
 
 FOLDER = "attempts"
 STOPPED = "stopped.json"
@@ -61,16 +62,21 @@ def check_restarts(recipe, max_restarts: int) -> None:
         )
 
 
+_PEER_LOST = ("connection closed by peer", "connection reset", "broken pipe", "socket", "nccl", "timed out")
+
+
+def _lost_peer(text: str) -> bool:
+    return any(s in text.lower() for s in _PEER_LOST)
+
+
 def primary(error: BaseException) -> bool:
     """An error of this rank's own, not the loss of a peer that failed first."""
-    return not any(s in str(error).lower() for s in _PEER_LOST)
+    return not _lost_peer(str(error))
 
 
 def _write(path: Path, record: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    part = path.with_name(f".{path.name}.{os.getpid()}")
-    part.write_text(json.dumps(record))
-    os.replace(part, path)
+    atomic_write(path, json.dumps(record))
 
 
 def start_launch(run_dir: str | Path) -> None:
@@ -109,16 +115,13 @@ def failures(run_dir: str | Path) -> dict[int, dict[int, dict]]:
     return found
 
 
-_PEER_LOST = ("connection closed by peer", "connection reset", "broken pipe", "socket", "nccl", "timed out")
-
-
 def describe(records: dict[int, dict]) -> tuple[int | None, str]:
     """(the step, who failed) for one attempt's records. A rank whose error is about losing a peer
     failed because another did; the others are named first."""
     if not records:
         return None, "no rank recorded an error (killed: SIGKILL, out of memory, a lost node)"
     steps = [r["step"] for r in records.values() if r.get("step") is not None]
-    first = {k: r for k, r in records.items() if not any(s in r["error"].lower() for s in _PEER_LOST)}
+    first = {k: r for k, r in records.items() if not _lost_peer(r["error"])}
     if first:
         who = "; ".join(f"rank {rank}: {r['error']}" for rank, r in sorted(first.items()))
     else:

@@ -65,11 +65,13 @@ def _measured_cpu_tflops(dtype: torch.dtype) -> float:
 
 
 class StepClock:
-    """Seconds per phase of the current step: `with clock("forward"): ...`."""
+    """Seconds per phase of the current step: `with clock("forward"): ...`; `last`, the latest
+    phase's own."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
         self.seconds = dict.fromkeys(PHASES, 0.0)
+        self.last = 0.0
 
     def reset(self) -> None:
         self.seconds = dict.fromkeys(PHASES, 0.0)
@@ -84,7 +86,8 @@ class StepClock:
         finally:
             if self.cuda:
                 torch.cuda.synchronize()
-            self.seconds[phase] += time.perf_counter() - started
+            self.last = time.perf_counter() - started
+            self.seconds[phase] += self.last
 
 
 _STATUS = Path("/proc/self/status")
