@@ -132,6 +132,7 @@ bench: install
 	$(BIN)/python bench/checkpointing.py
 	$(BIN)/python bench/memory.py
 	$(BIN)/python bench/simulate.py
+	$(BIN)/python bench/prepare.py
 
 # Needs only a python with torch (a GPU machine's own; no venv, no install, no network).
 gpu-check:
