@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import ringpatch
-from ringpatch.attention.layout import LAYOUTS
+from ringpatch.attention.layout import DEFAULT_LAYOUT, LAYOUTS
 from ringpatch.parallel import start, stop
 
 
@@ -40,7 +40,7 @@ def main() -> int:
     parser.add_argument("--kv-heads", type=int, default=2)
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--window", type=int, default=None)
-    parser.add_argument("--layout", default="zigzag", choices=list(LAYOUTS))
+    parser.add_argument("--layout", default=DEFAULT_LAYOUT, choices=list(LAYOUTS))
     args = parser.parse_args()
 
     device = start()

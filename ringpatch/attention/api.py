@@ -8,7 +8,7 @@ import torch.distributed as dist
 from ringpatch.attention.comm import agree, resolve_group
 from ringpatch.attention.documents import docs_digest, documents_per_row
 from ringpatch.attention.kernels import Backend, default_scale, select
-from ringpatch.attention.layout import Layout, check_layout, check_seq_len
+from ringpatch.attention.layout import DEFAULT_LAYOUT, Layout, check_layout, check_seq_len
 from ringpatch.attention.ring import KeptAttention, RingAttentionFn, RingSpec
 from ringpatch.attention.ulysses import UlyssesRing, check_heads, gather_heads, scatter_heads
 
@@ -75,7 +75,7 @@ def ring_attention(
     causal: bool = True,
     window: int | None = None,
     scale: float | None = None,
-    layout: Layout = "zigzag",
+    layout: Layout = DEFAULT_LAYOUT,
     backend: Backend = "auto",
     cu_seqlens=None,
     keep: KeptAttention | None = None,

@@ -28,6 +28,8 @@ from ringpatch.attention.ulysses import check_ulysses, ulysses_degree
 
 Layout = Literal["contiguous", "zigzag", "balanced"]
 LAYOUTS: tuple[str, ...] = get_args(Layout)
+DEFAULT_LAYOUT: Layout = "zigzag"  # the library's: one sequence, no documents to place by
+PACKED_LAYOUT: Layout = "balanced"  # the recipe's and the Trainer's: zigzag, or by the batch's packed documents
 
 
 def check_layout(layout: str) -> None:
@@ -140,7 +142,7 @@ def _rows(x: torch.Tensor, dim: int, docs: Docs):
     return [(slice(b, b + 1), row) for b, row in enumerate(docs)]
 
 
-def shard(x: torch.Tensor, group=None, dim: int = 1, layout: Layout = "zigzag", cu_seqlens=None) -> torch.Tensor:
+def shard(x: torch.Tensor, group=None, dim: int = 1, layout: Layout = DEFAULT_LAYOUT, cu_seqlens=None) -> torch.Tensor:
     """Cut the full tensor `x` along `dim` and return this rank's part (a copy). With the
     balanced layout, `cu_seqlens` (as for ring_attention) places each row by its documents."""
     check_layout(layout)
@@ -156,7 +158,7 @@ def shard(x: torch.Tensor, group=None, dim: int = 1, layout: Layout = "zigzag", 
 
 
 def unshard(
-    x_local: torch.Tensor, group=None, dim: int = 1, layout: Layout = "zigzag", cu_seqlens=None
+    x_local: torch.Tensor, group=None, dim: int = 1, layout: Layout = DEFAULT_LAYOUT, cu_seqlens=None
 ) -> torch.Tensor:
     """Gather every rank's part of `x_local` along `dim` and return the full tensor in
     original order. Every rank must hold a part of the same shape. Not differentiable:

@@ -12,30 +12,33 @@ restarting at 0: no sequence begins with an offset.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterable, Iterator
 
 import torch
 
 
 def pack_documents(
-    docs: Iterable, seq_len: int, eos_id: int, min_doc_tokens: int = 0, sources: int = 0
+    docs: Iterable, seq_len: int, eos_id: int, min_doc_tokens: int = 0, sources: int = 0, whole=frozenset()
 ) -> Iterator[dict[str, list[int]]]:
     """Yield {"input_ids": seq_len tokens, "doc_position_ids": positions restarting at each document}.
 
     Documents shorter than `min_doc_tokens` are skipped; each kept document is followed by
     `eos_id`. A document longer than the room left continues into the next sequence, where
     its positions restart at 0. sources > 0: `docs` are (ids, source index) pairs, and each
-    sequence also has "source_tokens", its tokens from each of the `sources` sources."""
+    sequence also has "source_tokens", its tokens from each of the `sources` sources. A document
+    of a source in `whole` (a task whose question must see its context) that fits in one sequence
+    is never cut: when the room left is too small it waits for the next sequence, which starts
+    with it, while the documents after it fill the room (at most WAITING wait at once)."""
     if seq_len < 2:
         raise ValueError(f"seq_len must be at least 2, got {seq_len}")
     ids: list[int] = []
     pos: list[int] = []
     counts = [0] * sources
-    for doc in docs:
-        doc, label = doc if sources else (doc, 0)
-        if len(doc) < min_doc_tokens:
-            continue
-        tokens = list(doc) + [eos_id]
+    waiting: deque = deque()
+
+    def place(tokens: list[int], label: int):
+        nonlocal ids, pos, counts
         start = 0
         while start < len(tokens):  # each pass fills the current sequence with the next piece
             take = min(seq_len - len(ids), len(tokens) - start)
@@ -47,6 +50,24 @@ def pack_documents(
             if len(ids) == seq_len:
                 yield {"input_ids": ids, "doc_position_ids": pos, **({"source_tokens": counts} if sources else {})}
                 ids, pos, counts = [], [], [0] * sources
+                while waiting and len(waiting[0][0]) <= seq_len - len(ids):  # waiting documents go first
+                    held, held_label = waiting.popleft()
+                    yield from place(held, held_label)
+
+    for doc in docs:
+        doc, label = doc if sources else (doc, 0)
+        if len(doc) < min_doc_tokens:
+            continue
+        tokens = list(doc) + [eos_id]
+        if label in whole and len(tokens) <= seq_len and len(tokens) > seq_len - len(ids):
+            waiting.append((tokens, label))
+            if len(waiting) <= WAITING:
+                continue
+            tokens, label = waiting.popleft()  # too many wait (a mixture of whole documents only): cut the oldest
+        yield from place(tokens, label)
+
+
+WAITING = 64
 
 
 def restart_first_document(positions: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -21,6 +22,7 @@ from itertools import islice
 from pathlib import Path
 
 from ringpatch.data.packing import pack_documents
+from ringpatch.data.tasks import DIGITS, SYNTHETIC, synthetic_documents
 from ringpatch.data.tokenizer import load_tokenizer
 
 
@@ -152,7 +154,8 @@ def fingerprint(spec, source: str | None, split: str, tokenizer, seq_len: int, k
     }
     if mixed(spec, kind):
         key["mixture"] = [
-            [_where(m.source), m.split, m.text_field, m.min_doc_tokens, w, MIX_RULE] for m, w in members(spec)
+            [_where(m.source), m.split, m.text_field, m.min_doc_tokens, w, MIX_RULE, *_generator(spec, i)]
+            for i, (m, w) in enumerate(members(spec))
         ]
     else:
         key |= {
@@ -162,6 +165,35 @@ def fingerprint(spec, source: str | None, split: str, tokenizer, seq_len: int, k
             "min_doc_tokens": spec.min_doc_tokens,
         }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _generator(spec, i: int) -> list:
+    """What makes the documents of data.sources[i] when it is synthetic (part of the fingerprint)."""
+    m = spec.sources[i]
+    return [SYNTHETIC_RULE, list(m.tasks), synthetic_seed(m), m.value_digits or DIGITS] if m.source == SYNTHETIC else []
+
+
+SYNTHETIC_RULE = "ruler-tasks-1"  # how tasks.synthetic_documents draws its documents
+
+
+def synthetic_seed(m) -> int:
+    return 1 if m.seed is None else m.seed
+
+
+def synthetic_stream(spec, i: int, tokenizer, seq_len: int):
+    """The documents of data.sources[i], the synthetic generator; a DataError naming the source
+    when none of its tasks fits in a sequence of seq_len."""
+    m = spec.sources[i]
+    least = spec.min_doc_tokens if m.min_doc_tokens is None else m.min_doc_tokens
+    docs = synthetic_documents(tokenizer, m.tasks, seq_len, synthetic_seed(m), least, m.value_digits or DIGITS)
+    try:
+        first = next(docs)
+    except ValueError as e:
+        raise DataError(
+            f"data.sources[{i}] {SYNTHETIC} yields no document for a sequence of {seq_len} tokens: {e}; choose tasks "
+            "that fit (eval's min_length), lower its min_doc_tokens, or train it only with longer stages"
+        ) from None
+    return itertools.chain([first], docs)
 
 
 MIX_RULE = "token-deficit-1"  # how mix() interleaves: part of a mixture's fingerprint
@@ -255,12 +287,18 @@ def _packed(spec, source: str | None, split: str, tokenizer, seq_len: int, cache
     if mixed(spec, kind):
         streams, weights = [], []
         for i, (m, weight) in enumerate(members(spec)):
+            weights.append(weight)
+            if m.source == SYNTHETIC:
+                streams.append(synthetic_stream(spec, i, tokenizer, seq_len))
+                continue
             ds = load_source(m.source, m.split, m.text_field, m.streaming, cache_dir=f"{cache_dir}/{i}",
                              key="data.sources[].text_field")  # fmt: skip
             docs = _documents(ds, tokenizer, m.text_field, m.streaming, m.num_proc)
             streams.append(doc for doc in docs if len(doc) >= m.min_doc_tokens)
-            weights.append(weight)
-        packed = pack_documents(mix(streams, weights), seq_len, tokenizer.eos_token_id, sources=len(streams))
+        whole = {i for i, m in enumerate(spec.sources) if m.source == SYNTHETIC}  # a question needs its context
+        packed = pack_documents(
+            mix(streams, weights), seq_len, tokenizer.eos_token_id, sources=len(streams), whole=whole
+        )
     else:
         field, key = text_field_of(spec, kind)
         ds = load_source(source, split, field, spec.streaming, cache_dir=cache_dir, key=key)
@@ -304,7 +342,10 @@ def check_tokens(spec, source: str | None, split: str, tokenizer, seq_len: int, 
 
     if mixed(spec, kind):
         total = sum(w for _, w in members(spec))
-        for m, weight in members(spec):
+        for i, (m, weight) in enumerate(members(spec)):
+            if m.source == SYNTHETIC:
+                synthetic_stream(spec, i, tokenizer, seq_len)
+                continue
             check_split(m.source, m.split, "data.sources[].split")
             local = local_files(m.source)
             if local is None:
@@ -462,10 +503,11 @@ def prepare_recipe(recipe) -> list[Path]:
         raise ValueError("the recipe has no data section (data.source) to prepare")
     spec = recipe.data
     tokenizer = load_tokenizer(recipe.model.tokenizer, recipe.model.name)
-    folders = [
-        prepare_split(spec, spec.source, spec.split, tokenizer, n, "train")
-        for n in sorted({s.seq_len for s in recipe.stages})
-    ]
+    folders = []
+    for i, stage in enumerate(recipe.stages):  # each stage's own mixture weights (the same data: found, not redone)
+        stage_spec = recipe.stage_data(i)
+        folder = prepare_split(stage_spec, stage_spec.source, stage_spec.split, tokenizer, stage.seq_len, "train")
+        folders += [folder] if folder not in folders else []
     if spec.eval_source is not None:
         lengths = {s.seq_len for s in recipe.stages} | (
             {max(recipe.eval.ppl_lengths)} if recipe.eval.ppl_lengths else set()

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ringpatch.attention.layout import LAYOUTS, Layout
+from ringpatch.attention.layout import DEFAULT_LAYOUT, LAYOUTS, Layout
 from ringpatch.data.prepare import prepare_shared
 from ringpatch.errors import USER_ERRORS
 from ringpatch.evaluate.passkey import CLASSIC, demo_template, passkey_accuracy
@@ -61,7 +61,7 @@ def _haystack(spec, data_spec, tokenizer, device):
 
 
 def evaluate_models(
-    models: dict[str, str], spec, data_spec, out_dir, layout: Layout = "zigzag", device=None, dtype=torch.float32
+    models: dict[str, str], spec, data_spec, out_dir, layout: Layout = DEFAULT_LAYOUT, device=None, dtype=torch.float32
 ) -> dict:
     """Perplexity-vs-length (when data is given), passkey and the RULER tasks for each model;
     tables printed by rank 0 and saved as CSV/JSON/PNG in out_dir. Every rank of the default
@@ -86,6 +86,8 @@ def evaluate_models(
                 layout,
                 haystack=_haystack(spec, data_spec, tokenizer, device),
                 device=device,
+                digits=spec.ruler_value_digits,
+                scorer=spec.ruler_scorer,
             )
             claimed = model.config.max_position_embeddings
             ruler[label] = {"scores": scores, "seconds": seconds, "claimed": claimed}
@@ -146,7 +148,7 @@ def _spec_and_models(args):
         changes["ruler_tasks"] = tuple(TASKS if args.ruler_tasks == ["all"] else args.ruler_tasks)
     if args.ruler_lengths:
         changes["ruler_lengths"] = tuple(args.ruler_lengths)
-    for key in ("ruler_trials", "ruler_threshold", "ruler_haystack"):
+    for key in ("ruler_trials", "ruler_threshold", "ruler_haystack", "ruler_value_digits", "ruler_scorer"):
         if getattr(args, key) is not None:
             changes[key] = getattr(args, key)
     if args.passkey_template:
@@ -196,7 +198,7 @@ def _check_ruler(spec, models: dict[str, str]) -> None:
         except OSError as e:
             raise FileNotFoundError(f"model {path} has no loadable tokenizer: {str(e).splitlines()[0]}") from None
         check_tokenizer(tokenizer)
-        builder = Builder(tokenizer)
+        builder = Builder(tokenizer, digits=spec.ruler_value_digits)
         for task in spec.ruler_tasks:
             need = min_length(builder, task)
             if spec.ruler_lengths[0] < need:
@@ -223,7 +225,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ruler-trials", type=int)
     parser.add_argument("--ruler-threshold", type=float, help="effective-length threshold (default 0.856)")
     parser.add_argument("--ruler-haystack", choices=["filler", "data"])
-    parser.add_argument("--layout", default="zigzag", choices=list(LAYOUTS))
+    parser.add_argument("--ruler-value-digits", type=int, help="digits of each hidden value (default 7, as RULER)")
+    parser.add_argument(
+        "--ruler-scorer", choices=["teacher", "generate"], help="teacher forcing (default) or generation"
+    )
+    parser.add_argument("--layout", default=DEFAULT_LAYOUT, choices=list(LAYOUTS))
     parser.add_argument(
         "--no-document-masking",
         action="store_true",

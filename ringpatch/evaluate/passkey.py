@@ -7,8 +7,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ringpatch.attention.layout import Layout
+from ringpatch.attention.layout import DEFAULT_LAYOUT, Layout
 from ringpatch.data import corpus
+from ringpatch.data.tasks import LANDMARK_FILLER
 from ringpatch.evaluate.prefill import ring_prefill_scores
 
 
@@ -26,7 +27,7 @@ class PasskeyTemplate:
 CLASSIC = PasskeyTemplate(
     intro="There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
     "I will quiz you about the important information there. ",
-    filler=("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ",),
+    filler=(LANDMARK_FILLER,),
     needle="The pass key is {key}. Remember it. {key} is the pass key. ",
     question="What is the pass key? The pass key is ",
     key_alphabet="0123456789",
@@ -74,7 +75,7 @@ def passkey_accuracy(
     trials: int,
     template: PasskeyTemplate,
     group=None,
-    layout: Layout = "zigzag",
+    layout: Layout = DEFAULT_LAYOUT,
     seed: int = 0,
     device=None,
 ) -> dict[tuple[int, float], float]:

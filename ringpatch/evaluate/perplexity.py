@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import torch
 
-from ringpatch.attention.layout import Layout
+from ringpatch.attention.layout import DEFAULT_LAYOUT, Layout
 from ringpatch.data.packing import restart_first_document
 from ringpatch.evaluate.prefill import ring_prefill_scores
 
 
 def perplexity_by_length(
-    model, sequences: torch.Tensor, lengths, last_tokens: int, group=None, layout: Layout = "zigzag", positions=None
+    model,
+    sequences: torch.Tensor,
+    lengths,
+    last_tokens: int,
+    group=None,
+    layout: Layout = DEFAULT_LAYOUT,
+    positions=None,
 ) -> dict[int, float]:
     """Mean loss of the same last `last_tokens` tokens of each sequence, seen with a context of
     each length (the context ends where the sequence ends). `positions`: the sequences' document

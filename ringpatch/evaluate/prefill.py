@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from ringpatch.attention.comm import resolve_group
 from ringpatch.attention.documents import positions_in_documents
-from ringpatch.attention.layout import Layout, local_positions
+from ringpatch.attention.layout import DEFAULT_LAYOUT, Layout, local_positions
 from ringpatch.attention.ulysses import ulysses_degree
 from ringpatch.hf.batch import DOCUMENTS_KEY, cu_seqlens_of
 from ringpatch.hf.documents import starts_from_positions
@@ -43,7 +43,7 @@ def ring_prefill_scores(
     ids: torch.Tensor,
     scored: torch.Tensor,
     group=None,
-    layout: Layout = "zigzag",
+    layout: Layout = DEFAULT_LAYOUT,
     position_ids=None,
     predicted: bool = False,
 ):

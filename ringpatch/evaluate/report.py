@@ -114,8 +114,12 @@ def report_ruler(ruler: dict[str, dict], spec, out: Path) -> None:
         lengths = sorted(means)
         cost = ", ".join(f"{n}: {result['seconds'][n]:.1f} s" for n in lengths)
         print(
-            f"\nRULER tasks, {label} (score: fraction of expected items produced; {spec.ruler_trials} prompt(s) per "
-            f"depth, depths {list(spec.ruler_depths)}; cost per length {cost})"
+            f"\nRULER tasks, {label} (score: fraction of expected items "
+            + ("found in the greedy generation" if spec.ruler_scorer == "generate" else "produced")
+            + f"; {spec.ruler_trials} prompt(s) per "
+            f"depth, depths {list(spec.ruler_depths)}"
+            + (f"; {spec.ruler_value_digits}-digit values, RULER's are 7" if spec.ruler_value_digits != 7 else "")
+            + f"; cost per length {cost})"
         )
         table = [[t, *(scores[(t, n)] for n in lengths)] for t in tasks] + [["mean", *(means[n] for n in lengths)]]
         print(format_table(["task", *lengths], table))

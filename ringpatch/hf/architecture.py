@@ -53,6 +53,14 @@ def _causal_lm(config, where: str) -> None:
         )
 
 
+def head_counts(config) -> tuple[int | None, int | None]:
+    """(query heads, key/value heads) of a transformers config or its dict; the K/V heads default
+    to the query heads (multi-head attention), as transformers reads them."""
+    get = config.get if isinstance(config, dict) else lambda key: getattr(config, key, None)
+    heads = get("num_attention_heads")
+    return heads, get("num_key_value_heads") or heads
+
+
 def _heads(config, where: str) -> None:
     heads = getattr(config, "num_attention_heads", None)
     if not isinstance(heads, int) or heads < 1:

@@ -17,7 +17,7 @@ import torch
 
 from ringpatch.attention.comm import agree, resolve_group
 from ringpatch.attention.documents import positions_in_documents
-from ringpatch.attention.layout import Layout, check_layout, num_chunks, shard
+from ringpatch.attention.layout import DEFAULT_LAYOUT, Layout, check_layout, num_chunks, shard
 from ringpatch.hf.documents import FLATTENING_KEYS, document_starts
 
 IGNORE_INDEX = -100
@@ -124,7 +124,7 @@ def cu_seqlens_of(rows: list[tuple[int, ...]], seq: int, device=None) -> torch.T
     return torch.tensor(bounds, dtype=torch.int64, device=device)
 
 
-def shard_batch(batch, group=None, layout: Layout = "zigzag", pad_token_id: int = 0) -> dict:
+def shard_batch(batch, group=None, layout: Layout = DEFAULT_LAYOUT, pad_token_id: int = 0) -> dict:
     """This rank's part of a full-sequence causal-LM batch that every rank of `group` holds.
 
     Takes input_ids (B, S) and optional labels (HF convention: unshifted, -100 ignored),

@@ -16,9 +16,9 @@ import torch.distributed as dist
 
 from ringpatch.attention.comm import SumOverGroup, resolve_group
 from ringpatch.attention.kernels import check_backend
-from ringpatch.attention.layout import Layout, check_layout
+from ringpatch.attention.layout import DEFAULT_LAYOUT, Layout, check_layout
 from ringpatch.attention.ulysses import UlyssesRing, check_heads
-from ringpatch.hf.architecture import check_architecture
+from ringpatch.hf.architecture import check_architecture, head_counts
 from ringpatch.hf.batch import AGREED_KEY, DOCUMENTS_KEY
 from ringpatch.hf.interface import IMPLEMENTATION, register
 from ringpatch.hf.models import check_transformers_version
@@ -96,10 +96,9 @@ def _full_loss(model, args, kwargs, output):
 def _check_ulysses_heads(config, ulysses: int) -> None:
     """The Ulysses all-to-all splits heads: refuse head counts it cannot split before any batch.
     (Under tensor parallelism the per-rank counts are checked again at every attention call.)"""
-    heads = getattr(config, "num_attention_heads", None)
+    heads, kv_heads = head_counts(config)
     if heads is None:
         return
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
     try:
         check_heads(heads, kv_heads, ulysses)
     except ValueError as exc:
@@ -116,7 +115,7 @@ def _base_model(model):
 def patch_model(
     model,
     group=None,
-    layout: Layout = "zigzag",
+    layout: Layout = DEFAULT_LAYOUT,
     backend: str = "auto",
     local_logits: bool = False,
     keep_attention: bool = False,

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from ringpatch.attention.comm import resolve_group
+from ringpatch.attention.layout import PACKED_LAYOUT
 from ringpatch.hf import patch_model, shard_batch
 from ringpatch.parallel import ParallelDims, build_mesh
 
@@ -40,7 +41,7 @@ def _tokens_seen_per_ring(sp: int):
 class RingTrainerMixin:
     """Put before a Trainer class: `class MyTrainer(RingTrainerMixin, transformers.Trainer)`."""
 
-    def __init__(self, *args, sp: int, layout: str = "balanced", ulysses: int = 1, **kwargs):
+    def __init__(self, *args, sp: int, layout: str = PACKED_LAYOUT, ulysses: int = 1, **kwargs):
         super().__init__(*args, **kwargs)
         world = dist.get_world_size() if dist.is_initialized() else 1
         if sp < 1 or world % sp:

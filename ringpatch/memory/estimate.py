@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from ringpatch.attention.ring import head_groups
 from ringpatch.attention.ulysses import kv_repeats
+from ringpatch.hf.architecture import head_counts
 from ringpatch.memory.rmsnorm import RMS_CHUNK_BYTES
 
 GIB = 2**30
@@ -28,8 +29,8 @@ activation, up) and three gradients."""
 
 def attention_shape(cfg: dict) -> tuple[int, int, int]:
     """(query heads, K/V heads, head_dim) of a Llama/Mistral-style config."""
-    heads = cfg["num_attention_heads"]
-    return heads, cfg.get("num_key_value_heads") or heads, cfg.get("head_dim") or cfg["hidden_size"] // heads
+    heads, kv_heads = head_counts(cfg)
+    return heads, kv_heads, cfg.get("head_dim") or cfg["hidden_size"] // heads
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ringpatch.attention.layout import Layout, check_layout, num_chunks
+from ringpatch.attention.layout import DEFAULT_LAYOUT, Layout, check_layout, num_chunks
 from ringpatch.attention.ulysses import check_heads as check_ulysses_heads
 from ringpatch.attention.ulysses import check_ulysses
 
@@ -28,7 +28,7 @@ class ParallelDims:
     """Sequence-parallel (ring) ranks per sample."""
     tp: int = 1
     """Tensor-parallel ranks per layer shard."""
-    layout: Layout = "zigzag"
+    layout: Layout = DEFAULT_LAYOUT
     """How a sample's tokens are laid out over the sp ranks."""
     ulysses: int = 1
     """Of the sp ranks, how many neighbours trade sequence for heads (all-to-all); the ring

@@ -12,6 +12,7 @@ from datetime import timedelta
 import torch
 
 import ringpatch
+from ringpatch.hf.architecture import head_counts
 from ringpatch.hf.loss import CHUNK_TOKENS, causal_lm_loss
 from ringpatch.memory.offload import enable_checkpointing
 from ringpatch.memory.rmsnorm import chunk_rmsnorms
@@ -87,7 +88,7 @@ def lm_from_config(config: dict, bf16: bool):
 
 def prepare_lm(plan: Plan, lm, mesh: Mesh, backend="auto"):
     """The recipe's memory switches and the ring, applied to a loaded LM (in place; returns it)."""
-    plan.dims.check_heads(lm.config.num_attention_heads, lm.config.num_key_value_heads or lm.config.num_attention_heads)
+    plan.dims.check_heads(*head_counts(lm.config))  # the loaded model's, which preflight may not have seen
     lm.config.use_cache = False
     if plan.recipe.activation_checkpointing:
         enable_checkpointing(lm, offload=plan.recipe.activation_offload)

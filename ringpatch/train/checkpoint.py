@@ -68,7 +68,7 @@ FIXED = (
     "data.document_masking",
 )
 # Per stage already begun: what it trains on (its length, RoPE and batch); steps and lr may change.
-FIXED_STAGE = ("seq_len", "rope_theta", "rope_scaling", "micro_batch")
+FIXED_STAGE = ("seq_len", "rope_theta", "rope_scaling", "micro_batch", "source_weights")
 
 
 def _flat(tree, prefix: str = "") -> dict:

@@ -155,11 +155,10 @@ class Trainer:
         """Run stage `index` (global steps first..first+steps) from state["step"]; the step reached."""
         recipe, stage, step = self.recipe, self.recipe.stages[index], state["step"]
         end = first + stage.steps
-        data = self._prepared(recipe.data.source, recipe.data.split, stage.seq_len, "train")
+        spec = recipe.stage_data(index)  # data, with this stage's source weights
+        data = self._prepared(spec.source, spec.split, stage.seq_len, "train", spec)
         sampler = ResumableSampler(len(data), self.plan.dims.dp, self.mesh.dp_rank, seed=recipe.seed + index)
-        prepared = prepared_folder(
-            recipe.data, recipe.data.source, recipe.data.split, self.tokenizer, stage.seq_len, "train"
-        )
+        prepared = prepared_folder(spec, spec.source, spec.split, self.tokenizer, stage.seq_len, "train")
         if state.get("stage") == index and step > first:
             saved = state.get("data")
             if saved is not None and saved != prepared.name:
@@ -170,7 +169,9 @@ class Trainer:
                 )
             sampler.load_state_dict(state["sampler"])
         micro_batch = stage.micro_batch or recipe.micro_batch
-        mixture = [0] * len(recipe.data.sources) if "source_tokens" in data.column_names else None
+        mixture = [0] * len(spec.sources) if "source_tokens" in data.column_names else None
+        weights = stage.source_weights or [1] * len(recipe.data.sources)
+        kept = [i for i, w in enumerate(weights) if w > 0]  # data.sources index of each of the stage's sources
         batches = self._micro_batches(data, sampler, micro_batch, mixture)
         tokens = self.plan.dims.dp * micro_batch * recipe.grad_accum * stage.seq_len
         budget = stage_budget(self.plan, index) if self.plan.model_config else None
@@ -206,7 +207,10 @@ class Trainer:
                 record["mfu"] = flops / seconds / (self.peak_tflops * 1e12)
             record |= self._memory_record(index, budget)
             if mixture is not None and sum(mixture):  # the tokens this rank has read from each source, this stage
-                record["source_share"] = [round(n / sum(mixture), 6) for n in mixture]
+                share = [0.0] * len(recipe.data.sources)  # in data.sources' order, 0 for those left out
+                for i, n in zip(kept, mixture, strict=True):
+                    share[i] = round(n / sum(mixture), 6)
+                record["source_share"] = share
             if step % recipe.log_every == 0 or step == end:
                 record |= slowest_rank(seconds - waited, self.engine.device)  # a collective: every rank logs here
                 self.log.write(record)
@@ -306,9 +310,9 @@ class Trainer:
         return sum(losses) / len(losses)
 
     # --- data and files ---------------------------------------------------------------------
-    def _prepared(self, source: str, split: str, seq_len: int, kind: str):
+    def _prepared(self, source: str, split: str, seq_len: int, kind: str, spec=None):
         return prepare_shared(
-            self.recipe.data,
+            spec or self.recipe.data,
             source,
             split,
             self.tokenizer,

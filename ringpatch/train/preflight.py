@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ringpatch.hf.architecture import check_architecture
+from ringpatch.hf.architecture import check_architecture, head_counts
 from ringpatch.hf.models import GATED_MLP_MODEL_TYPES, RMSNORM_MODEL_TYPES
 from ringpatch.memory.estimate import GIB
 from ringpatch.parallel import launch_int
@@ -83,11 +83,12 @@ def check_model_config(expected: dict, actual: dict, where: str) -> None:
 
 
 def _check_sources(recipe: Recipe) -> None:
-    for name in ("source", "eval_source"):
-        source = getattr(recipe.data, name)
+    named = [(f"data.{key}", getattr(recipe.data, key)) for key in ("source", "eval_source")]
+    named += [(f"data.sources[{i}].source", m.source) for i, m in enumerate(recipe.data.sources)]
+    for key, source in named:
         if source is not None and is_local(source) and not Path(source).exists():
             raise FileNotFoundError(
-                f"data.{name} {source} does not exist; give a local json/jsonl/parquet/txt file or folder, "
+                f"{key} {source} does not exist; give a local json/jsonl/parquet/txt file or folder, "
                 "or a hub dataset name (prepared with `ringpatch prepare`)"
             )
 
@@ -119,7 +120,17 @@ def check_data(recipe: Recipe, model_config: dict | None) -> None:
     """Tokenizer against the model, and every local source against the stages: readable, not
     empty, with its text field, and enough tokens for one sequence of the longest stage. Sources
     already prepared (their fingerprint's folder is complete) are not read again."""
-    from ringpatch.data.prepare import MARKER, check_split, check_tokens, local_files, members, mixed, prepared_folder
+    from ringpatch.data.prepare import (
+        MARKER,
+        SYNTHETIC,
+        check_split,
+        check_tokens,
+        local_files,
+        members,
+        mixed,
+        prepared_folder,
+        synthetic_stream,
+    )
 
     tokenizer = _tokenizer(recipe)
     if tokenizer is None:
@@ -131,11 +142,16 @@ def check_data(recipe: Recipe, model_config: dict | None) -> None:
             "would index past the embedding; use the model's own tokenizer or a model.config.vocab_size >= "
             f"{len(tokenizer)}"
         )
-    spec = recipe.data
-    longest = max(s.seq_len for s in recipe.stages)
+    spec = recipe.stage_data(len(recipe.stages) - 1)  # the longest stage's mixture (stages do not shorten)
+    longest = recipe.stages[-1].seq_len
     sources = [(spec.source, spec.split, "train")]
     if spec.eval_source is not None:
         sources.append((spec.eval_source, spec.eval_split, "eval"))
+    for index, stage in enumerate(recipe.stages):  # each generator at its stages' lengths (cheap: no reading)
+        stage_spec = recipe.stage_data(index)
+        for i, m in enumerate(stage_spec.sources):
+            if m.source == SYNTHETIC:
+                synthetic_stream(stage_spec, i, tokenizer, stage.seq_len)
     for source, split, kind in sources:
         if mixed(spec, kind):
             if all(local_files(m.source) is None for m, _ in members(spec)):  # hub datasets: checked when prepared
@@ -309,8 +325,7 @@ def preflight(
     model_config = _model_config(recipe)
     if model_config is not None and "model_type" in model_config:
         built = check_architecture(model_config, "model.config")
-        heads = built.num_attention_heads
-        dims.check_heads(heads, getattr(built, "num_key_value_heads", None) or heads)
+        dims.check_heads(*head_counts(built))
         # the whole architecture, the config class's defaults filled in, for the plan and the simulator
         model_config = {**built.to_dict(), **model_config}
     bf16 = recipe.model.dtype == "bfloat16" or (recipe.model.dtype == "auto" and cuda)

@@ -8,6 +8,7 @@ precision, ZeRO) are generated from the recipe (ds_config.deepspeed_config), nev
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,7 +17,9 @@ from typing import Annotated, Any, Literal
 
 import yaml
 
-from ringpatch.attention.layout import Layout
+from ringpatch.attention.layout import PACKED_LAYOUT, Layout
+from ringpatch.attention.ulysses import check_ulysses
+from ringpatch.data.tasks import DIGITS, EVAL_SEED, MAX_DIGITS, SYNTHETIC, RulerTask
 from ringpatch.hf.loss import CHUNK_TOKENS
 from ringpatch.hf.rope import check_rope_scaling
 from ringpatch.parallel import ParallelDims
@@ -54,10 +57,18 @@ class SourceSpec:
     """The split to read (None: data.split)."""
     min_doc_tokens: Annotated[int, NONNEGATIVE] | None = None
     """Skip this source's documents shorter than this (None: data.min_doc_tokens)."""
+    tasks: tuple[RulerTask, ...] = ()
+    """source: synthetic:ruler only: the RULER-style tasks to generate (empty: all six); each stage
+    draws from those whose template fits its seq_len (ringpatch/data/tasks.py)."""
+    seed: Annotated[int, Range(0, 2**32 - 1)] | None = None
+    """source: synthetic:ruler only: the generator's seed (None: 1); never the evaluation's (0)."""
+    value_digits: Annotated[int, Range(1, MAX_DIGITS)] | None = None
+    """source: synthetic:ruler only: digits of each value (None: 7, as RULER and eval.ruler_value_digits)."""
 
     def __post_init__(self):
         check_fields(self, "data.sources[]")
         _check_names(self, "data.sources[]", ("text_field", "split"))
+        _check_synthetic(self)
 
 
 @dataclass(frozen=True)
@@ -100,9 +111,6 @@ class DataSpec:
         _check_data(self)
 
 
-RulerTask = Literal["niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "cwe"]
-
-
 @dataclass(frozen=True)
 class EvalSpec:
     ppl_lengths: Annotated[tuple[int, ...], POSITIVE] = ()
@@ -129,6 +137,11 @@ class EvalSpec:
     """Prompts per (task, length, depth)."""
     ruler_haystack: Literal["filler", "data"] = "filler"
     """filler: the repeated Landmark sentences; data: the held-out data (data.eval_source)."""
+    ruler_scorer: Literal["teacher", "generate"] = "teacher"
+    """teacher: teacher-forced greedy, one or two prefills a prompt; generate: greedy decoding, one
+    prefill per answer token, the answer matched in the text as RULER does (ringpatch/evaluate/ruler.py)."""
+    ruler_value_digits: Annotated[int, Range(1, MAX_DIGITS)] = DIGITS
+    """Digits of each value the tasks hide (RULER: 7; fewer for a model too small to copy 7)."""
     ruler_threshold: Annotated[float, Range(0.0, 1.0)] = 0.856
     """Effective length: the longest length up to which the mean task score stays >= this
     (0.856: Llama-2-7B at 4K, RULER's reference)."""
@@ -143,7 +156,7 @@ class ParallelSpec:
     """Sequence-parallel ranks per sample."""
     tp: Annotated[int, POSITIVE] = 1
     """Tensor-parallel ranks (DeepSpeed AutoTP); dp is what remains of the world."""
-    layout: Layout = "balanced"
+    layout: Layout = PACKED_LAYOUT
     """Token layout over the ring. balanced: zigzag for one sequence, and with packed documents
     (data.document_masking) a placement by each batch's documents that keeps the ranks' work
     within a few percent; lengths must divide by 8*sp (zigzag: 2*sp, contiguous: sp)."""
@@ -155,11 +168,10 @@ class ParallelSpec:
 
     def __post_init__(self):
         check_fields(self, "parallel")
-        if self.sp % self.ulysses:
-            raise ValueError(
-                f"parallel.ulysses {self.ulysses} does not divide parallel.sp {self.sp} (the ring runs over "
-                f"sp / ulysses ranks); choose ulysses among {[d for d in range(1, self.sp + 1) if self.sp % d == 0]}"
-            )
+        try:
+            check_ulysses(self.ulysses, self.sp)  # the grid's own check, with the recipe's key
+        except ValueError as e:
+            raise ValueError(f"parallel.ulysses / parallel.sp: {e}") from None
 
     def dims(self, world: int | None = None) -> ParallelDims:
         """The grid over `world` ranks (None: the smallest world, one data-parallel rank)."""
@@ -214,6 +226,9 @@ class Stage:
     micro_batch: Annotated[int, POSITIVE] | None = None
     """Samples per dp rank per micro-step in this stage (None: the recipe's micro_batch); longer
     stages usually take fewer samples so the tokens per step stay level."""
+    source_weights: tuple[float, ...] | None = None
+    """This stage's weight for each of data.sources, in their order (None: their own weights); 0
+    leaves a source out of the stage (a synthetic task too long for it, say)."""
 
 
 @dataclass(frozen=True)
@@ -286,8 +301,23 @@ class Recipe:
     def __post_init__(self):
         _check_recipe(self)
 
+    def stage_data(self, index: int) -> DataSpec:
+        """The data spec stage `index` trains on: data, with the stage's source_weights applied
+        (sources weighted 0 left out)."""
+        weights = self.stages[index].source_weights
+        if weights is None:
+            return self.data
+        kept = tuple(dataclasses.replace(m, weight=w) for m, w in zip(self.data.sources, weights, strict=True) if w > 0)
+        return dataclasses.replace(self.data, sources=kept)
+
 
 def _check_recipe(r: Recipe) -> None:
+    for key in ("source", "eval_source"):  # here, not in DataSpec: a mixture's members are DataSpecs too
+        if r.data is not None and getattr(r.data, key) == SYNTHETIC:
+            raise ValueError(
+                f"data.{key} {SYNTHETIC}: the synthetic tasks are a training source for a mixture; give it as one of "
+                f"data.sources with its weight, beside the documents it is mixed with"
+            )
     check_fields(r, "")
     if not r.stages:
         raise ValueError("a recipe needs at least one stage (seq_len, steps)")
@@ -313,6 +343,7 @@ def _check_recipe(r: Recipe) -> None:
                 f"stages[{i}].seq_len {stage.seq_len} is not divisible by the {r.parallel.layout} layout's "
                 f"{dims.seq_len_divisor} chunks (sp={r.parallel.sp}); use {dims.round_up(stage.seq_len)}"
             )
+        _check_stage_weights(r, i)
         if stage.seq_len < previous:
             raise ValueError(f"stages[{i}].seq_len {stage.seq_len} is shorter than the stage before ({previous})")
         previous = stage.seq_len
@@ -366,6 +397,49 @@ def _check_data(d: DataSpec) -> None:
             + ("both" if d.source is not None else "neither (an empty sources list counts as none)")
         )
     _check_names(d, "data", ("text_field", "split", "eval_split", "eval_text_field"))
+    if d.sources and all(m.source == SYNTHETIC for m in d.sources) and d.max_sequences is None:
+        raise ValueError(
+            f"data.sources are all {SYNTHETIC}, which never runs out: set data.max_sequences (the sequences to "
+            "prepare per stage), or mix in a source of documents"
+        )
+
+
+def _check_stage_weights(r: Recipe, i: int) -> None:
+    weights = r.stages[i].source_weights
+    if weights is None:
+        return
+    where = f"stages[{i}].source_weights"
+    sources = r.data.sources if r.data is not None else ()
+    if len(weights) != len(sources):
+        raise ValueError(
+            f"{where} has {len(weights)} weights for the {len(sources)} data.sources; give one per source, in their "
+            "order (0 leaves one out of the stage)" + ("" if sources else ": without data.sources, remove it")
+        )
+    bad = [w for w in weights if not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0)]
+    if bad or not any(w > 0 for w in weights):
+        raise ValueError(
+            f"{where} {list(weights)}: each must be a finite number >= 0, and at least one > 0 (0 leaves a source "
+            "out of the stage)"
+        )
+
+
+def _check_synthetic(m: SourceSpec) -> None:
+    if m.source != SYNTHETIC:
+        given = [k for k in ("tasks", "seed", "value_digits") if getattr(m, k) not in ((), None)]
+        if given:
+            raise ValueError(f"data.sources[] {m.source}: {given} apply to source: {SYNTHETIC} only; remove them")
+        return
+    given = [k for k in ("text_field", "split") if getattr(m, k) is not None]
+    if given:
+        raise ValueError(f"data.sources[] {SYNTHETIC} generates its documents and reads no {given}; remove them")
+    if len(set(m.tasks)) != len(m.tasks):
+        raise ValueError(f"data.sources[] {SYNTHETIC}: tasks names a task twice: {list(m.tasks)}")
+    if m.seed == EVAL_SEED:
+        raise ValueError(
+            f"data.sources[] {SYNTHETIC}: seed {m.seed} is the seed of the evaluation's RULER prompts; training on "
+            "the evaluation's seed is refused (its words are disjoint anyway, but no seed may be shared): give "
+            "another seed, e.g. 1"
+        )
 
 
 def _check_eval(e: EvalSpec) -> None:

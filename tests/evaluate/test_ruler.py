@@ -20,9 +20,11 @@ from ringpatch.evaluate.ruler import (
     check_tokenizer,
     effective_length,
     encode_answer,
+    generate_answer,
     min_length,
     ruler_scores,
     score,
+    score_generated,
     score_prompt,
     scored_positions,
     task_means,
@@ -108,6 +110,28 @@ class Answers(torch.nn.Module):
             ok = p + 1 < len(self.text) and torch.equal(input_ids[0, : p + 1], self.text[: p + 1])
             out.append(int(self.text[p + 1]) if ok else 0)
         return SimpleNamespace(logits=torch.nn.functional.one_hot(torch.tensor(out), self.vocab).float()[None] * 50)
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_the_generation_scorer_agrees_with_teacher_forcing(task, bpe):
+    """On models that answer in the template's format (right, permuted, half right, wrong), greedy
+    generation matched as RULER matches text gives the teacher-forced score, with the BPE."""
+    builder = Builder(bpe)
+    vocab = len(bpe)
+    prompt = builder.build(task, 1024, 0.5 if task != "cwe" else None, random.Random(f"gen-{task}"))
+    answers = [prompt.answers, [a[::-1] + "x" for a in prompt.answers]]
+    if len(prompt.answers) > 1:
+        answers += [prompt.answers[::-1], [*prompt.answers[1:][::-1], "0000000"]]
+    for given in answers:
+        model = Answers(prompt, bpe, given, vocab)
+        written = bpe.decode(generate_answer(model, prompt).tolist())
+        assert score_generated(prompt, written) == pytest.approx(score_prompt(model, builder, prompt)), written
+    # through ruler_scores: its own prompts, which this model does not know (it writes token 0)
+    scores, _ = ruler_scores(Answers(prompt, bpe, prompt.answers, vocab), bpe, [task], [1024], [0.5], 1,
+                             scorer="generate")  # fmt: skip
+    assert scores[(task, 1024)] == 0.0
+    with pytest.raises(ValueError, match=r"scorer must be one of \['teacher', 'generate'\], got 'sample'"):
+        ruler_scores(None, bpe, [task], [1024], [0.5], 1, scorer="sample")
 
 
 @pytest.mark.parametrize("task", TASKS)

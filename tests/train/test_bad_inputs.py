@@ -80,7 +80,7 @@ CASES = [
     ("tp-0", "train", {"parallel__tp": 0}, [], {}, "parallel.tp must be > 0, got 0"),
     ("ulysses-0", "train", {"parallel__ulysses": 0}, [], {}, "parallel.ulysses must be > 0, got 0"),
     ("ulysses-sp", "train", {"parallel__sp": 4, "parallel__ulysses": 3}, [], {"WORLD_SIZE": "4"},
-     "parallel.ulysses 3 does not divide parallel.sp 4 (the ring runs over sp / ulysses ranks); choose ulysses among [1, 2, 4]"),
+     "parallel.ulysses / parallel.sp: ulysses=3 does not divide the 4 sequence-parallel ranks; choose ulysses among [1, 2, 4]"),
     ("ulysses-heads", "train", {"parallel__sp": 8, "parallel__ulysses": 8}, [], {"WORLD_SIZE": "8"},
      "ulysses=8 does not divide the 4 query heads (per tensor-parallel rank); choose ulysses among [1, 2, 4]"),
     ("ulysses-tp-heads", "train", {"parallel__sp": 4, "parallel__tp": 2, "parallel__ulysses": 4, "zero__stage": 1}, [],
