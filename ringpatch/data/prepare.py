@@ -170,7 +170,9 @@ def fingerprint(spec, source: str | None, split: str, tokenizer, seq_len: int, k
 def _generator(spec, i: int) -> list:
     """What makes the documents of data.sources[i] when it is synthetic (part of the fingerprint)."""
     m = spec.sources[i]
-    return [SYNTHETIC_RULE, list(m.tasks), synthetic_seed(m), m.value_digits or DIGITS] if m.source == SYNTHETIC else []
+    if m.source != SYNTHETIC:
+        return []
+    return [SYNTHETIC_RULE, list(m.tasks), synthetic_seed(m), m.value_digits or DIGITS, m.intro is not False]
 
 
 SYNTHETIC_RULE = "ruler-tasks-1"  # how tasks.synthetic_documents draws its documents
@@ -185,7 +187,9 @@ def synthetic_stream(spec, i: int, tokenizer, seq_len: int):
     when none of its tasks fits in a sequence of seq_len."""
     m = spec.sources[i]
     least = spec.min_doc_tokens if m.min_doc_tokens is None else m.min_doc_tokens
-    docs = synthetic_documents(tokenizer, m.tasks, seq_len, synthetic_seed(m), least, m.value_digits or DIGITS)
+    docs = synthetic_documents(
+        tokenizer, m.tasks, seq_len, synthetic_seed(m), least, m.value_digits or DIGITS, m.intro is not False
+    )
     try:
         first = next(docs)
     except ValueError as e:

@@ -90,12 +90,12 @@ class Builder:
     """Builds prompts of one task family at exact token lengths, in one tokenizer."""
 
     def __init__(self, tokenizer, haystack: torch.Tensor | None = None, distractors: int = 3, values: int = 3,
-                 words: WordHalf = "eval", digits: int = DIGITS):  # fmt: skip
+                 words: WordHalf = "eval", digits: int = DIGITS, intro: bool = True):  # fmt: skip
         if words not in get_args(WordHalf):
             raise ValueError(f"words must be one of {list(get_args(WordHalf))}, got {words!r}")
         if not isinstance(digits, int) or not 1 <= digits <= MAX_DIGITS:
             raise ValueError(f"value digits must be an integer in [1, {MAX_DIGITS}], got {digits!r}")
-        self.digits = digits
+        self.digits, self.intro = digits, intro
         self.tokenizer, self.half = tokenizer, get_args(WordHalf).index(words)
         self.distractors, self.values = distractors, values
         self.hay = haystack if haystack is not None else self._filler(4096)
@@ -173,7 +173,7 @@ class Builder:
         if task == "cwe":
             return self._cwe(length, rng)
         intro, needles, question, answers = self._vt(rng) if task == "vt" else self._niah(task, rng)
-        head = self.tok(intro)
+        head = self.tok(intro if self.intro else "")
         needle_ids = [self.tok(n) for n in needles]
         tail = len(encode_answer(self.tokenizer, question, answers)[0]) + SLACK_PER_ITEM * len(answers)
         region = length - len(head) - tail  # haystack + needles
@@ -240,7 +240,7 @@ class Builder:
     def _cwe(self, length: int, rng: random.Random, common: int = 5, times: int = 6) -> Prompt:
         """A list of words: `common` words `times` times each, every other word once or twice, in
         random order; filler pads the start so the prompt has exactly `length` tokens."""
-        head = self.tok(INTRO["cwe"])
+        head = self.tok(INTRO["cwe"] if self.intro else "")
         question = f"\nWhat are the {common} most common words in the list? They are"
         seen: set[str] = set()
 
@@ -305,16 +305,16 @@ def min_length(builder: Builder, task: str) -> int:
 
 
 def synthetic_documents(
-    tokenizer, tasks, seq_len: int, seed: int, min_tokens: int = 0, digits: int = DIGITS
+    tokenizer, tasks, seq_len: int, seed: int, min_tokens: int = 0, digits: int = DIGITS, intro: bool = True
 ) -> Iterator[list[int]]:
     """An endless stream of training documents, each one task prompt (from training's half of the
     pseudo-words) ending with its answer: token ids, at most seq_len - 1 long so that with its EOS
     it fits one packed sequence. Task, length (from the shortest the task allows, or
-    `min_tokens`, to seq_len - 1) and depth are drawn from `seed`; raises ValueError when no task
-    fits."""
+    `min_tokens`, to seq_len - 1) and depth are drawn from `seed`; intro=False leaves out the
+    task's opening line (shorter prompts, for short stages); raises ValueError when no task fits."""
     if seed == EVAL_SEED:
         raise ValueError(f"seed {seed} is the evaluation's ({EVAL_SEED}); a training source must use another")
-    builder = Builder(tokenizer, words="train", digits=digits)
+    builder = Builder(tokenizer, words="train", digits=digits, intro=intro)
     shortest = {t: max(min_length(builder, t), min_tokens) for t in tasks or TASKS}
     fit = [t for t, n in shortest.items() if n <= seq_len - 1]
     if not fit:

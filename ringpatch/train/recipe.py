@@ -64,6 +64,9 @@ class SourceSpec:
     """source: synthetic:ruler only: the generator's seed (None: 1); never the evaluation's (0)."""
     value_digits: Annotated[int, Range(1, MAX_DIGITS)] | None = None
     """source: synthetic:ruler only: digits of each value (None: 7, as RULER and eval.ruler_value_digits)."""
+    intro: bool | None = None
+    """source: synthetic:ruler only: open each prompt with its task's instruction line (None: true);
+    false makes prompts short enough for short stages (niah_single fits 128 bytes)."""
 
     def __post_init__(self):
         check_fields(self, "data.sources[]")
@@ -425,7 +428,7 @@ def _check_stage_weights(r: Recipe, i: int) -> None:
 
 def _check_synthetic(m: SourceSpec) -> None:
     if m.source != SYNTHETIC:
-        given = [k for k in ("tasks", "seed", "value_digits") if getattr(m, k) not in ((), None)]
+        given = [k for k in ("tasks", "seed", "value_digits", "intro") if getattr(m, k) not in ((), None)]
         if given:
             raise ValueError(f"data.sources[] {m.source}: {given} apply to source: {SYNTHETIC} only; remove them")
         return

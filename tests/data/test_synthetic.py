@@ -242,3 +242,17 @@ def test_values_can_have_fewer_digits_for_a_small_model():
     assert Builder(tokenizer).number(random.Random(0)) == Builder(tokenizer, digits=7).number(random.Random(0))
     with pytest.raises(ValueError, match=r"value digits must be an integer in \[1, 18\], got 0"):
         Builder(tokenizer, digits=0)
+
+
+def test_without_the_intro_a_needle_task_fits_a_short_stage():
+    tokenizer = byte_tokenizer()
+    with pytest.raises(ValueError, match="no task of"):
+        next(synthetic_documents(tokenizer, ("niah_single",), 128, seed=1, digits=1))
+    docs = synthetic_documents(tokenizer, ("niah_single", "niah_multikey"), 128, seed=1, digits=1, intro=False)
+    for _ in range(20):
+        text = tokenizer.decode(next(docs))
+        assert len(text) <= 127 and "hidden in the text below" not in text
+        key, value = re.search(r"for (\w+)\? It is (\d)$", text).groups()
+        assert f"The magic number for {key} is {value}." in text
+    with pytest.raises(ValueError, match=r"\['intro'\] apply to source: synthetic:ruler only"):
+        from_dict(DataSpec, {"sources": [{"source": "a.jsonl", "weight": 1, "intro": False}]}, "data")
