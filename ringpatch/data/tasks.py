@@ -1,6 +1,17 @@
-"""RULER-style task prompts, built in the model's own tokenizer: for the evaluation
-(ringpatch/evaluate/ruler.py scores them) and as a synthetic training source (data.sources with
-source: synthetic:ruler).
+"""RULER-style task prompts, built in the model's own tokenizer at exact token lengths: for the
+evaluation (ringpatch/evaluate/ruler.py scores them) and as a synthetic training source
+(data.sources with source: synthetic:ruler).
+
+  niah_single      one key with one value in the haystack; asked for the value
+  niah_multikey    the same, among `distractors` needles with other keys
+  niah_multivalue  one key with several values; all are asked for
+  niah_multiquery  several keys, each with a value; all are asked for at once
+  vt               variable tracking: VAR X1 = v, then a chain VAR X2 = VAR X1, ...; asked which
+                   variables hold v (multi-hop tracing)
+  cwe              common words extraction: a list where a few words appear many times and the
+                   rest a few times; asked for the most common (aggregation)
+
+The haystack is repeated filler (the Landmark-attention sentences) or given tokens (held-out data).
 
 The keys, variable names and common words are pseudo-words (consonant-vowel syllables), split in
 two disjoint halves by a hash: evaluation prompts use one half, training documents the other, so
@@ -22,6 +33,7 @@ TASKS: tuple[str, ...] = get_args(RulerTask)
 WordHalf = Literal["eval", "train"]
 EVAL_SEED = 0  # the evaluation's prompts are seeded by (EVAL_SEED, task, length, depth, trial)
 DIGITS = 7  # RULER's values: 7-digit numbers
+THRESHOLD = 0.856  # the effective length's: Llama-2-7B at 4K on RULER, the reference an extended model must keep
 MAX_DIGITS = 18
 SYNTHETIC = "synthetic:ruler"  # the data.sources name of the training generator
 # the Landmark-attention filler sentences (Mohtashami & Jaggi 2023), as the passkey test uses them

@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from ringpatch.attention.layout import DEFAULT_LAYOUT, LAYOUTS, Layout
 from ringpatch.data.prepare import prepare_shared
+from ringpatch.data.tasks import THRESHOLD
 from ringpatch.errors import USER_ERRORS
 from ringpatch.evaluate.passkey import CLASSIC, demo_template, passkey_accuracy
 from ringpatch.evaluate.perplexity import perplexity_by_length
@@ -223,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ruler-tasks", nargs="+", choices=[*TASKS, "all"], help="RULER-style tasks (all: every one)")
     parser.add_argument("--ruler-lengths", type=int, nargs="+")
     parser.add_argument("--ruler-trials", type=int)
-    parser.add_argument("--ruler-threshold", type=float, help="effective-length threshold (default 0.856)")
+    parser.add_argument("--ruler-threshold", type=float, help=f"effective-length threshold (default {THRESHOLD})")
     parser.add_argument("--ruler-haystack", choices=["filler", "data"])
     parser.add_argument("--ruler-value-digits", type=int, help="digits of each hidden value (default 7, as RULER)")
     parser.add_argument(

@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+from ringpatch.data.tasks import DIGITS
 from ringpatch.evaluate.ruler import effective_length, task_means
 
 
@@ -118,7 +119,11 @@ def report_ruler(ruler: dict[str, dict], spec, out: Path) -> None:
             + ("found in the greedy generation" if spec.ruler_scorer == "generate" else "produced")
             + f"; {spec.ruler_trials} prompt(s) per "
             f"depth, depths {list(spec.ruler_depths)}"
-            + (f"; {spec.ruler_value_digits}-digit values, RULER's are 7" if spec.ruler_value_digits != 7 else "")
+            + (
+                f"; {spec.ruler_value_digits}-digit values, RULER's are {DIGITS}"
+                if spec.ruler_value_digits != DIGITS
+                else ""
+            )
             + f"; cost per length {cost})"
         )
         table = [[t, *(scores[(t, n)] for n in lengths)] for t in tasks] + [["mean", *(means[n] for n in lengths)]]

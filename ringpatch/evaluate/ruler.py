@@ -1,59 +1,24 @@
 """Effective context: RULER-style synthetic tasks scored by ring prefill.
 
-RULER (Hsieh et al. 2024, "RULER: What's the Real Context Size of Your Long-Context Language
-Models?", arXiv:2404.06654) measures what a model does with its context, not whether it accepts
-it. We build its retrieval, tracing and aggregation tasks in the model's own tokenizer, at exact
-token lengths and controlled depths:
+RULER (Hsieh et al. 2024, arXiv:2404.06654) measures what a model does with its context, not
+whether it accepts it. The prompts (ringpatch/data/tasks.py: niah_single, niah_multikey,
+niah_multivalue, niah_multiquery, vt, cwe) are built in the model's own tokenizer, question and
+answer encoded as one text, so a BPE's " 3141592" is the answer a model would write.
 
-  niah_single      one key with one value in the haystack; asked for the value
-  niah_multikey    the same, among `distractors` needles with other keys
-  niah_multivalue  one key with several values; all are asked for
-  niah_multiquery  several keys, each with a value; all are asked for at once
-  vt               variable tracking: VAR X1 = v, then a chain VAR X2 = VAR X1, ...; asked which
-                   variables hold v (multi-hop tracing)
-  cwe              common words extraction: a list where a few words appear many times and the
-                   rest a few times; asked for the most common (aggregation)
-
-The haystack is repeated filler (the Landmark-attention sentences, as `passkey` uses) or real
-text: the recipe's own held-out data, prepared.
-
-The question and its answer are one text, encoded whole: "... It is 3141592" is tokenized as the
-model reads and writes it, so with a BPE that joins a space to the next word or number the answer
-starts with " 3" as it would in the model's own output (encoding "It is " and "3141592" apart
-gives a lone " " token, which a model that answers " 3" fails). Each answer's tokens are the
-tokens of the whole encoding that cover its characters.
-
-Scoring is teacher-forced greedy, in any order: an expected item counts when greedy decoding
-after the question would produce it, each of its tokens the argmax given the prompt and what was
-produced before it. One prefill checks the items in the question's order; where the model's
-argmax at an item's start is the first token of another expected item instead, the items are
-reordered to follow the model and the prompt is prefilled again, so a model that lists the right
-items in another order scores as RULER's order-free `string_match_all` scores it. A prompt's
-score is the fraction of its items produced; a task's score at a length is the mean over depths
-and trials. `ordered=True` scores the question's order only (no second prefill).
-
-The generation scorer (scorer="generate", eval.ruler_scorer) is RULER's own: greedy decoding
-after the question, one ring prefill per written token, and the fraction of expected items found
-in the decoded text. It costs a prefill per answer token where teacher forcing costs one or two
-a prompt; on a model that answers in the template's format the two agree (a test holds them to
-it on every task).
-
-The effective length has two readings, both printed where they differ:
-  prefix  the longest tested length up to which every tested length's mean score is at or above
-          the threshold (a length after a drop does not count; this project's default);
-  any     the longest tested length whose mean score is at or above the threshold, as RULER's
-          tables report it (a non-monotone table can give a longer length than `prefix`).
-The threshold is 85.6% by default, the score of Llama-2-7B at 4K that RULER uses as reference.
-
-The prompts are built by ringpatch/data/tasks.py, which also makes them as a training source
-(synthetic:ruler) from the other, disjoint half of the pseudo-words.
-
-Where we differ from RULER: shorter template wording (the demo's byte-level model reads every
-character as a token); keys are generated pseudo-words (the evaluation's half of them) rather
-than dictionary words; values are 7-digit numbers (eval.ruler_value_digits: fewer for a model
-too small to copy 7); scoring is teacher-forced by default (items after one the model gets wrong
-are still checked, given the right item); the needle is placed at an exact token offset rather
-than a sentence boundary.
+Scoring (docs/training.md, "Evaluation"):
+  teacher   the default: an item counts when greedy decoding would produce it, checked by
+            teacher forcing in one prefill, and again in the model's own order where it starts
+            another expected item (RULER's order-free string_match_all); ordered=True keeps the
+            question's order
+  generate  RULER's own: greedy decoding, one ring prefill per written token, the items
+            matched in the decoded text; the two agree on a model that answers in the
+            template's format
+The effective length has two readings, both printed where they differ: "prefix" (this
+project's default), the longest length up to which every tested length scores at or above the
+threshold; "any", the longest length that does, as RULER's tables read. The threshold is 0.856,
+Llama-2-7B at 4K, RULER's reference. Where we differ from RULER: shorter wording, pseudo-word
+keys (the evaluation's half of them), values of eval.ruler_value_digits digits (7, as RULER),
+needles at exact token offsets, teacher forcing by default.
 """
 
 from __future__ import annotations
@@ -64,14 +29,22 @@ import time
 import torch
 
 from ringpatch.attention.layout import DEFAULT_LAYOUT, Layout
-from ringpatch.data.tasks import DIGITS, EVAL_SEED, SLACK_PER_ITEM, TASKS, Builder, Prompt, encode_answer, min_length
+from ringpatch.data.tasks import (
+    DIGITS,
+    EVAL_SEED,
+    SLACK_PER_ITEM,
+    TASKS,
+    THRESHOLD,
+    Builder,
+    Prompt,
+    encode_answer,
+    min_length,
+)
 from ringpatch.evaluate.prefill import ring_prefill_scores
 
 __all__ = ["TASKS", "Builder", "Prompt", "encode_answer", "min_length", "check_tokenizer", "score",
            "scored_positions", "score_prompt", "generate_answer", "score_generated", "ruler_scores",
            "effective_length", "task_means"]  # fmt: skip
-
-THRESHOLD = 0.856  # Llama-2-7B at 4K on RULER: the reference an extended model must keep
 
 
 def check_tokenizer(tokenizer) -> None:

@@ -19,7 +19,7 @@ import yaml
 
 from ringpatch.attention.layout import PACKED_LAYOUT, Layout
 from ringpatch.attention.ulysses import check_ulysses
-from ringpatch.data.tasks import DIGITS, EVAL_SEED, MAX_DIGITS, SYNTHETIC, RulerTask
+from ringpatch.data.tasks import DIGITS, EVAL_SEED, MAX_DIGITS, SYNTHETIC, THRESHOLD, RulerTask
 from ringpatch.hf.loss import CHUNK_TOKENS
 from ringpatch.hf.rope import check_rope_scaling
 from ringpatch.parallel import ParallelDims
@@ -145,7 +145,7 @@ class EvalSpec:
     prefill per answer token, the answer matched in the text as RULER does (ringpatch/evaluate/ruler.py)."""
     ruler_value_digits: Annotated[int, Range(1, MAX_DIGITS)] = DIGITS
     """Digits of each value the tasks hide (RULER: 7; fewer for a model too small to copy 7)."""
-    ruler_threshold: Annotated[float, Range(0.0, 1.0)] = 0.856
+    ruler_threshold: Annotated[float, Range(0.0, 1.0)] = THRESHOLD
     """Effective length: the longest length up to which the mean task score stays >= this
     (0.856: Llama-2-7B at 4K, RULER's reference)."""
 
