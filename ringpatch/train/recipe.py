@@ -424,6 +424,12 @@ def _check_stage_weights(r: Recipe, i: int) -> None:
             f"{where} {list(weights)}: each must be a finite number >= 0, and at least one > 0 (0 leaves a source "
             "out of the stage)"
         )
+    kept = [m.source for m, w in zip(sources, weights, strict=True) if w > 0]
+    if all(source == SYNTHETIC for source in kept) and r.data.max_sequences is None:
+        raise ValueError(
+            f"{where} {list(weights)} keeps only {SYNTHETIC}, which never runs out: set data.max_sequences, or give "
+            "the stage a source of documents too"
+        )
 
 
 def _check_synthetic(m: SourceSpec) -> None:

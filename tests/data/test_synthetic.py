@@ -222,6 +222,7 @@ def test_a_stage_can_leave_a_source_out_and_reweigh_the_others(tmp_path):
         ([0, 0], "at least one > 0"),
         ([-1, 1], "each must be a finite number >= 0"),
         ([float("nan"), 1], "each must be a finite number >= 0"),
+        ([0, 1], "keeps only synthetic:ruler, which never runs out: set data.max_sequences"),
     ],
 )
 def test_bad_stage_weights_are_refused(tmp_path, weights, message):
