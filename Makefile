@@ -133,6 +133,7 @@ bench: install
 	$(BIN)/python bench/memory.py
 	$(BIN)/python bench/simulate.py
 	$(BIN)/python bench/prepare.py
+	$(BIN)/python bench/demo_seeds.py
 
 # Needs only a python with torch (a GPU machine's own; no venv, no install, no network).
 gpu-check:
