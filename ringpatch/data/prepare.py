@@ -175,7 +175,7 @@ def _generator(spec, i: int) -> list:
     return [SYNTHETIC_RULE, list(m.tasks), synthetic_seed(m), m.value_digits or DIGITS, m.intro is not False]
 
 
-SYNTHETIC_RULE = "ruler-tasks-1"  # how tasks.synthetic_documents draws its documents
+SYNTHETIC_RULE = "ruler-tasks-2"  # how tasks.synthetic_documents draws its documents (2: RULER's wording)
 
 
 def synthetic_seed(m) -> int:

@@ -39,11 +39,57 @@ SYNTHETIC = "synthetic:ruler"  # the data.sources name of the training generator
 # the Landmark-attention filler sentences (Mohtashami & Jaggi 2023), as the passkey test uses them
 LANDMARK_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 
-INTRO = {
-    "niah": "Special magic numbers are hidden in the text below. Remember them.\n",
-    "vt": "Chains of variable assignments are hidden in the text below. Track them.\n",
-    "cwe": "Below is a list of words. Some appear more often than others. Remember the most common.\n",
+# The words of each task. "ruler": RULER's own templates (needle, question and answer prefix),
+# for tokenizers that read several characters per token; "short": a shorter form for byte-level
+# tokenizers, where every character costs a token. Builder(wording="auto") picks by the tokenizer.
+WORDING = {
+    "short": {
+        "niah_intro": "Special magic numbers are hidden in the text below. Remember them.\n",
+        "needle": " The magic number for {key} is {value}. ",
+        "single": "\nWhat is the magic number for {key}? It is",
+        "multivalue": "\nWhat are all the magic numbers for {key}? They are",
+        "multiquery": "\nWhat are the magic numbers for {keys}? They are",
+        "vt_intro": "Chains of variable assignments are hidden in the text below. Track them.\n",
+        "vt_first": " VAR {name} = {value}. ",
+        "vt_link": " VAR {name} = VAR {previous}. ",
+        "vt_question": "\nWhich variables are assigned the value {value}? They are",
+        "cwe_intro": "Below is a list of words. Some appear more often than others. Remember the most common.\n",
+        "cwe_question": "\nWhat are the {count} most common words in the list? They are",
+    },
+    "ruler": {
+        "niah_intro": "Some special magic numbers are hidden within the following text. Make sure to memorize it. "
+        "I will quiz you about the numbers afterwards.\n",
+        "needle": " One of the special magic numbers for {key} is: {value}. ",
+        "single": "\nWhat is the special magic number for {key} mentioned in the provided text? The special magic "
+        "number for {key} mentioned in the provided text is",
+        "multivalue": "\nWhat are all the special magic numbers for {key} mentioned in the provided text? The special "
+        "magic numbers for {key} mentioned in the provided text are",
+        "multiquery": "\nWhat are all the special magic numbers for {keys} mentioned in the provided text? The special "
+        "magic numbers for {keys} mentioned in the provided text are",
+        "vt_intro": "Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n",
+        "vt_first": " VAR {name} = {value}. ",
+        "vt_link": " VAR {name} = VAR {previous}. ",
+        "vt_question": "\nQuestion: Find all variables that are assigned the value {value} in the text above. Answer: "
+        "According to the chain(s) of variable assignment in the text above, {count} variables are assigned the "
+        "value {value}, they are:",
+        "cwe_intro": "Below is a list of words. In these words, some appear more often than others. Memorize the ones "
+        "that appear most often.\n",
+        "cwe_question": "\nQuestion: What are the {count} most common words in the above list? Answer: The top {count} "
+        "words that appear most often in the list are:",
+    },
 }
+WORDINGS = ("auto", *WORDING)
+
+
+def wording_for(tokenizer, wording: str = "auto") -> str:
+    """ "auto": RULER's words when the tokenizer reads at least 2 characters per token of them,
+    the short form otherwise (a byte-level tokenizer); else `wording` itself, checked."""
+    if wording not in WORDINGS:
+        raise ValueError(f"wording must be one of {list(WORDINGS)}, got {wording!r}")
+    if wording != "auto":
+        return wording
+    text = WORDING["ruler"]["niah_intro"]
+    return "ruler" if len(text) >= 2 * len(tokenizer(text, add_special_tokens=False)["input_ids"]) else "short"
 
 
 @dataclass(frozen=True)
@@ -102,12 +148,14 @@ class Builder:
     """Builds prompts of one task family at exact token lengths, in one tokenizer."""
 
     def __init__(self, tokenizer, haystack: torch.Tensor | None = None, distractors: int = 3, values: int = 3,
-                 words: WordHalf = "eval", digits: int = DIGITS, intro: bool = True):  # fmt: skip
+                 words: WordHalf = "eval", digits: int = DIGITS, intro: bool = True,
+                 wording: str = "auto"):  # fmt: skip
         if words not in get_args(WordHalf):
             raise ValueError(f"words must be one of {list(get_args(WordHalf))}, got {words!r}")
         if not isinstance(digits, int) or not 1 <= digits <= MAX_DIGITS:
             raise ValueError(f"value digits must be an integer in [1, {MAX_DIGITS}], got {digits!r}")
         self.digits, self.intro = digits, intro
+        self.words = WORDING[wording_for(tokenizer, wording)]
         self.tokenizer, self.half = tokenizer, get_args(WordHalf).index(words)
         self.distractors, self.values = distractors, values
         self.hay = haystack if haystack is not None else self._filler(4096)
@@ -146,24 +194,26 @@ class Builder:
             if w not in keys:
                 keys.append(w)
 
+        w = self.words
+
         def needle(k: str, v: str) -> str:
-            return f" The magic number for {k} is {v}. "
+            return w["needle"].format(key=k, value=v)
 
         if task == "niah_single":
             value = self.number(rng)
-            return INTRO["niah"], [needle(keys[0], value)], f"\nWhat is the magic number for {keys[0]}? It is", [value]
+            return w["niah_intro"], [needle(keys[0], value)], w["single"].format(key=keys[0]), [value]
         if task == "niah_multikey":
             value = self.number(rng)
             needles = [needle(keys[0], value)] + [needle(k, self.number(rng)) for k in keys[1 : 1 + self.distractors]]
-            return INTRO["niah"], needles, f"\nWhat is the magic number for {keys[0]}? It is", [value]
+            return w["niah_intro"], needles, w["single"].format(key=keys[0]), [value]
         if task == "niah_multivalue":
             values = [self.number(rng) for _ in range(self.values)]
             needles = [needle(keys[0], v) for v in values]
-            return INTRO["niah"], needles, f"\nWhat are all the magic numbers for {keys[0]}? They are", values
+            return w["niah_intro"], needles, w["multivalue"].format(key=keys[0]), values
         asked = keys[: self.values]
         values = [self.number(rng) for _ in asked]
         needles = [needle(k, v) for k, v in zip(asked, values, strict=True)]
-        return INTRO["niah"], needles, f"\nWhat are the magic numbers for {', '.join(asked)}? They are", values
+        return w["niah_intro"], needles, w["multiquery"].format(keys=", ".join(asked)), values
 
     def _vt(self, rng: random.Random):
         names = []
@@ -172,11 +222,11 @@ class Builder:
             if w not in names:
                 names.append(w)
         value = self.number(rng)
-        needles = [f" VAR {names[0]} = {value}. "] + [
-            f" VAR {names[i]} = VAR {names[i - 1]}. " for i in range(1, len(names))
+        w = self.words
+        needles = [w["vt_first"].format(name=names[0], value=value)] + [
+            w["vt_link"].format(name=names[i], previous=names[i - 1]) for i in range(1, len(names))
         ]
-        question = f"\nWhich variables are assigned the value {value}? They are"
-        return INTRO["vt"], needles, question, names
+        return w["vt_intro"], needles, w["vt_question"].format(value=value, count=len(names)), names
 
     # --- assembly ---------------------------------------------------------------------------
     def build(self, task: str, length: int, depth: float | None, rng: random.Random) -> Prompt:
@@ -252,8 +302,8 @@ class Builder:
     def _cwe(self, length: int, rng: random.Random, common: int = 5, times: int = 6) -> Prompt:
         """A list of words: `common` words `times` times each, every other word once or twice, in
         random order; filler pads the start so the prompt has exactly `length` tokens."""
-        head = self.tok(INTRO["cwe"] if self.intro else "")
-        question = f"\nWhat are the {common} most common words in the list? They are"
+        head = self.tok(self.words["cwe_intro"] if self.intro else "")
+        question = self.words["cwe_question"].format(count=common)
         seen: set[str] = set()
 
         def fresh(count: int) -> list[str]:

@@ -89,6 +89,7 @@ def evaluate_models(
                 device=device,
                 digits=spec.ruler_value_digits,
                 scorer=spec.ruler_scorer,
+                wording=spec.ruler_wording,
             )
             claimed = model.config.max_position_embeddings
             ruler[label] = {"scores": scores, "seconds": seconds, "claimed": claimed}
@@ -149,7 +150,15 @@ def _spec_and_models(args):
         changes["ruler_tasks"] = tuple(TASKS if args.ruler_tasks == ["all"] else args.ruler_tasks)
     if args.ruler_lengths:
         changes["ruler_lengths"] = tuple(args.ruler_lengths)
-    for key in ("ruler_trials", "ruler_threshold", "ruler_haystack", "ruler_value_digits", "ruler_scorer"):
+    ruler_keys = (
+        "ruler_trials",
+        "ruler_threshold",
+        "ruler_haystack",
+        "ruler_value_digits",
+        "ruler_scorer",
+        "ruler_wording",
+    )
+    for key in ruler_keys:
         if getattr(args, key) is not None:
             changes[key] = getattr(args, key)
     if args.passkey_template:
@@ -199,7 +208,7 @@ def _check_ruler(spec, models: dict[str, str]) -> None:
         except OSError as e:
             raise FileNotFoundError(f"model {path} has no loadable tokenizer: {str(e).splitlines()[0]}") from None
         check_tokenizer(tokenizer)
-        builder = Builder(tokenizer, digits=spec.ruler_value_digits)
+        builder = Builder(tokenizer, digits=spec.ruler_value_digits, wording=spec.ruler_wording)
         for task in spec.ruler_tasks:
             need = min_length(builder, task)
             if spec.ruler_lengths[0] < need:
@@ -229,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ruler-value-digits", type=int, help="digits of each hidden value (default 7, as RULER)")
     parser.add_argument(
         "--ruler-scorer", choices=["teacher", "generate"], help="teacher forcing (default) or generation"
+    )
+    parser.add_argument(
+        "--ruler-wording", choices=["auto", "short", "ruler"], help="the templates' words (default auto)"
     )
     parser.add_argument("--layout", default=DEFAULT_LAYOUT, choices=list(LAYOUTS))
     parser.add_argument(

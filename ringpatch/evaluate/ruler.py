@@ -16,9 +16,10 @@ Scoring (docs/training.md, "Evaluation"):
 The effective length has two readings, both printed where they differ: "prefix" (this
 project's default), the longest length up to which every tested length scores at or above the
 threshold; "any", the longest length that does, as RULER's tables read. The threshold is 0.856,
-Llama-2-7B at 4K, RULER's reference. Where we differ from RULER: shorter wording, pseudo-word
-keys (the evaluation's half of them), values of eval.ruler_value_digits digits (7, as RULER),
-needles at exact token offsets, teacher forcing by default.
+Llama-2-7B at 4K, RULER's reference. Where we differ from RULER: a shorter wording for byte-level tokenizers (RULER's own
+otherwise: eval.ruler_wording), pseudo-word keys (the evaluation's half of them), values of
+eval.ruler_value_digits digits (7, as RULER), needles at exact token offsets, teacher forcing
+by default.
 """
 
 from __future__ import annotations
@@ -160,14 +161,16 @@ def ruler_scores(
     ordered: bool = False,
     digits: int = DIGITS,
     scorer: str = "teacher",
+    wording: str = "auto",
 ) -> tuple[dict[tuple[str, int], float], dict[int, float]]:
     """({(task, length): mean score over depths x trials}, {length: seconds}). The prompts are the
     same on every rank (seeded by task, length, depth and trial); values have `digits` digits.
     scorer: "teacher" (score_prompt, one or two prefills a prompt) or "generate" (greedy decoding,
-    one prefill per answer token, matched as RULER matches text)."""
+    one prefill per answer token, matched as RULER matches text). wording: the templates' words
+    (data/tasks.py WORDING; auto: RULER's unless the tokenizer is byte-level)."""
     if scorer not in SCORERS:
         raise ValueError(f"scorer must be one of {list(SCORERS)}, got {scorer!r}")
-    builder = Builder(tokenizer, haystack, digits=digits)
+    builder = Builder(tokenizer, haystack, digits=digits, wording=wording)
     scores, seconds = {}, {}
     for n in lengths:
         started = time.perf_counter()

@@ -143,6 +143,9 @@ class EvalSpec:
     ruler_scorer: Literal["teacher", "generate"] = "teacher"
     """teacher: teacher-forced greedy, one or two prefills a prompt; generate: greedy decoding, one
     prefill per answer token, the answer matched in the text as RULER does (ringpatch/evaluate/ruler.py)."""
+    ruler_wording: Literal["auto", "short", "ruler"] = "auto"
+    """The templates' words: ruler, RULER's own; short, a shorter form for byte-level tokenizers;
+    auto, RULER's when the tokenizer reads >= 2 characters per token of them (ringpatch/data/tasks.py)."""
     ruler_value_digits: Annotated[int, Range(1, MAX_DIGITS)] = DIGITS
     """Digits of each value the tasks hide (RULER: 7; fewer for a model too small to copy 7)."""
     ruler_threshold: Annotated[float, Range(0.0, 1.0)] = THRESHOLD

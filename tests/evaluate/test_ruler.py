@@ -112,11 +112,12 @@ class Answers(torch.nn.Module):
         return SimpleNamespace(logits=torch.nn.functional.one_hot(torch.tensor(out), self.vocab).float()[None] * 50)
 
 
+@pytest.mark.parametrize("wording", ["short", "ruler"])
 @pytest.mark.parametrize("task", TASKS)
-def test_the_generation_scorer_agrees_with_teacher_forcing(task, bpe):
+def test_the_generation_scorer_agrees_with_teacher_forcing(task, wording, bpe):
     """On models that answer in the template's format (right, permuted, half right, wrong), greedy
     generation matched as RULER matches text gives the teacher-forced score, with the BPE."""
-    builder = Builder(bpe)
+    builder = Builder(bpe, wording=wording)
     vocab = len(bpe)
     prompt = builder.build(task, 1024, 0.5 if task != "cwe" else None, random.Random(f"gen-{task}"))
     answers = [prompt.answers, [a[::-1] + "x" for a in prompt.answers]]
@@ -128,19 +129,20 @@ def test_the_generation_scorer_agrees_with_teacher_forcing(task, bpe):
         assert score_generated(prompt, written) == pytest.approx(score_prompt(model, builder, prompt)), written
     # through ruler_scores: its own prompts, which this model does not know (it writes token 0)
     scores, _ = ruler_scores(Answers(prompt, bpe, prompt.answers, vocab), bpe, [task], [1024], [0.5], 1,
-                             scorer="generate")  # fmt: skip
+                             scorer="generate", wording=wording)  # fmt: skip
     assert scores[(task, 1024)] == 0.0
     with pytest.raises(ValueError, match=r"scorer must be one of \['teacher', 'generate'\], got 'sample'"):
         ruler_scores(None, bpe, [task], [1024], [0.5], 1, scorer="sample")
 
 
+@pytest.mark.parametrize("wording", ["short", "ruler"])
 @pytest.mark.parametrize("task", TASKS)
-def test_answers_in_the_texts_own_tokens_and_in_any_order_score_one(task, bpe):
+def test_answers_in_the_texts_own_tokens_and_in_any_order_score_one(task, wording, bpe):
     """With a BPE whose numbers and words carry their space, the answer is the whole text's
     encoding: a model that writes the answer as text (" 3141592", not " " then "3141592") scores
     1.0, and one that lists every item in another order scores 1.0 on the multi-item tasks, while
-    the question-order scorer gives it less; a wrong answer scores 0."""
-    builder = Builder(bpe)
+    the question-order scorer gives it less; a wrong answer scores 0. In both wordings."""
+    builder = Builder(bpe, wording=wording)
     apart = bpe("It is ")["input_ids"] + bpe("3141592")["input_ids"]
     assert apart != bpe("It is 3141592")["input_ids"]  # the tokenizer shows the problem
     vocab = len(bpe)
@@ -301,3 +303,20 @@ def test_an_unknown_task_is_refused_by_the_command_and_the_recipe(capsys):
     assert "invalid choice: 'needle'" in capsys.readouterr().err
     with pytest.raises(ValueError, match=r"eval.ruler_tasks\[0\] must be one of \['niah_single'"):
         from_dict(EvalSpec, {"ruler_tasks": ["needle"]}, "eval")
+
+
+def test_the_wording_is_rulers_unless_the_tokenizer_is_byte_level(bpe):
+    """auto: RULER's words for a tokenizer that knows them (>= 2 characters a token), the short form
+    for the byte tokenizer, and for a BPE too small to have learnt RULER's words."""
+    from ringpatch.data.tasks import WORDING, wording_for
+
+    english = train_bpe([text for text in WORDING["ruler"].values()] * 20 + ["The grass is green. " * 5] * 20)
+    assert wording_for(english) == "ruler"
+    assert wording_for(byte_tokenizer()) == "short" and wording_for(bpe) == "short"
+    assert wording_for(english, "short") == "short"
+    prompt = Builder(english).build("niah_single", 1024, 0.5, random.Random(0))
+    text = english.decode(prompt.ids[: prompt.items[-1][1]].tolist())
+    assert text.startswith(WORDING["ruler"]["niah_intro"]) and "mentioned in the provided text is " in text
+    assert "One of the special magic numbers for" in text
+    with pytest.raises(ValueError, match=r"wording must be one of \['auto', 'short', 'ruler'\], got 'long'"):
+        Builder(english, wording="long")
