@@ -280,6 +280,10 @@ def model_folder(tmp_path):
         (["--ruler-tasks", "vt", "--ruler-lengths", "512", "--ruler-haystack", "data"],
          "eval.ruler_haystack: data needs held-out data"),
         (["--ruler-tasks", "vt", "--ruler-lengths", "1024", "512"], "eval.ruler_lengths must be positive and increasing"),
+        (["--ruler-tasks", "vt", "--ruler-lengths", "512", "--ruler-value-digits", "0"],
+         "eval.ruler_value_digits must be"),
+        (["--ruler-tasks", "niah_single", "--ruler-lengths", "176", "--ruler-wording", "ruler"],
+         "eval.ruler_lengths 176 is below the niah_single template's minimum of"),
     ],
 )  # fmt: skip
 def test_bad_ruler_settings_are_refused_before_any_model(argv, message, model_folder, monkeypatch, capsys):
