@@ -64,19 +64,20 @@ def main(argv=None) -> int:
         for label, values in rows.items():
             print(f"{label:>30}" + "".join(f"  {v:7.3f}" for v in values) + f"  {worst(values):6.3f}")
 
+    def per_seed(table_name: str, value: str, **match) -> list[float]:
+        """`value` of the one record of `table_name` that matches `match`, in each seed."""
+        return [
+            next(x[value] for x in results[s][table_name] if all(x[k] == v for k, v in match.items()))
+            for s in args.seeds
+        ]
+
     models = sorted({r["model"] for r in results[args.seeds[0]]["perplexity"]}, key=lambda m: m != "stage0")
     for model in models:
-        ppl = {}
-        for r in results[args.seeds[0]]["perplexity"]:
-            if r["model"] == model:
-                ppl[f"loss at {r['length']}"] = [
-                    next(
-                        x["loss"]
-                        for x in results[s]["perplexity"]
-                        if x["model"] == model and x["length"] == r["length"]
-                    )
-                    for s in args.seeds
-                ]
+        ppl = {
+            f"loss at {r['length']}": per_seed("perplexity", "loss", model=model, length=r["length"])
+            for r in results[args.seeds[0]]["perplexity"]
+            if r["model"] == model
+        }
         table(f"{model}: loss of the last tokens by context length (nats)", ppl, worst=max)
         keys = sorted({r["length"] for r in results[args.seeds[0]]["passkey"]})
         passkey = {
@@ -88,17 +89,11 @@ def main(argv=None) -> int:
             for n in keys
         }
         table(f"{model}: passkey accuracy", passkey)
-        ruler = {}
-        for r in results[args.seeds[0]]["ruler"]:
-            if r["model"] == model:
-                ruler[f"{r['task']} at {r['length']}"] = [
-                    next(
-                        x["score"]
-                        for x in results[s]["ruler"]
-                        if x["model"] == model and x["task"] == r["task"] and x["length"] == r["length"]
-                    )
-                    for s in args.seeds
-                ]
+        ruler = {
+            f"{r['task']} at {r['length']}": per_seed("ruler", "score", model=model, task=r["task"], length=r["length"])
+            for r in results[args.seeds[0]]["ruler"]
+            if r["model"] == model
+        }
         table(f"{model}: RULER task scores", ruler)
         effective = {
             "effective length": [

@@ -172,14 +172,15 @@ def _generator(spec, i: int) -> list:
     m = spec.sources[i]
     if m.source != SYNTHETIC:
         return []
-    return [SYNTHETIC_RULE, list(m.tasks), synthetic_seed(m), m.value_digits or DIGITS, m.intro is not False]
+    return [SYNTHETIC_RULE, list(m.tasks), *_generator_settings(m)]
 
 
 SYNTHETIC_RULE = "ruler-tasks-2"  # how tasks.synthetic_documents draws its documents (2: RULER's wording)
 
 
-def synthetic_seed(m) -> int:
-    return 1 if m.seed is None else m.seed
+def _generator_settings(m) -> tuple[int, int, bool]:
+    """(seed, value digits, intro) of a synthetic source, its unset keys at their defaults."""
+    return (1 if m.seed is None else m.seed), (m.value_digits or DIGITS), m.intro is not False
 
 
 def synthetic_stream(spec, i: int, tokenizer, seq_len: int):
@@ -187,9 +188,8 @@ def synthetic_stream(spec, i: int, tokenizer, seq_len: int):
     when none of its tasks fits in a sequence of seq_len."""
     m = spec.sources[i]
     least = spec.min_doc_tokens if m.min_doc_tokens is None else m.min_doc_tokens
-    docs = synthetic_documents(
-        tokenizer, m.tasks, seq_len, synthetic_seed(m), least, m.value_digits or DIGITS, m.intro is not False
-    )
+    seed, digits, intro = _generator_settings(m)
+    docs = synthetic_documents(tokenizer, m.tasks, seq_len, seed, least, digits, intro)
     try:
         first = next(docs)
     except ValueError as e:
