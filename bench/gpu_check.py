@@ -312,10 +312,11 @@ def memory_check(lengths, device, dtype, quick=False):
 
     import ringpatch
     from ringpatch.memory import causal_lm_loss
-    from ringpatch.memory.estimate import GIB, estimate, total_gib
+    from ringpatch.memory.estimate import GIB, total_gib
     from ringpatch.memory.offload import enable_checkpointing
+    from ringpatch.train.plan import estimate
     from ringpatch.train.recipe import Recipe, from_dict
-    from ringpatch.train.tiled_mlp import tile_mlps
+    from ringpatch.train.switches.mlp_tiles import tile_mlps
 
     group = one_rank_group(device)
     if quick:

@@ -85,7 +85,7 @@ def recipe_for(name: str, seq: int, world: int, loss_chunk: int):
 
 def predicted_gib(name: str, seq: int, world: int, cfg: dict, loss_chunk: int) -> dict | None:
     """The estimate's items (GiB per rank) the step adds above the idle process, float32."""
-    from ringpatch.memory.estimate import estimate, host_offload_gib
+    from ringpatch.train.plan import estimate, host_offload_gib
 
     recipe = recipe_for(name, seq, world, loss_chunk)
     if recipe is None:
@@ -107,7 +107,7 @@ def _train_step(name: str, seq: int, warm: int, loss_chunk: int) -> dict:
     from bench.model import _batch, build_model
     from ringpatch.memory.offload import enable_checkpointing
     from ringpatch.memory.tracker import live_peak
-    from ringpatch.train.tiled_mlp import tile_mlps
+    from ringpatch.train.switches.mlp_tiles import tile_mlps
 
     sw = dict(SWITCHES[name])
     chunked = sw.pop("chunked", True)

@@ -36,8 +36,8 @@ RECIPES = {  # recipe: GPUs it is written for
 
 
 def compare(name: str, world: int, layers: int | None) -> dict:
-    from ringpatch.memory.estimate import estimate, total_gib
-    from ringpatch.train.plan import on_gpus
+    from ringpatch.memory.estimate import total_gib
+    from ringpatch.train.plan import estimate, on_gpus
     from ringpatch.train.preflight import preflight
     from ringpatch.train.simulate import simulate
 

@@ -5,7 +5,7 @@
   estimate.py  the per-GPU memory estimate of a recipe (the planner's numbers)
   traffic.py   sequence-parallel communication per GPU, ring alone vs Ulysses x ring
 
-The sequence-tiled MLP lives in train/tiled_mlp.py (it uses DeepSpeed's TiledMLP). Each memory
+The sequence-tiled MLP lives in train/switches/mlp_tiles.py (it uses DeepSpeed's TiledMLP). Each memory
 feature is one recipe switch, exact, and counted by estimate.py.
 """
 

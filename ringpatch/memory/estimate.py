@@ -109,7 +109,7 @@ def kernel_kind(b: int, cuda: bool = True) -> str:
     return "flash" if b < 4 else "efficient"
 
 
-def _norms(s: Shapes, chunked: bool) -> tuple[float, float, float]:
+def norm_bytes(s: Shapes, chunked: bool) -> tuple[float, float, float]:
     """Per token: both norms' saved tensors, the input norm's alone, and the final norm's saved
     tensors. Stock: each keeps a float32 copy of its input (none in float32, where the post-attention
     norm keeps its input itself), the normalized input and its output, and 1/rms; chunked: its input
@@ -142,7 +142,7 @@ def layer_backward(
 ) -> dict[str, float]:
     """Bytes of a layer's backward, by phase (MLP, norm, attention): the largest is its peak."""
     grad_in = s.b * s.h  # the gradient arriving from the layer above
-    norms, input_norm, _ = _norms(s, chunked_norm)
+    norms, input_norm, _ = norm_bytes(s, chunked_norm)
     # the layer's input, copied back from the host for the recompute: held by the MLP's backward
     # (the layer's first), then released, unless a chunked input norm keeps it to its backward
     unpacked = s.b * s.h if offload else 0
@@ -203,72 +203,6 @@ def model_states(recipe, cfg: dict, world: int, b: int) -> dict[str, float]:
     return {"weights": weights, "gradients": grads, "optimizer": optim}
 
 
-def estimate(
-    recipe,
-    cfg: dict,
-    world: int,
-    seq_len: int,
-    micro_batch: int,
-    bf16: bool = True,
-    cuda: bool = True,
-    zero: dict[str, float] | None = None,
-) -> dict[str, float]:
-    """GiB per GPU, by item, for one stage. bf16: the training precision (False: float32); cuda:
-    the ring's kernels are the GPU's (False: the CPU kernel); zero: DeepSpeed's buffers in bytes
-    (reserve.zero_buffers), as items of their own (None: the step's tensors only, which is what
-    the simulated rank holds)."""
-    b = 2 if bf16 else 4
-    sp, tp, ulysses = recipe.parallel.sp, recipe.parallel.tp, recipe.parallel.ulysses
-    s = shapes(cfg, tp, ulysses, b)
-    layers = cfg["num_hidden_layers"]
-    tokens = micro_batch * seq_len // sp  # per GPU
-    rope = 2 * s.d * s.b  # cos and sin, shared by the layers
-    checkpointing, keep = recipe.activation_checkpointing, recipe.keep_attention
-    chunked = recipe.rmsnorm == "chunked"
-    if not checkpointing:
-        held = tokens * (layers * layer_saved_bytes(cfg, tp, b, chunked_norm=chunked) + rope)
-    elif recipe.activation_offload:
-        held = tokens * rope
-    else:
-        held = tokens * (layers * s.h * s.b + rope)
-    phases = layer_backward(
-        s,
-        tokens,
-        micro_batch,
-        sp,
-        ulysses,
-        recipe.mlp_tiles,
-        keep,
-        recipe.activation_offload and checkpointing,
-        kernel_kind(b, cuda),
-        chunked,
-    )
-    if not checkpointing:  # the layer's saved tensors are already in `held`; its backward adds its working set
-        # (the phases count a layer's tensors but its input, which a checkpoint would hold)
-        saved = layer_saved_bytes(cfg, tp, b, chunked_norm=chunked) - (s.b * s.h if chunked else 0)
-        phases = {k: v - tokens * saved for k, v in phases.items()}
-    phase = max(phases, key=phases.get)
-    chunk = min(recipe.loss_chunk_tokens, tokens)
-    final_norm = _norms(s, chunked)[2]  # the final norm's saved tensors, until the loss's backward is done
-    items = {
-        **model_states(recipe, cfg, world, b),
-        "checkpointed activations": held,
-        **({"kept attention outputs": layers * tokens * (s.q * s.b + 4 * s.heads)} if keep else {}),
-        f"layer backward ({phase})": phases[phase],
-        # a chunk's float32 logits, their log-softmax and gradient, and the final norm's saved
-        # tensors; past the first chunk also the LM head's gradient and the hidden states' as they
-        # build up over the chunks
-        "loss chunk": chunk * cfg["vocab_size"] * 4 * 3
-        + tokens * final_norm
-        + (cfg["vocab_size"] * s.h * s.b / tp + tokens * s.b * s.h if tokens > chunk else 0),
-        # the final norm's backward beside its input and the gradient coming in
-        "final norm backward": norm_backward_bytes(s, tokens, chunked) + tokens * s.b * s.h * (1 + chunked),
-    }
-    if zero is not None and any(zero.values()):
-        items |= {"ZeRO gradient buckets": zero["held"], LAYER_GATHERED: zero["layer"], LOSS_GATHERED: zero["loss"]}
-    return {k: v / GIB for k, v in items.items()}
-
-
 LAYER_GATHERED, LOSS_GATHERED = "ZeRO-3 gathered weights (layer)", "ZeRO-3 gathered weights (LM head)"
 
 
@@ -293,10 +227,3 @@ def total_gib(items: dict[str, float]) -> float:
         else:
             backwards[part] = backwards.get(part, 0.0) + value
     return held + max(backwards.values(), default=0.0)
-
-
-def host_offload_gib(recipe, cfg: dict, seq_len: int, micro_batch: int, bf16: bool = True) -> float:
-    """Host GiB per GPU that activation_offload holds (0 when off)."""
-    if not recipe.activation_offload:
-        return 0.0
-    return offloaded_bytes(cfg, micro_batch * seq_len // recipe.parallel.sp, 2 if bf16 else 4) / GIB

@@ -14,14 +14,12 @@ import torch
 import ringpatch
 from ringpatch.hf.architecture import head_counts
 from ringpatch.hf.loss import CHUNK_TOKENS, causal_lm_loss
-from ringpatch.memory.offload import enable_checkpointing
-from ringpatch.memory.rmsnorm import chunk_rmsnorms
 from ringpatch.parallel import Mesh, build_mesh, local_device, single_process_env
 from ringpatch.parallel.process import unlink_deepspeed_shm
+from ringpatch.train import switches
 from ringpatch.train.plan import Plan
 from ringpatch.train.preflight import check_model_config
 from ringpatch.train.schedule import schedule
-from ringpatch.train.tiled_mlp import tile_mlps
 
 
 def start_distributed(plan: Plan) -> Mesh:
@@ -90,17 +88,9 @@ def prepare_lm(plan: Plan, lm, mesh: Mesh, backend="auto"):
     """The recipe's memory switches and the ring, applied to a loaded LM (in place; returns it)."""
     plan.dims.check_heads(*head_counts(lm.config))  # the loaded model's, which preflight may not have seen
     lm.config.use_cache = False
-    if plan.recipe.activation_checkpointing:
-        enable_checkpointing(lm, offload=plan.recipe.activation_offload)
-    tile_mlps(lm, plan.recipe.mlp_tiles)
-    if plan.recipe.rmsnorm == "chunked":
-        chunk_rmsnorms(lm)
+    kwargs = switches.apply(plan.recipe, lm)
     return ringpatch.patch_model(
-        lm,
-        group=mesh.seq_group,
-        layout=plan.recipe.parallel.layout,
-        backend=backend,
-        keep_attention=plan.recipe.keep_attention,
+        lm, group=mesh.seq_group, layout=plan.recipe.parallel.layout, backend=backend, **kwargs
     )
 
 

@@ -40,6 +40,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ringpatch.train.switches import fixed_keys
+
 RECIPE_FILE = "ringpatch_recipe.json"
 MANIFEST = "ringpatch_manifest.json"
 
@@ -57,7 +59,6 @@ FIXED = (
     "seed",
     "micro_batch",
     "grad_accum",
-    "activation_checkpointing",
     "loss_chunk_tokens",
     "data.source",
     "data.sources",
@@ -66,6 +67,7 @@ FIXED = (
     "data.min_doc_tokens",
     "data.max_sequences",
     "data.document_masking",
+    *fixed_keys(),  # the memory switches that change what a step computes (train/switches)
 )
 # Per stage already begun: what it trains on (its length, RoPE and batch); steps and lr may change.
 FIXED_STAGE = ("seq_len", "rope_theta", "rope_scaling", "micro_batch", "source_weights")

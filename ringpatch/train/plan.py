@@ -7,10 +7,16 @@ import dataclasses
 from dataclasses import dataclass
 
 from ringpatch.memory.estimate import (
+    GIB,
+    LAYER_GATHERED,
+    LOSS_GATHERED,
     attention_shape,
-    estimate,
-    host_offload_gib,
     kernel_kind,
+    layer_backward,
+    layer_saved_bytes,
+    model_states,
+    norm_backward_bytes,
+    norm_bytes,
     parameters,
     shapes,
     total_gib,
@@ -18,6 +24,7 @@ from ringpatch.memory.estimate import (
 from ringpatch.memory.reserve import kernel_scratch_bytes, reserve_gib, zero_buffers
 from ringpatch.memory.traffic import describe_traffic
 from ringpatch.parallel import ParallelDims
+from ringpatch.train import switches
 from ringpatch.train.recipe import Recipe
 
 
@@ -52,6 +59,73 @@ class Budget:
     @property
     def total(self) -> float:
         return self.tensors + sum(self.reserve.values())
+
+
+def estimate(
+    recipe,
+    cfg: dict,
+    world: int,
+    seq_len: int,
+    micro_batch: int,
+    bf16: bool = True,
+    cuda: bool = True,
+    zero: dict[str, float] | None = None,
+) -> dict[str, float]:
+    """GiB per GPU, by item, for one stage: memory/estimate.py's arithmetic, with the items each
+    switch holds through the step from its module. bf16: the training precision (False: float32);
+    cuda: the ring's kernels are the GPU's (False: the CPU kernel); zero: DeepSpeed's buffers in
+    bytes (reserve.zero_buffers), as items of their own (None: the step's tensors only, which is
+    what the simulated rank holds)."""
+    b = 2 if bf16 else 4
+    sp, tp, ulysses = recipe.parallel.sp, recipe.parallel.tp, recipe.parallel.ulysses
+    s = shapes(cfg, tp, ulysses, b)
+    tokens = micro_batch * seq_len // sp  # per GPU
+    checkpointing, keep = recipe.activation_checkpointing, recipe.keep_attention
+    chunked = recipe.rmsnorm == "chunked"
+    phases = layer_backward(
+        s,
+        tokens,
+        micro_batch,
+        sp,
+        ulysses,
+        recipe.mlp_tiles,
+        keep,
+        recipe.activation_offload and checkpointing,
+        kernel_kind(b, cuda),
+        chunked,
+    )
+    if (
+        not checkpointing
+    ):  # the layer's saved tensors are already held (the switch's item); its backward adds its working set
+        # (the phases count a layer's tensors but its input, which a checkpoint would hold)
+        saved = layer_saved_bytes(cfg, tp, b, chunked_norm=chunked) - (s.b * s.h if chunked else 0)
+        phases = {k: v - tokens * saved for k, v in phases.items()}
+    phase = max(phases, key=phases.get)
+    chunk = min(recipe.loss_chunk_tokens, tokens)
+    final_norm = norm_bytes(s, chunked)[2]  # the final norm's saved tensors, until the loss's backward is done
+    items = {
+        **model_states(recipe, cfg, world, b),
+        # what the switches hold through the step (checkpointed layer inputs, kept attention outputs)
+        **{k: v for sw in switches.SWITCHES for k, v in sw.held_bytes(recipe, cfg, s, tokens).items()},
+        f"layer backward ({phase})": phases[phase],
+        # a chunk's float32 logits, their log-softmax and gradient, and the final norm's saved
+        # tensors; past the first chunk also the LM head's gradient and the hidden states' as they
+        # build up over the chunks
+        "loss chunk": chunk * cfg["vocab_size"] * 4 * 3
+        + tokens * final_norm
+        + (cfg["vocab_size"] * s.h * s.b / tp + tokens * s.b * s.h if tokens > chunk else 0),
+        # the final norm's backward beside its input and the gradient coming in
+        "final norm backward": norm_backward_bytes(s, tokens, chunked) + tokens * s.b * s.h * (1 + chunked),
+    }
+    if zero is not None and any(zero.values()):
+        items |= {"ZeRO gradient buckets": zero["held"], LAYER_GATHERED: zero["layer"], LOSS_GATHERED: zero["loss"]}
+    return {k: v / GIB for k, v in items.items()}
+
+
+def host_offload_gib(recipe, cfg: dict, seq_len: int, micro_batch: int, bf16: bool = True) -> float:
+    """Host GiB per GPU that the switches hold (activation_offload's layer inputs; 0 when off)."""
+    tokens = micro_batch * seq_len // recipe.parallel.sp
+    return sum(sw.host_bytes(recipe, cfg, tokens, 2 if bf16 else 4) for sw in switches.SWITCHES) / GIB
 
 
 def budget(plan: Plan, seq_len: int, micro_batch: int) -> Budget:
@@ -108,11 +182,7 @@ def describe(plan, launch: str | None = None, gpus_per_node: int | None = None) 
         f"recipe: model {r.model.name} ({r.model.init}), world {dims.world} = dp {dims.dp} x sp {dims.sp}"
         + (f" (ulysses {dims.ulysses} x ring {dims.ring})" if dims.ulysses > 1 else "")
         + f" x tp {dims.tp} (tp innermost), ZeRO-{r.zero.stage}{' + CPU offload' if r.zero.offload == 'cpu' else ''}, "
-        f"{_precision(r.model.dtype)}, activation checkpointing {'on' if r.activation_checkpointing else 'off'}"
-        + (" (layer inputs offloaded to host memory)" if r.activation_offload else "")
-        + (", attention outputs kept for the recompute" if r.keep_attention else "")
-        + (f", MLP over {r.mlp_tiles} sequence tiles" if r.mlp_tiles > 1 else "")
-        + (", RMSNorm chunked" if r.rmsnorm == "chunked" else "")
+        f"{_precision(r.model.dtype)}" + switches.plan_words(r)
     ]
     masking = r.data is not None and r.data.document_masking
     lines.append(

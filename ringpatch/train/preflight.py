@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 
 from ringpatch.hf.architecture import check_architecture, head_counts
-from ringpatch.hf.models import GATED_MLP_MODEL_TYPES, RMSNORM_MODEL_TYPES
 from ringpatch.memory.estimate import GIB
 from ringpatch.parallel import launch_int
+from ringpatch.train import switches
 from ringpatch.train.ds_config import deepspeed_config, load_overlay
 from ringpatch.train.plan import Plan, stage_budget
 from ringpatch.train.recipe import Recipe, load_recipe
@@ -249,22 +249,13 @@ def peak_gib(plan: Plan) -> tuple[float, int] | None:
 def _remedy(recipe: Recipe, item: str) -> str:
     """The recipe switch that shrinks an estimate item (when not already on)."""
     zero = "zero.stage: 3" if recipe.zero.stage < 3 else "zero.offload: cpu"
-    if item.startswith("layer backward"):
-        if "MLP" in item:
-            return f"mlp_tiles: {recipe.mlp_tiles * 4} (and more ranks, parallel.sp)"
-        if "norm" in item and recipe.rmsnorm == "stock":
-            return "rmsnorm: chunked"
-        return "more ranks (parallel.sp)"
-    if item == "final norm backward" and recipe.rmsnorm == "stock":
-        return "rmsnorm: chunked"
+    found = switches.remedy(recipe, item)
+    if found:
+        return found
     return {
         "weights": zero,
         "gradients": zero,
         "optimizer": "zero.offload: cpu" if recipe.zero.offload == "none" else "more ranks (parallel.sp)",
-        "checkpointed activations": "activation_offload: true"
-        if recipe.activation_checkpointing
-        else "activation_checkpointing: true",
-        "kept attention outputs": "keep_attention: false",
         "loss chunk": f"loss_chunk_tokens: {max(256, recipe.loss_chunk_tokens // 4)}",
         "ZeRO gradient buckets": "a smaller reduce_bucket_size in the DeepSpeed file",
     }.get(item, "more ranks (parallel.sp)")
@@ -331,20 +322,8 @@ def preflight(
     bf16 = recipe.model.dtype == "bfloat16" or (recipe.model.dtype == "auto" and cuda)
     overlay_file = deepspeed_file or recipe.deepspeed
     ds_config = deepspeed_config(recipe, bf16, cuda, load_overlay(overlay_file), overlay_name=str(overlay_file))
-    if recipe.mlp_tiles > 1 and model_config is not None:
-        model_type = model_config.get("model_type")
-        if model_type not in GATED_MLP_MODEL_TYPES:
-            raise ValueError(
-                f"mlp_tiles: {recipe.mlp_tiles} tiles the per-token gated MLP of {', '.join(GATED_MLP_MODEL_TYPES)}; "
-                f"{recipe.model.name} is {model_type!r}: set mlp_tiles: 1"
-            )
-    if recipe.rmsnorm == "chunked" and model_config is not None:
-        model_type = model_config.get("model_type")
-        if model_type not in RMSNORM_MODEL_TYPES:
-            raise ValueError(
-                f"rmsnorm: chunked takes the RMSNorm of {', '.join(RMSNORM_MODEL_TYPES)}; {recipe.model.name} is "
-                f"{model_type!r}: set rmsnorm: stock"
-            )
+    if model_config is not None:
+        switches.check_model(recipe, model_config)
     if recipe.wandb != "disabled" and importlib.util.find_spec("wandb") is None:
         raise ValueError(
             f"wandb: {recipe.wandb} in {recipe_path}, but wandb is not installed: pip install wandb (it comes with "

@@ -24,6 +24,8 @@ from ringpatch.hf.loss import CHUNK_TOKENS
 from ringpatch.hf.rope import check_rope_scaling
 from ringpatch.parallel import ParallelDims
 from ringpatch.train.schema import NONNEGATIVE, POSITIVE, PathKind, Range, check_fields
+from ringpatch.train.switches import check_recipe as check_switches
+from ringpatch.train.switches import with_switch_fields
 
 
 @dataclass(frozen=True)
@@ -238,6 +240,7 @@ class Stage:
 
 
 @dataclass(frozen=True)
+@with_switch_fields(after="grad_accum")  # activation_checkpointing, activation_offload, ... (train/switches)
 class Recipe:
     model: ModelSpec
     """The model: its name, weights, architecture, tokenizer and training precision."""
@@ -253,25 +256,6 @@ class Recipe:
     """Samples per dp rank per micro-step."""
     grad_accum: Annotated[int, POSITIVE] = 1
     """Micro-steps per optimizer step."""
-    activation_checkpointing: bool = True
-    """Keep one input per decoder layer and recompute the layer in backward (non-reentrant)."""
-    activation_offload: bool = False
-    """Keep the checkpointed layer inputs in pinned host memory between forward and backward
-    (ringpatch/memory/offload.py): frees layers x tokens x hidden of GPU memory per rank for one
-    copy out and one copy back per layer. Needs activation_checkpointing."""
-    keep_attention: bool = False
-    """Attention-aware checkpointing: keep each layer's attention output (and its log-sum-exp) from
-    forward, so the checkpoint's recompute in backward skips the ring forward, the costliest part of
-    a layer at long context (attention/ring.py, KeptAttention). Costs layers x tokens x hidden of
-    memory per rank, about what the checkpointed layer inputs take. Needs activation_checkpointing."""
-    mlp_tiles: Annotated[int, POSITIVE] = 1
-    """Run each layer's MLP over this many sequence tiles, recomputed tile by tile in backward
-    (ringpatch/train/tiled_mlp.py): its peak falls by this factor, for one more MLP forward."""
-    rmsnorm: Literal["stock", "chunked"] = "stock"
-    """chunked: every RMSNorm saves only its input and 1/rms and recomputes its float32
-    intermediates in backward, a chunk of tokens at a time (ringpatch/memory/rmsnorm.py): the
-    stock norm's backward holds five float32 (tokens x hidden) temporaries, the largest part of a
-    layer's backward once the MLP is tiled. Exact (float32 rounding), for one more normalization."""
     seed: Annotated[int, Range(0, 2**32 - 1)] = 0
     """Seeds the scratch weights, the samplers' order and the evaluation prompts."""
     run_dir: Annotated[str, PathKind("dir")] = "runs/default"
@@ -327,17 +311,7 @@ def _check_recipe(r: Recipe) -> None:
     check_fields(r, "")
     if not r.stages:
         raise ValueError("a recipe needs at least one stage (seq_len, steps)")
-    if r.keep_attention and not r.activation_checkpointing:
-        raise ValueError(
-            "keep_attention: true keeps attention outputs for the recompute of checkpointed layers, but "
-            "activation_checkpointing is false, so nothing is recomputed: set activation_checkpointing: true, or "
-            "keep_attention: false"
-        )
-    if r.activation_offload and not r.activation_checkpointing:
-        raise ValueError(
-            "activation_offload: true moves the checkpointed layer inputs to the host, but activation_checkpointing "
-            "is false, so there are none: set activation_checkpointing: true, or activation_offload: false"
-        )
+    check_switches(r)
     if r.parallel.tp > 1 and r.zero.stage == 3:
         raise ValueError("DeepSpeed AutoTP training does not combine with ZeRO-3; use zero.stage <= 2 with tp > 1")
     dims = r.parallel.dims()

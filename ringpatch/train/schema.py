@@ -116,10 +116,11 @@ def check_fields(obj, prefix: str) -> None:
 
 
 def field_docs(cls) -> dict[str, str]:
-    """The docstring under each field of a dataclass (the line after `name: type = default`)."""
+    """The docstring under each field of a dataclass (the line after `name: type = default`), and
+    those of fields a decorator added (`__field_docs__`)."""
     tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     body = tree.body[0].body
-    docs = {}
+    docs = dict(cls.__dict__.get("__field_docs__", {}))
     for node, after in zip(body, body[1:] + [None], strict=True):
         if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
             if (

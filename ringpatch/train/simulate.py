@@ -32,9 +32,9 @@ import torch.distributed as dist
 
 from ringpatch.attention.kernels import TorchCPU, TorchCUDA
 from ringpatch.hf.models import GATED_MLP_MODEL_TYPES
-from ringpatch.memory.estimate import GIB, estimate, total_gib
+from ringpatch.memory.estimate import GIB, total_gib
 from ringpatch.memory.tracker import StorageTracker, SyncCounter
-from ringpatch.train.plan import Budget, Plan
+from ringpatch.train.plan import Budget, Plan, estimate
 
 SIMULATED_MODEL_TYPES = GATED_MLP_MODEL_TYPES
 """Model types whose layers the simulator has been checked on (tests/train/test_simulate.py)."""

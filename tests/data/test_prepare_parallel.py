@@ -13,7 +13,7 @@ from ringpatch.data.prepare import fingerprint, load_prepared, prepare_split
 from ringpatch.train.recipe import DataSpec, from_dict
 from tests.helpers.bpe import train_bpe
 
-pytestmark = pytest.mark.unit
+pytestmark = pytest.mark.multiprocess  # data.num_proc: a pool of worker processes
 
 WORDS = "the of and to in a is that for it as was with be by on not he I this are or his from at which".split()
 

@@ -164,6 +164,7 @@ def test_only_synthetic_sources_need_max_sequences():
     assert from_dict(DataSpec, {**raw, "max_sequences": 8}, "data").max_sequences == 8
 
 
+@pytest.mark.e2e  # torchrun, as a user starts the trainer
 def test_a_stage_no_task_fits_is_named_before_start(tmp_path):
     """A stage at 128 tokens with tasks whose templates need 176 and more: the trainer stops in its
     checks, before any process group, naming the source and the length."""

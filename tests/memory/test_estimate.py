@@ -8,7 +8,8 @@ import dataclasses
 
 import pytest
 
-from ringpatch.memory.estimate import GIB, estimate, layer_backward, layer_saved_bytes, parameters, shapes, total_gib
+from ringpatch.memory.estimate import GIB, layer_backward, layer_saved_bytes, parameters, shapes, total_gib
+from ringpatch.train.plan import estimate
 from ringpatch.train.recipe import Recipe, from_dict
 
 pytestmark = pytest.mark.unit

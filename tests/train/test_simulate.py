@@ -27,6 +27,7 @@ SWITCHES = {
     "activation_offload": dict(activation_offload=True),
     "keep_attention": dict(keep_attention=True),
     "mlp_tiles": dict(mlp_tiles=4),
+    "uncheckpointed_layers": dict(uncheckpointed_layers=2),
 }
 
 
@@ -78,8 +79,8 @@ def test_the_planner_matches_the_simulated_one_node_1m_stage():
     layer inputs offloaded, the device peak does not grow with depth (the full 32 layers simulate
     to the same activations: bench/simulate.py). The planner's peak is within 5% of it, and the
     step reads device data into Python a fixed number of times, whatever the depth."""
-    from ringpatch.memory.estimate import estimate, total_gib
-    from ringpatch.train.plan import on_gpus
+    from ringpatch.memory.estimate import total_gib
+    from ringpatch.train.plan import estimate, on_gpus
     from ringpatch.train.preflight import preflight
     from ringpatch.train.simulate import simulate
 

@@ -49,13 +49,21 @@ def _assert_same_run(run_dir, reference_dir):
     "nproc, changes, launcher",
     [
         (2, {"parallel__sp": 2}, "torchrun"),  # sp = 2, ZeRO-2
-        # ZeRO-3 under the deepspeed launcher, the MLP over 4 sequence tiles, the layer inputs offloaded,
-        # the norms chunked (exact: the reference is untiled, stock, and keeps them)
+        # ZeRO-3 under the deepspeed launcher, the MLP over 4 sequence tiles, the layer inputs offloaded
+        # but the first layer's (not checkpointed), the norms chunked (exact: the reference is untiled,
+        # stock, checkpoints every layer and keeps the inputs)
         (
             2,
-            {"parallel__sp": 2, "zero__stage": 3, "mlp_tiles": 4, "activation_offload": True, "rmsnorm": "chunked"},
+            {
+                "parallel__sp": 2,
+                "zero__stage": 3,
+                "mlp_tiles": 4,
+                "activation_offload": True,
+                "rmsnorm": "chunked",
+                "uncheckpointed_layers": 1,
+            },
             "deepspeed",
-        ),
+        ),  # fmt: skip
         # sp x tp, ZeRO-1, sp = Ulysses 2 (each tp rank's 1 K/V head repeated for its 2 Ulysses ranks)
         (
             4,

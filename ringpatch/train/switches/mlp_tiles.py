@@ -1,4 +1,4 @@
-"""Sequence-tiled MLP: recipe `mlp_tiles: N` (1: off).
+"""mlp_tiles: N, the sequence-tiled MLP (1: off).
 
 Each decoder layer's MLP runs over N tiles of its rank's tokens. Forward keeps none of the
 (tokens x intermediate) gate, up and product tensors, only the MLP's input; backward recomputes
@@ -17,8 +17,13 @@ is refused, since a mixture-of-experts block routes over all tokens together.
 from __future__ import annotations
 
 import types
+from typing import Annotated
 
 import torch
+
+from ringpatch.hf.models import GATED_MLP_MODEL_TYPES
+from ringpatch.train.schema import POSITIVE
+from ringpatch.train.switches.base import Switch
 
 GATED = ("gate_proj", "up_proj", "down_proj")
 
@@ -60,3 +65,31 @@ def tile_mlps(lm: torch.nn.Module, tiles: int) -> int:
 
         mlp.forward = types.MethodType(forward, mlp)
     return len(mlps)
+
+
+class MLPTiles(Switch):
+    key = "mlp_tiles"
+    annotation = Annotated[int, POSITIVE]
+    default = 1
+    doc = (
+        "Run each layer's MLP over this many sequence tiles, recomputed tile by tile in backward "
+        "(ringpatch/train/switches/mlp_tiles.py): its peak falls by this factor, for one more MLP forward."
+    )
+
+    def check_model(self, recipe, model_config: dict) -> None:
+        self.check_model_type(recipe, model_config, GATED_MLP_MODEL_TYPES, "tiles the per-token gated MLP")
+
+    def apply(self, recipe, lm) -> dict:
+        tile_mlps(lm, recipe.mlp_tiles)
+        return {}
+
+    def plan_words(self, recipe) -> str:
+        return f", MLP over {recipe.mlp_tiles} sequence tiles" if recipe.mlp_tiles > 1 else ""
+
+    def remedy(self, recipe, item: str) -> str | None:
+        if item.startswith("layer backward") and "MLP" in item:
+            return f"mlp_tiles: {recipe.mlp_tiles * 4} (and more ranks, parallel.sp)"
+        return None
+
+
+MLP_TILES = MLPTiles()

@@ -1,0 +1,87 @@
+"""Memory switches: each is one recipe key and one module that owns its default, its checks, how
+it is applied to the model, its items in the memory plan, the remedy it offers, its words in
+`ringpatch plan` and whether a checkpoint resumes under another value.
+
+SWITCHES lists them in the order they are applied to a model. The recipe, preflight, planner,
+trainer and checkpoint rules loop over it; adding a switch is one module here, its entry in
+SWITCHES and its test (docs/memory.md, "The switches").
+"""
+
+from __future__ import annotations
+
+from ringpatch.train.switches.base import Switch
+from ringpatch.train.switches.checkpointing import ACTIVATION_CHECKPOINTING
+from ringpatch.train.switches.keep_attention import KEEP_ATTENTION
+from ringpatch.train.switches.mlp_tiles import MLP_TILES
+from ringpatch.train.switches.offload import ACTIVATION_OFFLOAD
+from ringpatch.train.switches.rmsnorm import RMSNORM
+from ringpatch.train.switches.uncheckpointed import UNCHECKPOINTED_LAYERS
+
+SWITCHES: tuple[Switch, ...] = (
+    ACTIVATION_CHECKPOINTING,
+    ACTIVATION_OFFLOAD,
+    UNCHECKPOINTED_LAYERS,
+    KEEP_ATTENTION,
+    MLP_TILES,
+    RMSNORM,
+)
+
+
+def with_switch_fields(after: str):
+    """Class decorator (under @dataclass): the switches' keys as fields of the recipe, after the
+    field `after`, each with its type, default and description."""
+
+    def add(cls):
+        own = dict(cls.__annotations__)
+        fields = {}
+        for name, hint in own.items():
+            fields[name] = hint
+            if name == after:
+                fields |= {s.key: s.annotation for s in SWITCHES}
+        assert after in own, f"{cls.__name__} has no field {after}"
+        cls.__annotations__ = fields
+        for s in SWITCHES:
+            setattr(cls, s.key, s.default)
+        cls.__field_docs__ = {s.key: s.doc for s in SWITCHES}
+        return cls
+
+    return add
+
+
+def check_recipe(recipe) -> None:
+    for s in SWITCHES:
+        s.check(recipe)
+
+
+def check_model(recipe, model_config: dict) -> None:
+    for s in SWITCHES:
+        s.check_model(recipe, model_config)
+
+
+def apply(recipe, lm) -> dict:
+    """Every switch applied to a loaded LM, in order; the patch_model keyword arguments they ask for."""
+    kwargs = {}
+    for s in SWITCHES:
+        kwargs |= s.apply(recipe, lm)
+    return kwargs
+
+
+def plan_words(recipe) -> str:
+    return "".join(s.plan_words(recipe) for s in SWITCHES)
+
+
+def remedy(recipe, item: str) -> str | None:
+    """The first switch's value that shrinks the plan's `item`, or None."""
+    for s in SWITCHES:
+        found = s.remedy(recipe, item)
+        if found:
+            return found
+    return None
+
+
+def fixed_keys() -> tuple[str, ...]:
+    """The switches a checkpoint resumes only under the same value of."""
+    return tuple(s.key for s in SWITCHES if s.fixed_on_resume)
+
+
+__all__ = ["SWITCHES", "Switch", "apply", "check_model", "check_recipe", "fixed_keys", "plan_words", "remedy"]

@@ -1,0 +1,58 @@
+"""The contract of a memory switch (switches/__init__.py lists them)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class Switch:
+    """One recipe key. Subclasses set the class attributes and override what they need; every
+    method takes the validated recipe (and never changes it)."""
+
+    key: str
+    annotation: Any
+    """The recipe field's type, with its schema markers (train/schema.py)."""
+    default: Any
+    doc: str
+    """The recipe field's description (`ringpatch recipe --schema`)."""
+    fixed_on_resume: bool = False
+    """A checkpoint resumes only under the value it was written with."""
+
+    def on(self, recipe) -> bool:
+        return getattr(recipe, self.key) != self.default
+
+    def check(self, recipe) -> None:
+        """Against the recipe's other keys; raises ValueError naming the keys and the fix."""
+
+    def check_model(self, recipe, model_config: dict) -> None:
+        """Against the architecture (preflight, before any download)."""
+
+    def apply(self, recipe, lm) -> dict:
+        """To a loaded LM in place, before patch_model; returns patch_model keyword arguments."""
+        return {}
+
+    def plan_words(self, recipe) -> str:
+        """Its words in the plan's first line (", ..." or ""), in SWITCHES order."""
+        return ""
+
+    def held_bytes(self, recipe, cfg: dict, s, tokens: int) -> dict[str, float]:
+        """Its own items of the memory plan held through a step, bytes per GPU (s: estimate.Shapes)."""
+        return {}
+
+    def host_bytes(self, recipe, cfg: dict, tokens: int, b: int) -> float:
+        """Host memory it holds per GPU, in bytes."""
+        return 0.0
+
+    def remedy(self, recipe, item: str) -> str | None:
+        """The value of this key that would shrink the plan's `item` (None: it does not)."""
+        return None
+
+    def check_model_type(self, recipe, model_config: dict, supported: tuple[str, ...], what: str) -> None:
+        """Raise when the switch is on and the architecture is not one of `supported` (what: the
+        part of those models it takes)."""
+        model_type = model_config.get("model_type")
+        if self.on(recipe) and model_type not in supported:
+            raise ValueError(
+                f"{self.key}: {getattr(recipe, self.key)} {what} of {', '.join(supported)}; {recipe.model.name} is "
+                f"{model_type!r}: set {self.key}: {self.default}"
+            )

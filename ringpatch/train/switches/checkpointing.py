@@ -1,0 +1,43 @@
+"""activation_checkpointing: keep one input per decoder layer, recompute the layer in backward."""
+
+from __future__ import annotations
+
+from ringpatch.memory.estimate import layer_saved_bytes
+from ringpatch.memory.offload import enable_checkpointing
+from ringpatch.train.switches.base import Switch
+
+
+class ActivationCheckpointing(Switch):
+    key = "activation_checkpointing"
+    annotation = bool
+    default = True
+    doc = "Keep one input per decoder layer and recompute the layer in backward (non-reentrant)."
+    fixed_on_resume = True
+
+    def apply(self, recipe, lm) -> dict:
+        if recipe.activation_checkpointing:
+            enable_checkpointing(lm, offload=recipe.activation_offload)
+        return {}
+
+    def plan_words(self, recipe) -> str:
+        return f", activation checkpointing {'on' if recipe.activation_checkpointing else 'off'}"
+
+    def held_bytes(self, recipe, cfg: dict, s, tokens: int) -> dict[str, float]:
+        """Every layer's input (none on the device when offloaded), or without checkpointing every
+        tensor each layer saves; and RoPE's cos and sin, which the layers share."""
+        layers, rope = cfg["num_hidden_layers"], 2 * s.d * s.b
+        if not recipe.activation_checkpointing:
+            per_layer = layer_saved_bytes(cfg, recipe.parallel.tp, s.b, chunked_norm=recipe.rmsnorm == "chunked")
+        elif recipe.activation_offload:
+            per_layer = 0
+        else:
+            per_layer = s.h * s.b
+        return {"checkpointed activations": tokens * (layers * per_layer + rope)}
+
+    def remedy(self, recipe, item: str) -> str | None:
+        if item == "checkpointed activations" and not recipe.activation_checkpointing:
+            return "activation_checkpointing: true"
+        return None
+
+
+ACTIVATION_CHECKPOINTING = ActivationCheckpointing()

@@ -1,0 +1,45 @@
+"""keep_attention: attention-aware checkpointing. Each layer's attention output and log-sum-exp
+are kept from forward, so the checkpoint's recompute skips the ring's forward
+(attention/ring.py, KeptAttention; patch_model(keep_attention=True))."""
+
+from __future__ import annotations
+
+from ringpatch.train.switches.base import Switch
+
+
+class KeepAttention(Switch):
+    key = "keep_attention"
+    annotation = bool
+    default = False
+    doc = (
+        "Attention-aware checkpointing: keep each layer's attention output (and its log-sum-exp) from forward, so "
+        "the checkpoint's recompute in backward skips the ring forward, the costliest part of a layer at long "
+        "context (attention/ring.py, KeptAttention). Costs layers x tokens x hidden of memory per rank, about what "
+        "the checkpointed layer inputs take. Needs activation_checkpointing."
+    )
+
+    def check(self, recipe) -> None:
+        if recipe.keep_attention and not recipe.activation_checkpointing:
+            raise ValueError(
+                "keep_attention: true keeps attention outputs for the recompute of checkpointed layers, but "
+                "activation_checkpointing is false, so nothing is recomputed: set activation_checkpointing: true, or "
+                "keep_attention: false"
+            )
+
+    def apply(self, recipe, lm) -> dict:
+        return {"keep_attention": recipe.keep_attention}
+
+    def plan_words(self, recipe) -> str:
+        return ", attention outputs kept for the recompute" if recipe.keep_attention else ""
+
+    def held_bytes(self, recipe, cfg: dict, s, tokens: int) -> dict[str, float]:
+        """Per layer: the attention output and the float32 log-sum-exp of each query head."""
+        if not recipe.keep_attention:
+            return {}
+        return {"kept attention outputs": cfg["num_hidden_layers"] * tokens * (s.q * s.b + 4 * s.heads)}
+
+    def remedy(self, recipe, item: str) -> str | None:
+        return "keep_attention: false" if item == "kept attention outputs" else None
+
+
+KEEP_ATTENTION = KeepAttention()

@@ -1,0 +1,41 @@
+"""activation_offload: the checkpointed layer inputs in (pinned) host memory between forward and
+backward (the mechanism: memory/offload.py; applied with activation_checkpointing)."""
+
+from __future__ import annotations
+
+from ringpatch.memory.estimate import offloaded_bytes
+from ringpatch.train.switches.base import Switch
+
+
+class ActivationOffload(Switch):
+    key = "activation_offload"
+    annotation = bool
+    default = False
+    doc = (
+        "Keep the checkpointed layer inputs in pinned host memory between forward and backward "
+        "(ringpatch/memory/offload.py): frees layers x tokens x hidden of GPU memory per rank for one copy out and "
+        "one copy back per layer. Needs activation_checkpointing."
+    )
+
+    def check(self, recipe) -> None:
+        if recipe.activation_offload and not recipe.activation_checkpointing:
+            raise ValueError(
+                "activation_offload: true moves the checkpointed layer inputs to the host, but activation_checkpointing "
+                "is false, so there are none: set activation_checkpointing: true, or activation_offload: false"
+            )
+
+    # apply: the checkpoint function itself, set by activation_checkpointing
+
+    def plan_words(self, recipe) -> str:
+        return " (layer inputs offloaded to host memory)" if recipe.activation_offload else ""
+
+    def host_bytes(self, recipe, cfg: dict, tokens: int, b: int) -> float:
+        return offloaded_bytes(cfg, tokens, b) if recipe.activation_offload else 0.0
+
+    def remedy(self, recipe, item: str) -> str | None:
+        if item == "checkpointed activations" and recipe.activation_checkpointing and not recipe.activation_offload:
+            return "activation_offload: true"
+        return None
+
+
+ACTIVATION_OFFLOAD = ActivationOffload()
