@@ -3,15 +3,17 @@
 The package's layers, each importing only those above it in this list (tests/test_layers.py
 checks it; docs/design.md has the map):
 
+  errors.py, schema.py   user-error types; the recipe schema's markers and checks
   attention/     ring attention: layouts, block planner, kernels, the ring (torch only)
   parallel/      the dp x (ring x ulysses) x tp grid and process start
   hf/            patch_model, shard_batch, RoPE rules, model-type tables
   memory/        chunked loss, the memory estimate
   integrations/  Trainer / TRL / PEFT glue
   data/          packing, sampler, preparation, tokenizer, demo corpus
-  train/         recipes, preflight, the DeepSpeed trainer, checkpoints, export
-  evaluate/      ring prefill scoring, perplexity vs length, passkey, reports
-  cli.py, selfcheck.py   commands
+  evaluate/      ring prefill scoring; the tasks (perplexity, passkey, RULER), one module each
+  train/         recipes, the memory switches (one module each), preflight, the DeepSpeed
+                 trainer, checkpoints, export
+  cli.py, selfcheck.py and each layer's command.py / __main__.py   commands (may import every layer)
 """
 
 from ringpatch.attention import ring_attention, shard, ulysses_ring_group, unshard

@@ -120,8 +120,8 @@ def recipe(argv: list[str]) -> int:
     group.add_argument("--check", metavar="RECIPE", help="load and validate a recipe file (no model, no data)")
     args = parser.parse_args(argv)
     from ringpatch.errors import USER_ERRORS
+    from ringpatch.schema import schema_rows
     from ringpatch.train.recipe import Recipe, load_recipe
-    from ringpatch.train.schema import schema_rows
 
     if args.schema:
         for key, kind, default, rule, doc in schema_rows(Recipe):

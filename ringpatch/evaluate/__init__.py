@@ -1,13 +1,15 @@
 """Long-context evaluation with ring prefill (`ringpatch eval`, `python -m ringpatch.evaluate`).
 
   prefill.py     score chosen positions of prompts split over a ring (forward only)
-  perplexity.py  perplexity vs context length
-  passkey.py     passkey retrieval prompts and accuracy
-  ruler.py       RULER-style tasks (retrieval, tracing, aggregation) and the effective length
-  report.py      tables, CSV/JSON rows, plots
+  task.py        the contract of a task: its eval.* keys, checks, flags, run and report
+  perplexity.py  perplexity vs context length (task PERPLEXITY)
+  passkey.py     passkey retrieval prompts and accuracy (task PASSKEY)
+  ruler.py       RULER-style tasks and the effective length (task RULER)
+  spec.py        EVAL_TASKS and EvalSpec, the recipe's eval section, made of the tasks' keys
+  heldout.py     held-out packed sequences; report.py: tables, CSV/JSON rows, list checks
   command.py     the command: models side by side from a recipe's run or from flags
 
-Reads recipes (ringpatch.train.recipe) for its command; nothing in ringpatch imports it.
+Below train (the recipe holds EvalSpec); only its command reads recipes.
 """
 
 from ringpatch.evaluate.passkey import CLASSIC, PasskeyTemplate, demo_template, passkey_accuracy, passkey_prompt

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Literal
 
 import torch
 
@@ -11,6 +14,9 @@ from ringpatch.attention.layout import DEFAULT_LAYOUT, Layout
 from ringpatch.data import corpus
 from ringpatch.data.tasks import LANDMARK_FILLER
 from ringpatch.evaluate.prefill import ring_prefill_scores
+from ringpatch.evaluate.report import check_fractions, check_increasing, format_table, write_rows
+from ringpatch.evaluate.task import EvalTask
+from ringpatch.schema import POSITIVE, Key
 
 
 @dataclass(frozen=True)
@@ -94,3 +100,86 @@ def passkey_accuracy(
                 hits += int(correct.all().item())
             accuracy[(n, depth)] = hits / trials
     return accuracy
+
+
+def plot_passkey(accuracy: dict[str, dict[tuple[int, float], float]], path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(
+        1, len(accuracy), figsize=(4.6 * len(accuracy) + 1, 3.8), squeeze=False, layout="constrained"
+    )
+    for ax, (label, cells) in zip(axes[0], accuracy.items(), strict=True):
+        lengths = sorted({n for n, _ in cells})
+        depths = sorted({d for _, d in cells})
+        grid = [[cells[(n, d)] for n in lengths] for d in depths]
+        image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="lower")
+        ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
+        ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
+        for i, row in enumerate(grid):
+            for j, v in enumerate(row):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8)
+        ax.set_xlabel("prompt length (tokens)")
+        ax.set_ylabel("key depth")
+        ax.set_title(f"passkey: {label}")
+    fig.colorbar(image, ax=axes[0].tolist(), label="accuracy")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+class Passkey(EvalTask):
+    name = "passkey"
+    keys = (
+        Key("passkey_lengths", Annotated[tuple[int, ...], POSITIVE], (),
+            "Prompt lengths for passkey retrieval (empty: the ppl lengths)."),
+        Key("passkey_depths", tuple[float, ...], (0.1, 0.3, 0.5, 0.7, 0.9),
+            "Where the key sits in the filler, as a fraction of the prompt."),
+        Key("passkey_trials", Annotated[int, POSITIVE], 4, "Random keys per (length, depth) cell."),
+        Key("passkey_template", Literal["classic", "demo"], "classic",
+            "classic: the Landmark Attention prompt (5 digits); demo: the demo corpus's own phrasing."),
+    )  # fmt: skip
+
+    def check_spec(self, spec) -> None:
+        check_increasing("eval.passkey_lengths", spec.passkey_lengths)
+        check_fractions("eval.passkey_depths", spec.passkey_depths)
+
+    def add_flags(self, parser) -> None:
+        parser.add_argument("--passkey-lengths", type=int, nargs="+")
+        parser.add_argument("--depths", type=float, nargs="+", help="passkey depths")
+        parser.add_argument("--trials", type=int, help="passkey keys per cell")
+        parser.add_argument("--passkey-template", choices=["classic", "demo"])
+
+    def changes(self, args) -> dict:
+        found = {
+            "passkey_lengths": None if args.passkey_lengths is None else tuple(args.passkey_lengths),
+            "passkey_depths": None if args.depths is None else tuple(args.depths),
+            "passkey_trials": args.trials,
+            "passkey_template": args.passkey_template,
+        }
+        return {k: v for k, v in found.items() if v is not None}
+
+    def complete(self, spec, recipe, data_spec):
+        return spec if spec.passkey_lengths else dataclasses.replace(spec, passkey_lengths=spec.ppl_lengths)
+
+    def lengths(self, spec) -> tuple[int, ...]:
+        return spec.passkey_lengths
+
+    def run(self, model, tokenizer, spec, data_spec, layout, device):
+        template = demo_template() if spec.passkey_template == "demo" else CLASSIC
+        return passkey_accuracy(model, tokenizer, spec.passkey_lengths, spec.passkey_depths, spec.passkey_trials,
+                                template, None, layout, device=device)  # fmt: skip
+
+    def report(self, results: dict, spec, out: Path) -> None:
+        for label, cells in results.items():
+            print(f"\npasskey accuracy, {label} ({spec.passkey_trials} keys per cell; rows: depth, columns: length)")
+            rows = [[f"{d:.0%}", *(cells[(n, d)] for n in spec.passkey_lengths)] for d in spec.passkey_depths]
+            print(format_table(["depth", *spec.passkey_lengths], rows))
+        rows = [{"model": m, "length": n, "depth": d, "accuracy": v} for m, cells in results.items()
+                for (n, d), v in cells.items()]  # fmt: skip
+        write_rows(rows, out / "passkey")
+        plot_passkey(results, out / "passkey.png")
+
+
+PASSKEY = Passkey()

@@ -24,8 +24,12 @@ by default.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import random
 import time
+from pathlib import Path
+from typing import Annotated, Literal
 
 import torch
 
@@ -33,15 +37,21 @@ from ringpatch.attention.layout import DEFAULT_LAYOUT, Layout
 from ringpatch.data.tasks import (
     DIGITS,
     EVAL_SEED,
+    MAX_DIGITS,
     SLACK_PER_ITEM,
     TASKS,
     THRESHOLD,
     Builder,
     Prompt,
+    RulerTask,
     encode_answer,
     min_length,
 )
+from ringpatch.evaluate.heldout import held_out
 from ringpatch.evaluate.prefill import ring_prefill_scores
+from ringpatch.evaluate.report import check_fractions, check_increasing, format_table, write_rows
+from ringpatch.evaluate.task import EvalTask
+from ringpatch.schema import POSITIVE, Key, Range
 
 __all__ = ["TASKS", "Builder", "Prompt", "encode_answer", "min_length", "check_tokenizer", "score",
            "scored_positions", "score_prompt", "generate_answer", "score_generated", "ruler_scores",
@@ -211,3 +221,194 @@ def task_means(scores: dict[tuple[str, int], float]) -> dict[int, float]:
     for (_, n), v in scores.items():
         by_length.setdefault(n, []).append(v)
     return {n: sum(v) / len(v) for n, v in sorted(by_length.items())}
+
+
+def plot_ruler(ruler: dict[str, dict], path) -> None:
+    """One heatmap per model: tasks (and their mean) by length."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(ruler), figsize=(4.8 * len(ruler) + 1, 4.2), squeeze=False, layout="constrained")
+    for ax, (label, result) in zip(axes[0], ruler.items(), strict=True):
+        scores = result["scores"]
+        tasks = list(dict.fromkeys(t for t, _ in scores))
+        lengths = sorted({n for _, n in scores})
+        means = task_means(scores)
+        grid = [[scores[(t, n)] for n in lengths] for t in tasks] + [[means[n] for n in lengths]]
+        image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
+        ax.set_yticks(range(len(tasks) + 1), [*tasks, "mean"])
+        for i, row in enumerate(grid):
+            for j, v in enumerate(row):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8)
+        ax.set_xlabel("prompt length (tokens)")
+        ax.set_title(f"{label}: effective {result['effective'] or 'none'} (claimed {result['claimed']})", fontsize=9)
+    fig.colorbar(image, ax=axes[0].tolist(), label="score")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def report_ruler(ruler: dict[str, dict], spec, out: Path) -> None:
+    """The task x length table and the effective length of each model, then the models side by
+    side; ruler.{csv,json,png} and effective_length.json."""
+    rows, summary = [], []
+    for label, result in ruler.items():
+        scores, means = result["scores"], task_means(result["scores"])
+        result["effective"] = effective_length(means, spec.ruler_threshold)
+        result["effective_any"] = effective_length(means, spec.ruler_threshold, rule="any")
+        tasks = list(dict.fromkeys(t for t, _ in scores))
+        lengths = sorted(means)
+        cost = ", ".join(f"{n}: {result['seconds'][n]:.1f} s" for n in lengths)
+        print(
+            f"\nRULER tasks, {label} (score: fraction of expected items "
+            + ("found in the greedy generation" if spec.ruler_scorer == "generate" else "produced")
+            + f"; {spec.ruler_trials} prompt(s) per "
+            f"depth, depths {list(spec.ruler_depths)}"
+            + (
+                f"; {spec.ruler_value_digits}-digit values, RULER's are {DIGITS}"
+                if spec.ruler_value_digits != DIGITS
+                else ""
+            )
+            + f"; cost per length {cost})"
+        )
+        table = [[t, *(scores[(t, n)] for n in lengths)] for t in tasks] + [["mean", *(means[n] for n in lengths)]]
+        print(format_table(["task", *lengths], table))
+        rows += [{"model": label, "task": t, "length": n, "score": v} for (t, n), v in scores.items()]
+        rows += [{"model": label, "task": "mean", "length": n, "score": v} for n, v in means.items()]
+        summary.append({"model": label, "effective_length": result["effective"],
+                        "effective_length_any": result["effective_any"], "claimed_length": result["claimed"],
+                        "threshold": spec.ruler_threshold, "mean_by_length": means})  # fmt: skip
+    differ = any(r["effective_length"] != r["effective_length_any"] for r in summary)
+    print(
+        f"\neffective length (mean task score >= {spec.ruler_threshold:.3f} at every length up to it"
+        + (
+            f"; 'any': the longest length scoring >= {spec.ruler_threshold:.3f}, as RULER's tables read"
+            if differ
+            else ""
+        )
+        + ") vs claimed"
+    )
+    lengths = sorted({n for r in summary for n in r["mean_by_length"]})
+    print(format_table(
+        ["model", "claimed", "effective", *(["any"] if differ else []), *lengths],
+        [[r["model"], r["claimed_length"], r["effective_length"] or "none",
+          *([r["effective_length_any"] or "none"] if differ else []), *(r["mean_by_length"][n] for n in lengths)]
+         for r in summary],
+    ))  # fmt: skip
+    write_rows(rows, out / "ruler")
+    (out / "effective_length.json").write_text(json.dumps(summary, indent=1))
+    plot_ruler(ruler, out / "ruler.png")
+
+
+class Ruler(EvalTask):
+    name = "ruler"
+    keys = (
+        Key("ruler_tasks", tuple[RulerTask, ...], (),
+            "RULER-style tasks for the effective length (ringpatch/evaluate/ruler.py; empty: none)."),
+        Key("ruler_lengths", Annotated[tuple[int, ...], POSITIVE], (),
+            "Prompt lengths for the RULER tasks (empty: the passkey lengths)."),
+        Key("ruler_depths", tuple[float, ...], (0.1, 0.5, 0.9), "Fraction of the haystack before the target needle."),
+        Key("ruler_trials", Annotated[int, POSITIVE], 2, "Prompts per (task, length, depth)."),
+        Key("ruler_haystack", Literal["filler", "data"], "filler",
+            "filler: the repeated Landmark sentences; data: the held-out data (data.eval_source)."),
+        Key("ruler_scorer", Literal["teacher", "generate"], "teacher",
+            "teacher: teacher-forced greedy, one or two prefills a prompt; generate: greedy decoding, one prefill per "
+            "answer token, the answer matched in the text as RULER does (ringpatch/evaluate/ruler.py)."),
+        Key("ruler_wording", Literal["auto", "short", "ruler"], "auto",
+            "The templates' words: ruler, RULER's own; short, a shorter form for byte-level tokenizers; auto, "
+            "RULER's when the tokenizer reads >= 2 characters per token of them (ringpatch/data/tasks.py)."),
+        Key("ruler_value_digits", Annotated[int, Range(1, MAX_DIGITS)], DIGITS,
+            f"Digits of each value the tasks hide (RULER: {DIGITS}; fewer for a model too small to copy {DIGITS})."),
+        Key("ruler_threshold", Annotated[float, Range(0.0, 1.0)], THRESHOLD,
+            f"Effective length: the longest length up to which the mean task score stays >= this ({THRESHOLD}: "
+            "Llama-2-7B at 4K, RULER's reference)."),
+    )  # fmt: skip
+    FLAGS = ("ruler_trials", "ruler_threshold", "ruler_haystack", "ruler_value_digits", "ruler_scorer",
+             "ruler_wording")  # fmt: skip
+
+    def check_spec(self, spec) -> None:
+        check_fractions("eval.ruler_depths", spec.ruler_depths)
+        check_increasing("eval.ruler_lengths", spec.ruler_lengths)
+        if len(set(spec.ruler_tasks)) != len(spec.ruler_tasks):
+            raise ValueError(f"eval.ruler_tasks names a task twice: {list(spec.ruler_tasks)}")
+
+    def add_flags(self, parser) -> None:
+        parser.add_argument(
+            "--ruler-tasks", nargs="+", choices=[*TASKS, "all"], help="RULER-style tasks (all: every one)"
+        )
+        parser.add_argument("--ruler-lengths", type=int, nargs="+")
+        parser.add_argument("--ruler-trials", type=int)
+        parser.add_argument("--ruler-threshold", type=float, help=f"effective-length threshold (default {THRESHOLD})")
+        parser.add_argument("--ruler-haystack", choices=["filler", "data"])
+        parser.add_argument(
+            "--ruler-value-digits", type=int, help=f"digits of each hidden value (default {DIGITS}, as RULER)"
+        )
+        parser.add_argument(
+            "--ruler-scorer", choices=["teacher", "generate"], help="teacher forcing (default) or generation"
+        )
+        parser.add_argument(
+            "--ruler-wording", choices=["auto", "short", "ruler"], help="the templates' words (default auto)"
+        )
+
+    def changes(self, args) -> dict:
+        found = {key: getattr(args, key) for key in self.FLAGS if getattr(args, key) is not None}
+        if args.ruler_tasks:
+            found["ruler_tasks"] = tuple(TASKS if args.ruler_tasks == ["all"] else args.ruler_tasks)
+        if args.ruler_lengths:
+            found["ruler_lengths"] = tuple(args.ruler_lengths)
+        return found
+
+    def complete(self, spec, recipe, data_spec):
+        if spec.ruler_tasks and spec.ruler_haystack == "data" and data_spec is None:
+            raise ValueError(
+                "eval.ruler_haystack: data needs held-out data: give --data or a recipe with data.eval_source"
+            )
+        if spec.ruler_tasks and not spec.ruler_lengths:
+            return dataclasses.replace(spec, ruler_lengths=spec.passkey_lengths)
+        return spec
+
+    def enabled(self, spec, data_spec) -> bool:
+        return bool(spec.ruler_tasks)
+
+    def lengths(self, spec) -> tuple[int, ...]:
+        return spec.ruler_lengths
+
+    def check_inputs(self, spec, data_spec, models: dict[str, str]) -> None:
+        """Each model's tokenizer encodes the needles, and every RULER length fits every task's template."""
+        if not spec.ruler_tasks:
+            return
+        from transformers import AutoTokenizer
+
+        for path in dict.fromkeys(models.values()):
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(path)
+            except OSError as e:
+                raise FileNotFoundError(f"model {path} has no loadable tokenizer: {str(e).splitlines()[0]}") from None
+            check_tokenizer(tokenizer)
+            builder = Builder(tokenizer, digits=spec.ruler_value_digits, wording=spec.ruler_wording)
+            for task in spec.ruler_tasks:
+                need = min_length(builder, task)
+                if spec.ruler_lengths[0] < need:
+                    raise ValueError(
+                        f"eval.ruler_lengths {spec.ruler_lengths[0]} is below the {task} template's minimum of {need} "
+                        f"tokens in {path}'s tokenizer; use lengths >= {need} or drop {task} from eval.ruler_tasks"
+                    )
+
+    def run(self, model, tokenizer, spec, data_spec, layout, device):
+        haystack = None
+        if spec.ruler_haystack == "data":  # the held-out data's tokens, rows end to end
+            ids, _ = held_out(data_spec, tokenizer, max(spec.ruler_lengths), data_spec.eval_samples, device)
+            haystack = ids.reshape(-1).cpu()
+        scores, seconds = ruler_scores(model, tokenizer, spec.ruler_tasks, spec.ruler_lengths, spec.ruler_depths,
+                                       spec.ruler_trials, None, layout, haystack=haystack, device=device,
+                                       digits=spec.ruler_value_digits, scorer=spec.ruler_scorer,
+                                       wording=spec.ruler_wording)  # fmt: skip
+        return {"scores": scores, "seconds": seconds, "claimed": model.config.max_position_embeddings}
+
+    def report(self, results: dict, spec, out: Path) -> None:
+        report_ruler(results, spec, out)
+
+
+RULER = Ruler()

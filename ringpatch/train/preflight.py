@@ -20,11 +20,11 @@ import torch
 from ringpatch.hf.architecture import check_architecture, head_counts
 from ringpatch.memory.estimate import GIB
 from ringpatch.parallel import launch_int
+from ringpatch.schema import check_writable
 from ringpatch.train import switches
 from ringpatch.train.ds_config import deepspeed_config, load_overlay
 from ringpatch.train.plan import Plan, stage_budget
 from ringpatch.train.recipe import Recipe, load_recipe
-from ringpatch.train.schema import check_writable
 
 
 def is_local(name: str) -> bool:

@@ -19,11 +19,12 @@ import yaml
 
 from ringpatch.attention.layout import PACKED_LAYOUT, Layout
 from ringpatch.attention.ulysses import check_ulysses
-from ringpatch.data.tasks import DIGITS, EVAL_SEED, MAX_DIGITS, SYNTHETIC, THRESHOLD, RulerTask
+from ringpatch.data.tasks import EVAL_SEED, MAX_DIGITS, SYNTHETIC, RulerTask
+from ringpatch.evaluate.spec import EvalSpec
 from ringpatch.hf.loss import CHUNK_TOKENS
 from ringpatch.hf.rope import check_rope_scaling
 from ringpatch.parallel import ParallelDims
-from ringpatch.train.schema import NONNEGATIVE, POSITIVE, PathKind, Range, check_fields
+from ringpatch.schema import NONNEGATIVE, POSITIVE, PathKind, Range, check_fields
 from ringpatch.train.switches import check_recipe as check_switches
 from ringpatch.train.switches import with_switch_fields
 
@@ -114,48 +115,6 @@ class DataSpec:
 
     def __post_init__(self):
         _check_data(self)
-
-
-@dataclass(frozen=True)
-class EvalSpec:
-    ppl_lengths: Annotated[tuple[int, ...], POSITIVE] = ()
-    """Context lengths for perplexity-vs-length (empty: powers of two from 256 up to the last stage)."""
-    ppl_tokens: Annotated[int, POSITIVE] = 64
-    """Perplexity is measured on the last this-many tokens of each context (the same tokens at every length)."""
-    passkey_lengths: Annotated[tuple[int, ...], POSITIVE] = ()
-    """Prompt lengths for passkey retrieval (empty: the ppl lengths)."""
-    passkey_depths: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)
-    """Where the key sits in the filler, as a fraction of the prompt."""
-    passkey_trials: Annotated[int, POSITIVE] = 4
-    """Random keys per (length, depth) cell."""
-    passkey_template: Literal["classic", "demo"] = "classic"
-    """classic: the Landmark Attention prompt (5 digits); demo: the demo corpus's own phrasing."""
-    max_tokens_per_rank: Annotated[int, POSITIVE] = 262144
-    """The most prompt tokens one rank holds during ring prefill; longer lengths are refused up front."""
-    ruler_tasks: tuple[RulerTask, ...] = ()
-    """RULER-style tasks for the effective length (ringpatch/evaluate/ruler.py; empty: none)."""
-    ruler_lengths: Annotated[tuple[int, ...], POSITIVE] = ()
-    """Prompt lengths for the RULER tasks (empty: the passkey lengths)."""
-    ruler_depths: tuple[float, ...] = (0.1, 0.5, 0.9)
-    """Fraction of the haystack before the target needle."""
-    ruler_trials: Annotated[int, POSITIVE] = 2
-    """Prompts per (task, length, depth)."""
-    ruler_haystack: Literal["filler", "data"] = "filler"
-    """filler: the repeated Landmark sentences; data: the held-out data (data.eval_source)."""
-    ruler_scorer: Literal["teacher", "generate"] = "teacher"
-    """teacher: teacher-forced greedy, one or two prefills a prompt; generate: greedy decoding, one
-    prefill per answer token, the answer matched in the text as RULER does (ringpatch/evaluate/ruler.py)."""
-    ruler_wording: Literal["auto", "short", "ruler"] = "auto"
-    """The templates' words: ruler, RULER's own; short, a shorter form for byte-level tokenizers;
-    auto, RULER's when the tokenizer reads >= 2 characters per token of them (ringpatch/data/tasks.py)."""
-    ruler_value_digits: Annotated[int, Range(1, MAX_DIGITS)] = DIGITS
-    """Digits of each value the tasks hide (RULER: 7; fewer for a model too small to copy 7)."""
-    ruler_threshold: Annotated[float, Range(0.0, 1.0)] = THRESHOLD
-    """Effective length: the longest length up to which the mean task score stays >= this
-    (0.856: Llama-2-7B at 4K, RULER's reference)."""
-
-    def __post_init__(self):  # also on dataclasses.replace, as `ringpatch eval`'s flags do
-        _check_eval(self)
 
 
 @dataclass(frozen=True)
@@ -426,23 +385,6 @@ def _check_synthetic(m: SourceSpec) -> None:
             "the evaluation's seed is refused (its words are disjoint anyway, but no seed may be shared): give "
             "another seed, e.g. 1"
         )
-
-
-def _check_eval(e: EvalSpec) -> None:
-    check_fields(e, "eval")
-    if any(n <= e.ppl_tokens for n in e.ppl_lengths):
-        raise ValueError(f"eval.ppl_lengths {list(e.ppl_lengths)} must all exceed eval.ppl_tokens {e.ppl_tokens}")
-    for name, lengths in (("eval.ppl_lengths", e.ppl_lengths), ("eval.passkey_lengths", e.passkey_lengths)):
-        if list(lengths) != sorted(set(lengths)) or any(n < 1 for n in lengths):
-            raise ValueError(f"{name} must be positive and increasing, got {list(lengths)}")
-    for name, depths in (("eval.passkey_depths", e.passkey_depths), ("eval.ruler_depths", e.ruler_depths)):
-        bad = [x for x in depths if not 0.0 <= x <= 1.0]
-        if bad or not depths:
-            raise ValueError(f"{name} must be one or more fractions in [0, 1], got {list(depths)}")
-    if list(e.ruler_lengths) != sorted(set(e.ruler_lengths)) or any(n < 1 for n in e.ruler_lengths):
-        raise ValueError(f"eval.ruler_lengths must be positive and increasing, got {list(e.ruler_lengths)}")
-    if len(set(e.ruler_tasks)) != len(e.ruler_tasks):
-        raise ValueError(f"eval.ruler_tasks names a task twice: {list(e.ruler_tasks)}")
 
 
 def _convert(tp, value, where: str):

@@ -300,7 +300,8 @@ def test_bad_ruler_settings_are_refused_before_any_model(argv, message, model_fo
 
 
 def test_an_unknown_task_is_refused_by_the_command_and_the_recipe(capsys):
-    from ringpatch.train.recipe import EvalSpec, from_dict
+    from ringpatch.evaluate.spec import EvalSpec
+    from ringpatch.train.recipe import from_dict
 
     with pytest.raises(SystemExit):
         eval_main(["--model", "x", "--ruler-tasks", "needle"])

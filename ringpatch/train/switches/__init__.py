@@ -9,6 +9,7 @@ SWITCHES and its test (docs/memory.md, "The switches").
 
 from __future__ import annotations
 
+from ringpatch.schema import with_keys
 from ringpatch.train.switches.base import Switch
 from ringpatch.train.switches.checkpointing import ACTIVATION_CHECKPOINTING
 from ringpatch.train.switches.keep_attention import KEEP_ATTENTION
@@ -28,24 +29,8 @@ SWITCHES: tuple[Switch, ...] = (
 
 
 def with_switch_fields(after: str):
-    """Class decorator (under @dataclass): the switches' keys as fields of the recipe, after the
-    field `after`, each with its type, default and description."""
-
-    def add(cls):
-        own = dict(cls.__annotations__)
-        fields = {}
-        for name, hint in own.items():
-            fields[name] = hint
-            if name == after:
-                fields |= {s.key: s.annotation for s in SWITCHES}
-        assert after in own, f"{cls.__name__} has no field {after}"
-        cls.__annotations__ = fields
-        for s in SWITCHES:
-            setattr(cls, s.key, s.default)
-        cls.__field_docs__ = {s.key: s.doc for s in SWITCHES}
-        return cls
-
-    return add
+    """Class decorator (under @dataclass): the switches' keys as fields of the recipe, after `after`."""
+    return with_keys([s.recipe_key() for s in SWITCHES], after)
 
 
 def check_recipe(recipe) -> None:

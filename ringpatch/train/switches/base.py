@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ringpatch.schema import Key
+
 
 class Switch:
     """One recipe key. Subclasses set the class attributes and override what they need; every
@@ -11,12 +13,15 @@ class Switch:
 
     key: str
     annotation: Any
-    """The recipe field's type, with its schema markers (train/schema.py)."""
+    """The recipe field's type, with its schema markers (ringpatch/schema.py)."""
     default: Any
     doc: str
     """The recipe field's description (`ringpatch recipe --schema`)."""
     fixed_on_resume: bool = False
     """A checkpoint resumes only under the value it was written with."""
+
+    def recipe_key(self) -> Key:
+        return Key(self.key, self.annotation, self.default, self.doc)
 
     def on(self, recipe) -> bool:
         return getattr(recipe, self.key) != self.default

@@ -22,7 +22,7 @@ from typing import Annotated
 import torch
 
 from ringpatch.hf.models import GATED_MLP_MODEL_TYPES
-from ringpatch.train.schema import POSITIVE
+from ringpatch.schema import POSITIVE
 from ringpatch.train.switches.base import Switch
 
 GATED = ("gate_proj", "up_proj", "down_proj")

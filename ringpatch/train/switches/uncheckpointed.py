@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from ringpatch.memory.estimate import layer_saved_bytes
-from ringpatch.train.schema import NONNEGATIVE
+from ringpatch.schema import NONNEGATIVE
 from ringpatch.train.switches.base import Switch
 
 ITEM = "uncheckpointed layers"

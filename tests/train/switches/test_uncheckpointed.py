@@ -110,8 +110,8 @@ def test_a_checkpoint_resumes_under_another_value():
 
 @pytest.mark.unit
 def test_the_recipe_schema_lists_it_with_its_default_and_description():
+    from ringpatch.schema import schema_rows
     from ringpatch.train.recipe import Recipe
-    from ringpatch.train.schema import schema_rows
 
     rows = {row[0]: row for row in schema_rows(Recipe)}
     key, kind, default, rule, doc = rows["uncheckpointed_layers"]

@@ -115,6 +115,41 @@ def check_fields(obj, prefix: str) -> None:
                 marker.check(where, value)
 
 
+@dataclass(frozen=True)
+class Key:
+    """A recipe key declared by the module that owns it (a memory switch, an evaluation task) rather
+    than in its section's class body; with_keys adds it there."""
+
+    name: str
+    annotation: object
+    """Its type, with its markers (Range, PathKind)."""
+    default: object
+    doc: str
+
+
+def with_keys(keys, after: str | None = None):
+    """Class decorator (under @dataclass): `keys` become fields of the class, with their types,
+    defaults and descriptions, after the field `after` (None: at the end)."""
+
+    def add(cls):
+        own = dict(cls.__dict__.get("__annotations__", {}))
+        assert after is None or after in own, f"{cls.__name__} has no field {after}"
+        fields = {}
+        for name, hint in own.items():
+            fields[name] = hint
+            if name == after:
+                fields |= {k.name: k.annotation for k in keys}
+        if after is None:
+            fields |= {k.name: k.annotation for k in keys}
+        cls.__annotations__ = fields
+        for k in keys:
+            setattr(cls, k.name, k.default)
+        cls.__field_docs__ = {**cls.__dict__.get("__field_docs__", {}), **{k.name: k.doc for k in keys}}
+        return cls
+
+    return add
+
+
 def field_docs(cls) -> dict[str, str]:
     """The docstring under each field of a dataclass (the line after `name: type = default`), and
     those of fields a decorator added (`__field_docs__`)."""
