@@ -14,7 +14,7 @@ GPUS_PER_NODE ?= 8
 RECIPE_1M ?= $(if $(filter 1,$(NODES)),recipes/llama3-8b-1m-1node.yaml,recipes/llama3-8b-1m.yaml)
 MASTER_ADDR ?= $(shell hostname)
 
-.PHONY: install demo selfcheck finetune-1m test test-fast test-stress fuzz test-compat package-check lint format bench gpu-check clean clean-runs
+.PHONY: install demo selfcheck finetune-1m test test-fast test-stress fuzz test-compat package-check lint format docs bench gpu-check clean clean-runs
 
 install: $(STAMP)
 
@@ -74,7 +74,7 @@ finetune-1m: install
 	fi
 
 # The whole suite, as CI runs it (tiers in tests/conftest.py: unit, multiprocess, e2e, gpu).
-test: install lint
+test: install lint docs
 	$(BIN)/python -m pytest -q
 
 # The inner loop: the unit tier only (one process, no process group), under a minute.
@@ -119,6 +119,10 @@ package-check: install
 lint: install
 	$(BIN)/ruff check ringpatch tests bench examples data
 	$(BIN)/ruff format --check ringpatch tests bench examples data
+
+# docs/ as a site in site/ (mkdocs); --strict: a link to a missing page fails (make test runs it)
+docs: install
+	$(BIN)/mkdocs build --strict --quiet
 
 format: install
 	$(BIN)/ruff check --fix ringpatch tests bench examples data

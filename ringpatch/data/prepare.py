@@ -451,9 +451,9 @@ def prepare_shared(spec, source: str, split: str, tokenizer, seq_len: int, kind:
     grouped = dist.is_available() and dist.is_initialized()
     if not grouped:
         return load_prepared(prepare_split(spec, source, split, tokenizer, seq_len, kind))
-    from torch.distributed import distributed_c10d as c10d
+    from ringpatch.parallel.process import launch_store
 
-    store = c10d._get_default_store()
+    store = launch_store()
     folder = prepared_folder(spec, source, split, tokenizer, seq_len, kind)
     key = f"ringpatch/prepared/{folder.name}"
     if dist.get_rank() == 0:

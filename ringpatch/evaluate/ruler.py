@@ -5,7 +5,7 @@ whether it accepts it. The prompts (ringpatch/data/tasks.py: niah_single, niah_m
 niah_multivalue, niah_multiquery, vt, cwe) are built in the model's own tokenizer, question and
 answer encoded as one text, so a BPE's " 3141592" is the answer a model would write.
 
-Scoring (docs/training.md, "Evaluation"):
+Scoring (docs/evaluation.md):
   teacher   the default: an item counts when greedy decoding would produce it, checked by
             teacher forcing in one prefill, and again in the model's own order where it starts
             another expected item (RULER's order-free string_match_all); ordered=True keeps the

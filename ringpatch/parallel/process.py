@@ -76,6 +76,14 @@ def set_timeouts(timeout: timedelta) -> int:
     return len(groups)
 
 
+def launch_store():
+    """The launcher's key-value store behind the default process group (torch has no public
+    getter: docs/private-apis.md): heartbeats and waits outside collectives use it."""
+    from torch.distributed import distributed_c10d as c10d
+
+    return c10d._get_default_store()
+
+
 def is_timeout(error: BaseException) -> bool:
     """A collective that waited past its process group's timeout (gloo and nccl word it differently)."""
     text = str(error).lower()

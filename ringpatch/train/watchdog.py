@@ -14,6 +14,8 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
+from ringpatch.parallel.process import launch_store
+
 KEY = "ringpatch/heartbeat/{}"
 
 
@@ -23,10 +25,8 @@ class SilentRank(RuntimeError):
 
 class Heartbeat:
     def __init__(self, interval_s: float = 2.0):
-        from torch.distributed import distributed_c10d as c10d
-
         self.interval = interval_s
-        self.store = c10d._get_default_store()
+        self.store = launch_store()
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self._stop = threading.Event()
         self._beat()  # the key exists before any rank can read it (the caller's next collective)
