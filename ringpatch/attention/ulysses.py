@@ -5,31 +5,12 @@ heads; across the R Ulysses groups the ring runs on those heads:
 
     (B, S/N, H, D) --all-to-all over U--> (B, S/R, H/U, D) --ring over R--> --all-to-all back-->
 
-(DeepSpeed-Ulysses, Jacobs et al. 2023; Ulysses x ring as in USP, Fang & Zhao 2024.)
-
-Ranks. Sequence rank n = r * U + u: u in [0, U) is the rank in the Ulysses group (adjacent
-global ranks), r in [0, R) the rank in the ring. The ring group of u joins the ranks with that
-same u, one from each Ulysses group.
-
-Layout. The ring needs ring rank r to hold, after the all-to-all, the positions its layout
-gives it over R ranks (zigzag, contiguous or balanced over R, see layout.py), in that local
-order. So the sequence is cut in two steps: first the layout over R, then ring rank r's S/R
-positions, in local order, into U equal consecutive pieces, of which rank (r, u) holds piece
-u. The all-to-all gathers the U pieces in u order, which is ring rank r's local order again.
-Example, S = 16, zigzag, U = 2, R = 2 (chunks of 4 over R): ring rank 0 holds [0:4] + [12:16],
-so rank (0, 0) holds 0-3, rank (0, 1) holds 12-15; ring rank 1 holds [4:8] + [8:12], so rank
-(1, 0) holds 4-7 and rank (1, 1) 8-11. A sequence length that the layout over N cuts
-(num_chunks(layout, N)) is always cut evenly by both steps.
-
-Heads. Query heads are split U ways: H % U == 0. Key/value heads are split too when
-H_kv % U == 0. When U > H_kv (and U % H_kv == 0) each K/V head is repeated U / H_kv times
-before the all-to-all, so every rank receives the one K/V head its query heads use: the
-K/V all-to-all then carries U / H_kv times the bytes of the unexpanded heads. Other head
-counts are refused. Gradients of repeated heads are summed back by autograd.
-
-Groups are built once, collectively (ulysses_ring_group, or the trainer's mesh), and passed as
-`group=` wherever a process group is accepted: ring_attention, shard, unshard, patch_model,
-shard_batch.
+(DeepSpeed-Ulysses, Jacobs et al. 2023; Ulysses x ring as in USP, Fang & Zhao 2024.) Sequence
+rank n = r * U + u (u: the rank in the Ulysses group, r: in the ring). Query heads split U ways;
+K/V heads split when U divides them, repeated when U is a multiple of them, else refused. How
+the sequence is cut so the ring's layout holds after the all-to-all, with an example:
+docs/design.md, "Ulysses x ring". Groups are built once, collectively (ulysses_ring_group, or
+the trainer's mesh), and passed as `group=` wherever a process group is accepted.
 """
 
 from __future__ import annotations

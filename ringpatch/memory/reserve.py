@@ -1,26 +1,8 @@
 """What the plan adds to the step's tensors: DeepSpeed's own buffers, which the simulated rank does
-not run (arithmetic from the DeepSpeed config), and a reserve for what no tensor shows.
-
-ZeRO buffers (DeepSpeed's defaults where the config is silent: reduce_bucket_size 5e8,
-stage3_prefetch_bucket_size 5e7, overlap_comm off below stage 3):
-- stages 1-2 with contiguous_gradients: the gradient bucket, reduce_bucket_size elements in the
-  training dtype, twice with overlap_comm (one fills while the other is reduced);
-- stage 3: the same bucket, and the gathered weights of the layer running plus the prefetched
-  ones (stage3_prefetch_bucket_size, at most one more layer); in the loss, the gathered LM head.
-
-Reserve on a GPU, per process (docs/memory.md has the sources):
-- CUDA context and library workspaces: 1.0 GiB (the context with lazy module loading is about
-  0.5 GiB on Hopper, cuBLAS/cuBLASLt workspaces and the caching allocator's first blocks the rest);
-- NCCL: 0.25 GiB per communicator the step uses (NCCL_BUFFSIZE 4 MiB per channel and peer, up to
-  32 channels on NVLink);
-- the attention kernels' scratch, which no tensor of the step shows: flash-attention's backward
-  keeps a float32 dQ accumulator, and for grouped-query heads dK and dV expanded to the query
-  heads, for the largest call of one head group;
-- fragmentation: 5% of the tensors' peak (expandable segments, which ringpatch turns on, leave
-  little; fixed segments more).
-On a CPU the reserve is the process's own runtime: the imported libraries (torch, transformers,
-DeepSpeed) and what the trainer holds besides tensors (DeepSpeed's engine, the data's arrow maps,
-gloo's buffers), CPU_RUNTIME_GIB, measured.
+not run (arithmetic from the DeepSpeed config, its defaults where the config is silent), and a
+reserve per process for what no tensor shows: on a GPU the CUDA context and workspaces, NCCL's
+buffers per communicator, the attention kernels' scratch and fragmentation; on a CPU the
+process's measured runtime (CPU_RUNTIME_GIB). Each item and its source: docs/memory.md.
 """
 
 from __future__ import annotations

@@ -1,30 +1,7 @@
 """Sequence-parallel communication per rank and step, ring alone vs Ulysses x ring (printed by
-`ringpatch plan`), and the Ulysses degree it recommends.
-
-Per layer and micro-batch, with t tokens per rank, attention inputs in 2-byte precision, the
-K/V of one rank Bkv = t x 2 x kv_dim / tp x 2 bytes (kv_dim = K/V heads x head_dim):
-- ring over R ranks (attention/ring.py): forward sends its K/V block R - 1 times; backward
-  sends the K/V blocks R - 1 times and the float32 dK/dV accumulators R - 1 times (R - 2 hops
-  and the trip home), so 4 (R - 1) x Bkv' in all, where Bkv' is the K/V a ring rank holds.
-  Each step hides one block's transfer behind one block's compute.
-- Ulysses over U ranks (attention/ulysses.py): forward all-to-alls q, k, v in and the output
-  out, each rank keeping 1/U of its part; backward does the same with the gradients. So
-  2 x (U - 1) / U x t x (2 hidden + 2 kv_dim x rep) / tp x 2 bytes, rep = how many times a K/V
-  head is repeated when U exceeds the K/V heads per tp rank. The ring then holds U t tokens on
-  kv_dim x rep / U: Bkv' = Bkv x rep.
-With full-layer activation checkpointing the forward runs twice (its traffic counts twice).
-A Ulysses group (with its tp ranks) sits in one node; a ring hop is inter-node when the sp
-group spans more than one node (the ring is as slow as its slowest hop).
-
-Whether a ring step's transfer hides behind its compute: a step computes, per micro-batch row,
-the ring rank's U n queries (n = seq_len / sp) against one block of U n keys on H / (U tp)
-heads, about half of it visible under the causal zigzag/balanced layouts:
-2 x (U n)^2 x H d / (U tp) FLOPs, while it sends U n x 2 kv_dim rep / (U tp) x 2 bytes. So
-FLOPs per byte sent = U n x (H d / kv_dim) / (2 rep): the ring step's intensity grows with U.
-It hides the transfer when it exceeds the GPU's attention FLOP/s over the link's bytes/s (an
-H100 at ~500 TFLOP/s over 400 Gb/s InfiniBand, 50 GB/s: about 10,000; over NVLink, ~1,000:
-HIDES_ACROSS_NODES, HIDES_IN_NODE). The all-to-alls are never hidden (the attention waits for
-them). The recommendation minimises the bytes left exposed: first across nodes, then inside.
+`ringpatch plan`), and the Ulysses degree it recommends: the one that leaves the fewest bytes
+exposed, across nodes first. The byte counts and the rule for when a ring step hides its
+transfer: docs/design.md, "Sequence-parallel traffic".
 """
 
 from __future__ import annotations

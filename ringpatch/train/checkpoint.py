@@ -1,30 +1,12 @@
 """Checkpoints of a DeepSpeed run: complete or ignored, verified before loading, resumed exactly,
 refused when they belong to another run.
 
-Each checkpoint goes into its own tag folder (step000000123). The save, on every rank:
-1. the weights are checked finite (a non-finite model is never kept as "the last good one")
-   and the disk is checked for room (the previous checkpoint's size);
-2. rank 0 writes the recipe beside the shards (RECIPE_FILE), then every rank writes its
-   shards (DeepSpeed, with save_latest=False: its own `latest` is written by rank 0 before the
-   other ranks are known to be done, and not atomically);
-3. every rank hashes its share of the files; rank 0 writes MANIFEST (name, size, sha256 of each)
-   by an atomic rename, then moves `latest` to the tag the same way, then prunes all but the
-   newest `keep_last` tags.
-A failure in 2 (a full disk, a dead filesystem) on any rank stops every rank with one message,
-and removes the partial tag; `latest` still names the previous checkpoint.
-
-Loading verifies MANIFEST (every file present, sizes and hashes equal, shared out over the ranks)
-and falls back to the newest intact checkpoint, saying which one and why. The run's recipe
-is compared with the checkpoint's (`resume_changes`): what fixes the run (model, grid, layout,
-ZeRO stage, data and its order, the stages already begun) must be equal; what may change
-(learning rate and schedule, steps, eval, logging, saving; parallel.ulysses and mlp_tiles, which
-change how the same math is computed, not what is saved) takes effect and is reported.
-The tags assume run_dir is one filesystem that every rank sees (as DeepSpeed's own resume does).
-
-DeepSpeed's checkpoint engine unpickles with weights_only=False, which runs any code a
-tampered file holds. `load_weights_only` makes the engine load with weights_only=True,
-allowing the three DeepSpeed classes its ZeRO 0-3 checkpoints hold (SAFE_GLOBALS). What
-remains unpickled freely: DeepSpeed's universal-checkpoint loaders, which ringpatch never calls.
+Each checkpoint is its own tag folder (step000000123) with the recipe (RECIPE_FILE) and a
+MANIFEST of every file's size and sha256, written after every rank's shards and before `latest`
+moves (both by atomic rename). Loading verifies the manifest and falls back to the newest intact
+tag; `resume_changes` compares the run's recipe with the checkpoint's by key (FIXED, FIXED_STAGE).
+The save order, the resume rules and the weights-only loading: docs/design.md, "Checkpoints and
+resume"; what a user sees: docs/reliability.md.
 """
 
 from __future__ import annotations
