@@ -7,6 +7,10 @@ from typing import Any
 from ringpatch.schema import Key
 
 
+def _yaml(value) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 class Switch:
     """One recipe key. Subclasses set the class attributes and override what they need; every
     method takes the validated recipe (and never changes it)."""
@@ -19,6 +23,9 @@ class Switch:
     """The recipe field's description (`ringpatch recipe --schema`)."""
     fixed_on_resume: bool = False
     """A checkpoint resumes only under the value it was written with."""
+    needs_checkpointing: tuple[str, str] | None = None
+    """For a switch that acts on checkpointed layers: (what it does with them, what that leaves
+    to do without checkpointing), the words of the refusal when activation_checkpointing is off."""
 
     def recipe_key(self) -> Key:
         return Key(self.key, self.annotation, self.default, self.doc)
@@ -28,6 +35,12 @@ class Switch:
 
     def check(self, recipe) -> None:
         """Against the recipe's other keys; raises ValueError naming the keys and the fix."""
+        if self.needs_checkpointing and self.on(recipe) and not recipe.activation_checkpointing:
+            does, without = self.needs_checkpointing
+            raise ValueError(
+                f"{self.key}: {_yaml(getattr(recipe, self.key))} {does}, but activation_checkpointing is false, so "
+                f"{without}: set activation_checkpointing: true, or {self.key}: {_yaml(self.default)}"
+            )
 
     def check_model(self, recipe, model_config: dict) -> None:
         """Against the architecture (preflight, before any download)."""
@@ -58,6 +71,6 @@ class Switch:
         model_type = model_config.get("model_type")
         if self.on(recipe) and model_type not in supported:
             raise ValueError(
-                f"{self.key}: {getattr(recipe, self.key)} {what} of {', '.join(supported)}; {recipe.model.name} is "
-                f"{model_type!r}: set {self.key}: {self.default}"
+                f"{self.key}: {_yaml(getattr(recipe, self.key))} {what} of {', '.join(supported)}; {recipe.model.name} "
+                f"is {model_type!r}: set {self.key}: {_yaml(self.default)}"
             )

@@ -17,14 +17,7 @@ class KeepAttention(Switch):
         "context (attention/ring.py, KeptAttention). Costs layers x tokens x hidden of memory per rank, about what "
         "the checkpointed layer inputs take. Needs activation_checkpointing."
     )
-
-    def check(self, recipe) -> None:
-        if recipe.keep_attention and not recipe.activation_checkpointing:
-            raise ValueError(
-                "keep_attention: true keeps attention outputs for the recompute of checkpointed layers, but "
-                "activation_checkpointing is false, so nothing is recomputed: set activation_checkpointing: true, or "
-                "keep_attention: false"
-            )
+    needs_checkpointing = ("keeps attention outputs for the recompute of checkpointed layers", "nothing is recomputed")
 
     def apply(self, recipe, lm) -> dict:
         return {"keep_attention": recipe.keep_attention}

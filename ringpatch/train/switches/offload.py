@@ -16,13 +16,7 @@ class ActivationOffload(Switch):
         "(ringpatch/memory/offload.py): frees layers x tokens x hidden of GPU memory per rank for one copy out and "
         "one copy back per layer. Needs activation_checkpointing."
     )
-
-    def check(self, recipe) -> None:
-        if recipe.activation_offload and not recipe.activation_checkpointing:
-            raise ValueError(
-                "activation_offload: true moves the checkpointed layer inputs to the host, but activation_checkpointing "
-                "is false, so there are none: set activation_checkpointing: true, or activation_offload: false"
-            )
+    needs_checkpointing = ("moves the checkpointed layer inputs to the host", "there are none")
 
     # apply: the checkpoint function itself, set by activation_checkpointing
 

@@ -28,13 +28,11 @@ class UncheckpointedLayers(Switch):
         "activation_checkpointing and fewer layers than the model has."
     )
 
+    needs_checkpointing = ("leaves layers out of activation checkpointing", "none is checkpointed")
+
     def check(self, recipe) -> None:
+        super().check(recipe)
         n = recipe.uncheckpointed_layers
-        if n and not recipe.activation_checkpointing:
-            raise ValueError(
-                f"uncheckpointed_layers: {n} leaves layers out of activation checkpointing, but activation_checkpointing "
-                "is false, so none is checkpointed: set uncheckpointed_layers: 0"
-            )
         if n and recipe.keep_attention:
             raise ValueError(
                 f"uncheckpointed_layers: {n} with keep_attention: true: kept attention outputs serve the recompute "
