@@ -1,0 +1,60 @@
+"""The switch registry: each switch's key is a recipe field with its default and description, its
+refusals and plan words reach the recipe and `ringpatch plan`, and its resume rule the checkpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from ringpatch.train.switches import SWITCHES
+
+pytestmark = pytest.mark.unit
+
+
+def test_every_switch_is_a_recipe_key_with_its_default_and_description():
+    from ringpatch.schema import schema_rows
+    from ringpatch.train.recipe import Recipe
+
+    fields = {f.name: f for f in dataclasses.fields(Recipe)}
+    rows = {row[0]: row for row in schema_rows(Recipe)}
+    for switch in SWITCHES:
+        assert fields[switch.key].default == switch.default, switch.key
+        assert rows[switch.key][4] == switch.doc and len(switch.doc) > 40, switch.key
+    assert len({s.key for s in SWITCHES}) == len(SWITCHES)
+
+
+def test_the_checkpoint_fixes_exactly_the_switches_that_say_so():
+    from ringpatch.train.checkpoint import FIXED
+
+    for switch in SWITCHES:
+        assert (switch.key in FIXED) == switch.fixed_on_resume, switch.key
+
+
+@pytest.mark.parametrize("switch", [s for s in SWITCHES if s.needs_checkpointing], ids=lambda s: s.key)
+def test_a_switch_on_checkpointed_layers_is_refused_without_checkpointing(tmp_path, switch):
+    from tests.helpers.trainrun import corpus, recipe
+
+    on = {"activation_offload": True, "keep_attention": True, "uncheckpointed_layers": 1}[switch.key]
+    path = recipe(tmp_path, corpus(tmp_path / "c"), activation_checkpointing=False, **{switch.key: on})
+    from ringpatch.train.recipe import load_recipe
+
+    with pytest.raises(ValueError, match=rf"^{switch.key}: .*, but activation_checkpointing is false, so .*: set "
+                                         rf"activation_checkpointing: true, or {switch.key}: "):  # fmt: skip
+        load_recipe(str(path))
+
+
+def test_each_switch_that_is_on_has_its_words_in_the_plan(tmp_path):
+    """The plan's first line names every switch turned on (the tiny recipe's values, one at a time)."""
+    from ringpatch.train.plan import describe
+    from ringpatch.train.preflight import preflight
+    from tests.helpers.trainrun import corpus, recipe
+
+    data = corpus(tmp_path / "c")
+    values = {"activation_offload": True, "keep_attention": True, "mlp_tiles": 2, "rmsnorm": "chunked",
+              "uncheckpointed_layers": 1, "activation_checkpointing": False}  # fmt: skip
+    base = describe(preflight(str(recipe(tmp_path, data)), world=1)).splitlines()[0]
+    for switch in SWITCHES:
+        plan = preflight(str(recipe(tmp_path, data, **{switch.key: values[switch.key]})), world=1)
+        first = describe(plan).splitlines()[0]
+        assert first != base and switch.plan_words(plan.recipe).strip(", ") in first, (switch.key, first)
