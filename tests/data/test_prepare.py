@@ -38,7 +38,12 @@ def _expected(seq_len, min_doc=0):
     return torch.tensor(stream[: n * seq_len]).view(n, seq_len)
 
 
-@pytest.mark.parametrize("streaming, min_doc", [(False, 0), (True, 0), (False, 60)])
+POOL = pytest.mark.multiprocess  # num_proc 2: a pool of worker processes
+
+
+@pytest.mark.parametrize(
+    "streaming, min_doc", [pytest.param(False, 0, marks=POOL), (True, 0), pytest.param(False, 60, marks=POOL)]
+)
 def test_prepared_sequences_are_the_packed_token_stream(tmp_path, jsonl, streaming, min_doc):
     spec = _spec(tmp_path, jsonl, streaming=streaming, min_doc_tokens=min_doc, num_proc=1 if streaming else 2)
     data = load_prepared(prepare_split(spec, spec.source, "train", byte_tokenizer(), 32))
