@@ -4,7 +4,7 @@ it is applied to the model, its items in the memory plan, the remedy it offers, 
 
 SWITCHES lists them in the order they are applied to a model. The recipe, preflight, planner,
 trainer and checkpoint rules loop over it; adding a switch is one module here, its entry in
-SWITCHES and its test (docs/memory.md, "The switches").
+SWITCHES and its test (docs/memory.md, "Adding a switch").
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from ringpatch.train.switches.offload import ACTIVATION_OFFLOAD
 from ringpatch.train.switches.rmsnorm import RMSNORM
 from ringpatch.train.switches.uncheckpointed import UNCHECKPOINTED_LAYERS
 
+# Applied in this order: checkpointing (with offload's checkpoint function) before the switch that
+# takes layers out of it; the MLP and norm replacements act inside whatever is checkpointed.
 SWITCHES: tuple[Switch, ...] = (
     ACTIVATION_CHECKPOINTING,
     ACTIVATION_OFFLOAD,
