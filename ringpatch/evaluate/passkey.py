@@ -14,7 +14,7 @@ from ringpatch.attention.layout import DEFAULT_LAYOUT, Layout
 from ringpatch.data import corpus
 from ringpatch.data.tasks import LANDMARK_FILLER
 from ringpatch.evaluate.prefill import ring_prefill_scores
-from ringpatch.evaluate.report import check_fractions, check_increasing, format_table, write_rows
+from ringpatch.evaluate.report import check_fractions, check_increasing, format_table, pyplot, write_rows
 from ringpatch.evaluate.task import EvalTask
 from ringpatch.schema import POSITIVE, Key
 
@@ -103,10 +103,7 @@ def passkey_accuracy(
 
 
 def plot_passkey(accuracy: dict[str, dict[tuple[int, float], float]], path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(
         1, len(accuracy), figsize=(4.6 * len(accuracy) + 1, 3.8), squeeze=False, layout="constrained"

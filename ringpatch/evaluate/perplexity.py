@@ -13,7 +13,7 @@ from ringpatch.attention.layout import DEFAULT_LAYOUT, Layout
 from ringpatch.data.packing import restart_first_document
 from ringpatch.evaluate.heldout import held_out
 from ringpatch.evaluate.prefill import ring_prefill_scores
-from ringpatch.evaluate.report import check_increasing, format_table, write_rows
+from ringpatch.evaluate.report import check_increasing, format_table, pyplot, write_rows
 from ringpatch.evaluate.task import EvalTask
 from ringpatch.schema import POSITIVE, Key
 
@@ -42,10 +42,7 @@ def perplexity_by_length(
 
 
 def plot_perplexity(losses: dict[str, dict[int, float]], path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, by_length in losses.items():

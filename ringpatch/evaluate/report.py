@@ -19,6 +19,16 @@ def write_rows(rows: list[dict], base) -> None:
     base.with_suffix(".json").write_text(json.dumps(rows, indent=1))
 
 
+def pyplot():
+    """matplotlib.pyplot on the Agg backend: plots go to files, never to a display."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def format_table(header: list[str], rows: list[list]) -> str:
     cells = [[str(h) for h in header]] + [[f"{v:.3f}" if isinstance(v, float) else str(v) for v in r] for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]

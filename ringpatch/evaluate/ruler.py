@@ -49,7 +49,7 @@ from ringpatch.data.tasks import (
 )
 from ringpatch.evaluate.heldout import held_out
 from ringpatch.evaluate.prefill import ring_prefill_scores
-from ringpatch.evaluate.report import check_fractions, check_increasing, format_table, write_rows
+from ringpatch.evaluate.report import check_fractions, check_increasing, format_table, pyplot, write_rows
 from ringpatch.evaluate.task import EvalTask
 from ringpatch.schema import POSITIVE, Key, Range
 
@@ -225,10 +225,7 @@ def task_means(scores: dict[tuple[str, int], float]) -> dict[int, float]:
 
 def plot_ruler(ruler: dict[str, dict], path) -> None:
     """One heatmap per model: tasks (and their mean) by length."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, len(ruler), figsize=(4.8 * len(ruler) + 1, 4.2), squeeze=False, layout="constrained")
     for ax, (label, result) in zip(axes[0], ruler.items(), strict=True):

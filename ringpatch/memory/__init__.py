@@ -1,12 +1,14 @@
 """What bounds memory at long context, and the estimate of it.
 
-  loss.py      chunked cross-entropy: never the full-vocabulary logits of the local sequence
   offload.py   activation-checkpoint offload: the checkpointed layer inputs in host memory
-  estimate.py  the per-GPU memory estimate of a recipe (the planner's numbers)
+  rmsnorm.py   the chunked RMSNorm
+  estimate.py  the bytes of a step's tensors by phase (train/plan.py's estimate adds them up per recipe)
+  reserve.py   DeepSpeed's buffers and what no tensor shows
+  tracker.py   the allocation tracker of the simulated rank; census.py, live tensors by category
   traffic.py   sequence-parallel communication per GPU, ring alone vs Ulysses x ring
 
-The sequence-tiled MLP lives in train/switches/mlp_tiles.py (it uses DeepSpeed's TiledMLP). Each memory
-feature is one recipe switch, exact, and counted by estimate.py.
+The chunked loss lives in hf/loss.py. Each memory feature is one recipe switch, one module of
+train/switches/, exact, and counted by the plan.
 """
 
 from ringpatch.hf.loss import causal_lm_loss, chunked_cross_entropy

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ringpatch.evaluate.report import pyplot
 from ringpatch.train.metrics import read_records
 from ringpatch.train.telemetry import PHASES
 
@@ -57,10 +58,7 @@ def summary(records: list[dict]) -> dict:
 
 def write_report(run_dir: str | Path) -> Path:
     """run_dir/report: summary.json and the plots; returns the folder."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     run_dir = Path(run_dir)
     records = read_records(run_dir)

@@ -56,7 +56,13 @@ class UncheckpointedLayers(Switch):
             layers = lm.get_decoder().layers
             self._check_layers(n, len(layers), type(lm).__name__)
             for layer in list(layers)[:n]:
-                # transformers' GradientCheckpointingLayer checkpoints a layer only while this is set
+                # transformers' GradientCheckpointingLayer checkpoints a layer only while this is set;
+                # a layer without the flag would ignore the switch, so it is refused
+                if not isinstance(getattr(layer, "gradient_checkpointing", None), bool):
+                    raise NotImplementedError(
+                        f"uncheckpointed_layers: {n}, but {type(layer).__name__} has no gradient_checkpointing flag "
+                        "(transformers' GradientCheckpointingLayer) to turn off: set uncheckpointed_layers: 0"
+                    )
                 layer.gradient_checkpointing = False
         return {}
 

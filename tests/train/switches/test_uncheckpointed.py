@@ -64,6 +64,18 @@ def test_the_first_layers_keep_their_activations_and_give_the_same_loss_and_grad
         torch.testing.assert_close(grad, grads0[name], rtol=1e-6, atol=1e-7, msg=name)
 
 
+@pytest.mark.unit
+def test_a_layer_without_the_checkpointing_flag_is_refused_not_ignored():
+    from types import SimpleNamespace
+
+    from ringpatch.train.switches.uncheckpointed import UNCHECKPOINTED_LAYERS
+
+    decoder = SimpleNamespace(layers=[torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)])
+    lm = SimpleNamespace(get_decoder=lambda: decoder)
+    with pytest.raises(NotImplementedError, match="uncheckpointed_layers: 1, but Linear has no gradient_checkpointing"):
+        UNCHECKPOINTED_LAYERS.apply(SimpleNamespace(uncheckpointed_layers=1), lm)
+
+
 @pytest.mark.multiprocess
 def test_the_planner_counts_what_the_simulated_rank_holds(tmp_path, data):
     """The plan's item for 2 uncheckpointed layers of 3 is what they add to the simulated rank's
