@@ -45,10 +45,10 @@ def passkey_line(key: str) -> str:
     return f"The pass key={key}. Remember it. "
 
 
-def passkey_document(rng: random.Random, chars: int, depth: float) -> str:
-    """The key at `depth` of about `chars` of filler, asked for after the rest of it, then asked
-    again a few times at short distances."""
-    key = rng.choice(KEY_DIGITS)
+def passkey_document(rng: random.Random, chars: int, depth: float, key_length: int = 1) -> str:
+    """The key (`key_length` digits) at `depth` of about `chars` of filler, asked for after the
+    rest of it, then asked again a few times at short distances."""
+    key = "".join(rng.choice(KEY_DIGITS) for _ in range(key_length))
     before = filler(rng, int(chars * depth))
     after = filler(rng, max(0, chars - len(before) - 110))
     recalls = "".join(

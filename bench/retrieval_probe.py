@@ -1,0 +1,162 @@
+"""Does a model of the demo's size learn retrieval in the demo's budget? A one-process probe.
+
+Trains a Llama built from a config (the demo's by default: 2 layers, hidden 128, byte tokens) on
+packed rows, with document masking and positions restarting per document as the trainer packs
+them, from a mixture of three kinds of document, drawn per document by share:
+  the demo corpus          pass-key documents (ringpatch/data/corpus.py), keys of --key-digits
+  --synthetic              RULER-style niah_single training prompts (ringpatch/data/tasks.py, the
+                           training half of the words, no opening line), values of --value-digits
+  --copy                   a random string of 6-12 letters and digits written 2-5 times between
+                           filler sentences: a copy only an induction head predicts
+Every --every steps it prints one JSON line: the training loss and three skills, each over 40
+held-out prompts of --length tokens, an item counting when every token of it is the argmax:
+  passkey      the demo's pass key (chance 10^-key_digits)
+  niah_single  the evaluation's single needle, short wording (chance 10^-value_digits)
+  copy         a 10-character string written again after about 30 characters of filler: the
+               share of its 9 characters after the first that are predicted (chance about 1/36)
+The optimizer and schedule are the recipe's (AdamW, betas 0.9/0.95, 20 warm-up steps, cosine
+to 0.1 of the peak). It is not the trainer (no ring, no DeepSpeed): one configuration takes a
+few minutes on one core, so several can run side by side.
+
+    python bench/retrieval_probe.py                        # the demo corpus alone, seed 0
+    python bench/retrieval_probe.py --copy 1.0 --steps 2000   # copy strings only
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import random
+import string
+import time
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, get_cosine_with_min_lr_schedule_with_warmup
+
+from ringpatch.data import corpus
+from ringpatch.data.packing import pack_documents
+from ringpatch.data.tasks import Builder, synthetic_documents
+from ringpatch.data.tokenizer import byte_tokenizer
+from ringpatch.evaluate.passkey import demo_template, passkey_prompt
+from ringpatch.evaluate.ruler import score, scored_positions
+
+PROMPTS = 40
+
+
+def args():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=1500, help="the demo's first stage: 1500")
+    p.add_argument("--every", type=int, default=250)
+    p.add_argument("--lr", type=float, default=0.002)
+    p.add_argument("--rows", type=int, default=16, help="packed rows per step")
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--length", type=int, default=127, help="tokens of each held-out prompt")
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--key-digits", type=int, default=1)
+    p.add_argument("--synthetic", type=float, default=0.0, help="share of documents: niah_single prompts")
+    p.add_argument("--value-digits", type=int, default=1)
+    p.add_argument("--copy", type=float, default=0.0, help="share of documents: repeated random strings")
+    p.add_argument("--threads", type=int, default=1)
+    return p.parse_args()
+
+
+def documents(a, tok, rng: random.Random):
+    """Token ids of documents drawn by share, endlessly."""
+    synthetic = synthetic_documents(tok, ["niah_single"], a.seq_len, seed=1 + a.seed, digits=a.value_digits,
+                                    intro=False)  # fmt: skip
+    alphabet = string.ascii_lowercase + string.digits
+    while True:
+        draw = rng.random()
+        if draw < a.synthetic:
+            yield next(synthetic)
+            continue
+        if draw < a.synthetic + a.copy:
+            s = "".join(rng.choice(alphabet) for _ in range(rng.randint(6, 12)))
+            text = "".join(corpus.filler(rng, rng.randint(0, 40)) + s + ". " for _ in range(rng.randint(2, 5)))
+        else:
+            text = corpus.passkey_document(rng, rng.randint(150, 1000), rng.random(), key_length=a.key_digits)
+        yield tok(text, add_special_tokens=False)["input_ids"]
+
+
+def document_mask(positions: torch.Tensor) -> torch.Tensor:
+    """(B, 1, n, n) bool: causal, and inside each packed document (positions restart at 0)."""
+    doc = torch.cumsum((positions == 0).long(), 1)
+    causal = torch.ones(positions.shape[1], positions.shape[1], dtype=torch.bool).tril()
+    return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
+
+
+def held_out(a, tok):
+    """(passkey prompts, niah_single prompts, copy prompts), each a list of (ids, answer spans)."""
+    rng = random.Random(12345)
+    template = dataclasses.replace(demo_template(), key_length=a.key_digits)
+    passkey = []
+    for _ in range(PROMPTS):
+        ids, n = passkey_prompt(tok, template, a.length, rng.random(), rng)
+        passkey.append((ids, [(len(ids) - n, len(ids))]))
+    builder = Builder(tok, words="eval", digits=a.value_digits, intro=False)
+    niah = [builder.build("niah_single", a.length, rng.random(), rng) for _ in range(PROMPTS)]
+    copy = []
+    for _ in range(PROMPTS):
+        s = "".join(rng.choice(string.ascii_lowercase + string.digits) for _ in range(10))
+        ids = torch.tensor(
+            tok(corpus.filler(rng, 30) + s + ". " + corpus.filler(rng, 30) + s, add_special_tokens=False)["input_ids"]
+        )
+        copy.append((ids, [(len(ids) - 9 + i, len(ids) - 8 + i) for i in range(9)]))
+    return passkey, niah, copy
+
+
+@torch.no_grad()
+def skills(model, passkey, niah, copy) -> dict:
+    def hits(ids, spans) -> list[bool]:
+        predicted = model(ids[None]).logits[0].argmax(-1)
+        return [bool((predicted[s - 1 : e - 1] == ids[s:e]).all()) for s, e in spans]
+
+    model.eval()
+    out = {
+        "passkey": sum(all(hits(ids, spans)) for ids, spans in passkey) / len(passkey),
+        "niah_single": sum(
+            score(p, model(p.ids[None]).logits[0].argmax(-1)[scored_positions(p)] == p.ids[scored_positions(p) + 1])
+            for p in niah
+        )
+        / len(niah),
+        "copy": sum(sum(hits(ids, spans)) for ids, spans in copy) / sum(len(spans) for _, spans in copy),
+    }
+    model.train()
+    return {k: round(v, 3) for k, v in out.items()}
+
+
+def main():
+    a = args()
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(a.seed)
+    tok = byte_tokenizer()
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=a.hidden, intermediate_size=3 * a.hidden,
+                         num_hidden_layers=a.layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=a.seq_len, rope_theta=10000.0, tie_word_embeddings=False)  # fmt: skip
+    model = LlamaForCausalLM(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    schedule = get_cosine_with_min_lr_schedule_with_warmup(optimizer, 20, a.steps, min_lr_rate=0.1)
+    rows = pack_documents(documents(a, tok, random.Random(a.seed + 100)), a.seq_len, tok.eos_token_id)
+    prompts = held_out(a, tok)
+    print(json.dumps({"args": vars(a)}), flush=True)
+    started = time.perf_counter()
+    for step in range(1, a.steps + 1):
+        batch = [next(rows) for _ in range(a.rows)]
+        ids = torch.tensor([r["input_ids"] for r in batch])
+        positions = torch.tensor([r["doc_position_ids"] for r in batch])
+        loss = model(input_ids=ids, position_ids=positions, attention_mask=document_mask(positions), labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+        if step % a.every == 0 or step == a.steps:
+            line = {"step": step, "loss": round(loss.item(), 3), **skills(model, *prompts)}
+            print(json.dumps({**line, "s": round(time.perf_counter() - started)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
