@@ -111,8 +111,8 @@ def test_a_source_without_a_long_enough_document_is_named(sources):
 
 
 @pytest.mark.e2e
-def test_the_trainer_logs_the_realised_share_of_each_source(tmp_path, sources):
-    a, b, _ = sources
+def test_the_trainer_logs_the_realised_share_of_each_source(tmp_path):
+    a, b = _write(tmp_path / "long.jsonl", 90, 0, "a"), _write(tmp_path / "short.jsonl", 50, 1, "b")  # 5 steps' worth
     data = corpus(tmp_path / "corpus")
     path = recipe(tmp_path, data)
     raw = yaml.safe_load(path.read_text())
