@@ -8,6 +8,8 @@ them, from a mixture of three kinds of document, drawn per document by share:
                            training half of the words, no opening line), values of --value-digits
   --copy                   a random string of 6-12 letters and digits written 2-5 times between
                            filler sentences: a copy only an induction head predicts
+                           (--pure N: the string, of 8-N characters, written twice with only a
+                           space between, no filler)
 Every --every steps it prints one JSON line: the training loss and three skills, each over 40
 held-out prompts of --length tokens, an item counting when every token of it is the argmax:
   passkey      the demo's pass key (chance 10^-key_digits)
@@ -63,6 +65,7 @@ def args():
     p.add_argument("--synthetic", type=float, default=0.0, help="share of documents: niah_single prompts")
     p.add_argument("--value-digits", type=int, default=1)
     p.add_argument("--copy", type=float, default=0.0, help="share of documents: repeated random strings")
+    p.add_argument("--pure", type=int, default=0, help="copy documents: a string of 8-PURE characters, twice")
     p.add_argument("--threads", type=int, default=1)
     return p.parse_args()
 
@@ -77,6 +80,10 @@ def documents(a, tok, rng: random.Random):
             yield next(synthetic)
             continue
         if draw < a.synthetic + a.copy:
+            if a.pure:
+                s = random_string(rng, rng.randint(8, a.pure))
+                yield tok(s + " " + s + ". ", add_special_tokens=False)["input_ids"]
+                continue
             s = random_string(rng, rng.randint(6, 12))
             text = "".join(corpus.filler(rng, rng.randint(0, 40)) + s + ". " for _ in range(rng.randint(2, 5)))
         else:

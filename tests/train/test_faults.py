@@ -135,16 +135,42 @@ def test_a_manifest_that_vouches_for_nothing_is_damaged(tmp_path, data):
     ckpt = tmp_path / "run" / "checkpoints"
     ok(launch(path, 2, "--max-steps", "4"))
     before = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
-    for damaged, why in (({"step": 4}, "lists no files"), ({"step": 4, "files": {}}, "lists no files")):
-        (ckpt / "step000000004" / checkpoint.MANIFEST).write_text(json.dumps(damaged))
-        proc = launch(path, 2, "--max-steps", "4")
-        ok(proc)
-        assert f"skipping checkpoint {ckpt / 'step000000004'}: its {checkpoint.MANIFEST} {why}" in proc.stdout
-        assert f"resuming from {ckpt / 'step000000002'}, the newest intact checkpoint" in proc.stdout
+    (ckpt / "step000000004" / checkpoint.MANIFEST).write_text(json.dumps({"step": 4}))  # the others: below
+    proc = launch(path, 2, "--max-steps", "4")
+    ok(proc)
+    assert f"skipping checkpoint {ckpt / 'step000000004'}: its {checkpoint.MANIFEST} lists no files" in proc.stdout
+    assert f"resuming from {ckpt / 'step000000002'}, the newest intact checkpoint" in proc.stdout
     after = {r["step"]: r["loss"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").open()) if "loss" in r}
     assert [after[s] for s in (3, 4)] == pytest.approx(
         [r["loss"] for r in before if r.get("step") in (3, 4) and "loss" in r], rel=1e-6
     )
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    "manifest,why",
+    [
+        ([], "has no integer step"),
+        ({"files": {}}, "has no integer step"),
+        ({"step": "4", "files": {}}, "has no integer step"),
+        ({"step": 4}, "lists no files"),
+        ({"step": 4, "files": {}}, "lists no files"),
+        ({"step": 4, "files": ["a.pt"]}, "lists no files"),
+        ({"step": 4, "files": {"a.pt": {"size": 3}}}, "entry for 'a.pt' has no size and sha256"),
+        ({"step": 4, "files": {"a.pt": {"size": "3", "sha256": "0" * 64}}}, "entry for 'a.pt' has no size"),
+        ({"step": 4, "files": {"a.pt": {"size": 3, "sha256": "0" * 63}}}, "entry for 'a.pt' has no size"),
+        ({"step": 4, "files": {"a.pt": {"size": 3, "sha256": "0" * 64}}}, "does not list ['b.pt']"),
+    ],
+)
+def test_a_manifest_that_cannot_vouch_for_its_folder_is_refused(manifest, why):
+    problem = checkpoint.manifest_problem(manifest, ["a.pt", "b.pt"])
+    assert problem is not None and why in problem, problem
+
+
+@pytest.mark.unit
+def test_a_manifest_listing_every_file_with_size_and_hash_vouches():
+    entry = {"size": 3, "sha256": "0" * 64}
+    assert checkpoint.manifest_problem({"step": 4, "files": {"a.pt": entry, "b.pt": entry}}, ["a.pt", "b.pt"]) is None
 
 
 def test_a_full_disk_while_preparing_stops_with_one_line_and_removes_the_partial_copy(tmp_path, data):
