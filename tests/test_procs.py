@@ -9,12 +9,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tests.helpers.procs import spawn
+from tests.helpers.procs import FRESH, spawn
 
 pytestmark = pytest.mark.multiprocess
-reused = pytest.mark.skipif(
-    os.environ.get("RINGPATCH_TEST_FRESH_PROCS") == "1", reason="torch.multiprocessing.spawn's own errors then"
-)
+reused = pytest.mark.skipif(FRESH, reason="torch.multiprocessing.spawn's own errors then")
 
 
 def _raise_while_the_peer_waits(rank: int, world: int) -> None:
@@ -50,11 +48,11 @@ def test_a_rank_that_dies_fails_the_call():
         spawn(_exit_while_the_peer_waits, 2)
 
 
-def test_each_call_starts_from_the_state_of_a_new_process(tmp_path):
+def test_no_call_sees_the_environment_or_dtype_an_earlier_one_left(tmp_path):
     for _ in range(3):  # the first call may follow a failure above: a new group
         spawn(_record_and_change_state, 2, str(tmp_path))
     for rank in range(2):
         calls = (tmp_path / str(rank)).read_text().splitlines()
         assert all(c.startswith("[None, 'torch.float32', ") for c in calls), calls  # nothing left behind
-        if os.environ.get("RINGPATCH_TEST_FRESH_PROCS") != "1":  # a kept worker draws as it did at the start
+        if not FRESH:  # a kept worker draws as it did at the start
             assert len(set(calls)) == 1, calls

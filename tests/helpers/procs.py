@@ -1,10 +1,10 @@
-"""Real multi-process groups for tests: gloo over a file store, in worker processes kept for the session.
+"""Real multi-process groups for tests: gloo over a file store, in worker processes kept for the test run.
 
 Starting a process costs seconds here (torch and transformers import), more than most of the
 checks run in it, so `spawn` keeps one group of workers per world size and sends each call's
-function to it, as DeepSpeed's tests do with `reuse_dist_env`. Each call still gets what a fresh
-group gives: every rank starts from the same torch RNG state, the environment, default dtype,
-grad mode and thread count are restored, and all ranks leave through a barrier. A failure in any
+function to it, as DeepSpeed's tests do with `reuse_dist_env`. Before each call a worker restores
+what it had after joining: its torch RNG state, the environment, default dtype, grad mode and
+thread count (imported modules and their caches stay); all ranks leave through a barrier. A failure in any
 rank, a worker that dies, or a call that outlives HANG_S ends that group (a rank may be stuck in a
 collective) and fails the caller with the rank's traceback; the next call starts a new group.
 
@@ -27,13 +27,20 @@ import torch.multiprocessing as mp
 
 from tests.helpers import HANG_S
 
+FRESH = os.environ.get("RINGPATCH_TEST_FRESH_PROCS") == "1"
+"""New processes for every call (torch.multiprocessing.spawn) instead of kept workers."""
+
 KEEP = 2
 """Groups kept at once (the most recently used); an older one is closed to bound memory."""
 
 
-def _entry(rank: int, world_size: int, store: str, fn, args) -> None:
+def _join(rank: int, world_size: int, store: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
+
+
+def _entry(rank: int, world_size: int, store: str, fn, args) -> None:
+    _join(rank, world_size, store)
     fn(rank, world_size, *args)
     dist.barrier()  # leave together: a rank tearing down gloo while its peer still runs can hang
     dist.destroy_process_group()
@@ -43,15 +50,14 @@ def _serve(rank: int, world_size: int, store: str, conn) -> None:
     """A worker: join the group once, then run each (fn, args) received, answering
     ("ok", None) or ("error", traceback). After an error it exits: its peers may be waiting in
     a collective it will never enter."""
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
+    _join(rank, world_size, store)
     seed, environ, dtype = torch.initial_seed(), dict(os.environ), torch.get_default_dtype()
     while True:
         job = conn.recv()
         if job is None:
             break
         fn, args = job
-        torch.manual_seed(seed)  # as a new process: every rank draws the same numbers
+        torch.manual_seed(seed)  # each call draws what this worker's first call drew
         try:
             fn(rank, world_size, *args)
             dist.barrier()
@@ -96,7 +102,8 @@ class _Group:
                 try:
                     status, detail = conn.recv()
                 except EOFError:
-                    code = self.procs[rank].join(5) or self.procs[rank].exitcode
+                    self.procs[rank].join(5)
+                    code = self.procs[rank].exitcode
                     raise RuntimeError(f"rank {rank} died running {fn.__name__} (exit code {code})") from None
                 if status != "ok":
                     raise RuntimeError(f"{fn.__name__} failed in {detail}")
@@ -131,7 +138,7 @@ def spawn(fn, world_size: int, *args) -> None:
 
     `fn` must be importable (module level). A failure in any rank fails the caller with
     that rank's traceback."""
-    if os.environ.get("RINGPATCH_TEST_FRESH_PROCS") == "1":
+    if FRESH:
         with tempfile.TemporaryDirectory() as tmp:
             mp.spawn(_entry, args=(world_size, os.path.join(tmp, "store"), fn, args), nprocs=world_size, join=True)
         return
