@@ -49,3 +49,24 @@ def load_tokenizer(name: str | None, model_name: str):
             "set one (tokenizer.eos_token) or choose another tokenizer"
         )
     return tokenizer
+
+
+def folder_tokenizer(path: str):
+    """The tokenizer saved in model folder `path` (beside the weights, as ringpatch's export and
+    save_pretrained write it); a FileNotFoundError naming the folder and the fix when there is none
+    transformers can load, whatever the reason it gives (no files, a missing backend). The trainer's
+    preflight words the same failure for its recipe keys."""
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0].rstrip(": ")
+        files = sorted(p.name for p in Path(path).iterdir()) if Path(path).is_dir() else []
+        raise FileNotFoundError(
+            f"model folder {path} holds no tokenizer transformers can load ({reason}; the folder has {files}); "
+            f"save the model's tokenizer beside it (tokenizer.save_pretrained({str(path)!r}); ringpatch's export "
+            "does this)"
+        ) from None

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from ringpatch.attention.layout import DEFAULT_LAYOUT, LAYOUTS, Layout
+from ringpatch.data.tokenizer import folder_tokenizer
 from ringpatch.errors import USER_ERRORS
 from ringpatch.evaluate.prefill import check_lengths
 from ringpatch.evaluate.spec import EVAL_TASKS, EvalSpec
@@ -31,10 +32,10 @@ from ringpatch.train.recipe import DataSpec, load_recipe
 
 
 def _load(path: str, group, layout: Layout, device, dtype):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
-    return patch_model(model, group=group, layout=layout), AutoTokenizer.from_pretrained(path)
+    return patch_model(model, group=group, layout=layout), folder_tokenizer(path)
 
 
 def evaluate_models(
@@ -130,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         spec, data_spec, models, out, layout = _spec_and_models(args)
         ring = launch_int("WORLD_SIZE", 1, minimum=1)  # before any group or model: lengths the ring can take
         check_lengths(spec.lengths(), layout, ring, spec.max_tokens_per_rank)
+        for path in dict.fromkeys(models.values()):  # each model's own tokenizer, before any group starts
+            folder_tokenizer(path)
         for task in EVAL_TASKS:
             task.check_inputs(spec, data_spec, models)
     except USER_ERRORS as e:

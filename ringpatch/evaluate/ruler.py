@@ -47,6 +47,7 @@ from ringpatch.data.tasks import (
     encode_answer,
     min_length,
 )
+from ringpatch.data.tokenizer import folder_tokenizer
 from ringpatch.evaluate.heldout import held_out
 from ringpatch.evaluate.prefill import ring_prefill_scores
 from ringpatch.evaluate.report import check_fractions, check_increasing, format_table, pyplot, write_rows
@@ -376,13 +377,8 @@ class Ruler(EvalTask):
         """Each model's tokenizer encodes the needles, and every RULER length fits every task's template."""
         if not spec.ruler_tasks:
             return
-        from transformers import AutoTokenizer
-
         for path in dict.fromkeys(models.values()):
-            try:
-                tokenizer = AutoTokenizer.from_pretrained(path)
-            except OSError as e:
-                raise FileNotFoundError(f"model {path} has no loadable tokenizer: {str(e).splitlines()[0]}") from None
+            tokenizer = folder_tokenizer(path)
             check_tokenizer(tokenizer)
             builder = Builder(tokenizer, digits=spec.ruler_value_digits, wording=spec.ruler_wording)
             for task in spec.ruler_tasks:

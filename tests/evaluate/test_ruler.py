@@ -299,6 +299,27 @@ def test_bad_ruler_settings_are_refused_before_any_model(argv, message, model_fo
     assert message in err and "Traceback" not in err, err
 
 
+@pytest.mark.parametrize(
+    "argv", [[], ["--ruler-tasks", "niah_single", "--ruler-lengths", "512"]], ids=["plain", "ruler"]
+)
+def test_a_model_folder_without_a_tokenizer_is_refused_before_any_model(argv, model_folder, monkeypatch, capsys):
+    """Weights saved without their tokenizer (save_pretrained of the model alone): the command names
+    the folder and the fix before it loads a model or starts a group, with or without RULER tasks."""
+    import torch.distributed as dist
+
+    def refuse(*a, **k):
+        raise AssertionError("a model or group was started before the bad input was refused")
+
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (model_folder / name).unlink()
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", refuse)
+    monkeypatch.setattr(dist, "init_process_group", refuse)
+    assert eval_main(["--model", str(model_folder), *argv]) == 2
+    err = capsys.readouterr().err
+    assert f"model folder {model_folder} holds no tokenizer transformers can load" in err, err
+    assert "tokenizer.save_pretrained(" in err and "Traceback" not in err and len(err.splitlines()) == 1, err
+
+
 def test_an_unknown_task_is_refused_by_the_command_and_the_recipe(capsys):
     from ringpatch.evaluate.spec import EvalSpec
     from ringpatch.train.recipe import from_dict
