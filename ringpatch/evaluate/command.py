@@ -62,6 +62,21 @@ def evaluate_models(
     return results
 
 
+def model_labels(paths: list[str]) -> dict[str, str]:
+    """{label: path} for model folders given side by side: each folder's name, or as many of its
+    last path parts as make the labels distinct (run-a/final, run-b/final), so that no model's
+    results overwrite another's; the same folder given twice is refused."""
+    resolved = [Path(p).resolve() for p in paths]
+    twice = sorted({str(p) for p in paths if resolved.count(Path(p).resolve()) > 1})
+    if twice:
+        raise ValueError(f"--model names the same folder more than once ({twice}); give each model once")
+    for depth in range(1, max(len(p.parts) for p in resolved) + 1):
+        labels = ["/".join(p.parts[-depth:]) for p in resolved]
+        if len(set(labels)) == len(labels):
+            return dict(zip(labels, paths, strict=True))
+    raise AssertionError("distinct resolved folders always have distinct full paths")
+
+
 def _spec_and_models(args):
     """The EvalSpec, data and models from --recipe and/or the flags (flags win)."""
     recipe = load_recipe(args.recipe) if args.recipe else None
@@ -90,7 +105,7 @@ def _spec_and_models(args):
     for task in EVAL_TASKS:  # each task's empty defaults, from the recipe or the tasks before it
         spec = task.complete(spec, recipe, data_spec)
     if args.model:
-        models = {Path(m).name: m for m in args.model}
+        models = model_labels(args.model)
         missing = [m for m in args.model if not Path(m, "config.json").is_file()]
         if missing:
             raise FileNotFoundError(

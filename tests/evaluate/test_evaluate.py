@@ -133,6 +133,20 @@ def test_lengths_the_ring_cannot_take_are_refused():
         check_lengths([65536], "zigzag", 2, 16384)
 
 
+def test_models_with_the_same_folder_name_keep_their_own_results(tmp_path):
+    """Two runs' `final` side by side: one label each (the name alone would give both one key, and
+    the second model's results would replace the first's without a word)."""
+    from ringpatch.evaluate.command import model_labels
+
+    a, b = str(tmp_path / "run-a" / "final"), str(tmp_path / "run-b" / "final")
+    assert model_labels([a, b]) == {"run-a/final": a, "run-b/final": b}
+    assert model_labels([str(tmp_path / "base"), b]) == {"base": str(tmp_path / "base"), "final": b}
+    relative = model_labels(["final", b])  # a relative path is told apart by the folders it resolves in
+    assert list(relative.values()) == ["final", b] and list(relative)[1] == "run-b/final", relative
+    with pytest.raises(ValueError, match=r"--model names the same folder more than once"):
+        model_labels([a, str(tmp_path / "run-a" / ".." / "run-a" / "final")])
+
+
 @pytest.fixture(scope="module")
 def two_models(tmp_path_factory):
     """A tiny 'base' and 'extended' model folder with the byte tokenizer, and held-out text."""
