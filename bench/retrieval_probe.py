@@ -14,6 +14,7 @@ Every --every steps it prints one JSON line: the training loss and three skills,
 held-out prompts of --length tokens, an item counting when every token of it is the argmax:
   passkey      the demo's pass key (chance 10^-key_digits)
   niah_single  the evaluation's single needle, short wording (chance 10^-value_digits)
+  niah_train   the same task built from training's half of the words, as --synthetic trains on
   copy         a 10-character string written again after about 30 characters of filler: the
                share of its 9 characters after the first that are predicted (chance about 1/36)
 The optimizer and schedule are the recipe's (AdamW, betas 0.9/0.95, 20 warm-up steps, cosine
@@ -22,6 +23,7 @@ few minutes on one core, so several can run side by side.
 
     python bench/retrieval_probe.py                        # the demo corpus alone, seed 0
     python bench/retrieval_probe.py --copy 1.0 --steps 2000   # copy strings only
+    python bench/retrieval_probe.py --save runs/probe          # and keep the model (with its tokenizer)
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ def args():
     p.add_argument("--copy", type=float, default=0.0, help="share of documents: repeated random strings")
     p.add_argument("--pure", type=int, default=0, help="copy documents: a string of 8-PURE characters, twice")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--save", help="save the trained model and the byte tokenizer here (a folder for init: pretrained)")
     return p.parse_args()
 
 
@@ -99,7 +102,8 @@ def document_mask(positions: torch.Tensor) -> torch.Tensor:
 
 
 def held_out(a, tok):
-    """(passkey prompts, niah_single prompts, copy prompts), each a list of (ids, answer spans)."""
+    """(passkey prompts, niah_single prompts, copy prompts, niah_single prompts of training's words);
+    passkey and copy prompts are (ids, answer spans), the others Prompts."""
     rng = random.Random(12345)
     template = dataclasses.replace(demo_template(), key_length=a.key_digits)
     passkey = []
@@ -115,11 +119,13 @@ def held_out(a, tok):
             tok(corpus.filler(rng, 30) + s + ". " + corpus.filler(rng, 30) + s, add_special_tokens=False)["input_ids"]
         )
         copy.append((ids, [(len(ids) - 9 + i, len(ids) - 8 + i) for i in range(9)]))
-    return passkey, niah, copy
+    train_words = Builder(tok, words="train", digits=a.value_digits, intro=False)
+    niah_train = [train_words.build("niah_single", a.length, rng.random(), rng) for _ in range(PROMPTS)]
+    return passkey, niah, copy, niah_train
 
 
 @torch.no_grad()
-def skills(model, passkey, niah, copy) -> dict:
+def skills(model, passkey, niah, copy, niah_train) -> dict:
     def hits(ids, spans) -> list[bool]:
         predicted = model(ids[None]).logits[0].argmax(-1)
         return [bool((predicted[s - 1 : e - 1] == ids[s:e]).all()) for s, e in spans]
@@ -128,6 +134,7 @@ def skills(model, passkey, niah, copy) -> dict:
     out = {
         "passkey": sum(all(hits(ids, spans)) for ids, spans in passkey) / len(passkey),
         "niah_single": sum(all(hits(p.ids, p.items)) for p in niah) / len(niah),  # one item each
+        "niah_train": sum(all(hits(p.ids, p.items)) for p in niah_train) / len(niah_train),
         "copy": sum(sum(hits(ids, spans)) for ids, spans in copy) / sum(len(spans) for _, spans in copy),
     }
     model.train()
@@ -162,6 +169,10 @@ def main():
         if step % a.every == 0 or step == a.steps:
             line = {"step": step, "loss": round(loss.item(), 3), **skills(model, *prompts)}
             print(json.dumps({**line, "s": round(time.perf_counter() - started)}), flush=True)
+    if a.save:
+        model.save_pretrained(a.save)
+        tok.save_pretrained(a.save)
+        print(json.dumps({"saved": a.save}), flush=True)
 
 
 if __name__ == "__main__":
