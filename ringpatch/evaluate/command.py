@@ -67,7 +67,7 @@ def model_labels(paths: list[str]) -> dict[str, str]:
     last path parts as make the labels distinct (run-a/final, run-b/final), so that no model's
     results overwrite another's; the same folder given twice is refused."""
     resolved = [Path(p).resolve() for p in paths]
-    twice = sorted({str(p) for p in paths if resolved.count(Path(p).resolve()) > 1})
+    twice = sorted({str(p) for p, r in zip(paths, resolved, strict=True) if resolved.count(r) > 1})
     if twice:
         raise ValueError(f"--model names the same folder more than once ({twice}); give each model once")
     for depth in range(1, max(len(p.parts) for p in resolved) + 1):
