@@ -24,6 +24,10 @@ few minutes on one core, so several can run side by side.
     python bench/retrieval_probe.py                        # the demo corpus alone, seed 0
     python bench/retrieval_probe.py --copy 1.0 --steps 2000   # copy strings only
     python bench/retrieval_probe.py --save runs/probe          # and keep the model (with its tokenizer)
+    python bench/retrieval_probe.py --init runs/probe --synthetic 0.5   # go on from a saved model
+
+`make demo-base` makes the demo's base model (data/demo-base) with it: 15,000 steps with 30%
+niah_single documents, saved only if it finds the pass key (data/demo-base/README.md).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import dataclasses
 import json
 import random
 import string
+import sys
 import time
 
 import torch
@@ -45,6 +50,7 @@ from ringpatch.data.tokenizer import byte_tokenizer
 from ringpatch.evaluate.passkey import demo_template, passkey_prompt
 
 PROMPTS = 40
+SKILLS = ("passkey", "niah_single", "niah_train", "copy")
 ALPHABET = string.ascii_lowercase + string.digits  # the copy strings'
 
 
@@ -69,8 +75,24 @@ def args():
     p.add_argument("--copy", type=float, default=0.0, help="share of documents: repeated random strings")
     p.add_argument("--pure", type=int, default=0, help="copy documents: a string of 8-PURE characters, twice")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--init", help="start from this model folder (a --save of an earlier run) instead of random weights")
     p.add_argument("--save", help="save the trained model and the byte tokenizer here (a folder for init: pretrained)")
-    return p.parse_args()
+    p.add_argument("--require", nargs="+", default=[], metavar="SKILL=MIN",
+                   help="fail (saving nothing) unless the last check scores at least MIN on each SKILL (passkey=0.9)")  # fmt: skip
+    a = p.parse_args()
+    a.require = dict(_requirement(r, p) for r in a.require)
+    return a
+
+
+def _requirement(text: str, parser) -> tuple[str, float]:
+    skill, _, least = text.partition("=")
+    try:
+        value = float(least)
+    except ValueError:
+        value = None
+    if skill not in SKILLS or value is None:
+        parser.error(f"--require {text!r}: give SKILL=MIN with SKILL one of {list(SKILLS)} and MIN a number")
+    return skill, value
 
 
 def documents(a, tok, rng: random.Random):
@@ -149,13 +171,13 @@ def main():
     config = LlamaConfig(vocab_size=len(tok), hidden_size=a.hidden, intermediate_size=3 * a.hidden,
                          num_hidden_layers=a.layers, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=a.seq_len, rope_theta=10000.0, tie_word_embeddings=False)  # fmt: skip
-    model = LlamaForCausalLM(config)
+    model = LlamaForCausalLM.from_pretrained(a.init) if a.init else LlamaForCausalLM(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.95), weight_decay=0.0)
     schedule = get_cosine_with_min_lr_schedule_with_warmup(optimizer, 20, a.steps, min_lr_rate=0.1)
     rows = pack_documents(documents(a, tok, random.Random(a.seed + 100)), a.seq_len, tok.eos_token_id)
     prompts = held_out(a, tok)
     print(json.dumps({"args": vars(a)}), flush=True)
-    started = time.perf_counter()
+    started, line = time.perf_counter(), {}
     for step in range(1, a.steps + 1):
         batch = [next(rows) for _ in range(a.rows)]
         ids = torch.tensor([r["input_ids"] for r in batch])
@@ -169,6 +191,9 @@ def main():
         if step % a.every == 0 or step == a.steps:
             line = {"step": step, "loss": round(loss.item(), 3), **skills(model, *prompts)}
             print(json.dumps({**line, "s": round(time.perf_counter() - started)}), flush=True)
+    short = {k: (line[k], least) for k, least in a.require.items() if line[k] < least}
+    if short:
+        sys.exit(f"not saved: the last check scored {short} (score, required); train longer or with another seed")
     if a.save:
         model.save_pretrained(a.save)
         tok.save_pretrained(a.save)

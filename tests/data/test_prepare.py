@@ -124,9 +124,11 @@ def test_prepare_command_prepares_every_stage(tmp_path):
     data = write_corpus(tmp_path / "corpus", train_docs=20, eval_docs=3, chars=(500, 1500), eval_chars=1500)
     root = ROOT
     tiny = yaml.safe_load((root / "recipes" / "tiny-cpu.yaml").read_text())
+    del tiny["data"]["sources"]  # one local source, two stages
     tiny["data"].update(
         source=str(data / "train.jsonl"), eval_source=str(data / "eval.jsonl"), cache_dir=str(tmp_path / "cache")
     )
+    tiny["stages"] = [{"seq_len": 128, "steps": 20, "micro_batch": 16}, *tiny["stages"]]
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(tiny))
     for command in (

@@ -44,7 +44,8 @@ class Oracle(torch.nn.Module):
 def test_an_oracle_scores_one_and_a_constant_model_zero(digits):
     a = SimpleNamespace(key_digits=digits, value_digits=digits, length=127)
     prompts = probe.held_out(a, byte_tokenizer())
-    skills = ("passkey", "niah_single", "copy", "niah_train")
+    skills = probe.SKILLS
+    assert set(probe.skills(Oracle(), *prompts)) == set(skills)
     assert probe.skills(Oracle(), *prompts) == dict.fromkeys(skills, 1.0)
     assert probe.skills(Oracle(wrong=True), *prompts) == dict.fromkeys(skills, 0.0)
 
@@ -71,3 +72,25 @@ def test_pass_keys_of_several_digits():
     text = corpus.passkey_document(random.Random(0), 300, 0.5, key_length=5)
     keys = re.findall(r"key=(\d+)\.", text)
     assert len(keys) >= 4 and len(set(keys)) == 1 and len(keys[0]) == 5, keys
+
+
+def test_require_saves_only_a_model_that_scores_and_init_goes_on_from_it(tmp_path, monkeypatch, capsys):
+    """--require: a model short of the bar is not saved (exit status names the scores); one that
+    meets it is saved with its tokenizer, and --init starts a run from it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    def run(*argv):
+        monkeypatch.setattr(sys, "argv", ["retrieval_probe.py", "--steps", "2", "--every", "2", "--rows", "2", *argv])
+        probe.main()
+
+    refused, kept = tmp_path / "refused", tmp_path / "kept"
+    with pytest.raises(SystemExit, match=r"not saved: the last check scored \{'passkey'"):
+        run("--require", "passkey=0.99", "--save", str(refused))
+    assert not refused.exists()
+    run("--require", "passkey=0", "--save", str(kept))
+    model = AutoModelForCausalLM.from_pretrained(kept)
+    assert AutoTokenizer.from_pretrained(kept)("a")["input_ids"] == byte_tokenizer()("a")["input_ids"]
+    run("--init", str(kept), "--steps", "1", "--every", "1")
+    assert model.config.hidden_size == 128 and '"step": 1' in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        run("--require", "speed=1")
