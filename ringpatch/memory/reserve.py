@@ -13,10 +13,12 @@ from ringpatch.memory.estimate import GIB, Shapes, attention_shape, parameters
 CUDA_CONTEXT_GIB = 1.0
 NCCL_GIB_PER_COMMUNICATOR = 0.25
 FRAGMENTATION = 0.05
-CPU_RUNTIME_GIB = 0.55
+CPU_RUNTIME_GIB = 0.70
 """A CPU rank's resident memory besides the step's tensors, measured (docs/measurements.md): the
-imported stack (torch, transformers, DeepSpeed, datasets) 0.35 GiB, the built trainer (groups,
-engine, data) 0.18 more."""
+imported stack 0.43 GiB (torch 0.21, transformers 0.12, DeepSpeed 0.02, datasets 0.08); the built
+trainer, what preparing the data leaves (modules, caches; its freed heap is returned) and the
+allocator's pools after a few hundred steps, 0.25 more (the demo's preparing rank: 0.67 resident,
+step peaks 0.716 with 0.035 of step tensors)."""
 
 
 def zero_buffers(ds_config: dict | None, cfg: dict, b: int, tp: int = 1, cuda: bool = True) -> dict[str, float]:
