@@ -15,6 +15,7 @@ import yaml
 
 from ringpatch import cli
 from ringpatch.evaluate.command import main as eval_main
+from ringpatch.memory.reserve import CPU_RUNTIME_GIB
 from ringpatch.train.command import main as train_main
 from ringpatch.train.lock import LOCK_FILE
 from tests.helpers.trainrun import recipe
@@ -144,7 +145,7 @@ CASES = [
     ("ds-badjson", "train", {}, ["--deepspeed", "@dsbad"], {}, "is not valid JSON: Expecting"),
     ("ds-dup", "train", {}, ["--deepspeed", "@dsdup"], {}, "keys ['zero_optimization'] are given twice"),
     ("ds-retype", "train", {}, ["--deepspeed", "@dsretype"], {}, "gradient_accumulation_steps = 8 in"),
-    ("memory", "train", {"model__config": BIG}, [], {}, "planned + 0.6 reserve, more than the"),
+    ("memory", "train", {"model__config": BIG}, [], {}, f"planned + {CPU_RUNTIME_GIB:.1f} reserve, more than the"),
     ("locked", "train", {}, [], {}, "@locked"),
     ("max-steps-0", "train", {}, ["--max-steps", "0"], {}, "--max-steps must be >= 1, got 0"),
     ("plan-nodes", "plan", {}, ["--nodes", "0"], {}, "--nodes, --gpus-per-node and --gpu-memory must be positive, got 0, 8, 80.0"),
