@@ -146,10 +146,10 @@ def main(argv: list[str] | None = None) -> int:
         spec, data_spec, models, out, layout = _spec_and_models(args)
         ring = launch_int("WORLD_SIZE", 1, minimum=1)  # before any group or model: lengths the ring can take
         check_lengths(spec.lengths(), layout, ring, spec.max_tokens_per_rank)
-        for path in dict.fromkeys(models.values()):  # each model's own tokenizer, before any group starts
-            folder_tokenizer(path)
+        # each model's own tokenizer, loaded once before any group starts
+        tokenizers = {path: folder_tokenizer(path) for path in dict.fromkeys(models.values())}
         for task in EVAL_TASKS:
-            task.check_inputs(spec, data_spec, models)
+            task.check_inputs(spec, data_spec, tokenizers)
     except USER_ERRORS as e:
         print(f"ringpatch eval: {e}", file=sys.stderr)
         return 2

@@ -47,7 +47,6 @@ from ringpatch.data.tasks import (
     encode_answer,
     min_length,
 )
-from ringpatch.data.tokenizer import folder_tokenizer
 from ringpatch.evaluate.heldout import held_out
 from ringpatch.evaluate.prefill import ring_prefill_scores
 from ringpatch.evaluate.report import check_fractions, check_increasing, format_table, pyplot, write_rows
@@ -373,12 +372,11 @@ class Ruler(EvalTask):
     def lengths(self, spec) -> tuple[int, ...]:
         return spec.ruler_lengths
 
-    def check_inputs(self, spec, data_spec, models: dict[str, str]) -> None:
+    def check_inputs(self, spec, data_spec, tokenizers: dict[str, object]) -> None:
         """Each model's tokenizer encodes the needles, and every RULER length fits every task's template."""
         if not spec.ruler_tasks:
             return
-        for path in dict.fromkeys(models.values()):
-            tokenizer = folder_tokenizer(path)
+        for path, tokenizer in tokenizers.items():
             check_tokenizer(tokenizer)
             builder = Builder(tokenizer, digits=spec.ruler_value_digits, wording=spec.ruler_wording)
             for task in spec.ruler_tasks:

@@ -36,8 +36,8 @@ class EvalTask:
         """The prompt lengths it prefills (checked against the ring before any process group)."""
         return ()
 
-    def check_inputs(self, spec, data_spec, models: dict[str, str]) -> None:
-        """Before any process group: what it reads (tokenizers, data) can do the task."""
+    def check_inputs(self, spec, data_spec, tokenizers: dict[str, object]) -> None:
+        """Before any process group: what it reads ({model folder: its tokenizer}, data) can do the task."""
 
     def run(self, model, tokenizer, spec, data_spec, layout, device):
         """Its result for one ring-patched model (every rank of the group gets the same)."""

@@ -45,7 +45,6 @@ def test_an_oracle_scores_one_and_a_constant_model_zero(digits):
     a = SimpleNamespace(key_digits=digits, value_digits=digits, length=127)
     prompts = probe.held_out(a, byte_tokenizer())
     skills = probe.SKILLS
-    assert set(probe.skills(Oracle(), *prompts)) == set(skills)
     assert probe.skills(Oracle(), *prompts) == dict.fromkeys(skills, 1.0)
     assert probe.skills(Oracle(wrong=True), *prompts) == dict.fromkeys(skills, 0.0)
 
