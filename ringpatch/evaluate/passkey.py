@@ -143,10 +143,19 @@ class Passkey(EvalTask):
         check_fractions("eval.passkey_depths", spec.passkey_depths)
 
     def add_flags(self, parser) -> None:
-        parser.add_argument("--passkey-lengths", type=int, nargs="+")
-        parser.add_argument("--depths", type=float, nargs="+", help="passkey depths")
-        parser.add_argument("--trials", type=int, help="passkey keys per cell")
-        parser.add_argument("--passkey-template", choices=["classic", "demo"])
+        parser.add_argument(
+            "--passkey-lengths",
+            type=int,
+            nargs="+",
+            metavar="N",
+            help="prompt lengths for passkey retrieval (default: the recipe's eval.passkey_lengths, else its "
+            "ppl lengths; without a recipe, none)",
+        )
+        parser.add_argument("--depths", type=float, nargs="+", help="passkey depths (default 0.1 0.3 0.5 0.7 0.9)")
+        parser.add_argument("--trials", type=int, help="passkey keys per (length, depth) cell (default 4)")
+        parser.add_argument(
+            "--passkey-template", choices=["classic", "demo"], help="the prompt's phrasing (default classic)"
+        )
 
     def changes(self, args) -> dict:
         found = {
@@ -158,10 +167,15 @@ class Passkey(EvalTask):
         return {k: v for k, v in found.items() if v is not None}
 
     def complete(self, spec, recipe, data_spec):
-        return spec if spec.passkey_lengths else dataclasses.replace(spec, passkey_lengths=spec.ppl_lengths)
+        if spec.passkey_lengths or recipe is None:  # flags alone: only what they ask for
+            return spec
+        return dataclasses.replace(spec, passkey_lengths=spec.ppl_lengths)
 
     def lengths(self, spec) -> tuple[int, ...]:
         return spec.passkey_lengths
+
+    def prefills(self, spec, data_spec) -> list[tuple[int, int]]:
+        return [(n, 1) for n in spec.passkey_lengths for _ in spec.passkey_depths for _ in range(spec.passkey_trials)]
 
     def run(self, model, tokenizer, spec, data_spec, layout, device):
         template = demo_template() if spec.passkey_template == "demo" else CLASSIC

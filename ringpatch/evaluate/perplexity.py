@@ -75,12 +75,24 @@ class Perplexity(EvalTask):
         check_increasing("eval.ppl_lengths", spec.ppl_lengths)
 
     def add_flags(self, parser) -> None:
-        parser.add_argument("--ppl-lengths", type=int, nargs="+")
+        parser.add_argument(
+            "--ppl-lengths",
+            type=int,
+            nargs="+",
+            metavar="N",
+            help="context lengths for perplexity vs length, on the held-out data of --data or the recipe "
+            "(default: the recipe's eval.ppl_lengths; without a recipe, none)",
+        )
 
     def changes(self, args) -> dict:
         return {} if args.ppl_lengths is None else {"ppl_lengths": tuple(args.ppl_lengths)}
 
     def complete(self, spec, recipe, data_spec):
+        if spec.ppl_lengths and data_spec is None:
+            raise ValueError(
+                f"perplexity at {list(spec.ppl_lengths)} needs held-out documents: give --data FILE (or a recipe "
+                "with data.eval_source), or leave --ppl-lengths out"
+            )
         if spec.ppl_lengths or recipe is None:
             return spec
         top = recipe.stages[-1].seq_len
@@ -92,20 +104,30 @@ class Perplexity(EvalTask):
     def lengths(self, spec) -> tuple[int, ...]:
         return spec.ppl_lengths
 
+    def prefills(self, spec, data_spec) -> list[tuple[int, int]]:
+        return [(n, data_spec.eval_samples) for n in spec.ppl_lengths]
+
     def run(self, model, tokenizer, spec, data_spec, layout, device):
         sequences, positions = held_out(data_spec, tokenizer, max(spec.ppl_lengths), data_spec.eval_samples, device)
-        return perplexity_by_length(
+        losses = perplexity_by_length(
             model, sequences, spec.ppl_lengths, spec.ppl_tokens, None, layout, positions=positions
         )
+        return {"losses": losses, "samples": len(sequences)}
 
     def report(self, results: dict, spec, out: Path) -> None:
         labels = list(results)
-        print(f"\nloss of the last {spec.ppl_tokens} tokens (nats; perplexity = e^loss) by context length")
-        print(format_table(["length", *labels], [[n, *(results[m][n] for m in labels)] for n in spec.ppl_lengths]))
-        rows = [{"model": m, "length": n, "loss": v, "perplexity": math.exp(v)} for m in labels
-                for n, v in results[m].items()]  # fmt: skip
+        samples = {m: results[m]["samples"] for m in labels}
+        counted = ", ".join(f"{m}: {k} x {spec.ppl_tokens} = {k * spec.ppl_tokens:,}" for m, k in samples.items())
+        print(
+            f"\nloss of the last {spec.ppl_tokens} tokens (nats; perplexity = e^loss) by context length; "
+            f"held-out sequences x tokens scored per length: {counted}"
+        )
+        losses = {m: results[m]["losses"] for m in labels}
+        print(format_table(["length", *labels], [[n, *(losses[m][n] for m in labels)] for n in spec.ppl_lengths]))
+        rows = [{"model": m, "length": n, "loss": v, "perplexity": math.exp(v), "samples": samples[m],
+                 "tokens": samples[m] * spec.ppl_tokens} for m in labels for n, v in losses[m].items()]  # fmt: skip
         write_rows(rows, out / "perplexity")
-        plot_perplexity(results, out / "perplexity.png")
+        plot_perplexity(losses, out / "perplexity.png")
 
 
 PERPLEXITY = Perplexity()

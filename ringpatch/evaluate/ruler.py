@@ -335,8 +335,20 @@ class Ruler(EvalTask):
         parser.add_argument(
             "--ruler-tasks", nargs="+", choices=[*TASKS, "all"], help="RULER-style tasks (all: every one)"
         )
-        parser.add_argument("--ruler-lengths", type=int, nargs="+")
-        parser.add_argument("--ruler-trials", type=int)
+        parser.add_argument(
+            "--ruler-lengths",
+            type=int,
+            nargs="+",
+            metavar="N",
+            help="prompt lengths for the RULER tasks (default: the recipe's eval.ruler_lengths, else the passkey lengths)",
+        )
+        parser.add_argument(
+            "--ruler-depths",
+            type=float,
+            nargs="+",
+            help="fractions of the haystack before the needle (default 0.1 0.5 0.9)",
+        )
+        parser.add_argument("--ruler-trials", type=int, help="prompts per (task, length, depth) (default 2)")
         parser.add_argument("--ruler-threshold", type=float, help=f"effective-length threshold (default {THRESHOLD})")
         parser.add_argument("--ruler-haystack", choices=["filler", "data"])
         parser.add_argument(
@@ -353,8 +365,9 @@ class Ruler(EvalTask):
         found = {key: getattr(args, key) for key in self.FLAGS if getattr(args, key) is not None}
         if args.ruler_tasks:
             found["ruler_tasks"] = tuple(TASKS if args.ruler_tasks == ["all"] else args.ruler_tasks)
-        if args.ruler_lengths:
-            found["ruler_lengths"] = tuple(args.ruler_lengths)
+        for key in ("ruler_lengths", "ruler_depths"):
+            if getattr(args, key):
+                found[key] = tuple(getattr(args, key))
         return found
 
     def complete(self, spec, recipe, data_spec):
@@ -363,6 +376,8 @@ class Ruler(EvalTask):
                 "eval.ruler_haystack: data needs held-out data: give --data or a recipe with data.eval_source"
             )
         if spec.ruler_tasks and not spec.ruler_lengths:
+            if recipe is None and not spec.passkey_lengths:
+                raise ValueError("--ruler-tasks needs --ruler-lengths (or --passkey-lengths, which it then takes)")
             return dataclasses.replace(spec, ruler_lengths=spec.passkey_lengths)
         return spec
 
@@ -371,6 +386,10 @@ class Ruler(EvalTask):
 
     def lengths(self, spec) -> tuple[int, ...]:
         return spec.ruler_lengths
+
+    def prefills(self, spec, data_spec) -> list[tuple[int, int]]:
+        return [(n, 1) for n in spec.ruler_lengths for task in spec.ruler_tasks
+                for _ in (spec.ruler_depths if task != "cwe" else [None]) for _ in range(spec.ruler_trials)]  # fmt: skip
 
     def check_inputs(self, spec, data_spec, tokenizers: dict[str, object]) -> None:
         """Each model's tokenizer encodes the needles, and every RULER length fits every task's template."""

@@ -36,6 +36,11 @@ class EvalTask:
         """The prompt lengths it prefills (checked against the ring before any process group)."""
         return ()
 
+    def prefills(self, spec, data_spec) -> list[tuple[int, int]]:
+        """(length, rows) of each ring prefill its run makes at least, for the cost estimate and the
+        progress bar (progress.py)."""
+        return []
+
     def check_inputs(self, spec, data_spec, tokenizers: dict[str, object]) -> None:
         """Before any process group: what it reads ({model folder: its tokenizer}, data) can do the task."""
 

@@ -186,6 +186,18 @@ def parameters(cfg: dict) -> tuple[int, int]:
     return n_layers * (attn + mlp + 2 * h) + h + emb, emb
 
 
+def forward_flops(cfg: dict, seq_len: int, head_tokens: int | None = None) -> float:
+    """Model FLOPs of one forward over `seq_len` tokens of one sequence: every matmul of the decoder
+    (2 per multiply-add), the LM head at `head_tokens` positions (None: all of them), and causal
+    attention over the whole sequence, QK^T and AV at half. Packed documents kept apart do less
+    attention than this counts."""
+    n, emb = parameters(cfg)
+    heads, _, d = attention_shape(cfg)
+    head = cfg["vocab_size"] * cfg["hidden_size"]
+    attention = cfg["num_hidden_layers"] * 2 * seq_len * seq_len * heads * d
+    return 2 * seq_len * (n - emb) + 2 * head * (seq_len if head_tokens is None else head_tokens) + attention
+
+
 def model_states(recipe, cfg: dict, world: int, b: int) -> dict[str, float]:
     """Bytes per GPU of weights, gradients and optimizer under the recipe's ZeRO stage."""
     tp = recipe.parallel.tp

@@ -10,7 +10,7 @@ from ringpatch.memory.estimate import (
     GIB,
     LAYER_GATHERED,
     LOSS_GATHERED,
-    attention_shape,
+    forward_flops,
     kernel_kind,
     layer_backward,
     layer_saved_bytes,
@@ -157,11 +157,7 @@ def step_flops(plan: Plan, index: int) -> float | None:
     if cfg is None:
         return None
     r, dims, stage = plan.recipe, plan.dims, plan.recipe.stages[index]
-    n, emb = parameters(cfg)
-    heads, _, d = attention_shape(cfg)
-    seq = stage.seq_len
-    matmul = n - emb + cfg["vocab_size"] * cfg["hidden_size"]
-    forward = 2 * seq * matmul + cfg["num_hidden_layers"] * 2 * seq * seq * heads * d
+    forward = forward_flops(cfg, stage.seq_len)
     sequences = dims.dp * (stage.micro_batch or r.micro_batch) * r.grad_accum
     return 3 * forward * sequences / dims.world
 

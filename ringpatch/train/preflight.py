@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from ringpatch.data.assets import made_by
 from ringpatch.hf.architecture import check_architecture, head_counts
 from ringpatch.memory.estimate import GIB
 from ringpatch.parallel import launch_int
@@ -28,8 +29,16 @@ from ringpatch.train.recipe import Recipe, load_recipe
 
 
 def is_local(name: str) -> bool:
-    """A local path, as opposed to a hub id ("org/name" or "name")."""
-    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or Path(name).exists()
+    """A local path, as opposed to a hub id ("org/name" or "name"): it exists, has more than two
+    parts, starts like a path, or its "org" is a folder here (data/smollm2-135m-instruct before
+    `make real-model` wrote it is a missing folder, not a hub repository of a user "data")."""
+    path = Path(name)
+    return (
+        name.startswith(("/", ".", "~"))
+        or name.count("/") > 1
+        or path.exists()
+        or (len(path.parts) == 2 and path.parent.is_dir())
+    )
 
 
 def offline() -> bool:
@@ -65,7 +74,7 @@ def _model_config(recipe: Recipe) -> dict | None:
         path = Path(spec.name).expanduser() / "config.json"
         if not path.is_file():
             raise FileNotFoundError(
-                f"model.name {spec.name} is a local path without config.json; give a folder saved with "
+                f"model.name {spec.name} is a local path without config.json{made_by(spec.name)}; give a folder saved with "
                 "save_pretrained, or a hub id such as meta-llama/Meta-Llama-3-8B"
             )
     saved = json.loads(path.read_text())
@@ -88,7 +97,7 @@ def _check_sources(recipe: Recipe) -> None:
     for key, source in named:
         if source is not None and is_local(source) and not Path(source).exists():
             raise FileNotFoundError(
-                f"{key} {source} does not exist; give a local json/jsonl/parquet/txt file or folder, "
+                f"{key} {source} does not exist{made_by(source)}; give a local json/jsonl/parquet/txt file or folder, "
                 "or a hub dataset name (prepared with `ringpatch prepare`)"
             )
 

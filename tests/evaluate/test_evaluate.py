@@ -22,7 +22,7 @@ from ringpatch.evaluate import (
     perplexity_by_length,
     ring_prefill_scores,
 )
-from tests.helpers import HANG_S
+from tests.helpers import HANG_S, ROOT
 from tests.helpers.models import CONFIGS, build
 from tests.helpers.procs import spawn
 
@@ -210,7 +210,9 @@ def test_eval_command_writes_tables_csv_json_png(two_models, tmp_path):
     assert all(abs(r["perplexity"] - 2.718281828 ** r["loss"]) < 1e-6 * r["perplexity"] for r in ppl)
     keys = json.loads((out / "passkey.json").read_text())
     assert len(keys) == 2 * 2 * 2 and all(r["accuracy"] in (0.0, 0.5, 1.0) for r in keys)
-    assert (out / "perplexity.csv").read_text().splitlines()[0] == "model,length,loss,perplexity"
+    assert all(r["samples"] == 2 and r["tokens"] == 2 * 64 for r in ppl)  # what each length scored
+    assert (out / "perplexity.csv").read_text().splitlines()[0] == "model,length,loss,perplexity,samples,tokens"
+    assert "the first prefill" in proc.stderr and ("TFLOP" in proc.stderr or "GFLOP" in proc.stderr)
     for png in ("perplexity.png", "passkey.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -224,6 +226,8 @@ def test_eval_command_refuses_bad_lengths_before_starting(two_models):
             "ringpatch.evaluate",
             "--model",
             str(two_models / "base"),
+            "--data",
+            str(two_models / "data" / "eval.jsonl"),
             "--ppl-lengths",
             "100",
             "--passkey-lengths",
@@ -236,3 +240,80 @@ def test_eval_command_refuses_bad_lengths_before_starting(two_models):
     )
     assert proc.returncode == 2
     assert "evaluation length 100 is not divisible by the zigzag layout's 8 chunks over 4 ranks" in proc.stderr
+
+
+def _asked(argv):
+    from ringpatch.evaluate.command import _spec_and_models, build_parser
+    from ringpatch.evaluate.spec import EVAL_TASKS
+
+    spec, data_spec, _, _, _ = _spec_and_models(build_parser().parse_args(argv))
+    return spec, [task.name for task in EVAL_TASKS if task.enabled(spec, data_spec)]
+
+
+def test_flags_alone_run_only_the_tasks_they_name(tmp_path):
+    """Without a recipe a task runs only when its lengths are given (passkey no longer follows the
+    perplexity lengths); with a recipe its eval section fills what the flags leave out; nothing
+    asked for is an error, not an empty run."""
+    from ringpatch.data.corpus import write_corpus
+
+    folder = tmp_path / "m"
+    build("llama").save_pretrained(folder)
+    data = write_corpus(tmp_path / "data", train_docs=1, eval_docs=2) / "eval.jsonl"
+    model = ["--model", str(folder)]
+    spec, tasks = _asked([*model, "--data", str(data), "--ppl-lengths", "128", "256"])
+    assert tasks == ["perplexity"] and spec.passkey_lengths == ()
+    assert _asked([*model, "--passkey-lengths", "256"])[1] == ["passkey"]
+    assert _asked([*model, "--passkey-lengths", "256", "--ruler-tasks", "vt"])[0].ruler_lengths == (256,)
+    spec, tasks = _asked(["--recipe", str(ROOT / "recipes" / "tiny-cpu.yaml"), *model, "--ppl-lengths", "128", "256"])
+    assert tasks == ["perplexity", "passkey", "ruler"] and spec.passkey_lengths == (128, 512, 1024)
+    with pytest.raises(ValueError, match="nothing to evaluate: give --ppl-lengths with --data"):
+        _asked(model)
+    with pytest.raises(ValueError, match="--ruler-tasks needs --ruler-lengths"):
+        _asked([*model, "--ruler-tasks", "vt"])
+
+
+def test_help_describes_the_length_and_sample_flags():
+    from ringpatch.evaluate.command import build_parser
+
+    text = " ".join(build_parser().format_help().split())
+    for flag, words in (
+        ("--ppl-lengths", "context lengths for perplexity vs length"),
+        ("--passkey-lengths", "prompt lengths for passkey retrieval"),
+        ("--ruler-lengths", "prompt lengths for the RULER tasks"),
+        (
+            "--samples",
+            "held-out sequences scored for perplexity (default: the recipe's data.eval_samples; with --data, 4)",
+        ),
+    ):
+        assert f"{flag} N [N ...] {words}" in text or f"{flag} SAMPLES {words}" in text, flag
+
+
+def test_progress_counts_every_prefill_and_estimates_from_the_first(capsys):
+    """The bar moves by each prefill's forward FLOPs, whichever task makes it; the first prefill's
+    time is turned into an estimate for the planned ones; a prefill beyond the plan grows the total."""
+    from ringpatch.evaluate.progress import Progress, describe_prefills
+    from ringpatch.memory.estimate import forward_flops
+
+    model = build("llama").eval()
+    planned = [(64, 2), (128, 1)]
+    ids = torch.randint(0, 101, (2, 128))
+    with Progress(model, planned, sp_size=1, label="tiny", enabled=True) as progress:
+        progress.task = "perplexity"
+        with torch.no_grad():
+            model(input_ids=ids[:, :64])
+            model(input_ids=ids[:1])
+            model(input_ids=ids[:1, :32])  # one more than planned
+        bar = progress.bar
+        work = [2 * forward_flops(model.config.to_dict(), 64, 0), forward_flops(model.config.to_dict(), 128, 0),
+                forward_flops(model.config.to_dict(), 32, 0)]  # fmt: skip
+        assert progress.count == 3 and bar.n == pytest.approx(sum(work) / progress.scale)
+        assert bar.total == pytest.approx(sum(work) / progress.scale)
+    err = capsys.readouterr().err
+    assert "ringpatch eval: tiny: the first prefill (2 x 64 tokens) took" in err
+    assert "its 2 planned prefills will take about" in err
+    assert (
+        describe_prefills({"passkey": [(64, 1), (64, 1), (128, 1)]}) == "  passkey: 3 prefills (2 x 64, 1 x 128 tokens)"
+    )
+    with Progress(model, planned, sp_size=1, label="quiet", enabled=False), torch.no_grad():
+        model(input_ids=ids)  # other ranks count nothing
+    assert not model._forward_hooks and not model._forward_pre_hooks

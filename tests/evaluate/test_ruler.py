@@ -300,7 +300,9 @@ def test_bad_ruler_settings_are_refused_before_any_model(argv, message, model_fo
 
 
 @pytest.mark.parametrize(
-    "argv", [[], ["--ruler-tasks", "niah_single", "--ruler-lengths", "512"]], ids=["plain", "ruler"]
+    "argv",
+    [["--passkey-lengths", "256"], ["--ruler-tasks", "niah_single", "--ruler-lengths", "512"]],
+    ids=["plain", "ruler"],
 )
 def test_a_model_folder_without_a_tokenizer_is_refused_before_any_model(argv, model_folder, monkeypatch, capsys):
     """Weights saved without their tokenizer (save_pretrained of the model alone): the command names

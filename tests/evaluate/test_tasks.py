@@ -42,9 +42,18 @@ def test_each_task_reads_its_own_flags():
 
 
 def test_empty_lengths_follow_the_tasks_before():
-    """passkey lengths default to the perplexity lengths, RULER's to the passkey lengths."""
+    """In a recipe, passkey lengths default to the perplexity lengths, RULER's to the passkey
+    lengths; from flags alone (no recipe) a task without its own lengths does not run."""
+    from ringpatch.train.recipe import load_recipe
+    from tests.helpers import ROOT
+
+    recipe = load_recipe(ROOT / "recipes" / "tiny-cpu.yaml")
     spec = EvalSpec(ppl_lengths=(256, 512), ruler_tasks=("niah_single",))
     for task in EVAL_TASKS:
-        spec = task.complete(spec, None, None)
+        spec = task.complete(spec, recipe, recipe.data)
     assert spec.passkey_lengths == (256, 512) and spec.ruler_lengths == (256, 512)
     assert spec.lengths() == [256, 512] * 3
+    spec = EvalSpec(ppl_lengths=(256, 512))
+    for task in EVAL_TASKS:
+        spec = task.complete(spec, None, recipe.data)  # as --data gives it
+    assert spec.passkey_lengths == () and spec.lengths() == [256, 512]

@@ -170,9 +170,12 @@ CASES = [
     ("eval-nothing", "eval", None, [], {}, "give --recipe (its run's exported models) or --model PATH"),
     ("eval-data", "eval", None, ["--model", "@model", "--data", "/no/such/held.jsonl"], {}, "--data /no/such/held.jsonl does not exist"),
     ("eval-samples", "eval", None, ["--model", "@model", "--data", "@short", "--samples", "0"], {}, "data.eval_samples must be > 0, got 0"),
-    ("eval-length", "eval", None, ["--model", "@model", "--ppl-lengths", "102", "204"], {"WORLD_SIZE": "2"},
+    ("eval-length", "eval", None, ["--model", "@model", "--passkey-lengths", "102", "204"], {"WORLD_SIZE": "2"},
      "evaluation length 102 is not divisible by the zigzag layout's 4 chunks over 2 ranks; use 100 or 104"),
     ("eval-no-export", "eval", {}, [], {}, "holds no exported model yet"),
+    ("eval-ppl-no-data", "eval", None, ["--model", "@model", "--ppl-lengths", "128"], {},
+     "perplexity at [128] needs held-out documents: give --data FILE"),
+    ("eval-no-task", "eval", None, ["--model", "@model"], {}, "nothing to evaluate: give --ppl-lengths with --data"),
     # the model's architecture, before any process group (hf/architecture.py)
     ("cfg-hidden-heads", "train", {"model__config__hidden_size": 102}, [], {},
      "model.config is not a valid llama config: Class validation error for validator 'validate_architecture': "
