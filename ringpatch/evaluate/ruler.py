@@ -388,8 +388,11 @@ class Ruler(EvalTask):
         return spec.ruler_lengths
 
     def prefills(self, spec, data_spec) -> list[tuple[int, int]]:
+        # teacher: one prefill a prompt (two when the model answers in another order); generate: one a
+        # written token, at least a value's digits and the slack
+        each = 1 if spec.ruler_scorer == "teacher" else spec.ruler_value_digits + SLACK_PER_ITEM
         return [(n, 1) for n in spec.ruler_lengths for task in spec.ruler_tasks
-                for _ in (spec.ruler_depths if task != "cwe" else [None]) for _ in range(spec.ruler_trials)]  # fmt: skip
+                for _ in (spec.ruler_depths if task != "cwe" else [None]) for _ in range(spec.ruler_trials * each)]  # fmt: skip
 
     def check_inputs(self, spec, data_spec, tokenizers: dict[str, object]) -> None:
         """Each model's tokenizer encodes the needles, and every RULER length fits every task's template."""
