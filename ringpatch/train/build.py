@@ -88,6 +88,9 @@ def prepare_lm(plan: Plan, lm, mesh: Mesh, backend="auto"):
     """The recipe's memory switches and the ring, applied to a loaded LM (in place; returns it)."""
     plan.dims.check_heads(*head_counts(lm.config))  # the loaded model's, which preflight may not have seen
     lm.config.use_cache = False
+    # from_pretrained returns a model in eval mode, where transformers skips activation checkpointing
+    # (and dropout): the first stage of every pretrained run held every layer's activations
+    lm.train()
     kwargs = switches.apply(plan.recipe, lm)
     return ringpatch.patch_model(
         lm, group=mesh.seq_group, layout=plan.recipe.parallel.layout, backend=backend, **kwargs
