@@ -313,6 +313,7 @@ def memory_check(lengths, device, dtype, quick=False):
     import ringpatch
     from ringpatch.memory import causal_lm_loss
     from ringpatch.memory.estimate import GIB, total_gib
+    from ringpatch.memory.items import Kind
     from ringpatch.memory.offload import enable_checkpointing
     from ringpatch.train.plan import estimate
     from ringpatch.train.recipe import Recipe, from_dict
@@ -372,7 +373,7 @@ def memory_check(lengths, device, dtype, quick=False):
                 recipe, dict(cfg, model_type="llama"), 1, seq, 1, dtype == torch.bfloat16, device.type == "cuda"
             )
             # the weights are in `base`; no optimizer step; each gradient dropped as it is made
-            predicted = total_gib({k: v for k, v in est.items() if k not in ("weights", "gradients", "optimizer")})
+            predicted = total_gib({k: v for k, v in est.items() if k.kind is not Kind.MODEL_STATE})
             ratio = None if measured is None else measured / predicted
             rows[f"{name} S={seq}"] = {"measured_gib": measured, "predicted_gib": predicted, "ratio": ratio,
                                        "seconds": seconds}  # fmt: skip

@@ -85,17 +85,17 @@ def recipe_for(name: str, seq: int, world: int, loss_chunk: int):
 
 def predicted_gib(name: str, seq: int, world: int, cfg: dict, loss_chunk: int) -> dict | None:
     """The estimate's items (GiB per rank) the step adds above the idle process, float32."""
+    from ringpatch.memory.items import Item
     from ringpatch.train.plan import estimate, host_offload_gib
 
     recipe = recipe_for(name, seq, world, loss_chunk)
     if recipe is None:
         return None
     items = estimate(recipe, cfg, world, seq, 1, bf16=False)
-    resident = ("weights", "optimizer")
-    items = {k: v for k, v in items.items() if k not in resident}
+    items = {k: v for k, v in items.items() if k not in (Item.WEIGHTS, Item.OPTIMIZER)}
     host = host_offload_gib(recipe, cfg, seq, 1, bf16=False)
     if host:
-        items["offloaded activations (host)"] = host  # held through the step, as the weights
+        items[Item.OFFLOADED] = host  # held through the step, as the weights
     return items
 
 

@@ -37,11 +37,11 @@ RECIPES = {  # recipe: GPUs it is written for
 
 def compare(name: str, world: int, layers: int | None) -> dict:
     from ringpatch.memory.estimate import total_gib
-    from ringpatch.train.plan import estimate, on_gpus
+    from ringpatch.train.plan import estimate, on_device
     from ringpatch.train.preflight import preflight
     from ringpatch.train.simulate import simulate
 
-    plan = on_gpus(preflight(str(ROOT / "recipes" / f"{name}.yaml"), world=world))
+    plan = on_device(preflight(str(ROOT / "recipes" / f"{name}.yaml"), world=world), "cuda")
     if layers:
         plan = dataclasses.replace(plan, model_config=dict(plan.model_config, num_hidden_layers=layers))
     sim = simulate(plan)

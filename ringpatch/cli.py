@@ -42,8 +42,20 @@ def plan(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="ringpatch plan", description="print a recipe's validated plan")
     parser.add_argument("--recipe", required=True)
     parser.add_argument("--nodes", type=int, default=1)
-    parser.add_argument("--gpus-per-node", type=int, default=8)
-    parser.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU the plan must fit (default 80)")
+    parser.add_argument("--gpus-per-node", type=int, default=8, help="ranks per node: GPUs, or CPU processes")
+    parser.add_argument(
+        "--device",
+        choices=["cuda", "cpu"],
+        default="cuda",
+        help="what the run trains on (default cuda): cpu plans CPU processes as the *-cpu recipes run them (dtype auto "
+        "is float32 there, the CPU kernel, each process's runtime as its reserve)",
+    )
+    parser.add_argument(
+        "--gpu-memory",
+        type=float,
+        help="GiB per GPU (or CPU process) the plan must fit (default: 80 on cuda; with --device cpu, this host's "
+        "memory shared by --gpus-per-node processes)",
+    )
     parser.add_argument("--launch", help="the launch command to print with the plan")
     parser.add_argument(
         "--max-restarts",
@@ -71,10 +83,12 @@ def plan(argv: list[str]) -> int:
     )
     args = parser.parse_args(argv)
     from ringpatch.errors import USER_ERRORS
-    from ringpatch.train.plan import describe, describe_max_context, on_gpus
-    from ringpatch.train.preflight import check_memory, preflight
+    from ringpatch.train.plan import describe, describe_max_context, on_device
+    from ringpatch.train.preflight import check_memory, host_memory_gib, preflight
 
     try:
+        if args.gpu_memory is None:
+            args.gpu_memory = 80.0 if args.device == "cuda" else host_memory_gib() / args.gpus_per_node
         if args.nodes < 1 or args.gpus_per_node < 1 or not args.gpu_memory > 0:
             raise ValueError(
                 f"--nodes, --gpus-per-node and --gpu-memory must be positive, got {args.nodes}, "
@@ -88,7 +102,7 @@ def plan(argv: list[str]) -> int:
         from ringpatch.train.restart import check_restarts
 
         check_restarts(p.recipe, args.max_restarts)
-        p = on_gpus(p)  # `plan` plans for GPUs wherever it runs
+        p = on_device(p, args.device)  # for the device the run trains on, wherever `plan` runs
         p.dims.check_node(args.gpus_per_node)
         if args.simulate:
             from ringpatch.train.simulate import check_simulable
@@ -104,9 +118,10 @@ def plan(argv: list[str]) -> int:
             from ringpatch.train.plan import stage_budget
             from ringpatch.train.simulate import describe_simulation, simulate
 
-            sim = simulate(p, stage)
+            sim = simulate(p, stage, kernel=args.device)
             print(describe_simulation(sim, stage_budget(p, sim.stage), p.dims.world, args.gpu_memory))
-        check_memory(p, args.gpu_memory, f"a {args.gpu_memory:g} GiB GPU (--gpu-memory)")
+        what = "GPU" if p.cuda else "CPU process"
+        check_memory(p, args.gpu_memory, f"a {args.gpu_memory:g} GiB {what} (--gpu-memory)")
     except USER_ERRORS as e:
         print(f"ringpatch plan: {e}", file=sys.stderr)
         return 2

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from ringpatch.attention.ring import head_groups
 from ringpatch.attention.ulysses import kv_repeats
 from ringpatch.hf.architecture import head_counts
+from ringpatch.memory.items import Item, Phase
 from ringpatch.memory.rmsnorm import RMS_CHUNK_BYTES
 
 GIB = 2**30
@@ -139,7 +140,7 @@ def layer_backward(
     offload: bool,
     kernel: str,
     chunked_norm: bool = False,
-) -> dict[str, float]:
+) -> dict[Item, float]:
     """Bytes of a layer's backward, by phase (MLP, norm, attention): the largest is its peak."""
     grad_in = s.b * s.h  # the gradient arriving from the layer above
     norms, input_norm, _ = norm_bytes(s, chunked_norm)
@@ -155,9 +156,10 @@ def layer_backward(
     # chunked, the attention's output norm keeps its input, the residual, and 1/rms
     residual = s.b * s.h + 4 if chunked_norm else 0
     return {
-        "MLP": tokens * (norms + attention + mlp + grad_in + unpacked),
-        "norm": norm_backward_bytes(s, tokens, chunked_norm) + tokens * (residual + input_norm + grad_in + attention),
-        "attention": tokens
+        Item.MLP_BACKWARD: tokens * (norms + attention + mlp + grad_in + unpacked),
+        Item.NORM_BACKWARD: norm_backward_bytes(s, tokens, chunked_norm)
+        + tokens * (residual + input_norm + grad_in + attention),
+        Item.ATTENTION_BACKWARD: tokens
         * (
             input_norm
             + grad_in
@@ -198,8 +200,9 @@ def forward_flops(cfg: dict, seq_len: int, head_tokens: int | None = None) -> fl
     return 2 * seq_len * (n - emb) + 2 * head * (seq_len if head_tokens is None else head_tokens) + attention
 
 
-def model_states(recipe, cfg: dict, world: int, b: int) -> dict[str, float]:
-    """Bytes per GPU of weights, gradients and optimizer under the recipe's ZeRO stage."""
+def model_states(recipe, cfg: dict, world: int, b: int, cuda: bool = True) -> dict[Item, float]:
+    """Bytes per GPU of weights, gradients and optimizer under the recipe's ZeRO stage. On a CPU
+    the gradients are memory only as the layers' backward writes them (Item.GRADIENTS_AS_MADE)."""
     tp = recipe.parallel.tp
     shards = world // tp  # dp x sp
     n, emb = parameters(cfg)
@@ -212,30 +215,17 @@ def model_states(recipe, cfg: dict, world: int, b: int) -> dict[str, float]:
     late = 0 if zero >= 2 or cfg.get("tie_word_embeddings") else cfg["vocab_size"] * cfg["hidden_size"]
     grads = b * (n_tp - late) / (shards if zero >= 2 else 1)
     optim = 0 if offload else (12 if b < 4 else 8) * n_tp / (shards if zero >= 1 else 1)
-    return {"weights": weights, "gradients": grads, "optimizer": optim}
+    return {Item.WEIGHTS: weights, Item.GRADIENTS if cuda else Item.GRADIENTS_AS_MADE: grads, Item.OPTIMIZER: optim}
 
 
-LAYER_GATHERED, LOSS_GATHERED = "ZeRO-3 gathered weights (layer)", "ZeRO-3 gathered weights (LM head)"
-
-
-def _backward_of(item: str) -> str | None:
-    """Which backward an item belongs to (they never overlap), or None for one held through the step."""
-    if item.startswith("layer backward") or item == LAYER_GATHERED:
-        return "layer"
-    if item in ("loss chunk", LOSS_GATHERED):
-        return "loss"
-    return "final norm" if item == "final norm backward" else None
-
-
-def total_gib(items: dict[str, float]) -> float:
+def total_gib(items: dict[Item, float]) -> float:
     """The peak of a step from estimate's items: everything held through the step plus the
     largest of a layer's backward, a loss chunk's backward and the final norm's backward, which
-    never overlap."""
+    never overlap (each item's Phase)."""
     held, backwards = 0.0, {}
     for item, value in items.items():
-        part = _backward_of(item)
-        if part is None:
+        if item.phase is Phase.STEP:
             held += value
         else:
-            backwards[part] = backwards.get(part, 0.0) + value
+            backwards[item.phase] = backwards.get(item.phase, 0.0) + value
     return held + max(backwards.values(), default=0.0)

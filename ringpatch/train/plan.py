@@ -8,8 +8,6 @@ from dataclasses import dataclass
 
 from ringpatch.memory.estimate import (
     GIB,
-    LAYER_GATHERED,
-    LOSS_GATHERED,
     forward_flops,
     kernel_kind,
     layer_backward,
@@ -21,6 +19,7 @@ from ringpatch.memory.estimate import (
     shapes,
     total_gib,
 )
+from ringpatch.memory.items import Item
 from ringpatch.memory.reserve import kernel_scratch_bytes, reserve_gib, zero_buffers
 from ringpatch.memory.traffic import describe_traffic
 from ringpatch.parallel import ParallelDims
@@ -47,7 +46,7 @@ class Budget:
     """A stage's memory per GPU: the step's tensors and DeepSpeed's buffers (items, GiB, as
     estimate gives them) and the reserve for what no tensor shows."""
 
-    items: dict[str, float]
+    items: dict[Item, float]
     reserve: dict[str, float]
     host: float
     """GiB of host memory for offloaded activations."""
@@ -70,12 +69,13 @@ def estimate(
     bf16: bool = True,
     cuda: bool = True,
     zero: dict[str, float] | None = None,
-) -> dict[str, float]:
+) -> dict[Item, float]:
     """GiB per GPU, by item, for one stage: memory/estimate.py's arithmetic, with the items each
     switch holds through the step from its module. bf16: the training precision (False: float32);
-    cuda: the ring's kernels are the GPU's (False: the CPU kernel); zero: DeepSpeed's buffers in
-    bytes (reserve.zero_buffers), as items of their own (None: the step's tensors only, which is
-    what the simulated rank holds)."""
+    cuda: a GPU run (False: a CPU run, whose kernel is the CPU's and whose gradient buffers are
+    memory only once the layers' backward writes them); zero: DeepSpeed's buffers in bytes
+    (reserve.zero_buffers), as items of their own (None: the step's tensors only, which is what
+    the simulated rank holds)."""
     b = 2 if bf16 else 4
     sp, tp, ulysses = recipe.parallel.sp, recipe.parallel.tp, recipe.parallel.ulysses
     s = shapes(cfg, tp, ulysses, b)
@@ -104,21 +104,26 @@ def estimate(
     chunk = min(recipe.loss_chunk_tokens, tokens)
     final_norm = norm_bytes(s, chunked)[2]  # the final norm's saved tensors, until the loss's backward is done
     items = {
-        **model_states(recipe, cfg, world, b),
+        **model_states(recipe, cfg, world, b, cuda),
         # what the switches hold through the step (checkpointed layer inputs, kept attention outputs)
         **{k: v for sw in switches.SWITCHES for k, v in sw.held_bytes(recipe, cfg, s, tokens).items()},
-        f"layer backward ({phase})": phases[phase],
+        phase: phases[phase],
         # a chunk's float32 logits, their log-softmax and gradient, and the final norm's saved
         # tensors; past the first chunk also the LM head's gradient and the hidden states' as they
         # build up over the chunks
-        "loss chunk": chunk * cfg["vocab_size"] * 4 * 3
+        Item.LOSS_CHUNK: chunk * cfg["vocab_size"] * 4 * 3
         + tokens * final_norm
         + (cfg["vocab_size"] * s.h * s.b / tp + tokens * s.b * s.h if tokens > chunk else 0),
         # the final norm's backward beside its input and the gradient coming in
-        "final norm backward": norm_backward_bytes(s, tokens, chunked) + tokens * s.b * s.h * (1 + chunked),
+        Item.FINAL_NORM_BACKWARD: norm_backward_bytes(s, tokens, chunked) + tokens * s.b * s.h * (1 + chunked),
     }
+    host = sum(sw.host_bytes(recipe, cfg, tokens, b) for sw in switches.SWITCHES)
+    if host and not cuda:  # one memory on a CPU run
+        items[Item.OFFLOADED] = host
     if zero is not None and any(zero.values()):
-        items |= {"ZeRO gradient buckets": zero["held"], LAYER_GATHERED: zero["layer"], LOSS_GATHERED: zero["loss"]}
+        buckets = Item.ZERO_BUCKETS if cuda else Item.ZERO_BUCKETS_AS_FILLED
+        found = {buckets: zero["held"], Item.LAYER_GATHERED: zero["layer"], Item.LOSS_GATHERED: zero["loss"]}
+        items |= {k: v for k, v in found.items() if v}
     return {k: v / GIB for k, v in items.items()}
 
 
@@ -162,9 +167,17 @@ def step_flops(plan: Plan, index: int) -> float | None:
     return 3 * forward * sequences / dims.world
 
 
-def on_gpus(plan: Plan) -> Plan:
-    """The plan as it trains on GPUs, wherever it is made: dtype auto is bf16 there."""
-    return dataclasses.replace(plan, bf16=plan.recipe.model.dtype != "float32", cuda=True)
+def on_device(plan: Plan, device: str) -> Plan:
+    """The plan as it trains on `device` ("cuda" or "cpu"), wherever it is made: dtype auto is bf16
+    on GPUs and float32 on CPUs (the trainer's rule)."""
+    if device == "cuda":
+        return dataclasses.replace(plan, bf16=plan.recipe.model.dtype != "float32", cuda=True)
+    return dataclasses.replace(plan, bf16=plan.recipe.model.dtype == "bfloat16", cuda=False)
+
+
+def unit(plan: Plan) -> str:
+    """What one rank is: a GPU, or a CPU process."""
+    return "GPU" if plan.cuda else "process"
 
 
 def _precision(dtype: str) -> str:
@@ -173,7 +186,7 @@ def _precision(dtype: str) -> str:
 
 def describe(plan, launch: str | None = None, gpus_per_node: int | None = None) -> str:
     """The plan as text: grid, stages with tokens per GPU and memory, and the launch command."""
-    r, dims = plan.recipe, plan.dims
+    r, dims, per = plan.recipe, plan.dims, unit(plan)
     lines = [
         f"recipe: model {r.model.name} ({r.model.init}), world {dims.world} = dp {dims.dp} x sp {dims.sp}"
         + (f" (ulysses {dims.ulysses} x ring {dims.ring})" if dims.ulysses > 1 else "")
@@ -189,7 +202,8 @@ def describe(plan, launch: str | None = None, gpus_per_node: int | None = None) 
         n, _ = parameters(plan.model_config)
         lines.append(f"parameters: {n / 1e9:.2f} B")
     lines.append(
-        "stage  seq_len    steps  micro_batch  tokens/GPU  TFLOP/GPU/step  rope                         GiB/GPU planned + reserve"
+        f"stage  seq_len    steps  micro_batch  {'tokens/' + per:>10}  {'TFLOP/' + per + '/step':>14}  rope"
+        f"                         GiB/{per} planned + reserve"
     )
     last = None
     for i, s in enumerate(r.stages):
@@ -209,12 +223,12 @@ def describe(plan, launch: str | None = None, gpus_per_node: int | None = None) 
             f"{i:>5}  {s.seq_len:>7}  {s.steps:>7}  {mb:>11}  {mb * s.seq_len // dims.sp:>10}  {tflop}  {rope:<27}  {mem}"
         )
     if last:
-        lines.append("last stage, planned GiB/GPU: " + ", ".join(f"{k} {v:.2f}" for k, v in last.items.items()))
-        lines.append("last stage, reserve GiB/GPU: " + ", ".join(f"{k} {v:.2f}" for k, v in last.reserve.items()))
+        lines.append(f"last stage, planned GiB/{per}: " + ", ".join(f"{k} {v:.2f}" for k, v in last.items.items()))
+        lines.append(f"last stage, reserve GiB/{per}: " + ", ".join(f"{k} {v:.2f}" for k, v in last.reserve.items()))
         if last.host:
             per_node = f", {last.host * gpus_per_node:.1f} GiB per node of {gpus_per_node}" if gpus_per_node else ""
             lines.append(f"last stage, host memory for offloaded activations: {last.host:.2f} GiB per GPU{per_node}")
-    if plan.model_config and gpus_per_node and dims.sp > 1:  # at the shortest stage: the least work per ring step
+    if plan.cuda and plan.model_config and gpus_per_node and dims.sp > 1:  # the shortest stage: least work per step
         first = min(r.stages, key=lambda s: s.seq_len)
         mb = first.micro_batch or r.micro_batch
         lines += describe_traffic(

@@ -20,6 +20,7 @@ import torch
 from ringpatch.data.assets import made_by
 from ringpatch.hf.architecture import check_architecture, head_counts
 from ringpatch.memory.estimate import GIB
+from ringpatch.memory.items import Item
 from ringpatch.parallel import launch_int
 from ringpatch.schema import check_writable
 from ringpatch.train import switches
@@ -255,18 +256,20 @@ def peak_gib(plan: Plan) -> tuple[float, int] | None:
     return totals[top], top
 
 
-def _remedy(recipe: Recipe, item: str) -> str:
+def _remedy(recipe: Recipe, item: Item) -> str:
     """The recipe switch that shrinks an estimate item (when not already on)."""
     zero = "zero.stage: 3" if recipe.zero.stage < 3 else "zero.offload: cpu"
     found = switches.remedy(recipe, item)
     if found:
         return found
     return {
-        "weights": zero,
-        "gradients": zero,
-        "optimizer": "zero.offload: cpu" if recipe.zero.offload == "none" else "more ranks (parallel.sp)",
-        "loss chunk": f"loss_chunk_tokens: {max(256, recipe.loss_chunk_tokens // 4)}",
-        "ZeRO gradient buckets": "a smaller reduce_bucket_size in the DeepSpeed file",
+        Item.WEIGHTS: zero,
+        Item.GRADIENTS: zero,
+        Item.GRADIENTS_AS_MADE: zero,
+        Item.OPTIMIZER: "zero.offload: cpu" if recipe.zero.offload == "none" else "more ranks (parallel.sp)",
+        Item.LOSS_CHUNK: f"loss_chunk_tokens: {max(256, recipe.loss_chunk_tokens // 4)}",
+        Item.ZERO_BUCKETS: "a smaller reduce_bucket_size in the DeepSpeed file",
+        Item.ZERO_BUCKETS_AS_FILLED: "a smaller reduce_bucket_size in the DeepSpeed file",
     }.get(item, "more ranks (parallel.sp)")
 
 
@@ -295,8 +298,13 @@ def device_memory_gib() -> tuple[float, str]:
         props = torch.cuda.get_device_properties(index)
         return props.total_memory / GIB, f"GPU {index} ({props.name})"
     local = launch_int("LOCAL_WORLD_SIZE", 1, minimum=1)
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
+    total = host_memory_gib()
     return total / local, f"this host's {total:.1f} GiB shared by {local} local rank(s)"
+
+
+def host_memory_gib() -> float:
+    """This host's physical memory."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
 
 
 def preflight(

@@ -33,12 +33,12 @@ import torch.distributed as dist
 from ringpatch.attention.kernels import TorchCPU, TorchCUDA
 from ringpatch.hf.models import GATED_MLP_MODEL_TYPES
 from ringpatch.memory.estimate import GIB, total_gib
+from ringpatch.memory.items import Item, Kind
 from ringpatch.memory.tracker import StorageTracker, SyncCounter
 from ringpatch.train.plan import Budget, Plan, estimate
 
 SIMULATED_MODEL_TYPES = GATED_MLP_MODEL_TYPES
 """Model types whose layers the simulator has been checked on (tests/train/test_simulate.py)."""
-MODEL_STATES = ("weights", "gradients", "optimizer")
 
 
 class SimulatedCUDA(TorchCUDA):
@@ -57,7 +57,7 @@ class Simulation:
     micro_batch: int
     tokens: int
     """Tokens per rank."""
-    model_states: dict[str, float]
+    model_states: dict[Item, float]
     """GiB per rank, arithmetic (ZeRO): weights, gradients, optimizer."""
     peak: dict[str, float]
     """GiB live at the device's peak of activations and working memory, by category."""
@@ -73,6 +73,8 @@ class Simulation:
     """GiB: the peak of device and host together (one memory on a CPU run)."""
     largest: list = field(default_factory=list)
     """The largest storages live at the device's peak: (GiB, category, shape and dtype)."""
+    kernel: str = "cuda"
+    """Whose kernel calls ran: "cuda" (the CUDA module's, what a GPU runs) or "cpu"."""
 
     @property
     def total_gib(self) -> float:
@@ -225,7 +227,9 @@ def describe_simulation(sim: Simulation, planned: Budget, world: int, capacity_g
     """The simulated rank beside the plan, per GPU: model states, the step's tensors, DeepSpeed's
     buffers, the reserve, and what was live at the simulated peak."""
     states = sum(sim.model_states.values())
-    tensors = total_gib({k: v for k, v in planned.items.items() if not k.startswith("ZeRO")})
+    per = "GPU" if sim.kernel == "cuda" else "process"
+    kernels = "the CUDA kernels' calls" if sim.kernel == "cuda" else "the CPU kernel's calls"
+    tensors = total_gib({k: v for k, v in planned.items.items() if k.kind is not Kind.DEEPSPEED})
     ds = planned.tensors - tensors  # DeepSpeed's buffers, where they add to the peak
     steps_tensors = tensors - states
     simulated = sum(sim.peak.values())
@@ -234,8 +238,8 @@ def describe_simulation(sim: Simulation, planned: Budget, world: int, capacity_g
     top = ", ".join(f"{k} {v:.2f}" for k, v in sorted(sim.peak.items(), key=lambda kv: -kv[1]) if v >= 0.005)
     lines = [
         f"simulated rank 0 of {world}, stages[{sim.stage}] (seq_len {sim.seq_len:,}, micro_batch {sim.micro_batch}, "
-        f"{sim.tokens:,} tokens per GPU): the CUDA kernels' calls on fake tensors, {sim.seconds:.0f} s",
-        "  GiB per GPU                 planned  simulated",
+        f"{sim.tokens:,} tokens per {per}): {kernels} on fake tensors, {sim.seconds:.0f} s",
+        f"  GiB per {per:<20}planned  simulated",
         f"  model states (ZeRO)        {states:8.2f}  {states:9.2f}   arithmetic in both",
         f"  the step's tensors         {steps_tensors:8.2f}  {simulated:9.2f}   planned/simulated "
         f"{(states + steps_tensors) / (states + simulated):.3f} with the model states",
@@ -249,9 +253,14 @@ def describe_simulation(sim: Simulation, planned: Budget, world: int, capacity_g
     if sim.host:
         lines.append("  host at its peak: " + ", ".join(f"{k} {v:.2f}" for k, v in sim.host.items()) + " GiB per GPU")
     syncs = ", ".join(f"{site.rsplit('/', 1)[-1]} x{n}" for site, n in sim.syncs.most_common())
+    time = (
+        f", about {sim.flops / SUSTAINED_FLOPS:.0f} s at {SUSTAINED_FLOPS / 1e12:.0f} TFLOP/s (40% of an H100's 989 bf16 "
+        "dense)"
+        if sim.kernel == "cuda"
+        else ""
+    )
     lines += [
-        f"  step: {sim.flops:.3g} FLOPs per GPU (forward, recompute, backward), about {sim.flops / SUSTAINED_FLOPS:.0f} s "
-        f"at {SUSTAINED_FLOPS / 1e12:.0f} TFLOP/s (40% of an H100's 989 bf16 dense)",
+        f"  step: {sim.flops:.3g} FLOPs per {per} (forward, recompute, backward){time}",
         f"  host syncs in the step's forward and backward: {sum(sim.syncs.values())} ({syncs or 'none'})",
     ]
     if capacity_gib is not None and sim_total > capacity_gib:
@@ -334,7 +343,7 @@ def simulate(plan: Plan, stage: int | None = None, rank: int = 0, kernel: str = 
         seq_len=s.seq_len,
         micro_batch=micro_batch,
         tokens=micro_batch * s.seq_len // plan.dims.sp,
-        model_states={k: states[k] for k in MODEL_STATES},
+        model_states={k: v for k, v in states.items() if k.kind is Kind.MODEL_STATE},
         peak={k: v / GIB for k, v in tracker.at_peak.get("device", Counter()).items()},
         host={k: v / GIB for k, v in tracker.at_peak.get("host", Counter()).items()},
         flops=tracker.flops,
@@ -343,4 +352,5 @@ def simulate(plan: Plan, stage: int | None = None, rank: int = 0, kernel: str = 
         largest=[(size / GIB, c, what) for size, c, what in tracker.largest_at_peak.get("device", [])],
         total_peak=tracker.peak["all"] / GIB,
         largest_numel=tracker.largest_numel,
+        kernel=kernel,
     )

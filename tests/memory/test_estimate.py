@@ -9,6 +9,7 @@ import dataclasses
 import pytest
 
 from ringpatch.memory.estimate import GIB, layer_backward, layer_saved_bytes, parameters, shapes, total_gib
+from ringpatch.memory.items import Item
 from ringpatch.train.plan import estimate
 from ringpatch.train.recipe import Recipe, from_dict
 
@@ -27,22 +28,26 @@ def test_float32_doubles_the_2_byte_tensors_and_drops_the_master_copy():
     recipe = _recipe(zero={"stage": 1})
     bf16 = estimate(recipe, CFG, 2, 32768, 1)
     fp32 = estimate(recipe, CFG, 2, 32768, 1, bf16=False)
-    for item in ("weights", "gradients", "checkpointed activations"):
+    for item in (Item.WEIGHTS, Item.GRADIENTS, Item.CHECKPOINTED):
         assert fp32[item] == pytest.approx(2 * bf16[item]), item
     n, _ = parameters(CFG)
-    assert bf16["optimizer"] == pytest.approx(12 * n / 2 / GIB) and fp32["optimizer"] == pytest.approx(8 * n / 2 / GIB)
+    optimizer = Item.OPTIMIZER
+    assert bf16[optimizer] == pytest.approx(12 * n / 2 / GIB) and fp32[optimizer] == pytest.approx(8 * n / 2 / GIB)
     # RMSNorm's float32 copy: none in float32, so its backward holds 5 temporaries + its own input
     tokens, h = 16384, 256
-    assert fp32["final norm backward"] * GIB == pytest.approx(tokens * (6 * 4 * h + 4 * h))
-    assert bf16["final norm backward"] * GIB == pytest.approx(tokens * (6 * 4 * h + 2 * h))
+    assert fp32[Item.FINAL_NORM_BACKWARD] * GIB == pytest.approx(tokens * (6 * 4 * h + 4 * h))
+    assert bf16[Item.FINAL_NORM_BACKWARD] * GIB == pytest.approx(tokens * (6 * 4 * h + 2 * h))
 
 
 def test_the_peak_holds_the_largest_backward_not_their_sum():
-    items = {"weights": 1.0, "checkpointed activations": 2.0, "layer backward (MLP)": 3.5, "loss chunk": 1.5,
-             "final norm backward": 0.5, "ZeRO-3 gathered weights (layer)": 0.25,
-             "ZeRO-3 gathered weights (LM head)": 1.0}  # fmt: skip
+    items = {Item.WEIGHTS: 1.0, Item.CHECKPOINTED: 2.0, Item.MLP_BACKWARD: 3.5, Item.LOSS_CHUNK: 1.5,
+             Item.FINAL_NORM_BACKWARD: 0.5, Item.LAYER_GATHERED: 0.25, Item.LOSS_GATHERED: 1.0}  # fmt: skip
     assert total_gib(items) == 1.0 + 2.0 + 3.5 + 0.25
-    assert total_gib({**items, "loss chunk": 5.0}) == 1.0 + 2.0 + 5.0 + 1.0  # the LM head is gathered for the loss
+    assert total_gib({**items, Item.LOSS_CHUNK: 5.0}) == 1.0 + 2.0 + 5.0 + 1.0  # the LM head is gathered for the loss
+    # a CPU's gradient buffers fill in the layers' backward, after the loss chunk's
+    cpu = {**items, Item.GRADIENTS_AS_MADE: 0.5, Item.ZERO_BUCKETS_AS_FILLED: 0.5, Item.LOSS_CHUNK: 5.0}
+    assert total_gib(cpu) == 1.0 + 2.0 + 5.0 + 1.0
+    assert total_gib({**cpu, Item.LOSS_CHUNK: 1.5}) == 1.0 + 2.0 + 3.5 + 0.25 + 0.5 + 0.5
 
 
 def test_checkpointing_keeps_one_input_per_layer_instead_of_everything_each_layer_saves():
@@ -52,10 +57,10 @@ def test_checkpointing_keeps_one_input_per_layer_instead_of_everything_each_laye
     tokens, b, h = 16384, 2, CFG["hidden_size"]
     rope = tokens * 2 * 32 * b
     est_on, est_off = estimate(on, CFG, 2, 32768, 1), estimate(off, CFG, 2, 32768, 1)
-    assert est_on["checkpointed activations"] * GIB == pytest.approx(4 * tokens * h * b + rope)
+    assert est_on[Item.CHECKPOINTED] * GIB == pytest.approx(4 * tokens * h * b + rope)
     per_layer = layer_saved_bytes(CFG, 1, b)
-    assert est_off["checkpointed activations"] * GIB == pytest.approx(4 * tokens * per_layer + rope)
-    assert estimate(offload, CFG, 2, 32768, 1)["checkpointed activations"] * GIB == pytest.approx(rope)
+    assert est_off[Item.CHECKPOINTED] * GIB == pytest.approx(4 * tokens * per_layer + rope)
+    assert estimate(offload, CFG, 2, 32768, 1)[Item.CHECKPOINTED] * GIB == pytest.approx(rope)
 
 
 def test_the_layer_backward_phases_as_the_simulated_rank_found_them():
@@ -66,5 +71,9 @@ def test_the_layer_backward_phases_as_the_simulated_rank_found_them():
     s = shapes(cfg, 1, 1, 2)
     untiled = layer_backward(s, 16384, 1, 2, 1, 1, False, False, "flash")
     tiled = layer_backward(s, 16384, 1, 2, 1, 4, False, False, "flash")
-    assert untiled["MLP"] == 16384 * 57384  # 6 MLP tensors 33,792; norms 16,392; attention 5,152; gradient 2,048
-    assert tiled["norm"] == 16384 * 39972  # 7 float32 (tokens x hidden) 28,672; 3 bf16 6,144; attention 5,152
+    assert (
+        untiled[Item.MLP_BACKWARD] == 16384 * 57384
+    )  # 6 MLP tensors 33,792; norms 16,392; attention 5,152; gradient 2,048
+    assert (
+        tiled[Item.NORM_BACKWARD] == 16384 * 39972
+    )  # 7 float32 (tokens x hidden) 28,672; 3 bf16 6,144; attention 5,152

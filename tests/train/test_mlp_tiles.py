@@ -88,16 +88,17 @@ def test_the_planner_counts_the_tiled_mlp():
     cfg = {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
            "num_key_value_heads": 8, "vocab_size": 128256}  # fmt: skip
     from ringpatch.memory.estimate import layer_backward, shapes
+    from ringpatch.memory.items import Item
 
     tokens = (1 << 20) // recipe.parallel.sp
     s = shapes(cfg, recipe.parallel.tp, recipe.parallel.ulysses, 2)
     args = (tokens, 1, recipe.parallel.sp, recipe.parallel.ulysses)
-    off = layer_backward(s, *args, 1, False, False, "flash")["MLP"]
-    on = layer_backward(s, *args, 8, False, False, "flash")["MLP"]
+    off = layer_backward(s, *args, 1, False, False, "flash")[Item.MLP_BACKWARD]
+    on = layer_backward(s, *args, 8, False, False, "flash")[Item.MLP_BACKWARD]
     # the MLP backward's six (tokens x intermediate) bf16 tensors, all or one tile's, against the
     # tiled MLP's input-gradient accumulator and one tile's share of it
     assert off - on == pytest.approx(tokens * (6 * 14336 * 2 * (1 - 1 / 8) - 4096 * 2 * (1 + 1 / 8)), rel=1e-9)
-    assert "layer backward (norm)" in estimate(dataclasses.replace(recipe, mlp_tiles=8), cfg, 32, 1 << 20, 1)
+    assert Item.NORM_BACKWARD in estimate(dataclasses.replace(recipe, mlp_tiles=8), cfg, 32, 1 << 20, 1)
     with pytest.raises(ValueError, match="mlp_tiles must be > 0, got 0"):
         dataclasses.replace(recipe, mlp_tiles=0)
 

@@ -129,7 +129,7 @@ def test_shipped_recipes_validate_and_plan(tmp_path):
     """The cluster recipes load, fit the cluster their comments name (the step's tensors, DeepSpeed's
     buffers and the reserve, at most 68 of 80 GiB per GPU), and their RoPE bases follow the NTK rule."""
     from ringpatch.hf.rope import ntk_rope_theta
-    from ringpatch.train.plan import describe, on_gpus, stage_budget
+    from ringpatch.train.plan import describe, on_device, stage_budget
 
     for name, world in [
         ("llama3-8b-1m", 32),
@@ -139,7 +139,7 @@ def test_shipped_recipes_validate_and_plan(tmp_path):
         ("llama3-8b-4m", 32),
     ]:
         path = ROOT / "recipes" / f"{name}.yaml"
-        plan = on_gpus(preflight(str(path), world=world))
+        plan = on_device(preflight(str(path), world=world), "cuda")
         r, cfg = plan.recipe, plan.model_config
         head_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
         base, trained = cfg["rope_theta"], cfg["max_position_embeddings"]
@@ -156,10 +156,10 @@ def test_shipped_recipes_validate_and_plan(tmp_path):
 def test_the_planner_finds_1m_on_one_node_and_4m_on_four():
     """--max-context: the longest sequence whose planned tensors and reserve fit 68 of 80 GiB per
     GPU, with the offloaded activations within 1536 GiB of host memory per node."""
-    from ringpatch.train.plan import budget, max_context, on_gpus
+    from ringpatch.train.plan import budget, max_context, on_device
 
     for name, world, at_least in [("llama3-8b-1m-1node", 8, 2**20), ("llama3-8b-4m", 32, 4 * 2**20)]:
-        plan = on_gpus(preflight(str(ROOT / "recipes" / f"{name}.yaml"), world=world))
+        plan = on_device(preflight(str(ROOT / "recipes" / f"{name}.yaml"), world=world), "cuda")
         seq_len, found = max_context(plan, 68.0, 1536 / 8)
         assert seq_len >= at_least and found.total <= 68.0, (name, seq_len)
         assert seq_len % plan.dims.seq_len_divisor == 0
@@ -168,6 +168,32 @@ def test_the_planner_finds_1m_on_one_node_and_4m_on_four():
     # without offload and tiles, one node stops short of 1M (the reason for the switches)
     import dataclasses
 
-    plan = on_gpus(preflight(str(ROOT / "recipes" / "llama3-8b-1m-1node.yaml"), world=8))
+    plan = on_device(preflight(str(ROOT / "recipes" / "llama3-8b-1m-1node.yaml"), world=8), "cuda")
     bare = dataclasses.replace(plan, recipe=dataclasses.replace(plan.recipe, activation_offload=False, mlp_tiles=1))
     assert max_context(bare, 68.0)[0] < 2**20
+
+
+def test_plan_for_cpu_processes(capsys):
+    """`ringpatch plan --device cpu` plans what the trainer checks on a CPU run: dtype auto is
+    float32 there, the CPU kernel, each process's runtime as its reserve, and the gradient buffers
+    as the layers' backward writes them (after the loss chunk's backward, the peak of a CPU step);
+    --simulate runs the CPU kernel's calls."""
+    from ringpatch.cli import main
+    from ringpatch.memory.items import Item
+    from ringpatch.memory.reserve import CPU_RUNTIME_GIB
+    from ringpatch.train.plan import on_device, stage_budget
+
+    recipe = str(ROOT / "recipes" / "tiny-cpu.yaml")
+    assert main(["plan", "--recipe", recipe, "--nodes", "1", "--gpus-per-node", "2", "--device", "cpu",
+                 "--simulate"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    plan = on_device(preflight(recipe, world=2), "cpu")
+    found = stage_budget(plan, 0)
+    assert not plan.cuda and not plan.bf16
+    assert found.reserve == {"process runtime (CPU)": CPU_RUNTIME_GIB}
+    assert Item.GRADIENTS_AS_MADE in found.items and Item.ZERO_BUCKETS_AS_FILLED in found.items
+    assert Item.GRADIENTS not in found.items and Item.ZERO_BUCKETS not in found.items
+    assert "GiB/process planned + reserve" in out and f"= {found.total:.1f}" in out and "fp32" in out
+    assert "the CPU kernel's calls on fake tensors" in out and "sequence-parallel traffic" not in out
+    gpu = stage_budget(on_device(preflight(recipe, world=2), "cuda"), 0)
+    assert Item.GRADIENTS in gpu.items and "CUDA context and workspaces" in gpu.reserve

@@ -80,11 +80,11 @@ def test_the_planner_matches_the_simulated_one_node_1m_stage():
     to the same activations: bench/simulate.py). The planner's peak is within 5% of it, and the
     step reads device data into Python a fixed number of times, whatever the depth."""
     from ringpatch.memory.estimate import total_gib
-    from ringpatch.train.plan import estimate, on_gpus
+    from ringpatch.train.plan import estimate, on_device
     from ringpatch.train.preflight import preflight
     from ringpatch.train.simulate import simulate
 
-    plan = on_gpus(preflight(str(ROOT / "recipes" / "llama3-8b-1m-1node.yaml"), world=8))
+    plan = on_device(preflight(str(ROOT / "recipes" / "llama3-8b-1m-1node.yaml"), world=8), "cuda")
     syncs = []
     for layers in (1, 2):
         shallow = dataclasses.replace(plan, model_config=dict(plan.model_config, num_hidden_layers=layers))

@@ -9,6 +9,7 @@ SWITCHES and its test (docs/memory.md, "Adding a switch").
 
 from __future__ import annotations
 
+from ringpatch.memory.items import Item
 from ringpatch.schema import with_keys
 from ringpatch.train.switches.base import Switch
 from ringpatch.train.switches.checkpointing import ACTIVATION_CHECKPOINTING
@@ -57,7 +58,7 @@ def plan_words(recipe) -> str:
     return "".join(s.plan_words(recipe) for s in SWITCHES)
 
 
-def remedy(recipe, item: str) -> str | None:
+def remedy(recipe, item: Item) -> str | None:
     """The first switch's value that shrinks the plan's `item`, or None."""
     for s in SWITCHES:
         found = s.remedy(recipe, item)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ringpatch.memory.items import Item
 from ringpatch.schema import Key
 
 
@@ -53,7 +54,7 @@ class Switch:
         """Its words in the plan's first line (", ..." or ""), in SWITCHES order."""
         return ""
 
-    def held_bytes(self, recipe, cfg: dict, s, tokens: int) -> dict[str, float]:
+    def held_bytes(self, recipe, cfg: dict, s, tokens: int) -> dict[Item, float]:
         """Its own items of the memory plan held through a step, bytes per GPU (s: estimate.Shapes)."""
         return {}
 
@@ -61,7 +62,7 @@ class Switch:
         """Host memory it holds per GPU, in bytes."""
         return 0.0
 
-    def remedy(self, recipe, item: str) -> str | None:
+    def remedy(self, recipe, item: Item) -> str | None:
         """The value of this key that would shrink the plan's `item` (None: it does not)."""
         return None
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ringpatch.memory.estimate import layer_saved_bytes
+from ringpatch.memory.items import Item
 from ringpatch.memory.offload import enable_checkpointing
 from ringpatch.train.switches.base import Switch
 
@@ -22,7 +23,7 @@ class ActivationCheckpointing(Switch):
     def plan_words(self, recipe) -> str:
         return f", activation checkpointing {'on' if recipe.activation_checkpointing else 'off'}"
 
-    def held_bytes(self, recipe, cfg: dict, s, tokens: int) -> dict[str, float]:
+    def held_bytes(self, recipe, cfg: dict, s, tokens: int) -> dict[Item, float]:
         """Every layer's input (none on the device when offloaded), or without checkpointing every
         tensor each layer saves; and RoPE's cos and sin, which the layers share."""
         layers, rope = cfg["num_hidden_layers"], 2 * s.d * s.b
@@ -32,10 +33,10 @@ class ActivationCheckpointing(Switch):
             per_layer = 0
         else:
             per_layer = s.h * s.b
-        return {"checkpointed activations": tokens * (layers * per_layer + rope)}
+        return {Item.CHECKPOINTED: tokens * (layers * per_layer + rope)}
 
-    def remedy(self, recipe, item: str) -> str | None:
-        if item == "checkpointed activations" and not recipe.activation_checkpointing:
+    def remedy(self, recipe, item: Item) -> str | None:
+        if item is Item.CHECKPOINTED and not recipe.activation_checkpointing:
             return "activation_checkpointing: true"
         return None
 

@@ -4,6 +4,7 @@ are kept from forward, so the checkpoint's recompute skips the ring's forward
 
 from __future__ import annotations
 
+from ringpatch.memory.items import Item
 from ringpatch.train.switches.base import Switch
 
 
@@ -25,14 +26,14 @@ class KeepAttention(Switch):
     def plan_words(self, recipe) -> str:
         return ", attention outputs kept for the recompute" if recipe.keep_attention else ""
 
-    def held_bytes(self, recipe, cfg: dict, s, tokens: int) -> dict[str, float]:
+    def held_bytes(self, recipe, cfg: dict, s, tokens: int) -> dict[Item, float]:
         """Per layer: the attention output and the float32 log-sum-exp of each query head."""
         if not recipe.keep_attention:
             return {}
-        return {"kept attention outputs": cfg["num_hidden_layers"] * tokens * (s.q * s.b + 4 * s.heads)}
+        return {Item.KEPT_ATTENTION: cfg["num_hidden_layers"] * tokens * (s.q * s.b + 4 * s.heads)}
 
-    def remedy(self, recipe, item: str) -> str | None:
-        return "keep_attention: false" if item == "kept attention outputs" else None
+    def remedy(self, recipe, item: Item) -> str | None:
+        return "keep_attention: false" if item is Item.KEPT_ATTENTION else None
 
 
 KEEP_ATTENTION = KeepAttention()

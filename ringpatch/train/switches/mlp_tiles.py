@@ -22,6 +22,7 @@ from typing import Annotated
 import torch
 
 from ringpatch.hf.models import GATED_MLP_MODEL_TYPES
+from ringpatch.memory.items import Item
 from ringpatch.schema import POSITIVE
 from ringpatch.train.switches.base import Switch
 
@@ -86,8 +87,8 @@ class MLPTiles(Switch):
     def plan_words(self, recipe) -> str:
         return f", MLP over {recipe.mlp_tiles} sequence tiles" if recipe.mlp_tiles > 1 else ""
 
-    def remedy(self, recipe, item: str) -> str | None:
-        if item.startswith("layer backward") and "MLP" in item:
+    def remedy(self, recipe, item: Item) -> str | None:
+        if item is Item.MLP_BACKWARD:
             return f"mlp_tiles: {recipe.mlp_tiles * 4} (and more ranks, parallel.sp)"
         return None
 

@@ -4,6 +4,7 @@ backward (the mechanism: memory/offload.py; applied with activation_checkpointin
 from __future__ import annotations
 
 from ringpatch.memory.estimate import offloaded_bytes
+from ringpatch.memory.items import Item
 from ringpatch.train.switches.base import Switch
 
 
@@ -26,8 +27,8 @@ class ActivationOffload(Switch):
     def host_bytes(self, recipe, cfg: dict, tokens: int, b: int) -> float:
         return offloaded_bytes(cfg, tokens, b) if recipe.activation_offload else 0.0
 
-    def remedy(self, recipe, item: str) -> str | None:
-        if item == "checkpointed activations" and recipe.activation_checkpointing and not recipe.activation_offload:
+    def remedy(self, recipe, item: Item) -> str | None:
+        if item is Item.CHECKPOINTED and recipe.activation_checkpointing and not recipe.activation_offload:
             return "activation_offload: true"
         return None
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Literal
 
 from ringpatch.hf.models import RMSNORM_MODEL_TYPES
+from ringpatch.memory.items import Item
 from ringpatch.memory.rmsnorm import chunk_rmsnorms
 from ringpatch.train.switches.base import Switch
 
@@ -32,8 +33,8 @@ class ChunkedRMSNorm(Switch):
     def plan_words(self, recipe) -> str:
         return ", RMSNorm chunked" if recipe.rmsnorm == "chunked" else ""
 
-    def remedy(self, recipe, item: str) -> str | None:
-        norm = item == "final norm backward" or (item.startswith("layer backward") and "norm" in item)
+    def remedy(self, recipe, item: Item) -> str | None:
+        norm = item in (Item.FINAL_NORM_BACKWARD, Item.NORM_BACKWARD)
         return "rmsnorm: chunked" if norm and recipe.rmsnorm == "stock" else None
 
 

@@ -12,10 +12,9 @@ from __future__ import annotations
 from typing import Annotated
 
 from ringpatch.memory.estimate import layer_saved_bytes
+from ringpatch.memory.items import Item
 from ringpatch.schema import NONNEGATIVE
 from ringpatch.train.switches.base import Switch
-
-ITEM = "uncheckpointed layers"
 
 
 class UncheckpointedLayers(Switch):
@@ -70,7 +69,7 @@ class UncheckpointedLayers(Switch):
         n = recipe.uncheckpointed_layers
         return f", the first {n} layer{'s' if n > 1 else ''} not checkpointed" if n else ""
 
-    def held_bytes(self, recipe, cfg: dict, s, tokens: int) -> dict[str, float]:
+    def held_bytes(self, recipe, cfg: dict, s, tokens: int) -> dict[Item, float]:
         """What each such layer saves for its backward, less the input a checkpointed layer would
         have held on the device (counted by activation_checkpointing's item)."""
         n = recipe.uncheckpointed_layers
@@ -79,10 +78,10 @@ class UncheckpointedLayers(Switch):
         chunked = recipe.rmsnorm == "chunked"
         saved = layer_saved_bytes(cfg, recipe.parallel.tp, s.b, recipe.mlp_tiles > 1, chunked)
         checkpoint_input = 0 if recipe.activation_offload else s.h * s.b
-        return {ITEM: n * tokens * (saved - checkpoint_input)}
+        return {Item.UNCHECKPOINTED: n * tokens * (saved - checkpoint_input)}
 
-    def remedy(self, recipe, item: str) -> str | None:
-        if item == ITEM:
+    def remedy(self, recipe, item: Item) -> str | None:
+        if item is Item.UNCHECKPOINTED:
             return f"uncheckpointed_layers: {recipe.uncheckpointed_layers // 2}"
         return None
 
