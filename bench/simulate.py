@@ -126,9 +126,6 @@ def main() -> None:
     print(f"wrote {out}")
 
 
-if __name__ == "__main__":
-    main()
-
 
 def ring_layer(tokens: int = 131072, world: int = 8, group_bytes: int | None = None) -> dict:
     """One ring attention call at Llama-3-8B's attention shape (32/8 heads of 128, bf16), forward
@@ -157,3 +154,7 @@ def ring_layer(tokens: int = 131072, world: int = 8, group_bytes: int | None = N
     finally:
         ring.GROUP_BYTES = default
     return {"forward_gib": forward / 2**30, "step_gib": tracker.peak["device"] / 2**30}
+
+
+if __name__ == "__main__":
+    main()
