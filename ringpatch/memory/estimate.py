@@ -85,21 +85,22 @@ def _attention_saved(s: Shapes, keep: bool, ulysses: int) -> float:
 
 def _ring_working_set(s: Shapes, tokens: int, micro_batch: int, sp: int, ulysses: int, kernel: str) -> float:
     """Bytes per token of the ring's backward over one head group, and one kernel call's outputs
-    (a call over the whole local block, the largest)."""
+    (a call over the whole local block, the largest). dq, dk and dv in the input dtype: with head
+    groups, allocated whole before the groups and filled by each, so beside every call; with one
+    group, cast from the float32 accumulators after the last call, so instead of a call's outputs."""
     kv_heads = s.kv / s.d  # per ring rank's heads, as the ring sees them (tokens x U, heads / U)
     groups = head_groups((micro_batch, tokens // micro_batch, int(s.heads), s.d), max(1, int(kv_heads)))
     ring = sp // ulysses
     dkv = 2 * s.kv * 4 / groups
     work = 4 * s.q / groups + (4 * dkv + 2 * 2 * s.kv * s.b / groups if ring > 1 else dkv)
+    copies = s.q * s.b + 2 * s.kv * s.b if groups > 1 or s.b < 4 else 0  # dq, dk, dv in the input dtype
     if groups > 1:
         work += 2 * s.kv * s.b / groups  # the group's K/V, contiguous
-    if groups > 1 or s.b < 4:
-        work += s.q * s.b + 2 * s.kv * s.b  # dq, dk, dv in the input dtype
     if kernel == "efficient":  # K/V repeated to the query heads; dK/dV come back repeated, then summed
         call = (5 * s.q + 2 * s.kv) * s.b / groups
     else:  # flash (native GQA) or the CPU kernel
         call = (s.q + 2 * s.kv) * s.b / groups
-    return work + call
+    return work + (copies + call if groups > 1 else max(copies, call))
 
 
 def kernel_kind(b: int, cuda: bool = True) -> str:
@@ -110,14 +111,28 @@ def kernel_kind(b: int, cuda: bool = True) -> str:
     return "flash" if b < 4 else "efficient"
 
 
+def loss_chunk_bytes(vocab: int, s: Shapes, tokens: int, chunk: int, tp: int = 1) -> float:
+    """The chunked loss's backward (hf/loss.py): a chunk's float32 logits, their log-softmax and
+    gradient. Past the first chunk the LM head's gradient builds up over the chunks, beside the
+    logits, and autograd adds each chunk's into the sum out of place (the sum so far, the chunk's,
+    the new sum: three at once; a real CPU run shows the same, tests/train/test_simulate.py), and
+    the hidden states' gradient builds up too."""
+    logits = chunk * vocab * 4 * 3
+    if tokens <= chunk:
+        return logits
+    head = vocab * s.h * s.b / tp
+    return max(logits + head, 3 * head) + tokens * s.b * s.h
+
+
 def norm_bytes(s: Shapes, chunked: bool) -> tuple[float, float, float]:
     """Per token: both norms' saved tensors, the input norm's alone, and the final norm's saved
     tensors. Stock: each keeps a float32 copy of its input (none in float32, where the post-attention
-    norm keeps its input itself), the normalized input and its output, and 1/rms; chunked: its input
-    where no one else keeps it (the residual), its output and 1/rms."""
+    norm keeps its input itself), the normalized input and its output, and 1/rms; the final norm
+    keeps its float32 input either way (in float32 the last layer's output itself, which nothing
+    else holds); chunked: its input where no one else keeps it (the residual), its output and 1/rms."""
     if chunked:
         return 3 * s.b * s.h + 8, s.b * s.h + 4, 2 * s.b * s.h + 4
-    return s.copy + 4 * s.h + 4 * s.b * s.h + 8, s.copy + 2 * s.b * s.h + 4, s.copy + 2 * s.b * s.h
+    return s.copy + 4 * s.h + 4 * s.b * s.h + 8, s.copy + 2 * s.b * s.h + 4, 4 * s.h + 2 * s.b * s.h
 
 
 def norm_backward_bytes(s: Shapes, tokens: int, chunked: bool) -> float:

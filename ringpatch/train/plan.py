@@ -12,6 +12,7 @@ from ringpatch.memory.estimate import (
     kernel_kind,
     layer_backward,
     layer_saved_bytes,
+    loss_chunk_bytes,
     model_states,
     norm_backward_bytes,
     norm_bytes,
@@ -108,12 +109,7 @@ def estimate(
         # what the switches hold through the step (checkpointed layer inputs, kept attention outputs)
         **{k: v for sw in switches.SWITCHES for k, v in sw.held_bytes(recipe, cfg, s, tokens).items()},
         phase: phases[phase],
-        # a chunk's float32 logits, their log-softmax and gradient, and the final norm's saved
-        # tensors; past the first chunk also the LM head's gradient and the hidden states' as they
-        # build up over the chunks
-        Item.LOSS_CHUNK: chunk * cfg["vocab_size"] * 4 * 3
-        + tokens * final_norm
-        + (cfg["vocab_size"] * s.h * s.b / tp + tokens * s.b * s.h if tokens > chunk else 0),
+        Item.LOSS_CHUNK: loss_chunk_bytes(cfg["vocab_size"], s, tokens, chunk, tp) + tokens * final_norm,
         # the final norm's backward beside its input and the gradient coming in
         Item.FINAL_NORM_BACKWARD: norm_backward_bytes(s, tokens, chunked) + tokens * s.b * s.h * (1 + chunked),
     }

@@ -81,12 +81,13 @@ def test_the_planner_counts_what_the_simulated_rank_holds(tmp_path, data):
     """The plan's item for 2 uncheckpointed layers of 3 is what they add to the simulated rank's
     peak (2 ranks at 8,192 tokens, float32), within 5%; the plan names the switch."""
     from ringpatch.memory.estimate import GIB
+    from ringpatch.memory.items import Item
     from ringpatch.train.plan import describe, estimate
     from ringpatch.train.simulate import simulate
 
     base, two = _plan(tmp_path, data), _plan(tmp_path, data, uncheckpointed_layers=2)
     grown = simulate(two, kernel="cpu").total_peak - simulate(base, kernel="cpu").total_peak
-    item = estimate(two.recipe, two.model_config, 2, 8192, 1, bf16=False)["uncheckpointed layers"]
+    item = estimate(two.recipe, two.model_config, 2, 8192, 1, bf16=False)[Item.UNCHECKPOINTED]
     assert item * GIB > 4 * 2**20  # a real amount: 2 layers x 4,096 tokens
     assert item == pytest.approx(grown, rel=0.05), (item, grown)
     assert "the first 2 layers not checkpointed" in describe(two)
