@@ -168,8 +168,10 @@ def layer_backward(
         mlp = MLP_BACKWARD * s.i * s.b / tiles + s.b * s.h * (1 + 1 / tiles)
     else:
         mlp = MLP_BACKWARD * s.i * s.b
-    # chunked, the attention's output norm keeps its input, the residual, and 1/rms
-    residual = s.b * s.h + 4 if chunked_norm else 0
+    # chunked, the attention's output norm keeps its input, the residual, and 1/rms; its backward
+    # also holds the gradient coming in from the MLP's input (the simulated rank's count; the stock
+    # norm's is among its float32 temporaries) and, offloaded, the layer's input copied back
+    residual = 2 * s.b * s.h + 4 + kept_input if chunked_norm else 0
     return {
         Item.MLP_BACKWARD: tokens * (norms + attention + mlp + grad_in + unpacked),
         Item.NORM_BACKWARD: norm_backward_bytes(s, tokens, chunked_norm)
