@@ -61,16 +61,17 @@ def shapes(cfg: dict, tp: int = 1, ulysses: int = 1, b: int = 2) -> Shapes:
 
 
 def layer_saved_bytes(
-    cfg: dict, tp: int = 1, dtype_bytes: int = 2, tiled: bool = False, chunked_norm: bool = False
+    cfg: dict, tp: int = 1, dtype_bytes: int = 2, tiled: bool = False, chunked_norm: bool = False, ulysses: int = 1
 ) -> float:
     """Bytes per token that one transformers Llama/Mistral decoder layer saves for its backward:
     two RMSNorms (stock: each a float32 copy of its input, the normalized input and its scaled
-    output; chunked: each its input and output), roped q and k, v and the attention output,
-    the float32 log-sum-exp, and the MLP's gate, activation, up and product (only the input,
-    already counted, when the MLP is tiled)."""
-    s = shapes(cfg, tp, 1, dtype_bytes)
+    output; chunked: each its input and output), what the attention keeps (_attention_saved:
+    roped q, K and V as the ring saves them, its output and log-sum-exp, with Ulysses the
+    all-to-all's copy), and the MLP's gate, activation, up and product (only the input, already
+    counted, when the MLP is tiled)."""
+    s = shapes(cfg, tp, ulysses, dtype_bytes)
     norms = 4 * s.b * s.h if chunked_norm else 2 * (4 + 2 * s.b) * s.h  # chunked: both norms' inputs and outputs
-    attention = (2 * s.q + 2 * s.kv) * s.b + s.heads * 4
+    attention = _attention_saved(s, False, ulysses)
     mlp = 0 if tiled else 4 * s.i * s.b
     return norms + attention + mlp
 
@@ -83,11 +84,17 @@ def _attention_saved(s: Shapes, keep: bool, ulysses: int) -> float:
     return s.q * s.b + 2 * s.kv * s.b + out + 4 * s.heads + (s.q * s.b if ulysses > 1 else 0)
 
 
-def _ring_working_set(s: Shapes, tokens: int, micro_batch: int, sp: int, ulysses: int, kernel: str) -> float:
-    """Bytes per token of the ring's backward over one head group, and one kernel call's outputs
-    (a call over the whole local block, the largest). dq, dk and dv in the input dtype: with head
-    groups, allocated whole before the groups and filled by each, so beside every call; with one
-    group, cast from the float32 accumulators after the last call, so instead of a call's outputs."""
+def _ring_working_set(
+    s: Shapes, tokens: int, micro_batch: int, sp: int, ulysses: int, kernel: str, chunked_layout: bool = True
+) -> float:
+    """Bytes per token of the ring's backward over one head group, and the largest kernel call's
+    outputs. Under zigzag or balanced placement with more than one ring rank a call's queries or
+    its keys span the whole local block (a rank's two chunks are neighbours on rank P-1, and a
+    remote block's are for P = 2), the other side one chunk; otherwise both sides may span it
+    (chunked_layout False: contiguous; one ring rank: the causal call over the whole block).
+    dq, dk and dv in the input dtype: with head groups, allocated whole before the groups and
+    filled by each, so beside every call; with one group, cast from the float32 accumulators after
+    the last call, so instead of a call's outputs."""
     kv_heads = s.kv / s.d  # per ring rank's heads, as the ring sees them (tokens x U, heads / U)
     groups = head_groups((micro_batch, tokens // micro_batch, int(s.heads), s.d), max(1, int(kv_heads)))
     ring = sp // ulysses
@@ -96,10 +103,15 @@ def _ring_working_set(s: Shapes, tokens: int, micro_batch: int, sp: int, ulysses
     copies = s.q * s.b + 2 * s.kv * s.b if groups > 1 or s.b < 4 else 0  # dq, dk, dv in the input dtype
     if groups > 1:
         work += 2 * s.kv * s.b / groups  # the group's K/V, contiguous
-    if kernel == "efficient":  # K/V repeated to the query heads; dK/dV come back repeated, then summed
-        call = (5 * s.q + 2 * s.kv) * s.b / groups
-    else:  # flash (native GQA) or the CPU kernel
-        call = (s.q + 2 * s.kv) * s.b / groups
+    queries = s.q  # dq of the call's queries
+    if kernel == "efficient" and s.kv < s.q:  # K/V repeated to the query heads; dK/dV come back repeated, summed
+        keys = 4 * s.q + 2 * s.kv
+    else:  # flash (native GQA), the CPU kernel, or no heads to repeat: dk, dv of the call's keys
+        keys = 2 * s.kv
+    if ring > 1 and chunked_layout:
+        call = max(queries + keys / 2, queries / 2 + keys) * s.b / groups
+    else:
+        call = (queries + keys) * s.b / groups
     return work + (copies + call if groups > 1 else max(copies, call))
 
 
@@ -144,25 +156,37 @@ def norm_backward_bytes(s: Shapes, tokens: int, chunked: bool) -> float:
     return tokens * (NORM_BACKWARD_FP32 + 1) * 4 * s.h
 
 
+@dataclass(frozen=True)
+class LayerFlags:
+    """What the recipe's switches and grid change inside a decoder layer's backward (built from a
+    recipe by train/switches.layer_flags)."""
+
+    tiles: int = 1
+    """mlp_tiles."""
+    keep: bool = False
+    """keep_attention: the attention output is held by the switch, not saved by the ring."""
+    offload: bool = False
+    """activation_offload (with checkpointing): the layer's input comes back from the host."""
+    kernel: str = "flash"
+    """The ring's kernel (kernel_kind)."""
+    chunked_norm: bool = False
+    """rmsnorm: chunked."""
+    chunked_layout: bool = True
+    """A zigzag or balanced layout (two chunks a rank); False: contiguous."""
+
+
 def layer_backward(
-    s: Shapes,
-    tokens: int,
-    micro_batch: int,
-    sp: int,
-    ulysses: int,
-    tiles: int,
-    keep: bool,
-    offload: bool,
-    kernel: str,
-    chunked_norm: bool = False,
+    s: Shapes, tokens: int, micro_batch: int, sp: int, ulysses: int, flags: LayerFlags
 ) -> dict[Item, float]:
     """Bytes of a layer's backward, by phase (MLP, norm, attention): the largest is its peak."""
+    tiles, keep, offload, chunked_norm = flags.tiles, flags.keep, flags.offload, flags.chunked_norm
     grad_in = s.b * s.h  # the gradient arriving from the layer above
     norms, input_norm, _ = norm_bytes(s, chunked_norm)
     # the layer's input, copied back from the host for the recompute: held by the MLP's backward
-    # (the layer's first), then released, unless a chunked input norm keeps it to its backward
+    # (the layer's first), then released, unless the input norm keeps it to its backward: a chunked
+    # norm does, and so does a stock one in float32, whose float32 "copy" is the input itself
     unpacked = s.b * s.h if offload else 0
-    kept_input = unpacked if chunked_norm else 0
+    kept_input = unpacked if chunked_norm or s.b == 4 else 0
     attention = _attention_saved(s, keep, ulysses)
     if tiles > 1:  # one tile's MLP, and the tiled MLP's accumulated input gradient
         mlp = MLP_BACKWARD * s.i * s.b / tiles + s.b * s.h * (1 + 1 / tiles)
@@ -182,7 +206,7 @@ def layer_backward(
             + grad_in
             + s.q * s.b  # the gradient of the attention's output
             + attention
-            + _ring_working_set(s, tokens, micro_batch, sp, ulysses, kernel)
+            + _ring_working_set(s, tokens, micro_batch, sp, ulysses, flags.kernel, flags.chunked_layout)
             + kept_input
         ),
     }

@@ -81,37 +81,31 @@ def estimate(
     sp, tp, ulysses = recipe.parallel.sp, recipe.parallel.tp, recipe.parallel.ulysses
     s = shapes(cfg, tp, ulysses, b)
     tokens = micro_batch * seq_len // sp  # per GPU
-    checkpointing, keep = recipe.activation_checkpointing, recipe.keep_attention
+    checkpointing = recipe.activation_checkpointing
     chunked = recipe.rmsnorm == "chunked"
-    phases = layer_backward(
-        s,
-        tokens,
-        micro_batch,
-        sp,
-        ulysses,
-        recipe.mlp_tiles,
-        keep,
-        recipe.activation_offload and checkpointing,
-        kernel_kind(b, cuda),
-        chunked,
-    )
+    phases = layer_backward(s, tokens, micro_batch, sp, ulysses, switches.layer_flags(recipe, kernel_kind(b, cuda)))
     if (
         not checkpointing
     ):  # the layer's saved tensors are already held (the switch's item); its backward adds its working set
         # (the phases count a layer's tensors but its input, which a checkpoint would hold)
-        saved = layer_saved_bytes(cfg, tp, b, chunked_norm=chunked) - (s.b * s.h if chunked else 0)
+        saved = layer_saved_bytes(cfg, tp, b, chunked_norm=chunked, ulysses=ulysses) - (s.b * s.h if chunked else 0)
         phases = {k: v - tokens * saved for k, v in phases.items()}
     phase = max(phases, key=phases.get)
     chunk = min(recipe.loss_chunk_tokens, tokens)
     final_norm = norm_bytes(s, chunked)[2]  # the final norm's saved tensors, until the loss's backward is done
+    # a tied LM head's gradient waits in autograd for the input embedding's, at the very end: it is
+    # held through the final norm's and every layer's backward
+    waiting = cfg["vocab_size"] * s.h * s.b / tp if cfg.get("tie_word_embeddings") else 0
     items = {
         **model_states(recipe, cfg, world, b, cuda),
         # what the switches hold through the step (checkpointed layer inputs, kept attention outputs)
         **{k: v for sw in switches.SWITCHES for k, v in sw.held_bytes(recipe, cfg, s, tokens).items()},
-        phase: phases[phase],
+        phase: phases[phase] + waiting,
         Item.LOSS_CHUNK: loss_chunk_bytes(cfg["vocab_size"], s, tokens, chunk, tp) + tokens * final_norm,
         # the final norm's backward beside its input and the gradient coming in
-        Item.FINAL_NORM_BACKWARD: norm_backward_bytes(s, tokens, chunked) + tokens * s.b * s.h * (1 + chunked),
+        Item.FINAL_NORM_BACKWARD: norm_backward_bytes(s, tokens, chunked)
+        + tokens * s.b * s.h * (1 + chunked)
+        + waiting,
     }
     host = sum(sw.host_bytes(recipe, cfg, tokens, b) for sw in switches.SWITCHES)
     if host and not cuda:  # one memory on a CPU run

@@ -8,7 +8,7 @@ import dataclasses
 
 import pytest
 
-from ringpatch.memory.estimate import GIB, layer_backward, layer_saved_bytes, parameters, shapes, total_gib
+from ringpatch.memory.estimate import GIB, layer_saved_bytes, parameters, total_gib
 from ringpatch.memory.items import Item
 from ringpatch.train.plan import estimate
 from ringpatch.train.recipe import Recipe, from_dict
@@ -61,19 +61,3 @@ def test_checkpointing_keeps_one_input_per_layer_instead_of_everything_each_laye
     per_layer = layer_saved_bytes(CFG, 1, b)
     assert est_off[Item.CHECKPOINTED] * GIB == pytest.approx(4 * tokens * per_layer + rope)
     assert estimate(offload, CFG, 2, 32768, 1)[Item.CHECKPOINTED] * GIB == pytest.approx(rope)
-
-
-def test_the_layer_backward_phases_as_the_simulated_rank_found_them():
-    """Bytes per token of a bf16 Llama layer's backward phases (hidden 1024, MLP 2816, 8/2 heads of
-    128, 16,384 tokens a rank, 2 ranks, checkpointed, flash): the simulated rank's counts at each
-    phase's peak (recorded from ringpatch.train.simulate, the composition in docs/memory.md)."""
-    cfg = dict(hidden_size=1024, intermediate_size=2816, num_attention_heads=8, num_key_value_heads=2)
-    s = shapes(cfg, 1, 1, 2)
-    untiled = layer_backward(s, 16384, 1, 2, 1, 1, False, False, "flash")
-    tiled = layer_backward(s, 16384, 1, 2, 1, 4, False, False, "flash")
-    assert (
-        untiled[Item.MLP_BACKWARD] == 16384 * 57384
-    )  # 6 MLP tensors 33,792; norms 16,392; attention 5,152; gradient 2,048
-    assert (
-        tiled[Item.NORM_BACKWARD] == 16384 * 39972
-    )  # 7 float32 (tokens x hidden) 28,672; 3 bf16 6,144; attention 5,152

@@ -87,14 +87,14 @@ def test_the_planner_counts_the_tiled_mlp():
     recipe = load_recipe(ROOT / "recipes" / "llama3-8b-1m.yaml")
     cfg = {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
            "num_key_value_heads": 8, "vocab_size": 128256}  # fmt: skip
-    from ringpatch.memory.estimate import layer_backward, shapes
+    from ringpatch.memory.estimate import LayerFlags, layer_backward, shapes
     from ringpatch.memory.items import Item
 
     tokens = (1 << 20) // recipe.parallel.sp
     s = shapes(cfg, recipe.parallel.tp, recipe.parallel.ulysses, 2)
     args = (tokens, 1, recipe.parallel.sp, recipe.parallel.ulysses)
-    off = layer_backward(s, *args, 1, False, False, "flash")[Item.MLP_BACKWARD]
-    on = layer_backward(s, *args, 8, False, False, "flash")[Item.MLP_BACKWARD]
+    off = layer_backward(s, *args, LayerFlags(tiles=1))[Item.MLP_BACKWARD]
+    on = layer_backward(s, *args, LayerFlags(tiles=8))[Item.MLP_BACKWARD]
     # the MLP backward's six (tokens x intermediate) bf16 tensors, all or one tile's, against the
     # tiled MLP's input-gradient accumulator and one tile's share of it
     assert off - on == pytest.approx(tokens * (6 * 14336 * 2 * (1 - 1 / 8) - 4096 * 2 * (1 + 1 / 8)), rel=1e-9)

@@ -9,6 +9,7 @@ SWITCHES and its test (docs/memory.md, "Adding a switch").
 
 from __future__ import annotations
 
+from ringpatch.memory.estimate import LayerFlags
 from ringpatch.memory.items import Item
 from ringpatch.schema import with_keys
 from ringpatch.train.switches.base import Switch
@@ -54,6 +55,14 @@ def apply(recipe, lm) -> dict:
     return kwargs
 
 
+def layer_flags(recipe, kernel: str) -> LayerFlags:
+    """What the switches (and the layout) change inside a layer's backward, for the estimate."""
+    flags = {"kernel": kernel, "chunked_layout": recipe.parallel.layout != "contiguous"}
+    for s in SWITCHES:
+        flags |= s.layer_flags(recipe)
+    return LayerFlags(**flags)
+
+
 def plan_words(recipe) -> str:
     return "".join(s.plan_words(recipe) for s in SWITCHES)
 
@@ -72,4 +81,14 @@ def fixed_keys() -> tuple[str, ...]:
     return tuple(s.key for s in SWITCHES if s.fixed_on_resume)
 
 
-__all__ = ["SWITCHES", "Switch", "apply", "check_model", "check_recipe", "fixed_keys", "plan_words", "remedy"]
+__all__ = [
+    "SWITCHES",
+    "Switch",
+    "apply",
+    "check_model",
+    "check_recipe",
+    "fixed_keys",
+    "layer_flags",
+    "plan_words",
+    "remedy",
+]

@@ -54,6 +54,10 @@ class Switch:
         """Its words in the plan's first line (", ..." or ""), in SWITCHES order."""
         return ""
 
+    def layer_flags(self, recipe) -> dict:
+        """Its fields of memory.estimate.LayerFlags: what it changes inside a layer's backward."""
+        return {}
+
     def held_bytes(self, recipe, cfg: dict, s, tokens: int) -> dict[Item, float]:
         """Its own items of the memory plan held through a step, bytes per GPU (s: estimate.Shapes)."""
         return {}

@@ -28,7 +28,8 @@ class ActivationCheckpointing(Switch):
         tensor each layer saves; and RoPE's cos and sin, which the layers share."""
         layers, rope = cfg["num_hidden_layers"], 2 * s.d * s.b
         if not recipe.activation_checkpointing:
-            per_layer = layer_saved_bytes(cfg, recipe.parallel.tp, s.b, chunked_norm=recipe.rmsnorm == "chunked")
+            chunked, ulysses = recipe.rmsnorm == "chunked", recipe.parallel.ulysses
+            per_layer = layer_saved_bytes(cfg, recipe.parallel.tp, s.b, chunked_norm=chunked, ulysses=ulysses)
         elif recipe.activation_offload:
             per_layer = 0
         else:

@@ -23,6 +23,9 @@ class KeepAttention(Switch):
     def apply(self, recipe, lm) -> dict:
         return {"keep_attention": recipe.keep_attention}
 
+    def layer_flags(self, recipe) -> dict:
+        return {"keep": recipe.keep_attention}
+
     def plan_words(self, recipe) -> str:
         return ", attention outputs kept for the recompute" if recipe.keep_attention else ""
 

@@ -84,6 +84,9 @@ class MLPTiles(Switch):
         tile_mlps(lm, recipe.mlp_tiles)
         return {}
 
+    def layer_flags(self, recipe) -> dict:
+        return {"tiles": recipe.mlp_tiles}
+
     def plan_words(self, recipe) -> str:
         return f", MLP over {recipe.mlp_tiles} sequence tiles" if recipe.mlp_tiles > 1 else ""
 

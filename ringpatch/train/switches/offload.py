@@ -21,6 +21,9 @@ class ActivationOffload(Switch):
 
     # apply: the checkpoint function itself, set by activation_checkpointing
 
+    def layer_flags(self, recipe) -> dict:
+        return {"offload": recipe.activation_offload and recipe.activation_checkpointing}
+
     def plan_words(self, recipe) -> str:
         return " (layer inputs offloaded to host memory)" if recipe.activation_offload else ""
 

@@ -30,6 +30,9 @@ class ChunkedRMSNorm(Switch):
             chunk_rmsnorms(lm)
         return {}
 
+    def layer_flags(self, recipe) -> dict:
+        return {"chunked_norm": recipe.rmsnorm == "chunked"}
+
     def plan_words(self, recipe) -> str:
         return ", RMSNorm chunked" if recipe.rmsnorm == "chunked" else ""
 

@@ -76,7 +76,7 @@ class UncheckpointedLayers(Switch):
         if not n:
             return {}
         chunked = recipe.rmsnorm == "chunked"
-        saved = layer_saved_bytes(cfg, recipe.parallel.tp, s.b, recipe.mlp_tiles > 1, chunked)
+        saved = layer_saved_bytes(cfg, recipe.parallel.tp, s.b, recipe.mlp_tiles > 1, chunked, recipe.parallel.ulysses)
         checkpoint_input = 0 if recipe.activation_offload else s.h * s.b
         return {Item.UNCHECKPOINTED: n * tokens * (saved - checkpoint_input)}
 
