@@ -14,6 +14,54 @@ import copy
 
 from ringpatch.hf.models import unsupported_features
 from ringpatch.hf.rope import check_rope_scaling
+from ringpatch.schema import POSITIVE
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _activation(value) -> bool:
+    from transformers.activations import ACT2FN
+
+    return isinstance(value, str) and value in ACT2FN
+
+
+DECLARED = (
+    ("vocab_size", "a positive integer", _positive_int),
+    ("hidden_size", "a positive integer", _positive_int),
+    ("num_hidden_layers", "a positive integer", _positive_int),
+    ("num_attention_heads", "a positive integer", _positive_int),
+    ("intermediate_size", "a positive integer", _positive_int),
+    ("max_position_embeddings", "a positive integer (the trained length the RoPE rules extend)", _positive_int),
+    ("head_dim", "null (hidden_size / heads) or a positive integer", lambda v: v is None or _positive_int(v)),
+    ("sliding_window", "null (no window) or a positive integer (0 would be no window to the ring but a mask to "
+     "stock transformers, so the trained model would export as another)", lambda v: v is None or _positive_int(v)),
+    ("hidden_act", "one of transformers' activations (transformers.activations.ACT2FN)",
+     lambda v: v is None or _activation(v)),
+)  # fmt: skip
+"""Keys of a model config that ringpatch reads (the ring, the RoPE rules, the plan, the export),
+each with the one meaning it has everywhere: (key, what it must be, its check). A key a config
+leaves out is transformers' default, checked once the config is built."""
+POSITIVE_FLOATS = ("rope_theta", "rms_norm_eps")
+
+
+def check_declared(config, where: str) -> None:
+    """Every DECLARED key (and the positive numbers) of `config`, a dict or a built config, present
+    in it; ValueError naming the key, the value and what it must be."""
+    get = config.get if isinstance(config, dict) else lambda key, default=None: getattr(config, key, default)
+    present = config if isinstance(config, dict) else config.to_dict()
+    for key, what, ok in DECLARED:
+        if key in present and not ok(get(key)):
+            raise ValueError(f"{where}.{key} must be {what}, got {get(key)!r}")
+    rope = get("rope_parameters") or {}
+    for key in POSITIVE_FLOATS:
+        for name, value in ((key, present.get(key)), (f"rope_parameters.{key}", rope.get(key))):
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)):  # YAML reads 1e4 as text
+                raise ValueError(f"{where}.{name} must be float, got {type(value).__name__} {value!r}")
+            POSITIVE.check(f"{where}.{name}", value)
 
 
 def _build(config: dict, where: str):
@@ -87,9 +135,9 @@ def _heads(config, where: str) -> None:
 
 def _rope(config, where: str) -> None:
     params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
-    if not isinstance(params, dict) or params.get("rope_type", params.get("type", "default")) == "default":
+    if not isinstance(params, dict):
         return
-    check_rope_scaling(params, f"{where}.rope_parameters")
+    check_rope_scaling({"rope_type": "default", **params}, f"{where}.rope_parameters")
 
 
 def check_architecture(config, where: str = "model.config", causal_lm: bool = True):
@@ -98,7 +146,9 @@ def check_architecture(config, where: str = "model.config", causal_lm: bool = Tr
     type must have an AutoModelForCausalLM (what the trainer loads; patch_model, which is handed a
     model, leaves that out)."""
     if isinstance(config, dict):
+        check_declared(config, where)  # as given, before transformers fills in or converts
         config = _build(config, where)
+    check_declared(config, where)
     if causal_lm:
         _causal_lm(config, where)
     problems = unsupported_features(config)

@@ -20,18 +20,43 @@ ROPE_SCALING_KEYS = {
     "longrope": ("short_factor", "long_factor"),
     "llama3": ("factor", "low_freq_factor", "high_freq_factor"),
 }
+ROPE_TYPE_KEYS = {
+    "default": ("rope_theta",),
+    "linear": ("factor", "rope_theta"),
+    "dynamic": ("factor", "rope_theta"),
+    "yarn": ("factor", "original_max_position_embeddings", "rope_theta", "attention_factor", "beta_fast", "beta_slow",
+             "mscale", "mscale_all_dim", "truncate"),
+    "longrope": ("short_factor", "long_factor", "original_max_position_embeddings", "rope_theta", "attention_factor",
+                 "factor"),
+    "llama3": ("factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor", "rope_theta"),
+}  # fmt: skip
+"""Every key transformers' RoPE of each type reads besides rope_type and partial_rotary_factor (its
+validators' required and optional keys; tests/hf/test_rope.py holds this table to them): a key
+outside it would be kept in the config and read by nothing, so a misspelt one is refused."""
 
 
-def check_rope_scaling(scaling: dict, where: str = "rope_scaling") -> None:
-    """A rope_scaling dict that apply_rope can hand to transformers: a known rope_type, its keys,
-    and positive finite factors."""
+def check_rope_scaling(scaling: dict, where: str = "rope_scaling", stage: bool = False) -> None:
+    """A rope_scaling dict that apply_rope can hand to transformers: a known rope_type, its keys and
+    no unknown ones, and positive finite factors. stage: a stage's rule, which changes the base only
+    through the stage's rope_theta."""
     kind = scaling.get("rope_type", scaling.get("type"))
-    if kind not in ROPE_SCALING_KEYS:
+    known = ROPE_SCALING_KEYS if stage else ROPE_TYPE_KEYS
+    if kind not in known:
         raise ValueError(
-            f"{where}.rope_type {kind!r} is not one of {sorted(ROPE_SCALING_KEYS)} "
-            "(to change only the base, use the stage's rope_theta)"
+            f"{where}.rope_type {kind!r} is not one of {sorted(known)} (to change only the base, use the stage's rope_theta)"
         )
-    missing = [key for key in ROPE_SCALING_KEYS[kind] if key not in scaling]
+    if stage and "rope_theta" in scaling:
+        raise ValueError(
+            f"{where} sets rope_theta {scaling['rope_theta']!r}: a stage changes the RoPE base with its own rope_theta "
+            "(beside no rope_scaling) or its rope_scaling's factors, not both; remove it from rope_scaling"
+        )
+    unknown = sorted(set(scaling) - {"rope_type", "type", "partial_rotary_factor", *ROPE_TYPE_KEYS[kind]})
+    if unknown:
+        raise ValueError(
+            f"{where} of rope_type {kind!r} has unknown keys {unknown}; transformers reads "
+            f"{sorted(ROPE_TYPE_KEYS[kind])} (and rope_type, partial_rotary_factor)"
+        )
+    missing = [key for key in ROPE_SCALING_KEYS.get(kind, ()) if key not in scaling]
     if missing:
         raise ValueError(f"{where} of rope_type {kind!r} needs {missing}; it has {sorted(scaling)}")
     for key in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
@@ -85,4 +110,4 @@ def apply_rope(model, max_positions: int, rope_theta: float | None = None, rope_
     return model
 
 
-__all__ = ["ntk_rope_theta", "apply_rope", "check_rope_scaling", "ROPE_SCALING_KEYS"]
+__all__ = ["ntk_rope_theta", "apply_rope", "check_rope_scaling", "ROPE_SCALING_KEYS", "ROPE_TYPE_KEYS"]

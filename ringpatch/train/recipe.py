@@ -21,6 +21,7 @@ from ringpatch.attention.layout import PACKED_LAYOUT, Layout
 from ringpatch.attention.ulysses import check_ulysses
 from ringpatch.data.tasks import EVAL_SEED, MAX_DIGITS, SYNTHETIC, RulerTask
 from ringpatch.evaluate.spec import EvalSpec
+from ringpatch.hf.architecture import check_declared
 from ringpatch.hf.loss import CHUNK_TOKENS
 from ringpatch.hf.rope import check_rope_scaling
 from ringpatch.parallel import ParallelDims
@@ -293,7 +294,7 @@ def _check_stage(s: Stage, where: str) -> None:
     if s.rope_theta is not None and s.rope_scaling is not None:
         raise ValueError(f"{where} sets both rope_theta and rope_scaling; choose one rule")
     if s.rope_scaling is not None:
-        check_rope_scaling(s.rope_scaling, f"{where}.rope_scaling")
+        check_rope_scaling(s.rope_scaling, f"{where}.rope_scaling", stage=True)
 
 
 def _check_optim(o: OptimSpec) -> None:
@@ -311,13 +312,8 @@ def _check_model(m: ModelSpec) -> None:
         raise ValueError('model.init: scratch has no tokenizer of its own: set model.tokenizer (e.g. "bytes")')
     if m.config is not None and "model_type" not in m.config:
         raise ValueError(f"model.config needs a model_type key; it has {sorted(m.config)}")
-    for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
-        value = (m.config or {}).get(key)
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-            raise ValueError(f"model.config.{key} must be a positive integer, got {value!r}")
-    theta = (m.config or {}).get("rope_theta")
-    if theta is not None:
-        POSITIVE.check("model.config.rope_theta", theta)
+    if m.config is not None:
+        check_declared(m.config, "model.config")
 
 
 def _check_names(spec, prefix: str, names) -> None:

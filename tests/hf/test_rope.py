@@ -49,3 +49,28 @@ def test_apply_rope_equals_a_model_built_with_it(name, rope):
 def test_apply_rope_refuses_both_rules():
     with pytest.raises(ValueError, match=r"give rope_theta or rope_scaling, not both"):
         apply_rope(build("llama"), 1024, rope_theta=1e6, rope_scaling={"rope_type": "linear", "factor": 2.0})
+
+
+def test_the_known_rope_keys_are_transformers_own(monkeypatch):
+    """hf/rope.ROPE_TYPE_KEYS, which refuses a misspelt key, lists for each RoPE type exactly the keys
+    transformers' validator of that type requires or accepts (beside rope_type, partial_rotary_factor)."""
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import RotaryEmbeddingConfigMixin
+
+    from ringpatch.hf.rope import ROPE_TYPE_KEYS
+
+    class Seen(Exception):
+        pass
+
+    seen = {}
+
+    def capture(rope_type, received_keys, required_keys, optional_keys=None, ignore_keys=None):
+        seen[rope_type] = set(required_keys) | set(optional_keys or ())
+        raise Seen  # the keys are what we came for, not the values' checks after them
+
+    config = LlamaConfig()
+    monkeypatch.setattr(RotaryEmbeddingConfigMixin, "_check_received_keys", staticmethod(capture))
+    for rope_type, keys in ROPE_TYPE_KEYS.items():
+        with pytest.raises(Seen):
+            getattr(config, f"_validate_{rope_type}_rope_parameters")({"rope_type": rope_type}, ignore_keys=None)
+        assert set(keys) == seen[rope_type] - {"rope_type", "partial_rotary_factor"}, rope_type
