@@ -118,4 +118,3 @@ def test_simulate_refuses_what_it_cannot_run_in_one_line(tmp_path, data):
     )  # fmt: skip
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "ringpatch plan: the simulated rank needs" in proc.stderr and "Live at its peak:" in proc.stderr
-
