@@ -11,14 +11,16 @@ ringpatch report runs/tiny-cpu                      # summary.json and plots of 
 
 from __future__ import annotations
 
-import argparse
+import math
 import sys
+
+from ringpatch.flags import Parser
 
 USAGE = __doc__
 
 
 def prepare(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="ringpatch prepare", description="tokenise and pack a recipe's data to disk")
+    parser = Parser(prog="ringpatch prepare", description="tokenise and pack a recipe's data to disk")
     parser.add_argument("--recipe", required=True)
     args = parser.parse_args(argv)
     from ringpatch.data.prepare import prepare_recipe
@@ -39,7 +41,7 @@ def prepare(argv: list[str]) -> int:
 
 
 def plan(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="ringpatch plan", description="print a recipe's validated plan")
+    parser = Parser(prog="ringpatch plan", description="print a recipe's validated plan")
     parser.add_argument("--recipe", required=True)
     parser.add_argument("--nodes", type=int, default=1)
     parser.add_argument("--gpus-per-node", type=int, default=8, help="ranks per node: GPUs, or CPU processes")
@@ -89,13 +91,13 @@ def plan(argv: list[str]) -> int:
     try:
         if args.gpu_memory is None:
             args.gpu_memory = 80.0 if args.device == "cuda" else host_memory_gib() / args.gpus_per_node
-        if args.nodes < 1 or args.gpus_per_node < 1 or not args.gpu_memory > 0:
+        if args.nodes < 1 or args.gpus_per_node < 1 or not 0 < args.gpu_memory < math.inf:
             raise ValueError(
-                f"--nodes, --gpus-per-node and --gpu-memory must be positive, got {args.nodes}, "
+                f"--nodes, --gpus-per-node and --gpu-memory must be positive (the memory finite), got {args.nodes}, "
                 f"{args.gpus_per_node}, {args.gpu_memory}"
             )
-        if not args.host_memory > 0:
-            raise ValueError(f"--host-memory must be positive (GiB per node), got {args.host_memory}")
+        if not 0 < args.host_memory < math.inf:
+            raise ValueError(f"--host-memory must be a positive finite number (GiB per node), got {args.host_memory}")
         p = preflight(args.recipe, world=args.nodes * args.gpus_per_node)
         if args.max_restarts < 0:
             raise ValueError(f"--max-restarts must be >= 0, got {args.max_restarts}")
@@ -129,7 +131,7 @@ def plan(argv: list[str]) -> int:
 
 
 def recipe(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="ringpatch recipe", description="the recipe schema, or check a recipe")
+    parser = Parser(prog="ringpatch recipe", description="the recipe schema, or check a recipe")
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument("--schema", action="store_true", help="print every key: type, default, range, description")
     group.add_argument("--check", metavar="RECIPE", help="load and validate a recipe file (no model, no data)")
@@ -153,7 +155,7 @@ def recipe(argv: list[str]) -> int:
 
 
 def report(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="ringpatch report",
         description="write RUN_DIR/report: summary.json and plots of loss, tokens/s, MFU, memory",
     )
@@ -166,12 +168,15 @@ def report(argv: list[str]) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"ringpatch report: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a run folder it cannot write (read-only, full)
+        print(f"ringpatch report: cannot write {args.run_dir}/report: {e.strerror or e}", file=sys.stderr)
+        return 2
     print(f"wrote {folder}")
     return 0
 
 
 def corpus(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="ringpatch corpus", description="write the demo corpus")
+    parser = Parser(prog="ringpatch corpus", description="write the demo corpus")
     parser.add_argument("--out", default="data/demo")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

@@ -71,12 +71,29 @@ class PathKind:
         if not isinstance(value, str) or not value.strip():
             raise ValueError(f"{where} must be a non-empty path, got {value!r}: an empty path means this folder")
         path = Path(value).expanduser()
+        check_name_lengths(where, path)
         if self.kind == "file" and path.is_dir():
             raise ValueError(f"{where} {value} is a folder; give a file")
         if self.kind == "file" and not path.exists():
             raise FileNotFoundError(f"{where} {value} does not exist")
         if self.kind == "dir" and path.exists() and not path.is_dir():
             raise ValueError(f"{where} {value} is a file; give a folder (it is created if missing)")
+
+
+NAME_MAX = 255
+"""Bytes of one path component on Linux's file systems (ext4, xfs, btrfs); a longer one fails every
+open with ENAMETOOLONG."""
+
+
+def check_name_lengths(where: str, path: Path) -> None:
+    """No component of `path` is longer than the file system takes."""
+    for part in path.parts:
+        size = len(os.fsencode(part))
+        if size > NAME_MAX:
+            raise ValueError(
+                f"{where}: the path component {part[:40]}... is {size} bytes, over the {NAME_MAX} a file name may "
+                "take; use a shorter name"
+            )
 
 
 def check_writable(where: str, value: str) -> None:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 import ringpatch
 from ringpatch.attention.layout import DEFAULT_LAYOUT, LAYOUTS
+from ringpatch.flags import Parser
 from ringpatch.parallel import start, stop
 
 
@@ -34,7 +35,7 @@ def _full_attention(q, k, v, window):
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seq", type=int, default=4096)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--kv-heads", type=int, default=2)

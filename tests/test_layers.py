@@ -15,7 +15,19 @@ pytestmark = pytest.mark.unit
 
 PACKAGE = ROOT / "ringpatch"
 # Lowest first: a module may import its own layer and those before it, never one after it.
-LAYERS = ("errors", "schema", "attention", "parallel", "hf", "memory", "integrations", "data", "evaluate", "train")
+LAYERS = (
+    "errors",
+    "flags",
+    "schema",
+    "attention",
+    "parallel",
+    "hf",
+    "memory",
+    "integrations",
+    "data",
+    "evaluate",
+    "train",
+)
 PUBLIC_API = "memory"  # `import ringpatch` loads attention, hf and memory: it ranks with memory
 COMMANDS = ("cli", "selfcheck")  # top-level commands: may import every layer
 ENTRY_POINTS = ("command", "__main__")  # a layer's own command (`python -m ringpatch.evaluate`): may too

@@ -27,6 +27,7 @@ from ringpatch.errors import USER_ERRORS
 from ringpatch.evaluate.prefill import check_lengths
 from ringpatch.evaluate.progress import Progress, describe_prefills
 from ringpatch.evaluate.spec import EVAL_TASKS, EvalSpec
+from ringpatch.flags import Parser
 from ringpatch.hf import patch_model
 from ringpatch.parallel import allocator_settings, launch_int, start, stop
 from ringpatch.train.preflight import is_local
@@ -146,7 +147,7 @@ def _spec_and_models(args):
 
 def build_parser() -> argparse.ArgumentParser:
     """The command's flags: its own, then each task's (EVAL_TASKS)."""
-    parser = argparse.ArgumentParser(prog="ringpatch eval", description=__doc__.split("\n\n")[0])
+    parser = Parser(prog="ringpatch eval", description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipe", help="evaluate this recipe's exported models on its eval data and settings")
     parser.add_argument("--model", nargs="+", help="model folders (side by side), e.g. the base and the extended one")
     parser.add_argument("--data", help="held-out documents (json/jsonl/parquet/txt) for perplexity-vs-length")

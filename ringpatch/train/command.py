@@ -20,6 +20,7 @@ import traceback
 from pathlib import Path
 
 from ringpatch.errors import USER_ERRORS
+from ringpatch.flags import Parser
 from ringpatch.parallel import allocator_settings, launch_int
 from ringpatch.train import restart
 from ringpatch.train.lock import RunLock
@@ -29,7 +30,7 @@ from ringpatch.train.stop import RESUME_EXIT
 
 def main(argv: list[str] | None = None) -> int:
     allocator_settings()  # before anything touches CUDA
-    parser = argparse.ArgumentParser(prog="ringpatch train", description=__doc__.split("\n\n")[0])
+    parser = Parser(prog="ringpatch train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipe", required=True, help="a recipe YAML (recipes/)")
     parser.add_argument("--run-dir", help="override the recipe's run_dir")
     parser.add_argument(

@@ -241,9 +241,9 @@ class Recipe:
     keep_last: Annotated[int, NONNEGATIVE] = 2
     """Checkpoints kept in run_dir/checkpoints (older ones are deleted after a newer one is complete);
     0 keeps every one."""
-    timeout_minutes: Annotated[float, Range(0.1)] | None = None
+    timeout_minutes: Annotated[float, Range(0.1, 10080.0)] | None = None
     """How long a rank waits for the others in a collective before the run stops with a message
-    naming the rank that stopped making progress (None: 5 on CPU, 30 on GPU)."""
+    naming the rank that stopped making progress (None: 5 on CPU, 30 on GPU; at most a week)."""
     peak_tflops: Annotated[float, Range(0, low_open=True)] | None = None
     """The device's peak dense TFLOP/s per GPU that the logged MFU divides by (None: the data-sheet
     bf16 figure of a known GPU, tf32's for float32; on CPU a matmul measured at start)."""

@@ -43,8 +43,11 @@ CASES = [
      "activation_offload: true moves the checkpointed layer inputs to the host, but activation_checkpointing is false"),
     ("mlp-tiles-gpt2", "train", {"mlp_tiles": 4, "model__config__model_type": "gpt2"}, [], {},
      "mlp_tiles: 4 tiles the per-token gated MLP of llama, mistral, qwen2, qwen3; tiny is 'gpt2': set mlp_tiles: 1"),
-    ("timeout-0", "train", {"timeout_minutes": 0}, [], {}, "timeout_minutes must be a finite number in [0.1, inf), got 0.0"),
-    ("timeout-nan", "train", {"timeout_minutes": float("nan")}, [], {}, "timeout_minutes must be a finite number in [0.1, inf), got nan"),
+    ("timeout-0", "train", {"timeout_minutes": 0}, [], {}, "timeout_minutes must be a finite number in [0.1, 10080.0], got 0.0"),
+    ("timeout-huge", "train", {"timeout_minutes": 1.0e30}, [], {}, "timeout_minutes must be a finite number in [0.1, 10080.0], got 1e+30"),
+    ("name-too-long", "train", {"run_dir": "/tmp/" + "x" * 300}, [], {}, "the path component xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx... is 300 bytes"),
+    ("plan-memory-inf", "plan", {}, ["--gpu-memory", "inf", "--max-context"], {}, "--gpu-memory must be positive (the memory finite)"),
+    ("timeout-nan", "train", {"timeout_minutes": float("nan")}, [], {}, "timeout_minutes must be a finite number in [0.1, 10080.0], got nan"),
     ("lr-nan", "train", {"optim__lr": float("nan")}, [], {}, "optim.lr must be a finite number in (0.0, inf), got nan"),
     ("lr-neg", "train", {"optim__lr": -1e-4}, [], {}, "optim.lr must be a finite number in (0.0, inf), got -0.0001"),
     ("lr-0", "train", {"optim__lr": 0}, [], {}, "optim.lr must be a finite number in (0.0, inf), got 0.0"),
@@ -148,7 +151,7 @@ CASES = [
     ("memory", "train", {"model__config": BIG}, [], {}, f"planned + {CPU_RUNTIME_GIB:.1f} reserve, more than the"),
     ("locked", "train", {}, [], {}, "@locked"),
     ("max-steps-0", "train", {}, ["--max-steps", "0"], {}, "--max-steps must be >= 1, got 0"),
-    ("plan-nodes", "plan", {}, ["--nodes", "0"], {}, "--nodes, --gpus-per-node and --gpu-memory must be positive, got 0, 8, 80.0"),
+    ("plan-nodes", "plan", {}, ["--nodes", "0"], {}, "--nodes, --gpus-per-node and --gpu-memory must be positive (the memory finite), got 0, 8, 80.0"),
     ("plan-memory", "plan", {"model__config": BIG, "parallel__sp": 8}, [], {}, "GiB of a 80 GiB GPU (--gpu-memory)"),
     ("plan-memory-names", "plan", {"model__config": BIG, "parallel__sp": 8, "stages__1__seq_len": 1048576}, [], {},
      "Largest: weights 1511.9 GiB (try zero.stage: 3); checkpointed activations 1008.1 GiB (try activation_offload: true); "
@@ -158,7 +161,7 @@ CASES = [
     ("plan-ulysses-crosses", "plan", {"parallel__sp": 16, "parallel__ulysses": 4, "parallel__layout": "zigzag"},
      ["--nodes", "8", "--gpus-per-node", "2"], {},
      "ulysses=4 x tp=1 = 4 neighbouring ranks do not fit evenly in a node of 2 ranks"),
-    ("plan-host-memory", "plan", {}, ["--host-memory", "0"], {}, "--host-memory must be positive (GiB per node), got 0.0"),
+    ("plan-host-memory", "plan", {}, ["--host-memory", "0"], {}, "--host-memory must be a positive finite number (GiB per node), got 0.0"),
     ("plan-lr-nan", "plan", {"optim__lr": float("nan")}, [], {}, "optim.lr must be a finite number in (0.0, inf), got nan"),
     ("prepare-no-data", "prepare", {"drop_data": True}, [], {}, "has no data section"),
     ("prepare-empty", "prepare", {"data__source": "@empty"}, [], {}, "empty.jsonl'] is empty"),
@@ -237,7 +240,7 @@ CASES = [
     ("eval-field", "train", {"data__eval_text_field": "body"}, [], {}, "set data.eval_text_field"),
     # values
     ("seed-huge", "train", {"seed": 2**70}, [], {}, "seed must be an integer in [0, 4294967295], got 1180591620717411303424"),
-    ("timeout-tiny", "train", {"timeout_minutes": 1e-6}, [], {}, "timeout_minutes must be a finite number in [0.1, inf), got 1e-06"),
+    ("timeout-tiny", "train", {"timeout_minutes": 1e-6}, [], {}, "timeout_minutes must be a finite number in [0.1, 10080.0], got 1e-06"),
     ("lr-string", "train", {"optim__lr": "3e-3"}, [], {}, "optim.lr must be a number, got the string '3e-3'"),
 ]  # fmt: skip
 
