@@ -35,12 +35,48 @@ MARKER = "ringpatch_prepared.json"
 EXTENSIONS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
 
 
+def _hidden(f: Path, folder: Path) -> bool:
+    """A file under `folder` whose path below it has a part starting with "." (.ipynb_checkpoints/,
+    .git/, an editor's .#backup): a copy or a tool's file, not a document the user meant."""
+    return any(part.startswith(".") for part in f.relative_to(folder).parts)
+
+
+def hidden_files(source: str) -> list[Path]:
+    """The data files under a source folder that local_files skips as hidden (none for a file)."""
+    path = Path(source)
+    if not path.is_dir():
+        return []
+    return sorted(f for f in path.rglob("*") if f.suffix in EXTENSIONS and _hidden(f, path))
+
+
+def data_line(spec) -> str:
+    """The plan's line for the data: each source, with how many files it reads and how many hidden
+    ones it skips (a Jupyter checkpoint beside the data would otherwise train twice)."""
+    named = [("train", spec.source)] if spec.source else [("train", m.source) for m in spec.sources]
+    if spec.eval_source:
+        named.append(("held out", spec.eval_source))
+    parts = []
+    for kind, source in named:
+        found = local_files(source) if source != SYNTHETIC else None
+        if found is None:
+            parts.append(f"{kind} {source}")
+            continue
+        hidden = hidden_files(source)
+        skipped = f", {len(hidden)} hidden skipped ({', '.join(str(f) for f in hidden[:2])})" if hidden else ""
+        parts.append(f"{kind} {source} ({len(found[1])} file{'s' if len(found[1]) > 1 else ''}{skipped})")
+    return "data: " + "; ".join(parts)
+
+
 def local_files(source: str) -> tuple[str, list[Path]] | None:
-    """(builder, files) for a local file or folder; None when `source` is not on disk (a hub name)."""
+    """(builder, files) for a local file or folder, hidden files and folders skipped (hidden_files);
+    None when `source` is not on disk (a hub name)."""
     path = Path(source)
     if not path.exists():
         return None
-    files = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.suffix in EXTENSIONS)
+    if path.is_file():
+        files = [path]
+    else:
+        files = sorted(f for f in path.rglob("*") if f.suffix in EXTENSIONS and not _hidden(f, path))
     if not files:
         raise DataError(f"data source {source} holds no {sorted(EXTENSIONS)} files")
     kinds = {EXTENSIONS.get(f.suffix) for f in files}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from ringpatch.data.prepare import data_line
 from ringpatch.memory.estimate import (
     GIB,
     forward_flops,
@@ -188,6 +189,8 @@ def describe(plan, launch: str | None = None, gpus_per_node: int | None = None) 
         f"sequence: {r.parallel.layout} layout over sp (lengths a multiple of {dims.seq_len_divisor}), "
         + ("packed documents kept apart (document masking)" if masking else "packed documents see each other")
     )
+    if r.data is not None:
+        lines.append(data_line(r.data))
     if plan.model_config:
         n, _ = parameters(plan.model_config)
         lines.append(f"parameters: {n / 1e9:.2f} B")

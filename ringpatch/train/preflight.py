@@ -9,6 +9,7 @@ each fails here, on every rank alike, with the values and the fix."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.util
 import json
 import os
@@ -100,6 +101,52 @@ def _check_sources(recipe: Recipe) -> None:
             raise FileNotFoundError(
                 f"{key} {source} does not exist{made_by(source)}; give a local json/jsonl/parquet/txt file or folder, "
                 "or a hub dataset name (prepared with `ringpatch prepare`)"
+            )
+
+
+def _file_digest(path: Path) -> tuple[int, str]:
+    """(size, hash of its first and last 1 MiB): equal for a copy, whatever its name."""
+    size = path.stat().st_size
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        digest.update(f.read(1 << 20))
+        if size > 2 << 20:
+            f.seek(-(1 << 20), os.SEEK_END)
+            digest.update(f.read())
+    return size, digest.hexdigest()
+
+
+def check_held_out(recipe: Recipe) -> None:
+    """data.eval_source shares no document with what training reads: not the same hub split, no
+    file in both (by path), no file with a copy's content in the other."""
+    from ringpatch.data.prepare import SYNTHETIC, local_files
+
+    spec = recipe.data
+    if spec.eval_source is None:
+        return
+    train = [(spec.source, spec.split)] if spec.source else [(m.source, m.split or spec.split) for m in spec.sources]
+    held = local_files(spec.eval_source)
+    for source, split in train:
+        if source == SYNTHETIC:
+            continue
+        files = local_files(source)
+        if held is None or files is None:
+            if source == spec.eval_source and split == spec.eval_split:
+                raise ValueError(
+                    f"data.eval_source {source} (split {split!r}) is also a training source: the held-out loss and "
+                    "perplexity would score documents the model trained on; give held-out documents of their own"
+                )
+            continue
+        both = sorted({f.resolve() for f in files[1]} & {f.resolve() for f in held[1]})
+        copies = {_file_digest(f): f for f in files[1]}
+        same = [(f, copies[_file_digest(f)]) for f in held[1] if _file_digest(f) in copies]
+        if both or same:
+            what = (
+                f"both read {[str(f) for f in both[:3]]}" if both else f"{same[0][0]} has the content of {same[0][1]}"
+            )
+            raise ValueError(
+                f"data.eval_source {spec.eval_source} and the training source {source} overlap ({what}): the held-out "
+                "loss and perplexity would score documents the model trained on; give held-out documents of their own"
             )
 
 
@@ -330,6 +377,7 @@ def preflight(
     if local and world > local:  # several nodes: Ulysses groups stay inside one
         dims.check_node(local)
     _check_sources(recipe)
+    check_held_out(recipe)
     model_config = _model_config(recipe)
     if model_config is not None and "model_type" in model_config:
         built = check_architecture(model_config, "model.config")

@@ -139,3 +139,23 @@ def test_prepare_command_prepares_every_stage(tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
         names = sorted(Path(line.split()[-1]).name.rsplit("-", 1)[0] for line in proc.stdout.splitlines())
         assert names == ["eval-1024", "eval-128", "train-1024", "train-128"]
+
+
+@pytest.mark.unit
+def test_hidden_files_are_skipped_and_counted(tmp_path):
+    """A Jupyter checkpoint (or any file under a dot-folder, or a dot-file) beside the data is not
+    read as more data: skipped, and named in the plan's data line."""
+    from ringpatch.data.prepare import data_line, hidden_files, local_files
+    from ringpatch.train.recipe import DataSpec
+
+    (tmp_path / "data" / ".ipynb_checkpoints").mkdir(parents=True)
+    for name in ("data/train.jsonl", "data/.ipynb_checkpoints/train-checkpoint.jsonl", "data/.draft.jsonl"):
+        (tmp_path / name).write_text('{"text": "a"}\n')
+    builder, files = local_files(str(tmp_path / "data"))
+    assert files == [tmp_path / "data" / "train.jsonl"]
+    assert [f.name for f in hidden_files(str(tmp_path / "data"))] == [".draft.jsonl", "train-checkpoint.jsonl"]
+    line = data_line(DataSpec(source=str(tmp_path / "data")))
+    assert "(1 file, 2 hidden skipped (" in line and ".draft.jsonl" in line
+    assert local_files(str(tmp_path / "data" / ".draft.jsonl"))[1] == [
+        tmp_path / "data" / ".draft.jsonl"
+    ]  # named: read

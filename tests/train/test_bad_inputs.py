@@ -131,6 +131,10 @@ CASES = [
     ("eval-samples-0", "train", {"data__eval_samples": 0}, [], {}, "data.eval_samples must be > 0, got 0"),
     ("min-doc-neg", "train", {"data__min_doc_tokens": -1}, [], {}, "data.min_doc_tokens must be >= 0, got -1"),
     ("max-seq-0", "train", {"data__max_sequences": 0}, [], {}, "data.max_sequences must be > 0, got 0"),
+    ("eval-is-train", "train", {"data__eval_source": "@trainfile"}, [], {},
+     "overlap (both read ['"),
+    ("eval-copy-of-train", "train", {"data__eval_source": "@traincopy"}, [], {},
+     "has the content of"),
     ("eval-missing", "train", {"data__eval_source": "/no/such/eval.jsonl"}, [], {}, "data.eval_source /no/such/eval.jsonl does not exist"),
     ("data-nofiles", "train", {"data__source": "@nofiles"}, [], {}, "holds no ['.json', '.jsonl', '.parquet', '.txt'] files"),
     ("data-mixed", "train", {"data__source": "@mixed"}, [], {}, "mixes or lacks known file kinds: ['.jsonl', '.txt']"),
@@ -283,6 +287,10 @@ def _files(tmp, data) -> dict[str, str]:
     latin1 = tmp / "latin1.jsonl"
     latin1.write_bytes('{"text": "caf\u00e9"}\n'.encode("latin-1"))
     f["@latin1"] = str(latin1)
+    f["@trainfile"] = str(data / "train.jsonl")  # the recipe's own training file, as held-out data
+    (tmp / "copy").mkdir()
+    f["@traincopy"] = str(tmp / "copy" / "held_out.jsonl")  # a copy of it under another name
+    (tmp / "copy" / "held_out.jsonl").write_bytes((data / "train.jsonl").read_bytes())
     return f
 
 

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.unit
 @pytest.fixture
 def data(tmp_path):
     (tmp_path / "train.jsonl").write_text('{"text": "hello"}\n')
-    (tmp_path / "eval.jsonl").write_text('{"text": "hello"}\n')
+    (tmp_path / "eval.jsonl").write_text('{"text": "held out"}\n')
     return tmp_path
 
 
