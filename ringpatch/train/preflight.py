@@ -238,6 +238,10 @@ def check_batches(recipe: Recipe, dp: int) -> None:
 
 
 OVERSUBSCRIBE = "RINGPATCH_OVERSUBSCRIBE"
+LAUNCH_SET = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+"""What every launcher sets for each rank; trusted only all together."""
+AGENT_ONLY = ("TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_MAX_RESTARTS")
+"""What only torchrun's elastic agent sets, beside TORCHELASTIC_RUN_ID."""
 
 
 def check_launch(cuda: bool) -> None:
@@ -251,6 +255,21 @@ def check_launch(cuda: bool) -> None:
         raise ValueError(
             f"WORLD_SIZE={world} is set but no launcher started this process (RANK, MASTER_ADDR or MASTER_PORT is "
             "unset): run it under torchrun, deepspeed or accelerate launch, or unset WORLD_SIZE for one process"
+        )
+    given = [k for k in LAUNCH_SET if k in env]
+    if given and len(given) < len(LAUNCH_SET):  # every launcher sets all of them; a shell, some
+        missing = [k for k in LAUNCH_SET if k not in env]
+        raise ValueError(
+            f"{', '.join(f'{k}={env[k]}' for k in given)} {'is' if len(given) == 1 else 'are'} set but {missing} "
+            "not: every launcher (torchrun, deepspeed, accelerate launch) sets all of them, so these were left in the "
+            f"shell: unset {' '.join(given)} for one process, or start the run under a launcher"
+        )
+    stale = [k for k in AGENT_ONLY if k in env]
+    if stale and "TORCHELASTIC_RUN_ID" not in env:
+        raise ValueError(
+            f"{', '.join(f'{k}={env[k]}' for k in stale)} {'is' if len(stale) == 1 else 'are'} set but torchrun's agent "
+            "did not start this process (no TORCHELASTIC_RUN_ID): left in the shell, it would make this run count "
+            f"itself a restart and resume; unset {' '.join(stale)}"
         )
     local = launch_int("LOCAL_WORLD_SIZE", 1, minimum=1)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

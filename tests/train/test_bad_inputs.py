@@ -95,6 +95,10 @@ CASES = [
     ("world", "train", {"parallel__sp": 2}, [], {"WORLD_SIZE": "3"}, "world size 3 is not divisible by sp*tp = 2*1 = 2"),
     ("world-no-launcher", "train", {}, [], {"WORLD_SIZE": "2", "no launcher": True},
      "WORLD_SIZE=2 is set but no launcher started this process"),
+    ("rank-by-hand", "train", {}, [], {"RANK": "0", "WORLD_SIZE": "1", "no launcher": True},
+     "RANK=0, WORLD_SIZE=1 are set but ['LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT'] not: every launcher"),
+    ("stale-restart-count", "train", {}, [], {"TORCHELASTIC_RESTART_COUNT": "3"},
+     "TORCHELASTIC_RESTART_COUNT=3 is set but torchrun's agent did not start this process"),
     ("world-size-text", "train", {}, [], {"WORLD_SIZE": "x"}, "WORLD_SIZE='x' is not an integer >= 1; the launcher"),
     ("local-world-size-zero", "train", {}, [], {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "0"},
      "LOCAL_WORLD_SIZE='0' is not an integer >= 1"),
@@ -310,12 +314,13 @@ def no_model_loads(monkeypatch):
 def test_bad_input_is_refused_before_any_model(case, tmp_path, data, monkeypatch, capsys, no_model_loads):
     name, entry, changes, argv, env, fragment = case
     files = _files(tmp_path, data)
-    for key in ("WORLD_SIZE", "RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "HF_HUB_OFFLINE",
-                "TRANSFORMERS_OFFLINE", "RINGPATCH_OVERSUBSCRIBE"):  # fmt: skip
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "HF_HUB_OFFLINE",
+                "TRANSFORMERS_OFFLINE", "RINGPATCH_OVERSUBSCRIBE", "TORCHELASTIC_RESTART_COUNT",
+                "TORCHELASTIC_MAX_RESTARTS", "TORCHELASTIC_RUN_ID"):  # fmt: skip
         monkeypatch.delenv(key, raising=False)
     env = dict(env)
     if "WORLD_SIZE" in env and not env.pop("no launcher", False):  # as a launcher sets them
-        env = {"RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500", **env}
+        env = {"RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500", **env}
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     if isinstance(changes, dict):

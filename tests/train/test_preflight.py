@@ -116,6 +116,7 @@ def test_the_command_line_reports_without_a_traceback(tmp_path, data):
         env={
             "WORLD_SIZE": "3",
             "RANK": "0",
+            "LOCAL_RANK": "0",
             "MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": "29500",
             "PATH": "/usr/bin:/bin",
