@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from ringpatch.parallel import is_timeout
     from ringpatch.train.build import timeout
-    from ringpatch.train.loop import Trainer  # the heavy imports come after the checks
+    from ringpatch.train.loop import RunFolderGone, Trainer  # the heavy imports come after the checks
     from ringpatch.train.stop import Stopped
     from ringpatch.train.watchdog import SilentRank
 
@@ -111,6 +111,11 @@ def main(argv: list[str] | None = None) -> int:
         trainer.close()
         if lock is not None:
             lock.release()
+    except RunFolderGone as e:  # nothing to record into: one line from rank 0, exit 2 on every rank
+        if rank == 0:
+            print(f"\nringpatch train: {e}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(2)
     except Exception as e:
         restart.record_failure(plan.recipe.run_dir, rank, trainer.step_in_progress if trainer else None, e)
         summary = restart.last_attempt_summary(plan.recipe.run_dir) if rank == 0 or restart.primary(e) else None

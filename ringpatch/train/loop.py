@@ -7,6 +7,7 @@ checkpoints, scores held-out data and exports; close() leaves the process group.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -50,6 +51,38 @@ def local_batch(rows: dict[str, torch.Tensor], recipe, mesh) -> dict[str, torch.
     return ringpatch.shard_batch(batch, group=mesh.seq_group, layout=recipe.parallel.layout)
 
 
+class RunFolderGone(ValueError):
+    """run_dir vanished or was replaced under a running run: nothing it writes would be kept."""
+
+
+class RunFolder:
+    """run_dir's identity (device and inode) as the run started, checked at every step: a folder
+    deleted or replaced under a run (rm -rf, a sync tool) would swallow its metrics, checkpoints
+    and lock without a word, and the run would end with exit 0."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.identity = self._stat()
+
+    def _stat(self) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return st.st_dev, st.st_ino
+
+    def problem(self) -> str | None:
+        now = self._stat()
+        if now == self.identity:
+            return None
+        what = "was deleted" if now is None else "was replaced by another folder"
+        return (
+            f"run_dir {self.path} {what} while the run was running: its metrics, checkpoints and lock went with it, "
+            "so the run stopped rather than write into nothing; restore the folder (or choose a new run_dir) and "
+            "run the command again"
+        )
+
+
 class Trainer:
     def __init__(self, plan: Plan, resume: bool = True, stop_file: str | None = None, grace_s: float | None = None):
         recipe = plan.recipe
@@ -66,6 +99,7 @@ class Trainer:
         self.heartbeat = Heartbeat()
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.folder = RunFolder(self.run_dir) if self.rank == 0 else None  # its identity, watched every step
         dist.barrier()
         self.tokenizer = load_tokenizer(recipe.model.tokenizer, recipe.model.name)
         self._zero3_loading = zero3_loading(plan)  # kept alive for the run, as transformers asks
@@ -269,8 +303,14 @@ class Trainer:
         """Every sp and tp rank of a dp index holds the same loss: the world mean is the dp mean.
         The same all-reduce carries each rank's stop request (stop.py): stop_agreed on every rank
         when any rank has one."""
-        t = torch.tensor([value, float(self.stop_request.pending)], dtype=torch.float64, device=self.engine.device)
+        gone = self.folder.problem() if self.folder is not None else None
+        flags = [value, float(self.stop_request.pending), float(gone is not None)]
+        t = torch.tensor(flags, dtype=torch.float64, device=self.engine.device)
         dist.all_reduce(t)
+        if t[2].item() > 0:  # every rank stops here, with rank 0's words
+            words = [gone]
+            dist.broadcast_object_list(words, src=0)
+            raise RunFolderGone(words[0])
         self.stop_agreed = bool(t[1].item() > 0)
         return t[0].item() / dist.get_world_size()
 

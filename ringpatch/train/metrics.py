@@ -7,10 +7,29 @@ import json
 from pathlib import Path
 
 
+def parse_records(path: Path) -> tuple[list[dict], str | None]:
+    """(the records of a metrics.jsonl, its torn last line or None). A process killed while it
+    appended leaves part of a line at the end: that line is returned apart, to be named and cut; a
+    line that does not parse anywhere else is damage, a ValueError naming the file and the line."""
+    lines = [line for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if number == len(lines):
+                return records, line
+            raise ValueError(
+                f"{path}, line {number}, is not a JSON record ({line[:60]!r}); the run's log is damaged: restore it "
+                "or delete the run_dir"
+            ) from None
+    return records, None
+
+
 def read_records(run_dir: str | Path) -> list[dict]:
-    """Every record of run_dir/metrics.jsonl, oldest first ([] when there is none yet)."""
-    path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    """Every record of run_dir/metrics.jsonl, oldest first ([] when there is none yet); a torn last
+    line is left out (parse_records)."""
+    return parse_records(Path(run_dir) / "metrics.jsonl")[0]
 
 
 class RunLog:
@@ -26,10 +45,12 @@ class RunLog:
         self.wandb = self._start_wandb(run_dir, recipe) if rank == 0 and recipe.wandb != "disabled" else None
 
     def _keep_up_to(self, step: int) -> None:
-        lines = self.path.read_text().splitlines() if self.path.is_file() else []
-        kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+        records, torn = parse_records(self.path)
+        if torn is not None:
+            print(f"ringpatch: cut the torn last line of {self.path} (a process stopped while writing it): {torn[:60]!r}")
+        kept = [r for r in records if r.get("step", 0) <= step]
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text("".join(line + "\n" for line in kept))
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     @staticmethod
     def _start_wandb(run_dir: Path, recipe):

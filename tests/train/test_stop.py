@@ -281,3 +281,26 @@ def test_slurm_script_stops_the_run_on_its_signal_and_requeues(tmp_path):
     assert "--max-restarts 3 " in (tmp_path / "cmd").read_text()  # a failed rank restarts the group (MAX_RESTARTS)
     assert "export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in script
     assert not stop.exists()
+
+
+@pytest.mark.e2e
+def test_a_run_folder_deleted_under_the_run_stops_every_rank_with_one_line(tmp_path, data):
+    """run_dir removed mid-run (rm -rf, a sync tool): the ranks stop at the next step, exit 2, one
+    line from rank 0 naming the folder, instead of writing into nothing and ending with exit 0.
+    The run is held (SIGSTOP) while the folder goes, so it is mid-run on any machine."""
+    import shutil
+
+    path = recipe(tmp_path, data, **LONG)
+    run = tmp_path / "run"
+    proc = subprocess.Popen(command(path, 2), cwd=ROOT, env=ENV, start_new_session=True, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    wait_for(lambda: (run / "checkpoints" / "latest").is_file(), "the first checkpoint")
+    hold(path)
+    shutil.rmtree(run)
+    hold(path, signal.SIGCONT)
+    out, err = proc.communicate(timeout=HANG_S)
+    assert proc.returncode != 0, err[-3000:]
+    assert "exitcode  : 2" in err, err[-3000:]  # each worker's, as torchrun reports it
+    stopped = [line for line in err.splitlines() if "was deleted while the run was running" in line]
+    assert len(stopped) == 1 and stopped[0].startswith(f"ringpatch train: run_dir {run} was deleted"), err[-3000:]
+    assert "Traceback" not in err or err.index(stopped[0]) < err.index("Traceback")  # ours first: torchrun's after

@@ -390,3 +390,22 @@ def test_a_second_launch_on_a_running_run_dir_is_refused(tmp_path, data):
     proc = launch(recipe(tmp_path, data, parallel__sp=2, stages=[{"seq_len": 64, "steps": 21}]), 2)
     ok(proc)
     assert "has ended; taking it over" in proc.stdout + proc.stderr
+
+
+@pytest.mark.unit
+def test_a_torn_last_line_of_the_log_is_named_and_cut_and_other_damage_refused(tmp_path, capsys):
+    """A process killed while appending to metrics.jsonl leaves part of a line: resume names the file
+    and cuts it; a bad line anywhere else is damage, refused naming the file and the line."""
+    from types import SimpleNamespace
+
+    from ringpatch.train.metrics import RunLog, read_records
+
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
+    assert read_records(tmp_path) == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]
+    RunLog(tmp_path, 0, SimpleNamespace(wandb="disabled"), resumed_step=2)
+    assert f"cut the torn last line of {log}" in capsys.readouterr().out
+    assert log.read_text() == '{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n'
+    log.write_text('{"step": 1}\nnot json\n{"step": 2}\n')
+    with pytest.raises(ValueError, match=f"{log}, line 2, is not a JSON record"):
+        read_records(tmp_path)
