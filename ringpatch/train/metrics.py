@@ -47,7 +47,9 @@ class RunLog:
     def _keep_up_to(self, step: int) -> None:
         records, torn = parse_records(self.path)
         if torn is not None:
-            print(f"ringpatch: cut the torn last line of {self.path} (a process stopped while writing it): {torn[:60]!r}")
+            print(
+                f"ringpatch: cut the torn last line of {self.path} (a process stopped while writing it): {torn[:60]!r}"
+            )
         kept = [r for r in records if r.get("step", 0) <= step]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
