@@ -29,6 +29,7 @@ from ringpatch.evaluate.progress import Progress, describe_prefills
 from ringpatch.evaluate.spec import EVAL_TASKS, EvalSpec
 from ringpatch.flags import Parser
 from ringpatch.hf import patch_model
+from ringpatch.hf.folder import check_model_folder
 from ringpatch.parallel import allocator_settings, launch_int, start, stop
 from ringpatch.train.preflight import is_local
 from ringpatch.train.recipe import DataSpec, load_recipe
@@ -136,6 +137,8 @@ def _spec_and_models(args):
             raise FileNotFoundError(f"{run} holds no exported model yet ({names}); train first or pass --model")
     else:
         raise ValueError("give --recipe (its run's exported models) or --model PATH [PATH ...]")
+    for path in models.values():
+        check_model_folder(path)  # config.json parses, the weights are whole
     if not any(task.enabled(spec, data_spec) for task in EVAL_TASKS):
         raise ValueError(
             "nothing to evaluate: give --ppl-lengths with --data (perplexity), --passkey-lengths, or --ruler-tasks "

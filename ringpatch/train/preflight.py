@@ -20,6 +20,7 @@ import torch
 
 from ringpatch.data.assets import made_by
 from ringpatch.hf.architecture import check_architecture, head_counts
+from ringpatch.hf.folder import check_model_folder
 from ringpatch.memory.estimate import GIB
 from ringpatch.memory.items import Item
 from ringpatch.parallel import launch_int
@@ -79,6 +80,8 @@ def _model_config(recipe: Recipe) -> dict | None:
                 f"model.name {spec.name} is a local path without config.json{made_by(spec.name)}; give a folder saved with "
                 "save_pretrained, or a hub id such as meta-llama/Meta-Llama-3-8B"
             )
+    if is_local(spec.name):
+        check_model_folder(path.parent)  # config.json parses, the weights are whole
     saved = json.loads(path.read_text())
     check_model_config(spec.config or {}, saved, str(path))
     return saved

@@ -119,6 +119,14 @@ CASES = [
     ("dtype", "train", {"model__dtype": "float16"}, [], {}, "model.dtype must be one of ['auto', 'bfloat16', 'float32'], got 'float16'"),
     ("hub-offline", "train", {"model": {"name": "no-org/no-such-model-xyz"}}, [], {"HF_HUB_OFFLINE": "1"},
      "model.name no-org/no-such-model-xyz is neither a local folder nor in the Hugging Face cache, and the hub is offline"),
+    ("model-cut-short", "train", {"model__name": "@cutmodel", "model__init": "pretrained", "model__config": None}, [], {},
+     "model.safetensors is cut short:"),
+    ("model-bad-config", "train", {"model__name": "@badconfig", "model__init": "pretrained", "model__config": None}, [], {},
+     "config.json is not valid JSON"),
+    ("eval-cut-short", "eval", None, ["--model", "@cutmodel", "--passkey-lengths", "256"], {},
+     "model.safetensors is cut short:"),
+    ("eval-bad-config", "eval", None, ["--model", "@badconfig", "--passkey-lengths", "256"], {},
+     "config.json is not valid JSON"),
     ("model-mismatch", "train", {"model__name": "@model", "model__init": "pretrained"}, [], {},
      "model.config disagrees with"),
     ("vocab-small", "train", {"model__config__vocab_size": 100}, [], {},
@@ -291,6 +299,16 @@ def _files(tmp, data) -> dict[str, str]:
     latin1 = tmp / "latin1.jsonl"
     latin1.write_bytes('{"text": "caf\u00e9"}\n'.encode("latin-1"))
     f["@latin1"] = str(latin1)
+    from tests.helpers.models import CONFIGS
+
+    transformers.LlamaForCausalLM(CONFIGS["llama"]()).save_pretrained(tmp / "cutmodel")  # cut short, as a full disk
+    weights = tmp / "cutmodel" / "model.safetensors"
+    whole = weights.read_bytes()
+    weights.write_bytes(whole[: 8 + int.from_bytes(whole[:8], "little") + 64])  # the header and 64 bytes of data
+    f["@cutmodel"] = str(tmp / "cutmodel")
+    (tmp / "badconfig").mkdir()
+    (tmp / "badconfig" / "config.json").write_text('{"model_type": "llama",')  # hand-edited, cut
+    f["@badconfig"] = str(tmp / "badconfig")
     f["@trainfile"] = str(data / "train.jsonl")  # the recipe's own training file, as held-out data
     (tmp / "copy").mkdir()
     f["@traincopy"] = str(tmp / "copy" / "held_out.jsonl")  # a copy of it under another name
