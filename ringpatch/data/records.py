@@ -14,6 +14,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+BOM = b"\xef\xbb\xbf"
 BLANK_LIMIT = 0.10
 """The largest share of blank records a source may hold."""
 
@@ -45,11 +46,12 @@ def _check_text(where: str, record, field: str, key: str, count: RecordCount) ->
 
 
 def _json_records(path: Path, field: str, key: str, count: RecordCount) -> None:
+    # "utf-8-sig": a byte-order mark at the start (what some editors write) is UTF-8's, not data
     with path.open("rb") as f:
-        first = f.read(1024).lstrip()[:1]
+        first = f.read(1024).removeprefix(BOM).lstrip()[:1]
     if first == b"[":  # one JSON array
         try:
-            items = json.loads(path.read_text(encoding="utf-8"))
+            items = json.loads(path.read_text(encoding="utf-8-sig"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise RecordError(f"{path}: not a valid UTF-8 JSON array ({e})") from None
         for i, item in enumerate(items):
@@ -60,7 +62,7 @@ def _json_records(path: Path, field: str, key: str, count: RecordCount) -> None:
             if not raw.strip():
                 continue
             try:
-                record = json.loads(raw.decode("utf-8"))
+                record = json.loads(raw.decode("utf-8-sig" if number == 1 else "utf-8"))
             except UnicodeDecodeError as e:
                 raise RecordError(f"{path}, line {number}: not UTF-8 ({e.reason} at byte {e.start})") from None
             except json.JSONDecodeError as e:
@@ -70,11 +72,17 @@ def _json_records(path: Path, field: str, key: str, count: RecordCount) -> None:
 
 def _text_file(path: Path, count: RecordCount) -> None:
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
         raise RecordError(f"{path}: not UTF-8 ({e.reason} at byte {e.start})") from None
     count.records += 1
     count.blank += not text.strip()
+
+
+def _is_text(kind) -> bool:
+    import pyarrow as pa
+
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind)
 
 
 def _parquet(path: Path, field: str, key: str, count: RecordCount) -> None:
@@ -85,7 +93,9 @@ def _parquet(path: Path, field: str, key: str, count: RecordCount) -> None:
     if field not in table.column_names:
         raise RecordError(f"{path}: no column {field!r} (it has {table.column_names[:8]}); set {key}")
     column = table.column(field)
-    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+    if pa.types.is_dictionary(column.type) and _is_text(column.type.value_type):  # pandas' category: the strings
+        column = column.cast(column.type.value_type)
+    if not _is_text(column.type):
         raise RecordError(f"{path}: column {field!r} holds {column.type}, not text")
     if column.null_count:
         row = next(i for i, value in enumerate(column.to_pylist()) if value is None)

@@ -453,11 +453,14 @@ def from_dict(cls, data, where: str = "recipe"):
 
 
 class _StrictLoader(yaml.SafeLoader):
-    """yaml.safe_load that refuses a key given twice in one mapping (PyYAML keeps the last)."""
+    """yaml.safe_load that refuses a key given twice in one mapping (PyYAML keeps the last). Merge
+    keys (`<<: *defaults`) are YAML's own: the keys they bring may be given again, which wins."""
 
     def construct_mapping(self, node, deep=False):
         seen = {}
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
             key = self.construct_object(key_node, deep=True)
             if key in seen:
                 raise yaml.constructor.ConstructorError(
