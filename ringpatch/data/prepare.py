@@ -16,6 +16,7 @@ import itertools
 import json
 import os
 import shutil
+import stat
 import time
 from collections.abc import Iterator
 from itertools import islice
@@ -30,7 +31,8 @@ class DataError(ValueError):
     """A data source that cannot serve the recipe, in words (see count_tokens)."""
 
 
-FORMAT = 3  # 2: a document continued from the previous sequence restarts its positions; 3: blank documents skipped
+FORMAT = 4  # 2: a document continued from the previous sequence restarts its positions; 3: blank documents skipped;
+# 4: documents longer than PIECE_CHARS tokenised a piece at a time
 MARKER = "ringpatch_prepared.json"
 EXTENSIONS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
 
@@ -47,6 +49,29 @@ def hidden_files(source: str) -> list[Path]:
     if not path.is_dir():
         return []
     return sorted(f for f in path.rglob("*") if f.suffix in EXTENSIONS and _hidden(f, path))
+
+
+def special_kind(path: Path) -> str:
+    """What a path that is neither a file nor a folder is, in words."""
+    mode = path.stat().st_mode
+    kinds = ((stat.S_ISFIFO, "named pipe"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
+             (stat.S_ISBLK, "block device"))  # fmt: skip
+    return next((name for test, name in kinds if test(mode)), "special file")
+
+
+def unresolved_link(source: str) -> str:
+    """The words for a symbolic link that leads nowhere: a loop, or a target that is gone."""
+    try:
+        os.stat(source)
+    except OSError as e:
+        why = (
+            "loops back on itself"
+            if e.errno == errno.ELOOP
+            else f"points at {os.readlink(source)}, which does not exist"
+        )
+    else:
+        why = "cannot be followed"
+    return f"data source {source} is a symbolic link that {why}; point it at a file or folder of documents"
 
 
 def data_line(spec) -> str:
@@ -71,8 +96,12 @@ def local_files(source: str) -> tuple[str, list[Path]] | None:
     """(builder, files) for a local file or folder, hidden files and folders skipped (hidden_files);
     None when `source` is not on disk (a hub name)."""
     path = Path(source)
+    if path.is_symlink() and not path.exists():
+        raise DataError(unresolved_link(source))
     if not path.exists():
         return None
+    if not path.is_file() and not path.is_dir():
+        raise DataError(f"data source {source} is a {special_kind(path)}, not a file or folder of documents")
     if path.is_file():
         files = [path]
     else:
@@ -261,8 +290,33 @@ def _texts(batch: dict, text_field: str) -> list[str]:
     return [text for text in batch[text_field] if isinstance(text, str) and text.strip()]
 
 
+PIECE_CHARS = 100_000
+"""The longest text handed to the tokenizer at once. A fast tokenizer holds about 200 bytes per
+character of its input while it works (a 10 MB one-line document took 2.2 GB; a 200 MB one
+aborted), so a longer document is tokenised a piece at a time, cut where whitespace begins (where
+the pre-tokenizers of byte-level BPE tokenizers split anyway), and its pieces' ids joined."""
+
+
+def _pieces(text: str) -> list[str]:
+    """`text` cut into pieces of at most about PIECE_CHARS, each cut just before whitespace when the
+    piece holds any (else at the limit)."""
+    pieces, start = [], 0
+    while len(text) - start > PIECE_CHARS:
+        end = start + PIECE_CHARS
+        cut = max(text.rfind(c, start + 1, end) for c in " \n\t")
+        end = cut if cut > start else end
+        pieces.append(text[start:end])
+        start = end
+    pieces.append(text[start:])
+    return pieces
+
+
 def _tokenize(texts: list[str], tokenizer) -> list[list[int]]:
-    return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    if not texts:
+        return []
+    if all(len(t) <= PIECE_CHARS for t in texts):
+        return tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return [[i for piece in _pieces(t) for i in tokenizer(piece, add_special_tokens=False)["input_ids"]] for t in texts]
 
 
 _WORKER_TOKENIZER = None

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ringpatch.data.assets import made_by
+from ringpatch.data.prepare import unresolved_link
 from ringpatch.hf.architecture import check_architecture, head_counts
 from ringpatch.hf.folder import check_model_folder
 from ringpatch.memory.estimate import GIB
@@ -100,6 +101,8 @@ def _check_sources(recipe: Recipe) -> None:
     named = [(f"data.{key}", getattr(recipe.data, key)) for key in ("source", "eval_source")]
     named += [(f"data.sources[{i}].source", m.source) for i, m in enumerate(recipe.data.sources)]
     for key, source in named:
+        if source is not None and Path(source).is_symlink() and not Path(source).exists():
+            raise FileNotFoundError(f"{key}: {unresolved_link(source)}")
         if source is not None and is_local(source) and not Path(source).exists():
             raise FileNotFoundError(
                 f"{key} {source} does not exist{made_by(source)}; give a local json/jsonl/parquet/txt file or folder, "

@@ -41,3 +41,21 @@ def test_a_yaml_merge_key_is_yaml_and_a_key_given_twice_is_not(tmp_path):
     path.write_text("a: 1\na: 2\n")
     with pytest.raises(ValueError, match="key 'a' is given twice"):
         read_yaml(path)
+
+
+def test_a_long_document_is_tokenised_a_piece_at_a_time_into_the_same_ids():
+    """A document longer than PIECE_CHARS is tokenised in pieces cut before whitespace (a 10 MB
+    one-line document took 2.2 GB at once); with a byte-level BPE the ids equal the whole text's."""
+    from ringpatch.data import prepare
+    from tests.helpers.bpe import train_bpe
+
+    tok = train_bpe([f"word{i} and more words" for i in range(200)])
+    text = " ".join(f"word{i % 97} and more" for i in range(40_000))  # about 600K characters
+    pieces = prepare._pieces(text)
+    assert "".join(pieces) == text and max(len(p) for p in pieces) <= prepare.PIECE_CHARS < len(text)
+    assert all(p[0].isspace() for p in pieces[1:])
+    whole = tok([text], add_special_tokens=False)["input_ids"][0]
+    assert prepare._tokenize([text, "short one"], tok) == [
+        whole,
+        tok("short one", add_special_tokens=False)["input_ids"],
+    ]

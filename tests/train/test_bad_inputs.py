@@ -147,6 +147,8 @@ CASES = [
      "overlap (both read ['"),
     ("eval-copy-of-train", "train", {"data__eval_source": "@traincopy"}, [], {},
      "has the content of"),
+    ("data-fifo", "train", {"data__source": "@fifo"}, [], {}, "fifo is a named pipe, not a file or folder of documents"),
+    ("data-loop", "train", {"data__source": "@loop"}, [], {}, "loop-a is a symbolic link that loops back on itself"),
     ("eval-missing", "train", {"data__eval_source": "/no/such/eval.jsonl"}, [], {}, "data.eval_source /no/such/eval.jsonl does not exist"),
     ("data-nofiles", "train", {"data__source": "@nofiles"}, [], {}, "holds no ['.json', '.jsonl', '.parquet', '.txt'] files"),
     ("data-mixed", "train", {"data__source": "@mixed"}, [], {}, "mixes or lacks known file kinds: ['.jsonl', '.txt']"),
@@ -309,6 +311,11 @@ def _files(tmp, data) -> dict[str, str]:
     (tmp / "badconfig").mkdir()
     (tmp / "badconfig" / "config.json").write_text('{"model_type": "llama",')  # hand-edited, cut
     f["@badconfig"] = str(tmp / "badconfig")
+    os.mkfifo(tmp / "fifo")  # a named pipe where a file or folder should be
+    f["@fifo"] = str(tmp / "fifo")
+    os.symlink(tmp / "loop-b", tmp / "loop-a")
+    os.symlink(tmp / "loop-a", tmp / "loop-b")
+    f["@loop"] = str(tmp / "loop-a")
     f["@trainfile"] = str(data / "train.jsonl")  # the recipe's own training file, as held-out data
     (tmp / "copy").mkdir()
     f["@traincopy"] = str(tmp / "copy" / "held_out.jsonl")  # a copy of it under another name
