@@ -299,23 +299,64 @@ def check_host(cuda: bool) -> None:
         check_writable("the Hugging Face cache (HF_HOME)", hf_home)
     except ValueError as e:
         raise ValueError(f"{e}; set HF_HOME to a writable folder (HOME is {env.get('HOME')!r})") from None
-    if not cuda:
+    if not cuda:  # DeepSpeed builds its CPU ops there on first use
+        check_writable("the torch extensions folder (TORCH_EXTENSIONS_DIR)", extensions_root())
         for lock in stale_extension_locks():
+            age = time.time() - lock.stat().st_mtime
             raise ValueError(
-                f"{lock} was left by a build of a torch extension that was killed (it is {(time.time() - lock.stat().st_mtime) / 60:.0f} "
-                "minutes old, and torch would wait on it forever): if no other run is building it now, remove it"
+                f"{lock} was left by a build of a torch extension that was killed (it is {age / 60:.0f} minutes old, "
+                "no process is building in its folder, and torch would wait on it forever): if no other run is "
+                "building it now, remove it"
             )
 
 
-def stale_extension_locks(older_than_s: float = 600.0) -> list[Path]:
-    """Build locks of torch extensions (DeepSpeed's JIT ops) older than `older_than_s`: a build takes a minute."""
-    root = os.environ.get("TORCH_EXTENSIONS_DIR") or str(Path.home() / ".cache" / "torch_extensions")
+def extensions_root() -> str:
+    return os.environ.get("TORCH_EXTENSIONS_DIR") or str(Path.home() / ".cache" / "torch_extensions")
+
+
+def _building(folder: Path) -> bool | None:
+    """Whether a live process works in `folder` (a torch extension build runs ninja there, and its
+    compilers name it); None where /proc cannot tell."""
+    target = str(folder.resolve())
+    procs = list(Path("/proc").glob("[0-9]*"))
+    if not procs:
+        return None
+    for proc in procs:
+        try:
+            if os.readlink(proc / "cwd").startswith(target) or target.encode() in (proc / "cmdline").read_bytes():
+                return True
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return False
+
+
+def stale_extension_locks(grace_s: float = 30.0, older_than_s: float = 600.0) -> list[Path]:
+    """Build locks of torch extensions (DeepSpeed's JIT ops) that no build holds: older than
+    `grace_s` with no process building in their folder (a build starts ninja there at once), or
+    where processes cannot be seen, older than `older_than_s` (a build takes a minute)."""
     try:
-        locks = list(Path(root).glob("*/*/lock")) + list(Path(root).glob("*/lock"))
+        locks = list(Path(extensions_root()).glob("*/*/lock")) + list(Path(extensions_root()).glob("*/lock"))
     except OSError:
         return []
-    now = time.time()
-    return [lock for lock in locks if lock.is_file() and now - lock.stat().st_mtime > older_than_s]
+    stale = []
+    for lock in locks:
+        if not lock.is_file():
+            continue
+        age, building = time.time() - lock.stat().st_mtime, _building(lock.parent)
+        if (building is False and age > grace_s) or (building is None and age > older_than_s):
+            stale.append(lock)
+    return stale
+
+
+def wandb_key() -> bool:
+    """Whether wandb can log in without asking: WANDB_API_KEY, or a ~/.netrc entry for its host."""
+    if os.environ.get("WANDB_API_KEY", "").strip():
+        return True
+    netrc = Path(os.environ.get("NETRC") or Path.home() / ".netrc")
+    try:
+        return "api.wandb.ai" in netrc.read_text()
+    except OSError:
+        return False
 
 
 def peak_gib(plan: Plan) -> tuple[float, int] | None:
@@ -414,6 +455,12 @@ def preflight(
     ds_config = deepspeed_config(recipe, bf16, cuda, load_overlay(overlay_file), overlay_name=str(overlay_file))
     if model_config is not None:
         switches.check_model(recipe, model_config)
+    if recipe.wandb == "online" and not wandb_key():
+        raise ValueError(
+            f"wandb: online in {recipe_path}, but no wandb key is set (WANDB_API_KEY, or `wandb login`, which writes "
+            "~/.netrc): log in, or set wandb: offline (logs kept in run_dir/wandb, synced later with `wandb sync`) or "
+            "disabled"
+        )
     if recipe.wandb != "disabled" and importlib.util.find_spec("wandb") is None:
         raise ValueError(
             f"wandb: {recipe.wandb} in {recipe_path}, but wandb is not installed: pip install wandb (it comes with "

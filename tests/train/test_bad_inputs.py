@@ -429,3 +429,36 @@ def test_the_host_is_checked_before_any_model(tmp_path, data, monkeypatch, capsy
         f"ringpatch train: {lock} was left by a build of a torch extension that was killed (it is 60 minutes old" in err
     )
     assert "if no other run is building it now, remove it" in err
+
+
+def test_a_build_lock_without_its_builder_is_named_in_seconds(tmp_path, monkeypatch):
+    """A torch extension's build lock 60 s old is stale when no process builds in its folder, and
+    kept while one does (ninja runs there); a file where TORCH_EXTENSIONS_DIR should be is refused."""
+    import subprocess
+
+    from ringpatch.train.preflight import check_host, stale_extension_locks
+
+    lock = tmp_path / "ext" / "py311_cpu" / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.write_text("")
+    os.utime(lock, (time.time() - 60, time.time() - 60))
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    assert stale_extension_locks() == [lock]
+    builder = subprocess.Popen(["sleep", "60"], cwd=lock.parent)
+    try:
+        assert stale_extension_locks() == []
+    finally:
+        builder.kill()
+        builder.wait()
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(lock))  # a file: nothing can be built under it
+    with pytest.raises(ValueError, match="the torch extensions folder \\(TORCH_EXTENSIONS_DIR\\)"):
+        check_host(cuda=False)
+
+
+def test_wandb_online_without_a_key_is_refused_before_start(tmp_path, data, monkeypatch, capsys, no_model_loads):
+    for key in ("WANDB_API_KEY", "WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    assert train_main(["--recipe", str(recipe(tmp_path, data, wandb="online"))]) == 2
+    err = capsys.readouterr().err
+    assert "wandb: online in" in err and "no wandb key is set (WANDB_API_KEY, or `wandb login`" in err, err
