@@ -12,6 +12,11 @@ import argparse
 
 
 class Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        """One line, as every refusal of the commands: what was wrong and where the flags are listed
+        (argparse prints its whole usage first)."""
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
     def add_argument(self, *args, **kwargs):
         if kwargs.get("nargs") in ("+", "*") and kwargs.get("action") in (None, "store"):
             kwargs["action"] = "extend"  # every occurrence, in order

@@ -23,6 +23,7 @@ def pytest_addoption(parser):
     parser.addoption(
         "--fuzz-examples", type=int, default=300, help="examples of the bad-input fuzzer (make fuzz: more)"
     )
+    parser.addoption("--fuzz-tally", help="write the fuzzer's outcomes and refusals by class to this JSON file")
 
 
 def pytest_configure(config):

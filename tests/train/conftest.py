@@ -11,3 +11,17 @@ from tests.helpers.trainrun import corpus
 def data(tmp_path_factory):
     """The generated corpus (train and held-out jsonl), one per test module."""
     return corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    """A model or process group started before the input was refused fails the test."""
+    import torch.distributed as dist
+    import transformers
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the bad input was refused")
+
+    for name in ("from_pretrained", "from_config"):
+        monkeypatch.setattr(transformers.AutoModelForCausalLM, name, refuse)
+    monkeypatch.setattr(dist, "init_process_group", refuse)
