@@ -198,6 +198,7 @@ def test_max_restarts_without_checkpoints_is_refused_before_start(tmp_path, data
     from ringpatch.train.command import main
 
     path = str(recipe(tmp_path, data, save_every=0))
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")  # torchrun's agent, as it sets its workers' environment
     monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "2")
     assert main(["--recipe", path]) == 2
     assert "torchrun --max-restarts 2 restarts a failed run from its latest checkpoint, but the recipe has " \
@@ -207,6 +208,7 @@ def test_max_restarts_without_checkpoints_is_refused_before_start(tmp_path, data
     assert "set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in torchrun's environment" in capsys.readouterr().err
     monkeypatch.delenv("TORCHELASTIC_MAX_RESTARTS")
     monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE")
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID")
     assert cli(["plan", "--recipe", path, "--nodes", "1", "--gpus-per-node", "1", "--max-restarts", "1"]) == 2
     assert "save_every: 0" in capsys.readouterr().err
     assert cli(["plan", "--recipe", path, "--nodes", "1", "--gpus-per-node", "1"]) == 0
