@@ -13,8 +13,9 @@ Then one table: claimed vs effective length (RULER's mean >= 0.856 at every leng
 each length's RULER mean, pass key and loss; JSON and each evaluation's own tables, CSV and plots
 in bench/results/real-model/.
 
-    make real-model real-text && python bench/real_model.py      # about 100 minutes on 2 cores
+    make real-model real-text && python bench/real_model.py      # about 2 hours on 2 cores
     python bench/real_model.py --quick                           # 1K and 2K, a task each: minutes
+    python bench/real_model.py --extended runs/smollm2-16k/final # the extended model beside the stored runs
 """
 
 from __future__ import annotations
@@ -134,12 +135,33 @@ def print_scorers(teacher: dict, generate: dict) -> None:
                        [[t, n, v.get("teacher"), v.get("generate")] for (t, n), v in sorted(by.items())]))  # fmt: skip
 
 
+def extended(args, flags: list[str]) -> int:
+    """The trained models at the RoPE variants' lengths and tasks, beside the stored runs."""
+    stored = json.loads((args.out / "summary.json").read_text())
+    found, seconds = evaluate("extended", args.extended, flags, args.out)
+    results = {**{k: stored["results"][k] for k in ("base", "rope")}, "extended": found}
+    rows = summary(results)
+    print_summary(rows)
+    print(f"\nwall time: extended {seconds / 60:.1f} min")
+    stored["results"]["extended"], stored["seconds"]["extended"], stored["summary"] = found, seconds, rows
+    (args.out / "summary.json").write_text(json.dumps(stored, indent=1))
+    print(f"wrote {args.out / 'summary.json'}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipe", default=str(ROOT / "recipes" / "smollm2-16k-cpu.yaml"))
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "real-model")
     parser.add_argument("--quick", action="store_true", help="short lengths and two tasks: checks the bench")
     parser.add_argument("--samples", type=int, default=4, help="held-out sequences for perplexity (default 4)")
+    parser.add_argument(
+        "--extended",
+        nargs="+",
+        type=Path,
+        help="only evaluate these trained models as the RoPE variants are (lengths, tasks), beside the results "
+        "already in --out",
+    )
     args = parser.parse_args(argv)
     from ringpatch.data.real_model import check_folder
     from ringpatch.errors import USER_ERRORS
@@ -163,6 +185,8 @@ def main(argv=None) -> int:
                 "--depths", "0.1", "0.5", "0.9", "--trials", "1", "--ruler-lengths", *map(str, part["ruler"]),
                 "--ruler-trials", str(part["trials"])]  # fmt: skip
 
+    if args.extended:
+        return extended(args, flags(plan["rope"]))
     results, seconds = {}, {}
     results["base"], seconds["base"] = evaluate("base", [folder], flags(plan["base"]), args.out)
     variants = rope_variants(folder, recipe, args.out)

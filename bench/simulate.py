@@ -126,7 +126,6 @@ def main() -> None:
     print(f"wrote {out}")
 
 
-
 def ring_layer(tokens: int = 131072, world: int = 8, group_bytes: int | None = None) -> dict:
     """One ring attention call at Llama-3-8B's attention shape (32/8 heads of 128, bf16), forward
     and backward on fake tensors over a fake group: the peak of what the ring allocates above its
