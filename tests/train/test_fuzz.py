@@ -239,6 +239,7 @@ def test_no_bad_input_gets_past_a_check_or_out_as_a_traceback(tmp_path, data, mo
         raise Reached
 
     monkeypatch.setattr(loop.Trainer, "__init__", reached)
+    monkeypatch.chdir(tmp_path)  # a mutated run_dir may be relative: its lock lands here, not in the checkout
 
     # derandomized: the same examples on every run, so a CI failure reproduces; more of them with make fuzz.
     # Health checks on but two: the function-scoped fixtures are the test's own (reset per example), and
