@@ -188,10 +188,15 @@ def layer_backward(
     unpacked = s.b * s.h if offload else 0
     kept_input = unpacked if chunked_norm or s.b == 4 else 0
     attention = _attention_saved(s, keep, ulysses)
-    if tiles > 1:  # one tile's MLP, and the tiled MLP's accumulated input gradient
-        mlp = MLP_BACKWARD * s.i * s.b / tiles + s.b * s.h * (1 + 1 / tiles)
+    # the MLP's backward over one tile (all its tokens untiled): its six (tokens x intermediate)
+    # tensors at their peak, or five and the down projection's weight gradient (hidden x intermediate,
+    # not per token: at a few thousand tokens a rank it is the larger)
+    per_tile = tokens / max(1, tiles)
+    mlp_work = max(MLP_BACKWARD * per_tile * s.i, (MLP_BACKWARD - 1) * per_tile * s.i + s.h * s.i) * s.b / tokens
+    if tiles > 1:  # and the tiled MLP's accumulated input gradient
+        mlp = mlp_work + s.b * s.h * (1 + 1 / tiles)
     else:
-        mlp = MLP_BACKWARD * s.i * s.b
+        mlp = mlp_work
     # chunked, the attention's output norm keeps its input, the residual, and 1/rms; its backward
     # also holds the gradient coming in from the MLP's input (the simulated rank's count; the stock
     # norm's is among its float32 temporaries) and, offloaded, the layer's input copied back

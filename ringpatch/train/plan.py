@@ -266,6 +266,21 @@ def max_context(
     return low * step, fits(low)
 
 
+def limit_of(plan: Plan, seq_len: int, capacity_gib: float, host_gib_per_gpu: float | None) -> str:
+    """What stops a sequence of `seq_len` (the first length past the longest that fits): the GPU's
+    memory, the host's for offloaded activations, or both, with the figures."""
+    found = budget(plan, seq_len, 1)
+    reasons = []
+    if found.total > capacity_gib:
+        reasons.append(f"GPU memory ({found.total:.1f} GiB per GPU planned with reserve, of {capacity_gib:g})")
+    if host_gib_per_gpu is not None and found.host > host_gib_per_gpu:
+        reasons.append(
+            f"host memory for offloaded activations ({found.host:.1f} GiB per GPU, of the {host_gib_per_gpu:.1f} "
+            "allowed)"
+        )
+    return " and ".join(reasons) or "nothing (it fits)"
+
+
 def describe_max_context(plan: Plan, capacity_gib: float, gpus_per_node: int, host_gib_per_node: float) -> str:
     found = max_context(plan, capacity_gib, host_gib_per_node / gpus_per_node)
     world = f"{plan.dims.world} GPUs ({plan.dims.world // gpus_per_node} node(s) of {gpus_per_node})"
@@ -279,8 +294,9 @@ def describe_max_context(plan: Plan, capacity_gib: float, gpus_per_node: int, ho
         if best.host
         else ""
     )
+    stop = limit_of(plan, seq_len + plan.dims.seq_len_divisor, capacity_gib, host_gib_per_node / gpus_per_node)
     return (
         f"max context on {world} at {capacity_gib:g} GiB per GPU, micro_batch 1: {seq_len:,} tokens "
         f"({seq_len / 2**20:.2f} Mi), planned {best.tensors:.1f} GiB per GPU + reserve {sum(best.reserve.values()):.1f}; "
-        f"largest: {items}{host_line}"
+        f"largest: {items}{host_line}; the next length is stopped by {stop}"
     )

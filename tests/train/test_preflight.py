@@ -198,3 +198,18 @@ def test_plan_for_cpu_processes(capsys):
     assert "the CPU kernel's calls on fake tensors" in out and "sequence-parallel traffic" not in out
     gpu = stage_budget(on_device(preflight(recipe, world=2), "cuda"), 0)
     assert Item.GRADIENTS in gpu.items and "CUDA context and workspaces" in gpu.reserve
+
+
+def test_max_context_names_what_stops_the_next_length():
+    """--max-context says whether the GPU's memory or the host's (offloaded activations) stops the
+    first length past the longest that fits, with the figures."""
+    from ringpatch.train.plan import describe_max_context, on_device
+
+    plan = on_device(preflight(str(ROOT / "recipes" / "llama3-8b-1m-1node.yaml"), world=8), "cuda")
+    host_bound = describe_max_context(plan, 79.0, 8, 1536.0)
+    assert (
+        "the next length is stopped by host memory for offloaded activations (256.0 GiB per GPU, of the 192.0"
+        in host_bound
+    )
+    gpu_bound = describe_max_context(plan, 40.0, 8, 1536.0)
+    assert "the next length is stopped by GPU memory (" in gpu_bound and "of 40)" in gpu_bound
