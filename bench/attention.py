@@ -27,7 +27,9 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import ringpatch  # noqa: E402
+from bench.targets import Verdicts  # noqa: E402
 
 HEADS, DIM = 8, 64
 
@@ -92,7 +94,7 @@ def ring_times(seq: int, reps: int, world: int, configs) -> dict[str, list[list[
         return json.loads(Path(out).read_text())
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seq", type=int, nargs="+", default=[16384, 32768])
     parser.add_argument("--world", type=int, default=2)
@@ -102,7 +104,7 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results/attention.json")
     args = parser.parse_args()
 
-    rows = []
+    rows, verdicts = [], Verdicts()
     for seq in args.seq:
         configs = [("zigzag", "zigzag", None, 1), ("contiguous", "contiguous", None, 1)]
         if args.ulysses > 1:
@@ -129,6 +131,7 @@ def main() -> None:
             print(f"          ring {name:<20} {r['best_s']:7.2f}s  ratio {r['ratio_vs_monolithic']:.3f}")
         if "window_vs_causal" in row:
             print(f"          windowed / unwindowed causal (zigzag): {row['window_vs_causal']:.3f}")
+        verdicts.check("attention.ring_vs_monolithic", row["zigzag"]["ratio_vs_monolithic"], f"S={seq}")
         if "ulysses_vs_ring" in row:
             print(
                 f"          Ulysses {args.ulysses} x ring {args.world // args.ulysses} / ring {args.world}: "
@@ -139,7 +142,8 @@ def main() -> None:
     meta = {"torch": torch.__version__, "cpu_count": os.cpu_count(), "heads": HEADS, "head_dim": DIM}
     Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     print(f"wrote {args.out}")
+    return verdicts.exit_code()
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -48,6 +48,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench.targets import Verdicts  # noqa: E402
+
 GIB = 1024**3
 
 SWITCHES = {
@@ -200,7 +203,7 @@ def _print_row(row: dict) -> None:
     sys.stdout.flush()
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seq", type=int, nargs="+", default=[8192, 16384, 32768])
     parser.add_argument("--configs", nargs="+", default=list(SWITCHES), choices=list(SWITCHES))
@@ -260,10 +263,19 @@ def main() -> None:
 
     ratios = [r["predicted_gib"] / r["step_gib"] for r in rows if r["predicted_gib"] is not None]
     lives = [r["predicted_gib"] / r["live_gib"] for r in rows if r["predicted_gib"] is not None and r["live_gib"]]
+    verdicts = Verdicts()
+    for r in rows:
+        if r["predicted_gib"] is not None:
+            verdicts.check(
+                "memory.predicted_vs_measured", r["predicted_gib"] / r["step_gib"], f"{r['name']} S={r['seq']} rss"
+            )
+            if r["live_gib"]:
+                verdicts.check(
+                    "memory.predicted_vs_measured", r["predicted_gib"] / r["live_gib"], f"{r['name']} S={r['seq']} live"
+                )
     if ratios:
         print(f"predicted / rss: {min(ratios):.3f} .. {max(ratios):.3f}; predicted / live: "
-              f"{min(lives, default=float('nan')):.3f} .. {max(lives, default=float('nan')):.3f} "
-              "(target within 0.80 .. 1.20)")  # fmt: skip
+              f"{min(lives, default=float('nan')):.3f} .. {max(lives, default=float('nan')):.3f}")  # fmt: skip
     longest = {}
     for name in dict.fromkeys(r["name"] for r in rows):
         points = [(r["seq"], r["peak_gib"]) for r in rows if r["name"] == name]
@@ -274,7 +286,8 @@ def main() -> None:
                   f"{report['budget_gib']:g} GiB: {longest[name] / 1024:.1f}K (linear fit of {len(points)} points)")  # fmt: skip
     report["longest_fit"] = longest
     if "off" in longest and "on" in longest:
-        print(f"longest S by the fits, features on / off: {longest['on'] / longest['off']:.2f}x (target >= 2)")
+        print(f"longest S by the fits, features on / off: {longest['on'] / longest['off']:.2f}x")
+        verdicts.check("memory.longest_on_vs_off", longest["on"] / longest["off"])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1))
     if "off" in longest and not args.no_confirm:
@@ -289,7 +302,8 @@ def main() -> None:
               f"({run['predicted_gib'] / run['step_gib']:.3f}); {run['seconds']:.0f}s")  # fmt: skip
         Path(args.out).write_text(json.dumps(report, indent=1))
     print(f"wrote {args.out}")
+    return verdicts.exit_code()
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -4,11 +4,12 @@ Model: hidden 256, 4 layers, 8 heads, 2 kv heads, vocab 32000 (built from a conf
 Patched: P processes x 1 thread (gloo), ringpatch.patch_model + shard_batch. Unpatched:
 one process x P threads, transformers' sdpa attention. Each run is a fresh process, so its
 peak RSS is its own. Prints and records (JSON):
-  - time ratio patched / unpatched at S (target <= 1.10) and peak RSS per rank as a fraction
-    of the unpatched process (target <= 0.60), both with the HF loss (full logits);
+  - time ratio patched / unpatched at S and peak RSS per rank as a fraction
+    of the unpatched process, both with the HF loss (full logits);
   - the longest S that fits a per-process memory budget, from linear fits of peak RSS vs S;
   - peak RSS of the patched step with causal_lm_loss (chunked logits) up to S = 64K: it
     grows linearly in S (an S x S attention buffer at 64K would be 128 GiB per layer).
+The two ratios are held to bench/targets.py; a miss exits 1.
 
     python bench/model.py                      # S = 32K, memory points 4K-16K, long run 64K
     python bench/model.py --seq 8192 --memory-seq 2048 4096 --long 16384   # quick look
@@ -30,7 +31,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import ringpatch  # noqa: E402
+from bench.targets import Verdicts  # noqa: E402
 
 GIB = 1024**3
 
@@ -113,7 +116,7 @@ def fit(points) -> tuple[float, float]:
     return my - b * mx, b
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seq", type=int, default=32768)
     parser.add_argument("--memory-seq", type=int, nargs="+", default=[4096, 8192, 16384])
@@ -134,10 +137,11 @@ def main() -> None:
         f"S={args.seq}: unpatched {unpatched['seconds']:.1f}s peak {unpatched['peak_gib']:.2f} GiB (1 process, {p} threads)"
     )
     print(f"          patched   {patched['seconds']:.1f}s peak {patched['peak_gib']:.2f} GiB per rank ({p} processes)")
-    print(
-        f"          time ratio {time_ratio:.3f} (target <= 1.10); peak memory per rank {mem_ratio:.3f} of unpatched (target <= 0.60)"
-    )
+    print(f"          time ratio {time_ratio:.3f}; peak memory per rank {mem_ratio:.3f} of unpatched")
     report.update(time_ratio=time_ratio, memory_ratio=mem_ratio)
+    verdicts = Verdicts()
+    verdicts.check("model.time_ratio", time_ratio, f"S={args.seq}")
+    verdicts.check("model.memory_ratio", mem_ratio, f"S={args.seq}")
     sys.stdout.flush()
 
     curves = {"unpatched": [(args.seq, unpatched["peak_gib"])], "patched": [(args.seq, patched["peak_gib"])]}
@@ -176,7 +180,8 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1))
     print(f"wrote {args.out}")
+    return verdicts.exit_code()
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

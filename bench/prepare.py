@@ -28,6 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.targets import Verdicts  # noqa: E402
+
 WORDS = ("the of and to in a is that for it as was with be by on not he this are or his from at which time "
          "river mountain letter window garden thirty seven evening morning quietly remembered").split()  # fmt: skip
 
@@ -50,7 +52,7 @@ def tokenizer_rate(tokenizer, texts: list[str], threads: bool) -> tuple[int, flo
     return n, time.perf_counter() - started
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--docs", type=int, default=8000)
     parser.add_argument("--procs", type=int, default=2)
@@ -72,6 +74,7 @@ def main() -> None:
         print(f"tokenizer alone, one thread:  {base:12,.0f} tokens/s  (the per-core reference)")
         os.environ.pop("TOKENIZERS_PARALLELISM")
         print("mode        num_proc   tokens/s   per core   vs one-thread tokenizer   same sequences")
+        same = []
         for streaming in (True, False):
             reference = None
             for procs in (1, args.procs):
@@ -89,9 +92,13 @@ def main() -> None:
                     f"{'streamed' if streaming else 'arrow':<10}  {procs:>8}  {tokens / seconds:9,.0f}  "
                     f"{tokens / seconds / used:9,.0f}  {tokens / seconds / used / base:24.2f}   {ids == reference}"
                 )
+                same.append(ids == reference)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+    verdicts = Verdicts()
+    verdicts.check("prepare.same_sequences", sum(same) / len(same))
+    return verdicts.exit_code()
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -24,6 +24,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench.targets import Verdicts  # noqa: E402
+
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 RECIPES = {  # recipe: GPUs it is written for
@@ -89,7 +92,7 @@ def host_structures() -> list[dict]:
     return rows
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=int, help="simulate this many layers of each model (default: all)")
     parser.add_argument("--recipes", nargs="*", default=list(RECIPES))
@@ -105,7 +108,10 @@ def main() -> None:
             flush=True,
         )
     ratios = [r["ratio"] for r in rows]
-    print(f"planned / simulated: {min(ratios):.3f} .. {max(ratios):.3f} (target within 0.95 .. 1.05)")
+    print(f"planned / simulated: {min(ratios):.3f} .. {max(ratios):.3f}")
+    verdicts = Verdicts()
+    for r in rows:
+        verdicts.check("simulate.planned_vs_simulated", r["ratio"], r["recipe"])
     print(f"host syncs per step: {sorted({r['syncs'] for r in rows})}")
     print(f"largest tensor a kernel sees: {max(r['largest_numel'] for r in rows):,} elements (2^31 = {2**31:,})")
     for label, budget in (("head groups (shipped)", None), ("all heads at once", 2**62)):
@@ -124,6 +130,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"recipes": rows, "host_structures": structures}, indent=1))
     print(f"wrote {out}")
+    return verdicts.exit_code()
 
 
 def ring_layer(tokens: int = 131072, world: int = 8, group_bytes: int | None = None) -> dict:
@@ -156,4 +163,4 @@ def ring_layer(tokens: int = 131072, world: int = 8, group_bytes: int | None = N
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -25,10 +25,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 GIB = 1024**3
 
+sys.path.insert(0, str(ROOT))
+from bench.targets import Verdicts  # noqa: E402
+
 
 def worker(seq: int, tiles: int, reps: int) -> dict:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    sys.path.insert(0, str(ROOT))
     import torch
 
     import ringpatch
@@ -55,7 +57,7 @@ def worker(seq: int, tiles: int, reps: int) -> dict:
     return {"seq": seq, "tiles": tiles, "step_s": statistics.median(times), "peak_gib": peak / GIB}
 
 
-def main() -> None:
+def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seq", type=int, nargs="+", default=[8192, 16384])
     p.add_argument("--tiles", type=int, nargs="+", default=[1, 4, 8])
@@ -65,8 +67,8 @@ def main() -> None:
     a = p.parse_args()
     if a.worker:
         print(json.dumps(worker(*a.worker)))
-        return
-    rows = []
+        return 0
+    rows, verdicts = [], Verdicts()
     print(f"{'S':>6} {'tiles':>5} {'step s':>7} {'x untiled':>9} {'peak GiB':>8} {'x untiled':>9}")
     for seq in a.seq:
         base = None
@@ -80,9 +82,15 @@ def main() -> None:
             rows.append(row)
             print(f"{seq:>6} {tiles:>5} {row['step_s']:>7.2f} {row['time_ratio']:>9.3f} {row['peak_gib']:>8.3f} "
                   f"{row['peak_ratio']:>9.3f}", flush=True)  # fmt: skip
+    for row in rows:
+        if row["tiles"] > 1:
+            verdicts.check("tiled_mlp.time_ratio", row["time_ratio"], f"S={row['seq']}, {row['tiles']} tiles")
+            if row["seq"] == max(a.seq):
+                verdicts.check("tiled_mlp.peak_ratio", row["peak_ratio"], f"S={row['seq']}, {row['tiles']} tiles")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(rows, indent=1))
+    return verdicts.exit_code()
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -50,10 +50,9 @@ def test_finetune_1m_plan_refuses_a_world_the_recipe_cannot_use():
 
 def test_finetune_1m_without_gpus_stops_with_a_message():
     if torch.cuda.device_count() >= 8:
-        return  # a real GPU node would start the run
-    proc = subprocess.run(["bash", "-c", "command -v sbatch"], capture_output=True)
-    if proc.returncode == 0:
-        return  # with SLURM it submits
+        pytest.skip("a node with 8 GPUs would start the run")
+    if subprocess.run(["bash", "-c", "command -v sbatch"], capture_output=True).returncode == 0:
+        pytest.skip("with SLURM present the target submits the job")
     proc = _make()
     assert proc.returncode != 0
     assert "finetune-1m needs 4 nodes x 8 GPUs" in proc.stderr and "make finetune-1m DRY_RUN=1" in proc.stderr

@@ -35,7 +35,11 @@ def reference(tmp_path_factory, data):
 def _assert_same_run(run_dir, reference_dir):
     losses, evals = metrics(run_dir)
     ref_losses, ref_evals = metrics(reference_dir)
-    assert len(losses) == len(ref_losses) == 5
+    assert len(losses) == len(ref_losses) == 5 and len(evals) == len(ref_evals), (losses, evals)
+    got = torch.tensor(losses + [e["eval_loss"] for e in evals], dtype=torch.float64)
+    want = torch.tensor(ref_losses + [e["eval_loss"] for e in ref_evals], dtype=torch.float64)
+    print(f"{run_dir.parent.name}: largest relative difference from one process over 5 losses and "
+          f"{len(evals)} eval losses: {float(((got - want).abs() / want.abs()).max()):.1e}")  # fmt: skip
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=RTOL, atol=0)
     torch.testing.assert_close(
         torch.tensor([e["eval_loss"] for e in evals]),
