@@ -50,3 +50,17 @@ def pytest_collection_modifyitems(config, items):
     if deselected:
         config.hook.pytest_deselected(items=deselected)
         items[:] = selected
+
+
+@pytest.fixture(scope="session")
+def demo_corpus():
+    """data/demo as `make demo` writes it (the shipped tiny recipe reads it), written here if missing:
+    CI's checkout is clean."""
+    from pathlib import Path
+
+    from ringpatch.data.corpus import write_corpus
+
+    folder = Path(__file__).resolve().parent.parent / "data" / "demo"
+    if not ((folder / "train.jsonl").is_file() and (folder / "eval.jsonl").is_file()):
+        write_corpus(folder)
+    return folder

@@ -218,10 +218,9 @@ def layer_backward(
 
 
 def offloaded_bytes(cfg: dict, tokens: int, dtype_bytes: int = 2) -> float:
-    """Host bytes per rank under activation_offload: every layer's hidden input, in pinned blocks
-    that torch's host allocator rounds up to a power of two."""
-    block = tokens * cfg["hidden_size"] * dtype_bytes
-    return cfg["num_hidden_layers"] * (1 << max(0, int(block - 1).bit_length()))
+    """Host bytes per rank under activation_offload: every layer's hidden input, each in a
+    page-locked buffer of exactly its size (ringpatch.memory.offload.HostBuffers)."""
+    return cfg["num_hidden_layers"] * tokens * cfg["hidden_size"] * dtype_bytes
 
 
 def parameters(cfg: dict) -> tuple[int, int]:

@@ -272,10 +272,10 @@ def limit_of(plan: Plan, seq_len: int, capacity_gib: float, host_gib_per_gpu: fl
     found = budget(plan, seq_len, 1)
     reasons = []
     if found.total > capacity_gib:
-        reasons.append(f"GPU memory ({found.total:.1f} GiB per GPU planned with reserve, of {capacity_gib:g})")
+        reasons.append(f"GPU memory ({found.total:.3f} GiB per GPU planned with reserve, of {capacity_gib:g})")
     if host_gib_per_gpu is not None and found.host > host_gib_per_gpu:
         reasons.append(
-            f"host memory for offloaded activations ({found.host:.1f} GiB per GPU, of the {host_gib_per_gpu:.1f} "
+            f"host memory for offloaded activations ({found.host:.3f} GiB per GPU, of the {host_gib_per_gpu:.3f} "
             "allowed)"
         )
     return " and ".join(reasons) or "nothing (it fits)"
@@ -295,8 +295,15 @@ def describe_max_context(plan: Plan, capacity_gib: float, gpus_per_node: int, ho
         else ""
     )
     stop = limit_of(plan, seq_len + plan.dims.seq_len_divisor, capacity_gib, host_gib_per_node / gpus_per_node)
+    hidden = (seq_len // plan.dims.sp) * plan.model_config["hidden_size"]
+    index = (
+        f"; a (tokens x hidden) tensor per GPU has {hidden:,} elements, past 2^31: a kernel that indexes with "
+        "32-bit integers overflows there (bench/simulate.py prints the largest tensor a step makes)"
+        if hidden >= 2**31
+        else ""
+    )
     return (
         f"max context on {world} at {capacity_gib:g} GiB per GPU, micro_batch 1: {seq_len:,} tokens "
         f"({seq_len / 2**20:.2f} Mi), planned {best.tensors:.1f} GiB per GPU + reserve {sum(best.reserve.values()):.1f}; "
-        f"largest: {items}{host_line}; the next length is stopped by {stop}"
+        f"largest: {items}{host_line}; the next length is stopped by {stop}{index}"
     )

@@ -321,6 +321,7 @@ def simulate(plan: Plan, stage: int | None = None, rank: int = 0, kernel: str = 
     CPU run does, for holding the simulator to one)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    from ringpatch.memory.offload import plain_host_copies
     from ringpatch.parallel import build_mesh
     from ringpatch.train.build import lm_from_config
 
@@ -330,7 +331,7 @@ def simulate(plan: Plan, stage: int | None = None, rank: int = 0, kernel: str = 
     s = recipe.stages[stage]
     micro_batch = s.micro_batch or recipe.micro_batch
     started = time.perf_counter()
-    with fake_world(plan.dims.world, rank):
+    with fake_world(plan.dims.world, rank), plain_host_copies():
         mesh = build_mesh(plan.dims, "cpu")
         fake = FakeTensorMode(allow_non_fake_inputs=True)
         with fake:

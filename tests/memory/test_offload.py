@@ -64,8 +64,70 @@ def test_offload_is_exact_and_moves_every_layer_input(monkeypatch):
 
 
 def test_the_planner_counts_the_copies():
-    """One host block per layer's input (RoPE's cos and sin are not the checkpoint's inputs: they
-    stay on the device), rounded up to a power of two as torch's pinned allocator does."""
+    """One host buffer per layer's input (RoPE's cos and sin are not the checkpoint's inputs: they
+    stay on the device), of exactly its bytes: no power-of-two rounding (HostBuffers)."""
     cfg = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32)
-    assert offloaded_bytes(cfg, 131072) == 32 * 131072 * 4096 * 2  # 1 GiB a layer: a power of two
-    assert offloaded_bytes(cfg, 100000) == 32 * 2**30  # 781 MiB a layer, held in 1 GiB blocks
+    assert offloaded_bytes(cfg, 131072) == 32 * 131072 * 4096 * 2  # 1 GiB a layer
+    assert offloaded_bytes(cfg, 100000) == 32 * 100000 * 4096 * 2  # 781 MiB a layer, not 1 GiB
+
+
+class _Pins:
+    """cudaHostRegister/Unregister stand-ins: which host buffers are locked now."""
+
+    def __init__(self):
+        self.locked, self.unlocked = {}, 0
+
+    def pin(self, host):
+        self.locked[host.data_ptr()] = host.nbytes
+
+    def unpin(self, host):
+        del self.locked[host.data_ptr()]
+        self.unlocked += 1
+
+
+def _pooled_everywhere(monkeypatch):
+    """The GPU path (HostBuffers) on this CPU: every offloaded input goes to a pooled buffer."""
+    pins = _Pins()
+    buffers = offload.HostBuffers(pin=pins.pin, unpin=pins.unpin)
+    monkeypatch.setattr(offload, "HOST_BUFFERS", buffers)
+    monkeypatch.setattr(offload, "_pooled", lambda t: True)
+    return buffers, pins
+
+
+def test_pooled_host_buffers_are_exact_sized_and_taken_again_every_step(monkeypatch):
+    """The GPU path's buffers: one per checkpointed layer input, of exactly its bytes, locked once
+    and taken again by the next step (no new locking), all free after backward; the loss and
+    gradients of two steps on different data equal the plain checkpoint's, so a reused buffer
+    never hands back the previous step's values."""
+    plain = build("llama")
+    plain.train()
+    enable_checkpointing(plain, offload=False)
+    model = build("llama")
+    model.train()
+    enable_checkpointing(model, offload=True)
+    buffers, pins = _pooled_everywhere(monkeypatch)
+    layers, hidden = model.config.num_hidden_layers, model.config.hidden_size
+    for step in range(3):
+        full = batch(rows=2, seq=24, seed=step)
+        ref_loss, ref_grads, _ = _run(plain, full)
+        loss, grads, _ = _run(model, full)
+        torch.testing.assert_close(loss, ref_loss, rtol=0, atol=0)
+        for name, want in ref_grads.items():
+            torch.testing.assert_close(grads[name], want, rtol=0, atol=0, msg=f"step {step} {name}")
+        assert buffers.registered == layers, (step, buffers.registered)  # locked in the first step only
+        assert buffers.held_bytes == layers * 2 * 24 * hidden * 4 == sum(pins.locked.values())
+        assert sum(len(free) for free in buffers.free.values()) == layers  # every one back after backward
+
+
+def test_pooled_host_buffers_follow_a_new_length(monkeypatch):
+    """A stage change (a longer sequence): the previous length's buffers are unlocked and freed
+    when the new length asks and finds none of its size, so the host holds one stage's inputs."""
+    model = build("llama")
+    model.train()
+    enable_checkpointing(model, offload=True)
+    buffers, pins = _pooled_everywhere(monkeypatch)
+    layers, hidden = model.config.num_hidden_layers, model.config.hidden_size
+    _run(model, batch(rows=2, seq=24))
+    _run(model, batch(rows=2, seq=40))
+    assert pins.unlocked == layers and buffers.registered == 2 * layers
+    assert buffers.held_bytes == layers * 2 * 40 * hidden * 4 == sum(pins.locked.values())

@@ -174,7 +174,7 @@ def test_the_planner_finds_1m_on_one_node_and_4m_on_four():
     assert max_context(bare, 68.0)[0] < 2**20
 
 
-def test_plan_for_cpu_processes(capsys):
+def test_plan_for_cpu_processes(capsys, demo_corpus):
     """`ringpatch plan --device cpu` plans what the trainer checks on a CPU run: dtype auto is
     float32 there, the CPU kernel, each process's runtime as its reserve, and the gradient buffers
     as the layers' backward writes them (after the loss chunk's backward, the peak of a CPU step);
@@ -202,14 +202,21 @@ def test_plan_for_cpu_processes(capsys):
 
 def test_max_context_names_what_stops_the_next_length():
     """--max-context says whether the GPU's memory or the host's (offloaded activations) stops the
-    first length past the longest that fits, with the figures."""
-    from ringpatch.train.plan import describe_max_context, on_device
+    first length past the longest that fits, with the figures; and names the 2^31-element edge.
+    The offloaded inputs take exactly their bytes of host memory, so one node of 79 GiB GPUs reaches
+    past 5M tokens (the GPU binds there, not the host)."""
+    from ringpatch.train.plan import describe_max_context, max_context, on_device
 
     plan = on_device(preflight(str(ROOT / "recipes" / "llama3-8b-1m-1node.yaml"), world=8), "cuda")
-    host_bound = describe_max_context(plan, 79.0, 8, 1536.0)
+    host_bound = describe_max_context(plan, 79.0, 8, 768.0)
+    assert "3,145,728 tokens" in host_bound  # 96 GiB / (32 layers x 4096 hidden x 2 bytes) per GPU, x 8
     assert (
-        "the next length is stopped by host memory for offloaded activations (256.0 GiB per GPU, of the 192.0"
+        "the next length is stopped by host memory for offloaded activations (96.002 GiB per GPU, of the 96.000"
         in host_bound
     )
+    assert "2^31" not in host_bound  # 393,216 x 4096 elements
     gpu_bound = describe_max_context(plan, 40.0, 8, 1536.0)
     assert "the next length is stopped by GPU memory (" in gpu_bound and "of 40)" in gpu_bound
+    seq_len, found = max_context(plan, 79.0, 1536 / 8)
+    assert seq_len >= 5 * 10**6 and found.host * 8 <= 1536
+    assert "elements, past 2^31" in describe_max_context(plan, 79.0, 8, 1536.0)

@@ -245,12 +245,8 @@ def test_pretrained_folder_under_zero3_matches_one_process(tmp_path, data):
 
 
 @pytest.mark.parametrize("launcher", ["torchrun", "deepspeed", "accelerate"])
-def test_the_shipped_tiny_recipe_starts_under_every_launcher(tmp_path, launcher):
+def test_the_shipped_tiny_recipe_starts_under_every_launcher(tmp_path, launcher, demo_corpus):
     """recipes/tiny-cpu.yaml as shipped (its demo corpus generated if missing), stopped after 10 steps."""
-    from ringpatch.data.corpus import write_corpus
-
-    if not (ROOT / "data" / "demo" / "train.jsonl").is_file():
-        write_corpus(ROOT / "data" / "demo")
     run = tmp_path / "run"
     ok(launch(ROOT / "recipes" / "tiny-cpu.yaml", 2, "--run-dir", str(run), "--max-steps", "10", launcher=launcher))
     losses, _ = metrics(run)  # the recipe logs every 10 steps
