@@ -240,9 +240,11 @@ def forward_flops(cfg: dict, seq_len: int, head_tokens: int | None = None) -> fl
     attention than this counts."""
     n, emb = parameters(cfg)
     heads, _, d = attention_shape(cfg)
-    head = cfg["vocab_size"] * cfg["hidden_size"]
-    attention = cfg["num_hidden_layers"] * 2 * seq_len * seq_len * heads * d
-    return 2 * seq_len * (n - emb) + 2 * head * (seq_len if head_tokens is None else head_tokens) + attention
+    h, n_layers = cfg["hidden_size"], cfg["num_hidden_layers"]
+    matmul = n - emb - (2 * n_layers + 1) * h  # the norms' weights multiply elementwise
+    head = cfg["vocab_size"] * h
+    attention = n_layers * 2 * seq_len * seq_len * heads * d
+    return 2 * seq_len * matmul + 2 * head * (seq_len if head_tokens is None else head_tokens) + attention
 
 
 def model_states(recipe, cfg: dict, world: int, b: int, cuda: bool = True) -> dict[Item, float]:

@@ -61,3 +61,28 @@ def test_checkpointing_keeps_one_input_per_layer_instead_of_everything_each_laye
     per_layer = layer_saved_bytes(CFG, 1, b)
     assert est_off[Item.CHECKPOINTED] * GIB == pytest.approx(4 * tokens * per_layer + rope)
     assert estimate(offload, CFG, 2, 32768, 1)[Item.CHECKPOINTED] * GIB == pytest.approx(rope)
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3"])
+def test_the_flops_formula_against_torchs_own_count(name):
+    """forward_flops (and so step_flops and MFU) against torch's FlopCounterMode on a real forward and
+    backward of the unpatched model: eager attention multiplies the whole square (the mask is added
+    after), so the counter's forward is the formula plus the causal half the formula leaves out,
+    2 x S^2 x heads x head_dim per layer; the backward is twice the forward (each matmul's two
+    gradients), so a step is 3x, as step_flops counts."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ringpatch.memory.estimate import attention_shape, forward_flops
+    from tests.helpers.models import batch, build
+
+    model = build(name)
+    cfg, seq = model.config.to_dict(), 48
+    full = batch(rows=1, seq=seq)
+    with FlopCounterMode(display=False) as forward:
+        loss = model(**full).loss
+    with FlopCounterMode(display=False) as backward:
+        loss.backward()
+    heads, _, d = attention_shape(cfg)
+    skipped = cfg["num_hidden_layers"] * 2 * seq * seq * heads * d
+    assert forward.get_total_flops() == forward_flops(cfg, seq) + skipped
+    assert backward.get_total_flops() == 2 * forward.get_total_flops()
