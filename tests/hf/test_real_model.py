@@ -221,3 +221,33 @@ def _check_ulysses(rank, world, folder, path):
 
 def test_real_model_ulysses_three_heads_groups(references):
     spawn(_check_ulysses, 3, *references)
+
+
+RULER_TASKS = ("niah_single", "niah_multivalue")  # 1.0 and 2 of 3 values at 1K: a whole and a partial score
+
+
+def _check_ruler(rank, world, folder):
+    """RULER's scores with the ring prefill equal the unpatched model's on the whole prompt in one
+    process, on prompts the real model answers (not an untrained model's zeros on both sides)."""
+    import random
+
+    import torch.distributed as dist
+
+    from ringpatch.evaluate.ruler import Builder, ruler_scores, score_prompt
+
+    tok = _tokenizer(folder)
+    reference, model = _load(folder).eval(), ringpatch.patch_model(_load(folder), layout="zigzag").eval()
+    alone = [dist.new_group([r]) for r in range(world)][rank]  # the reference: the whole prompt on one rank
+    ring, _ = ruler_scores(model, tok, RULER_TASKS, [1024], [0.5], 1, layout="zigzag")
+    builder = Builder(tok)
+    for task in RULER_TASKS:
+        prompt = builder.build(task, 1024, 0.5, random.Random(f"0-{task}-1024-0.5-0"))  # as ruler_scores seeds
+        want = score_prompt(reference, builder, prompt, group=alone)
+        assert ring[(task, 1024)] == want, (task, ring[(task, 1024)], want)
+    if rank == 0:
+        print(f"SmolLM2 RULER at 1K, ring = one process: {ring}")
+    assert ring[("niah_single", 1024)] == 1.0  # the real model finds the needle: the scores compared are not 0
+
+
+def test_real_model_ruler_scores_equal_one_unpatched_process():
+    spawn(_check_ruler, 2, real_model_folder())
