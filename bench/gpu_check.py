@@ -20,8 +20,10 @@ network; flash-attn when present, transformers for the memory check when present
    (keep_attention, activation_offload, and offload + 8 MLP tiles when DeepSpeed is installed),
    parameter gradients dropped as they are made (as ZeRO takes them): the peak of
    torch.cuda.max_memory_allocated above the weights against the planner's activations
-   (ringpatch.memory.estimate); fails outside MEMORY_BAND. Step times, and the offload copies'
-   cost (its step over plain checkpointing's).
+   (ringpatch.memory.estimate); fails outside MEMORY_BAND. Offload's loss equals plain
+   checkpointing's bit for bit, and on CUDA its page-locked host buffers hold exactly the plan's
+   host bytes (ringpatch.memory.offload.HostBuffers). Step times, and the offload copies' cost
+   (its step over plain checkpointing's).
 The monolithic references run fused kernels: FlashAttention for full and causal blocks, the
 memory-efficient kernel with an additive mask (K/V repeated) for masked ones; SDPA's math
 fallback is refused. A summary table ends the output; bench/results/gpu_check.json keeps every
@@ -312,9 +314,9 @@ def memory_check(lengths, device, dtype, quick=False):
 
     import ringpatch
     from ringpatch.memory import causal_lm_loss
-    from ringpatch.memory.estimate import GIB, total_gib
+    from ringpatch.memory.estimate import GIB, offloaded_bytes, total_gib
     from ringpatch.memory.items import Kind
-    from ringpatch.memory.offload import enable_checkpointing
+    from ringpatch.memory.offload import HOST_BUFFERS, enable_checkpointing
     from ringpatch.train.plan import estimate
     from ringpatch.train.recipe import Recipe, from_dict
     from ringpatch.train.switches.mlp_tiles import tile_mlps
@@ -355,7 +357,8 @@ def memory_check(lengths, device, dtype, quick=False):
                 base = torch.cuda.memory_allocated()
             start = time.perf_counter()
             if device.type == "cuda":
-                causal_lm_loss(lm, batch, recipe.loss_chunk_tokens).backward()
+                loss = causal_lm_loss(lm, batch, recipe.loss_chunk_tokens)
+                loss.backward()
                 _sync(device)
                 measured = (torch.cuda.max_memory_allocated() - base) / GIB
             else:
@@ -364,10 +367,13 @@ def memory_check(lengths, device, dtype, quick=False):
                 from ringpatch.memory.tracker import live_peak
 
                 with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-                    causal_lm_loss(lm, batch, recipe.loss_chunk_tokens).backward()
+                    loss = causal_lm_loss(lm, batch, recipe.loss_chunk_tokens)
+                    loss.backward()
                 live = live_peak(prof)
                 measured = None if live is None else live / GIB
             seconds = time.perf_counter() - start
+            # offload's page-locked buffers (HostBuffers, a GPU run's path) against the plan's host bytes
+            host = HOST_BUFFERS.held_bytes / GIB if sw.get("activation_offload") and device.type == "cuda" else None
             lm.zero_grad(set_to_none=True)
             est = estimate(
                 recipe, dict(cfg, model_type="llama"), 1, seq, 1, dtype == torch.bfloat16, device.type == "cuda"
@@ -376,7 +382,8 @@ def memory_check(lengths, device, dtype, quick=False):
             predicted = total_gib({k: v for k, v in est.items() if k.kind is not Kind.MODEL_STATE})
             ratio = None if measured is None else measured / predicted
             rows[f"{name} S={seq}"] = {"measured_gib": measured, "predicted_gib": predicted, "ratio": ratio,
-                                       "seconds": seconds}  # fmt: skip
+                                       "seconds": seconds, "loss": loss.item(), "host_gib": host,
+                                       "host_planned_gib": offloaded_bytes(cfg, seq, dtype.itemsize) / GIB}  # fmt: skip
         del lm
     for seq in lengths:
         ckpt, off = rows.get(f"ckpt S={seq}"), rows.get(f"offload S={seq}")
@@ -477,6 +484,13 @@ def main() -> int:
               f"(ratio {ratio}), step {row['seconds']:.2f} s{cost}")  # fmt: skip
         in_band = row["ratio"] is not None and MEMORY_BAND[0] <= row["ratio"] <= MEMORY_BAND[1]
         record(f"memory {key} measured/planned", in_band, ratio)
+        plain = mem.get("ckpt " + key.split(" ", 1)[1])
+        if key.startswith("offload S=") and plain:  # offload copies values: the same loss, bit for bit
+            record(f"memory {key} loss = checkpointing's", row["loss"] == plain["loss"], f"{row['loss']:.6f}")
+        if row["host_gib"] is not None:  # the pooled host buffers hold exactly the planned bytes
+            print(f"memory {key}: host buffers {row['host_gib']:.4f} GiB, planned {row['host_planned_gib']:.4f}")
+            record(f"memory {key} host buffers = planned", row["host_gib"] == row["host_planned_gib"],
+                   f"{row['host_gib']:.4f}")  # fmt: skip
     elapsed = time.perf_counter() - started
     report["seconds"] = elapsed
     print("\nsummary")

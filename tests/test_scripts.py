@@ -26,7 +26,10 @@ def test_gpu_check_runs_on_cpu(tmp_path):
     # the memory check's code path: every switch measured (live tensors on CPU) against the planner
     assert {"ckpt S=2048", "keep_attention S=2048", "offload S=2048", "offload+tiles8 S=2048"} == set(report["memory"])
     assert all(0.85 <= row["ratio"] <= 1.15 for row in report["memory"].values()), report["memory"]
-    assert "0 failure(s) in 23 checks" in proc.stdout and "summary" in proc.stdout
+    memory = report["memory"]
+    assert memory["offload S=2048"]["loss"] == memory["ckpt S=2048"]["loss"]  # checked: "loss = checkpointing's"
+    assert "ok   memory offload S=2048 loss = checkpointing's" in proc.stdout
+    assert "0 failure(s) in 24 checks" in proc.stdout and "summary" in proc.stdout
 
 
 def test_gpu_check_without_cuda_exits_zero():
