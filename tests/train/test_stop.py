@@ -73,6 +73,30 @@ def test_sigterm_to_the_launcher_checkpoints_the_step_and_the_same_command_resum
 
 
 @pytest.mark.e2e
+def test_a_second_sigterm_during_the_stop_still_ends_75_with_the_step_checkpointed(tmp_path, data):
+    """One process (`python -m ringpatch.train`), a checkpoint every step: a SIGTERM while it is
+    held, then another just after it goes on, which lands in the step or its checkpoint write;
+    the process still ends 75, with `latest` at the step it names."""
+    import time
+
+    path = recipe(tmp_path, data, stages__0__steps=200, save_every=1)
+    run = tmp_path / "run"
+    proc = subprocess.Popen(command(path, 1, launcher="python"), cwd=ROOT, env=ENV, start_new_session=True,
+                            text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    wait_for(lambda: (run / "checkpoints" / "latest").is_file(), "the first checkpoint")
+    hold(path)
+    os.kill(proc.pid, signal.SIGTERM)
+    hold(path, signal.SIGCONT)
+    time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=HANG_S)
+    assert proc.returncode == 75, err[-4000:]
+    found = re.search(r"stopped on request \(SIGTERM on at least one rank\) after step (\d+)", err)
+    assert found, err[-4000:]
+    assert (run / "checkpoints" / "latest").read_text() == f"step{int(found[1]):09d}"
+
+
+@pytest.mark.e2e
 def test_a_stop_file_stops_the_run_at_the_step_it_appears_in(tmp_path, data, whole):
     path = recipe(tmp_path, data, **LONG)
     run, stop = tmp_path / "run", tmp_path / "stop"
