@@ -71,7 +71,7 @@ class HostBuffers:
 
 
 def _cuda_register(host: torch.Tensor) -> None:
-    code = int(torch.cuda.cudart().cudaHostRegister(host.data_ptr(), host.nbytes, 0))
+    code = int(torch.cuda.cudart().cudaHostRegister(host.data_ptr(), host.nbytes, 1))  # 1: Portable, as torch
     if code != 0:
         raise RuntimeError(
             f"activation_offload: page-locking {host.nbytes / 2**30:.2f} GiB of host memory failed (cudaError {code}): "
