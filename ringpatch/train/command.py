@@ -117,6 +117,12 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()
         os._exit(2)
     except Exception as e:
+        gone = trainer.folder.problem() if trainer is not None else None
+        if gone is not None:  # the folder went between the step's check and a write (or a peer's loss)
+            if rank == 0:  # the same line and exit as at the check; nothing is written (no failure record)
+                print(f"\nringpatch train: {gone}", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(2)
         restart.record_failure(plan.recipe.run_dir, rank, trainer.step_in_progress if trainer else None, e)
         summary = restart.last_attempt_summary(plan.recipe.run_dir) if rank == 0 or restart.primary(e) else None
         if summary:

@@ -99,7 +99,7 @@ class Trainer:
         self.heartbeat = Heartbeat()
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.folder = RunFolder(self.run_dir) if self.rank == 0 else None  # its identity, watched every step
+        self.folder = RunFolder(self.run_dir)  # its identity: rank 0's is checked every step
         dist.barrier()
         self.tokenizer = load_tokenizer(recipe.model.tokenizer, recipe.model.name)
         self._zero3_loading = zero3_loading(plan)  # kept alive for the run, as transformers asks
@@ -303,7 +303,7 @@ class Trainer:
         """Every sp and tp rank of a dp index holds the same loss: the world mean is the dp mean.
         The same all-reduce carries each rank's stop request (stop.py): stop_agreed on every rank
         when any rank has one."""
-        gone = self.folder.problem() if self.folder is not None else None
+        gone = self.folder.problem() if self.rank == 0 else None
         flags = [value, float(self.stop_request.pending), float(gone is not None)]
         t = torch.tensor(flags, dtype=torch.float64, device=self.engine.device)
         dist.all_reduce(t)
