@@ -49,6 +49,22 @@ def _resumes_to_the_same_losses(path, run, step: int, whole) -> None:
     torch.testing.assert_close(torch.tensor(metrics(run)[0]), torch.tensor(whole), rtol=1e-6, atol=0)
 
 
+def _held_at_first_checkpoint(cmd, path, run, act, env=ENV, then=None) -> tuple[subprocess.Popen, str]:
+    """Start `cmd`, hold every process of the launch (SIGSTOP) at its first checkpoint, call
+    `act(proc)` there, let it go on, call `then(proc)` if given, and return the process and its
+    stderr once it ends: the action lands mid-run however fast or slow the machine is."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    wait_for(lambda: (run / "checkpoints" / "latest").is_file(), "the first checkpoint")
+    hold(path)
+    act(proc)
+    hold(path, signal.SIGCONT)
+    if then is not None:
+        then(proc)
+    _, err = proc.communicate(timeout=HANG_S)
+    return proc, err
+
+
 @pytest.mark.e2e
 def test_sigterm_to_the_launcher_checkpoints_the_step_and_the_same_command_resumes(tmp_path, data, whole):
     """torchrun passes a SIGTERM on to its workers; they agree, checkpoint the step they are at and
@@ -56,13 +72,8 @@ def test_sigterm_to_the_launcher_checkpoints_the_step_and_the_same_command_resum
     is mid-run however fast or slow the machine is."""
     path = recipe(tmp_path, data, **LONG)
     run = tmp_path / "run"
-    proc = subprocess.Popen(command(path, 2), cwd=ROOT, env=ENV, start_new_session=True, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
-    wait_for(lambda: (run / "checkpoints" / "latest").is_file(), "the first checkpoint")
-    hold(path)
-    os.kill(proc.pid, signal.SIGTERM)  # the launcher is asked to end, as a scheduler or scancel would
-    hold(path, signal.SIGCONT)
-    out, err = proc.communicate(timeout=HANG_S)
+    # the launcher is asked to end, as a scheduler or scancel would
+    _, err = _held_at_first_checkpoint(command(path, 2), path, run, lambda proc: os.kill(proc.pid, signal.SIGTERM))
     found = re.search(
         r"stopped on request \(SIGTERM on at least one rank\) after step (\d+), which is checkpointed", err
     )
@@ -81,15 +92,13 @@ def test_a_second_sigterm_during_the_stop_still_ends_75_with_the_step_checkpoint
 
     path = recipe(tmp_path, data, stages__0__steps=200, save_every=1)
     run = tmp_path / "run"
-    proc = subprocess.Popen(command(path, 1, launcher="python"), cwd=ROOT, env=ENV, start_new_session=True,
-                            text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
-    wait_for(lambda: (run / "checkpoints" / "latest").is_file(), "the first checkpoint")
-    hold(path)
-    os.kill(proc.pid, signal.SIGTERM)
-    hold(path, signal.SIGCONT)
-    time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGTERM)
-    out, err = proc.communicate(timeout=HANG_S)
+
+    def again(proc):
+        time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGTERM)
+
+    proc, err = _held_at_first_checkpoint(command(path, 1, launcher="python"), path, run,
+                                          lambda proc: os.kill(proc.pid, signal.SIGTERM), then=again)  # fmt: skip
     assert proc.returncode == 75, err[-4000:]
     found = re.search(r"stopped on request \(SIGTERM on at least one rank\) after step (\d+)", err)
     assert found, err[-4000:]
@@ -102,13 +111,7 @@ def test_a_stop_file_stops_the_run_at_the_step_it_appears_in(tmp_path, data, who
     run, stop = tmp_path / "run", tmp_path / "stop"
     # under --max-restarts: torchrun counts exit 75 as a failure and starts the group again, which stays stopped
     cmd = _with_restarts(command(path, 2, "--stop-file", str(stop)), 1)
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=RESTARTS, start_new_session=True,
-                            text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
-    wait_for(lambda: (run / "checkpoints" / "latest").is_file(), "the first checkpoint")
-    hold(path)
-    stop.touch()
-    hold(path, signal.SIGCONT)
-    out, err = proc.communicate(timeout=HANG_S)
+    _, err = _held_at_first_checkpoint(cmd, path, run, lambda proc: stop.touch(), env=RESTARTS)
     assert "exitcode  : 75" in err, err[-4000:]  # torchrun reports the workers' "resume me"
     found = re.search(rf"stopped on request \({re.escape(str(stop))} exists\) after step (\d+)", err)
     assert found, err[-4000:]
@@ -318,13 +321,7 @@ def test_a_run_folder_deleted_under_the_run_stops_every_rank_with_one_line(tmp_p
 
     path = recipe(tmp_path, data, **LONG)
     run = tmp_path / "run"
-    proc = subprocess.Popen(command(path, 2), cwd=ROOT, env=ENV, start_new_session=True, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
-    wait_for(lambda: (run / "checkpoints" / "latest").is_file(), "the first checkpoint")
-    hold(path)
-    shutil.rmtree(run)
-    hold(path, signal.SIGCONT)
-    out, err = proc.communicate(timeout=HANG_S)
+    proc, err = _held_at_first_checkpoint(command(path, 2), path, run, lambda proc: shutil.rmtree(run))
     assert proc.returncode != 0, err[-3000:]
     assert "exitcode  : 2" in err, err[-3000:]  # each worker's, as torchrun reports it
     stopped = [line for line in err.splitlines() if "was deleted while the run was running" in line]
