@@ -101,8 +101,7 @@ class _Offloaded:
         return out
 
     def __del__(self):
-        if self.buffers is not None:  # not at interpreter exit
-            self.buffers.give(self.host, self.done)
+        self.buffers.give(self.host, self.done)
 
 
 def _pooled(t: torch.Tensor) -> bool:
