@@ -125,14 +125,15 @@ def kernel_kind(b: int, cuda: bool = True) -> str:
 
 def loss_chunk_bytes(vocab: int, s: Shapes, tokens: int, chunk: int, tp: int = 1) -> float:
     """The chunked loss's backward (hf/loss.py): a chunk's float32 logits, their log-softmax and
-    gradient. Past the first chunk the LM head's gradient builds up over the chunks, beside the
+    gradient; with one chunk, the LM head's weight gradient as its backward makes it, beside the
+    logits' gradient. Past the first chunk the LM head's gradient builds up over the chunks, beside the
     logits, and autograd adds each chunk's into the sum out of place (the sum so far, the chunk's,
     the new sum: three at once; a real CPU run shows the same, tests/train/test_simulate.py), and
     the hidden states' gradient builds up too."""
     logits = chunk * vocab * 4 * 3
-    if tokens <= chunk:
-        return logits
     head = vocab * s.h * s.b / tp
+    if tokens <= chunk:  # one chunk: at the head's backward, its weight gradient beside the logits' gradient
+        return max(logits, chunk * vocab * 4 + head + tokens * s.b * s.h)
     return max(logits + head, 3 * head) + tokens * s.b * s.h
 
 
@@ -201,6 +202,9 @@ def layer_backward(
     # also holds the gradient coming in from the MLP's input (the simulated rank's count; the stock
     # norm's is among its float32 temporaries) and, offloaded, the layer's input copied back
     residual = 2 * s.b * s.h + 4 + kept_input if chunked_norm else 0
+    # by the attention's backward, the output projection's has run and freed its saved input:
+    # under Ulysses that is the all-to-all's gathered copy of the output
+    attention_at_its_backward = _attention_saved(s, keep, 1)
     return {
         Item.MLP_BACKWARD: tokens * (norms + attention + mlp + grad_in + unpacked),
         Item.NORM_BACKWARD: norm_backward_bytes(s, tokens, chunked_norm)
@@ -210,7 +214,7 @@ def layer_backward(
             input_norm
             + grad_in
             + s.q * s.b  # the gradient of the attention's output
-            + attention
+            + attention_at_its_backward
             + _ring_working_set(s, tokens, micro_batch, sp, ulysses, flags.kernel, flags.chunked_layout)
             + kept_input
         ),
@@ -267,12 +271,16 @@ def model_states(recipe, cfg: dict, world: int, b: int, cuda: bool = True) -> di
 
 def total_gib(items: dict[Item, float]) -> float:
     """The peak of a step from estimate's items: everything held through the step plus the
-    largest of a layer's backward, a loss chunk's backward and the final norm's backward, which
-    never overlap (each item's Phase)."""
+    largest of a layer's backward, a loss chunk's, the final norm's and the input embedding's,
+    which never overlap (each item's Phase)."""
     held, backwards = 0.0, {}
     for item, value in items.items():
         if item.phase is Phase.STEP:
             held += value
         else:
             backwards[item.phase] = backwards.get(item.phase, 0.0) + value
+    if Phase.EMBEDDING in backwards:  # what the layers' backward wrote on a CPU is still there
+        backwards[Phase.EMBEDDING] += sum(
+            items.get(i, 0.0) for i in (Item.GRADIENTS_AS_MADE, Item.ZERO_BUCKETS_AS_FILLED)
+        )
     return held + max(backwards.values(), default=0.0)

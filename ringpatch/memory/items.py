@@ -2,7 +2,7 @@
 (Phase), and which part of the plan it belongs to (Kind).
 
 A step's peak is everything held through the step plus the largest of the backwards that never
-overlap: a layer's, the loss chunk's and the final norm's (estimate.total_gib). Every module that
+overlap: a layer's, the loss chunk's, the final norm's and the input embedding's (estimate.total_gib). Every module that
 names a plan item (the estimate, the switches and their remedies, preflight, the simulator, the
 benches) names it by its member here, never by its words.
 """
@@ -17,6 +17,7 @@ class Phase(enum.Enum):
     LAYER = "a layer's backward"
     LOSS = "the loss chunk's backward"
     FINAL_NORM = "the final norm's backward"
+    EMBEDDING = "the input embedding's backward"
 
 
 class Kind(enum.Enum):
@@ -41,6 +42,9 @@ class Item(enum.Enum):
     ATTENTION_BACKWARD = ("layer backward (attention)", Phase.LAYER, Kind.ACTIVATION)
     LOSS_CHUNK = ("loss chunk", Phase.LOSS, Kind.ACTIVATION)
     FINAL_NORM_BACKWARD = ("final norm backward", Phase.FINAL_NORM, Kind.ACTIVATION)
+    EMBEDDING_BACKWARD = ("embedding backward", Phase.EMBEDDING, Kind.ACTIVATION)
+    """The last backward: the embedding's dense gradient (tied, beside the LM head's and their sum),
+    counted beyond the layers' held tensors, which are all freed by then."""
     OFFLOADED = ("offloaded activations (host memory)", Phase.STEP, Kind.ACTIVATION)
     """activation_offload's layer inputs: in the plan of a CPU run, where host and device are one memory."""
     ZERO_BUCKETS = ("ZeRO gradient buckets", Phase.STEP, Kind.DEEPSPEED)

@@ -7,11 +7,19 @@ process's measured runtime (CPU_RUNTIME_GIB). Each item and its source: docs/mem
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from ringpatch.attention.ring import head_groups
 from ringpatch.memory.estimate import GIB, Shapes, attention_shape, parameters
 
 CUDA_CONTEXT_GIB = 1.0
-NCCL_GIB_PER_COMMUNICATOR = 0.25
+NCCL_COLLECTIVE_BYTES = {2: 544e6, 3: 688e6}
+"""A communicator's buffers once it has run a collective, per rank: 544 MB with 2 members, 688 MB
+with 3 or more (NVIDIA/nccl#964: 4 x A100 over NVLink, one 4 MB all-reduce per communicator)."""
+NCCL_P2P_BYTES_PER_PEER = (4.34e9 - 1.06e9) / 7
+"""Point-to-point buffers per peer a rank sends to or receives from (the ring's neighbours, every
+other member of an all-to-all): the first all_to_all_single over 8 H100s grew a rank's NCCL memory
+from 1.06 to 4.34 GB, 32 channels to each of 7 peers (NVIDIA/nccl#1685)."""
 FRAGMENTATION = 0.05
 CPU_RUNTIME_GIB = 0.70
 """A CPU rank's resident memory besides the step's tensors, measured (docs/measurements.md): the
@@ -40,7 +48,10 @@ def zero_buffers(ds_config: dict | None, cfg: dict, b: int, tp: int = 1, cuda: b
     h = cfg["hidden_size"]
     layer = (2 * h * heads * d + 2 * h * kv * d + 3 * h * cfg["intermediate_size"]) / tp
     prefetch = min(float(zero.get("stage3_prefetch_bucket_size", 5e7)), layer)
-    return {"held": held, "layer": (layer + prefetch) * b, "loss": cfg["vocab_size"] * h * b / tp}
+    # what ZeRO-3 may keep gathered: up to stage3_max_live_parameters (a parameter used again
+    # within stage3_max_reuse_distance, as a checkpointed layer's are by its backward, stays)
+    live = min(float(zero.get("stage3_max_live_parameters", 1e9)), float(parameters(cfg)[0]) / tp)
+    return {"held": held, "layer": max(layer + prefetch, live) * b, "loss": cfg["vocab_size"] * h * b / tp}
 
 
 def kernel_scratch_bytes(s: Shapes, tokens: int, micro_batch: int, kernel: str) -> float:
@@ -53,14 +64,55 @@ def kernel_scratch_bytes(s: Shapes, tokens: int, micro_batch: int, kernel: str) 
     return tokens * (4 * s.q + expanded) / groups
 
 
-def reserve_gib(tensors_gib: float, cuda: bool, communicators: int = 3, scratch_bytes: float = 0.0) -> dict[str, float]:
-    """The reserve per process, by source: on a GPU for `tensors_gib` of planned tensors and
-    `communicators` NCCL communicators; on a CPU, the process's runtime."""
+@dataclass(frozen=True)
+class Communicator:
+    """A process group the step runs NCCL on: its members, and the peers a rank exchanges with
+    point to point (the ring's neighbours; every other member of an all-to-all)."""
+
+    name: str
+    members: int
+    peers: int = 0
+
+    def nccl_bytes(self) -> float:
+        if self.members < 2:
+            return 0.0
+        collective = NCCL_COLLECTIVE_BYTES[min(self.members, 3)]
+        return collective + self.peers * NCCL_P2P_BYTES_PER_PEER
+
+
+def communicators(dims) -> tuple[Communicator, ...]:
+    """The process groups a training step of the grid runs NCCL on (parallel/mesh.py): the world
+    (DeepSpeed's collectives and the trainer's), the sequence group (the fingerprints' and the
+    loss's collectives; the ring's sends to its two neighbours without Ulysses), with Ulysses its
+    all-to-all group and the ring group, and the tensor-parallel group. A mesh group of the whole
+    world is the default group (torch's DeviceMesh), one communicator with the world."""
+    ring = dims.sp // dims.ulysses
+    groups = [Communicator("world", dims.world)]
+    if dims.ulysses > 1:
+        groups += [
+            Communicator("sequence", dims.sp),
+            Communicator("Ulysses all-to-all", dims.ulysses, dims.ulysses - 1),
+            Communicator("ring", ring, min(2, ring - 1)),
+        ]
+    else:
+        groups.append(Communicator("sequence (ring)", dims.sp, min(2, dims.sp - 1)))
+    if dims.tp > 1:
+        groups.append(Communicator("tensor parallel", dims.tp))
+    whole = [g for g in groups if g.members == dims.world]
+    world = Communicator("world", dims.world, max(g.peers for g in whole))
+    return (world, *(g for g in groups if g.members != dims.world))
+
+
+def reserve_gib(
+    tensors_gib: float, cuda: bool, groups: tuple[Communicator, ...] = (), scratch_bytes: float = 0.0
+) -> dict[str, float]:
+    """The reserve per process, by source: on a GPU for `tensors_gib` of planned tensors and the
+    NCCL buffers of `groups`; on a CPU, the process's runtime."""
     if not cuda:
         return {"process runtime (CPU)": CPU_RUNTIME_GIB}
     return {
         "CUDA context and workspaces": CUDA_CONTEXT_GIB,
-        "NCCL buffers": NCCL_GIB_PER_COMMUNICATOR * communicators,
+        "NCCL buffers": sum(g.nccl_bytes() for g in groups) / GIB,
         "attention kernel scratch": scratch_bytes / GIB,
         "fragmentation": FRAGMENTATION * tensors_gib,
     }

@@ -41,7 +41,6 @@ FIXED = (
     "seed",
     "micro_batch",
     "grad_accum",
-    "loss_chunk_tokens",
     "data.source",
     "data.sources",
     "data.split",

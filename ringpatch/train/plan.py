@@ -13,16 +13,14 @@ from ringpatch.memory.estimate import (
     kernel_kind,
     layer_backward,
     layer_saved_bytes,
-    loss_chunk_bytes,
     model_states,
     norm_backward_bytes,
-    norm_bytes,
     parameters,
     shapes,
     total_gib,
 )
-from ringpatch.memory.items import Item
-from ringpatch.memory.reserve import kernel_scratch_bytes, reserve_gib, zero_buffers
+from ringpatch.memory.items import Item, Kind, Phase
+from ringpatch.memory.reserve import communicators, kernel_scratch_bytes, reserve_gib, zero_buffers
 from ringpatch.memory.traffic import describe_traffic
 from ringpatch.parallel import ParallelDims
 from ringpatch.train import switches
@@ -92,22 +90,26 @@ def estimate(
         saved = layer_saved_bytes(cfg, tp, b, chunked_norm=chunked, ulysses=ulysses) - (s.b * s.h if chunked else 0)
         phases = {k: v - tokens * saved for k, v in phases.items()}
     phase = max(phases, key=phases.get)
-    chunk = min(recipe.loss_chunk_tokens, tokens)
-    final_norm = norm_bytes(s, chunked)[2]  # the final norm's saved tensors, until the loss's backward is done
     # a tied LM head's gradient waits in autograd for the input embedding's, at the very end: it is
     # held through the final norm's and every layer's backward
     waiting = cfg["vocab_size"] * s.h * s.b / tp if cfg.get("tie_word_embeddings") else 0
     items = {
         **model_states(recipe, cfg, world, b, cuda),
-        # what the switches hold through the step (checkpointed layer inputs, kept attention outputs)
-        **{k: v for sw in switches.SWITCHES for k, v in sw.held_bytes(recipe, cfg, s, tokens).items()},
+        # the switches' own items (checkpointed layer inputs, kept attention outputs, the loss chunk)
+        **{k: v for sw in switches.SWITCHES for k, v in sw.plan_bytes(recipe, cfg, s, tokens).items()},
         phase: phases[phase] + waiting,
-        Item.LOSS_CHUNK: loss_chunk_bytes(cfg["vocab_size"], s, tokens, chunk, tp) + tokens * final_norm,
         # the final norm's backward beside its input and the gradient coming in
         Item.FINAL_NORM_BACKWARD: norm_backward_bytes(s, tokens, chunked)
         + tokens * s.b * s.h * (1 + chunked)
         + waiting,
     }
+    # the input embedding's backward, the step's last: its dense (vocab x hidden) gradient and, tied,
+    # the LM head's that waited for it and their sum (autograd adds out of place), with the gradient
+    # coming in; every layer's held tensors are freed by then, so the item is what it adds beyond them
+    embedding = cfg["vocab_size"] * s.h * s.b / tp * (3 if waiting else 1) + tokens * s.b * s.h
+    freed = sum(v for k, v in items.items() if k.phase is Phase.STEP and k.kind is Kind.ACTIVATION)
+    if embedding > freed:
+        items[Item.EMBEDDING_BACKWARD] = embedding - freed
     host = sum(sw.host_bytes(recipe, cfg, tokens, b) for sw in switches.SWITCHES)
     if host and not cuda:  # one memory on a CPU run
         items[Item.OFFLOADED] = host
@@ -134,8 +136,7 @@ def budget(plan: Plan, seq_len: int, micro_batch: int) -> Budget:
     scratch = kernel_scratch_bytes(
         shapes(cfg, dims.tp, dims.ulysses, b), tokens, micro_batch, kernel_kind(b, plan.cuda)
     )
-    communicators = 3 + (2 if dims.ulysses > 1 else 0) + (1 if dims.tp > 1 else 0)
-    reserve = reserve_gib(total_gib(items), plan.cuda, communicators, scratch)
+    reserve = reserve_gib(total_gib(items), plan.cuda, communicators(dims), scratch)
     return Budget(items, reserve, host_offload_gib(r, cfg, seq_len, micro_batch, plan.bf16))
 
 

@@ -380,7 +380,6 @@ def _remedy(recipe: Recipe, item: Item) -> str:
         Item.GRADIENTS: zero,
         Item.GRADIENTS_AS_MADE: zero,
         Item.OPTIMIZER: "zero.offload: cpu" if recipe.zero.offload == "none" else "more ranks (parallel.sp)",
-        Item.LOSS_CHUNK: f"loss_chunk_tokens: {max(256, recipe.loss_chunk_tokens // 4)}",
         Item.ZERO_BUCKETS: "a smaller reduce_bucket_size in the DeepSpeed file",
         Item.ZERO_BUCKETS_AS_FILLED: "a smaller reduce_bucket_size in the DeepSpeed file",
     }.get(item, "more ranks (parallel.sp)")

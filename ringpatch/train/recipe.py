@@ -22,7 +22,6 @@ from ringpatch.attention.ulysses import check_ulysses
 from ringpatch.data.tasks import EVAL_SEED, MAX_DIGITS, SYNTHETIC, RulerTask
 from ringpatch.evaluate.spec import EvalSpec
 from ringpatch.hf.architecture import check_declared
-from ringpatch.hf.loss import CHUNK_TOKENS
 from ringpatch.hf.rope import check_rope_scaling
 from ringpatch.parallel import ParallelDims
 from ringpatch.schema import NONNEGATIVE, POSITIVE, PathKind, Range, check_fields
@@ -230,8 +229,6 @@ class Recipe:
     """Training data; required to train."""
     eval: EvalSpec = field(default_factory=EvalSpec)
     """Evaluation: perplexity by length, passkey, RULER tasks (`ringpatch eval`)."""
-    loss_chunk_tokens: Annotated[int, POSITIVE] = CHUNK_TOKENS
-    """Tokens per chunk of the chunked cross-entropy (the peak holds chunk x vocab float32 logits)."""
     deepspeed: Annotated[str, PathKind("file")] | None = None
     """A DeepSpeed JSON (launch/deepspeed/) with tuning knobs; values the recipe owns must be "auto" there."""
     export_stages: bool = True

@@ -272,15 +272,19 @@ def describe_simulation(sim: Simulation, planned: Budget, world: int, capacity_g
     return "\n".join(lines)
 
 
-def step_batch(plan: Plan, mesh, stage: int) -> dict[str, torch.Tensor]:
+def step_batch(plan: Plan, mesh, stage: int, documents: tuple[int, ...] | None = None) -> dict[str, torch.Tensor]:
     """This rank's part of a stage's batch, as the trainer builds it (local_batch) from full rows
-    of one document each (the ring's most work)."""
+    of one document each (the ring's most work), or of packed documents of these lengths."""
     from ringpatch.train.loop import local_batch
 
     s = plan.recipe.stages[stage]
     micro_batch = s.micro_batch or plan.recipe.micro_batch
     ids = torch.zeros(micro_batch, s.seq_len, dtype=torch.long)
-    rows = {"input_ids": ids, "doc_position_ids": torch.arange(s.seq_len).expand(micro_batch, s.seq_len)}
+    lengths = documents or (s.seq_len,)
+    if sum(lengths) != s.seq_len:
+        raise ValueError(f"the documents' lengths add up to {sum(lengths)}, not the stage's seq_len {s.seq_len}")
+    positions = torch.cat([torch.arange(n) for n in lengths])
+    rows = {"input_ids": ids, "doc_position_ids": positions.expand(micro_batch, s.seq_len)}
     return local_batch(rows, plan.recipe, mesh)
 
 
@@ -315,10 +319,13 @@ def longest_stage(recipe) -> int:
     return max(range(len(recipe.stages)), key=lambda i: recipe.stages[i].seq_len)
 
 
-def simulate(plan: Plan, stage: int | None = None, rank: int = 0, kernel: str = "cuda") -> Simulation:
+def simulate(
+    plan: Plan, stage: int | None = None, rank: int = 0, kernel: str = "cuda", documents: tuple[int, ...] | None = None
+) -> Simulation:
     """Simulate one step of `stage` (None: the longest) on `rank` of the plan's grid.
     kernel "cuda": the CUDA kernel module's calls (what a GPU runs); "cpu": the CPU kernel (what a
-    CPU run does, for holding the simulator to one)."""
+    CPU run does, for holding the simulator to one). documents: the lengths of the documents packed
+    in each row (None: one document a row)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from ringpatch.memory.offload import plain_host_copies
@@ -337,7 +344,7 @@ def simulate(plan: Plan, stage: int | None = None, rank: int = 0, kernel: str = 
         with fake:
             lm = lm_from_config(plan.model_config, plan.bf16)
         model = step_model(plan, lm, mesh, backend=SimulatedCUDA() if kernel == "cuda" else TorchCPU())
-        tracker, syncs = counted_step(plan, model, step_batch(plan, mesh, stage), fake_mode=fake)
+        tracker, syncs = counted_step(plan, model, step_batch(plan, mesh, stage, documents), fake_mode=fake)
     states = estimate(recipe, plan.model_config, plan.dims.world, s.seq_len, micro_batch, plan.bf16)
     return Simulation(
         stage=stage,

@@ -118,3 +118,67 @@ def test_simulate_refuses_what_it_cannot_run_in_one_line(tmp_path, data):
     )  # fmt: skip
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "ringpatch plan: the simulated rank needs" in proc.stderr and "Live at its peak:" in proc.stderr
+
+
+def _draw(rng) -> tuple[dict, dict, tuple[int, ...] | None]:
+    """A random architecture, recipe and batch: grid, Ulysses, layout, precision, length, loss chunk,
+    every memory switch, and one document a row or several packed."""
+    heads = rng.choice([4, 8, 16, 32])
+    kv = rng.choice([d for d in (1, 2, 4, 8, heads) if heads % d == 0])
+    hidden = heads * rng.choice([64, 128])
+    cfg = {"model_type": rng.choice(["llama", "mistral", "qwen2"]), "num_hidden_layers": 2, "hidden_size": hidden,
+           "intermediate_size": int(hidden * rng.choice([2.5, 2.6875, 3.5])) // 64 * 64,
+           "num_attention_heads": heads, "num_key_value_heads": kv, "max_position_embeddings": 8192,
+           "vocab_size": rng.choice([1024, 32000, 50000, 128256]), "tie_word_embeddings": rng.random() < 0.3}  # fmt: skip
+    sp = rng.choice([2, 4, 8])
+    seq_len = rng.choice([2048, 4096, 8192, 16384]) * sp // 2
+    changes = {"parallel__sp": sp, "parallel__ulysses": rng.choice([u for u in (1, 2, 4) if sp % u == 0 and heads % u == 0]),
+               "parallel__layout": rng.choice(["balanced", "zigzag", "contiguous"]),
+               "model__dtype": rng.choice(["bfloat16", "float32"]), "micro_batch": 1, "zero__stage": 3,
+               "stages": [{"seq_len": seq_len, "steps": 1}], "loss_chunk_tokens": rng.choice([1024, 2048, 4096]),
+               "rmsnorm": rng.choice(["stock", "chunked"]), "activation_checkpointing": rng.random() < 0.8}  # fmt: skip
+    if changes["activation_checkpointing"]:
+        changes |= {"activation_offload": rng.random() < 0.4, "mlp_tiles": rng.choice([1, 1, 4, 8])}
+        changes |= rng.choice([{}, {"keep_attention": True}, {"uncheckpointed_layers": 1}])
+    documents = None
+    if rng.random() < 0.4:  # packed documents, some shorter than a rank's part
+        cuts = sorted(rng.sample(range(1, seq_len), rng.randint(1, 6)))
+        documents = tuple(b - a for a, b in zip([0, *cuts], [*cuts, seq_len], strict=True))
+    return cfg, changes, documents
+
+
+def test_the_plans_activations_follow_the_simulated_rank_at_random_shapes(tmp_path, data):
+    """The plan's activations (its items of the step's tensors: model states, DeepSpeed's buffers
+    and the reserve left out) within 5% of the simulated rank's peak, the larger of the ring's first
+    and last rank, at 40 configurations drawn by a seeded generator, none of them a shape the
+    arithmetic was written at: architecture, grid, Ulysses, layout, length, loss chunk, every memory
+    switch and packed documents, each as it trains: bfloat16 on GPUs (the CUDA kernels' calls),
+    float32 on CPU processes (the CPU kernel's). (float32 on a GPU runs the memory-efficient kernel,
+    whose working set the plan counts within -7% to +16%: docs/memory.md.)"""
+    import random
+
+    from ringpatch.memory.estimate import total_gib
+    from ringpatch.memory.items import Kind
+    from ringpatch.train.plan import estimate, on_device
+    from ringpatch.train.preflight import preflight
+    from ringpatch.train.simulate import simulate
+
+    rng, ratios, misses = random.Random(20261206), [], []
+    for _ in range(40):
+        cfg, changes, documents = _draw(rng)
+        device = "cuda" if changes["model__dtype"] == "bfloat16" else "cpu"
+        path = recipe(tmp_path, data, model__config=cfg, **changes)
+        plan = on_device(preflight(str(path), world=changes["parallel__sp"]), device)
+        # rank 0 and the ring's last rank, whose two chunks are neighbours (its calls span both)
+        ranks = {0, plan.dims.sp // plan.dims.ulysses - 1}
+        sims = [simulate(plan, rank=r * plan.dims.ulysses, kernel=device, documents=documents) for r in ranks]
+        # a CPU run's offloaded activations stay in its one memory: its plan counts them as an item
+        simulated = max(sum(sim.peak.values()) if plan.cuda else sim.total_peak for sim in sims)
+        planned = estimate(plan.recipe, plan.model_config, plan.dims.world, plan.recipe.stages[0].seq_len, 1,
+                           plan.bf16, plan.cuda)  # fmt: skip
+        ratio = total_gib({k: v for k, v in planned.items() if k.kind is Kind.ACTIVATION}) / simulated
+        ratios.append(ratio)
+        if not 0.95 <= ratio <= 1.05:
+            misses.append((round(ratio, 3), cfg, changes, documents))
+    print(f"planned / simulated activations at 40 random configurations: {min(ratios):.3f} .. {max(ratios):.3f}")
+    assert not misses, "\n".join(str(m) for m in misses)

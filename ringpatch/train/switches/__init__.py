@@ -15,6 +15,7 @@ from ringpatch.schema import with_keys
 from ringpatch.train.switches.base import Switch
 from ringpatch.train.switches.checkpointing import ACTIVATION_CHECKPOINTING
 from ringpatch.train.switches.keep_attention import KEEP_ATTENTION
+from ringpatch.train.switches.loss_chunk import LOSS_CHUNK
 from ringpatch.train.switches.mlp_tiles import MLP_TILES
 from ringpatch.train.switches.offload import ACTIVATION_OFFLOAD
 from ringpatch.train.switches.rmsnorm import RMSNORM
@@ -29,6 +30,7 @@ SWITCHES: tuple[Switch, ...] = (
     KEEP_ATTENTION,
     MLP_TILES,
     RMSNORM,
+    LOSS_CHUNK,
 )
 
 
@@ -76,6 +78,15 @@ def remedy(recipe, item: Item) -> str | None:
     return None
 
 
+def table() -> str:
+    """The docs' table of the switches (docs/memory.md, "The switches"), in SWITCHES order."""
+    rows = ["| key | what it does | what it costs |", "|---|---|---|"]
+    for s in SWITCHES:
+        shown = f"{s.key}: {s.usage}" if s.usage else s.key
+        rows.append(f"| `{shown}` | {s.does} | {s.costs} |")
+    return "\n".join(rows)
+
+
 def fixed_keys() -> tuple[str, ...]:
     """The switches a checkpoint resumes only under the same value of."""
     return tuple(s.key for s in SWITCHES if s.fixed_on_resume)
@@ -91,4 +102,5 @@ __all__ = [
     "layer_flags",
     "plan_words",
     "remedy",
+    "table",
 ]

@@ -22,6 +22,12 @@ class Switch:
     default: Any
     doc: str
     """The recipe field's description (`ringpatch recipe --schema`)."""
+    usage: str = ""
+    """How the docs' table shows a value (`mlp_tiles: N`); empty: the key alone."""
+    does: str
+    """What it does, for the docs' table (docs/memory.md, written by `python -m ringpatch.train.switches`)."""
+    costs: str
+    """What it costs, for the same table."""
     fixed_on_resume: bool = False
     """A checkpoint resumes only under the value it was written with."""
     needs_checkpointing: tuple[str, str] | None = None
@@ -58,8 +64,9 @@ class Switch:
         """Its fields of memory.estimate.LayerFlags: what it changes inside a layer's backward."""
         return {}
 
-    def held_bytes(self, recipe, cfg: dict, s, tokens: int) -> dict[Item, float]:
-        """Its own items of the memory plan held through a step, bytes per GPU (s: estimate.Shapes)."""
+    def plan_bytes(self, recipe, cfg: dict, s, tokens: int) -> dict[Item, float]:
+        """Its own items of the memory plan, bytes per GPU (s: estimate.Shapes); each Item's phase says
+        when in the step it is live (held through the step, or one of the backwards)."""
         return {}
 
     def host_bytes(self, recipe, cfg: dict, tokens: int, b: int) -> float:

@@ -13,6 +13,8 @@ class ActivationCheckpointing(Switch):
     annotation = bool
     default = True
     doc = "Keep one input per decoder layer and recompute the layer in backward (non-reentrant)."
+    does = "keeps one input per layer, recomputes the layer in backward"
+    costs = "one more forward"
     fixed_on_resume = True
 
     def apply(self, recipe, lm) -> dict:
@@ -23,7 +25,7 @@ class ActivationCheckpointing(Switch):
     def plan_words(self, recipe) -> str:
         return f", activation checkpointing {'on' if recipe.activation_checkpointing else 'off'}"
 
-    def held_bytes(self, recipe, cfg: dict, s, tokens: int) -> dict[Item, float]:
+    def plan_bytes(self, recipe, cfg: dict, s, tokens: int) -> dict[Item, float]:
         """Every layer's input (none on the device when offloaded), or without checkpointing every
         tensor each layer saves; and RoPE's cos and sin, which the layers share."""
         layers, rope = cfg["num_hidden_layers"], 2 * s.d * s.b

@@ -18,6 +18,8 @@ class KeepAttention(Switch):
         "context (attention/ring.py, KeptAttention). Costs layers x tokens x hidden of memory per rank, about what "
         "the checkpointed layer inputs take. Needs activation_checkpointing."
     )
+    does = "keeps each layer's attention output for the recompute, which then skips the ring's forward"
+    costs = "one attention output per layer"
     needs_checkpointing = ("keeps attention outputs for the recompute of checkpointed layers", "nothing is recomputed")
 
     def apply(self, recipe, lm) -> dict:
@@ -29,7 +31,7 @@ class KeepAttention(Switch):
     def plan_words(self, recipe) -> str:
         return ", attention outputs kept for the recompute" if recipe.keep_attention else ""
 
-    def held_bytes(self, recipe, cfg: dict, s, tokens: int) -> dict[Item, float]:
+    def plan_bytes(self, recipe, cfg: dict, s, tokens: int) -> dict[Item, float]:
         """Per layer: the attention output and the float32 log-sum-exp of each query head."""
         if not recipe.keep_attention:
             return {}

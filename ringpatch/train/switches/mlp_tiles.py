@@ -76,6 +76,9 @@ class MLPTiles(Switch):
         "Run each layer's MLP over this many sequence tiles, recomputed tile by tile in backward "
         "(ringpatch/train/switches/mlp_tiles.py): its peak falls by this factor, for one more MLP forward."
     )
+    usage = "N"
+    does = "the MLP over N sequence tiles, recomputed tile by tile"
+    costs = "one more MLP forward"
 
     def check_model(self, recipe, model_config: dict) -> None:
         self.check_model_type(recipe, model_config, GATED_MLP_MODEL_TYPES, "tiles the per-token gated MLP")

@@ -17,6 +17,8 @@ class ActivationOffload(Switch):
         "(ringpatch/memory/offload.py): frees layers x tokens x hidden of GPU memory per rank for one copy out and "
         "one copy back per layer. Needs activation_checkpointing."
     )
+    does = "the layer inputs in page-locked host memory"
+    costs = "a copy out and a copy back per layer, on the compute stream; host memory, exactly the inputs' bytes"
     needs_checkpointing = ("moves the checkpointed layer inputs to the host", "there are none")
 
     # apply: the checkpoint function itself, set by activation_checkpointing

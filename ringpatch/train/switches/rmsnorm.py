@@ -21,6 +21,9 @@ class ChunkedRMSNorm(Switch):
         "float32 (tokens x hidden) temporaries, the largest part of a layer's backward once the MLP is tiled. Exact "
         "(float32 rounding), for one more normalization."
     )
+    usage = "chunked"
+    does = "each RMSNorm saves its input and 1/rms, recomputes the rest a chunk at a time"
+    costs = "one more normalization"
 
     def check_model(self, recipe, model_config: dict) -> None:
         self.check_model_type(recipe, model_config, RMSNORM_MODEL_TYPES, "takes the RMSNorm")

@@ -26,6 +26,9 @@ class UncheckpointedLayers(Switch):
         "per step, for what N whole layers save (ringpatch plan's item 'uncheckpointed layers'). Needs "
         "activation_checkpointing and fewer layers than the model has."
     )
+    usage = "N"
+    does = "the first N layers keep what their backward needs instead of being checkpointed"
+    costs = 'what N whole layers save (plan item "uncheckpointed layers"); N layer forwards fewer per step'
 
     needs_checkpointing = ("leaves layers out of activation checkpointing", "none is checkpointed")
 
@@ -69,7 +72,7 @@ class UncheckpointedLayers(Switch):
         n = recipe.uncheckpointed_layers
         return f", the first {n} layer{'s' if n > 1 else ''} not checkpointed" if n else ""
 
-    def held_bytes(self, recipe, cfg: dict, s, tokens: int) -> dict[Item, float]:
+    def plan_bytes(self, recipe, cfg: dict, s, tokens: int) -> dict[Item, float]:
         """What each such layer saves for its backward, less the input a checkpointed layer would
         have held on the device (counted by activation_checkpointing's item)."""
         n = recipe.uncheckpointed_layers

@@ -52,9 +52,40 @@ def test_each_switch_that_is_on_has_its_words_in_the_plan(tmp_path):
 
     data = corpus(tmp_path / "c")
     values = {"activation_offload": True, "keep_attention": True, "mlp_tiles": 2, "rmsnorm": "chunked",
-              "uncheckpointed_layers": 1, "activation_checkpointing": False}  # fmt: skip
+              "uncheckpointed_layers": 1, "activation_checkpointing": False, "loss_chunk_tokens": 512}  # fmt: skip
     base = describe(preflight(str(recipe(tmp_path, data)), world=1)).splitlines()[0]
     for switch in SWITCHES:
         plan = preflight(str(recipe(tmp_path, data, **{switch.key: values[switch.key]})), world=1)
         first = describe(plan).splitlines()[0]
         assert first != base and switch.plan_words(plan.recipe).strip(", ") in first, (switch.key, first)
+
+
+def test_the_docs_switch_table_is_the_registrys():
+    """docs/memory.md's table of the switches is what the registry writes (each switch's `does` and
+    `costs`), so a switch added, moved or reworded shows in the docs without an edit there."""
+    from ringpatch.train.switches.__main__ import DOC, with_table
+
+    for switch in SWITCHES:
+        assert switch.does and switch.costs, switch.key
+    text = DOC.read_text()
+    assert with_table(text) == text, "docs/memory.md's switches' table is stale: run python -m ringpatch.train.switches"
+    assert all(f"| `{s.key}" in text for s in SWITCHES)
+
+
+def test_the_loss_chunk_is_a_switch_with_its_item_and_remedy(tmp_path):
+    """loss_chunk_tokens: its item of the plan comes from its module (a smaller chunk, a smaller item),
+    and the memory check names it as the remedy for that item."""
+    from ringpatch.memory.items import Item
+    from ringpatch.train.plan import estimate
+    from ringpatch.train.preflight import preflight
+    from ringpatch.train.switches import LOSS_CHUNK, remedy
+    from tests.helpers.trainrun import corpus, recipe
+
+    data = corpus(tmp_path / "c")
+    items = {}
+    for chunk in (1024, 256):
+        path = recipe(tmp_path, data, loss_chunk_tokens=chunk, stages=[{"seq_len": 4096, "steps": 1}])
+        plan = preflight(str(path), world=1)
+        items[chunk] = estimate(plan.recipe, plan.model_config, 1, 4096, 1)[Item.LOSS_CHUNK]
+        assert remedy(plan.recipe, Item.LOSS_CHUNK) == f"loss_chunk_tokens: {max(256, chunk // 4)}"
+    assert LOSS_CHUNK in SWITCHES and items[256] < items[1024]

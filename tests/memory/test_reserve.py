@@ -1,0 +1,62 @@
+"""The reserve's NCCL buffers, per communicator a step runs, against the published figures they come
+from (NVIDIA/nccl#964: 544 MB for a 2-member and 688 MB for a larger communicator after one
+all-reduce; NVIDIA/nccl#1685: 1.06 -> 4.34 GB after the first all-to-all over 8 H100s), and ZeRO-3's
+gathered weights up to the DeepSpeed config's live-parameter limit."""
+
+from __future__ import annotations
+
+import pytest
+
+from ringpatch.memory.reserve import communicators, zero_buffers
+from ringpatch.parallel.dims import ParallelDims
+
+pytestmark = pytest.mark.unit
+
+PER_PEER = (4.34e9 - 1.06e9) / 7
+LLAMA_8B = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+            "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256}  # fmt: skip
+
+
+def _nccl(dims: ParallelDims) -> dict[str, float]:
+    return {g.name: g.nccl_bytes() for g in communicators(dims)}
+
+
+def test_the_ring_alone_on_one_node_is_one_communicator_with_two_peers():
+    """sp 8 over 8 ranks: the sequence group is the whole world, torch's default group: one
+    communicator, its collectives' buffers and point-to-point buffers to the ring's two neighbours."""
+    assert _nccl(ParallelDims(8, sp=8)) == {"world": pytest.approx(688e6 + 2 * PER_PEER)}
+    assert _nccl(ParallelDims(2, sp=2)) == {"world": pytest.approx(544e6 + PER_PEER)}  # one neighbour
+    assert _nccl(ParallelDims(1)) == {"world": 0.0}
+
+
+def test_ulysses_times_ring_adds_an_all_to_all_group_and_a_ring_group():
+    """Ulysses 4 x ring 8 over 32 ranks: the world (the sequence group is all of it), the all-to-all
+    group of 4 with 3 peers, the ring group of 8 with its 2 neighbours; the all-to-all over 8 H100s
+    of the published figure is its own size."""
+    found = _nccl(ParallelDims(32, sp=32, ulysses=4))
+    assert found == {
+        "world": pytest.approx(688e6),
+        "Ulysses all-to-all": pytest.approx(688e6 + 3 * PER_PEER),
+        "ring": pytest.approx(688e6 + 2 * PER_PEER),
+    }
+    eight = _nccl(ParallelDims(16, sp=16, ulysses=8))["Ulysses all-to-all"]
+    assert eight - 688e6 == pytest.approx(4.34e9 - 1.06e9)
+
+
+def test_data_and_tensor_parallel_groups_are_their_own_communicators():
+    found = _nccl(ParallelDims(16, sp=4, tp=2))
+    assert found == {
+        "world": pytest.approx(688e6),
+        "sequence (ring)": pytest.approx(688e6 + 2 * PER_PEER),
+        "tensor parallel": pytest.approx(544e6),
+    }
+
+
+def test_zero3_plans_the_gathered_weights_up_to_the_live_parameter_limit():
+    """A layer's gathered weights and the prefetch, or what stage3_max_live_parameters lets ZeRO-3
+    keep (DeepSpeed's default 1e9: 1.86 GiB of bf16 weights for Llama-3-8B), whichever is more."""
+    layer = 2 * 4096 * 4096 + 2 * 4096 * 1024 + 3 * 4096 * 14336
+    config = {"zero_optimization": {"stage": 3, "stage3_prefetch_bucket_size": 1e8}}
+    assert zero_buffers(config, LLAMA_8B, 2)["layer"] == 1e9 * 2  # the default limit
+    config["zero_optimization"]["stage3_max_live_parameters"] = 3e8
+    assert zero_buffers(config, LLAMA_8B, 2)["layer"] == (layer + 1e8) * 2
