@@ -20,7 +20,7 @@ network; flash-attn when present, transformers for the memory check when present
    (keep_attention, activation_offload, and offload + 8 MLP tiles when DeepSpeed is installed),
    parameter gradients dropped as they are made (as ZeRO takes them): the peak of
    torch.cuda.max_memory_allocated above the weights against the planner's activations
-   (ringpatch.memory.estimate); fails outside MEMORY_BAND. Offload's loss equals plain
+   (ringpatch.plan.estimate); fails outside MEMORY_BAND. Offload's loss equals plain
    checkpointing's bit for bit, and on CUDA its page-locked host buffers hold exactly the plan's
    host bytes (ringpatch.memory.offload.HostBuffers). Step times, and the offload copies' cost
    (its step over plain checkpointing's).
@@ -303,7 +303,7 @@ def memory_check(lengths, device, dtype, quick=False):
     stack (2 layers, random weights; quick: a small one), ring-patched over a one-rank group. Per
     configuration and length: the peak of allocated memory above the weights
     (torch.cuda.max_memory_allocated; on CPU the profiler's live-tensor peak) against the
-    planner (ringpatch.memory.estimate's activations, total_gib: parameter gradients are dropped
+    planner (ringpatch.plan.estimate's activations, total_gib: parameter gradients are dropped
     as they are made, as ZeRO takes them), and
     the step time; offload's copy cost is its step time over plain checkpointing's."""
     try:
@@ -314,10 +314,10 @@ def memory_check(lengths, device, dtype, quick=False):
 
     import ringpatch
     from ringpatch.memory import causal_lm_loss
-    from ringpatch.memory.estimate import GIB, offloaded_bytes, total_gib
-    from ringpatch.memory.items import Kind
     from ringpatch.memory.offload import HOST_BUFFERS, enable_checkpointing
-    from ringpatch.train.plan import estimate
+    from ringpatch.plan.budget import estimate
+    from ringpatch.plan.estimate import GIB, offloaded_bytes, total_gib
+    from ringpatch.plan.items import Kind
     from ringpatch.train.recipe import Recipe, from_dict
     from ringpatch.train.switches.mlp_tiles import tile_mlps
 
@@ -364,7 +364,7 @@ def memory_check(lengths, device, dtype, quick=False):
             else:
                 from torch.profiler import ProfilerActivity, profile
 
-                from ringpatch.memory.tracker import live_peak
+                from ringpatch.plan.tracker import live_peak
 
                 with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
                     loss = causal_lm_loss(lm, batch, recipe.loss_chunk_tokens)

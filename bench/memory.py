@@ -18,7 +18,7 @@ heap resident, which hides part of the next step's peak). Measured, the larger r
   is reset just before the step);
 - live: the peak of the bytes the step's tensors hold, from the profiler's allocation events
   (the CPU's torch.cuda.max_memory_allocated); rss - live is the C allocator's slack.
-Predicted: ringpatch's estimate (ringpatch.memory.estimate, float32, total_gib) of everything but
+Predicted: ringpatch's estimate (ringpatch.plan.estimate, float32, total_gib) of everything but
 the weights and the optimizer, plus the host bytes of activation_offload. Printed for each
 configuration and S with the ratio to rss, and for the items that one configuration minus
 another isolates. Then, from linear fits of the absolute peak, the longest S under `--budget-gib`
@@ -88,8 +88,8 @@ def recipe_for(name: str, seq: int, world: int, loss_chunk: int):
 
 def predicted_gib(name: str, seq: int, world: int, cfg: dict, loss_chunk: int) -> dict | None:
     """The estimate's items (GiB per rank) the step adds above the idle process, float32."""
-    from ringpatch.memory.items import Item
-    from ringpatch.train.plan import estimate, host_offload_gib
+    from ringpatch.plan.budget import estimate, host_offload_gib
+    from ringpatch.plan.items import Item
 
     recipe = recipe_for(name, seq, world, loss_chunk)
     if recipe is None:
@@ -109,7 +109,7 @@ def _train_step(name: str, seq: int, warm: int, loss_chunk: int) -> dict:
     import ringpatch
     from bench.model import _batch, build_model
     from ringpatch.memory.offload import enable_checkpointing
-    from ringpatch.memory.tracker import live_peak
+    from ringpatch.plan.tracker import live_peak
     from ringpatch.train.switches.mlp_tiles import tile_mlps
 
     sw = dict(SWITCHES[name])
@@ -187,7 +187,7 @@ def bench_config() -> dict:
 
 
 def _predict(row: dict, world: int, cfg: dict, loss_chunk: int) -> None:
-    from ringpatch.memory.estimate import total_gib
+    from ringpatch.plan.estimate import total_gib
 
     items = predicted_gib(row["name"], row["seq"], world, cfg, loss_chunk)
     row["items"] = items
@@ -221,8 +221,8 @@ def main() -> int:
     )
     args = parser.parse_args()
     from bench.model import fit
-    from ringpatch.memory.estimate import total_gib
     from ringpatch.parallel.dims import ParallelDims
+    from ringpatch.plan.estimate import total_gib
 
     cfg = bench_config()
     if args.stored:

@@ -5,8 +5,8 @@ shape shows.
     python bench/simulate.py --layers 2       # the same at 2 layers (what the test runs)
 
 For each recipe: one rank of its grid simulated through a training step of its longest stage
-(ringpatch/train/simulate.py: the CUDA kernels' calls on fake tensors), beside the planner's
-tensors (ringpatch/memory/estimate.py), both with ZeRO's arithmetic model states, GiB per GPU;
+(ringpatch/plan/simulate.py: the CUDA kernels' calls on fake tensors), beside the planner's
+tensors (ringpatch/plan/estimate.py), both with ZeRO's arithmetic model states, GiB per GPU;
 the ratio must stay within [0.95, 1.05]. Then, at 1M and 4M tokens: the block planner's and the
 balanced layout's host time (no structure may grow with S^2), and the largest index a kernel sees
 (below 2^31, or a 32-bit index would overflow). Results go to bench/results/simulate.json.
@@ -39,10 +39,10 @@ RECIPES = {  # recipe: GPUs it is written for
 
 
 def compare(name: str, world: int, layers: int | None) -> dict:
-    from ringpatch.memory.estimate import total_gib
-    from ringpatch.train.plan import estimate, on_device
+    from ringpatch.plan.budget import estimate, on_device
+    from ringpatch.plan.estimate import total_gib
+    from ringpatch.plan.simulate import simulate
     from ringpatch.train.preflight import preflight
-    from ringpatch.train.simulate import simulate
 
     plan = on_device(preflight(str(ROOT / "recipes" / f"{name}.yaml"), world=world), "cuda")
     if layers:
@@ -142,8 +142,8 @@ def ring_layer(tokens: int = 131072, world: int = 8, group_bytes: int | None = N
 
     import ringpatch
     from ringpatch.attention import ring
-    from ringpatch.memory.tracker import StorageTracker
-    from ringpatch.train.simulate import SimulatedCUDA, fake_world
+    from ringpatch.plan.simulate import SimulatedCUDA, fake_world
+    from ringpatch.plan.tracker import StorageTracker
 
     default = ring.GROUP_BYTES
     ring.GROUP_BYTES = default if group_bytes is None else group_bytes

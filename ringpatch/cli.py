@@ -85,8 +85,9 @@ def plan(argv: list[str]) -> int:
     )
     args = parser.parse_args(argv)
     from ringpatch.errors import USER_ERRORS
-    from ringpatch.train.plan import describe, describe_max_context, on_device
-    from ringpatch.train.preflight import check_memory, host_memory_gib, preflight
+    from ringpatch.plan.budget import describe, describe_max_context, on_device
+    from ringpatch.plan.check import check_memory, host_memory_gib
+    from ringpatch.train.preflight import preflight
 
     try:
         if args.gpu_memory is None:
@@ -107,7 +108,7 @@ def plan(argv: list[str]) -> int:
         p = on_device(p, args.device)  # for the device the run trains on, wherever `plan` runs
         p.dims.check_node(args.gpus_per_node)
         if args.simulate:
-            from ringpatch.train.simulate import check_simulable
+            from ringpatch.plan.simulate import check_simulable
 
             check_simulable(p)  # before any work
             stage = args.stage
@@ -117,8 +118,8 @@ def plan(argv: list[str]) -> int:
         if args.max_context:
             print(describe_max_context(p, args.gpu_memory, args.gpus_per_node, args.host_memory))
         if args.simulate:
-            from ringpatch.train.plan import stage_budget
-            from ringpatch.train.simulate import describe_simulation, simulate
+            from ringpatch.plan.budget import stage_budget
+            from ringpatch.plan.simulate import describe_simulation, simulate
 
             sim = simulate(p, stage, kernel=args.device)
             print(describe_simulation(sim, stage_budget(p, sim.stage), p.dims.world, args.gpu_memory))

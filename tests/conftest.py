@@ -52,6 +52,15 @@ def pytest_collection_modifyitems(config, items):
         items[:] = selected
 
 
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """The generated corpus (train and held-out jsonl), one per test module (the trainer's and the
+    plan's tests)."""
+    from tests.helpers.trainrun import corpus
+
+    return corpus(tmp_path_factory.mktemp("corpus"))
+
+
 @pytest.fixture(scope="session")
 def demo_corpus():
     """data/demo as `make demo` writes it (the shipped tiny recipe reads it), written here if missing:

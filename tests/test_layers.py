@@ -18,6 +18,7 @@ PACKAGE = ROOT / "ringpatch"
 LAYERS = (
     "errors",
     "flags",
+    "regions",
     "schema",
     "attention",
     "parallel",
@@ -33,6 +34,7 @@ COMMANDS = ("cli", "selfcheck")  # top-level commands: may import every layer
 ENTRY_POINTS = ("command", "__main__")  # a layer's own command (`python -m ringpatch.evaluate`): may too
 # Third-party packages a layer must not import, even inside a function.
 FORBIDDEN = {
+    "regions": ("torch", "transformers", "deepspeed", "accelerate", "datasets", "wandb"),
     "schema": ("torch", "transformers", "deepspeed", "accelerate", "datasets", "wandb"),
     "attention": ("transformers", "deepspeed", "accelerate", "datasets", "wandb"),
     "parallel": ("transformers", "deepspeed", "accelerate", "datasets", "wandb"),
@@ -42,10 +44,15 @@ FORBIDDEN = {
 }
 
 
+SAME_LAYER = {"plan": "train"}  # the memory plan reads the trainer's switches; the trainer checks plans
+
+
 def _layer_of_module(parts: tuple[str, ...]) -> str | None:
     """The layer a dotted ringpatch module name (without 'ringpatch') belongs to."""
     if not parts or parts[0] == "__init__":
         return PUBLIC_API
+    if parts[0] in SAME_LAYER:
+        return SAME_LAYER[parts[0]]
     return parts[0] if parts[0] in LAYERS else None
 
 

@@ -22,6 +22,7 @@ from ringpatch.attention.comm import Exchange
 from ringpatch.attention.kernels import Kernel, MaskSpec
 from ringpatch.attention.layout import Layout, local_ranges
 from ringpatch.attention.merge import merge_
+from ringpatch.regions import Region, region, within
 
 
 @dataclass(frozen=True)
@@ -168,9 +169,10 @@ def _ring_forward_group(q, kv, spec: RingSpec, group, into=None) -> tuple[torch.
         if step + 1 < len(steps):
             pending = Exchange(cur, recv[step % 2], dst, src, group, tag=0)
         for rows, c in calls:
-            out_b, lse_b = spec.kernel.forward(
-                q[rows, c.q0 : c.q1], cur[0, rows, c.k0 : c.k1], cur[1, rows, c.k0 : c.k1], c, spec.mask
-            )
+            with region(Region.KERNEL):
+                out_b, lse_b = spec.kernel.forward(
+                    q[rows, c.q0 : c.q1], cur[0, rows, c.k0 : c.k1], cur[1, rows, c.k0 : c.k1], c, spec.mask
+                )
             merge_(acc[rows, c.q0 : c.q1], lse[rows, c.q0 : c.q1], out_b, lse_b)
             del out_b, lse_b  # before the next call's
         if pending is not None:
@@ -184,9 +186,10 @@ def _block_grads(dout, q, kv, out, lse, calls, dq, dkv, spec: RingSpec) -> None:
     """Add this block's dQ into `dq` and its dK/dV into `dkv` (float32). # dkv (2, B, S_local, H_kv, D)"""
     for b, c in calls:
         qs, ks = slice(c.q0, c.q1), slice(c.k0, c.k1)
-        dq_b, dk_b, dv_b = spec.kernel.backward(
-            dout[b, qs], q[b, qs], kv[0, b, ks], kv[1, b, ks], out[b, qs], lse[b, qs], c, spec.mask
-        )
+        with region(Region.KERNEL):
+            dq_b, dk_b, dv_b = spec.kernel.backward(
+                dout[b, qs], q[b, qs], kv[0, b, ks], kv[1, b, ks], out[b, qs], lse[b, qs], c, spec.mask
+            )
         dq[b, qs] += dq_b
         dkv[0, b, ks] += dk_b
         dkv[1, b, ks] += dv_b
@@ -320,6 +323,7 @@ class RingAttentionFn(torch.autograd.Function):
     them, so backward needs no second copy."""
 
     @staticmethod
+    @within(Region.RING)
     def forward(ctx, q, k, v, spec: RingSpec, group, kept: KeptAttention | None = None):
         prints = _fingerprints(q, k, v, spec, group) if kept is not None else None
         recompute = kept is not None and _in_backward()
@@ -336,6 +340,7 @@ class RingAttentionFn(torch.autograd.Function):
         return out
 
     @staticmethod
+    @within(Region.RING)
     def backward(ctx, dout):
         q, kv, out, lse = ctx.saved_tensors
         dq, dkv = ring_backward(dout, q, kv, out, lse, ctx.spec, ctx.group)

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ringpatch.regions import Region, within
+
 
 @dataclass(frozen=True, eq=False)
 class UlyssesRing:
@@ -182,15 +184,18 @@ class Trade(torch.autograd.Function):
     the other direction."""
 
     @staticmethod
+    @within(Region.ALL_TO_ALL)
     def forward(ctx, x, group, u: int, to_heads: bool):
         ctx.group, ctx.u, ctx.to_heads = group, u, to_heads
         return (_seq_to_heads if to_heads else _heads_to_seq)(x, group, u)
 
     @staticmethod
+    @within(Region.ALL_TO_ALL)
     def backward(ctx, grad):
         return (_heads_to_seq if ctx.to_heads else _seq_to_heads)(grad, ctx.group, ctx.u), None, None, None
 
 
+@within(Region.ALL_TO_ALL)
 def scatter_heads(q, k, v, hybrid: UlyssesRing):
     """This rank's (B, L, H, D) q and (B, L, H_kv, D) k, v -> its Ulysses group's tokens on this
     rank's heads: (B, U*L, H/U, D), (B, U*L, max(H_kv/U, 1), D)."""

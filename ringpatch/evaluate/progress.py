@@ -2,7 +2,7 @@
 
 Every prompt of every task is scored by ring prefills (prefill.py): one forward of the patched
 model over the prompt, cut over the ranks. So the cost of a model's evaluation is its prefills,
-each weighted by its forward FLOPs (memory.estimate.forward_flops: linear in the length, plus
+each weighted by its forward FLOPs (hf/counts.py forward_flops: linear in the length, plus
 attention's square), and the first prefill's time turns that into seconds. A forward hook on the
 model counts the prefills as they happen, whichever task makes them, and moves one tqdm bar on
 rank 0 by their FLOPs, so its rate and ETA stay right across lengths.
@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 import time
 
-from ringpatch.memory.estimate import forward_flops
+from ringpatch.hf.counts import forward_flops
 
 
 def describe_prefills(prefills: dict[str, list[tuple[int, int]]]) -> str:

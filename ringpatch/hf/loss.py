@@ -16,18 +16,21 @@ from ringpatch.attention.comm import SumOverGroup
 from ringpatch.hf.batch import AGREED_KEY, DOCUMENTS_KEY, IGNORE_INDEX
 from ringpatch.hf.models import PLAIN_HEAD_MODEL_TYPES
 from ringpatch.hf.settings import check_local_batch
+from ringpatch.regions import Region, within
 
 CHUNK_TOKENS = 4096
 """Tokens per chunk by default (recipe key loss_chunk_tokens): the peak holds chunk x vocab
 float32 logits, 2 GiB at Llama-3's 128K vocabulary."""
 
 
+@within(Region.LOSS)
 def _chunk_loss_sum(hidden, weight, bias, labels):
     logits = F.linear(hidden, weight, bias)  # (n, V): one chunk only
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 logits upcast, as HF does
     return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
+@within(Region.LOSS)
 def chunked_cross_entropy(hidden, weight, labels, bias=None, chunk_tokens: int = CHUNK_TOKENS) -> torch.Tensor:
     """Sum over tokens of cross_entropy(hidden @ weight.T + bias, labels), -100 ignored.
 

@@ -27,6 +27,8 @@ import functools
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from ringpatch.regions import Region, within
+
 
 class HostBuffers:
     """Host buffers of exactly the bytes they hold, for the offloaded layer inputs of a GPU run:
@@ -109,6 +111,7 @@ def _pooled(t: torch.Tensor) -> bool:
     return t.device.type == "cuda" and not _plain_copies
 
 
+@within(Region.OFFLOAD)
 def _to_host(t: torch.Tensor):
     if _pooled(t):
         host = HOST_BUFFERS.take(t.size(), t.dtype)

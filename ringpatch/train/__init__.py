@@ -3,7 +3,7 @@
   recipe.py      the recipe schema: YAML validated into frozen dataclasses
   switches/      the memory switches, one module each, and SWITCHES, which the others loop over
   preflight.py   every check before a process group, a model or a download; builds the Plan
-  plan.py        the Plan, the memory estimate of a recipe's stage, its text form (`ringpatch plan`)
+                 (ringpatch/plan: the memory plan, its check and the simulated rank)
   ds_config.py   the DeepSpeed config, generated from the recipe once, with tuning overlays
   schedule.py    the learning-rate schedule
   build.py       process groups, model, DeepSpeed engine
@@ -15,5 +15,6 @@
   export.py      a plain Hugging Face folder from a DeepSpeed run
 
 The top layer of the library: nothing below it (attention, parallel, hf, memory,
-integrations, data, evaluate) imports it.
+integrations, data, evaluate) imports it; ringpatch/plan reads its switch registry and its
+simulator runs the trainer's model building.
 """

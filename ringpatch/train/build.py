@@ -16,8 +16,8 @@ from ringpatch.hf.architecture import head_counts
 from ringpatch.hf.loss import CHUNK_TOKENS, causal_lm_loss
 from ringpatch.parallel import Mesh, build_mesh, local_device, single_process_env
 from ringpatch.parallel.process import unlink_deepspeed_shm
+from ringpatch.plan.budget import Plan
 from ringpatch.train import switches
-from ringpatch.train.plan import Plan
 from ringpatch.train.preflight import check_model_config
 from ringpatch.train.schedule import schedule
 

@@ -22,9 +22,10 @@ from pathlib import Path
 from ringpatch.errors import USER_ERRORS
 from ringpatch.flags import Parser
 from ringpatch.parallel import allocator_settings, launch_int
+from ringpatch.plan.check import check_memory, device_memory_gib
 from ringpatch.train import restart
 from ringpatch.train.lock import RunLock
-from ringpatch.train.preflight import check_memory, device_memory_gib, preflight
+from ringpatch.train.preflight import preflight
 from ringpatch.train.stop import RESUME_EXIT
 
 

@@ -22,6 +22,7 @@ from ringpatch.data.sampler import ResumableSampler
 from ringpatch.data.tokenizer import load_tokenizer
 from ringpatch.hf.rope import apply_rope
 from ringpatch.parallel import set_timeouts, stop
+from ringpatch.plan.budget import Plan, stage_budget, step_flops
 from ringpatch.train import checkpoint
 from ringpatch.train.build import (
     apply_optimizer_settings,
@@ -33,7 +34,6 @@ from ringpatch.train.build import (
 )
 from ringpatch.train.export import export_hf
 from ringpatch.train.metrics import RunLog, read_records
-from ringpatch.train.plan import Plan, stage_budget, step_flops
 from ringpatch.train.report import write_report
 from ringpatch.train.restart import Fault, note_stop, restart_notice
 from ringpatch.train.stop import Stopped, StopRequest

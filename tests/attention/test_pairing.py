@@ -2,7 +2,7 @@
 
 A mis-paired send or receive hangs a cluster, and the ring has never run at P > 1 on GPUs. Each
 rank of a P-rank step is simulated in turn on fake tensors over torch's `fake` process group (the
-simulator's: ringpatch.train.simulate, the CUDA kernel module's calls), forward and backward, with
+simulator's: ringpatch.plan.simulate, the CUDA kernel module's calls), forward and backward, with
 every Exchange recorded instead of sent: its peers as global ranks, its buffers' shapes and dtypes,
 its tag, in issue order. NCCL and gloo match point-to-point messages between two ranks in the order
 they are posted, so the step is well paired when, for every ordered pair of ranks (a, b), the
@@ -31,7 +31,7 @@ def _record_step(monkeypatch, world, rank, tokens, heads, kv_heads, ulysses, cau
 
     import ringpatch
     from ringpatch.attention import ring
-    from ringpatch.train.simulate import SimulatedCUDA, fake_world
+    from ringpatch.plan.simulate import SimulatedCUDA, fake_world
 
     posted = []
 

@@ -292,7 +292,7 @@ def test_progress_counts_every_prefill_and_estimates_from_the_first(capsys):
     """The bar moves by each prefill's forward FLOPs, whichever task makes it; the first prefill's
     time is turned into an estimate for the planned ones; a prefill beyond the plan grows the total."""
     from ringpatch.evaluate.progress import Progress, describe_prefills
-    from ringpatch.memory.estimate import forward_flops
+    from ringpatch.hf.counts import forward_flops
 
     model = build("llama").eval()
     planned = [(64, 2), (128, 1)]

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from ringpatch.memory import offload
-from ringpatch.memory.estimate import offloaded_bytes
 from ringpatch.memory.offload import enable_checkpointing
+from ringpatch.plan.estimate import offloaded_bytes
 from tests.helpers.models import batch, build
 
 pytestmark = pytest.mark.unit

@@ -14,7 +14,7 @@ import yaml
 
 from ringpatch import cli
 from ringpatch.evaluate.command import main as eval_main
-from ringpatch.memory.reserve import CPU_RUNTIME_GIB
+from ringpatch.plan.reserve import CPU_RUNTIME_GIB
 from ringpatch.train.command import main as train_main
 from ringpatch.train.lock import LOCK_FILE
 from tests.helpers.trainrun import recipe

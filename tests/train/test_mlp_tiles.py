@@ -80,15 +80,15 @@ def test_a_non_gated_mlp_is_refused_with_the_fix():
 def test_the_planner_counts_the_tiled_mlp():
     import dataclasses
 
-    from ringpatch.train.plan import estimate
+    from ringpatch.plan.budget import estimate
     from ringpatch.train.recipe import load_recipe
     from tests.helpers import ROOT
 
     recipe = load_recipe(ROOT / "recipes" / "llama3-8b-1m.yaml")
     cfg = {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
            "num_key_value_heads": 8, "vocab_size": 128256}  # fmt: skip
-    from ringpatch.memory.estimate import LayerFlags, layer_backward, shapes
-    from ringpatch.memory.items import Item
+    from ringpatch.plan.estimate import LayerFlags, layer_backward, shapes
+    from ringpatch.plan.items import Item
 
     tokens = (1 << 20) // recipe.parallel.sp
     s = shapes(cfg, recipe.parallel.tp, recipe.parallel.ulysses, 2)

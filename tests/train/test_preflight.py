@@ -130,7 +130,7 @@ def test_shipped_recipes_validate_and_plan(tmp_path):
     """The cluster recipes load, fit the cluster their comments name (the step's tensors, DeepSpeed's
     buffers and the reserve, at most 68 of 80 GiB per GPU), and their RoPE bases follow the NTK rule."""
     from ringpatch.hf.rope import ntk_rope_theta
-    from ringpatch.train.plan import describe, on_device, stage_budget
+    from ringpatch.plan.budget import describe, on_device, stage_budget
 
     for name, world in [
         ("llama3-8b-1m", 32),
@@ -157,7 +157,7 @@ def test_shipped_recipes_validate_and_plan(tmp_path):
 def test_the_planner_finds_1m_on_one_node_and_4m_on_four():
     """--max-context: the longest sequence whose planned tensors and reserve fit 68 of 80 GiB per
     GPU, with the offloaded activations within 1536 GiB of host memory per node."""
-    from ringpatch.train.plan import budget, max_context, on_device
+    from ringpatch.plan.budget import budget, max_context, on_device
 
     for name, world, at_least in [("llama3-8b-1m-1node", 8, 2**20), ("llama3-8b-4m", 32, 4 * 2**20)]:
         plan = on_device(preflight(str(ROOT / "recipes" / f"{name}.yaml"), world=world), "cuda")
@@ -180,9 +180,9 @@ def test_plan_for_cpu_processes(capsys, demo_corpus):
     as the layers' backward writes them (after the loss chunk's backward, the peak of a CPU step);
     --simulate runs the CPU kernel's calls."""
     from ringpatch.cli import main
-    from ringpatch.memory.items import Item
-    from ringpatch.memory.reserve import CPU_RUNTIME_GIB
-    from ringpatch.train.plan import on_device, stage_budget
+    from ringpatch.plan.budget import on_device, stage_budget
+    from ringpatch.plan.items import Item
+    from ringpatch.plan.reserve import CPU_RUNTIME_GIB
 
     recipe = str(ROOT / "recipes" / "tiny-cpu.yaml")
     assert main(["plan", "--recipe", recipe, "--nodes", "1", "--gpus-per-node", "2", "--device", "cpu",
@@ -205,7 +205,7 @@ def test_max_context_names_what_stops_the_next_length():
     first length past the longest that fits, with the figures; and names the 2^31-element edge.
     The offloaded inputs take exactly their bytes of host memory, so one node of 79 GiB GPUs reaches
     past 5M tokens (the GPU binds there, not the host)."""
-    from ringpatch.train.plan import describe_max_context, max_context, on_device
+    from ringpatch.plan.budget import describe_max_context, max_context, on_device
 
     plan = on_device(preflight(str(ROOT / "recipes" / "llama3-8b-1m-1node.yaml"), world=8), "cuda")
     host_bound = describe_max_context(plan, 79.0, 8, 768.0)

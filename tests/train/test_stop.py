@@ -180,7 +180,7 @@ def test_every_logged_step_reports_itself_and_the_run_has_its_report(whole_run):
     time and the stated peak; the report's summary and plots exist and open."""
     from PIL import Image
 
-    from ringpatch.train.plan import step_flops
+    from ringpatch.plan.budget import step_flops
     from ringpatch.train.preflight import preflight
 
     records = [json.loads(line) for line in (whole_run / "metrics.jsonl").read_text().splitlines()]

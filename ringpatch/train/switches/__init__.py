@@ -9,8 +9,8 @@ SWITCHES and its test (docs/memory.md, "Adding a switch").
 
 from __future__ import annotations
 
-from ringpatch.memory.estimate import LayerFlags
-from ringpatch.memory.items import Item
+from ringpatch.plan.estimate import LayerFlags
+from ringpatch.plan.items import Item
 from ringpatch.schema import with_keys
 from ringpatch.train.switches.base import Switch
 from ringpatch.train.switches.checkpointing import ACTIVATION_CHECKPOINTING

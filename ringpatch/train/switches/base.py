@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ringpatch.memory.items import Item
+from ringpatch.plan.items import Item
 from ringpatch.schema import Key
 
 
@@ -61,7 +61,7 @@ class Switch:
         return ""
 
     def layer_flags(self, recipe) -> dict:
-        """Its fields of memory.estimate.LayerFlags: what it changes inside a layer's backward."""
+        """Its fields of plan.estimate.LayerFlags: what it changes inside a layer's backward."""
         return {}
 
     def plan_bytes(self, recipe, cfg: dict, s, tokens: int) -> dict[Item, float]:

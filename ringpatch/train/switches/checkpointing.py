@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from ringpatch.memory.estimate import layer_saved_bytes
-from ringpatch.memory.items import Item
 from ringpatch.memory.offload import enable_checkpointing
+from ringpatch.plan.estimate import layer_saved_bytes
+from ringpatch.plan.items import Item
 from ringpatch.train.switches.base import Switch
 
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 from typing import Annotated
 
 from ringpatch.hf.loss import CHUNK_TOKENS
-from ringpatch.memory.estimate import loss_chunk_bytes, norm_bytes
-from ringpatch.memory.items import Item
+from ringpatch.plan.estimate import loss_chunk_bytes, norm_bytes
+from ringpatch.plan.items import Item
 from ringpatch.schema import POSITIVE
 from ringpatch.train.switches.base import Switch
 

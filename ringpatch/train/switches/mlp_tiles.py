@@ -22,7 +22,7 @@ from typing import Annotated
 import torch
 
 from ringpatch.hf.models import GATED_MLP_MODEL_TYPES
-from ringpatch.memory.items import Item
+from ringpatch.plan.items import Item
 from ringpatch.schema import POSITIVE
 from ringpatch.train.switches.base import Switch
 

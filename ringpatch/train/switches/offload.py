@@ -3,8 +3,8 @@ backward (the mechanism: memory/offload.py; applied with activation_checkpointin
 
 from __future__ import annotations
 
-from ringpatch.memory.estimate import offloaded_bytes
-from ringpatch.memory.items import Item
+from ringpatch.plan.estimate import offloaded_bytes
+from ringpatch.plan.items import Item
 from ringpatch.train.switches.base import Switch
 
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 from typing import Literal
 
 from ringpatch.hf.models import RMSNORM_MODEL_TYPES
-from ringpatch.memory.items import Item
 from ringpatch.memory.rmsnorm import chunk_rmsnorms
+from ringpatch.plan.items import Item
 from ringpatch.train.switches.base import Switch
 
 

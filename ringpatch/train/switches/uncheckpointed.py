@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from ringpatch.memory.estimate import layer_saved_bytes
-from ringpatch.memory.items import Item
+from ringpatch.plan.estimate import layer_saved_bytes
+from ringpatch.plan.items import Item
 from ringpatch.schema import NONNEGATIVE
 from ringpatch.train.switches.base import Switch
 

@@ -46,7 +46,7 @@ def test_a_switch_on_checkpointed_layers_is_refused_without_checkpointing(tmp_pa
 
 def test_each_switch_that_is_on_has_its_words_in_the_plan(tmp_path):
     """The plan's first line names every switch turned on (the tiny recipe's values, one at a time)."""
-    from ringpatch.train.plan import describe
+    from ringpatch.plan.budget import describe
     from ringpatch.train.preflight import preflight
     from tests.helpers.trainrun import corpus, recipe
 
@@ -75,8 +75,8 @@ def test_the_docs_switch_table_is_the_registrys():
 def test_the_loss_chunk_is_a_switch_with_its_item_and_remedy(tmp_path):
     """loss_chunk_tokens: its item of the plan comes from its module (a smaller chunk, a smaller item),
     and the memory check names it as the remedy for that item."""
-    from ringpatch.memory.items import Item
-    from ringpatch.train.plan import estimate
+    from ringpatch.plan.budget import estimate
+    from ringpatch.plan.items import Item
     from ringpatch.train.preflight import preflight
     from ringpatch.train.switches import LOSS_CHUNK, remedy
     from tests.helpers.trainrun import corpus, recipe

@@ -80,10 +80,10 @@ def test_a_layer_without_the_checkpointing_flag_is_refused_not_ignored():
 def test_the_planner_counts_what_the_simulated_rank_holds(tmp_path, data):
     """The plan's item for 2 uncheckpointed layers of 3 is what they add to the simulated rank's
     peak (2 ranks at 8,192 tokens, float32), within 5%; the plan names the switch."""
-    from ringpatch.memory.estimate import GIB
-    from ringpatch.memory.items import Item
-    from ringpatch.train.plan import describe, estimate
-    from ringpatch.train.simulate import simulate
+    from ringpatch.plan.budget import describe, estimate
+    from ringpatch.plan.estimate import GIB
+    from ringpatch.plan.items import Item
+    from ringpatch.plan.simulate import simulate
 
     base, two = _plan(tmp_path, data), _plan(tmp_path, data, uncheckpointed_layers=2)
     grown = simulate(two, kernel="cpu").total_peak - simulate(base, kernel="cpu").total_peak

@@ -1,6 +1,6 @@
 """Counting a step as it runs: every tensor storage it allocates and frees, its FLOPs and its host
 syncs. The same code counts real tensors and fake ones (FakeTensorMode: shapes and dtypes, no
-data), so a simulated rank (train/simulate.py) and a real run on the CPU are held to one count.
+data), so a simulated rank (plan/simulate.py) and a real run on the CPU are held to one count.
 
   StorageTracker  a dispatch mode: each op's new storages (outputs that are not views and not one
                   of its inputs), labelled when they appear, dropped when their storage dies

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from bench.memory import bench_config, measure, predicted_gib
-from ringpatch.memory.estimate import total_gib
+from ringpatch.plan.estimate import total_gib
 
 pytestmark = pytest.mark.multiprocess
 

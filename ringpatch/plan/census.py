@@ -1,5 +1,5 @@
 """What autograd holds for backward, by decoder layer: the measurement behind the estimate's
-activation items (ringpatch.memory.estimate; tests/memory/test_census.py, bench/memory.py)."""
+activation items (ringpatch.plan.estimate; tests/plan/test_census.py, bench/memory.py)."""
 
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ringpatch.attention.ulysses import kv_repeats, splits_heads
-from ringpatch.memory.estimate import attention_shape
+from ringpatch.hf.counts import attention_shape
 
 GIB = 2**30
 HIDES_ACROSS_NODES = 10_000  # attention FLOPs per byte sent that hide a ring step over InfiniBand

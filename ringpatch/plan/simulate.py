@@ -8,14 +8,14 @@ once. The ring's kernel calls are those of the CUDA kernel module (kernels/torch
 fake CPU tensors: fake CUDA tensors cannot run backward without a GPU. Small bookkeeping tensors
 (positions, the checks' rows) stay real, so every check runs on values (tracker.FakeLarge).
 
-Counted (memory/tracker.py): every storage the step allocates and frees, by category, on the
+Counted (plan/tracker.py): every storage the step allocates and frees, by category, on the
 device and on the host (offloaded activations); the FLOPs (FlopCounterMode, causal calls at half);
 every read of tensor data into Python (a host sync on a GPU), by call site. ZeRO's partitioning of
 weights, gradients and optimizer state stays arithmetic (DeepSpeed does not run on fake tensors):
-memory/estimate.py's items, added to the simulated activations and working memory. Parameter
+plan/estimate.py's items, added to the simulated activations and working memory. Parameter
 gradients are dropped as they are made, as ZeRO-2/3 reduce them into partitions.
 
-`ringpatch plan --simulate` prints it; tests/train/test_simulate.py holds it to a real run on CPU.
+`ringpatch plan --simulate` prints it; tests/plan/test_simulate.py holds it to a real run on CPU.
 """
 
 from __future__ import annotations
@@ -30,15 +30,17 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from ringpatch import regions
 from ringpatch.attention.kernels import TorchCPU, TorchCUDA
 from ringpatch.hf.models import GATED_MLP_MODEL_TYPES
-from ringpatch.memory.estimate import GIB, total_gib
-from ringpatch.memory.items import Item, Kind
-from ringpatch.memory.tracker import StorageTracker, SyncCounter
-from ringpatch.train.plan import Budget, Plan, estimate
+from ringpatch.plan.budget import Budget, Plan, estimate
+from ringpatch.plan.estimate import GIB, total_gib
+from ringpatch.plan.items import Item, Kind
+from ringpatch.plan.tracker import StorageTracker, SyncCounter
+from ringpatch.regions import Region
 
 SIMULATED_MODEL_TYPES = GATED_MLP_MODEL_TYPES
-"""Model types whose layers the simulator has been checked on (tests/train/test_simulate.py)."""
+"""Model types whose layers the simulator has been checked on (tests/plan/test_simulate.py)."""
 
 
 class SimulatedCUDA(TorchCUDA):
@@ -117,34 +119,6 @@ def fake_world(world: int, rank: int = 0):
         dist.destroy_process_group()
 
 
-SITES = (  # (file, function or "" for any): the category of what it allocates
-    ("ringpatch/attention/kernels/", "", "kernel outputs"),
-    ("ringpatch/attention/ring.py", "", "ring buffers"),
-    ("ringpatch/attention/merge.py", "", "ring buffers"),
-    ("ringpatch/attention/comm.py", "", "ring buffers"),
-    ("ringpatch/attention/ulysses.py", "", "all-to-all copies"),
-    ("ringpatch/hf/loss.py", "_chunk_loss_sum", "loss chunk"),
-    ("ringpatch/hf/loss.py", "chunked_cross_entropy", "loss chunk"),
-    ("ringpatch/memory/offload.py", "_to_host", "offload"),
-)
-
-
-def _site() -> str | None:
-    """The category of what the innermost ringpatch function on the stack allocates, if it has one
-    (the modules that count, and the trainer's own frames, are skipped)."""
-    frame = sys._getframe(2)
-    while frame is not None:
-        name = frame.f_code.co_filename.replace("\\", "/")
-        if "ringpatch/" in name and not name.endswith(("memory/tracker.py", "train/simulate.py")):
-            function = frame.f_code.co_name
-            for part, func, category in SITES:
-                if part in name and func in ("", function):
-                    return category
-            return None
-        frame = frame.f_back
-    return None
-
-
 class Scope:
     """What the step is doing when a storage appears: forward or backward, inside the final norm,
     and in backward the part last entered (the loss's chunks, or a layer's recompute)."""
@@ -162,18 +136,19 @@ class Scope:
         self.layer_codes = {inspect.unwrap(type(layer).forward).__code__ for layer in self.layers}
 
     def label(self) -> tuple[str, str]:
-        site = _site()
+        """(place, category): the innermost code region open (ringpatch/regions.py), else the scope."""
+        region = regions.current()
         if torch._C._current_graph_task_id() == -1:  # forward
-            if site == "offload":
-                return "host", "offloaded activations"
-            if site is not None:
-                return "device", site
+            if region is Region.OFFLOAD:
+                return "host", str(region)
+            if region is not None:
+                return "device", str(region)
             if self.final_norm:
                 return "device", "final norm"
             return "device", "checkpointed activations" if self.checkpointing else "layer activations"
-        if site == "loss chunk" or self._in_layer():
-            self.backward_part = "loss chunk" if site == "loss chunk" else "recomputed layer"
-        return "device", site if site not in (None, "offload") else self.backward_part
+        if region is Region.LOSS or self._in_layer():
+            self.backward_part = str(Region.LOSS) if region is Region.LOSS else "recomputed layer"
+        return "device", str(region) if region not in (None, Region.OFFLOAD) else self.backward_part
 
     def _in_layer(self) -> bool:
         frame = sys._getframe(3)

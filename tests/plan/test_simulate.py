@@ -44,10 +44,10 @@ def _real_step(rank, world, tmp, data, switches, out):
     from the profiler's allocation events (not the simulator's tracker)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from ringpatch.memory.tracker import live_peak
     from ringpatch.parallel import build_mesh
+    from ringpatch.plan.simulate import step_batch, step_model
+    from ringpatch.plan.tracker import live_peak
     from ringpatch.train.build import lm_from_config
-    from ringpatch.train.simulate import step_batch, step_model
 
     plan = _plan(Path(tmp), Path(data), switches)
     mesh = build_mesh(plan.dims, "cpu")
@@ -64,7 +64,7 @@ def _real_step(rank, world, tmp, data, switches, out):
 def test_the_simulated_rank_holds_what_a_real_run_holds(name, tmp_path, data):
     """Live-tensor peak of rank 0 of a real 2-rank CPU step against the simulated rank 0 of the same
     recipe (fake tensors, fake group, the CPU kernel): within 3%, for each memory switch."""
-    from ringpatch.train.simulate import simulate
+    from ringpatch.plan.simulate import simulate
 
     out = tmp_path / "real.json"
     spawn(_real_step, 2, str(tmp_path), str(data), SWITCHES[name], str(out))
@@ -79,10 +79,10 @@ def test_the_planner_matches_the_simulated_one_node_1m_stage():
     layer inputs offloaded, the device peak does not grow with depth (the full 32 layers simulate
     to the same activations: bench/simulate.py). The planner's peak is within 5% of it, and the
     step reads device data into Python a fixed number of times, whatever the depth."""
-    from ringpatch.memory.estimate import total_gib
-    from ringpatch.train.plan import estimate, on_device
+    from ringpatch.plan.budget import estimate, on_device
+    from ringpatch.plan.estimate import total_gib
+    from ringpatch.plan.simulate import simulate
     from ringpatch.train.preflight import preflight
-    from ringpatch.train.simulate import simulate
 
     plan = on_device(preflight(str(ROOT / "recipes" / "llama3-8b-1m-1node.yaml"), world=8), "cuda")
     syncs = []
@@ -157,11 +157,11 @@ def test_the_plans_activations_follow_the_simulated_rank_at_random_shapes(tmp_pa
     whose working set the plan counts within -7% to +16%: docs/memory.md.)"""
     import random
 
-    from ringpatch.memory.estimate import total_gib
-    from ringpatch.memory.items import Kind
-    from ringpatch.train.plan import estimate, on_device
+    from ringpatch.plan.budget import estimate, on_device
+    from ringpatch.plan.estimate import total_gib
+    from ringpatch.plan.items import Kind
+    from ringpatch.plan.simulate import simulate
     from ringpatch.train.preflight import preflight
-    from ringpatch.train.simulate import simulate
 
     rng, ratios, misses = random.Random(20261206), [], []
     for _ in range(40):

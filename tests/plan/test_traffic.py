@@ -1,11 +1,11 @@
-"""The planner's sequence-parallel traffic: the counts of memory/traffic.py against a hand count,
+"""The planner's sequence-parallel traffic: the counts of plan/traffic.py against a hand count,
 and the Ulysses degree it recommends."""
 
 from __future__ import annotations
 
 import pytest
 
-from ringpatch.memory.traffic import recommend, traffic, ulysses_choices
+from ringpatch.plan.traffic import recommend, traffic, ulysses_choices
 
 pytestmark = pytest.mark.unit
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ringpatch.attention.ring import head_groups
-from ringpatch.memory.estimate import GIB, Shapes, attention_shape, parameters
+from ringpatch.hf.counts import attention_shape, parameters
+from ringpatch.plan.estimate import GIB, Shapes
 
 CUDA_CONTEXT_GIB = 1.0
 NCCL_COLLECTIVE_BYTES = {2: 544e6, 3: 688e6}

@@ -1,6 +1,6 @@
 """The planner's items: model states by ZeRO stage and precision, what is held through a step, and
 the peak as the held items plus the largest backward. The phases' counts are held to the simulated
-rank in tests/train/test_simulate.py."""
+rank in tests/plan/test_simulate.py."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ import dataclasses
 
 import pytest
 
-from ringpatch.memory.estimate import GIB, layer_saved_bytes, parameters, total_gib
-from ringpatch.memory.items import Item
-from ringpatch.train.plan import estimate
+from ringpatch.hf.counts import parameters
+from ringpatch.plan.budget import estimate
+from ringpatch.plan.estimate import GIB, layer_saved_bytes, total_gib
+from ringpatch.plan.items import Item
 from ringpatch.train.recipe import Recipe, from_dict
 
 pytestmark = pytest.mark.unit
@@ -72,7 +73,7 @@ def test_the_flops_formula_against_torchs_own_count(name):
     gradients), so a step is 3x, as step_flops counts."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from ringpatch.memory.estimate import attention_shape, forward_flops
+    from ringpatch.hf.counts import attention_shape, forward_flops
     from tests.helpers.models import batch, build
 
     model = build(name)

@@ -7,22 +7,21 @@ import dataclasses
 from dataclasses import dataclass
 
 from ringpatch.data.prepare import data_line
-from ringpatch.memory.estimate import (
+from ringpatch.hf.counts import forward_flops, parameters
+from ringpatch.parallel import ParallelDims
+from ringpatch.plan.estimate import (
     GIB,
-    forward_flops,
     kernel_kind,
     layer_backward,
     layer_saved_bytes,
     model_states,
     norm_backward_bytes,
-    parameters,
     shapes,
     total_gib,
 )
-from ringpatch.memory.items import Item, Kind, Phase
-from ringpatch.memory.reserve import communicators, kernel_scratch_bytes, reserve_gib, zero_buffers
-from ringpatch.memory.traffic import describe_traffic
-from ringpatch.parallel import ParallelDims
+from ringpatch.plan.items import Item, Kind, Phase
+from ringpatch.plan.reserve import communicators, kernel_scratch_bytes, reserve_gib, zero_buffers
+from ringpatch.plan.traffic import describe_traffic
 from ringpatch.train import switches
 from ringpatch.train.recipe import Recipe
 
@@ -70,7 +69,7 @@ def estimate(
     cuda: bool = True,
     zero: dict[str, float] | None = None,
 ) -> dict[Item, float]:
-    """GiB per GPU, by item, for one stage: memory/estimate.py's arithmetic, with the items each
+    """GiB per GPU, by item, for one stage: plan/estimate.py's arithmetic, with the items each
     switch holds through the step from its module. bf16: the training precision (False: float32);
     cuda: a GPU run (False: a CPU run, whose kernel is the CPU's and whose gradient buffers are
     memory only once the layers' backward writes them); zero: DeepSpeed's buffers in bytes

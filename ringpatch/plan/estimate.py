@@ -3,7 +3,7 @@
 Model states by ZeRO stage, what lives through the step, and the largest of the backwards that
 never overlap (a layer's phases: MLP, norm, attention; a loss chunk's; the final norm's), counted
 as transformers' Llama/Mistral layer allocates them and held to the simulated rank
-(train/simulate.py, tests/train/test_simulate.py). What each item holds: docs/memory.md and
+(plan/simulate.py, tests/plan/test_simulate.py). What each item holds: docs/memory.md and
 docs/design.md, "The memory estimate"; what no tensor shows is reserve.py's.
 """
 
@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 from ringpatch.attention.ring import head_groups
 from ringpatch.attention.ulysses import kv_repeats
-from ringpatch.hf.architecture import head_counts
-from ringpatch.memory.items import Item, Phase
+from ringpatch.hf.counts import attention_shape, parameters
 from ringpatch.memory.rmsnorm import RMS_CHUNK_BYTES
+from ringpatch.plan.items import Item, Phase
 
 GIB = 2**30
 NORM_BACKWARD_FP32 = 5
@@ -26,12 +26,6 @@ NORM_CHUNK_TEMPORARIES = 4
 MLP_BACKWARD = 6
 """(tokens x intermediate) tensors a gated MLP's backward holds at its peak: three saved (gate,
 activation, up) and three gradients."""
-
-
-def attention_shape(cfg: dict) -> tuple[int, int, int]:
-    """(query heads, K/V heads, head_dim) of a Llama/Mistral-style config."""
-    heads, kv_heads = head_counts(cfg)
-    return heads, kv_heads, cfg.get("head_dim") or cfg["hidden_size"] // heads
 
 
 @dataclass(frozen=True)
@@ -128,7 +122,7 @@ def loss_chunk_bytes(vocab: int, s: Shapes, tokens: int, chunk: int, tp: int = 1
     gradient; with one chunk, the LM head's weight gradient as its backward makes it, beside the
     logits' gradient. Past the first chunk the LM head's gradient builds up over the chunks, beside the
     logits, and autograd adds each chunk's into the sum out of place (the sum so far, the chunk's,
-    the new sum: three at once; a real CPU run shows the same, tests/train/test_simulate.py), and
+    the new sum: three at once; a real CPU run shows the same, tests/plan/test_simulate.py), and
     the hidden states' gradient builds up too."""
     logits = chunk * vocab * 4 * 3
     head = vocab * s.h * s.b / tp
@@ -225,30 +219,6 @@ def offloaded_bytes(cfg: dict, tokens: int, dtype_bytes: int = 2) -> float:
     """Host bytes per rank under activation_offload: every layer's hidden input, each in a
     page-locked buffer of exactly its size (ringpatch.memory.offload.HostBuffers)."""
     return cfg["num_hidden_layers"] * tokens * cfg["hidden_size"] * dtype_bytes
-
-
-def parameters(cfg: dict) -> tuple[int, int]:
-    """(all parameters, embedding parameters) of a Llama/Mistral-style config."""
-    h, v, n_layers = cfg["hidden_size"], cfg["vocab_size"], cfg["num_hidden_layers"]
-    heads, kv, d = attention_shape(cfg)
-    attn = h * heads * d * 2 + h * kv * d * 2
-    mlp = 3 * h * cfg["intermediate_size"]
-    emb = v * h * (1 if cfg.get("tie_word_embeddings") else 2)
-    return n_layers * (attn + mlp + 2 * h) + h + emb, emb
-
-
-def forward_flops(cfg: dict, seq_len: int, head_tokens: int | None = None) -> float:
-    """Model FLOPs of one forward over `seq_len` tokens of one sequence: every matmul of the decoder
-    (2 per multiply-add), the LM head at `head_tokens` positions (None: all of them), and causal
-    attention over the whole sequence, QK^T and AV at half. Packed documents kept apart do less
-    attention than this counts."""
-    n, emb = parameters(cfg)
-    heads, _, d = attention_shape(cfg)
-    h, n_layers = cfg["hidden_size"], cfg["num_hidden_layers"]
-    matmul = n - emb - (2 * n_layers + 1) * h  # the norms' weights multiply elementwise
-    head = cfg["vocab_size"] * h
-    attention = n_layers * 2 * seq_len * seq_len * heads * d
-    return 2 * seq_len * matmul + 2 * head * (seq_len if head_tokens is None else head_tokens) + attention
 
 
 def model_states(recipe, cfg: dict, world: int, b: int, cuda: bool = True) -> dict[Item, float]:

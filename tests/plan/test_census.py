@@ -1,5 +1,5 @@
 """The estimate's per-layer activation bytes against what autograd actually saves (counted by
-ringpatch.memory.census) in a ring-patched transformers Llama, float32 and bfloat16, MLP tiled
+ringpatch.plan.census) in a ring-patched transformers Llama, float32 and bfloat16, MLP tiled
 or not: the activation model that the planner's checkpointing items are built from."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import ringpatch
-from ringpatch.memory.census import saved_bytes_by_layer
-from ringpatch.memory.estimate import layer_saved_bytes
+from ringpatch.plan.census import saved_bytes_by_layer
+from ringpatch.plan.estimate import layer_saved_bytes
 from tests.helpers.procs import spawn
 
 pytestmark = pytest.mark.multiprocess

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from ringpatch.memory.reserve import communicators, zero_buffers
 from ringpatch.parallel.dims import ParallelDims
+from ringpatch.plan.reserve import communicators, zero_buffers
 
 pytestmark = pytest.mark.unit
 
