@@ -158,6 +158,9 @@ class LayerFlags:
 
     tiles: int = 1
     """mlp_tiles."""
+    tile_grads: bool = False
+    """The tiled MLP's weight gradients build up whole over its tiles (ZeRO reduces them after the
+    last; without ZeRO they are the model's gradients, counted there)."""
     keep: bool = False
     """keep_attention: the attention output is held by the switch, not saved by the ring."""
     offload: bool = False
@@ -200,7 +203,8 @@ def layer_backward(
     # under Ulysses that is the all-to-all's gathered copy of the output
     attention_at_its_backward = _attention_saved(s, keep, 1)
     return {
-        Item.MLP_BACKWARD: tokens * (norms + attention + mlp + grad_in + unpacked),
+        Item.MLP_BACKWARD: tokens * (norms + attention + mlp + grad_in + unpacked)
+        + (3 * s.h * s.i * s.b if flags.tile_grads else 0),  # gate, up and down's gradients, whole
         Item.NORM_BACKWARD: norm_backward_bytes(s, tokens, chunked_norm)
         + tokens * (residual + input_norm + grad_in + attention),
         Item.ATTENTION_BACKWARD: tokens

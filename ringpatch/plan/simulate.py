@@ -263,15 +263,22 @@ def step_batch(plan: Plan, mesh, stage: int, documents: tuple[int, ...] | None =
     return local_batch(rows, plan.recipe, mesh)
 
 
+def _drop_when_ready(p) -> None:
+    if getattr(p, "ds_grad_is_ready", True):
+        p.grad = None
+
+
 def step_model(plan: Plan, lm, mesh, backend="auto"):
     """The trainer's model around `lm` (prepare_lm, LossModel), in training mode, its parameter
-    gradients dropped as they are made: ZeRO takes each into its partition (counted by the estimate)."""
+    gradients dropped as they are made: ZeRO takes each into its partition (counted by the estimate),
+    once the gradient is whole: a tiled MLP's weights accumulate theirs over the tiles, full size,
+    until the last (TiledMLP sets ds_grad_is_ready, which ZeRO's reduction waits for)."""
     from ringpatch.train.build import LossModel, prepare_lm
 
     model = LossModel(prepare_lm(plan, lm, mesh, backend=backend), chunk_tokens=plan.recipe.loss_chunk_tokens)
     model.train()
     for p in model.parameters():
-        p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
+        p.register_post_accumulate_grad_hook(_drop_when_ready)
     return model
 
 

@@ -88,7 +88,8 @@ class MLPTiles(Switch):
         return {}
 
     def layer_flags(self, recipe) -> dict:
-        return {"tiles": recipe.mlp_tiles}
+        # ZeRO reduces a tiled weight's gradient after the last tile: until then it is whole
+        return {"tiles": recipe.mlp_tiles, "tile_grads": recipe.mlp_tiles > 1 and recipe.zero.stage > 0}
 
     def plan_words(self, recipe) -> str:
         return f", MLP over {recipe.mlp_tiles} sequence tiles" if recipe.mlp_tiles > 1 else ""
