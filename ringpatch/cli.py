@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import sys
 
+from ringpatch.errors import BadValue
 from ringpatch.flags import Parser
 
 USAGE = __doc__
@@ -93,15 +94,15 @@ def plan(argv: list[str]) -> int:
         if args.gpu_memory is None:
             args.gpu_memory = 80.0 if args.device == "cuda" else host_memory_gib() / args.gpus_per_node
         if args.nodes < 1 or args.gpus_per_node < 1 or not 0 < args.gpu_memory < math.inf:
-            raise ValueError(
+            raise BadValue(
                 f"--nodes, --gpus-per-node and --gpu-memory must be positive (the memory finite), got {args.nodes}, "
                 f"{args.gpus_per_node}, {args.gpu_memory}"
             )
         if not 0 < args.host_memory < math.inf:
-            raise ValueError(f"--host-memory must be a positive finite number (GiB per node), got {args.host_memory}")
+            raise BadValue(f"--host-memory must be a positive finite number (GiB per node), got {args.host_memory}")
         p = preflight(args.recipe, world=args.nodes * args.gpus_per_node)
         if args.max_restarts < 0:
-            raise ValueError(f"--max-restarts must be >= 0, got {args.max_restarts}")
+            raise BadValue(f"--max-restarts must be >= 0, got {args.max_restarts}")
         from ringpatch.train.restart import check_restarts
 
         check_restarts(p.recipe, args.max_restarts)
@@ -113,7 +114,7 @@ def plan(argv: list[str]) -> int:
             check_simulable(p)  # before any work
             stage = args.stage
             if stage is not None and not 0 <= stage < len(p.recipe.stages):
-                raise ValueError(f"--stage {stage} is not a stage of {args.recipe} (0..{len(p.recipe.stages) - 1})")
+                raise BadValue(f"--stage {stage} is not a stage of {args.recipe} (0..{len(p.recipe.stages) - 1})")
         print(describe(p, args.launch, args.gpus_per_node))
         if args.max_context:
             print(describe_max_context(p, args.gpu_memory, args.gpus_per_node, args.host_memory))

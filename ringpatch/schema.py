@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
+from ringpatch.errors import BadValue, Missing
+
 
 @dataclass(frozen=True)
 class Range:
@@ -40,7 +42,7 @@ class Range:
             return
         if isinstance(value, float) and math.isfinite(value) and low_ok and high_ok:
             return
-        raise ValueError(f"{where} must be {self.rule(value)}, got {value!r}")
+        raise BadValue(f"{where} must be {self.rule(value)}, got {value!r}")
 
     def rule(self, value=0) -> str:
         if isinstance(value, int) and not isinstance(value, bool) and self.low is not None:
@@ -69,15 +71,15 @@ class PathKind:
         if value is None:
             return
         if not isinstance(value, str) or not value.strip():
-            raise ValueError(f"{where} must be a non-empty path, got {value!r}: an empty path means this folder")
+            raise BadValue(f"{where} must be a non-empty path, got {value!r}: an empty path means this folder")
         path = Path(value).expanduser()
         check_name_lengths(where, path)
         if self.kind == "file" and path.is_dir():
-            raise ValueError(f"{where} {value} is a folder; give a file")
+            raise BadValue(f"{where} {value} is a folder; give a file")
         if self.kind == "file" and not path.exists():
-            raise FileNotFoundError(f"{where} {value} does not exist")
+            raise Missing(f"{where} {value} does not exist")
         if self.kind == "dir" and path.exists() and not path.is_dir():
-            raise ValueError(f"{where} {value} is a file; give a folder (it is created if missing)")
+            raise BadValue(f"{where} {value} is a file; give a folder (it is created if missing)")
 
 
 NAME_MAX = 255
@@ -90,7 +92,7 @@ def check_name_lengths(where: str, path: Path) -> None:
     for part in path.parts:
         size = len(os.fsencode(part))
         if size > NAME_MAX:
-            raise ValueError(
+            raise BadValue(
                 f"{where}: the path component {part[:40]}... is {size} bytes, over the {NAME_MAX} a file name may "
                 "take; use a shorter name"
             )
@@ -103,9 +105,9 @@ def check_writable(where: str, value: str) -> None:
     while not probe.exists():
         probe = probe.parent
     if not probe.is_dir():
-        raise ValueError(f"{where} {value}: {probe} is a file, so the folder cannot be created; choose another path")
+        raise BadValue(f"{where} {value}: {probe} is a file, so the folder cannot be created; choose another path")
     if not os.access(probe, os.W_OK | os.X_OK):
-        raise ValueError(f"{where} {value} cannot be written ({probe} is not writable); choose a writable folder")
+        raise BadValue(f"{where} {value} cannot be written ({probe} is not writable); choose a writable folder")
 
 
 def markers(hint) -> tuple:

@@ -11,6 +11,7 @@ from ringpatch.attention.kernels import Backend, default_scale, select
 from ringpatch.attention.layout import DEFAULT_LAYOUT, Layout, check_layout, check_seq_len
 from ringpatch.attention.ring import KeptAttention, RingAttentionFn, RingSpec
 from ringpatch.attention.ulysses import UlyssesRing, check_heads, gather_heads, scatter_heads
+from ringpatch.errors import BadType, BadValue
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -18,31 +19,31 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 def _check_tensors(q, k, v) -> None:
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+            raise BadType(f"{name} must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() != 4:
-            raise ValueError(f"{name} must be (batch, seq_local, heads, head_dim), got shape {tuple(x.shape)}")
+            raise BadValue(f"{name} must be (batch, seq_local, heads, head_dim), got shape {tuple(x.shape)}")
     if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}; cast them to one dtype")
+        raise BadType(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}; cast them to one dtype")
     if q.dtype not in _DTYPES:
-        raise TypeError(f"dtype {q.dtype} is not supported; use one of {', '.join(map(str, _DTYPES))}")
+        raise BadType(f"dtype {q.dtype} is not supported; use one of {', '.join(map(str, _DTYPES))}")
     if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v are on different devices: {q.device}, {k.device}, {v.device}")
+        raise BadValue(f"q, k, v are on different devices: {q.device}, {k.device}, {v.device}")
     if k.shape != v.shape:
-        raise ValueError(f"k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
+        raise BadValue(f"k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
     (b, s, h, d), (bk, sk, hk, dk) = q.shape, k.shape
     if (b, s, d) != (bk, sk, dk):
-        raise ValueError(f"q {tuple(q.shape)} and k/v {tuple(k.shape)} must agree in batch, seq_local and head_dim")
+        raise BadValue(f"q {tuple(q.shape)} and k/v {tuple(k.shape)} must agree in batch, seq_local and head_dim")
     if h % hk:
-        raise ValueError(f"query heads {h} are not divisible by key/value heads {hk} (GQA needs H % H_kv == 0)")
+        raise BadValue(f"query heads {h} are not divisible by key/value heads {hk} (GQA needs H % H_kv == 0)")
 
 
 def _check_options(causal, window, scale) -> None:
     if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {causal!r}")
+        raise BadType(f"causal must be a bool, got {causal!r}")
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
-        raise ValueError(f"window must be None or a positive int (keys j with i - window < j), got {window!r}")
+        raise BadValue(f"window must be None or a positive int (keys j with i - window < j), got {window!r}")
     if scale is not None and (not isinstance(scale, (int, float)) or scale <= 0):
-        raise ValueError(f"scale must be None or a positive number, got {scale!r}")
+        raise BadValue(f"scale must be None or a positive number, got {scale!r}")
 
 
 def _agree_across_ranks(q, k, docs, error: Exception | None, group, sp_size: int) -> None:
@@ -55,13 +56,13 @@ def _agree_across_ranks(q, k, docs, error: Exception | None, group, sp_size: int
         shapes = "; ".join(
             f"rank {r}: q {found[:4]} kv_heads {found[4]} {_DTYPES[found[5]]}" for r, found in enumerate(rows)
         )
-        raise ValueError(
+        raise BadValue(
             f"ranks hold different local blocks ({shapes}); every rank must hold seq_len/sp_size tokens "
             "of the same batch: cut the full sequence with ringpatch.shard or ringpatch.shard_batch"
         )
     if len({found[6] for found in rows}) > 1:
         differ = sorted(r for r, found in enumerate(rows) if found[6] != rows[0][6])
-        raise ValueError(
+        raise BadValue(
             f"the ranks of the group pass different document boundaries (rank(s) {differ} differ from rank 0); "
             "every rank must pass the boundaries of the whole batch, the same on all ranks"
         )

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from ringpatch.attention.ulysses import UlyssesRing
+from ringpatch.errors import BadValue
 
 
 class Exchange:
@@ -34,7 +35,7 @@ def resolve_group(group):
     rank in it (size 1 without dist). A UlyssesRing resolves to its group of all N ranks."""
     if not dist.is_available() or not dist.is_initialized():
         if group is not None:
-            raise ValueError("a process group was given but torch.distributed is not initialised")
+            raise BadValue("a process group was given but torch.distributed is not initialised")
         return None, 1, 0
     if isinstance(group, UlyssesRing):
         group = group.group
@@ -76,7 +77,7 @@ def agree(
         raise error
     failed = [r for r, found in enumerate(rows) if found[0] == 0]
     if failed:
-        raise ValueError(f"{what} were rejected on rank(s) {failed} of the group; see their error")
+        raise BadValue(f"{what} were rejected on rank(s) {failed} of the group; see their error")
     return [found[1:] for found in rows]
 
 

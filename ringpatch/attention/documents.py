@@ -15,6 +15,8 @@ from collections.abc import Sequence
 
 import torch
 
+from ringpatch.errors import BadType, BadValue
+
 Docs = tuple[tuple[int, ...] | None, ...] | None
 
 
@@ -26,14 +28,14 @@ def boundaries(cu_seqlens) -> tuple[int, ...]:
 def _as_list(cu_seqlens) -> list[int]:
     if isinstance(cu_seqlens, torch.Tensor):
         if cu_seqlens.dim() != 1 or cu_seqlens.is_floating_point() or cu_seqlens.is_complex():
-            raise ValueError(
+            raise BadValue(
                 f"cu_seqlens must be a 1-D integer tensor of document boundaries, got {cu_seqlens.dtype} "
                 f"of shape {tuple(cu_seqlens.shape)}"
             )
         return [int(x) for x in cu_seqlens.tolist()]
     if isinstance(cu_seqlens, Sequence) and all(isinstance(x, int) and not isinstance(x, bool) for x in cu_seqlens):
         return list(cu_seqlens)
-    raise TypeError(f"cu_seqlens must be a 1-D integer tensor or a sequence of ints, got {type(cu_seqlens).__name__}")
+    raise BadType(f"cu_seqlens must be a 1-D integer tensor or a sequence of ints, got {type(cu_seqlens).__name__}")
 
 
 def documents_per_row(cu_seqlens, batch: int, seq_len: int) -> Docs:
@@ -45,20 +47,20 @@ def documents_per_row(cu_seqlens, batch: int, seq_len: int) -> Docs:
     total = batch * seq_len
     shown = bounds if len(bounds) <= 12 else [*bounds[:6], "...", *bounds[-3:]]
     if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != total:
-        raise ValueError(
+        raise BadValue(
             f"document boundaries {shown} must run from 0 to {total} ({batch} row(s) x {seq_len} tokens, "
             "the full padded length, rows laid end to end)"
         )
     bad = next((i for i in range(1, len(bounds)) if bounds[i] <= bounds[i - 1]), None)
     if bad is not None:
-        raise ValueError(
+        raise BadValue(
             f"document boundaries must increase: position {bad} holds {bounds[bad]} after {bounds[bad - 1]} "
             f"(boundaries {shown}); empty documents are not allowed"
         )
     present = set(bounds)
     missing = [r * seq_len for r in range(1, batch) if r * seq_len not in present]
     if missing:
-        raise ValueError(
+        raise BadValue(
             f"document boundaries {shown} let a document span two rows (no boundary at {missing}); "
             f"every row of {seq_len} tokens must start a new document"
         )

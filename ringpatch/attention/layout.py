@@ -25,6 +25,7 @@ from ringpatch.attention.balance import CHUNKS_PER_RANK, balanced_chunks
 from ringpatch.attention.comm import resolve_group
 from ringpatch.attention.documents import Docs, documents_per_row
 from ringpatch.attention.ulysses import check_ulysses, ulysses_degree
+from ringpatch.errors import BadValue
 
 Layout = Literal["contiguous", "zigzag", "balanced"]
 LAYOUTS: tuple[str, ...] = get_args(Layout)
@@ -34,7 +35,7 @@ PACKED_LAYOUT: Layout = "balanced"  # the recipe's and the Trainer's: zigzag, or
 
 def check_layout(layout: str) -> None:
     if layout not in LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+        raise BadValue(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
 
 
 CHUNKS_PER_RANK_OF = {"contiguous": 1, "zigzag": 2, "balanced": CHUNKS_PER_RANK}
@@ -51,7 +52,7 @@ def check_seq_len(seq_len: int, layout: Layout, sp_size: int) -> None:
     if seq_len % chunks:
         padded = -(-seq_len // chunks) * chunks
         factor = {"contiguous": "sp_size", "zigzag": "2*sp_size", "balanced": f"{CHUNKS_PER_RANK}*sp_size"}[layout]
-        raise ValueError(
+        raise BadValue(
             f"seq_len {seq_len} is not divisible by {factor}={chunks} ({layout}); "
             f"pad to {padded} or use ringpatch.shard_batch, which pads for you"
         )
@@ -136,7 +137,7 @@ def _rows(x: torch.Tensor, dim: int, docs: Docs):
     if docs is None:
         return [(slice(None), None)]
     if dim == 0:
-        raise ValueError(
+        raise BadValue(
             "the balanced layout places each batch row by its documents: rows on dim 0, sequence on dim >= 1"
         )
     return [(slice(b, b + 1), row) for b, row in enumerate(docs)]

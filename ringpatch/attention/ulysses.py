@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ringpatch.errors import BadValue
 from ringpatch.regions import Region, within
 
 
@@ -49,9 +50,9 @@ def ulysses_degree(group) -> int:
 
 def check_ulysses(ulysses, sp_size: int) -> None:
     if isinstance(ulysses, bool) or not isinstance(ulysses, int) or ulysses < 1:
-        raise ValueError(f"ulysses must be a positive int, got {ulysses!r}")
+        raise BadValue(f"ulysses must be a positive int, got {ulysses!r}")
     if sp_size % ulysses:
-        raise ValueError(
+        raise BadValue(
             f"ulysses={ulysses} does not divide the {sp_size} sequence-parallel ranks; choose ulysses among "
             f"{[d for d in range(1, sp_size + 1) if sp_size % d == 0]} (ring = ranks / ulysses)"
         )
@@ -76,7 +77,7 @@ def check_heads(heads: int, kv_heads: int, ulysses: int, sp: int | None = None) 
     else:
         return  # (ulysses 1 always passes; this runs at every attention call, the choices only on error)
     choices = [d for d in range(1, heads + 1) if splits_heads(heads, kv_heads, d) and (sp is None or sp % d == 0)]
-    raise ValueError(f"ulysses={ulysses} {problem}; choose ulysses among {choices}")
+    raise BadValue(f"ulysses={ulysses} {problem}; choose ulysses among {choices}")
 
 
 def kv_repeats(kv_heads: int, ulysses: int) -> int:
@@ -94,7 +95,7 @@ def _check_node(members: list[int], ulysses: int) -> None:
         part = members[i : i + ulysses]
         nodes = sorted({m // local for m in part})
         if len(nodes) > 1:
-            raise ValueError(
+            raise BadValue(
                 f"the Ulysses group of ranks {part} spans nodes {nodes} ({local} ranks per node): its all-to-all "
                 f"would cross the slow link. Choose ulysses (with tp) that divides {local}, and a sequence group of "
                 "adjacent ranks"
@@ -106,33 +107,33 @@ def ulysses_ring_group(ulysses: int, group=None) -> UlyssesRing:
     adjacent ranks and rings across them. Collective over the default group: every process calls
     it, each with its own sequence group (groups of several data-parallel replicas are all built)."""
     if not dist.is_available() or not dist.is_initialized():
-        raise ValueError("ulysses_ring_group needs torch.distributed initialised (init_process_group first)")
+        raise BadValue("ulysses_ring_group needs torch.distributed initialised (init_process_group first)")
     group = group if group is not None else dist.group.WORLD
     members = dist.get_process_group_ranks(group)
     problem = None
     try:  # checked on every rank, then shared, so a misuse on one rank raises on all of them
         check_ulysses(ulysses, len(members))
         if members != sorted(members):
-            raise ValueError(f"the sequence group's ranks {members} must be in increasing order")
+            raise BadValue(f"the sequence group's ranks {members} must be in increasing order")
     except ValueError as exc:
         problem = str(exc)
     everyone: list = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, (tuple(members), ulysses, problem))
     if problem is not None:
-        raise ValueError(problem)
+        raise BadValue(problem)
     refused = [r for r, (_, _, p) in enumerate(everyone) if p is not None]
     if refused:
-        raise ValueError(f"ulysses_ring_group was refused on rank(s) {refused}: {everyone[refused[0]][2]}")
+        raise BadValue(f"ulysses_ring_group was refused on rank(s) {refused}: {everyone[refused[0]][2]}")
     everyone = [(m, u) for m, u, _ in everyone]
     degrees = sorted({u for _, u in everyone})
     if len(degrees) > 1:
-        raise ValueError(f"the ranks asked for different ulysses degrees {degrees}; pass the same on every rank")
+        raise BadValue(f"the ranks asked for different ulysses degrees {degrees}; pass the same on every rank")
     groups = sorted({m for m, _ in everyone})
     seen: dict[int, tuple] = {}
     for g in groups:
         for m in g:
             if m in seen:
-                raise ValueError(
+                raise BadValue(
                     f"the ranks passed sequence groups that overlap without being equal ({list(seen[m])} and "
                     f"{list(g)}); every rank must pass its own sequence group, and those groups must partition the ranks"
                 )

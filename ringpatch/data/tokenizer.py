@@ -6,6 +6,8 @@ AutoTokenizer.from_pretrained like any other."""
 
 from __future__ import annotations
 
+from ringpatch.errors import BadValue, Missing
+
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
 
@@ -44,7 +46,7 @@ def load_tokenizer(name: str | None, model_name: str):
 
     tokenizer = AutoTokenizer.from_pretrained(name or model_name)
     if tokenizer.eos_token_id is None:
-        raise ValueError(
+        raise BadValue(
             f"tokenizer {name or model_name} has no EOS token, which packing puts between documents; "
             "set one (tokenizer.eos_token) or choose another tokenizer"
         )
@@ -65,7 +67,7 @@ def folder_tokenizer(path: str):
     except (OSError, ValueError, TypeError) as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0].rstrip(": ")
         files = sorted(p.name for p in Path(path).iterdir()) if Path(path).is_dir() else []
-        raise FileNotFoundError(
+        raise Missing(
             f"model folder {path} holds no tokenizer transformers can load ({reason}; the folder has {files}); "
             f"save the model's tokenizer beside it (tokenizer.save_pretrained({str(path)!r}); ringpatch's export "
             "does this)"

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from ringpatch.attention.layout import DEFAULT_LAYOUT, LAYOUTS, Layout
 from ringpatch.data.assets import made_by
 from ringpatch.data.tokenizer import folder_tokenizer
-from ringpatch.errors import USER_ERRORS
+from ringpatch.errors import USER_ERRORS, BadValue, Missing
 from ringpatch.evaluate.prefill import check_lengths
 from ringpatch.evaluate.progress import Progress, describe_prefills
 from ringpatch.evaluate.spec import EVAL_TASKS, EvalSpec
@@ -83,7 +83,7 @@ def model_labels(paths: list[str]) -> dict[str, str]:
     resolved = [Path(p).resolve() for p in paths]
     twice = sorted({str(p) for p, r in zip(paths, resolved, strict=True) if resolved.count(r) > 1})
     if twice:
-        raise ValueError(f"--model names the same folder more than once ({twice}); give each model once")
+        raise BadValue(f"--model names the same folder more than once ({twice}); give each model once")
     for depth in range(1, max(len(p.parts) for p in resolved) + 1):
         labels = ["/".join(p.parts[-depth:]) for p in resolved]
         if len(set(labels)) == len(labels):
@@ -98,7 +98,7 @@ def _spec_and_models(args):
     data_spec = recipe.data if recipe else None
     if args.data:
         if is_local(args.data) and not Path(args.data).exists():
-            raise FileNotFoundError(
+            raise Missing(
                 f"--data {args.data} does not exist{made_by(args.data)}; give a json/jsonl/parquet/txt file or folder"
             )
         data_spec = DataSpec(
@@ -114,7 +114,7 @@ def _spec_and_models(args):
         changes |= task.changes(args)
     spec = dataclasses.replace(spec, **changes)
     if data_spec is not None and data_spec.source is None and data_spec.eval_source is None:
-        raise ValueError(
+        raise BadValue(
             "the recipe trains on a mixture (data.sources) and names no held-out data for perplexity and the RULER "
             "haystack: set data.eval_source in the recipe, or pass --data"
         )
@@ -124,7 +124,7 @@ def _spec_and_models(args):
         models = model_labels(args.model)
         missing = [m for m in args.model if not Path(m, "config.json").is_file()]
         if missing:
-            raise FileNotFoundError(
+            raise Missing(
                 f"--model {missing} {'is' if len(missing) == 1 else 'are'} not a model folder (no config.json)"
                 f"{''.join(made_by(m) for m in missing)}; "
                 "give folders written by save_pretrained, e.g. run_dir/final"
@@ -134,13 +134,13 @@ def _spec_and_models(args):
         names = [f"stage{i}" for i in range(len(recipe.stages) - 1)] + ["final"]
         models = {n: str(run / n) for n in names if (run / n / "config.json").is_file()}
         if not models:
-            raise FileNotFoundError(f"{run} holds no exported model yet ({names}); train first or pass --model")
+            raise Missing(f"{run} holds no exported model yet ({names}); train first or pass --model")
     else:
-        raise ValueError("give --recipe (its run's exported models) or --model PATH [PATH ...]")
+        raise BadValue("give --recipe (its run's exported models) or --model PATH [PATH ...]")
     for path in models.values():
         check_model_folder(path)  # config.json parses, the weights are whole
     if not any(task.enabled(spec, data_spec) for task in EVAL_TASKS):
-        raise ValueError(
+        raise BadValue(
             "nothing to evaluate: give --ppl-lengths with --data (perplexity), --passkey-lengths, or --ruler-tasks "
             "with --ruler-lengths, or a --recipe whose eval section names them"
         )

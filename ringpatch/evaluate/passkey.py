@@ -13,6 +13,7 @@ import torch
 from ringpatch.attention.layout import DEFAULT_LAYOUT, Layout
 from ringpatch.data import corpus
 from ringpatch.data.tasks import LANDMARK_FILLER
+from ringpatch.errors import BadValue
 from ringpatch.evaluate.prefill import ring_prefill_scores
 from ringpatch.evaluate.report import check_fractions, check_increasing, format_table, pyplot, write_rows
 from ringpatch.evaluate.task import EvalTask
@@ -64,7 +65,7 @@ def passkey_prompt(tokenizer, template: PasskeyTemplate, length: int, depth: flo
     question, answer = tok(template.question), tok(key)
     room = length - len(intro) - len(needle) - len(question) - len(answer)
     if room < 0:
-        raise ValueError(f"passkey length {length} is shorter than the prompt without filler ({length - room} tokens)")
+        raise BadValue(f"passkey length {length} is shorter than the prompt without filler ({length - room} tokens)")
     filler: list[int] = []
     while len(filler) < room:
         filler += tok("".join(rng.choice(template.filler) for _ in range(64)))

@@ -11,6 +11,7 @@ import torch
 
 from ringpatch.attention.layout import DEFAULT_LAYOUT, Layout
 from ringpatch.data.packing import restart_first_document
+from ringpatch.errors import BadValue
 from ringpatch.evaluate.heldout import held_out
 from ringpatch.evaluate.prefill import ring_prefill_scores
 from ringpatch.evaluate.report import check_increasing, format_table, pyplot, write_rows
@@ -69,7 +70,7 @@ class Perplexity(EvalTask):
 
     def check_spec(self, spec) -> None:
         if any(n <= spec.ppl_tokens for n in spec.ppl_lengths):
-            raise ValueError(
+            raise BadValue(
                 f"eval.ppl_lengths {list(spec.ppl_lengths)} must all exceed eval.ppl_tokens {spec.ppl_tokens}"
             )
         check_increasing("eval.ppl_lengths", spec.ppl_lengths)
@@ -89,7 +90,7 @@ class Perplexity(EvalTask):
 
     def complete(self, spec, recipe, data_spec):
         if spec.ppl_lengths and data_spec is None:
-            raise ValueError(
+            raise BadValue(
                 f"perplexity at {list(spec.ppl_lengths)} needs held-out documents: give --data FILE (or a recipe "
                 "with data.eval_source), or leave --ppl-lengths out"
             )

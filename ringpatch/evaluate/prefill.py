@@ -15,6 +15,7 @@ from ringpatch.attention.comm import resolve_group
 from ringpatch.attention.documents import positions_in_documents
 from ringpatch.attention.layout import DEFAULT_LAYOUT, Layout, local_positions
 from ringpatch.attention.ulysses import ulysses_degree
+from ringpatch.errors import BadValue
 from ringpatch.hf.batch import DOCUMENTS_KEY, cu_seqlens_of
 from ringpatch.hf.documents import starts_from_positions
 from ringpatch.parallel import ParallelDims
@@ -25,12 +26,12 @@ def check_lengths(lengths, layout: Layout, ring_size: int, max_tokens_per_rank: 
     chunks = ParallelDims(ring_size, sp=ring_size, layout=layout).seq_len_divisor
     for n in lengths:
         if n % chunks:
-            raise ValueError(
+            raise BadValue(
                 f"evaluation length {n} is not divisible by the {layout} layout's {chunks} chunks over {ring_size} "
                 f"ranks; use {n // chunks * chunks} or {-(-n // chunks) * chunks}"
             )
         if n // ring_size > max_tokens_per_rank:
-            raise ValueError(
+            raise BadValue(
                 f"evaluation length {n} puts {n // ring_size} tokens on each of {ring_size} ranks, over "
                 f"eval.max_tokens_per_rank {max_tokens_per_rank}; launch more ranks (at least "
                 f"{-(-n // max_tokens_per_rank)}) or raise the limit if memory allows"

@@ -7,6 +7,8 @@ import csv
 import json
 from pathlib import Path
 
+from ringpatch.errors import BadValue
+
 
 def write_rows(rows: list[dict], base) -> None:
     """rows as base.csv and base.json."""
@@ -38,10 +40,10 @@ def format_table(header: list[str], rows: list[list]) -> str:
 
 def check_increasing(name: str, lengths) -> None:
     if list(lengths) != sorted(set(lengths)) or any(n < 1 for n in lengths):
-        raise ValueError(f"{name} must be positive and increasing, got {list(lengths)}")
+        raise BadValue(f"{name} must be positive and increasing, got {list(lengths)}")
 
 
 def check_fractions(name: str, depths) -> None:
     bad = [x for x in depths if not 0.0 <= x <= 1.0]
     if bad or not depths:
-        raise ValueError(f"{name} must be one or more fractions in [0, 1], got {list(depths)}")
+        raise BadValue(f"{name} must be one or more fractions in [0, 1], got {list(depths)}")

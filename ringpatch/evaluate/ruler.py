@@ -47,6 +47,7 @@ from ringpatch.data.tasks import (
     encode_answer,
     min_length,
 )
+from ringpatch.errors import BadValue
 from ringpatch.evaluate.heldout import held_out
 from ringpatch.evaluate.prefill import ring_prefill_scores
 from ringpatch.evaluate.report import check_fractions, check_increasing, format_table, pyplot, write_rows
@@ -67,7 +68,7 @@ def check_tokenizer(tokenizer) -> None:
         if (unk is not None and unk in ids) or tokenizer.decode(ids).strip() != text.strip():
             bad.append(text)
     if bad:
-        raise ValueError(
+        raise BadValue(
             f"the tokenizer {getattr(tokenizer, 'name_or_path', '')!r} does not encode the needle alphabet "
             f"faithfully ({bad} do not round-trip); the RULER tasks need digits and Latin letters: use another "
             "tokenizer or leave eval.ruler_tasks empty"
@@ -179,7 +180,7 @@ def ruler_scores(
     one prefill per answer token, matched as RULER matches text). wording: the templates' words
     (data/tasks.py WORDING; auto: RULER's unless the tokenizer is byte-level)."""
     if scorer not in SCORERS:
-        raise ValueError(f"scorer must be one of {list(SCORERS)}, got {scorer!r}")
+        raise BadValue(f"scorer must be one of {list(SCORERS)}, got {scorer!r}")
     builder = Builder(tokenizer, haystack, digits=digits, wording=wording)
     scores, seconds = {}, {}
     for n in lengths:
@@ -205,7 +206,7 @@ def effective_length(means: dict[int, float], threshold: float = THRESHOLD, rule
     prefix, the longest length up to which every tested length's mean score is >= threshold; any,
     the longest length whose mean score is >= threshold."""
     if rule not in ("prefix", "any"):
-        raise ValueError(f"effective length rule must be 'prefix' or 'any', got {rule!r}")
+        raise BadValue(f"effective length rule must be 'prefix' or 'any', got {rule!r}")
     best = 0
     for n in sorted(means):
         if means[n] >= threshold:
@@ -329,7 +330,7 @@ class Ruler(EvalTask):
         check_fractions("eval.ruler_depths", spec.ruler_depths)
         check_increasing("eval.ruler_lengths", spec.ruler_lengths)
         if len(set(spec.ruler_tasks)) != len(spec.ruler_tasks):
-            raise ValueError(f"eval.ruler_tasks names a task twice: {list(spec.ruler_tasks)}")
+            raise BadValue(f"eval.ruler_tasks names a task twice: {list(spec.ruler_tasks)}")
 
     def add_flags(self, parser) -> None:
         parser.add_argument(
@@ -372,12 +373,12 @@ class Ruler(EvalTask):
 
     def complete(self, spec, recipe, data_spec):
         if spec.ruler_tasks and spec.ruler_haystack == "data" and data_spec is None:
-            raise ValueError(
+            raise BadValue(
                 "eval.ruler_haystack: data needs held-out data: give --data or a recipe with data.eval_source"
             )
         if spec.ruler_tasks and not spec.ruler_lengths:
             if recipe is None and not spec.passkey_lengths:
-                raise ValueError("--ruler-tasks needs --ruler-lengths (or --passkey-lengths, which it then takes)")
+                raise BadValue("--ruler-tasks needs --ruler-lengths (or --passkey-lengths, which it then takes)")
             return dataclasses.replace(spec, ruler_lengths=spec.passkey_lengths)
         return spec
 
@@ -404,7 +405,7 @@ class Ruler(EvalTask):
             for task in spec.ruler_tasks:
                 need = min_length(builder, task)
                 if spec.ruler_lengths[0] < need:
-                    raise ValueError(
+                    raise BadValue(
                         f"eval.ruler_lengths {spec.ruler_lengths[0]} is below the {task} template's minimum of {need} "
                         f"tokens in {path}'s tokenizer; use lengths >= {need} or drop {task} from eval.ruler_tasks"
                     )

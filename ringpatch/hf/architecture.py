@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 
+from ringpatch.errors import BadValue, Unsupported
 from ringpatch.hf.models import unsupported_features
 from ringpatch.hf.rope import check_rope_scaling
 from ringpatch.schema import POSITIVE
@@ -53,14 +54,14 @@ def check_declared(config, where: str) -> None:
     present = config if isinstance(config, dict) else config.to_dict()
     for key, what, ok in DECLARED:
         if key in present and not ok(get(key)):
-            raise ValueError(f"{where}.{key} must be {what}, got {get(key)!r}")
+            raise BadValue(f"{where}.{key} must be {what}, got {get(key)!r}")
     rope = get("rope_parameters") or {}
     for key in POSITIVE_FLOATS:
         for name, value in ((key, present.get(key)), (f"rope_parameters.{key}", rope.get(key))):
             if value is None:
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)):  # YAML reads 1e4 as text
-                raise ValueError(f"{where}.{name} must be float, got {type(value).__name__} {value!r}")
+                raise BadValue(f"{where}.{name} must be float, got {type(value).__name__} {value!r}")
             POSITIVE.check(f"{where}.{name}", value)
 
 
@@ -69,7 +70,7 @@ def _build(config: dict, where: str):
 
     model_type = config.get("model_type")
     if not isinstance(model_type, str) or not model_type:
-        raise ValueError(f"{where} needs a model_type (e.g. llama); it has {sorted(config)}")
+        raise BadValue(f"{where} needs a model_type (e.g. llama); it has {sorted(config)}")
     from transformers.utils import logging
 
     verbosity = logging.get_verbosity()
@@ -80,7 +81,7 @@ def _build(config: dict, where: str):
         problem = " ".join(str(e).split())
         if problem.startswith("Unrecognized model identifier"):
             problem = f"transformers {_version()} has no model type {model_type!r}"
-        raise ValueError(f"{where} is not a valid {model_type} config: {problem[:300]}") from None
+        raise BadValue(f"{where} is not a valid {model_type} config: {problem[:300]}") from None
     finally:
         logging.set_verbosity(verbosity)
 
@@ -95,7 +96,7 @@ def _causal_lm(config, where: str) -> None:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        raise NotImplementedError(
+        raise Unsupported(
             f"{where}: model type {config.model_type!r} is not a causal language model (transformers has no "
             "AutoModelForCausalLM for it); ringpatch trains decoders such as llama, mistral or qwen2"
         )
@@ -112,11 +113,11 @@ def head_counts(config) -> tuple[int | None, int | None]:
 def _heads(config, where: str) -> None:
     heads = getattr(config, "num_attention_heads", None)
     if not isinstance(heads, int) or heads < 1:
-        raise ValueError(f"{where}.num_attention_heads must be a positive integer, got {heads!r}")
+        raise BadValue(f"{where}.num_attention_heads must be a positive integer, got {heads!r}")
     kv_heads = getattr(config, "num_key_value_heads", None)
     kv_heads = heads if kv_heads is None else kv_heads
     if not isinstance(kv_heads, int) or kv_heads < 1 or heads % kv_heads:
-        raise ValueError(
+        raise BadValue(
             f"{where}.num_key_value_heads {kv_heads!r} must be a positive divisor of the {heads} query heads "
             f"(each K/V head serves heads / kv_heads query heads); choose among "
             f"{[d for d in range(1, heads + 1) if heads % d == 0]}"
@@ -124,10 +125,10 @@ def _heads(config, where: str) -> None:
     hidden = getattr(config, "hidden_size", None)
     head_dim = getattr(config, "head_dim", None)
     if head_dim is None and isinstance(hidden, int) and hidden % heads:
-        raise ValueError(f"{where}.hidden_size {hidden} is not divisible by the {heads} attention heads")
+        raise BadValue(f"{where}.hidden_size {hidden} is not divisible by the {heads} attention heads")
     head_dim = head_dim if head_dim is not None else (hidden // heads if isinstance(hidden, int) else None)
     if isinstance(head_dim, int) and head_dim % 2:
-        raise ValueError(
+        raise BadValue(
             f"{where}: head_dim {head_dim} is odd; rotary position embeddings rotate pairs of dimensions, so "
             "it must be even: change hidden_size or num_attention_heads (or head_dim)"
         )
@@ -153,9 +154,7 @@ def check_architecture(config, where: str = "model.config", causal_lm: bool = Tr
         _causal_lm(config, where)
     problems = unsupported_features(config)
     if problems:
-        raise NotImplementedError(
-            f"model type {config.model_type!r}: ring attention cannot honour " + "; ".join(problems)
-        )
+        raise Unsupported(f"model type {config.model_type!r}: ring attention cannot honour " + "; ".join(problems))
     _heads(config, where)
     _rope(config, where)
     return config

@@ -18,6 +18,7 @@ import torch
 from ringpatch.attention.comm import agree, resolve_group
 from ringpatch.attention.documents import positions_in_documents
 from ringpatch.attention.layout import DEFAULT_LAYOUT, Layout, check_layout, num_chunks, shard
+from ringpatch.errors import BadType, BadValue
 from ringpatch.hf.documents import FLATTENING_KEYS, document_starts
 
 IGNORE_INDEX = -100
@@ -33,21 +34,21 @@ AGREED_KEY = "ring_agreed"
 
 def _check_keys(batch) -> torch.Tensor:
     if not hasattr(batch, "keys"):
-        raise TypeError(f"batch must be a dict of tensors, got {type(batch).__name__}")
+        raise BadType(f"batch must be a dict of tensors, got {type(batch).__name__}")
     if "input_ids" not in batch:
-        raise ValueError(f"batch has no 'input_ids' (it has {sorted(batch.keys())}); ring attention needs token ids")
+        raise BadValue(f"batch has no 'input_ids' (it has {sorted(batch.keys())}); ring attention needs token ids")
     unknown = sorted(set(batch.keys()) - set(KEYS) - set(FLATTENING_KEYS))
     if unknown:
-        raise ValueError(f"shard_batch does not know the keys {unknown}; it takes {', '.join(KEYS + FLATTENING_KEYS)}")
+        raise BadValue(f"shard_batch does not know the keys {unknown}; it takes {', '.join(KEYS + FLATTENING_KEYS)}")
     input_ids = batch["input_ids"]
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
-        raise ValueError(
+        raise BadValue(
             f"input_ids must be an integer tensor (batch, seq_len), got {getattr(input_ids, 'shape', input_ids)}"
         )
     for key in ROW_KEYS:
         value = batch.get(key)
         if value is not None and (not isinstance(value, torch.Tensor) or value.shape[-1] != input_ids.shape[1]):
-            raise ValueError(
+            raise BadValue(
                 f"{key} must be a tensor of shape {tuple(input_ids.shape)}, got {getattr(value, 'shape', value)}"
             )
     return input_ids
@@ -56,10 +57,10 @@ def _check_keys(batch) -> torch.Tensor:
 def _check_right_padding(mask: torch.Tensor) -> None:
     mask = mask.to(torch.int64)
     if not bool(((mask == 0) | (mask == 1)).all()):
-        raise ValueError("attention_mask must hold only 0 and 1")
+        raise BadValue("attention_mask must hold only 0 and 1")
     bad = (mask[:, 1:] > mask[:, :-1]).any(dim=1).nonzero().flatten().tolist()
     if bad:
-        raise ValueError(
+        raise BadValue(
             f"attention_mask rows {bad[:8]} have left or inner padding; ring attention takes right padding only: "
             "set tokenizer.padding_side = 'right' (or pack sequences without padding)"
         )
@@ -82,7 +83,7 @@ def _check_same_across_ranks(batch, group, sp_size: int) -> None:
     rows = agree(None, parts, group, sp_size, input_ids.device)
     if len(set(rows)) > 1:
         differ = [CHECKED[i - 1] if i else "shape" for i in range(len(rows[0])) if len({r[i] for r in rows}) > 1]
-        raise ValueError(
+        raise BadValue(
             f"the ranks of the sequence-parallel group hold different batches (differing: {differ}); every rank of "
             "one group must load the same full sample, e.g. a sampler seeded by the data-parallel index only"
         )
@@ -160,7 +161,7 @@ def shard_batch(batch, group=None, layout: Layout = DEFAULT_LAYOUT, pad_token_id
     if shifted is not None:
         count = (shifted != IGNORE_INDEX).sum()
         if int(count) == 0:
-            raise ValueError("every label of the batch is ignored (-100 or padding): there is nothing to learn from")
+            raise BadValue("every label of the batch is ignored (-100 or padding): there is nothing to learn from")
         local_labels = cut(shifted)
         local.update(labels=local_labels, shift_labels=local_labels, num_items_in_batch=count)
     return local

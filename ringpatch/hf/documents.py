@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from ringpatch.attention.documents import documents_per_row
+from ringpatch.errors import BadValue
 
 FLATTENING_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
 
@@ -26,7 +27,7 @@ def starts_from_positions(position_ids: torch.Tensor) -> list[list[int]]:
         bad = next((i for i, p in enumerate(row) if p != (row[i - 1] + 1 if i and p else 0)), None)
         if bad is not None:
             shown = row[max(0, bad - 3) : bad + 3]
-            raise ValueError(
+            raise BadValue(
                 f"position_ids row {b} reads {shown} around index {bad}: positions must count 0, 1, 2, ... and may "
                 "restart at 0 where a packed document starts; offsets and other jumps are not supported (drop "
                 "position_ids for one sequence numbered from 0, or restart them at 0 for each document)"
@@ -38,9 +39,7 @@ def starts_from_positions(position_ids: torch.Tensor) -> list[list[int]]:
 def _starts_from_cu_seqlens(batch, rows: int, seq_len: int) -> list[list[int]]:
     q, k = batch.get("cu_seq_lens_q"), batch.get("cu_seq_lens_k")
     if q is not None and k is not None and not torch.equal(torch.as_tensor(q).cpu(), torch.as_tensor(k).cpu()):
-        raise ValueError(
-            "cu_seq_lens_q and cu_seq_lens_k differ; causal self-attention over packed documents needs one"
-        )
+        raise BadValue("cu_seq_lens_q and cu_seq_lens_k differ; causal self-attention over packed documents needs one")
     docs = documents_per_row(q if q is not None else k, rows, seq_len)
     return [[0] if docs is None or docs[b] is None else list(docs[b]) for b in range(rows)]
 
@@ -67,7 +66,7 @@ def document_starts(batch, seq_len: int) -> list[list[int]] | None:
     for name, other in others:
         if other != starts:
             row = next(b for b in range(rows) if other[b] != starts[b])
-            raise ValueError(
+            raise BadValue(
                 f"{first} and {name} place the documents of row {row} differently ({starts[row][:8]} vs "
                 f"{other[row][:8]}); pass one of them, or make them agree"
             )

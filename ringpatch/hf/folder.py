@@ -13,12 +13,14 @@ import json
 import struct
 from pathlib import Path
 
+from ringpatch.errors import BadValue
+
 HEADER_LIMIT = 100 * 2**20
 """safetensors refuses headers over 100 MB; a larger length read from a file means it is no safetensors."""
 
 
-def _damaged(path: Path, why: str) -> ValueError:
-    return ValueError(f"{path} {why}: the model folder is damaged; copy or save it again")
+def _damaged(path: Path, why: str) -> BadValue:
+    return BadValue(f"{path} {why}: the model folder is damaged; copy or save it again")
 
 
 def check_safetensors(path: Path) -> None:
@@ -48,8 +50,8 @@ def check_model_folder(folder) -> None:
     try:
         parsed = json.loads(config.read_text())
     except ValueError as e:
-        raise ValueError(f"{config} is not valid JSON ({e}); fix or restore it") from None
+        raise BadValue(f"{config} is not valid JSON ({e}); fix or restore it") from None
     if not isinstance(parsed, dict):
-        raise ValueError(f"{config} holds a {type(parsed).__name__}, not the JSON object of a model config")
+        raise BadValue(f"{config} holds a {type(parsed).__name__}, not the JSON object of a model config")
     for weights in sorted(folder.glob("*.safetensors")):
         check_safetensors(weights)

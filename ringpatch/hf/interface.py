@@ -12,6 +12,7 @@ import torch
 
 from ringpatch.attention import ring_attention
 from ringpatch.attention.ring import KeptAttention
+from ringpatch.errors import BadValue, Unsupported
 from ringpatch.hf.batch import AGREED_KEY, DOCUMENTS_KEY
 from ringpatch.hf.settings import RingSettings
 
@@ -30,24 +31,24 @@ def ring_attention_forward(
             "did not patch; call ringpatch.patch_model(model) instead of setting attn_implementation by hand"
         )
     if isinstance(attention_mask, torch.Tensor):
-        raise NotImplementedError(
+        raise Unsupported(
             f"{model_type}: ring attention cannot honour a custom attention mask of shape "
             f"{tuple(attention_mask.shape)}; pass the batch through ringpatch.shard_batch (right padding is handled "
             "through ignored labels) and no attention_mask"
         )
     if dropout:
-        raise NotImplementedError(f"{model_type}: attention dropout {dropout} is not supported by ring attention")
+        raise Unsupported(f"{model_type}: attention dropout {dropout} is not supported by ring attention")
     for feature in ("softcap", "s_aux"):
         if kwargs.get(feature) is not None:
-            raise NotImplementedError(f"{model_type}: ring attention cannot honour {feature!r}")
+            raise Unsupported(f"{model_type}: ring attention cannot honour {feature!r}")
     for name in ("cu_seq_lens_q", "cu_seq_lens_k"):
         if kwargs.get(name) is not None:
-            raise ValueError(
+            raise BadValue(
                 f"{name} reached a ring-patched model: pass the packed batch through ringpatch.shard_batch, which "
                 "turns it into document masking over the ring"
             )
     if getattr(module, "is_causal", True) is False:
-        raise NotImplementedError(f"{model_type}: ring attention supports causal self-attention only")
+        raise Unsupported(f"{model_type}: ring attention supports causal self-attention only")
     device_type = query.device.type
     if torch.is_autocast_enabled(device_type):  # as transformers' flash-attention path: one dtype, autocast's
         dtype = torch.get_autocast_dtype(device_type)
@@ -81,7 +82,7 @@ def ring_mask(*args, attention_mask=None, **kwargs):
     """AttentionMaskInterface entry: the ring builds its masks from positions, so no S x S
     mask is ever made. A padding mask with zeros cannot be honoured here."""
     if attention_mask is not None and not bool(attention_mask.all()):
-        raise NotImplementedError(
+        raise Unsupported(
             "a padding attention_mask reached the ring-patched model; pass the full batch through "
             "ringpatch.shard_batch, which turns right padding into ignored labels"
         )

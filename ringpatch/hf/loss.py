@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ringpatch.attention.comm import SumOverGroup
+from ringpatch.errors import BadValue, Unsupported
 from ringpatch.hf.batch import AGREED_KEY, DOCUMENTS_KEY, IGNORE_INDEX
 from ringpatch.hf.models import PLAIN_HEAD_MODEL_TYPES
 from ringpatch.hf.settings import check_local_batch
@@ -37,7 +38,7 @@ def chunked_cross_entropy(hidden, weight, labels, bias=None, chunk_tokens: int =
     hidden (..., D), labels (...) already shifted; returns a float32 (or float64) scalar (a sum: divide
     by the number of predicted tokens for the mean)."""
     if chunk_tokens < 1:
-        raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
+        raise BadValue(f"chunk_tokens must be positive, got {chunk_tokens}")
     hidden = hidden.reshape(-1, hidden.shape[-1])  # (N, D)
     labels = labels.reshape(-1)
     total = hidden.new_zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32))
@@ -52,13 +53,13 @@ def causal_lm_loss(model, batch: dict, chunk_tokens: int = CHUNK_TOKENS) -> torc
     with chunked_cross_entropy. Equal to `model(**batch).loss` without its logits."""
     config = model.config
     if config.model_type not in PLAIN_HEAD_MODEL_TYPES:
-        raise NotImplementedError(
+        raise Unsupported(
             f"causal_lm_loss knows the head of {', '.join(PLAIN_HEAD_MODEL_TYPES)}; model type "
             f"{config.model_type!r} may scale or cap its logits: use model(**batch).loss"
         )
     missing = [k for k in ("input_ids", "position_ids", "shift_labels", "num_items_in_batch") if k not in batch]
     if missing:
-        raise ValueError(f"batch lacks {missing}: pass the output of ringpatch.shard_batch with labels")
+        raise BadValue(f"batch lacks {missing}: pass the output of ringpatch.shard_batch with labels")
     settings = getattr(model, "_ringpatch", None)
     documents = batch.get(DOCUMENTS_KEY)
     extra = {}
@@ -66,7 +67,7 @@ def causal_lm_loss(model, batch: dict, chunk_tokens: int = CHUNK_TOKENS) -> torc
         documents = check_local_batch(settings, batch["input_ids"].shape[1], batch["position_ids"], documents)
         extra[AGREED_KEY] = True
     elif documents is not None:
-        raise ValueError(
+        raise BadValue(
             "the batch packs documents (ring_cu_seqlens), which only a ring-patched model keeps apart: "
             "call ringpatch.patch_model(model) first"
         )

@@ -18,6 +18,7 @@ from ringpatch.attention.comm import SumOverGroup, resolve_group
 from ringpatch.attention.kernels import check_backend
 from ringpatch.attention.layout import DEFAULT_LAYOUT, Layout, check_layout
 from ringpatch.attention.ulysses import UlyssesRing, check_heads
+from ringpatch.errors import BadValue, Unsupported
 from ringpatch.hf.architecture import check_architecture, head_counts
 from ringpatch.hf.batch import AGREED_KEY, DOCUMENTS_KEY
 from ringpatch.hf.interface import IMPLEMENTATION, register
@@ -30,14 +31,14 @@ def _check_call(model, args, kwargs):
     """Forward pre-hook: the batch must come from shard_batch for this group and layout."""
     settings: RingSettings = model._ringpatch
     if kwargs.get("use_cache"):
-        raise NotImplementedError("use_cache=True (KV-cache decoding) is not supported on a ring-patched model")
+        raise Unsupported("use_cache=True (KV-cache decoding) is not supported on a ring-patched model")
     kwargs["use_cache"] = False
     tokens = kwargs.get("input_ids", args[0] if args else None)
     if tokens is None:
         tokens = kwargs.get("inputs_embeds")
     position_ids = kwargs.get("position_ids")
     if tokens is None or position_ids is None:
-        raise ValueError(
+        raise BadValue(
             "a ring-patched model needs this rank's part of the batch with global position_ids: "
             "call model(**ringpatch.shard_batch(batch, group, layout)); under transformers.Trainer or TRL use "
             "ringpatch.integrations.RingTrainer / RingSFTTrainer, which cut each batch for you"
@@ -47,7 +48,7 @@ def _check_call(model, args, kwargs):
         kwargs[DOCUMENTS_KEY] = bounds  # read from the device once, here, not by every layer
     kwargs[AGREED_KEY] = True
     if settings.keep_attention and model.training and torch.is_grad_enabled() and not _checkpointed(model):
-        raise ValueError(
+        raise BadValue(
             "patch_model(keep_attention=True) keeps attention outputs for the recompute of activation-checkpointed "
             "layers, but this model has no activation checkpointing, so they would be kept for nothing: call "
             "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False}), or patch "
@@ -78,7 +79,7 @@ def _full_loss(model, args, kwargs, output):
     settings: RingSettings = model._ringpatch
     if loss is None:
         if settings.sp_size > 1 and model.training and torch.is_grad_enabled() and not settings.local_logits:
-            raise ValueError(
+            raise BadValue(
                 "a ring-patched model was called for training without labels: its logits cover only this rank's "
                 f"{kwargs['position_ids'].shape[-1]} of {kwargs['position_ids'].shape[-1] * settings.sp_size} tokens, "
                 "so a loss computed from them misses the other ranks' tokens. Pass shard_batch's labels and use "
@@ -87,7 +88,7 @@ def _full_loss(model, args, kwargs, output):
             )
         return output
     if kwargs.get("num_items_in_batch") is None:
-        raise ValueError("a ring-patched model computes its loss from shard_batch's num_items_in_batch; pass all of it")
+        raise BadValue("a ring-patched model computes its loss from shard_batch's num_items_in_batch; pass all of it")
     if settings.sp_size > 1:
         output.loss = SumOverGroup.apply(loss, settings.group)
     return output
@@ -102,7 +103,7 @@ def _check_ulysses_heads(config, ulysses: int) -> None:
     try:
         check_heads(heads, kv_heads, ulysses)
     except ValueError as exc:
-        raise ValueError(f"model type {config.model_type!r}: {exc}") from None
+        raise BadValue(f"model type {config.model_type!r}: {exc}") from None
 
 
 def _base_model(model):
@@ -144,15 +145,15 @@ def patch_model(
     check_backend(backend)
     config = model.config
     if getattr(model, "_ringpatch", None) is not None:
-        raise ValueError("this model is already ring-patched; call ringpatch.unpatch_model(model) first")
+        raise BadValue("this model is already ring-patched; call ringpatch.unpatch_model(model) first")
     check_architecture(config, "model.config", causal_lm=False)
     if "position_ids" not in inspect.signature(model.forward).parameters:
-        raise NotImplementedError(
+        raise Unsupported(
             f"model type {config.model_type!r} ({type(model).__name__}) takes no position_ids, so its positions "
             "would restart at 0 on every rank; ring attention needs models that take global position_ids"
         )
     if not model._can_set_attn_implementation():
-        raise NotImplementedError(
+        raise Unsupported(
             f"model type {config.model_type!r} does not dispatch attention through transformers' AttentionInterface, "
             "so ring attention cannot be plugged in"
         )
@@ -179,7 +180,7 @@ def unpatch_model(model):
     outer, model = model, _base_model(model)
     settings: RingSettings | None = getattr(model, "_ringpatch", None)
     if settings is None:
-        raise ValueError("this model is not ring-patched")
+        raise BadValue("this model is not ring-patched")
     for hook in model._ringpatch_hooks:
         hook.remove()
     for module in model.modules():

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 
+from ringpatch.errors import BadValue, Unsupported
+
 # transformers' RoPE types a stage may name, with the keys each needs beyond rope_type
 # (original_max_position_embeddings defaults to the model's trained length, see apply_rope).
 ROPE_SCALING_KEYS = {
@@ -42,32 +44,32 @@ def check_rope_scaling(scaling: dict, where: str = "rope_scaling", stage: bool =
     kind = scaling.get("rope_type", scaling.get("type"))
     known = ROPE_SCALING_KEYS if stage else ROPE_TYPE_KEYS
     if kind not in known:
-        raise ValueError(
+        raise BadValue(
             f"{where}.rope_type {kind!r} is not one of {sorted(known)} (to change only the base, use the stage's rope_theta)"
         )
     if stage and "rope_theta" in scaling:
-        raise ValueError(
+        raise BadValue(
             f"{where} sets rope_theta {scaling['rope_theta']!r}: a stage changes the RoPE base with its own rope_theta "
             "(beside no rope_scaling) or its rope_scaling's factors, not both; remove it from rope_scaling"
         )
     unknown = sorted(set(scaling) - {"rope_type", "type", "partial_rotary_factor", *ROPE_TYPE_KEYS[kind]})
     if unknown:
-        raise ValueError(
+        raise BadValue(
             f"{where} of rope_type {kind!r} has unknown keys {unknown}; transformers reads "
             f"{sorted(ROPE_TYPE_KEYS[kind])} (and rope_type, partial_rotary_factor)"
         )
     missing = [key for key in ROPE_SCALING_KEYS.get(kind, ()) if key not in scaling]
     if missing:
-        raise ValueError(f"{where} of rope_type {kind!r} needs {missing}; it has {sorted(scaling)}")
+        raise BadValue(f"{where} of rope_type {kind!r} needs {missing}; it has {sorted(scaling)}")
     for key in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
         value = scaling.get(key)
         if value is not None and not (
             isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
         ):
-            raise ValueError(f"{where}.{key} must be a positive finite number, got {value!r}")
+            raise BadValue(f"{where}.{key} must be a positive finite number, got {value!r}")
     factor = scaling.get("factor")
     if kind != "longrope" and isinstance(factor, (int, float)) and factor < 1:
-        raise ValueError(
+        raise BadValue(
             f"{where}.factor {factor} is below 1, which would shrink the context the model was trained for; "
             "an extension stage scales by seq_len / trained length (>= 1)"
         )
@@ -76,7 +78,7 @@ def check_rope_scaling(scaling: dict, where: str = "rope_scaling", stage: bool =
 def ntk_rope_theta(theta: float, trained_len: int, seq_len: int, head_dim: int) -> float:
     """The NTK-aware base for extending a model trained at `trained_len` to `seq_len` tokens."""
     if min(theta, trained_len, seq_len) <= 0 or head_dim < 4 or head_dim % 2:
-        raise ValueError(
+        raise BadValue(
             f"need theta > 0, lengths > 0 and an even head_dim >= 4; got theta={theta}, "
             f"trained_len={trained_len}, seq_len={seq_len}, head_dim={head_dim}"
         )
@@ -88,7 +90,7 @@ def apply_rope(model, max_positions: int, rope_theta: float | None = None, rope_
     """Set the model's RoPE for a new stage in its config (so an exported config.json carries
     it) and rebuild its rotary-embedding modules from that config, in place."""
     if rope_theta is not None and rope_scaling is not None:
-        raise ValueError("give rope_theta or rope_scaling, not both")
+        raise BadValue("give rope_theta or rope_scaling, not both")
     config = model.config
     params = dict(getattr(config, "rope_parameters", None) or {"rope_type": "default"})
     if rope_theta is not None:
@@ -106,7 +108,7 @@ def apply_rope(model, max_positions: int, rope_theta: float | None = None, rope_
                 setattr(parent, name, type(child)(config=config).to(device))
                 rebuilt += 1
     if not rebuilt:
-        raise NotImplementedError(f"model type {config.model_type!r} has no rotary embedding module to update")
+        raise Unsupported(f"model type {config.model_type!r} has no rotary embedding module to update")
     return model
 
 

@@ -11,6 +11,7 @@ from ringpatch.attention.comm import agree, resolve_group
 from ringpatch.attention.documents import boundaries, docs_digest, documents_per_row, positions_in_documents
 from ringpatch.attention.layout import LAYOUTS, Layout, local_positions, num_chunks
 from ringpatch.attention.ulysses import ulysses_degree
+from ringpatch.errors import BadValue
 
 
 @dataclass(frozen=True)
@@ -95,13 +96,13 @@ def check_local_batch(settings: RingSettings, local: int, position_ids: torch.Te
         other = _layout_that_matches(settings, rows, seq_len, bounds, position_ids)
         index = LAYOUTS.index(other) if other is not None else -1
         if {row[0] for row in agree(None, [index], group, sp_size, position_ids.device)} == {index} and other:
-            raise ValueError(
+            raise BadValue(
                 f"the batch was cut with layout {other!r}, but the model was patched with layout {settings.layout!r}: "
                 f"pass the same layout to both (shard_batch(batch, group, layout={settings.layout!r}), or "
                 f"patch_model(model, group, layout={other!r}))"
             )
     if not found[settings.sp_rank if sp_size > 1 else 0][0]:
-        raise ValueError(
+        raise BadValue(
             f"the batch holds {local} tokens per rank with position_ids {position_ids.reshape(-1)[:4].tolist()}..., "
             f"which is not this rank's part ({settings.layout}, sp_rank {settings.sp_rank} of {settings.sp_size}"
             f"{f', ulysses {settings.ulysses}' if settings.ulysses > 1 else ''}) "
@@ -110,10 +111,10 @@ def check_local_batch(settings: RingSettings, local: int, position_ids: torch.Te
         )
     wrong = [r for r, row in enumerate(found) if not row[0]]
     if wrong:
-        raise ValueError(f"rank(s) {wrong} of the group do not hold their part of the batch; see their error")
+        raise BadValue(f"rank(s) {wrong} of the group do not hold their part of the batch; see their error")
     if len({row[1:] for row in found}) > 1:
         shapes = "; ".join(f"rank {r}: {row[1]} x {row[2]} tokens" for r, row in enumerate(found))
-        raise ValueError(
+        raise BadValue(
             f"the ranks of the group hold different batches ({shapes}"
             f"{', or different document boundaries' if bounds else ''}); every rank of the group must hold its "
             "part of the same batch: cut it with ringpatch.shard_batch(batch, group, layout) on every rank"

@@ -13,6 +13,7 @@ import torch.distributed as dist
 
 from ringpatch.attention.comm import resolve_group
 from ringpatch.attention.layout import PACKED_LAYOUT
+from ringpatch.errors import BadValue, Unsupported
 from ringpatch.hf import patch_model, shard_batch
 from ringpatch.parallel import ParallelDims, build_mesh
 
@@ -45,13 +46,13 @@ class RingTrainerMixin:
         super().__init__(*args, **kwargs)
         world = dist.get_world_size() if dist.is_initialized() else 1
         if sp < 1 or world % sp:
-            raise ValueError(f"sp={sp} must divide the {world} launched processes (dp = world / sp)")
+            raise BadValue(f"sp={sp} must divide the {world} launched processes (dp = world / sp)")
         if getattr(self.model, "_ringpatch", None) is not None:
-            raise ValueError("pass the model unpatched: the trainer patches it over its own sp group")
+            raise BadValue("pass the model unpatched: the trainer patches it over its own sp group")
         self.ring_dims = ParallelDims(world, sp, 1, layout, ulysses)
         self.ring_layout = layout
         if sp > 1 and (self.compute_metrics is not None or self.preprocess_logits_for_metrics is not None):
-            raise NotImplementedError(
+            raise Unsupported(
                 "compute_metrics / preprocess_logits_for_metrics with sp > 1: each rank holds only its part of the "
                 "sequence's logits, so metrics computed from them would be wrong; compute them in compute_loss "
                 "(as TRL's SFTTrainer does), or evaluate with a separate unpatched run"
@@ -73,7 +74,7 @@ class RingTrainerMixin:
             return dataloader
         shard = getattr(dataloader, "batch_sampler", None)
         if shard is None or not hasattr(shard, "num_processes"):
-            raise NotImplementedError(
+            raise Unsupported(
                 "RingTrainer shards map-style datasets; an iterable (streaming) dataset would give each rank of "
                 "a ring different samples: materialise it (datasets.Dataset) or shard it over dp yourself"
             )
@@ -87,7 +88,7 @@ class RingTrainerMixin:
         ring's ranks hold the same loss, and accelerate's drop of the last batch's repeats counts
         samples over dp ranks."""
         if use_gather_object or not torch.is_tensor(data):
-            raise NotImplementedError("RingTrainer gathers tensors only in evaluation (eval_use_gather_object=False)")
+            raise Unsupported("RingTrainer gathers tensors only in evaluation (eval_use_gather_object=False)")
         gathered = self.accelerator.gather(data)
         world = dist.get_world_size()
         gathered = gathered.reshape(world, -1, *data.shape[1:])[self.ring_leaders].flatten(0, 1)
@@ -116,7 +117,7 @@ class RingTrainerMixin:
 
     def _ring_local(self, inputs) -> dict:
         if "labels" not in inputs:
-            raise ValueError("RingTrainer needs labels in every batch (a causal-LM collator gives them)")
+            raise BadValue("RingTrainer needs labels in every batch (a causal-LM collator gives them)")
         return shard_batch(dict(inputs), group=self.ring_group, layout=self.ring_layout)
 
     def _ring_averaged(self) -> bool:

@@ -20,6 +20,8 @@ import types
 
 import torch
 
+from ringpatch.errors import BadValue
+
 RMS_CHUNK_BYTES = 256 * 2**20
 """The most bytes of one float32 temporary of a chunk: tokens per chunk = this / (4 x hidden)."""
 
@@ -71,7 +73,7 @@ def chunk_rmsnorms(lm: torch.nn.Module) -> int:
     """Run every RMSNorm of `lm` through ChunkedRMSNorm; the number of norms."""
     norms = [m for m in lm.modules() if is_rmsnorm(m)]
     if not norms:
-        raise ValueError(f"rmsnorm: chunked, but {type(lm).__name__} has no RMSNorm modules; set rmsnorm: stock")
+        raise BadValue(f"rmsnorm: chunked, but {type(lm).__name__} has no RMSNorm modules; set rmsnorm: stock")
     for norm in norms:
 
         def forward(self, hidden_states):

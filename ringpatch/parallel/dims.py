@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from ringpatch.attention.layout import DEFAULT_LAYOUT, Layout, check_layout, num_chunks
 from ringpatch.attention.ulysses import check_heads as check_ulysses_heads
 from ringpatch.attention.ulysses import check_ulysses
+from ringpatch.errors import BadValue
 
 
 @dataclass(frozen=True)
@@ -38,11 +39,11 @@ class ParallelDims:
         for name in ("world", "sp", "tp", "ulysses"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+                raise BadValue(f"{name} must be a positive int, got {value!r}")
         check_layout(self.layout)
         check_ulysses(self.ulysses, self.sp)
         if self.world % (self.sp * self.tp):
-            raise ValueError(
+            raise BadValue(
                 f"world size {self.world} is not divisible by sp*tp = {self.sp}*{self.tp} = {self.sp * self.tp}; "
                 f"dp = world / (sp*tp) must be whole: change sp or tp, or launch a multiple of {self.sp * self.tp} ranks"
             )
@@ -70,7 +71,7 @@ class ParallelDims:
         Ulysses splits each tp rank's heads (query heads by ulysses; K/V heads split or repeated)."""
         for name, count in (("attention heads", heads), ("key/value heads", kv_heads)):
             if count % self.tp:
-                raise ValueError(
+                raise BadValue(
                     f"{name} {count} are not divisible by tp={self.tp}; choose tp among "
                     f"{[d for d in range(1, count + 1) if heads % d == 0 and kv_heads % d == 0]}"
                 )
@@ -84,7 +85,7 @@ class ParallelDims:
         """A Ulysses group and its tp ranks must sit in one node: ulysses * tp divides the node."""
         span = self.ulysses * self.tp
         if self.ulysses > 1 and ranks_per_node % span:
-            raise ValueError(
+            raise BadValue(
                 f"ulysses={self.ulysses} x tp={self.tp} = {span} neighbouring ranks do not fit evenly in a node of "
                 f"{ranks_per_node} ranks, so some Ulysses all-to-alls would cross nodes; choose ulysses among "
                 f"{[d for d in range(1, self.sp + 1) if self.sp % d == 0 and ranks_per_node % (d * self.tp) == 0]}"

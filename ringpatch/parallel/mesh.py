@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch.distributed as dist
 
 from ringpatch.attention.ulysses import UlyssesRing
+from ringpatch.errors import BadValue
 from ringpatch.parallel.dims import ParallelDims
 
 
@@ -35,7 +36,7 @@ def build_mesh(dims: ParallelDims, device_type: str = "cpu") -> Mesh:
     from torch.distributed.device_mesh import init_device_mesh
 
     if dist.get_world_size() != dims.world:
-        raise ValueError(f"the recipe plans {dims.world} ranks but {dist.get_world_size()} were launched")
+        raise BadValue(f"the recipe plans {dims.world} ranks but {dist.get_world_size()} were launched")
     shape = (dims.dp, dims.ring, dims.ulysses, dims.tp)
     mesh = init_device_mesh(device_type, shape, mesh_dim_names=("dp", "ring", "ulysses", "tp"))
     sp = mesh["ring", "ulysses"]._flatten("sp")

@@ -18,6 +18,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from ringpatch.errors import BadValue
+
 
 def single_process_env() -> None:
     """Started without a launcher: the environment of a one-rank group on a free local port."""
@@ -40,7 +42,7 @@ def launch_int(name: str, default: int, minimum: int = 0) -> int:
     except ValueError:
         value = minimum - 1
     if value < minimum:
-        raise ValueError(
+        raise BadValue(
             f"{name}={raw!r} is not an integer >= {minimum}; the launcher (torchrun, deepspeed, accelerate launch) "
             f"sets it: unset {name}, or start the run under a launcher"
         ) from None

@@ -8,6 +8,7 @@ import os
 
 import torch
 
+from ringpatch.errors import BadValue
 from ringpatch.parallel import launch_int
 from ringpatch.plan.budget import Plan, stage_budget
 from ringpatch.plan.estimate import GIB
@@ -50,7 +51,7 @@ def check_memory(plan: Plan, capacity_gib: float, what: str) -> None:
         found = stage_budget(plan, stage)
         largest = sorted(found.items.items(), key=lambda kv: -kv[1])[:3]
         named = "; ".join(f"{k} {v:.1f} GiB (try {_remedy(r, k)})" for k, v in largest)
-        raise ValueError(
+        raise BadValue(
             f"the plan needs {total:.1f} GiB per device at stages[{stage}] (seq_len {r.stages[stage].seq_len}): "
             f"{found.tensors:.1f} planned + {sum(found.reserve.values()):.1f} reserve, more than the "
             f"{capacity_gib:.1f} GiB of {what}. Largest: {named}. Or raise parallel.sp, lower micro_batch or "

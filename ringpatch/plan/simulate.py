@@ -32,6 +32,7 @@ import torch.distributed as dist
 
 from ringpatch import regions
 from ringpatch.attention.kernels import TorchCPU, TorchCUDA
+from ringpatch.errors import BadValue, Unsupported
 from ringpatch.hf.models import GATED_MLP_MODEL_TYPES
 from ringpatch.plan.budget import Budget, Plan, estimate
 from ringpatch.plan.estimate import GIB, total_gib
@@ -49,7 +50,7 @@ class SimulatedCUDA(TorchCUDA):
 
     def check(self, q: torch.Tensor) -> None:
         if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            raise ValueError(f"the CUDA kernels take float16, bfloat16 or float32, got {q.dtype}")
+            raise BadValue(f"the CUDA kernels take float16, bfloat16 or float32, got {q.dtype}")
 
 
 @dataclass
@@ -88,17 +89,17 @@ def check_simulable(plan: Plan) -> None:
     """One line naming what the simulator cannot run, before any work."""
     cfg = plan.model_config
     if cfg is None:
-        raise ValueError(
+        raise BadValue(
             f"--simulate needs the architecture of {plan.recipe.model.name} without a download: set model.config "
             "in the recipe, or use a local folder or a model in the Hugging Face cache"
         )
     if cfg.get("model_type") not in SIMULATED_MODEL_TYPES:
-        raise NotImplementedError(
+        raise Unsupported(
             f"--simulate runs {', '.join(SIMULATED_MODEL_TYPES)} layers; {plan.recipe.model.name} is "
             f"{cfg.get('model_type')!r}: use `ringpatch plan` without --simulate for the arithmetic estimate"
         )
     if plan.recipe.parallel.tp > 1:
-        raise NotImplementedError(
+        raise Unsupported(
             f"--simulate runs tp = 1 (AutoTP shards the model inside DeepSpeed, which does not run on fake tensors); "
             f"this recipe has parallel.tp {plan.recipe.parallel.tp}: use `ringpatch plan` without --simulate"
         )
@@ -187,9 +188,7 @@ def _answer(name: str, tensors, site: str):
     """A read of a fake tensor (device data the simulation does not have) in the step: a check's
     result (equal, bool) passes, as every simulated rank holds the same; a value is 1."""
     if name == "tolist":
-        raise NotImplementedError(
-            f"the step reads a whole device tensor into Python at {site}; the simulator has no values"
-        )
+        raise Unsupported(f"the step reads a whole device tensor into Python at {site}; the simulator has no values")
     return True if name in ("equal", "__bool__") else 1
 
 
@@ -239,7 +238,7 @@ def describe_simulation(sim: Simulation, planned: Budget, world: int, capacity_g
         f"  host syncs in the step's forward and backward: {sum(sim.syncs.values())} ({syncs or 'none'})",
     ]
     if capacity_gib is not None and sim_total > capacity_gib:
-        raise ValueError(
+        raise BadValue(
             f"the simulated rank needs {sim_total:.1f} GiB per GPU at stages[{sim.stage}] (seq_len {sim.seq_len}), "
             f"more than the {capacity_gib:g} GiB allowed (--gpu-memory). Live at its peak: {top}; with model states "
             f"{states:.1f}, DeepSpeed's buffers {ds:.1f} and reserve {reserve:.1f}"
@@ -257,7 +256,7 @@ def step_batch(plan: Plan, mesh, stage: int, documents: tuple[int, ...] | None =
     ids = torch.zeros(micro_batch, s.seq_len, dtype=torch.long)
     lengths = documents or (s.seq_len,)
     if sum(lengths) != s.seq_len:
-        raise ValueError(f"the documents' lengths add up to {sum(lengths)}, not the stage's seq_len {s.seq_len}")
+        raise BadValue(f"the documents' lengths add up to {sum(lengths)}, not the stage's seq_len {s.seq_len}")
     positions = torch.cat([torch.arange(n) for n in lengths])
     rows = {"input_ids": ids, "doc_position_ids": positions.expand(micro_batch, s.seq_len)}
     return local_batch(rows, plan.recipe, mesh)

@@ -12,6 +12,7 @@ from datetime import timedelta
 import torch
 
 import ringpatch
+from ringpatch.errors import Missing
 from ringpatch.hf.architecture import head_counts
 from ringpatch.hf.loss import CHUNK_TOKENS, causal_lm_loss
 from ringpatch.parallel import Mesh, build_mesh, local_device, single_process_env
@@ -71,7 +72,7 @@ def load_lm(plan: Plan):
     try:
         lm = AutoModelForCausalLM.from_pretrained(spec.name, dtype=torch.bfloat16 if plan.bf16 else torch.float32)
     except OSError as e:  # a hub id that does not exist, no network, a damaged download
-        raise FileNotFoundError(f"model.name {spec.name} could not be loaded: {str(e).splitlines()[0]}") from None
+        raise Missing(f"model.name {spec.name} could not be loaded: {str(e).splitlines()[0]}") from None
     check_model_config(spec.config or {}, lm.config.to_dict(), spec.name)
     return lm
 

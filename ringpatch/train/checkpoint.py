@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ringpatch.errors import BadValue, Diverged
 from ringpatch.train.switches import fixed_keys
 
 RECIPE_FILE = "ringpatch_recipe.json"
@@ -93,7 +94,7 @@ def resume_changes(saved: dict, current: dict, stage: int, step: int) -> dict[st
             )
     if refused:
         detail = "; ".join(f"{k}: checkpoint {a!r}, recipe {b!r}" for k, (a, b) in refused.items())
-        raise ValueError(
+        raise BadValue(
             f"the recipe differs from its checkpoint's in what a resumed run cannot change ({detail}); restore "
             "those values, or start a new run_dir (a stage appended after the last one is fine)"
         )
@@ -223,7 +224,7 @@ def _check_room(ckpt_dir: Path, previous: str | None) -> None:
     short = [(r, f, n) for r, (f, n) in enumerate(_gather((free, need))) if f < n]
     if short:
         rank, free, need = short[0]
-        raise ValueError(
+        raise BadValue(
             f"not enough disk space for a checkpoint in {ckpt_dir} (rank {rank}): {free / 2**30:.2f} GiB free, "
             f"the last checkpoint took {need / 2**30:.2f} GiB; free space or lower keep_last, then run the same "
             f"command to resume from {previous}"
@@ -261,7 +262,7 @@ def load_weights_only(engine) -> None:
             try:
                 return torch.load(path, map_location=map_location, weights_only=True)
             except Exception as e:
-                raise ValueError(
+                raise BadValue(
                     f"checkpoint file {path} could not be loaded safely (torch.load weights_only=True): "
                     f"{str(e).splitlines()[0]}"
                 ) from None
@@ -287,7 +288,7 @@ def save(engine, ckpt_dir: str | Path, step: int, record: dict, client_state: di
     previous = latest_tag(ckpt_dir)
     norm = parameter_norm(engine)
     if not torch.isfinite(torch.tensor(norm)):
-        raise FloatingPointError(
+        raise Diverged(
             f"the weights are not finite after step {step} (norm {norm}); no checkpoint was written, and "
             f"{previous or 'no checkpoint yet'} in {ckpt_dir} stays the last good one: lower the learning rate "
             "or check the data, then run the same command to resume from it"
@@ -346,7 +347,7 @@ def _agree(error: str | None, what: str, then: str, remove: Path | None = None) 
     if remove is not None and dist.get_rank() == 0:
         shutil.rmtree(remove, ignore_errors=True)
     rank, message = failed[0]
-    raise ValueError(f"{what} (rank {rank}: {message}); {then}")
+    raise BadValue(f"{what} (rank {rank}: {message}); {then}")
 
 
 def _saved_record(folder: Path) -> dict | None:
@@ -364,7 +365,7 @@ def resume(engine, ckpt_dir: str | Path, record: dict, allowed: bool = True) -> 
     if latest is None and not tags:
         return {"step": 0}, {}
     if not allowed:
-        raise ValueError(f"{ckpt_dir} holds checkpoints and --no-resume was given; choose another run_dir")
+        raise BadValue(f"{ckpt_dir} holds checkpoints and --no-resume was given; choose another run_dir")
     candidates = ([latest] if latest else []) + [t for t in tags if t != latest and (latest is None or t < latest)]
     skipped = []
     for tag in candidates:
@@ -385,12 +386,12 @@ def resume(engine, ckpt_dir: str | Path, record: dict, allowed: bool = True) -> 
         load_weights_only(engine)
         path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
         if path is None:
-            raise ValueError(f"DeepSpeed could not load checkpoint {ckpt_dir / tag}")
+            raise BadValue(f"DeepSpeed could not load checkpoint {ckpt_dir / tag}")
         if dist.get_rank() == 0 and skipped:
             atomic_write(ckpt_dir / "latest", tag)
         return client_state, changed
     detail = "; ".join(f"{t}: {why}" for t, why in skipped)
-    raise ValueError(
+    raise BadValue(
         f"{ckpt_dir} holds no intact checkpoint ({detail}); move the folder away to start over, or restore it"
     )
 

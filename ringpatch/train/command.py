@@ -19,7 +19,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from ringpatch.errors import USER_ERRORS
+from ringpatch.errors import USER_ERRORS, BadValue
 from ringpatch.flags import Parser
 from ringpatch.parallel import allocator_settings, launch_int
 from ringpatch.plan.check import check_memory, device_memory_gib
@@ -61,12 +61,12 @@ def main(argv: list[str] | None = None) -> int:
         rank = launch_int("RANK", 0)
         restarted, max_restarts = restart.attempt()
         if args.max_steps is not None and args.max_steps < 1:
-            raise ValueError(f"--max-steps must be >= 1, got {args.max_steps}")
+            raise BadValue(f"--max-steps must be >= 1, got {args.max_steps}")
         if args.grace is not None and not args.grace > 0:
-            raise ValueError(f"--grace must be a positive number of seconds, got {args.grace}")
+            raise BadValue(f"--grace must be a positive number of seconds, got {args.grace}")
         restart.Fault.from_env()
         if args.stop_file is not None and (not args.stop_file.strip() or Path(args.stop_file).exists()):
-            raise ValueError(
+            raise BadValue(
                 f"--stop-file {args.stop_file!r} "
                 + ("is empty" if not args.stop_file.strip() else "exists already, so the run would stop after one step")
                 + ": give a path that does not exist yet (the run stops when it appears)"

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ringpatch.errors import BadValue, Missing
 from ringpatch.train.recipe import Recipe
 
 
@@ -15,21 +16,21 @@ def load_overlay(path: str | None) -> dict | None:
     if path is None:
         return None
     if not Path(path).is_file():
-        raise FileNotFoundError(f"DeepSpeed file {path} does not exist; the shipped ones are in launch/deepspeed/")
+        raise Missing(f"DeepSpeed file {path} does not exist; the shipped ones are in launch/deepspeed/")
 
     def refuse_duplicates(pairs):
         keys = [k for k, _ in pairs]
         twice = sorted({k for k in keys if keys.count(k) > 1})
         if twice:
-            raise ValueError(f"keys {twice} are given twice")
+            raise BadValue(f"keys {twice} are given twice")
         return dict(pairs)
 
     try:
         overlay = json.loads(Path(path).read_text(), object_pairs_hook=refuse_duplicates)
     except ValueError as e:  # json.JSONDecodeError is one
-        raise ValueError(f"DeepSpeed file {path} is not valid JSON: {e}; fix the file") from None
+        raise BadValue(f"DeepSpeed file {path} is not valid JSON: {e}; fix the file") from None
     if not isinstance(overlay, dict):
-        raise ValueError(f"DeepSpeed file {path} must hold a JSON object, got {type(overlay).__name__}")
+        raise BadValue(f"DeepSpeed file {path} must hold a JSON object, got {type(overlay).__name__}")
     return overlay
 
 
@@ -74,7 +75,7 @@ def deepspeed_config(
     if overlay is not None:
         stage3_knobs = [k for k in overlay.get("zero_optimization", {}) if k.startswith("stage3_")]
         if stage3_knobs and recipe.zero.stage != 3:
-            raise ValueError(
+            raise BadValue(
                 f"{overlay_name} tunes ZeRO-3 ({stage3_knobs}) but the recipe says zero.stage {recipe.zero.stage}; "
                 "pick the launch/deepspeed file of that stage"
             )
@@ -93,7 +94,7 @@ def _merge_overlay(config: dict, overlay: dict, name: str, where: str) -> None:
         path = f"{where}{key}"
         if key not in config:
             if _has_auto(value):
-                raise ValueError(
+                raise BadValue(
                     f'{path} is "auto" in {name} but the recipe sets no value for it '
                     f"(e.g. zero.offload: none while {name} tunes offload); remove it or change the recipe"
                 )
@@ -101,6 +102,6 @@ def _merge_overlay(config: dict, overlay: dict, name: str, where: str) -> None:
         elif isinstance(value, dict) and isinstance(config[key], dict):
             _merge_overlay(config[key], value, name, f"{path}.")
         elif value != "auto":
-            raise ValueError(
+            raise BadValue(
                 f'{path} = {value!r} in {name}, but the recipe owns it (it gives {config[key]!r}); write "auto" there'
             )

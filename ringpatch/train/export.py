@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from ringpatch.errors import BadValue
+
 
 def _full_state_dict(engine, module) -> dict | None:
     """CPU copies of every weight of `module` (a submodule of the engine's) on rank 0, None elsewhere."""
@@ -42,7 +44,7 @@ def export_hf(engine, out_dir: str | Path, module=None, tokenizer=None) -> None:
     errors = [None] * dist.get_world_size()
     dist.all_gather_object(errors, error)  # every rank learns whether rank 0 wrote it
     if errors[0]:
-        raise ValueError(
+        raise BadValue(
             f"the model could not be exported to {out_dir} (rank 0: {errors[0]}); the checkpoints are kept: make the "
             "folder writable (or free space), then run the same command, which resumes and exports again"
         )

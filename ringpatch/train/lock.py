@@ -17,6 +17,8 @@ import socket
 import time
 from pathlib import Path
 
+from ringpatch.errors import BadValue
+
 LOCK_FILE = "ringpatch.lock"
 
 
@@ -48,7 +50,7 @@ class RunLock:
             with os.fdopen(fd, "w") as f:
                 json.dump(self.owner, f)
             return
-        raise ValueError(f"could not take {self.path}: another launch took it at the same time")
+        raise BadValue(f"could not take {self.path}: another launch took it at the same time")
 
     def _take_over_or_refuse(self) -> None:
         try:
@@ -62,7 +64,7 @@ class RunLock:
             )
             self.path.unlink(missing_ok=True)
             return
-        raise ValueError(
+        raise BadValue(
             f"{self.path.parent} is in use by another run (pid {pid} on {host}, started {held.get('started')}): "
             "two runs on one run_dir would overwrite each other's checkpoints and metrics; wait for it to end or "
             f"choose another run_dir (if that run is gone, e.g. on another host, delete {self.path})"

@@ -20,6 +20,7 @@ import ringpatch
 from ringpatch.data.prepare import prepare_shared, prepared_folder
 from ringpatch.data.sampler import ResumableSampler
 from ringpatch.data.tokenizer import load_tokenizer
+from ringpatch.errors import BadValue, Diverged
 from ringpatch.hf.rope import apply_rope
 from ringpatch.parallel import set_timeouts, stop
 from ringpatch.plan.budget import Plan, stage_budget, step_flops
@@ -51,7 +52,7 @@ def local_batch(rows: dict[str, torch.Tensor], recipe, mesh) -> dict[str, torch.
     return ringpatch.shard_batch(batch, group=mesh.seq_group, layout=recipe.parallel.layout)
 
 
-class RunFolderGone(ValueError):
+class RunFolderGone(BadValue):
     """run_dir vanished or was replaced under a running run: nothing it writes would be kept."""
 
 
@@ -196,7 +197,7 @@ class Trainer:
         if state.get("stage") == index and step > first:
             saved = state.get("data")
             if saved is not None and saved != prepared.name:
-                raise ValueError(
+                raise BadValue(
                     f"the training data of stages[{index}] changed since the checkpoint at step {step} (prepared then "
                     f"as {saved}, now as {prepared.name}: the source's files, the tokenizer or the filters differ), so "
                     "the run cannot continue where it stopped: restore the data, or start a new run_dir"
@@ -275,7 +276,7 @@ class Trainer:
                 loss = self._forward(rows)
             if not self._all_finite(loss):
                 tag = checkpoint.latest_tag(self.ckpt_dir)
-                raise FloatingPointError(
+                raise Diverged(
                     f"the loss is {loss.item()} at step {step + 1} (stage {stage_index}, micro-step {micro}); stopped "
                     f"before the update. The last good checkpoint ({tag or 'none yet'} in {self.ckpt_dir}) is kept: "
                     "lower the learning rate or check the data, then run the same command to resume from it"

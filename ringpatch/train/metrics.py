@@ -6,6 +6,8 @@ import dataclasses
 import json
 from pathlib import Path
 
+from ringpatch.errors import BadValue
+
 
 def parse_records(path: Path) -> tuple[list[dict], str | None]:
     """(the records of a metrics.jsonl, its torn last line or None). A process killed while it
@@ -19,7 +21,7 @@ def parse_records(path: Path) -> tuple[list[dict], str | None]:
         except ValueError:
             if number == len(lines):
                 return records, line
-            raise ValueError(
+            raise BadValue(
                 f"{path}, line {number}, is not a JSON record ({line[:60]!r}); the run's log is damaged: restore it "
                 "or delete the run_dir"
             ) from None

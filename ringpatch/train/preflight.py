@@ -20,6 +20,7 @@ import torch
 
 from ringpatch.data.assets import made_by
 from ringpatch.data.prepare import unresolved_link
+from ringpatch.errors import BadValue, Missing
 from ringpatch.hf.architecture import check_architecture, head_counts
 from ringpatch.hf.folder import check_model_folder
 from ringpatch.parallel import launch_int
@@ -64,7 +65,7 @@ def _model_config(recipe: Recipe) -> dict | None:
     if not is_local(spec.name):
         cached = _cached_hub_file(spec.name, "config.json")
         if cached is None and offline():
-            raise FileNotFoundError(
+            raise Missing(
                 f"model.name {spec.name} is neither a local folder nor in the Hugging Face cache, and the hub is "
                 "offline (HF_HUB_OFFLINE): download it where there is network (huggingface-cli download "
                 f"{spec.name}) or give a local folder"
@@ -75,7 +76,7 @@ def _model_config(recipe: Recipe) -> dict | None:
     else:
         path = Path(spec.name).expanduser() / "config.json"
         if not path.is_file():
-            raise FileNotFoundError(
+            raise Missing(
                 f"model.name {spec.name} is a local path without config.json{made_by(spec.name)}; give a folder saved with "
                 "save_pretrained, or a hub id such as meta-llama/Meta-Llama-3-8B"
             )
@@ -92,7 +93,7 @@ def check_model_config(expected: dict, actual: dict, where: str) -> None:
     found = {k: actual.get(k, rope.get(k)) for k in expected}
     differ = {k: (v, found[k]) for k, v in expected.items() if found[k] != v}
     if differ:
-        raise ValueError(f"model.config disagrees with {where} (recipe, model): {differ}; fix the recipe")
+        raise BadValue(f"model.config disagrees with {where} (recipe, model): {differ}; fix the recipe")
 
 
 def _check_sources(recipe: Recipe) -> None:
@@ -100,9 +101,9 @@ def _check_sources(recipe: Recipe) -> None:
     named += [(f"data.sources[{i}].source", m.source) for i, m in enumerate(recipe.data.sources)]
     for key, source in named:
         if source is not None and Path(source).is_symlink() and not Path(source).exists():
-            raise FileNotFoundError(f"{key}: {unresolved_link(source)}")
+            raise Missing(f"{key}: {unresolved_link(source)}")
         if source is not None and is_local(source) and not Path(source).exists():
-            raise FileNotFoundError(
+            raise Missing(
                 f"{key} {source} does not exist{made_by(source)}; give a local json/jsonl/parquet/txt file or folder, "
                 "or a hub dataset name (prepared with `ringpatch prepare`)"
             )
@@ -136,7 +137,7 @@ def check_held_out(recipe: Recipe) -> None:
         files = local_files(source)
         if held is None or files is None:
             if source == spec.eval_source and split == spec.eval_split:
-                raise ValueError(
+                raise BadValue(
                     f"data.eval_source {source} (split {split!r}) is also a training source: the held-out loss and "
                     "perplexity would score documents the model trained on; give held-out documents of their own"
                 )
@@ -148,7 +149,7 @@ def check_held_out(recipe: Recipe) -> None:
             what = (
                 f"both read {[str(f) for f in both[:3]]}" if both else f"{same[0][0]} has the content of {same[0][1]}"
             )
-            raise ValueError(
+            raise BadValue(
                 f"data.eval_source {spec.eval_source} and the training source {source} overlap ({what}): the held-out "
                 "loss and perplexity would score documents the model trained on; give held-out documents of their own"
             )
@@ -162,7 +163,7 @@ def _tokenizer(recipe: Recipe):
     name = recipe.model.tokenizer or recipe.model.name
     if name != "bytes" and not is_local(name) and _cached_hub_file(name, "tokenizer_config.json") is None:
         if offline():
-            raise FileNotFoundError(
+            raise Missing(
                 f"tokenizer {name} is neither a local folder nor in the Hugging Face cache, and the hub is offline "
                 "(HF_HUB_OFFLINE): download it where there is network, or set model.tokenizer to a local folder"
             )
@@ -171,7 +172,7 @@ def _tokenizer(recipe: Recipe):
         return load_tokenizer(recipe.model.tokenizer, recipe.model.name)
     except (OSError, ValueError) as e:  # a folder without a tokenizer, a file that is not one
         key = "model.tokenizer" if recipe.model.tokenizer is not None else "model.name"
-        raise ValueError(
+        raise BadValue(
             f"{key} {name} holds no tokenizer transformers can load ({' '.join(str(e).split())[:200]}); give a "
             'tokenizer folder or hub id, or "bytes"'
         ) from None
@@ -198,7 +199,7 @@ def check_data(recipe: Recipe, model_config: dict | None) -> None:
         return
     vocab = (model_config or {}).get("vocab_size")
     if vocab is not None and len(tokenizer) > vocab:
-        raise ValueError(
+        raise BadValue(
             f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {vocab}: ids from {vocab} on "
             "would index past the embedding; use the model's own tokenizer or a model.config.vocab_size >= "
             f"{len(tokenizer)}"
@@ -234,7 +235,7 @@ def check_batches(recipe: Recipe, dp: int) -> None:
     for i, s in enumerate(recipe.stages):
         batch = (s.micro_batch or recipe.micro_batch) * recipe.grad_accum * dp
         if limit < batch:
-            raise ValueError(
+            raise BadValue(
                 f"data.max_sequences {limit} is fewer than one step of stages[{i}] takes (micro_batch "
                 f"{s.micro_batch or recipe.micro_batch} x grad_accum {recipe.grad_accum} x dp {dp} = {batch} sequences); "
                 "raise max_sequences or remove it"
@@ -256,21 +257,21 @@ def check_launch(cuda: bool) -> None:
     env = os.environ
     world = launch_int("WORLD_SIZE", 1, minimum=1)
     if world > 1 and not all(k in env for k in ("RANK", "MASTER_ADDR", "MASTER_PORT")):
-        raise ValueError(
+        raise BadValue(
             f"WORLD_SIZE={world} is set but no launcher started this process (RANK, MASTER_ADDR or MASTER_PORT is "
             "unset): run it under torchrun, deepspeed or accelerate launch, or unset WORLD_SIZE for one process"
         )
     given = [k for k in LAUNCH_SET if k in env]
     if given and len(given) < len(LAUNCH_SET):  # every launcher sets all of them; a shell, some
         missing = [k for k in LAUNCH_SET if k not in env]
-        raise ValueError(
+        raise BadValue(
             f"{', '.join(f'{k}={env[k]}' for k in given)} {'is' if len(given) == 1 else 'are'} set but {missing} "
             "not: every launcher (torchrun, deepspeed, accelerate launch) sets all of them, so these were left in the "
             f"shell: unset {' '.join(given)} for one process, or start the run under a launcher"
         )
     stale = [k for k in AGENT_ONLY if k in env]
     if stale and "TORCHELASTIC_RUN_ID" not in env:
-        raise ValueError(
+        raise BadValue(
             f"{', '.join(f'{k}={env[k]}' for k in stale)} {'is' if len(stale) == 1 else 'are'} set but torchrun's agent "
             "did not start this process (no TORCHELASTIC_RUN_ID): left in the shell, it would make this run count "
             f"itself a restart and resume; unset {' '.join(stale)}"
@@ -279,7 +280,7 @@ def check_launch(cuda: bool) -> None:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     oversubscribe = env.get(OVERSUBSCRIBE, "") == "1"
     if not cuda and not oversubscribe and local > cores:
-        raise ValueError(
+        raise BadValue(
             f"{local} ranks were launched on this host, which has no GPU and {cores} CPU core(s): launch at most "
             f"{cores} (a GPU launch config, e.g. launch/accelerate/1node-8gpu.yaml, starts one rank per GPU it "
             "expects; on CPU use launch/accelerate/cpu-2proc.yaml or torchrun --nproc_per_node 2), or set "
@@ -296,12 +297,12 @@ def check_host(cuda: bool) -> None:
     try:
         check_writable("the Hugging Face cache (HF_HOME)", hf_home)
     except ValueError as e:
-        raise ValueError(f"{e}; set HF_HOME to a writable folder (HOME is {env.get('HOME')!r})") from None
+        raise BadValue(f"{e}; set HF_HOME to a writable folder (HOME is {env.get('HOME')!r})") from None
     if not cuda:  # DeepSpeed builds its CPU ops there on first use
         check_writable("the torch extensions folder (TORCH_EXTENSIONS_DIR)", extensions_root())
         for lock in stale_extension_locks():
             age = time.time() - lock.stat().st_mtime
-            raise ValueError(
+            raise BadValue(
                 f"{lock} was left by a build of a torch extension that was killed (it is {age / 60:.0f} minutes old, "
                 "no process is building in its folder, and torch would wait on it forever): if no other run is "
                 "building it now, remove it"
@@ -370,7 +371,7 @@ def preflight(
     if run_dir is not None:
         recipe = dataclasses.replace(recipe, run_dir=run_dir)
     if recipe.data is None:
-        raise ValueError(f"{recipe_path} has no data section; training needs data.source (see recipes/tiny-cpu.yaml)")
+        raise BadValue(f"{recipe_path} has no data section; training needs data.source (see recipes/tiny-cpu.yaml)")
     cuda = torch.cuda.is_available()
     if world is None:
         check_launch(cuda)
@@ -393,13 +394,13 @@ def preflight(
     if model_config is not None:
         switches.check_model(recipe, model_config)
     if recipe.wandb == "online" and not wandb_key():
-        raise ValueError(
+        raise BadValue(
             f"wandb: online in {recipe_path}, but no wandb key is set (WANDB_API_KEY, or `wandb login`, which writes "
             "~/.netrc): log in, or set wandb: offline (logs kept in run_dir/wandb, synced later with `wandb sync`) or "
             "disabled"
         )
     if recipe.wandb != "disabled" and importlib.util.find_spec("wandb") is None:
-        raise ValueError(
+        raise BadValue(
             f"wandb: {recipe.wandb} in {recipe_path}, but wandb is not installed: pip install wandb (it comes with "
             "'ringpatch[train]'), or set wandb: disabled"
         )

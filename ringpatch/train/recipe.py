@@ -20,6 +20,7 @@ import yaml
 from ringpatch.attention.layout import PACKED_LAYOUT, Layout
 from ringpatch.attention.ulysses import check_ulysses
 from ringpatch.data.tasks import EVAL_SEED, MAX_DIGITS, SYNTHETIC, RulerTask
+from ringpatch.errors import BadType, BadValue, Missing
 from ringpatch.evaluate.spec import EvalSpec
 from ringpatch.hf.architecture import check_declared
 from ringpatch.hf.rope import check_rope_scaling
@@ -138,7 +139,7 @@ class ParallelSpec:
         try:
             check_ulysses(self.ulysses, self.sp)  # the grid's own check, with the recipe's key
         except ValueError as e:
-            raise ValueError(f"parallel.ulysses / parallel.sp: {e}") from None
+            raise BadValue(f"parallel.ulysses / parallel.sp: {e}") from None
 
     def dims(self, world: int | None = None) -> ParallelDims:
         """The grid over `world` ranks (None: the smallest world, one data-parallel rank)."""
@@ -156,7 +157,7 @@ class ZeroSpec:
     def __post_init__(self):
         check_fields(self, "zero")
         if self.offload == "cpu" and self.stage == 0:
-            raise ValueError("zero.offload: cpu needs zero.stage >= 1")
+            raise BadValue("zero.offload: cpu needs zero.stage >= 1")
 
 
 @dataclass(frozen=True)
@@ -261,35 +262,35 @@ class Recipe:
 def _check_recipe(r: Recipe) -> None:
     for key in ("source", "eval_source"):  # here, not in DataSpec: a mixture's members are DataSpecs too
         if r.data is not None and getattr(r.data, key) == SYNTHETIC:
-            raise ValueError(
+            raise BadValue(
                 f"data.{key} {SYNTHETIC}: the synthetic tasks are a training source for a mixture; give it as one of "
                 f"data.sources with its weight, beside the documents it is mixed with"
             )
     check_fields(r, "")
     if not r.stages:
-        raise ValueError("a recipe needs at least one stage (seq_len, steps)")
+        raise BadValue("a recipe needs at least one stage (seq_len, steps)")
     check_switches(r)
     if r.parallel.tp > 1 and r.zero.stage == 3:
-        raise ValueError("DeepSpeed AutoTP training does not combine with ZeRO-3; use zero.stage <= 2 with tp > 1")
+        raise BadValue("DeepSpeed AutoTP training does not combine with ZeRO-3; use zero.stage <= 2 with tp > 1")
     dims = r.parallel.dims()
     previous = 0
     for i, stage in enumerate(r.stages):
         _check_stage(stage, f"stages[{i}]")
         if stage.seq_len % dims.seq_len_divisor:
-            raise ValueError(
+            raise BadValue(
                 f"stages[{i}].seq_len {stage.seq_len} is not divisible by the {r.parallel.layout} layout's "
                 f"{dims.seq_len_divisor} chunks (sp={r.parallel.sp}); use {dims.round_up(stage.seq_len)}"
             )
         _check_stage_weights(r, i)
         if stage.seq_len < previous:
-            raise ValueError(f"stages[{i}].seq_len {stage.seq_len} is shorter than the stage before ({previous})")
+            raise BadValue(f"stages[{i}].seq_len {stage.seq_len} is shorter than the stage before ({previous})")
         previous = stage.seq_len
 
 
 def _check_stage(s: Stage, where: str) -> None:
     check_fields(s, where)
     if s.rope_theta is not None and s.rope_scaling is not None:
-        raise ValueError(f"{where} sets both rope_theta and rope_scaling; choose one rule")
+        raise BadValue(f"{where} sets both rope_theta and rope_scaling; choose one rule")
     if s.rope_scaling is not None:
         check_rope_scaling(s.rope_scaling, f"{where}.rope_scaling", stage=True)
 
@@ -298,17 +299,17 @@ def _check_optim(o: OptimSpec) -> None:
     check_fields(o, "optim")
     for i, beta in enumerate(o.betas):
         if beta == 1.0:
-            raise ValueError(f"optim.betas[{i}] must be below 1 (Adam divides by 1 - beta), got {beta}")
+            raise BadValue(f"optim.betas[{i}] must be below 1 (Adam divides by 1 - beta), got {beta}")
 
 
 def _check_model(m: ModelSpec) -> None:
     check_fields(m, "model")
     if m.init == "scratch" and not (m.config and "model_type" in m.config):
-        raise ValueError("model.init: scratch needs model.config with a model_type (e.g. {model_type: llama, ...})")
+        raise BadValue("model.init: scratch needs model.config with a model_type (e.g. {model_type: llama, ...})")
     if m.init == "scratch" and m.tokenizer is None:
-        raise ValueError('model.init: scratch has no tokenizer of its own: set model.tokenizer (e.g. "bytes")')
+        raise BadValue('model.init: scratch has no tokenizer of its own: set model.tokenizer (e.g. "bytes")')
     if m.config is not None and "model_type" not in m.config:
-        raise ValueError(f"model.config needs a model_type key; it has {sorted(m.config)}")
+        raise BadValue(f"model.config needs a model_type key; it has {sorted(m.config)}")
     if m.config is not None:
         check_declared(m.config, "model.config")
 
@@ -318,19 +319,19 @@ def _check_names(spec, prefix: str, names) -> None:
     for name in names:
         value = getattr(spec, name)
         if value is not None and not value.strip():
-            raise ValueError(f"{prefix}.{name} must be a non-empty name, got {value!r}")
+            raise BadValue(f"{prefix}.{name} must be a non-empty name, got {value!r}")
 
 
 def _check_data(d: DataSpec) -> None:
     check_fields(d, "data")
     if (d.source is None) == (not d.sources):
-        raise ValueError(
+        raise BadValue(
             "data needs exactly one of source (one source) and sources (a mixture, each with its weight), got "
             + ("both" if d.source is not None else "neither (an empty sources list counts as none)")
         )
     _check_names(d, "data", ("text_field", "split", "eval_split", "eval_text_field"))
     if d.sources and all(m.source == SYNTHETIC for m in d.sources) and d.max_sequences is None:
-        raise ValueError(
+        raise BadValue(
             f"data.sources are all {SYNTHETIC}, which never runs out: set data.max_sequences (the sequences to "
             "prepare per stage), or mix in a source of documents"
         )
@@ -343,19 +344,19 @@ def _check_stage_weights(r: Recipe, i: int) -> None:
     where = f"stages[{i}].source_weights"
     sources = r.data.sources if r.data is not None else ()
     if len(weights) != len(sources):
-        raise ValueError(
+        raise BadValue(
             f"{where} has {len(weights)} weights for the {len(sources)} data.sources; give one per source, in their "
             "order (0 leaves one out of the stage)" + ("" if sources else ": without data.sources, remove it")
         )
     bad = [w for w in weights if not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0)]
     if bad or not any(w > 0 for w in weights):
-        raise ValueError(
+        raise BadValue(
             f"{where} {list(weights)}: each must be a finite number >= 0, and at least one > 0 (0 leaves a source "
             "out of the stage)"
         )
     kept = [m.source for m, w in zip(sources, weights, strict=True) if w > 0]
     if all(source == SYNTHETIC for source in kept) and r.data.max_sequences is None:
-        raise ValueError(
+        raise BadValue(
             f"{where} {list(weights)} keeps only {SYNTHETIC}, which never runs out: set data.max_sequences, or give "
             "the stage a source of documents too"
         )
@@ -365,15 +366,15 @@ def _check_synthetic(m: SourceSpec) -> None:
     if m.source != SYNTHETIC:
         given = [k for k in ("tasks", "seed", "value_digits", "intro") if getattr(m, k) not in ((), None)]
         if given:
-            raise ValueError(f"data.sources[] {m.source}: {given} apply to source: {SYNTHETIC} only; remove them")
+            raise BadValue(f"data.sources[] {m.source}: {given} apply to source: {SYNTHETIC} only; remove them")
         return
     given = [k for k in ("text_field", "split") if getattr(m, k) is not None]
     if given:
-        raise ValueError(f"data.sources[] {SYNTHETIC} generates its documents and reads no {given}; remove them")
+        raise BadValue(f"data.sources[] {SYNTHETIC} generates its documents and reads no {given}; remove them")
     if len(set(m.tasks)) != len(m.tasks):
-        raise ValueError(f"data.sources[] {SYNTHETIC}: tasks names a task twice: {list(m.tasks)}")
+        raise BadValue(f"data.sources[] {SYNTHETIC}: tasks names a task twice: {list(m.tasks)}")
     if m.seed == EVAL_SEED:
-        raise ValueError(
+        raise BadValue(
             f"data.sources[] {SYNTHETIC}: seed {m.seed} is the seed of the evaluation's RULER prompts; training on "
             "the evaluation's seed is refused (its words are disjoint anyway, but no seed may be shared): give "
             "another seed, e.g. 1"
@@ -395,18 +396,18 @@ def _convert(tp, value, where: str):
         return _convert(inner[0], value, where)
     if origin is Literal:
         if value not in args:
-            raise ValueError(f"{where} must be one of {list(args)}, got {value!r}")
+            raise BadValue(f"{where} must be one of {list(args)}, got {value!r}")
         return value
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
-            raise TypeError(f"{where} must be a mapping, got {type(value).__name__} {value!r}")
+            raise BadType(f"{where} must be a mapping, got {type(value).__name__} {value!r}")
         return dict(value)
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
-            raise TypeError(f"{where} must be a list, got {type(value).__name__} {value!r}")
+            raise BadType(f"{where} must be a list, got {type(value).__name__} {value!r}")
         item_types = args if args[-1] is not Ellipsis else (args[0],) * len(value)
         if len(item_types) != len(value):
-            raise ValueError(f"{where} must have {len(item_types)} items, got {len(value)}")
+            raise BadValue(f"{where} must have {len(item_types)} items, got {len(value)}")
         return tuple(_convert(t, v, f"{where}[{i}]") for i, (t, v) in enumerate(zip(item_types, value, strict=True)))
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
@@ -414,14 +415,14 @@ def _convert(tp, value, where: str):
         text = value.strip().lower()
         if "e" in text and "." not in text:  # YAML 1.1 reads 3e-3 as a string, 3.0e-3 as a number
             mantissa, exponent = text.split("e", 1)
-            raise TypeError(
+            raise BadType(
                 f"{where} must be a number, got the string {value!r}: YAML reads an exponent without a decimal "
                 f"point as text; write {mantissa}.0e{exponent}"
             )
-        raise TypeError(f"{where} must be a number, got the string {value!r}; write it without quotes")
+        raise BadType(f"{where} must be a number, got the string {value!r}; write it without quotes")
     if tp is Any or (isinstance(tp, type) and isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
         return value
-    raise TypeError(f"{where} must be {getattr(tp, '__name__', tp)}, got {type(value).__name__} {value!r}")
+    raise BadType(f"{where} must be {getattr(tp, '__name__', tp)}, got {type(value).__name__} {value!r}")
 
 
 def _number(text: str) -> float | None:
@@ -434,18 +435,18 @@ def _number(text: str) -> float | None:
 def from_dict(cls, data, where: str = "recipe"):
     """Build dataclass `cls` from a mapping, refusing unknown keys and wrong types."""
     if not isinstance(data, dict):
-        raise TypeError(f"{where} must be a mapping, got {type(data).__name__} {data!r}")
+        raise BadType(f"{where} must be a mapping, got {type(data).__name__} {data!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ValueError(f"{where}: unknown keys {unknown}; valid keys are {sorted(fields)}")
+        raise BadValue(f"{where}: unknown keys {unknown}; valid keys are {sorted(fields)}")
     hints = typing.get_type_hints(cls, include_extras=True)
     required = [
         n for n, f in fields.items() if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
     ]
     missing = [n for n in required if n not in data]
     if missing:
-        raise ValueError(f"{where}: missing required keys {missing}")
+        raise BadValue(f"{where}: missing required keys {missing}")
     return cls(**{k: _convert(hints[k], v, f"{where}.{k}") for k, v in data.items()})
 
 
@@ -475,7 +476,7 @@ def read_yaml(path: Path) -> object:
         mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None) or str(e)
         where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
         context = getattr(e, "context", None)
-        raise ValueError(
+        raise BadValue(
             f"{where} is not valid YAML: {problem}{f' ({context})' if context else ''}; fix the file"
         ) from None
 
@@ -484,9 +485,9 @@ def load_recipe(path: str | Path) -> Recipe:
     """Read and validate a recipe YAML file."""
     path = Path(path)
     if path.is_dir():
-        raise ValueError(f"recipe {path} is a folder; give a recipe YAML file (e.g. recipes/tiny-cpu.yaml)")
+        raise BadValue(f"recipe {path} is a folder; give a recipe YAML file (e.g. recipes/tiny-cpu.yaml)")
     if not path.is_file():
-        raise FileNotFoundError(f"recipe {path} does not exist; recipes ship in recipes/ (e.g. recipes/tiny-cpu.yaml)")
+        raise Missing(f"recipe {path} does not exist; recipes ship in recipes/ (e.g. recipes/tiny-cpu.yaml)")
     return from_dict(Recipe, read_yaml(path), where=path.name)
 
 

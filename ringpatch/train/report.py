@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ringpatch.errors import Missing
 from ringpatch.evaluate.report import pyplot
 from ringpatch.train.metrics import read_records
 from ringpatch.train.telemetry import PHASES
@@ -63,7 +64,7 @@ def write_report(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     records = read_records(run_dir)
     if not records:
-        raise FileNotFoundError(
+        raise Missing(
             f"{run_dir / 'metrics.jsonl'} does not exist or is empty: give the run_dir of a run that has taken a step"
         )
     folder = run_dir / "report"

@@ -28,6 +28,7 @@ import signal
 from dataclasses import dataclass
 from pathlib import Path
 
+from ringpatch.errors import BadValue
 from ringpatch.parallel import launch_int
 from ringpatch.train.checkpoint import atomic_write
 
@@ -48,14 +49,14 @@ def check_restarts(recipe, max_restarts: int) -> None:
     """Restarts resume from checkpoints: refuse them where only stage ends are checkpointed, and
     where torchrun would hand a restarted group the failed group's store."""
     if max_restarts > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-        raise ValueError(
+        raise BadValue(
             f"torchrun --max-restarts {max_restarts} shares its rendezvous store with the workers (torch's default), "
             "so a restarted group finds the failed group's addresses there and fails or hangs connecting to them "
             f"(pytorch/pytorch#135712): set {SHARED_STORE}=1 in torchrun's environment (make finetune-1m and "
             "launch/slurm/finetune.sbatch do)"
         )
     if max_restarts > 0 and recipe.save_every == 0:
-        raise ValueError(
+        raise BadValue(
             f"torchrun --max-restarts {max_restarts} restarts a failed run from its latest checkpoint, but the recipe "
             "has save_every: 0 (checkpoints only at stage ends), so a restart would redo the whole stage: set "
             "save_every (e.g. 25), or launch without --max-restarts"
@@ -202,7 +203,7 @@ class Fault:
             return None
         match = re.fullmatch(r"(raise|kill)@(\d+)((?::(?:rank|attempt)=\d+)*)", text)
         if not match:
-            raise ValueError(
+            raise BadValue(
                 f"{FAULT_ENV}={text!r} is not ACTION@STEP[:rank=R][:attempt=A] with ACTION raise or kill, e.g. "
                 "kill@7:rank=1:attempt=0; unset it to train without an injected failure"
             )

@@ -19,6 +19,7 @@ from ringpatch.attention.kernels.flash_attn2 import FlashAttn
 from ringpatch.attention.kernels.flash_attn2 import unavailable as flash_unavailable
 from ringpatch.attention.kernels.torch_cpu import TorchCPU
 from ringpatch.attention.kernels.torch_cuda import TorchCUDA
+from ringpatch.errors import BadValue
 
 Backend = Literal["auto", "torch", "flash_attn"]
 BACKENDS: tuple[str, ...] = get_args(Backend)
@@ -31,7 +32,7 @@ def is_kernel(backend) -> bool:
 
 def check_backend(backend) -> None:
     if not is_kernel(backend) and backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}, or pass a kernel object")
+        raise BadValue(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}, or pass a kernel object")
 
 
 def select(backend, q: torch.Tensor) -> Kernel:
@@ -56,7 +57,7 @@ def select(backend, q: torch.Tensor) -> Kernel:
     elif q.device.type == "cuda":
         kernel = TorchCUDA()
     else:
-        raise ValueError(f"backend 'torch' has no kernel for device {q.device}; ringpatch runs on CPU and CUDA")
+        raise BadValue(f"backend 'torch' has no kernel for device {q.device}; ringpatch runs on CPU and CUDA")
     kernel.check(q)
     return kernel
 

@@ -8,6 +8,7 @@ import torch
 
 from ringpatch.attention.blocks import Call
 from ringpatch.attention.kernels.base import MaskSpec, bhsd
+from ringpatch.errors import BadValue
 
 MIN_VERSION = (2, 7)  # window_size_left/right and softcap as keywords of _flash_attn_forward/_backward
 
@@ -40,21 +41,21 @@ class FlashAttn:
     def check(self, q: torch.Tensor) -> None:
         reason = unavailable()
         if reason is not None:
-            raise ValueError(f"backend 'flash_attn': {reason}; or use backend='torch'")
+            raise BadValue(f"backend 'flash_attn': {reason}; or use backend='torch'")
         if q.device.type != "cuda":
-            raise ValueError(f"backend 'flash_attn' needs CUDA tensors, got {q.device}; use backend='auto'")
+            raise BadValue(f"backend 'flash_attn' needs CUDA tensors, got {q.device}; use backend='auto'")
         if q.dtype not in (torch.float16, torch.bfloat16):
-            raise ValueError(
+            raise BadValue(
                 f"backend 'flash_attn' supports float16/bfloat16, got {q.dtype}; use backend='torch' or 'auto'"
             )
         if q.shape[-1] > 256 or q.shape[-1] % 8:
-            raise ValueError(
+            raise BadValue(
                 f"backend 'flash_attn' supports head_dim <= 256 and divisible by 8, got {q.shape[-1]}; "
                 "use backend='torch'"
             )
         capability = torch.cuda.get_device_capability(q.device)
         if capability < (8, 0):
-            raise ValueError(
+            raise BadValue(
                 f"backend 'flash_attn' needs an Ampere or newer GPU (sm80+), got sm{capability[0]}{capability[1]} "
                 f"({torch.cuda.get_device_name(q.device)}); use backend='torch'"
             )

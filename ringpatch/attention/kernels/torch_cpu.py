@@ -6,6 +6,7 @@ import torch
 
 from ringpatch.attention.blocks import Call
 from ringpatch.attention.kernels.base import MaskSpec, band_bias, bhsd
+from ringpatch.errors import BadValue
 
 aten = torch.ops.aten
 
@@ -22,7 +23,7 @@ class TorchCPU:
 
     def check(self, q: torch.Tensor) -> None:
         if q.device.type != "cpu":
-            raise ValueError(f"the CPU kernel serves CPU tensors, got {q.device}")
+            raise BadValue(f"the CPU kernel serves CPU tensors, got {q.device}")
 
     @staticmethod
     def _args(q, k, v, call: Call, spec: MaskSpec):

@@ -6,6 +6,7 @@ import torch
 
 from ringpatch.attention.blocks import Call
 from ringpatch.attention.kernels.base import MaskSpec, band_bias, bhsd, repeat_kv, sum_kv
+from ringpatch.errors import BadValue
 
 aten = torch.ops.aten
 
@@ -30,11 +31,11 @@ class TorchCUDA:
 
     def check(self, q: torch.Tensor) -> None:
         if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            raise ValueError(
+            raise BadValue(
                 f"the CUDA kernels take float16, bfloat16 or float32, got {q.dtype}; cast q, k, v (e.g. .to(torch.bfloat16))"
             )
         if q.device.type != "cuda":
-            raise ValueError(f"the CUDA kernels serve CUDA tensors, got {q.device}")
+            raise BadValue(f"the CUDA kernels serve CUDA tensors, got {q.device}")
 
     @staticmethod
     def _use_flash(q: torch.Tensor, call: Call) -> bool:

@@ -7,6 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from ringpatch.errors import BadValue
 from ringpatch.train.switches import table
 
 DOC = Path(__file__).resolve().parents[3] / "docs" / "memory.md"
@@ -19,7 +20,7 @@ def with_table(text: str) -> str:
     head, found, rest = text.partition(BEGIN)
     _, found_end, tail = rest.partition(END)
     if not (found and found_end):
-        raise ValueError(f"{DOC} has no switches' table markers ({BEGIN!r} ... {END!r})")
+        raise BadValue(f"{DOC} has no switches' table markers ({BEGIN!r} ... {END!r})")
     return f"{head}{BEGIN}\n{table()}\n{END}{tail}"
 
 

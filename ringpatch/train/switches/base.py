@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ringpatch.errors import BadValue
 from ringpatch.plan.items import Item
 from ringpatch.schema import Key
 
@@ -44,7 +45,7 @@ class Switch:
         """Against the recipe's other keys; raises ValueError naming the keys and the fix."""
         if self.needs_checkpointing and self.on(recipe) and not recipe.activation_checkpointing:
             does, without = self.needs_checkpointing
-            raise ValueError(
+            raise BadValue(
                 f"{self.key}: {_yaml(getattr(recipe, self.key))} {does}, but activation_checkpointing is false, so "
                 f"{without}: set activation_checkpointing: true, or {self.key}: {_yaml(self.default)}"
             )
@@ -82,7 +83,7 @@ class Switch:
         part of those models it takes)."""
         model_type = model_config.get("model_type")
         if self.on(recipe) and model_type not in supported:
-            raise ValueError(
+            raise BadValue(
                 f"{self.key}: {_yaml(getattr(recipe, self.key))} {what} of {', '.join(supported)}; {recipe.model.name} "
                 f"is {model_type!r}: set {self.key}: {_yaml(self.default)}"
             )

@@ -21,6 +21,7 @@ from typing import Annotated
 
 import torch
 
+from ringpatch.errors import BadValue
 from ringpatch.hf.models import GATED_MLP_MODEL_TYPES
 from ringpatch.plan.items import Item
 from ringpatch.schema import POSITIVE
@@ -47,13 +48,13 @@ def tile_mlps(lm: torch.nn.Module, tiles: int) -> int:
 
     mlps = [m.mlp for m in lm.modules() if isinstance(getattr(m, "mlp", None), torch.nn.Module)]
     if not mlps:
-        raise ValueError(
+        raise BadValue(
             f"mlp_tiles: {tiles}, but {type(lm).__name__} has no decoder layers with an `mlp`; set mlp_tiles: 1"
         )
     for mlp in mlps:
         missing = [name for name in GATED if not isinstance(getattr(mlp, name, None), torch.nn.Module)]
         if missing:
-            raise ValueError(
+            raise BadValue(
                 f"mlp_tiles: {tiles}, but {type(mlp).__name__} is not a gated MLP (no {', '.join(missing)}): only "
                 "per-token MLPs (Llama, Mistral, Qwen) can be tiled exactly; set mlp_tiles: 1"
             )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
+from ringpatch.errors import BadValue, Unsupported
 from ringpatch.plan.estimate import layer_saved_bytes
 from ringpatch.plan.items import Item
 from ringpatch.schema import NONNEGATIVE
@@ -36,7 +37,7 @@ class UncheckpointedLayers(Switch):
         super().check(recipe)
         n = recipe.uncheckpointed_layers
         if n and recipe.keep_attention:
-            raise ValueError(
+            raise BadValue(
                 f"uncheckpointed_layers: {n} with keep_attention: true: kept attention outputs serve the recompute "
                 "of checkpointed layers, and an uncheckpointed layer would hold its output twice; choose one"
             )
@@ -47,7 +48,7 @@ class UncheckpointedLayers(Switch):
     @staticmethod
     def _check_layers(n: int, layers: int | None, name: str) -> None:
         if n and layers is not None and n >= layers:
-            raise ValueError(
+            raise BadValue(
                 f"uncheckpointed_layers: {n}, but {name} has {layers} decoder layers: leave at least one checkpointed "
                 f"(at most {layers - 1}), or set activation_checkpointing: false to keep every layer"
             )
@@ -61,7 +62,7 @@ class UncheckpointedLayers(Switch):
                 # transformers' GradientCheckpointingLayer checkpoints a layer only while this is set;
                 # a layer without the flag would ignore the switch, so it is refused
                 if not isinstance(getattr(layer, "gradient_checkpointing", None), bool):
-                    raise NotImplementedError(
+                    raise Unsupported(
                         f"uncheckpointed_layers: {n}, but {type(layer).__name__} has no gradient_checkpointing flag "
                         "(transformers' GradientCheckpointingLayer) to turn off: set uncheckpointed_layers: 0"
                     )
