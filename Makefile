@@ -151,12 +151,14 @@ format: install
 	$(BIN)/ruff format ringpatch tests bench examples data
 
 # Every bench runs; each checks its figures against bench/targets.py and exits 1 on a miss, and the
-# benches that missed one are named at the end (exit 1). The real model's benches: make bench-real.
+# benches that missed one are named at the end (exit 1); then README's figures are held to what
+# this run printed (bench/figures.py). The real model's benches: make bench-real.
 BENCHES := attention model documents tiled_mlp checkpointing memory simulate prepare demo_seeds
 bench: install
 	@missed=""; for b in $(BENCHES); do echo "== bench/$$b.py"; $(BIN)/python bench/$$b.py || missed="$$missed $$b"; done; \
+	echo "== bench/figures.py"; $(BIN)/python bench/figures.py || missed="$$missed figures(README)"; \
 	if [ -n "$$missed" ]; then echo "make bench: targets missed (or the bench failed) in:$$missed" >&2; exit 1; fi; \
-	echo "make bench: every target met"
+	echo "make bench: every target met, README's figures as printed"
 
 # SmolLM2's effective context and its exactness figures (about 2 hours on 2 cores)
 bench-real: install real-model real-text

@@ -7,7 +7,9 @@ A target is (low, high, what): the figure must be >= low and <= high (None: unbo
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 TARGETS = {
     "attention.ring_vs_monolithic": (None, 1.05, "ring time / monolithic time, zigzag, at every S"),
@@ -30,15 +32,24 @@ def rule(name: str) -> str:
     return f">= {low:g}" if low is not None else f"<= {high:g}"
 
 
-class Verdicts:
-    """A bench's checks against TARGETS, printed as they are made; `exit_code` at the end."""
+RESULTS = Path(__file__).resolve().parent / "results" / "targets"
+"""Each bench's last checked values, one JSON per bench ({target: {where: value}}): what
+bench/figures.py holds README's figures to."""
 
-    def __init__(self):
+
+class Verdicts:
+    """A bench's checks against TARGETS, printed as they are made; `exit_code` at the end, which
+    also writes the checked values to `results` (RESULTS/<bench>.json)."""
+
+    def __init__(self, results: Path = RESULTS):
         self.missed: list[str] = []
+        self.values: dict[str, dict[str, float]] = {}
+        self.results = results
 
     def check(self, name: str, value: float, where: str = "") -> bool:
         low, high, what = TARGETS[name]
         ok = math.isfinite(value) and (low is None or value >= low) and (high is None or value <= high)
+        self.values.setdefault(name, {})[where] = float(value)
         label = f"{name}{f' ({where})' if where else ''}"
         print(f"target {label}: {value:.3f} {rule(name)}: {'met' if ok else 'MISSED'} ({what})", flush=True)
         if not ok:
@@ -46,6 +57,10 @@ class Verdicts:
         return ok
 
     def exit_code(self) -> int:
+        for bench in {name.split(".")[0] for name in self.values}:
+            self.results.mkdir(parents=True, exist_ok=True)
+            mine = {k: v for k, v in self.values.items() if k.split(".")[0] == bench}
+            (self.results / f"{bench}.json").write_text(json.dumps(mine, indent=1))
         if self.missed:
             print(f"targets missed: {'; '.join(self.missed)}", flush=True)
         return 1 if self.missed else 0
