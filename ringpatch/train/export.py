@@ -50,7 +50,20 @@ def export_hf(engine, out_dir: str | Path, module=None, tokenizer=None) -> None:
         )
 
 
+def _untied(module, state: dict) -> dict:
+    """`state` without the output embedding's copy when the model ties it to the input embedding:
+    the consolidated copies no longer share storage, so save_pretrained would write the weight twice;
+    loading ties it back (tie_word_embeddings stays in config.json)."""
+    out, inp = module.get_output_embeddings(), module.get_input_embeddings()
+    if out is None or inp is None or out.weight is not inp.weight:
+        return state
+    names = [n for n, p in module.named_parameters(remove_duplicate=False) if p is out.weight]
+    kept = next(n for n, p in module.named_parameters() if p is out.weight)  # the first name, the input's
+    return {k: v for k, v in state.items() if k == kept or k not in names}
+
+
 def _write(module, state: dict, out_dir: Path, tokenizer) -> None:
+    state = _untied(module, state)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     settings = getattr(module, "_ringpatch", None)
