@@ -30,7 +30,7 @@ from ringpatch.evaluate.spec import EVAL_TASKS, EvalSpec
 from ringpatch.flags import Parser
 from ringpatch.hf import patch_model
 from ringpatch.hf.folder import check_model_folder
-from ringpatch.parallel import allocator_settings, launch_int, start, stop
+from ringpatch.parallel import allocator_settings, launch_int, nccl_settings, start, stop
 from ringpatch.train.preflight import is_local
 from ringpatch.train.recipe import DataSpec, load_recipe
 
@@ -174,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     allocator_settings()  # before anything touches CUDA
+    nccl_settings()  # what the plan's reserve assumes, unless set
     args = build_parser().parse_args(argv)
     try:
         spec, data_spec, models, out, layout = _spec_and_models(args)

@@ -15,6 +15,7 @@ from ringpatch.parallel.process import (
     launch_int,
     leave,
     local_device,
+    nccl_settings,
     set_timeouts,
     single_process_env,
     start,
@@ -33,5 +34,6 @@ __all__ = [
     "set_timeouts",
     "is_timeout",
     "allocator_settings",
+    "nccl_settings",
     "leave",
 ]

@@ -134,6 +134,19 @@ def allocator_settings() -> None:
         release_freed_host_memory()
 
 
+NCCL_DEFAULTS = {"NCCL_NVLS_ENABLE": "0"}
+"""The NCCL environment the plan's reserve assumes unless the user sets it (plan/reserve.py reads
+the same variables): NVLink SHARP off, so no communicator takes its ~288 MiB of NVLS buffers per
+rank (long-context steps are bound by memory; the ring's exchanges are point to point).
+NCCL_BUFFSIZE is left at NCCL's 4 MiB, at which the reserve's published figures were measured."""
+
+
+def nccl_settings() -> None:
+    """NCCL_DEFAULTS for the variables the user did not set; before the first process group."""
+    for key, value in NCCL_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
 def unlink_deepspeed_shm() -> bool:
     """DeepSpeed's CPU all-reduce gives each rank a 66 MiB shared-memory workspace,
     /dev/shm/deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>, which every

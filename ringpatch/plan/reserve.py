@@ -7,10 +7,13 @@ process's measured runtime (CPU_RUNTIME_GIB). Each item and its source: docs/mem
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ringpatch.attention.ring import head_groups
 from ringpatch.hf.counts import attention_shape, parameters
+from ringpatch.parallel.process import NCCL_DEFAULTS
 from ringpatch.plan.estimate import GIB, Shapes
 
 CUDA_CONTEXT_GIB = 1.0
@@ -21,6 +24,12 @@ NCCL_P2P_BYTES_PER_PEER = (4.34e9 - 1.06e9) / 7
 """Point-to-point buffers per peer a rank sends to or receives from (the ring's neighbours, every
 other member of an all-to-all): the first all_to_all_single over 8 H100s grew a rank's NCCL memory
 from 1.06 to 4.34 GB, 32 channels to each of 7 peers (NVIDIA/nccl#1685)."""
+NCCL_DEFAULT_BUFFSIZE = 4 * 2**20
+"""NCCL's default NCCL_BUFFSIZE, at which the figures above were measured: another value scales them."""
+NVLS_BYTES = 288 * 2**20
+"""NVLink SHARP's buffers per communicator of more than 2 members, on NVSwitch systems (H100/H200
+HGX), when NCCL_NVLS_ENABLE is not 0 (the trainer sets 0 unless the user set it:
+parallel/process.py NCCL_DEFAULTS)."""
 FRAGMENTATION = 0.05
 CPU_RUNTIME_GIB = 0.70
 """A CPU rank's resident memory besides the step's tensors, measured (docs/measurements.md): the
@@ -74,11 +83,15 @@ class Communicator:
     members: int
     peers: int = 0
 
-    def nccl_bytes(self) -> float:
+    def nccl_bytes(self, env: Mapping[str, str] | None = None) -> float:
+        """Per rank, under the NCCL environment `env` (None: this process's, with the trainer's defaults)."""
         if self.members < 2:
             return 0.0
+        env = {**NCCL_DEFAULTS, **(os.environ if env is None else env)}
+        scale = int(env.get("NCCL_BUFFSIZE", NCCL_DEFAULT_BUFFSIZE)) / NCCL_DEFAULT_BUFFSIZE
         collective = NCCL_COLLECTIVE_BYTES[min(self.members, 3)]
-        return collective + self.peers * NCCL_P2P_BYTES_PER_PEER
+        nvls = NVLS_BYTES if self.members > 2 and env.get("NCCL_NVLS_ENABLE") != "0" else 0
+        return (collective + self.peers * NCCL_P2P_BYTES_PER_PEER) * scale + nvls
 
 
 def communicators(dims) -> tuple[Communicator, ...]:

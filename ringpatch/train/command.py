@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ringpatch.errors import USER_ERRORS, BadValue
 from ringpatch.flags import Parser
-from ringpatch.parallel import allocator_settings, launch_int
+from ringpatch.parallel import allocator_settings, launch_int, nccl_settings
 from ringpatch.plan.check import check_memory, device_memory_gib
 from ringpatch.train import restart
 from ringpatch.train.lock import RunLock
@@ -31,6 +31,7 @@ from ringpatch.train.stop import RESUME_EXIT
 
 def main(argv: list[str] | None = None) -> int:
     allocator_settings()  # before anything touches CUDA
+    nccl_settings()  # what the plan's reserve assumes, unless set
     parser = Parser(prog="ringpatch train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipe", required=True, help="a recipe YAML (recipes/)")
     parser.add_argument("--run-dir", help="override the recipe's run_dir")

@@ -60,3 +60,25 @@ def test_zero3_plans_the_gathered_weights_up_to_the_live_parameter_limit():
     assert zero_buffers(config, LLAMA_8B, 2)["layer"] == 1e9 * 2  # the default limit
     config["zero_optimization"]["stage3_max_live_parameters"] = 3e8
     assert zero_buffers(config, LLAMA_8B, 2)["layer"] == (layer + 1e8) * 2
+
+
+def test_the_reserve_reads_the_nccl_environment_the_trainer_sets(monkeypatch):
+    """NCCL_BUFFSIZE scales the figures (measured at NCCL's 4 MiB); NVLS, when the user turns it on,
+    adds its buffers to each communicator of more than 2 members; the trainer turns it off unless set."""
+    import os
+
+    from ringpatch.parallel import nccl_settings
+    from ringpatch.plan.reserve import NVLS_BYTES, Communicator
+
+    ring = Communicator("sequence (ring)", 8, 2)
+    base = 688e6 + 2 * PER_PEER
+    assert ring.nccl_bytes({}) == pytest.approx(base)
+    assert ring.nccl_bytes({"NCCL_BUFFSIZE": str(2 * 2**20)}) == pytest.approx(base / 2)
+    assert ring.nccl_bytes({"NCCL_NVLS_ENABLE": "1"}) == pytest.approx(base + NVLS_BYTES)
+    assert Communicator("pair", 2).nccl_bytes({"NCCL_NVLS_ENABLE": "1"}) == pytest.approx(544e6)
+    monkeypatch.delenv("NCCL_NVLS_ENABLE", raising=False)
+    nccl_settings()
+    assert os.environ["NCCL_NVLS_ENABLE"] == "0"
+    monkeypatch.setenv("NCCL_NVLS_ENABLE", "1")
+    nccl_settings()
+    assert os.environ["NCCL_NVLS_ENABLE"] == "1" and ring.nccl_bytes() == pytest.approx(base + NVLS_BYTES)
