@@ -17,13 +17,17 @@ network; flash-attn when present, transformers for the memory check when present
    monolithic / ring. Fails below THROUGHPUT_TARGET.
 5. Memory: a Llama-3-8B-shaped stack of 2 layers (random weights, bf16), ring-patched over the
    one-rank group, at 131,072 tokens, with activation checkpointing and each memory switch
-   (keep_attention, activation_offload, and offload + 8 MLP tiles when DeepSpeed is installed),
-   parameter gradients dropped as they are made (as ZeRO takes them): the peak of
+   (keep_attention, activation_offload, and with DeepSpeed installed offload + 8 MLP tiles, and the
+   one-node recipes' binding configuration, offload + 8 MLP tiles + chunked norms, applied by the
+   switch registry as the trainer applies them), parameter gradients dropped once whole (as ZeRO
+   takes them; a tiled MLP's after its last tile): the peak of
    torch.cuda.max_memory_allocated above the weights against the planner's activations
    (ringpatch.plan.estimate); fails outside MEMORY_BAND. Offload's loss equals plain
    checkpointing's bit for bit, and on CUDA its page-locked host buffers hold exactly the plan's
-   host bytes (ringpatch.memory.offload.HostBuffers). Step times, and the offload copies' cost
-   (its step over plain checkpointing's).
+   host bytes (ringpatch.memory.offload.HostBuffers). On CUDA, what the process holds on the device
+   after the step (torch.cuda.mem_get_info: the context, the allocator's reserved pool) against the
+   plan's tensors plus its reserve, in the same band. Step times, and the offload copies' cost (its
+   step over plain checkpointing's).
 The monolithic references run fused kernels: FlashAttention for full and causal blocks, the
 memory-efficient kernel with an additive mask (K/V repeated) for masked ones; SDPA's math
 fallback is refused. A summary table ends the output; bench/results/gpu_check.json keeps every
@@ -295,6 +299,8 @@ MEMORY_SWITCHES = {  # recipe switches of each configuration (activation checkpo
     "keep_attention": {"keep_attention": True},
     "offload": {"activation_offload": True},
     "offload+tiles8": {"activation_offload": True, "mlp_tiles": 8},
+    # the one-node recipes' binding configuration (llama3-8b-1m-1node.yaml): its MLP-tile backward
+    "1node": {"activation_offload": True, "mlp_tiles": 8, "rmsnorm": "chunked"},
 }
 
 
@@ -314,12 +320,15 @@ def memory_check(lengths, device, dtype, quick=False):
 
     import ringpatch
     from ringpatch.memory import causal_lm_loss
-    from ringpatch.memory.offload import HOST_BUFFERS, enable_checkpointing
+    from ringpatch.memory.offload import HOST_BUFFERS
+    from ringpatch.parallel import ParallelDims
     from ringpatch.plan.budget import estimate
-    from ringpatch.plan.estimate import GIB, offloaded_bytes, total_gib
+    from ringpatch.plan.estimate import GIB, kernel_kind, offloaded_bytes, shapes, total_gib
     from ringpatch.plan.items import Kind
+    from ringpatch.plan.reserve import communicators, kernel_scratch_bytes, reserve_gib
+    from ringpatch.plan.simulate import drop_when_whole
+    from ringpatch.train import switches as registry
     from ringpatch.train.recipe import Recipe, from_dict
-    from ringpatch.train.switches.mlp_tiles import tile_mlps
 
     group = one_rank_group(device)
     if quick:
@@ -333,19 +342,19 @@ def memory_check(lengths, device, dtype, quick=False):
     try:
         import deepspeed  # noqa: F401  (the tiled MLP is DeepSpeed's TiledMLP)
     except ImportError:
-        switches.pop("offload+tiles8")
+        switches = {k: v for k, v in switches.items() if v.get("mlp_tiles", 1) == 1}
     base_recipe = from_dict(Recipe, {"model": {"name": "check"}, "stages": [{"seq_len": max(lengths), "steps": 1}]})
     rows = {}
     for name, sw in switches.items():
         torch.manual_seed(0)
         lm = AutoModelForCausalLM.from_config(LlamaConfig(**cfg), dtype=dtype, attn_implementation="sdpa").to(device)
-        enable_checkpointing(lm, offload=sw.get("activation_offload", False))
-        tile_mlps(lm, sw.get("mlp_tiles", 1))
-        lm.train()
-        lm = ringpatch.patch_model(lm, group=group, keep_attention=sw.get("keep_attention", False))
-        for p in lm.parameters():  # as ZeRO takes each gradient into its partition (the planner's activations)
-            p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
         recipe = dataclasses.replace(base_recipe, **sw)
+        lm.train()
+        lm = ringpatch.patch_model(
+            lm, group=group, **registry.apply(recipe, lm)
+        )  # the recipe's switches, as the trainer
+        for p in lm.parameters():  # as ZeRO takes each gradient into its partition (the planner's activations)
+            p.register_post_accumulate_grad_hook(drop_when_whole)
         for seq in lengths:
             ids = torch.randint(0, cfg["vocab_size"], (1, seq), device=device)
             batch = ringpatch.shard_batch({"input_ids": ids, "labels": ids}, group=group)
@@ -356,11 +365,15 @@ def memory_check(lengths, device, dtype, quick=False):
                 torch.cuda.reset_peak_memory_stats()
                 base = torch.cuda.memory_allocated()
             start = time.perf_counter()
+            device_gib = weights_gib = None
             if device.type == "cuda":
                 loss = causal_lm_loss(lm, batch, recipe.loss_chunk_tokens)
                 loss.backward()
                 _sync(device)
                 measured = (torch.cuda.max_memory_allocated() - base) / GIB
+                # what the process holds on the device: context, NCCL, the allocator's reserved pool
+                free, total = torch.cuda.mem_get_info()
+                device_gib, weights_gib = (total - free) / GIB, base / GIB
             else:
                 from torch.profiler import ProfilerActivity, profile
 
@@ -381,7 +394,14 @@ def memory_check(lengths, device, dtype, quick=False):
             # the weights are in `base`; no optimizer step; each gradient dropped as it is made
             predicted = total_gib({k: v for k, v in est.items() if k.kind is not Kind.MODEL_STATE})
             ratio = None if measured is None else measured / predicted
+            with_reserve = None
+            if weights_gib is not None:  # the plan's tensors (these weights, no optimizer) and its reserve
+                s = shapes(cfg, 1, 1, dtype.itemsize)
+                scratch = kernel_scratch_bytes(s, seq, 1, kernel_kind(dtype.itemsize, True))
+                reserve = reserve_gib(weights_gib + predicted, True, communicators(ParallelDims(1)), scratch)
+                with_reserve = weights_gib + predicted + sum(reserve.values())
             rows[f"{name} S={seq}"] = {"measured_gib": measured, "predicted_gib": predicted, "ratio": ratio,
+                                       "device_gib": device_gib, "planned_with_reserve_gib": with_reserve,
                                        "seconds": seconds, "loss": loss.item(), "host_gib": host,
                                        "host_planned_gib": offloaded_bytes(cfg, seq, dtype.itemsize) / GIB}  # fmt: skip
         del lm
@@ -484,6 +504,11 @@ def main() -> int:
               f"(ratio {ratio}), step {row['seconds']:.2f} s{cost}")  # fmt: skip
         in_band = row["ratio"] is not None and MEMORY_BAND[0] <= row["ratio"] <= MEMORY_BAND[1]
         record(f"memory {key} measured/planned", in_band, ratio)
+        if row.get("device_gib") is not None:  # the whole process on the device against plan + reserve
+            whole = row["device_gib"] / row["planned_with_reserve_gib"]
+            print(f"memory {key}: the process holds {row['device_gib']:.2f} GiB of the device (mem_get_info), "
+                  f"plan + reserve {row['planned_with_reserve_gib']:.2f} GiB (ratio {whole:.2f})")  # fmt: skip
+            record(f"memory {key} device/plan+reserve", MEMORY_BAND[0] <= whole <= MEMORY_BAND[1], f"{whole:.2f}")
         plain = mem.get("ckpt " + key.split(" ", 1)[1])
         if key.startswith("offload S=") and plain:  # offload copies values: the same loss, bit for bit
             record(f"memory {key} loss = checkpointing's", row["loss"] == plain["loss"], f"{row['loss']:.6f}")

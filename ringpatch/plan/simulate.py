@@ -262,7 +262,9 @@ def step_batch(plan: Plan, mesh, stage: int, documents: tuple[int, ...] | None =
     return local_batch(rows, plan.recipe, mesh)
 
 
-def _drop_when_ready(p) -> None:
+def drop_when_whole(p) -> None:
+    """A post-accumulate-grad hook: the parameter's gradient leaves once it is whole, as ZeRO
+    reduces it into a partition (a tiled MLP's weights wait for the last tile: ds_grad_is_ready)."""
     if getattr(p, "ds_grad_is_ready", True):
         p.grad = None
 
@@ -277,7 +279,7 @@ def step_model(plan: Plan, lm, mesh, backend="auto"):
     model = LossModel(prepare_lm(plan, lm, mesh, backend=backend), chunk_tokens=plan.recipe.loss_chunk_tokens)
     model.train()
     for p in model.parameters():
-        p.register_post_accumulate_grad_hook(_drop_when_ready)
+        p.register_post_accumulate_grad_hook(drop_when_whole)
     return model
 
 
