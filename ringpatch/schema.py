@@ -223,7 +223,7 @@ def schema_rows(cls, prefix: str = "") -> list[tuple[str, str, str, str, str]]:
             default = repr(f.default_factory())
         else:
             default = "required"
-        sample = 0.0 if "float" in type_name(hint) else 0
+        sample = 0.0 if "float" in str(hint) else 0  # the rule of the key's number type (a list's items too)
         rule = "; ".join(m.rule(sample) if isinstance(m, Range) else f"path: {m.kind}" for m in markers(hint))
         rows.append((key, type_name(hint), default, rule, docs.get(f.name, "")))
     return rows

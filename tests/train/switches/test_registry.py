@@ -89,3 +89,15 @@ def test_the_loss_chunk_is_a_switch_with_its_item_and_remedy(tmp_path):
         items[chunk] = estimate(plan.recipe, plan.model_config, 1, 4096, 1)[Item.LOSS_CHUNK]
         assert remedy(plan.recipe, Item.LOSS_CHUNK) == f"loss_chunk_tokens: {max(256, chunk // 4)}"
     assert LOSS_CHUNK in SWITCHES and items[256] < items[1024]
+
+
+def test_the_schema_states_a_number_keys_rule_in_its_own_type():
+    """A float key's range reads as a number, an int key's as an integer (optim.betas, a pair of
+    floats in [0, 1], once read "an integer in [0, 1]")."""
+    from ringpatch.schema import schema_rows
+    from ringpatch.train.recipe import Recipe
+
+    rows = {row[0]: row for row in schema_rows(Recipe)}
+    assert rows["optim.betas"][3] == "a finite number in [0.0, 1.0]"
+    assert rows["optim.lr"][3] == "a finite number in (0.0, inf)"
+    assert rows["stages[].seq_len"][3] == "> 0"
