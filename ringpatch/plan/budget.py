@@ -7,6 +7,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from ringpatch.data.prepare import data_line
+from ringpatch.errors import BadValue
 from ringpatch.hf.counts import forward_flops, parameters
 from ringpatch.parallel import ParallelDims
 from ringpatch.plan.estimate import (
@@ -38,6 +39,37 @@ class Plan:
     """The DeepSpeed config (ds_config.deepspeed_config), overlay merged."""
     model_config: dict | None
     """The architecture, when known without a download (recipe or local config.json)."""
+
+    def budget(self, stage: int | None = None) -> Budget:
+        """A stage's memory per GPU (None: the longest stage)."""
+        return stage_budget(self, longest_stage(self.recipe) if stage is None else stage)
+
+    def max_context(self, gpu_memory: float, host_gib_per_gpu: float | None = None, micro_batch: int = 1) -> Context:
+        """The longest sequence whose plan fits `gpu_memory` GiB per GPU (and the host memory)."""
+        found = max_context(self, gpu_memory, host_gib_per_gpu, micro_batch)
+        if found is None:
+            raise BadValue(
+                f"no context of {self.recipe.model.name} fits {gpu_memory:g} GiB per GPU on this grid, or its "
+                "architecture is unknown without a download (set model.config in the recipe)"
+            )
+        return Context(*found)
+
+    def simulate(self, stage: int | None = None, rank: int = 0):
+        """The simulated rank (plan/simulate.py) of a stage (None: the longest)."""
+        from ringpatch.plan.simulate import simulate
+
+        return simulate(self, stage, rank, kernel="cuda" if self.cuda else "cpu")
+
+
+@dataclass(frozen=True)
+class Context:
+    seq_len: int
+    budget: Budget
+
+
+def longest_stage(recipe) -> int:
+    """The index of the recipe's longest stage."""
+    return max(range(len(recipe.stages)), key=lambda i: recipe.stages[i].seq_len)
 
 
 @dataclass(frozen=True)

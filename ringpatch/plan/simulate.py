@@ -34,7 +34,7 @@ from ringpatch import regions
 from ringpatch.attention.kernels import TorchCPU, TorchCUDA
 from ringpatch.errors import BadValue, Unsupported
 from ringpatch.hf.models import GATED_MLP_MODEL_TYPES
-from ringpatch.plan.budget import Budget, Plan, estimate
+from ringpatch.plan.budget import Budget, Plan, estimate, longest_stage
 from ringpatch.plan.estimate import GIB, total_gib
 from ringpatch.plan.items import Item, Kind
 from ringpatch.plan.tracker import StorageTracker, SyncCounter
@@ -296,10 +296,6 @@ def counted_step(plan: Plan, model, local: dict, fake_mode=None) -> tuple[Storag
         for h in handles:
             h.remove()
     return tracker, syncs
-
-
-def longest_stage(recipe) -> int:
-    return max(range(len(recipe.stages)), key=lambda i: recipe.stages[i].seq_len)
 
 
 def simulate(
