@@ -45,6 +45,17 @@ class RingTrainerMixin:
     def __init__(self, *args, sp: int, layout: str = PACKED_LAYOUT, ulysses: int = 1, **kwargs):
         super().__init__(*args, **kwargs)
         world = dist.get_world_size() if dist.is_initialized() else 1
+        if world > 1 and self.args.world_size != world:
+            cpu = (
+                " on a machine without a GPU it needs TrainingArguments(use_cpu=True),"
+                if not torch.cuda.is_available()
+                else ""
+            )
+            raise BadValue(
+                f"the launcher started {world} processes, but the Trainer runs as {self.args.world_size} "
+                f"(TrainingArguments.parallel_mode {self.args.parallel_mode.value}):{cpu} so that every process "
+                "joins one distributed run; as it is, each would train alone and RingTrainer could shard nothing"
+            )
         if sp < 1 or world % sp:
             raise BadValue(f"sp={sp} must divide the {world} launched processes (dp = world / sp)")
         if getattr(self.model, "_ringpatch", None) is not None:

@@ -110,3 +110,16 @@ def test_metrics_from_logits_are_refused_on_sp_above_one(tmp_path, monkeypatch):
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
     with pytest.raises(NotImplementedError, match="compute_metrics / preprocess_logits_for_metrics with sp > 1"):
         RingTrainer(model=AutoModelForCausalLM.from_config(config), args=args, compute_metrics=lambda p: {}, sp=2)
+
+
+def test_a_trainer_that_runs_as_one_process_under_a_launcher_is_told_so(tmp_path):
+    """torchrun starts 2 CPU processes, TrainingArguments lacks use_cpu, so transformers runs each as
+    a lone process: RingTrainer says exactly that and the fix (it used to blame the dataset)."""
+    cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", SCRIPT, "--out", str(tmp_path / "x.json"),
+           "--sp", "2", "--no-use-cpu"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=HANG_S)
+    assert proc.returncode != 0
+    assert (
+        "the launcher started 2 processes, but the Trainer runs as 1 (TrainingArguments.parallel_mode not_parallel): "
+        "on a machine without a GPU it needs TrainingArguments(use_cpu=True)" in proc.stderr
+    ), proc.stderr[-3000:]

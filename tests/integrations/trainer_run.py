@@ -43,6 +43,7 @@ def main() -> None:
     p.add_argument("--plain", action="store_true")
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--deepspeed")
+    p.add_argument("--no-use-cpu", action="store_true", help="TrainingArguments without use_cpu (a user's slip)")
     a = p.parse_args()
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=258, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -51,7 +52,7 @@ def main() -> None:
     args = TrainingArguments(
         output_dir=str(Path(a.out).parent / "trainer"), per_device_train_batch_size=2, per_device_eval_batch_size=2,
         gradient_accumulation_steps=a.ga, max_steps=3, learning_rate=1e-3, logging_steps=1, report_to=[],
-        use_cpu=True, seed=0, save_strategy="no", disable_tqdm=True, dataloader_num_workers=0, bf16=a.bf16,
+        use_cpu=not a.no_use_cpu, seed=0, save_strategy="no", disable_tqdm=True, dataloader_num_workers=0, bf16=a.bf16,
         deepspeed=a.deepspeed, include_num_input_tokens_seen="non_padding",
     )  # fmt: skip
     kwargs = dict(model=model, args=args, train_dataset=data(24, 1), eval_dataset=data(7, 2),
