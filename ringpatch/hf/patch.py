@@ -31,7 +31,11 @@ def _check_call(model, args, kwargs):
     """Forward pre-hook: the batch must come from shard_batch for this group and layout."""
     settings: RingSettings = model._ringpatch
     if kwargs.get("use_cache"):
-        raise Unsupported("use_cache=True (KV-cache decoding) is not supported on a ring-patched model")
+        raise Unsupported(
+            "use_cache=True (KV-cache decoding, what generate() does) is not supported on a ring-patched model: "
+            "generate with the model unpatched (ringpatch.unpatch_model(model), or load its exported folder), or "
+            "score long prompts with a ring prefill (ringpatch eval; ringpatch.evaluate.prefill)"
+        )
     kwargs["use_cache"] = False
     tokens = kwargs.get("input_ids", args[0] if args else None)
     if tokens is None:
