@@ -170,6 +170,8 @@ class Trainer:
                 state = dict(state, step=self._stage(index, first, state, bar, max_steps))
                 if max_steps is not None and state["step"] >= max_steps and state["step"] < end:
                     bar.close()
+                    if self.rank == 0:  # a partial run's report too: it resumes later, but its figures are now
+                        print(f"ringpatch: report in {write_report(self.run_dir)}")
                     return
                 if index < last and self.recipe.export_stages:
                     self._export(f"stage{index}")

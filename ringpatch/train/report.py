@@ -1,7 +1,7 @@
 """A run's report: run_dir/report/summary.json and plots of loss, tokens/s, MFU and memory
 against step, from metrics.jsonl, so for the whole run across stops and restarts (a resumed run
-drops the records past its checkpoint and writes them again). The trainer writes it at the end
-and when it stops on request; `ringpatch report RUN_DIR` writes it at any time.
+drops the records past its checkpoint and writes them again). The trainer writes it at the end,
+when it stops on request and at --max-steps; `ringpatch report RUN_DIR` writes it at any time.
 """
 
 from __future__ import annotations

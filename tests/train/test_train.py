@@ -252,6 +252,7 @@ def test_the_shipped_tiny_recipe_starts_under_every_launcher(tmp_path, launcher,
     losses, _ = metrics(run)  # the recipe logs every 10 steps
     assert len(losses) == 1 and losses[0] < 5.0  # ln(258) = 5.55 at the start
     assert (run / "checkpoints" / "latest").read_text() == "step000000010"
+    assert (run / "report" / "summary.json").is_file()  # a partial run writes its report too
 
 
 def test_a_rope_scaling_stage_reaches_the_exported_config(tmp_path, data):
