@@ -1,5 +1,6 @@
-"""The exported folder, for every model type the trainer takes: it loads with stock transformers
-(no ringpatch), gives the trained model's logits, keeps its config, and a tied head is written once."""
+"""The exported folder, for every model type the trainer takes (and with every memory switch
+applied): it loads with stock transformers (no ringpatch), gives the model's logits, keeps its
+config, and a tied head is written once."""
 
 from __future__ import annotations
 
@@ -18,9 +19,28 @@ SMALL = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "n
 TYPES = {
     "llama": {}, "llama-tied": {"model_type": "llama", "tie_word_embeddings": True}, "mistral": {},
     "qwen2": {}, "qwen3": {}, "gemma": {}, "phi3": {}, "olmo": {}, "starcoder2": {},
-    "granite": {}, "smollm3": {}, "gpt2": {"n_embd": 64, "n_layer": 2, "n_head": 4, "vocab_size": 128, "n_positions": 64, "bos_token_id": 1,
+    "granite": {}, "smollm3": {}, "llama-every-switch": {"model_type": "llama"}, "qwen3-every-switch": {"model_type": "qwen3"},
+    "gpt2": {"n_embd": 64, "n_layer": 2, "n_head": 4, "vocab_size": 128, "n_positions": 64, "bos_token_id": 1,
              "eos_token_id": 2},
 }  # fmt: skip
+
+
+EVERY_SWITCH = {"activation_checkpointing": True, "activation_offload": True, "mlp_tiles": 2, "rmsnorm": "chunked",
+                "loss_chunk_tokens": 16}  # fmt: skip
+ONE_OF = {"llama": {"keep_attention": True}, "qwen3": {"uncheckpointed_layers": 1}}  # the two exclude each other
+
+
+def _switched(lm, name: str) -> dict:
+    """For an -every-switch case, every memory switch on, applied as the trainer applies them (the
+    model then exports what the switches wrapped); the patch_model arguments they ask for."""
+    if not name.endswith("every-switch"):
+        return {}
+    from ringpatch.train import switches
+    from ringpatch.train.recipe import Recipe, from_dict
+
+    recipe = from_dict(Recipe, {"model": {"name": "x"}, "stages": [{"seq_len": 32, "steps": 1}], **EVERY_SWITCH,
+                                **ONE_OF[name.split("-")[0]]})  # fmt: skip
+    return switches.apply(recipe, lm)
 
 
 @pytest.fixture
@@ -46,7 +66,7 @@ def test_an_export_loads_without_ringpatch_with_the_models_logits(name, tmp_path
     ids = torch.randint(0, 128, (1, 32))
     with torch.no_grad():
         expected = lm(input_ids=ids).logits
-    ringpatch.patch_model(lm, group=one_rank)
+    ringpatch.patch_model(lm, group=one_rank, **_switched(lm, name))
     export_hf(SimpleNamespace(module=lm, zero_optimization_stage=lambda: 0, autotp_size=lambda: 1), tmp_path / "out")
 
     written = json.loads((tmp_path / "out" / "config.json").read_text())
