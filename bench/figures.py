@@ -18,10 +18,10 @@ sys.path.insert(0, str(ROOT))
 
 from bench.targets import RESULTS  # noqa: E402
 
-FIGURES = (  # (the start of README's row, the target whose values it states, "value" or "range")
-    ("ring vs monolithic attention", "attention.ring_vs_monolithic", "range"),
-    ("peak memory per rank, 2 ranks vs 1 process", "model.memory_ratio", "value"),
-    ("plan / simulated peak, five cluster recipes", "simulate.planned_vs_simulated", "value"),
+FIGURES = (  # (the start of README's row, the target whose values it states, "value" or "range", where: None = all)
+    ("ring vs monolithic attention", "attention.ring_vs_monolithic", "range", "S=32768"),
+    ("peak memory per rank, 2 ranks vs 1 process", "model.memory_ratio", "value", "S=32768"),
+    ("plan / simulated peak, five cluster recipes", "simulate.planned_vs_simulated", "value", None),
 )
 NUMBER = r"\d+\.\d+"
 
@@ -37,14 +37,15 @@ def figure_cell(readme: str, start: str) -> str | None:
 def check(readme: str, results: Path = RESULTS) -> list[str]:
     """One line per figure: 'ok ...' or 'WRONG ...' (or 'MISSING ...' when there is no row or run)."""
     lines = []
-    for start, target, how in FIGURES:
+    for start, target, how, where in FIGURES:
         cell = figure_cell(readme, start)
         path = results / f"{target.split('.')[0]}.json"
         if cell is None or not path.is_file():
             what = f"README has no row '{start}'" if cell is None else f"no results: run python bench/{path.stem}.py"
             lines.append(f"MISSING {target}: {what}")
             continue
-        values = list(json.loads(path.read_text()).get(target, {}).values())
+        checked = json.loads(path.read_text()).get(target, {})
+        values = [v for w, v in checked.items() if where is None or w == where]
         numbers = re.findall(NUMBER, cell.split("(target")[0])
         if not values or not numbers:
             lines.append(f"MISSING {target}: {'no values in ' + str(path) if not values else 'no figure in ' + cell!r}")
