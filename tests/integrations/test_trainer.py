@@ -105,6 +105,7 @@ def test_metrics_from_logits_are_refused_on_sp_above_one(tmp_path, monkeypatch):
 
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
     monkeypatch.setattr(dist, "get_world_size", lambda *a: 2)
+    monkeypatch.setattr(TrainingArguments, "world_size", property(lambda self: 2))  # the same faked world of 2
     config = LlamaConfig(vocab_size=258, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=1)  # fmt: skip
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
