@@ -323,9 +323,9 @@ def memory_check(lengths, device, dtype, quick=False):
     from ringpatch.memory.offload import HOST_BUFFERS
     from ringpatch.parallel import ParallelDims
     from ringpatch.plan.budget import estimate
-    from ringpatch.plan.estimate import GIB, kernel_kind, offloaded_bytes, shapes, total_gib
+    from ringpatch.plan.estimate import GIB, offloaded_bytes, total_gib
     from ringpatch.plan.items import Kind
-    from ringpatch.plan.reserve import communicators, kernel_scratch_bytes, reserve_gib
+    from ringpatch.plan.reserve import reserve_for
     from ringpatch.plan.simulate import drop_when_whole
     from ringpatch.train import switches as registry
     from ringpatch.train.recipe import Recipe, from_dict
@@ -396,9 +396,7 @@ def memory_check(lengths, device, dtype, quick=False):
             ratio = None if measured is None else measured / predicted
             with_reserve = None
             if weights_gib is not None:  # the plan's tensors (these weights, no optimizer) and its reserve
-                s = shapes(cfg, 1, 1, dtype.itemsize)
-                scratch = kernel_scratch_bytes(s, seq, 1, kernel_kind(dtype.itemsize, True))
-                reserve = reserve_gib(weights_gib + predicted, True, communicators(ParallelDims(1)), scratch)
+                reserve = reserve_for(cfg, ParallelDims(1), seq, 1, dtype.itemsize, True, weights_gib + predicted)
                 with_reserve = weights_gib + predicted + sum(reserve.values())
             rows[f"{name} S={seq}"] = {"measured_gib": measured, "predicted_gib": predicted, "ratio": ratio,
                                        "device_gib": device_gib, "planned_with_reserve_gib": with_reserve,

@@ -86,9 +86,9 @@ def plan(argv: list[str]) -> int:
     )
     args = parser.parse_args(argv)
     from ringpatch.errors import USER_ERRORS
-    from ringpatch.plan.budget import describe, describe_max_context, on_device
+    from ringpatch.plan import for_recipe
+    from ringpatch.plan.budget import describe, describe_max_context
     from ringpatch.plan.check import check_memory, host_memory_gib
-    from ringpatch.train.preflight import preflight
 
     try:
         if args.gpu_memory is None:
@@ -100,14 +100,13 @@ def plan(argv: list[str]) -> int:
             )
         if not 0 < args.host_memory < math.inf:
             raise BadValue(f"--host-memory must be a positive finite number (GiB per node), got {args.host_memory}")
-        p = preflight(args.recipe, world=args.nodes * args.gpus_per_node)
+        # for the device the run trains on, wherever `plan` runs
+        p = for_recipe(args.recipe, args.nodes, args.gpus_per_node, args.device)
         if args.max_restarts < 0:
             raise BadValue(f"--max-restarts must be >= 0, got {args.max_restarts}")
         from ringpatch.train.restart import check_restarts
 
         check_restarts(p.recipe, args.max_restarts)
-        p = on_device(p, args.device)  # for the device the run trains on, wherever `plan` runs
-        p.dims.check_node(args.gpus_per_node)
         if args.simulate:
             from ringpatch.plan.simulate import check_simulable
 

@@ -21,7 +21,7 @@ from ringpatch.plan.estimate import (
     total_gib,
 )
 from ringpatch.plan.items import Item, Kind, Phase
-from ringpatch.plan.reserve import communicators, kernel_scratch_bytes, reserve_gib, zero_buffers
+from ringpatch.plan.reserve import reserve_for, zero_buffers
 from ringpatch.plan.traffic import describe_traffic
 from ringpatch.train import switches
 from ringpatch.train.recipe import Recipe
@@ -164,10 +164,7 @@ def budget(plan: Plan, seq_len: int, micro_batch: int) -> Budget:
     zero = zero_buffers(plan.ds_config, cfg, b, dims.tp, plan.cuda)
     items = estimate(r, cfg, dims.world, seq_len, micro_batch, plan.bf16, plan.cuda, zero=zero)
     tokens = micro_batch * seq_len // dims.sp
-    scratch = kernel_scratch_bytes(
-        shapes(cfg, dims.tp, dims.ulysses, b), tokens, micro_batch, kernel_kind(b, plan.cuda)
-    )
-    reserve = reserve_gib(total_gib(items), plan.cuda, communicators(dims), scratch)
+    reserve = reserve_for(cfg, dims, tokens, micro_batch, b, plan.cuda, total_gib(items))
     return Budget(items, reserve, host_offload_gib(r, cfg, seq_len, micro_batch, plan.bf16))
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from ringpatch.attention.ring import head_groups
 from ringpatch.hf.counts import attention_shape, parameters
 from ringpatch.parallel.process import NCCL_DEFAULTS
-from ringpatch.plan.estimate import GIB, Shapes
+from ringpatch.plan.estimate import GIB, Shapes, kernel_kind, shapes
 
 CUDA_CONTEXT_GIB = 1.0
 NCCL_COLLECTIVE_BYTES = {2: 544e6, 3: 688e6}
@@ -130,3 +130,13 @@ def reserve_gib(
         "attention kernel scratch": scratch_bytes / GIB,
         "fragmentation": FRAGMENTATION * tensors_gib,
     }
+
+
+def reserve_for(
+    cfg: dict, dims, tokens: int, micro_batch: int, b: int, cuda: bool, tensors_gib: float
+) -> dict[str, float]:
+    """The reserve per process of a step with `tokens` per rank on the grid `dims` (b: bytes per
+    element), beside `tensors_gib` of planned tensors: reserve_gib with the grid's communicators and
+    the attention kernel's scratch at that shape."""
+    scratch = kernel_scratch_bytes(shapes(cfg, dims.tp, dims.ulysses, b), tokens, micro_batch, kernel_kind(b, cuda))
+    return reserve_gib(tensors_gib, cuda, communicators(dims), scratch)
