@@ -18,7 +18,7 @@ MASTER_ADDR ?= $(shell hostname)
 
 install: $(STAMP)
 
-$(STAMP): setup.cfg pyproject.toml
+$(STAMP): setup.cfg setup.py pyproject.toml
 	@if [ ! -x $(BIN)/python ]; then \
 	  if $(PY) -c "import torch" 2>/dev/null; then \
 	    echo "keeping the torch of $(PY): $$($(PY) -c 'import torch; print(torch.__version__)')"; \
@@ -139,16 +139,16 @@ package-check: install
 	$(BIN)/python tests/packaging/check_install.py
 
 lint: install
-	$(BIN)/ruff check ringpatch tests bench examples data
-	$(BIN)/ruff format --check ringpatch tests bench examples data
+	$(BIN)/ruff check ringpatch tests bench examples data setup.py
+	$(BIN)/ruff format --check ringpatch tests bench examples data setup.py
 
 # docs/ as a site in site/ (mkdocs); --strict: a link to a missing page fails (make test runs it)
 docs: install
 	$(BIN)/mkdocs build --strict --quiet
 
 format: install
-	$(BIN)/ruff check --fix ringpatch tests bench examples data
-	$(BIN)/ruff format ringpatch tests bench examples data
+	$(BIN)/ruff check --fix ringpatch tests bench examples data setup.py
+	$(BIN)/ruff format ringpatch tests bench examples data setup.py
 
 # Every bench runs; each checks its figures against bench/targets.py and exits 1 on a miss, and the
 # benches that missed one are named at the end (exit 1); then README's figures are held to what

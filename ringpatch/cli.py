@@ -1,4 +1,6 @@
-"""`ringpatch` command: train, prepare, eval, plan, corpus, recipe, report.
+"""`ringpatch` command: init, train, prepare, eval, plan, corpus, recipe, report.
+
+ringpatch init my-run                               # the recipes, launch configs and demo data, to start from
 
 ringpatch train --recipe recipes/tiny-cpu.yaml      # under torchrun / deepspeed / accelerate launch
 ringpatch prepare --recipe recipes/llama3-8b-1m.yaml
@@ -187,9 +189,42 @@ def corpus(argv: list[str]) -> int:
     return 0
 
 
+def init(argv: list[str]) -> int:
+    parser = Parser(
+        prog="ringpatch init",
+        description="write the shipped recipes, launch configs (accelerate, DeepSpeed, SLURM), the demo's base model "
+        "and the demo corpus into a folder, to run or edit from there",
+    )
+    parser.add_argument("folder", nargs="?", default=".", help="where to write them (default: this folder)")
+    parser.add_argument("--force", action="store_true", help="overwrite files that exist")
+    args = parser.parse_args(argv)
+    from pathlib import Path
+
+    from ringpatch.data.corpus import write_corpus
+    from ringpatch.errors import USER_ERRORS
+    from ringpatch.shipped import write_out
+
+    try:
+        written = write_out(args.folder, force=args.force)
+    except USER_ERRORS as e:
+        print(f"ringpatch init: {e}", file=sys.stderr)
+        return 2
+    demo = Path(args.folder, "data", "demo")
+    write_corpus(demo)
+    folder = Path(args.folder)
+    print(
+        f"wrote {len(written)} files under {folder}/ (recipes/, launch/, data/demo-base/) and the demo corpus in "
+        f"{demo}/\n  ringpatch plan --recipe {folder / 'recipes' / 'llama3-8b-1m-1node.yaml'} --nodes 1\n"
+        f"  torchrun --nproc_per_node 2 -m ringpatch.train --recipe {folder / 'recipes' / 'tiny-cpu.yaml'}\n"
+        "a recipe's relative paths are read beside it (model, data, deepspeed); run_dir and cache_dir are relative "
+        "to the folder you run in"
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("train", "prepare", "eval", "plan", "corpus", "recipe", "report"):
+    if not argv or argv[0] not in ("init", "train", "prepare", "eval", "plan", "corpus", "recipe", "report"):
         print(USAGE, file=sys.stderr)
         return 2
     command, rest = argv[0], argv[1:]
@@ -206,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
         from ringpatch.evaluate.command import main as evaluate
 
         return evaluate(rest)
-    return {"prepare": prepare, "plan": plan, "corpus": corpus, "recipe": recipe, "report": report}[command](rest)
+    commands = {"init": init, "prepare": prepare, "plan": plan, "corpus": corpus, "recipe": recipe, "report": report}
+    return commands[command](rest)
 
 
 def entry() -> None:

@@ -67,6 +67,39 @@ class PathKind:
 
     kind: Literal["file", "dir", "source"]
 
+    def resolve(self, where: str, value, folder: Path | None):
+        """`value` as read from a recipe in `folder`: a relative "file" or "source" path names what is
+        beside the recipe (folder/value); where nothing is there but the current folder has it, that
+        (so a path written relative to where commands run still works); where both exist and differ,
+        BadValue. A "source" found in neither place stays as written when it reads as a hub id (see
+        looks_local). A "dir" is where ringpatch writes: relative to the current folder, untouched."""
+        if folder is None or self.kind == "dir" or not isinstance(value, str) or not value.strip():
+            return value
+        path = Path(value).expanduser()
+        check_name_lengths(where, path)
+        if path.is_absolute():
+            return str(path)
+        beside, here = folder / path, path
+        check_name_lengths(where, beside)
+        if beside.exists():
+            if here.exists() and not os.path.samefile(beside, here):
+                raise BadValue(
+                    f"{where} {value} names two different things: {tidy(beside)} beside the recipe and {tidy(here)} "
+                    "in the current folder; a relative path is read beside the recipe first, so write the one you "
+                    "mean as an absolute path"
+                )
+            return tidy(beside)
+        if here.exists():
+            return value
+        if self.kind == "file":
+            raise Missing(
+                f"{where} {value} does not exist: not beside the recipe ({tidy(beside)}) nor in the current folder "
+                f"({tidy(here)})"
+            )
+        if not looks_local(value) and not (len(path.parts) == 2 and beside.parent.is_dir()):
+            return value  # a hub id, or a path the current folder will hold (see preflight.is_local)
+        return tidy(beside)
+
     def check(self, where: str, value) -> None:
         if value is None:
             return
@@ -82,13 +115,35 @@ class PathKind:
             raise BadValue(f"{where} {value} is a file; give a folder (it is created if missing)")
 
 
+def looks_local(name: str) -> bool:
+    """A "source" value that reads as a path rather than a hub id ("org/name" or "name"): it starts
+    like a path or has more than two parts."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1
+
+
+def tidy(path: Path) -> str:
+    """`path` normalised: relative to the current folder when it lies inside it, else absolute."""
+    full = Path(os.path.normpath(Path(path).expanduser().absolute()))
+    try:
+        return str(full.relative_to(Path.cwd()))
+    except ValueError:
+        return str(full)
+
+
 NAME_MAX = 255
 """Bytes of one path component on Linux's file systems (ext4, xfs, btrfs); a longer one fails every
 open with ENAMETOOLONG."""
 
 
+PATH_MAX = 4096
+"""Bytes of a whole path Linux takes, with its terminating NUL; a longer one fails with ENAMETOOLONG."""
+
+
 def check_name_lengths(where: str, path: Path) -> None:
-    """No component of `path` is longer than the file system takes."""
+    """Neither `path` nor a component of it is longer than the file system takes."""
+    size = len(os.fsencode(str(path)))
+    if size >= PATH_MAX:
+        raise BadValue(f"{where}: the path is {size} bytes, over the {PATH_MAX - 1} a path may take; use a shorter one")
     for part in path.parts:
         size = len(os.fsencode(part))
         if size > NAME_MAX:

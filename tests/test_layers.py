@@ -20,6 +20,7 @@ LAYERS = (
     "flags",
     "regions",
     "schema",
+    "shipped",
     "attention",
     "parallel",
     "hf",
@@ -36,6 +37,7 @@ ENTRY_POINTS = ("command", "__main__")  # a layer's own command (`python -m ring
 FORBIDDEN = {
     "regions": ("torch", "transformers", "deepspeed", "accelerate", "datasets", "wandb"),
     "schema": ("torch", "transformers", "deepspeed", "accelerate", "datasets", "wandb"),
+    "shipped": ("torch", "transformers", "deepspeed", "accelerate", "datasets", "wandb"),
     "attention": ("transformers", "deepspeed", "accelerate", "datasets", "wandb"),
     "parallel": ("transformers", "deepspeed", "accelerate", "datasets", "wandb"),
     "hf": ("deepspeed", "datasets", "wandb"),

@@ -17,6 +17,7 @@ NEEDS = {
     "plan": {"yaml": "pyyaml"},
     "selfcheck": {},
     "corpus": {},
+    "init": {},
     "recipe": {"yaml": "pyyaml"},
     "report": {"matplotlib": "matplotlib"},
 }

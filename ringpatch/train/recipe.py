@@ -381,19 +381,23 @@ def _check_synthetic(m: SourceSpec) -> None:
         )
 
 
-def _convert(tp, value, where: str):
+def _convert(tp, value, where: str, folder: Path | None = None):
     """Check `value` against the annotation `tp`, building nested dataclasses (ranges and paths are
-    the dataclasses' own checks, schema.check_fields)."""
+    the dataclasses' own checks, schema.check_fields); a path is read against `folder`, the recipe's
+    (PathKind.resolve)."""
     if typing.get_origin(tp) is Annotated:
-        return _convert(tp.__origin__, value, where)
+        for marker in tp.__metadata__:
+            if isinstance(marker, PathKind):
+                value = marker.resolve(where, value, folder)
+        return _convert(tp.__origin__, value, where, folder)
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, where)
+        return from_dict(tp, value, where, folder)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _convert(inner[0], value, where)
+        return _convert(inner[0], value, where, folder)
     if origin is Literal:
         if value not in args:
             raise BadValue(f"{where} must be one of {list(args)}, got {value!r}")
@@ -408,7 +412,9 @@ def _convert(tp, value, where: str):
         item_types = args if args[-1] is not Ellipsis else (args[0],) * len(value)
         if len(item_types) != len(value):
             raise BadValue(f"{where} must have {len(item_types)} items, got {len(value)}")
-        return tuple(_convert(t, v, f"{where}[{i}]") for i, (t, v) in enumerate(zip(item_types, value, strict=True)))
+        return tuple(
+            _convert(t, v, f"{where}[{i}]", folder) for i, (t, v) in enumerate(zip(item_types, value, strict=True))
+        )
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp in (float, int) and isinstance(value, str) and _number(value) is not None:
@@ -432,8 +438,9 @@ def _number(text: str) -> float | None:
         return None
 
 
-def from_dict(cls, data, where: str = "recipe"):
-    """Build dataclass `cls` from a mapping, refusing unknown keys and wrong types."""
+def from_dict(cls, data, where: str = "recipe", folder: Path | None = None):
+    """Build dataclass `cls` from a mapping, refusing unknown keys and wrong types; relative paths
+    are read against `folder` (None: the current folder)."""
     if not isinstance(data, dict):
         raise BadType(f"{where} must be a mapping, got {type(data).__name__} {data!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -447,7 +454,7 @@ def from_dict(cls, data, where: str = "recipe"):
     missing = [n for n in required if n not in data]
     if missing:
         raise BadValue(f"{where}: missing required keys {missing}")
-    return cls(**{k: _convert(hints[k], v, f"{where}.{k}") for k, v in data.items()})
+    return cls(**{k: _convert(hints[k], v, f"{where}.{k}", folder) for k, v in data.items()})
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -482,13 +489,15 @@ def read_yaml(path: Path) -> object:
 
 
 def load_recipe(path: str | Path) -> Recipe:
-    """Read and validate a recipe YAML file."""
+    """Read and validate a recipe YAML file. Its relative input paths (model, data, deepspeed) are
+    read beside it, or in the current folder where only that has them (schema.PathKind.resolve);
+    run_dir and cache_dir are relative to the current folder."""
     path = Path(path)
     if path.is_dir():
         raise BadValue(f"recipe {path} is a folder; give a recipe YAML file (e.g. recipes/tiny-cpu.yaml)")
     if not path.is_file():
         raise Missing(f"recipe {path} does not exist; recipes ship in recipes/ (e.g. recipes/tiny-cpu.yaml)")
-    return from_dict(Recipe, read_yaml(path), where=path.name)
+    return from_dict(Recipe, read_yaml(path), where=path.name, folder=path.parent)
 
 
 __all__ = [

@@ -28,7 +28,8 @@ def test_demo_base_is_what_the_demo_recipe_extends():
     import yaml
 
     recipe = yaml.safe_load((ROOT / "recipes" / "tiny-cpu.yaml").read_text())
-    assert recipe["model"] == {"name": "data/demo-base", "init": "pretrained", "dtype": "float32"}
+    assert recipe["model"] == {"name": "../data/demo-base", "init": "pretrained", "dtype": "float32"}  # beside it
+    assert (ROOT / "recipes" / recipe["model"]["name"]).resolve() == BASE.resolve()
     config = json.loads((BASE / "config.json").read_text())
     assert config["max_position_embeddings"] == 128 and config["rope_parameters"]["rope_theta"] == 10000.0
     assert max(stage["seq_len"] for stage in recipe["stages"]) == 1024

@@ -5,7 +5,8 @@ torch and nothing else of ours, and check what a library-only user gets:
   matplotlib), yet `import ringpatch` works;
 - examples/train_plain.py (patch_model + shard_batch + DDP) on 2 gloo processes gives the losses
   of one process to 1e-5;
-- `ringpatch train` stops with the line that names `pip install 'ringpatch[train]'`.
+- `ringpatch train` stops with the line that names `pip install 'ringpatch[train]'`;
+- `ringpatch init` writes the shipped recipes, launch configs and demo base out of the installed package.
 
 Needs the package registry (transformers and its dependencies); takes a few minutes.
 """
@@ -56,9 +57,15 @@ def check(artifact: Path, torch_pin: str, work: Path) -> None:
     proc = run([bin_ / "ringpatch", "train", "--recipe", ROOT / "recipes" / "tiny-cpu.yaml"], cwd=work, env=env,
                check_rc=False)  # fmt: skip
     assert proc.returncode == 2 and "pip install 'ringpatch[train]'" in proc.stderr, proc.stderr
+    start = work / f"start-{venv.name}"
+    run([bin_ / "ringpatch", "init", start], cwd=work, env=env)
+    shipped = sorted(str(p.relative_to(start)) for p in start.rglob("*") if p.is_file())
+    for want in ("recipes/llama3-8b-1m-1node.yaml", "launch/deepspeed/zero3.json", "data/demo-base/model.safetensors"):
+        assert want in shipped, (want, shipped)
     print(
         f"{artifact.name}: installs without {', '.join(TRAIN_ONLY)}; train_plain.py 2 ranks vs 1: losses "
-        f"{' '.join(f'{x:.6f}' for x in losses[2])}, worst relative difference {worst:.1e}; "
+        f"{' '.join(f'{x:.6f}' for x in losses[2])}, worst relative difference {worst:.1e}; `ringpatch init` wrote "
+        f"{len(shipped)} files; "
         f"({time.time() - started:.0f} s)\n  `ringpatch train` said: {proc.stderr.strip().splitlines()[-1]}"
     )
 

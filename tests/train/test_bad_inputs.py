@@ -114,7 +114,7 @@ CASES = [
      "model.config needs a model_type key; it has ['hidden_size']"),
     ("vocab-0", "train", {"model__config__vocab_size": 0}, [], {}, "model.config.vocab_size must be a positive integer, got 0"),
     ("config-theta", "train", {"model__config__rope_theta": -1.0}, [], {}, "model.config.rope_theta must be a finite number in (0.0, inf), got -1.0"),
-    ("model-path", "train", {"model": {"name": "./no/such/model"}}, [], {}, "model.name ./no/such/model is a local path without config.json"),
+    ("model-path", "train", {"model": {"name": "./no/such/model"}}, [], {}, "/no/such/model is a local path without config.json"),  # read beside the recipe
     ("dtype", "train", {"model__dtype": "float16"}, [], {}, "model.dtype must be one of ['auto', 'bfloat16', 'float32'], got 'float16'"),
     ("hub-offline", "train", {"model": {"name": "no-org/no-such-model-xyz"}}, [], {"HF_HUB_OFFLINE": "1"},
      "model.name no-org/no-such-model-xyz is neither a local folder nor in the Hugging Face cache, and the hub is offline"),

@@ -44,7 +44,7 @@ def test_a_good_recipe_gives_its_plan(tmp_path, data):
         (ValueError, r"stages\[1\].seq_len 130 is not divisible by the zigzag layout's 4 chunks \(sp=2\); use 132", 2,
          {"parallel__sp": 2, "parallel__layout": "zigzag", "stages__1__seq_len": 130}),
         (ValueError, r"AutoTP training does not combine with ZeRO-3", 2, {"parallel__tp": 2, "zero__stage": 3}),
-        (FileNotFoundError, r"model.name ./no/such/model is a local path without config.json", 2,
+        (FileNotFoundError, r"model.name /\S+/no/such/model is a local path without config.json", 2,
          {"model": {"name": "./no/such/model"}}),
         (FileNotFoundError, r"data.source /no/such/train.jsonl does not exist", 2, {"data__source": "/no/such/train.jsonl"}),
         (ValueError, r"data: unknown keys \['positions'\]; valid keys are .*'document_masking'", 2,
