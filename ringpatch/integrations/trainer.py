@@ -8,6 +8,9 @@ and why: docs/design.md, "The Trainer integration".
 
 from __future__ import annotations
 
+import os
+import sys
+
 import torch
 import torch.distributed as dist
 
@@ -39,10 +42,37 @@ def _tokens_seen_per_ring(sp: int):
     return TokensSeenPerRing()
 
 
+def _refuse_accelerate_sequence_split(args, sp: int) -> None:
+    """accelerate's own context or sequence parallelism (its ParallelismConfig cp_size / sp_size, from
+    TrainingArguments.parallelism_config or `accelerate launch`'s environment) would split each
+    sequence a second time: refused before the Trainer builds its accelerator."""
+    config = getattr(args, "parallelism_config", None)
+    env = os.environ.get("ACCELERATE_USE_PARALLELISM_CONFIG", "").lower() == "true"
+    for key, meaning in (("cp_size", "context parallelism"), ("sp_size", "sequence parallelism")):
+        size = getattr(config, key, None) or (int(os.environ.get(f"PARALLELISM_CONFIG_{key.upper()}", 1)) if env else 1)
+        if size > 1:
+            raise Unsupported(
+                f"accelerate's {meaning} (ParallelismConfig {key} {size}) and RingTrainer's ring (sp {sp}) would both "
+                f"split each sequence: use one. Drop {key} (TrainingArguments.parallelism_config, or "
+                f"parallelism_config_{key} in the accelerate config) to keep RingTrainer's exact ring, or train with "
+                "the stock Trainer on accelerate's"
+            )
+
+
+def _fsdp_asked(args) -> str:
+    """How FSDP was asked for (TrainingArguments.fsdp, or `accelerate launch` with an FSDP config), or ''."""
+    if getattr(args, "fsdp", None):
+        return f"TrainingArguments.fsdp {args.fsdp}"
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        return f"accelerate's FSDP config, version {os.environ.get('FSDP_VERSION', '1')}"
+    return ""
+
+
 class RingTrainerMixin:
     """Put before a Trainer class: `class MyTrainer(RingTrainerMixin, transformers.Trainer)`."""
 
     def __init__(self, *args, sp: int, layout: str = PACKED_LAYOUT, ulysses: int = 1, **kwargs):
+        _refuse_accelerate_sequence_split(kwargs.get("args", args[1] if len(args) > 1 else None), sp)
         super().__init__(*args, **kwargs)
         world = dist.get_world_size() if dist.is_initialized() else 1
         if world > 1 and self.args.world_size != world:
@@ -60,6 +90,14 @@ class RingTrainerMixin:
             raise BadValue(f"sp={sp} must divide the {world} launched processes (dp = world / sp)")
         if getattr(self.model, "_ringpatch", None) is not None:
             raise BadValue("pass the model unpatched: the trainer patches it over its own sp group")
+        if _fsdp_asked(self.args) and not self.is_fsdp_enabled and self.args.process_index == 0:
+            print(
+                f"ringpatch: RingTrainer: FSDP was asked for ({_fsdp_asked(self.args)}) but accelerate runs this as "
+                f"{self.accelerator.distributed_type.value} without it (it applies FSDP only on accelerators), so "
+                "every process holds the whole model, its gradients and optimizer states",
+                file=sys.stderr,
+                flush=True,
+            )
         self.ring_dims = ParallelDims(world, sp, 1, layout, ulysses)
         self.ring_layout = layout
         if sp > 1 and (self.compute_metrics is not None or self.preprocess_logits_for_metrics is not None):

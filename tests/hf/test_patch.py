@@ -218,7 +218,9 @@ def test_bfloat16_trains():
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("script", ["examples/train_plain.py", "examples/train_deepspeed.py"])
+@pytest.mark.parametrize(
+    "script", ["examples/train_plain.py", "examples/train_deepspeed.py", "examples/train_fsdp2.py"]
+)
 def test_own_script_under_torchrun(tmp_path, script):
     """The README patterns under torchrun: 2 processes give the losses of 1 process."""
     import subprocess

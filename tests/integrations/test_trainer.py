@@ -24,10 +24,11 @@ ZERO = '{{"zero_optimization": {{"stage": {stage}}}, "train_micro_batch_size_per
        '"params": {{"lr": "auto", "weight_decay": "auto", "betas": "auto", "eps": "auto"}}}}}}'  # fmt: skip
 
 
-def _run(tmp, nproc: int, *args: str, script: str = SCRIPT, launcher: str = "torchrun"):
+def _run(tmp, nproc: int, *args: str, script: str = SCRIPT, launcher: str = "torchrun", stderr: list | None = None,
+         accelerate_config: Path = ROOT / "launch/accelerate/cpu-2proc.yaml"):  # fmt: skip
     out = tmp / f"{nproc}-{'-'.join(a.replace('/', '_').replace(',', '_') for a in args)}-{Path(script).stem}.json"
     if launcher == "accelerate":
-        start = [str(BIN / "accelerate"), "launch", "--config_file", str(ROOT / "launch/accelerate/cpu-2proc.yaml"),
+        start = [str(BIN / "accelerate"), "launch", "--config_file", str(accelerate_config),
                  "--num_processes", str(nproc), "--main_process_port", str(free_port())]  # fmt: skip
     else:
         start = [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={nproc}"]
@@ -35,6 +36,8 @@ def _run(tmp, nproc: int, *args: str, script: str = SCRIPT, launcher: str = "tor
     proc = subprocess.run(cmd, cwd=ROOT, env=dict(ENV, DS_ACCELERATOR="cpu"), capture_output=True, text=True,
                           timeout=HANG_S)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    if stderr is not None:
+        stderr.append(proc.stderr)
     return json.loads(out.read_text())
 
 
@@ -124,3 +127,52 @@ def test_a_trainer_that_runs_as_one_process_under_a_launcher_is_told_so(tmp_path
         "the launcher started 2 processes, but the Trainer runs as 1 (TrainingArguments.parallel_mode not_parallel): "
         "on a machine without a GPU it needs TrainingArguments(use_cpu=True)" in proc.stderr
     ), proc.stderr[-3000:]
+
+
+FSDP2_CPU = """compute_environment: LOCAL_MACHINE
+distributed_type: FSDP
+fsdp_config: {fsdp_version: 2, fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP, fsdp_reshard_after_forward: true}
+num_machines: 1
+machine_rank: 0
+mixed_precision: 'no'
+use_cpu: true
+rdzv_backend: static
+same_network: true
+"""
+
+
+def test_fsdp_that_accelerate_drops_on_cpu_is_said_to_be_dropped(tmp_path, reference):
+    """accelerate runs an FSDP2 config on CPU as DDP without a word: RingTrainer says so in one line,
+    and the run is the one-process run's (as DDP's is)."""
+    config = tmp_path / "fsdp2-cpu.yaml"
+    config.write_text(FSDP2_CPU)
+    said: list[str] = []
+    got = _run(tmp_path, 2, "--sp", "2", "--ga", "2", launcher="accelerate", accelerate_config=config, stderr=said)
+    line = (
+        "ringpatch: RingTrainer: FSDP was asked for (accelerate's FSDP config, version 2) but accelerate runs this as "
+        "MULTI_CPU without it (it applies FSDP only on accelerators), so every process holds the whole model"
+    )
+    assert said[0].count(line) == 1, said[0][-3000:]  # once, from process 0
+    want = reference(1)
+    for key, tol in (("loss", 1e-5), ("grad_norm", 1e-4), ("eval_loss", 1e-5)):
+        assert len(_pick(got, key)) == len(_pick(want, key)) > 0, key
+        assert _pick(got, key) == pytest.approx(_pick(want, key), rel=tol), key
+
+
+@pytest.mark.parametrize("key", ["cp_size", "sp_size"])
+def test_accelerates_own_sequence_split_beside_the_ring_is_refused(key, tmp_path, monkeypatch):
+    """`accelerate launch --use_parallelism_config --parallelism_config_cp_size 2` (its environment):
+    refused before the Trainer builds anything, naming both and the way out."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, TrainingArguments
+
+    from ringpatch.errors import Unsupported
+    from ringpatch.integrations.trainer import RingTrainer
+
+    monkeypatch.setenv("ACCELERATE_USE_PARALLELISM_CONFIG", "true")
+    monkeypatch.setenv(f"PARALLELISM_CONFIG_{key.upper()}", "2")
+    config = LlamaConfig(vocab_size=258, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1)  # fmt: skip
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
+    with pytest.raises(Unsupported, match=rf"ParallelismConfig {key} 2\) and RingTrainer's ring \(sp 2\) would both "
+                       rf"split each sequence: use one. Drop {key}"):  # fmt: skip
+        RingTrainer(model=AutoModelForCausalLM.from_config(config), args=args, sp=2)
