@@ -21,7 +21,7 @@ from ringpatch.plan.estimate import (
     total_gib,
 )
 from ringpatch.plan.items import Item, Kind, Phase
-from ringpatch.plan.reserve import reserve_for, zero_buffers
+from ringpatch.plan.reserve import fsdp2_buffers, reserve_for, zero_buffers
 from ringpatch.plan.traffic import describe_traffic
 from ringpatch.train import switches
 from ringpatch.train.recipe import Recipe
@@ -35,8 +35,8 @@ class Plan:
     dims: ParallelDims
     cuda: bool
     bf16: bool
-    ds_config: dict
-    """The DeepSpeed config (ds_config.deepspeed_config), overlay merged."""
+    ds_config: dict | None
+    """The DeepSpeed config (ds_config.deepspeed_config), overlay merged; None with engine: fsdp2."""
     model_config: dict | None
     """The architecture, when known without a download (recipe or local config.json)."""
 
@@ -104,8 +104,8 @@ def estimate(
     """GiB per GPU, by item, for one stage: plan/estimate.py's arithmetic, with the items each
     switch holds through the step from its module. bf16: the training precision (False: float32);
     cuda: a GPU run (False: a CPU run, whose kernel is the CPU's and whose gradient buffers are
-    memory only once the layers' backward writes them); zero: DeepSpeed's buffers in bytes
-    (reserve.zero_buffers), as items of their own (None: the step's tensors only, which is what
+    memory only once the layers' backward writes them); zero: the engine's buffers in bytes
+    (reserve.zero_buffers, or reserve.fsdp2_buffers), as items of their own (None: the step's tensors only, which is what
     the simulated rank holds)."""
     b = 2 if bf16 else 4
     sp, tp, ulysses = recipe.parallel.sp, recipe.parallel.tp, recipe.parallel.ulysses
@@ -146,7 +146,12 @@ def estimate(
         items[Item.OFFLOADED] = host
     if zero is not None and any(zero.values()):
         buckets = Item.ZERO_BUCKETS if cuda else Item.ZERO_BUCKETS_AS_FILLED
-        found = {buckets: zero["held"], Item.LAYER_GATHERED: zero["layer"], Item.LOSS_GATHERED: zero["loss"]}
+        layer, loss = (
+            (Item.FSDP2_LAYER, Item.FSDP2_ROOT)
+            if recipe.engine == "fsdp2"
+            else (Item.LAYER_GATHERED, Item.LOSS_GATHERED)
+        )
+        found = {buckets: zero["held"], layer: zero["layer"], loss: zero["loss"]}
         items |= {k: v for k, v in found.items() if v}
     return {k: v / GIB for k, v in items.items()}
 
@@ -161,7 +166,10 @@ def budget(plan: Plan, seq_len: int, micro_batch: int) -> Budget:
     """The plan's memory per GPU for sequences of `seq_len` at `micro_batch` (needs model_config)."""
     r, cfg, dims = plan.recipe, plan.model_config, plan.dims
     b = 2 if plan.bf16 else 4
-    zero = zero_buffers(plan.ds_config, cfg, b, dims.tp, plan.cuda)
+    if r.engine == "fsdp2":
+        zero = fsdp2_buffers(cfg, b)
+    else:
+        zero = zero_buffers(plan.ds_config, cfg, b, dims.tp, plan.cuda)
     items = estimate(r, cfg, dims.world, seq_len, micro_batch, plan.bf16, plan.cuda, zero=zero)
     tokens = micro_batch * seq_len // dims.sp
     reserve = reserve_for(cfg, dims, tokens, micro_batch, b, plan.cuda, total_gib(items))
@@ -210,7 +218,8 @@ def describe(plan, launch: str | None = None, gpus_per_node: int | None = None) 
     lines = [
         f"recipe: model {r.model.name} ({r.model.init}), world {dims.world} = dp {dims.dp} x sp {dims.sp}"
         + (f" (ulysses {dims.ulysses} x ring {dims.ring})" if dims.ulysses > 1 else "")
-        + f" x tp {dims.tp} (tp innermost), ZeRO-{r.zero.stage}{' + CPU offload' if r.zero.offload == 'cpu' else ''}, "
+        + f" x tp {dims.tp} (tp innermost), {'FSDP2' if r.engine == 'fsdp2' else f'ZeRO-{r.zero.stage}'}"
+        + f"{' + CPU offload' if r.zero.offload == 'cpu' else ''}, "
         f"{_precision(r.model.dtype)}" + switches.plan_words(r)
     ]
     masking = r.data is not None and r.data.document_masking

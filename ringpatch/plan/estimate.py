@@ -233,6 +233,10 @@ def model_states(recipe, cfg: dict, world: int, b: int, cuda: bool = True) -> di
     n, emb = parameters(cfg)
     n_tp = (n - emb) / tp + emb
     zero, offload = recipe.zero.stage, recipe.zero.offload == "cpu"
+    if recipe.engine == "fsdp2":  # float32 shards (the master weights), their gradients, AdamW's moments
+        on_gpu = 0 if offload else n_tp / shards
+        grads = Item.GRADIENTS if cuda else Item.GRADIENTS_AS_MADE
+        return {Item.WEIGHTS: 4 * on_gpu, grads: 4 * on_gpu, Item.OPTIMIZER: 8 * on_gpu}
     weights = b * n_tp / (shards if zero == 3 else 1) * (0 if offload and zero == 3 else 1)
     # ZeRO-2/3 reduce gradients into partition buffers allocated at the start; below that each
     # gradient appears when backward produces it, an untied input embedding's last, after every

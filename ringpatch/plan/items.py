@@ -23,7 +23,7 @@ class Phase(enum.Enum):
 class Kind(enum.Enum):
     MODEL_STATE = "model states (ZeRO arithmetic)"
     ACTIVATION = "the step's tensors"
-    DEEPSPEED = "DeepSpeed's buffers"
+    DEEPSPEED = "the engine's buffers (DeepSpeed's, FSDP2's)"
 
 
 class Item(enum.Enum):
@@ -52,6 +52,8 @@ class Item(enum.Enum):
     """A CPU's: pages of a bucket DeepSpeed allocated whole become resident only when written."""
     LAYER_GATHERED = ("ZeRO-3 gathered weights (layer)", Phase.LAYER, Kind.DEEPSPEED)
     LOSS_GATHERED = ("ZeRO-3 gathered weights (LM head)", Phase.LOSS, Kind.DEEPSPEED)
+    FSDP2_LAYER = ("FSDP2 gathered weights and reduce-scatter (layer)", Phase.LAYER, Kind.DEEPSPEED)
+    FSDP2_ROOT = ("FSDP2 gathered weights (embedding, LM head)", Phase.LOSS, Kind.DEEPSPEED)
 
     def __init__(self, words: str, phase: Phase, kind: Kind):
         self.words, self.phase, self.kind = words, phase, kind

@@ -64,6 +64,20 @@ def zero_buffers(ds_config: dict | None, cfg: dict, b: int, tp: int = 1, cuda: b
     return {"held": held, "layer": max(layer + prefetch, live) * b, "loss": cfg["vocab_size"] * h * b / tp}
 
 
+def fsdp2_buffers(cfg: dict, b: int) -> dict[str, float]:
+    """Bytes of FSDP2's buffers (train/fsdp2.py: fully_shard per decoder layer, then the model): in
+    a layer's backward its weights gathered in the compute dtype (`b` bytes each), the next
+    layer's prefetched beside them, and its whole gradient in the compute dtype and again in the
+    float32 that the reduce-scatter takes; through the loss, the root's weights (embedding, LM
+    head) gathered, as FSDP2 keeps the root's for the backward. With CPU offload the shards live
+    on the host, and these are still gathered on the GPU."""
+    heads, kv, d = attention_shape(cfg)
+    h = cfg["hidden_size"]
+    layer = 2 * h * heads * d + 2 * h * kv * d + 3 * h * cfg["intermediate_size"]
+    root = cfg["vocab_size"] * h * (1 if cfg.get("tie_word_embeddings") else 2)
+    return {"held": 0.0, "layer": layer * (2 * b + b + 4), "loss": root * b}
+
+
 def kernel_scratch_bytes(s: Shapes, tokens: int, micro_batch: int, kernel: str) -> float:
     """Flash-attention backward's float32 dQ accumulator and, for grouped-query heads, dK and dV
     expanded to the query heads, for one call over the whole local block of one head group."""

@@ -1,4 +1,4 @@
-"""Building a run: the process groups, the model, the DeepSpeed engine.
+"""Building a run: the process groups, the model, the engine (DeepSpeed, or FSDP2: fsdp2.py).
 
 Each is one function of the plan, called in this order by the trainer (loop.py):
 start_distributed -> load_tokenizer -> zero3_loading -> build_model -> build_engine.
@@ -27,9 +27,14 @@ def start_distributed(plan: Plan) -> Mesh:
     """Join the launcher's group through DeepSpeed (its CPU accelerator and gloo without a GPU)
     and build the dp x sp x tp grid."""
     single_process_env()
+    _, backend = local_device()
+    if plan.recipe.engine == "fsdp2":
+        import torch.distributed as dist
+
+        dist.init_process_group(backend, timeout=timeout(plan))
+        return build_mesh(plan.dims, "cuda" if plan.cuda else "cpu")
     if not plan.cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # must be set before deepspeed is imported
-    _, backend = local_device()
     import deepspeed
 
     deepspeed.init_distributed(dist_backend=backend, timeout=timeout(plan))
@@ -49,7 +54,7 @@ def zero3_loading(plan: Plan):
     """Under ZeRO-3 a pretrained model is partitioned as it loads (zero.Init): transformers reads
     the config from this object, which must stay alive while the model loads and trains. None
     otherwise; scratch weights are built whole, so every ZeRO stage starts from the same seeded init."""
-    if plan.recipe.zero.stage != 3 or plan.recipe.model.init != "pretrained":
+    if plan.recipe.engine != "deepspeed" or plan.recipe.zero.stage != 3 or plan.recipe.model.init != "pretrained":
         return None
     from transformers.integrations import HfDeepSpeedConfig
 
@@ -113,12 +118,17 @@ class LossModel(torch.nn.Module):
 
 
 def build_engine(plan: Plan, lm):
-    """deepspeed.initialize on LossModel(lm), with the plan's config and the recipe's schedule."""
+    """deepspeed.initialize on LossModel(lm), with the plan's config and the recipe's schedule;
+    with engine: fsdp2, fsdp2.Fsdp2Engine on it instead."""
+    model = LossModel(lm, chunk_tokens=plan.recipe.loss_chunk_tokens)
+    factor = schedule(plan.recipe)
+    if plan.recipe.engine == "fsdp2":
+        from ringpatch.train.fsdp2 import Fsdp2Engine
+
+        return Fsdp2Engine(model, plan.recipe, plan.bf16, local_device()[0], factor)
     import deepspeed
     from torch.optim.lr_scheduler import LambdaLR
 
-    model = LossModel(lm, chunk_tokens=plan.recipe.loss_chunk_tokens)
-    factor = schedule(plan.recipe)
     engine, *_ = deepspeed.initialize(
         model=model,
         model_parameters=model.parameters(),

@@ -38,6 +38,7 @@ FIXED = (
     "parallel.sp",
     "parallel.tp",
     "parallel.layout",
+    "engine",
     "zero.stage",
     "seed",
     "micro_batch",
@@ -75,7 +76,7 @@ def recipe_record(recipe, world: int) -> dict:
 def resume_changes(saved: dict, current: dict, stage: int, step: int) -> dict[str, tuple]:
     """{key: (checkpoint's value, recipe's value)} for what may change on resume and did; raises
     ValueError naming every difference in what may not. `stage`/`step`: where the checkpoint is."""
-    old, new = _flat(saved), _flat(current)
+    old, new = {"engine": "deepspeed"} | _flat(saved), _flat(current)  # checkpoints from before engine: fsdp2
     refused = {k: (old.get(k), new.get(k)) for k in (*FIXED, "world") if old.get(k) != new.get(k)}
     old_stages, new_stages = saved["stages"], current["stages"]
     for i in range(stage + 1):
@@ -275,6 +276,7 @@ def parameter_norm(engine) -> float:
     total = torch.zeros((), dtype=torch.float64, device=engine.device)
     for p in engine.module.parameters():
         local = getattr(p, "ds_tensor", p)  # ZeRO-3: this rank's partition
+        local = local.to_local() if hasattr(local, "to_local") else local  # FSDP2: this rank's shard
         if local.numel():
             total += local.detach().double().pow(2).sum()
     dist.all_reduce(total)  # replicas are counted more than once: a health check, not a metric

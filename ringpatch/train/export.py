@@ -1,7 +1,8 @@
-"""Export a trained DeepSpeed model as a plain Hugging Face folder.
+"""Export a trained model as a plain Hugging Face folder.
 
 Weights are gathered from ZeRO-3 partitions and AutoTP shards by DeepSpeed's own
-consolidation (one layer at a time, onto rank 0), as its save_16bit_model does; config.json
+consolidation (one layer at a time, onto rank 0), as its save_16bit_model does, or from FSDP2's
+shards as a full state dict on rank 0's CPU in the model's dtype; config.json
 carries the model's current RoPE settings and max_position_embeddings and names a stock
 attention implementation, so the folder loads with AutoModelForCausalLM.from_pretrained
 without ringpatch. The folder is written under a temporary name and renamed when complete.
@@ -21,7 +22,9 @@ def _full_state_dict(engine, module) -> dict | None:
     """CPU copies of every weight of `module` (a submodule of the engine's) on rank 0, None elsewhere."""
     prefix = next(name for name, m in engine.module.named_modules() if m is module)
     prefix = prefix + "." if prefix else ""
-    if engine.zero_optimization_stage() == 3 or engine.autotp_size() > 1:
+    if hasattr(engine, "full_state_dict"):  # FSDP2 (train/fsdp2.py): every rank takes part
+        state = engine.full_state_dict()
+    elif engine.zero_optimization_stage() == 3 or engine.autotp_size() > 1:
         state = engine._consolidated_16bit_state_dict()  # every rank takes part
     else:
         state = engine.module.state_dict() if dist.get_rank() == 0 else None

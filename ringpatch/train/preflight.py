@@ -390,9 +390,18 @@ def preflight(
         model_config = {**built.to_dict(), **model_config}
     bf16 = recipe.model.dtype == "bfloat16" or (recipe.model.dtype == "auto" and cuda)
     overlay_file = deepspeed_file or recipe.deepspeed
-    ds_config = deepspeed_config(recipe, bf16, cuda, load_overlay(overlay_file), overlay_name=str(overlay_file))
+    if recipe.engine == "fsdp2":
+        if deepspeed_file:
+            raise BadValue(f"--deepspeed {deepspeed_file} with engine: fsdp2, which reads no DeepSpeed config; drop it")
+        ds_config = None
+    else:
+        ds_config = deepspeed_config(recipe, bf16, cuda, load_overlay(overlay_file), overlay_name=str(overlay_file))
     if model_config is not None:
         switches.check_model(recipe, model_config)
+        if recipe.engine == "fsdp2" and "model_type" in model_config:
+            from ringpatch.train.fsdp2 import check_model_type
+
+            check_model_type(model_config["model_type"])
     if recipe.wandb == "online" and not wandb_key():
         raise BadValue(
             f"wandb: online in {recipe_path}, but no wandb key is set (WANDB_API_KEY, or `wandb login`, which writes "

@@ -20,7 +20,7 @@ import yaml
 from ringpatch.attention.layout import PACKED_LAYOUT, Layout
 from ringpatch.attention.ulysses import check_ulysses
 from ringpatch.data.tasks import EVAL_SEED, MAX_DIGITS, SYNTHETIC, RulerTask
-from ringpatch.errors import BadType, BadValue, Missing
+from ringpatch.errors import BadType, BadValue, Missing, Unsupported
 from ringpatch.evaluate.spec import EvalSpec
 from ringpatch.hf.architecture import check_declared
 from ringpatch.hf.rope import check_rope_scaling
@@ -230,6 +230,10 @@ class Recipe:
     """Training data; required to train."""
     eval: EvalSpec = field(default_factory=EvalSpec)
     """Evaluation: perplexity by length, passkey, RULER tasks (`ringpatch eval`)."""
+    engine: Literal["deepspeed", "fsdp2"] = "deepspeed"
+    """What shards and steps the model: DeepSpeed ZeRO (zero.stage, the deepspeed file), or FSDP2
+    (torch's fully_shard, layer by layer over every rank, as ZeRO-3; zero.offload: cpu for host
+    memory; tp 1)."""
     deepspeed: Annotated[str, PathKind("file")] | None = None
     """A DeepSpeed JSON (launch/deepspeed/) with tuning knobs; values the recipe owns must be "auto" there."""
     export_stages: bool = True
@@ -259,6 +263,24 @@ class Recipe:
         return dataclasses.replace(self.data, sources=kept)
 
 
+def _check_fsdp2(r: Recipe) -> None:
+    """What engine: fsdp2 runs: everything sharded over every rank (zero.stage 3's meaning), no
+    tensor parallelism, no DeepSpeed file."""
+    if r.zero.stage != 3:
+        raise BadValue(
+            f"engine: fsdp2 shards parameters, gradients and optimizer states over every rank, as ZeRO-3 does, but "
+            f"zero.stage is {r.zero.stage}: set zero.stage: 3 (zero.offload: cpu keeps them in host memory), or use "
+            "engine: deepspeed for ZeRO-1/2"
+        )
+    if r.parallel.tp > 1:
+        raise Unsupported(
+            f"engine: fsdp2 with parallel.tp {r.parallel.tp}: ringpatch's tensor parallelism is DeepSpeed's AutoTP; "
+            "use engine: deepspeed (zero.stage <= 2) for tp > 1, or tp: 1"
+        )
+    if r.deepspeed is not None:
+        raise BadValue(f"deepspeed: {r.deepspeed} is a DeepSpeed config, which engine: fsdp2 does not read; remove it")
+
+
 def _check_recipe(r: Recipe) -> None:
     for key in ("source", "eval_source"):  # here, not in DataSpec: a mixture's members are DataSpecs too
         if r.data is not None and getattr(r.data, key) == SYNTHETIC:
@@ -270,6 +292,8 @@ def _check_recipe(r: Recipe) -> None:
     if not r.stages:
         raise BadValue("a recipe needs at least one stage (seq_len, steps)")
     check_switches(r)
+    if r.engine == "fsdp2":
+        _check_fsdp2(r)
     if r.parallel.tp > 1 and r.zero.stage == 3:
         raise BadValue("DeepSpeed AutoTP training does not combine with ZeRO-3; use zero.stage <= 2 with tp > 1")
     dims = r.parallel.dims()

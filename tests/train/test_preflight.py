@@ -137,6 +137,7 @@ def test_shipped_recipes_validate_and_plan(tmp_path):
         ("mistral-7b-512k", 16),
         ("llama3-8b-256k-1node", 8),
         ("llama3-8b-1m-1node", 8),
+        ("llama3-8b-1m-1node-fsdp2", 8),
         ("llama3-8b-4m", 32),
     ]:
         path = ROOT / "recipes" / f"{name}.yaml"

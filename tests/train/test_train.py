@@ -85,6 +85,26 @@ def _assert_same_run(run_dir, reference_dir):
             },
             "torchrun",
         ),
+        # engine: fsdp2 (fully_shard per layer over every rank), alone and with the switches
+        (2, {"engine": "fsdp2", "parallel__sp": 2, "zero__stage": 3}, "torchrun"),
+        (
+            2,
+            {
+                "engine": "fsdp2",
+                "parallel__sp": 2,
+                "zero": {"stage": 3, "offload": "cpu"},
+                "mlp_tiles": 4,
+                "activation_offload": True,
+                "rmsnorm": "chunked",
+                "uncheckpointed_layers": 1,
+            },
+            "torchrun",
+        ),  # fmt: skip
+        (
+            4,
+            {"engine": "fsdp2", "parallel__sp": 4, "parallel__ulysses": 2, "zero__stage": 3, "keep_attention": True},
+            "accelerate",
+        ),  # fmt: skip
     ],
     ids=[
         "sp2-zero2-torchrun",
@@ -92,6 +112,9 @@ def _assert_same_run(run_dir, reference_dir):
         "sp2-ulysses2-tp2-zero1-tiles3-accelerate",
         "sp4-ulysses2-ring2-keep-attention-torchrun",
         "sp2-zero3-offload-overlay",
+        "sp2-fsdp2-torchrun",
+        "sp2-fsdp2-offload-tiles4-chunked-norm",
+        "sp4-fsdp2-ulysses2-ring2-keep-attention-accelerate",
     ],
 )
 def test_grid_reproduces_single_process(tmp_path, data, reference, nproc, changes, launcher):
@@ -130,7 +153,9 @@ print("loss", sum(losses) / len(losses), model.config.max_position_embeddings, m
 
 
 @pytest.mark.parametrize(
-    "changes", [{"zero__stage": 3}, {"parallel__tp": 2, "zero__stage": 2}], ids=["zero3", "tp2-zero2"]
+    "changes",
+    [{"zero__stage": 3}, {"parallel__tp": 2, "zero__stage": 2}, {"engine": "fsdp2", "zero__stage": 3}],
+    ids=["zero3", "tp2-zero2", "fsdp2"],
 )
 def test_export_loads_without_ringpatch_and_scores_like_the_trained_model(tmp_path, data, reference, changes):
     """The run itself reproduces the one-process losses (sp 2 x tp 2 with ZeRO-2 is the grid's
@@ -164,12 +189,13 @@ def _texts(path):
     return [json.loads(line)["text"] for line in path.read_text().splitlines()]
 
 
-def test_killed_run_resumes_to_the_same_losses(tmp_path, data):
+@pytest.mark.parametrize("engine", [{}, {"engine": "fsdp2", "zero__stage": 3}], ids=["deepspeed", "fsdp2"])
+def test_killed_run_resumes_to_the_same_losses(tmp_path, data, engine):
     """SIGKILL the whole launcher mid-run, leave a half-written checkpoint beside it, run the
     same command again: the loss sequence equals an uninterrupted run's. The run is held
     (SIGSTOP) the moment its first checkpoint is complete, so it is killed mid-run however fast
     or slow the machine is."""
-    long = {"parallel__sp": 2, "stages__0__steps": 30, "save_every": 3}
+    long = {"parallel__sp": 2, "stages__0__steps": 30, "save_every": 3, **engine}
     whole = tmp_path / "whole"
     whole.mkdir()
     ok(launch(recipe(whole, data, **long), 2))
