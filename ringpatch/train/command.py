@@ -24,6 +24,7 @@ from ringpatch.flags import Parser
 from ringpatch.parallel import allocator_settings, launch_int, nccl_settings
 from ringpatch.plan.check import check_memory, device_memory_gib
 from ringpatch.train import restart
+from ringpatch.train.extras import check_engine
 from ringpatch.train.lock import RunLock
 from ringpatch.train.preflight import preflight
 from ringpatch.train.stop import RESUME_EXIT
@@ -73,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
                 + ": give a path that does not exist yet (the run stops when it appears)"
             )
         plan = preflight(args.recipe, run_dir=args.run_dir, deepspeed_file=args.deepspeed, deep=True)
+        check_engine(plan.recipe)
         restart.check_restarts(plan.recipe, max_restarts)
         stopped_at = restart.stopped_before(plan.recipe.run_dir)
         if stopped_at is not None:  # torchrun restarted a group that had stopped on request: stay stopped

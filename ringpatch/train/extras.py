@@ -11,7 +11,8 @@ import sys
 # what each command imports, by import name -> the distribution pip installs
 TRAIN = {"deepspeed": "deepspeed", "accelerate": "accelerate", "datasets": "datasets", "yaml": "pyyaml"}
 NEEDS = {
-    "train": {**TRAIN, "matplotlib": "matplotlib"},  # the run's report
+    # the run's report needs matplotlib; DeepSpeed only where the recipe uses it (check_engine)
+    "train": {**{k: v for k, v in TRAIN.items() if k != "deepspeed"}, "matplotlib": "matplotlib"},
     "prepare": {"datasets": "datasets", "yaml": "pyyaml"},
     "eval": {**TRAIN, "matplotlib": "matplotlib"},
     "plan": {"yaml": "pyyaml"},
@@ -46,3 +47,22 @@ def check(command: str) -> str | None:
         "install the training extra with  pip install 'ringpatch[train]'  (the library alone, "
         "`pip install ringpatch`, is patch_model, shard_batch and ring_attention)"
     )
+
+
+def check_engine(recipe) -> None:
+    """Missing, naming the ways out, when the recipe needs DeepSpeed (engine: deepspeed, or
+    mlp_tiles > 1: DeepSpeed's TiledMLP) and it is not installed; engine: fsdp2 runs without it."""
+    if importlib.util.find_spec("deepspeed") is not None:
+        return
+    from ringpatch.errors import Missing
+
+    if recipe.engine == "deepspeed":
+        raise Missing(
+            "engine: deepspeed (the default) needs DeepSpeed, which is not installed: pip install deepspeed (it comes "
+            "with 'ringpatch[train]'), or set engine: fsdp2 (torch's FSDP2, with zero.stage: 3)"
+        )
+    if recipe.mlp_tiles > 1:
+        raise Missing(
+            f"mlp_tiles: {recipe.mlp_tiles} runs DeepSpeed's TiledMLP, and DeepSpeed is not installed: pip install "
+            "deepspeed, or set mlp_tiles: 1"
+        )

@@ -436,3 +436,30 @@ def test_a_torn_last_line_of_the_log_is_named_and_cut_and_other_damage_refused(t
     log.write_text('{"step": 1}\nnot json\n{"step": 2}\n')
     with pytest.raises(ValueError, match=f"{log}, line 2, is not a JSON record"):
         read_records(tmp_path)
+
+
+NO_DEEPSPEED = {
+    "deepspeed/__init__.py": 'raise ImportError("deepspeed was imported")\n',
+    # accelerate reads the venv's package metadata: make it see DeepSpeed as absent too
+    "sitecustomize.py": "import accelerate.utils.imports as i\nimport accelerate.utils.other as o\n"
+    "i.is_deepspeed_available = o.is_deepspeed_available = lambda: False\n",
+}
+
+
+def test_fsdp2_trains_and_resumes_where_deepspeed_is_not_installed(tmp_path, data):
+    """The lent GPU machine has no DeepSpeed: an engine: fsdp2 run starts, checkpoints, exports and
+    resumes with every `import deepspeed` failing."""
+    shadow = tmp_path / "no-deepspeed"
+    for name, text in NO_DEEPSPEED.items():
+        (shadow / name).parent.mkdir(parents=True, exist_ok=True)
+        (shadow / name).write_text(text)
+    env = dict(ENV, PYTHONPATH=str(shadow))
+    path = recipe(tmp_path, data, engine="fsdp2", zero__stage=3, parallel__sp=2)
+    for expected in ("exported", "resuming"):
+        proc = subprocess.run(command(path, 2), cwd=ROOT, env=env, capture_output=True, text=True, timeout=HANG_S)
+        ok(proc)
+        assert "deepspeed was imported" not in proc.stderr
+        if expected == "resuming":
+            assert "resuming" in proc.stdout + proc.stderr
+        path.write_text(path.read_text().replace("steps: 2", "steps: 3"))  # one more step to resume into
+    assert (tmp_path / "run" / "final" / "config.json").is_file()
