@@ -2,7 +2,8 @@
 network; flash-attn when present, transformers for the memory check when present).
 
 1. Kernels: every CUDA backend's block forward and backward (full, causal, half, windowed and
-   window-edge blocks, as the ring plans them; GQA 32:8; head_dim 128 and 36, the latter padded)
+   window-edge blocks, and varlen calls of several documents, as the ring plans them; GQA 32:8;
+   head_dim 128 and 36, the latter padded)
    against float64. Pass: rms error / rms of the float64 value <= TOL[dtype] for out, dq, dk, dv.
    The error of monolithic fused attention on the same inputs is printed beside it.
 2. Simulated ring: one GPU plays all P ranks of a ring in turn (every planned block, every merge,
@@ -11,7 +12,8 @@ network; flash-attn when present, transformers for the memory check when present
 3. The real ring: ringpatch.ring_attention (RingAttentionFn: ring_forward and ring_backward, head
    groups, the merge, Exchange and the Ulysses all-to-all where the group has peers) over a
    one-rank NCCL group (init_process_group with device_id), batch 2, GQA 32:8, one head group
-   and K/V head groups in turn, against float64.
+   and K/V head groups in turn, and packed documents (cu_seqlens: the block's documents in one
+   varlen flash call), against float64.
 4. Throughput: the simulated ring's blocks + merges at S tokens vs monolithic fused attention
    (FlashAttention through SDPA, forced: never the math path) on the same GPU; the fraction is
    monolithic / ring. Fails below THROUGHPUT_TARGET.
@@ -38,6 +40,8 @@ on CPU at small sizes (how it is tested without a GPU).
 from __future__ import annotations
 
 import argparse
+import functools
+import itertools
 import json
 import os
 import sys
@@ -48,8 +52,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ringpatch.attention.blocks import Call, band_call  # noqa: E402
+from ringpatch.attention.blocks import Call, band_call, segments  # noqa: E402
 from ringpatch.attention.kernels import MaskSpec, default_scale, select  # noqa: E402
+from ringpatch.attention.kernels.base import backward_by_segment, forward_by_segment  # noqa: E402
 from ringpatch.attention.layout import local_ranges  # noqa: E402
 from ringpatch.attention.merge import merge_  # noqa: E402
 from ringpatch.attention.ring import ring_plans  # noqa: E402
@@ -137,16 +142,31 @@ def block_cases(seq):
         ("half-k", seq, half, Call(0, seq, 0, half, "full", seq, 0), True, None),
         ("window", seq, seq, Call(0, seq, 0, seq, "band", 0, 0), True, seq // 4),
         ("w-edge", em, en, Call(0, em, 0, en, "band", edge.q_pos, edge.k_pos), True, seq // 2),
+        # varlen: a block's documents in one call (packed documents), on the diagonal and against earlier keys
+        ("varlen-causal", seq, seq, Call(0, seq, 0, seq, "causal", 0, 0, (1, 3, half), (1, 3, half)), True, None),
+        ("varlen-full", half, seq, Call(0, half, 0, seq, "full", 2 * seq, seq, (half // 3,), (seq // 4,)), True, None),
     ]
+
+
+def block_mask(call, causal, window, device):
+    """Which keys each query of `call` sees: by position, and inside its own document (a varlen call's segment)."""
+    m, n = call.q1 - call.q0, call.k1 - call.k0
+    mask = torch.zeros(m, n, dtype=torch.bool, device=device)
+    for s in segments(call):
+        q_pos = torch.arange(s.q_pos, s.q_pos + s.q1 - s.q0, device=device)
+        k_pos = torch.arange(s.k_pos, s.k_pos + s.k1 - s.k0, device=device)
+        seen = visible(q_pos, k_pos, causal, window)
+        if s.kind == "causal":  # the kernel's own mask, top-left aligned inside the document
+            seen = torch.ones_like(seen).tril()
+        mask[s.q0 - call.q0 : s.q1 - call.q0, s.k0 - call.k0 : s.k1 - call.k0] = seen
+    return mask
 
 
 def check_block(kernel, case, device, dtype, heads, kv_heads, dim):
     name, m, n, call, causal, window = case
     q, k, v, dout = _inputs(m, n, heads, kv_heads, dim, device)
     scale = default_scale(dim)
-    q_pos = torch.arange(call.q_pos, call.q_pos + m, device=device)
-    k_pos = torch.arange(call.k_pos, call.k_pos + n, device=device)
-    mask = visible(q_pos, k_pos, causal, window)
+    mask = block_mask(call, causal, window, device)
     want = _float64(q, k, v, dout, mask, scale)
     # monolithic: torch's fused attention on the same inputs, printed for comparison
     mono_in = [x.to(dtype).transpose(1, 2).requires_grad_() for x in (q, k, v)]
@@ -159,8 +179,12 @@ def check_block(kernel, case, device, dtype, heads, kv_heads, dim):
     monos = [mono.detach().transpose(1, 2)] + [x.grad.transpose(1, 2) for x in mono_in]
     spec = MaskSpec(causal, window, scale)
     qd, kd, vd = (x.to(dtype) for x in (q, k, v))
-    out, lse = kernel.forward(qd, kd, vd, call, spec)
-    got = [out, *kernel.backward(dout.to(dtype), qd, kd, vd, out, lse.float(), call, spec)]
+    forward, backward = kernel.forward, kernel.backward
+    if call.q_cuts and not getattr(kernel, "varlen", False):  # as the ring hands it such a kernel
+        forward = functools.partial(forward_by_segment, kernel.forward)
+        backward = functools.partial(backward_by_segment, kernel.backward)
+    out, lse = forward(qd, kd, vd, call, spec)
+    got = [out, *backward(dout.to(dtype), qd, kd, vd, out, lse.float(), call, spec)]
     rows = {
         label: {"rel_rms": rel_rms(g, w), "monolithic_rel_rms": rel_rms(mo, w)}
         for label, g, mo, w in zip(("out", "dq", "dk", "dv"), got, monos, want, strict=True)
@@ -267,6 +291,29 @@ def check_real_ring(seq, device, dtype, heads, kv_heads, dim):
             ring.GROUP_BYTES = default
         got = [out.detach(), *(x.grad for x in inputs)]
         results[label] = {n: rel_rms(a, b) for n, a, b in zip(("out", "dq", "dk", "dv"), got, want, strict=True)}
+    # packed documents (one row's lengths for both rows): the own block's documents in varlen calls
+    lengths = [1, 7, seq // 4, 3, seq // 2, seq - (1 + 7 + seq // 4 + 3 + seq // 2)]
+    doc = torch.repeat_interleave(torch.arange(len(lengths), device=device), torch.tensor(lengths, device=device))
+    cu = torch.tensor([0, *itertools.accumulate(lengths), *(seq + x for x in itertools.accumulate(lengths))])
+    want = [
+        torch.cat(parts)
+        for parts in zip(
+            *(
+                _float64(
+                    *(x[i : i + 1] for x in (q, k, v, dout)), mask & (doc[:, None] == doc[None, :]), default_scale(dim)
+                )
+                for i in range(2)
+            ),  # fmt: skip
+            strict=True,
+        )
+    ]
+    inputs = [x.to(dtype).requires_grad_() for x in (q, k, v)]
+    out = ringpatch.ring_attention(*inputs, group=group, causal=True, cu_seqlens=cu)
+    out.backward(dout.to(dtype))
+    got = [out.detach(), *(x.grad for x in inputs)]
+    results["packed documents"] = {
+        n: rel_rms(a, b) for n, a, b in zip(("out", "dq", "dk", "dv"), got, want, strict=True)
+    }
     return all(e <= TOL[dtype] for r in results.values() for e in r.values()), results
 
 

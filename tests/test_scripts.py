@@ -20,9 +20,10 @@ def test_gpu_check_runs_on_cpu(tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=HANG_S)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads(out.read_text())
-    kernels = {f"torch/float32/d{d}/{c}" for d in (128, 36) for c in ("full", "causal", "window", "w-edge")}
+    cases = ("full", "causal", "window", "w-edge", "varlen-causal", "varlen-full")
+    kernels = {f"torch/float32/d{d}/{c}" for d in (128, 36) for c in cases}
     assert kernels | {"torch/throughput", "torch/ring P=4 zigzag causal", "real ring", "memory"} <= set(report)
-    assert set(report["real ring"]) == {"one head group", "K/V head groups in turn"}
+    assert set(report["real ring"]) == {"one head group", "K/V head groups in turn", "packed documents"}
     # the memory check's code path: every switch measured (live tensors on CPU) against the planner
     assert {"ckpt S=2048", "keep_attention S=2048", "offload S=2048", "offload+tiles8 S=2048", "1node S=2048"} == set(
         report["memory"]
@@ -31,7 +32,7 @@ def test_gpu_check_runs_on_cpu(tmp_path):
     memory = report["memory"]
     assert memory["offload S=2048"]["loss"] == memory["ckpt S=2048"]["loss"]  # checked: "loss = checkpointing's"
     assert "ok   memory offload S=2048 loss = checkpointing's" in proc.stdout
-    assert "0 failure(s) in 25 checks" in proc.stdout and "summary" in proc.stdout
+    assert "0 failure(s) in 30 checks" in proc.stdout and "summary" in proc.stdout
 
 
 def test_gpu_check_without_cuda_exits_zero():

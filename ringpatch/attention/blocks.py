@@ -13,7 +13,11 @@ Rows of a band tile that would see no key are trimmed: flash kernels report lse 
 -inf, for fully masked rows, which would corrupt the merge.
 Documents cut every pair first into per-document rectangles (the queries and keys of one
 document), each classified as above; a pair that shares no document is "none". So documents
-need no padding: one may start or end anywhere, straddle ranks, or be one token long.
+need no padding: one may start or end anywhere, straddle ranks, or be one token long. Rectangles
+that follow each other (queries and keys both adjacent, in storage and in position) and share a
+kind are then packed into one call whose cuts mark where each document starts (a varlen call:
+cumulative lengths, as flash-attention's varlen kernels take them), so a block of many short
+documents is one kernel call; a kernel without varlen runs its segments one by one (`segments`).
 Plans are pure functions of integers and are memoised.
 """
 
@@ -38,6 +42,43 @@ class Call:
     kind: Kind
     q_pos: int  # global position of row q0 (band masks are built from positions)
     k_pos: int  # global position of key k0
+    q_cuts: tuple[int, ...] = ()
+    """A varlen call (several documents): offsets inside [q0, q1) where the next document's queries
+    start; segment i is its queries i against its keys i (k_cuts), each under `kind`."""
+    k_cuts: tuple[int, ...] = ()
+
+
+def segments(call: Call) -> tuple[Call, ...]:
+    """A varlen call as one plain call per document (itself when it is one already)."""
+    if not call.q_cuts:
+        return (call,)
+    qs = (0, *call.q_cuts, call.q1 - call.q0)
+    ks = (0, *call.k_cuts, call.k1 - call.k0)
+    return tuple(
+        Call(call.q0 + qa, call.q0 + qb, call.k0 + ka, call.k0 + kb, call.kind, call.q_pos + qa, call.k_pos + ka)
+        for qa, qb, ka, kb in zip(qs[:-1], qs[1:], ks[:-1], ks[1:], strict=True)
+    )
+
+
+def pack_documents(calls: list[Call]) -> list[Call]:
+    """Fuse each run of full (or of causal) calls that follow one another in queries and keys, in
+    storage and in position, into one varlen call (documents side by side on the block's diagonal)."""
+    packed: list[Call] = []
+    for c in calls:
+        p = packed[-1] if packed else None
+        if (
+            p is not None
+            and c.kind == p.kind
+            and c.kind in ("full", "causal")
+            and (c.q0, c.k0) == (p.q1, p.k1)
+            and (c.q_pos, c.k_pos) == (p.q_pos + p.q1 - p.q0, p.k_pos + p.k1 - p.k0)
+        ):
+            q_cuts = (*p.q_cuts, p.q1 - p.q0, *(p.q1 - p.q0 + x for x in c.q_cuts))
+            k_cuts = (*p.k_cuts, p.k1 - p.k0, *(p.k1 - p.k0 + x for x in c.k_cuts))
+            packed[-1] = Call(p.q0, c.q1, p.k0, c.k1, p.kind, p.q_pos, p.k_pos, q_cuts, k_cuts)
+        else:
+            packed.append(c)
+    return packed
 
 
 def classify(qa: int, m: int, kb: int, n: int, causal: bool, window: int | None) -> str:
@@ -168,20 +209,29 @@ def _plan(q_ranges, k_ranges, causal, window, tile, fuse_causal, docs) -> tuple[
                     calls += _pair_calls(q0, q1 - q0, lq + q0 - qa, k0, k1 - k0, lk + k0 - kb, causal, window, tile)
             lk += n
         lq += m
-    return tuple(_merge_full(calls))
+    merged = _merge_full(calls)
+    return tuple(merged if docs is None else pack_documents(merged))
 
 
 def call_work(call: Call) -> float:
-    """Relative cost of a call: query-key pairs computed."""
+    """Relative cost of a call: query-key pairs computed (a varlen call's, over its documents)."""
+    if call.q_cuts:
+        return sum(call_work(s) for s in segments(call))
     pairs = (call.q1 - call.q0) * (call.k1 - call.k0)
     return pairs / 2 if call.kind == "causal" else pairs
 
 
 def split_work(calls: tuple[Call, ...]) -> tuple[tuple[Call, ...], tuple[Call, ...]]:
-    """Cut `calls` where the first part reaches half of the work (the first part is never empty)."""
-    total, done = sum(map(call_work, calls)), 0.0
-    for i, call in enumerate(calls):
-        done += call_work(call)
+    """Cut `calls` where the first part reaches half of the work (the first part is never empty);
+    a varlen call is cut between its documents (each half packed again)."""
+    varlen = any(c.q_cuts for c in calls)
+    pieces = [s for c in calls for s in segments(c)] if varlen else list(calls)
+    total, done = sum(map(call_work, pieces)), 0.0
+    for i, piece in enumerate(pieces):
+        done += call_work(piece)
         if done >= total / 2:
-            return calls[: i + 1], calls[i + 1 :]
+            first, second = pieces[: i + 1], pieces[i + 1 :]
+            if varlen:
+                first, second = pack_documents(first), pack_documents(second)
+            return tuple(first), tuple(second)
     return calls, ()

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ringpatch.attention.blocks import Call, plan_block, split_work
+from ringpatch.attention.blocks import Call, plan_block, segments, split_work
 from ringpatch.attention.comm import Exchange
 from ringpatch.attention.kernels import Kernel, MaskSpec
 from ringpatch.attention.layout import Layout, local_ranges
@@ -62,6 +62,12 @@ class RingSpec:
                 start = b
         return groups
 
+    def _calls(self, calls: tuple[Call, ...]) -> tuple[Call, ...]:
+        """`calls` as this kernel takes them: a kernel without varlen gets each document's call alone."""
+        if getattr(self.kernel, "varlen", False):
+            return calls
+        return tuple(s for c in calls for s in segments(c))
+
     def steps(self) -> tuple[tuple[tuple[slice, Call], ...], ...]:
         """(rows, call) pairs for steps 0..last, where last is the last step that any rank needs."""
         plans = [
@@ -70,7 +76,12 @@ class RingSpec:
         ]
         n_steps = max(len(p[self.sp_rank]) for _, p in plans)
         return tuple(
-            tuple((rows, c) for rows, p in plans if step < len(p[self.sp_rank]) for c in p[self.sp_rank][step])
+            tuple(
+                (rows, c)
+                for rows, p in plans
+                if step < len(p[self.sp_rank])
+                for c in self._calls(p[self.sp_rank][step])
+            )
             for step in range(n_steps)
         )
 
@@ -82,8 +93,8 @@ class RingSpec:
             ranges = local_ranges(self.layout, self.seq_len, self.sp_size, self.sp_rank, docs)
             calls = plan_block(ranges, ranges, self.causal, self.window, self.tile, fuse_causal=False, docs=docs)
             a, b = split_work(calls)
-            first += [(rows, c) for c in a]
-            second += [(rows, c) for c in b]
+            first += [(rows, c) for c in self._calls(a)]
+            second += [(rows, c) for c in self._calls(b)]
         return tuple(first), tuple(second)
 
 

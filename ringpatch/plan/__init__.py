@@ -7,7 +7,7 @@ One story, in the order a plan is made:
                items by member, never by words
   estimate.py  the arithmetic: the bytes of a decoder layer's backward by phase, the loss chunk,
                the norms, the embedding, the FLOPs (what a layer holds, from its shapes)
-  reserve.py   what no tensor shows: DeepSpeed's buffers from its config, NCCL's per
+  reserve.py   what no tensor shows: DeepSpeed's buffers from its config (FSDP2's from its layers), NCCL's per
                communicator, the CUDA context, kernel scratch, fragmentation
   traffic.py   sequence-parallel communication per GPU, the ring alone against Ulysses x ring
   budget.py    the Plan of a recipe on a grid; estimate() adds the arithmetic and each memory

@@ -48,9 +48,29 @@ class SimulatedCUDA(TorchCUDA):
     """The CUDA kernel module's calls on fake CPU tensors, as on a GPU of compute capability 8.0 or
     newer (flash for bf16/fp16 full and causal calls, memory-efficient for band and float32 calls)."""
 
+    def __init__(self):
+        self.calls: Counter = Counter()
+        """Kernel calls made, "forward" (recomputes included) and "backward": launches on a GPU."""
+
     def check(self, q: torch.Tensor) -> None:
         if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise BadValue(f"the CUDA kernels take float16, bfloat16 or float32, got {q.dtype}")
+
+    def forward_one(self, *args):
+        self.calls["forward"] += 1
+        return super().forward_one(*args)
+
+    def forward_varlen(self, *args):
+        self.calls["forward"] += 1
+        return super().forward_varlen(*args)
+
+    def backward_one(self, *args):
+        self.calls["backward"] += 1
+        return super().backward_one(*args)
+
+    def backward_varlen(self, *args):
+        self.calls["backward"] += 1
+        return super().backward_varlen(*args)
 
 
 @dataclass
@@ -73,6 +93,9 @@ class Simulation:
     largest_numel: int = 0
     """Elements of the largest tensor the step made (a 32-bit index overflows from 2**31)."""
     total_peak: float = 0.0
+    kernel_calls: Counter = field(default_factory=Counter)
+    """The attention kernel calls of the step ("forward", recomputes included, and "backward"), all
+    layers, all head groups: with the CUDA module, what a GPU launches."""
     """GiB: the peak of device and host together (one memory on a CPU run)."""
     largest: list = field(default_factory=list)
     """The largest storages live at the device's peak: (GiB, category, shape and dtype)."""
@@ -217,7 +240,7 @@ def describe_simulation(sim: Simulation, planned: Budget, world: int, capacity_g
         f"  model states (ZeRO)        {states:8.2f}  {states:9.2f}   arithmetic in both",
         f"  the step's tensors         {steps_tensors:8.2f}  {simulated:9.2f}   planned/simulated "
         f"{(states + steps_tensors) / (states + simulated):.3f} with the model states",
-        f"  DeepSpeed's buffers        {ds:8.2f}  {ds:9.2f}   arithmetic (the DeepSpeed config)",
+        f"  the engine's buffers       {ds:8.2f}  {ds:9.2f}   arithmetic (DeepSpeed's config, or FSDP2's layers)",
         f"  reserve                    {reserve:8.2f}  {reserve:9.2f}   "
         + ", ".join(f"{k} {v:.2f}" for k, v in planned.reserve.items()),
         f"  total                      {planned.total:8.2f}  {sim_total:9.2f}",
@@ -237,11 +260,16 @@ def describe_simulation(sim: Simulation, planned: Budget, world: int, capacity_g
         f"  step: {sim.flops:.3g} FLOPs per {per} (forward, recompute, backward){time}",
         f"  host syncs in the step's forward and backward: {sum(sim.syncs.values())} ({syncs or 'none'})",
     ]
+    if sim.kernel_calls:
+        lines.append(
+            f"  attention kernel calls in the step: {sim.kernel_calls['forward']:,} forward (recomputes included), "
+            f"{sim.kernel_calls['backward']:,} backward"
+        )
     if capacity_gib is not None and sim_total > capacity_gib:
         raise BadValue(
             f"the simulated rank needs {sim_total:.1f} GiB per GPU at stages[{sim.stage}] (seq_len {sim.seq_len}), "
             f"more than the {capacity_gib:g} GiB allowed (--gpu-memory). Live at its peak: {top}; with model states "
-            f"{states:.1f}, DeepSpeed's buffers {ds:.1f} and reserve {reserve:.1f}"
+            f"{states:.1f}, the engine's buffers {ds:.1f} and reserve {reserve:.1f}"
         )
     return "\n".join(lines)
 
@@ -322,7 +350,8 @@ def simulate(
         fake = FakeTensorMode(allow_non_fake_inputs=True)
         with fake:
             lm = lm_from_config(plan.model_config, plan.bf16)
-        model = step_model(plan, lm, mesh, backend=SimulatedCUDA() if kernel == "cuda" else TorchCPU())
+        backend = SimulatedCUDA() if kernel == "cuda" else TorchCPU()
+        model = step_model(plan, lm, mesh, backend=backend)
         tracker, syncs = counted_step(plan, model, step_batch(plan, mesh, stage, documents), fake_mode=fake)
     states = estimate(recipe, plan.model_config, plan.dims.world, s.seq_len, micro_batch, plan.bf16)
     return Simulation(
@@ -340,4 +369,5 @@ def simulate(
         total_peak=tracker.peak["all"] / GIB,
         largest_numel=tracker.largest_numel,
         kernel=kernel,
+        kernel_calls=getattr(backend, "calls", Counter()),
     )

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 
 import ringpatch
+from ringpatch.attention.kernels import TorchCPU
+from ringpatch.attention.kernels.base import backward_by_segment, forward_by_segment
 from tests.helpers.procs import spawn
 from tests.helpers.reference import attention, doc_ids_from_lengths, rel_err, rms_err, visible
 
@@ -69,9 +71,11 @@ def _monolithic(q, k, v, dout, causal, window, doc_ids, dtype):
     return [x.transpose(1, 2) for x in (out.detach(), q.grad, k.grad, v.grad)]
 
 
-def _ring(q, k, v, dout, causal, window, layout, dtype, cu_seqlens):
+def _ring(q, k, v, dout, causal, window, layout, dtype, cu_seqlens, backend="auto"):
     q, k, v = (ringpatch.shard(x.to(dtype), layout=layout, cu_seqlens=cu_seqlens).requires_grad_() for x in (q, k, v))
-    out = ringpatch.ring_attention(q, k, v, causal=causal, window=window, layout=layout, cu_seqlens=cu_seqlens)
+    out = ringpatch.ring_attention(
+        q, k, v, causal=causal, window=window, layout=layout, cu_seqlens=cu_seqlens, backend=backend
+    )
     out.backward(ringpatch.shard(dout.to(dtype), layout=layout, cu_seqlens=cu_seqlens))
     return [ringpatch.unshard(x.detach(), layout=layout, cu_seqlens=cu_seqlens) for x in (out, q.grad, k.grad, v.grad)]
 
@@ -103,6 +107,49 @@ def _check_documents(rank, world, layout):
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 def test_documents_match_block_diagonal_attention(world, layout):
     spawn(_check_documents, world, layout)
+
+
+class VarlenCPU(TorchCPU):
+    """The CPU kernel taking varlen calls (a block's documents in one call), each computed one
+    document at a time: what the ring does with a varlen kernel's results is checked here, the
+    CUDA varlen calls themselves by gpu-check. Counts the varlen calls it gets."""
+
+    varlen = True
+
+    def __init__(self):
+        self.varlen_calls = 0
+
+    def forward(self, q, k, v, call, spec):
+        if not call.q_cuts:
+            return super().forward(q, k, v, call, spec)
+        self.varlen_calls += 1
+        return forward_by_segment(super().forward, q, k, v, call, spec)
+
+    def backward(self, dout, q, k, v, out, lse, call, spec):
+        if not call.q_cuts:
+            return super().backward(dout, q, k, v, out, lse, call, spec)
+        return backward_by_segment(super().backward, dout, q, k, v, out, lse, call, spec)
+
+
+def _check_varlen_documents(rank, world, layout):
+    names = ("out", "dq", "dk", "dv")
+    rng = random.Random(f"varlen-{world}-{layout}")
+    kernel = VarlenCPU()
+    for case_id, (causal, window) in enumerate([(True, None), (False, None), (True, 40)]):
+        rows = [_random_lengths(rng), [7, 50, 39]]
+        q, k, v, dout = _inputs(case_id, 4, 2)
+        ref = _reference(q, k, v, dout, causal, window, doc_ids_from_lengths(rows))
+        got = _ring(q, k, v, dout, causal, window, layout, torch.float32, torch.tensor(_cu_seqlens(rows)), kernel)
+        for name, a, want in zip(names, got, ref, strict=True):
+            err = rel_err(a, want)
+            assert err <= FP32_REL, f"P={world} {layout} causal={causal} docs={rows} {name}: relative error {err:.2e}"
+    assert kernel.varlen_calls > 0, "no varlen call reached the kernel: the test checked nothing of them"
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "balanced"])
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_varlen_calls_match_block_diagonal_attention(world, layout):
+    spawn(_check_varlen_documents, world, layout)
 
 
 def _check_one_document_is_plain_causal(rank, world):

@@ -182,3 +182,38 @@ def test_the_plans_activations_follow_the_simulated_rank_at_random_shapes(tmp_pa
             misses.append((round(ratio, 3), cfg, changes, documents))
     print(f"planned / simulated activations at 40 random configurations: {min(ratios):.3f} .. {max(ratios):.3f}")
     assert not misses, "\n".join(str(m) for m in misses)
+
+
+def test_the_simulated_step_launches_packed_documents_as_one_document(tmp_path, data):
+    """The CUDA module's calls, counted over a whole simulated step (3 layers, recompute and backward,
+    8 ranks, balanced layout): a row of 96 lognormal documents makes at most twice the attention
+    kernel calls of one document, and fewer than one call per document made."""
+    import math
+    import random
+
+    from ringpatch.attention.kernels import TorchCUDA
+    from ringpatch.plan.simulate import simulate
+    from ringpatch.train.preflight import preflight
+
+    seq, rng = 2**15, random.Random(0)
+    mu, cuts = math.log(seq / 96) - 0.5, [0]
+    while (nxt := cuts[-1] + max(1, int(rng.lognormvariate(mu, 1.0)))) < seq:
+        cuts.append(nxt)
+    lengths = tuple(b - a for a, b in zip(cuts, [*cuts[1:], seq], strict=True))
+    path = recipe(tmp_path, data, parallel__sp=8, parallel__layout="balanced", model__config=CFG,
+                  stages=[{"seq_len": seq, "steps": 1}], micro_batch=1, data__document_masking=True,
+                  model__dtype="bfloat16")  # fmt: skip
+    plan = preflight(str(path), world=8)  # bf16: the flash calls a GPU makes
+    one = simulate(plan, kernel="cuda").kernel_calls
+    packed = simulate(plan, kernel="cuda", documents=lengths).kernel_calls
+    original = TorchCUDA.varlen
+    try:
+        TorchCUDA.varlen = False  # the ring hands each document's call alone, as before
+        per_document = simulate(plan, kernel="cuda", documents=lengths).kernel_calls
+    finally:
+        TorchCUDA.varlen = original
+    print(f"{len(lengths)} documents, attention kernel calls in a step (forward incl. recompute / backward): "
+          f"one document {one['forward']}/{one['backward']}, one call per document "
+          f"{per_document['forward']}/{per_document['backward']}, packed {packed['forward']}/{packed['backward']}")  # fmt: skip
+    for phase in ("forward", "backward"):
+        assert 0 < packed[phase] <= 2 * one[phase] and packed[phase] < per_document[phase], (phase, one, packed)

@@ -7,6 +7,9 @@ per-block gradients add up to the exact gradients (docs/design.md, "The backward
 needs nothing else from forward: without dropout the kernels' RNG state is unused, which is
 also how PyTorch's own context parallelism reuses them.
 
+A kernel that sets `varlen = True` also takes varlen calls (blocks.Call with q_cuts/k_cuts: the
+documents of a block in one call); the ring hands any other kernel one call per document.
+
 Shapes at this interface (the ring's layout):
   q, out, dout, dq  # (B, m, H, D)
   k, v, dk, dv      # (B, n, H_kv, D)
@@ -20,7 +23,7 @@ from typing import Protocol
 
 import torch
 
-from ringpatch.attention.blocks import Call
+from ringpatch.attention.blocks import Call, segments
 
 
 @dataclass(frozen=True)
@@ -84,3 +87,32 @@ def sum_kv(dx: torch.Tensor, groups: int) -> torch.Tensor:
         return dx
     b, n, h, d = dx.shape
     return dx.view(b, n, h // groups, groups, d).sum(3)
+
+
+def forward_by_segment(forward, q, k, v, call: Call, spec: MaskSpec):
+    """A varlen call's (out, lse) through `forward` (a kernel's, for plain calls), one document at a time."""
+    outs, lses = [], []
+    for s in segments(call):
+        qs, ks = slice(s.q0 - call.q0, s.q1 - call.q0), slice(s.k0 - call.k0, s.k1 - call.k0)
+        out, lse = forward(q[:, qs], k[:, ks], v[:, ks], s, spec)
+        outs.append(out)
+        lses.append(lse)
+    return torch.cat(outs, 1), torch.cat(lses, 1)
+
+
+def backward_by_segment(backward, dout, q, k, v, out, lse, call: Call, spec: MaskSpec):
+    """A varlen call's (dq, dk, dv) through `backward` (a kernel's, for plain calls), one document at a time."""
+    grads = []
+    for s in segments(call):
+        qs, ks = slice(s.q0 - call.q0, s.q1 - call.q0), slice(s.k0 - call.k0, s.k1 - call.k0)
+        grads.append(backward(dout[:, qs], q[:, qs], k[:, ks], v[:, ks], out[:, qs], lse[:, qs], s, spec))
+    return tuple(torch.cat(parts, 1) for parts in zip(*grads, strict=True))
+
+
+def cumulative_lengths(cuts: tuple[int, ...], length: int, rows: int, device) -> tuple[torch.Tensor, int]:
+    """(int32 cumulative document lengths over `rows` rows of `length` tokens cut at `cuts`, the
+    longest document): what varlen kernels take for a (rows * length, heads, dim) packed tensor."""
+    bounds = (0, *cuts, length)
+    starts = [r * length + b for r in range(rows) for b in bounds[:-1]] + [rows * length]
+    longest = max(b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True))
+    return torch.tensor(starts, dtype=torch.int32, device=device), longest

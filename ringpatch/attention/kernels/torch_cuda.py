@@ -5,7 +5,16 @@ from __future__ import annotations
 import torch
 
 from ringpatch.attention.blocks import Call
-from ringpatch.attention.kernels.base import MaskSpec, band_bias, bhsd, repeat_kv, sum_kv
+from ringpatch.attention.kernels.base import (
+    MaskSpec,
+    backward_by_segment,
+    band_bias,
+    bhsd,
+    cumulative_lengths,
+    forward_by_segment,
+    repeat_kv,
+    sum_kv,
+)
 from ringpatch.errors import BadValue
 
 aten = torch.ops.aten
@@ -24,10 +33,14 @@ class TorchCUDA:
     not yet run on a GPU): flash (fp16/bf16, sm80+, head_dim <= 256, no mask) for full and causal
     calls, with native GQA; memory-efficient (fp16/bf16/fp32, an additive bias) for band calls,
     float32 and older GPUs, with K/V repeated per call (it takes equal head counts only).
-    float64 is refused: neither kernel has it."""
+    float64 is refused: neither kernel has it. A varlen call (the documents of a block) is one
+    flash call with cumulative lengths (aten._flash_attention_forward/_backward, whose log-sum-exp
+    comes as (heads, total)); where flash does not serve, the memory-efficient kernel takes it one
+    document at a time."""
 
     name = "torch"
     tile: int | None = 1024
+    varlen = True
 
     def check(self, q: torch.Tensor) -> None:
         if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
@@ -46,7 +59,30 @@ class TorchCUDA:
             and (q.device.type != "cuda" or torch.cuda.get_device_capability(q.device) >= (8, 0))  # meta: tests
         )
 
+    def _varlen(self, q, k, call: Call):
+        """The packed tensors' cumulative lengths and longest documents, queries then keys."""
+        (b, m), n = q.shape[:2], k.shape[1]
+        return (*cumulative_lengths(call.q_cuts, m, b, q.device), *cumulative_lengths(call.k_cuts, n, b, q.device))
+
     def forward(self, q, k, v, call: Call, spec: MaskSpec):
+        if not call.q_cuts:
+            return self.forward_one(q, k, v, call, spec)
+        if self._use_flash(q, call):
+            return self.forward_varlen(q, k, v, call, spec)
+        return forward_by_segment(self.forward_one, q, k, v, call, spec)
+
+    def forward_varlen(self, q, k, v, call: Call, spec: MaskSpec):
+        """Every document of a varlen call in one flash call."""
+        b, m, h, d = q.shape
+        cu_q, max_q, cu_k, max_k = self._varlen(q, k, call)
+        qv, kv, vv = (pad8(x).reshape(b * x.shape[1], x.shape[2], -1) for x in (q, k, v))
+        out, lse, *_ = aten._flash_attention_forward(
+            qv, kv, vv, cu_q, cu_k, max_q, max_k, 0.0, call.kind == "causal", False, scale=spec.scale
+        )
+        return out.view(b, m, h, -1)[..., :d], lse.view(h, b, m).permute(1, 2, 0)
+
+    def forward_one(self, q, k, v, call: Call, spec: MaskSpec):
+        """A plain call: one kernel launch."""
         d, causal = q.shape[-1], call.kind == "causal"
         if self._use_flash(q, call):  # native GQA: K/V as they are
             qt, kt, vt = (bhsd(pad8(x)) for x in (q, k, v))
@@ -69,6 +105,28 @@ class TorchCUDA:
         return band_bias(call, spec, m, k.shape[1], q.dtype, q.device, pad_to=16).expand(b, h, m, k.shape[1])
 
     def backward(self, dout, q, k, v, out, lse, call: Call, spec: MaskSpec):
+        if not call.q_cuts:
+            return self.backward_one(dout, q, k, v, out, lse, call, spec)
+        if self._use_flash(q, call):
+            return self.backward_varlen(dout, q, k, v, out, lse, call, spec)
+        return backward_by_segment(self.backward_one, dout, q, k, v, out, lse, call, spec)
+
+    def backward_varlen(self, dout, q, k, v, out, lse, call: Call, spec: MaskSpec):
+        """Every document of a varlen call in one flash backward call."""
+        (b, m, h, d), (n, h_kv) = q.shape, k.shape[1:3]
+        cu_q, max_q, cu_k, max_k = self._varlen(q, k, call)
+        dout_v, qv, kv, vv, out_v = (pad8(x).reshape(b * x.shape[1], x.shape[2], -1) for x in (dout, q, k, v, out))
+        lse_v = lse.permute(2, 0, 1).reshape(h, b * m).contiguous()
+        seed = torch.zeros(2, dtype=torch.uint64, device=q.device)
+        offset = torch.zeros((), dtype=torch.uint64, device=q.device)
+        dq, dk, dv = aten._flash_attention_backward(
+            dout_v, qv, kv, vv, out_v, lse_v, cu_q, cu_k, max_q, max_k, 0.0, call.kind == "causal", seed, offset,
+            scale=spec.scale,
+        )  # fmt: skip
+        return dq.view(b, m, h, -1)[..., :d], dk.view(b, n, h_kv, -1)[..., :d], dv.view(b, n, h_kv, -1)[..., :d]
+
+    def backward_one(self, dout, q, k, v, out, lse, call: Call, spec: MaskSpec):
+        """A plain call's backward: one kernel launch."""
         d, causal = q.shape[-1], call.kind == "causal"
         lse_t = bhsd(lse).contiguous()
         m, n = q.shape[1], k.shape[1]
