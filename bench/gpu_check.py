@@ -28,8 +28,9 @@ network; flash-attn when present, transformers for the memory check when present
    checkpointing's bit for bit, and on CUDA its page-locked host buffers hold exactly the plan's
    host bytes (ringpatch.memory.offload.HostBuffers). On CUDA, what the process holds on the device
    after the step (torch.cuda.mem_get_info: the context, the allocator's reserved pool) against the
-   plan's tensors plus its reserve, in the same band. Step times, and the offload copies' cost (its
-   step over plain checkpointing's).
+   plan's tensors plus its reserve, in the same band. Step times, tokens/s and model TFLOP/s of the
+   two-layer stack with its MFU against the GPU's data-sheet peak (reported, not held to a target),
+   and the offload copies' cost (its step over plain checkpointing's).
 The monolithic references run fused kernels: FlashAttention for full and causal blocks, the
 memory-efficient kernel with an additive mask (K/V repeated) for masked ones; SDPA's math
 fallback is refused. A summary table ends the output; bench/results/gpu_check.json keeps every
@@ -366,6 +367,7 @@ def memory_check(lengths, device, dtype, quick=False):
     import dataclasses
 
     import ringpatch
+    from ringpatch.hf.counts import forward_flops
     from ringpatch.memory import causal_lm_loss
     from ringpatch.memory.offload import HOST_BUFFERS
     from ringpatch.parallel import ParallelDims
@@ -376,6 +378,7 @@ def memory_check(lengths, device, dtype, quick=False):
     from ringpatch.plan.simulate import drop_when_whole
     from ringpatch.train import switches as registry
     from ringpatch.train.recipe import Recipe, from_dict
+    from ringpatch.train.telemetry import peak_tflops
 
     group = one_rank_group(device)
     if quick:
@@ -391,6 +394,7 @@ def memory_check(lengths, device, dtype, quick=False):
     except ImportError:
         switches = {k: v for k, v in switches.items() if v.get("mlp_tiles", 1) == 1}
     base_recipe = from_dict(Recipe, {"model": {"name": "check"}, "stages": [{"seq_len": max(lengths), "steps": 1}]})
+    peak, _ = peak_tflops(device, dtype, None)  # a known GPU's data sheet; on CPU a matmul measured now
     rows = {}
     for name, sw in switches.items():
         torch.manual_seed(0)
@@ -445,10 +449,14 @@ def memory_check(lengths, device, dtype, quick=False):
             if weights_gib is not None:  # the plan's tensors (these weights, no optimizer) and its reserve
                 reserve = reserve_for(cfg, ParallelDims(1), seq, 1, dtype.itemsize, True, weights_gib + predicted)
                 with_reserve = weights_gib + predicted + sum(reserve.values())
+            # model FLOPs of the step (forward and backward, 3x the forward; recompute not counted) per second
+            tflops = 3 * forward_flops(cfg, seq) / seconds / 1e12
             rows[f"{name} S={seq}"] = {"measured_gib": measured, "predicted_gib": predicted, "ratio": ratio,
                                        "device_gib": device_gib, "planned_with_reserve_gib": with_reserve,
                                        "seconds": seconds, "loss": loss.item(), "host_gib": host,
-                                       "host_planned_gib": offloaded_bytes(cfg, seq, dtype.itemsize) / GIB}  # fmt: skip
+                                       "host_planned_gib": offloaded_bytes(cfg, seq, dtype.itemsize) / GIB,
+                                       "tokens_per_s": seq / seconds, "tflops": tflops,
+                                       "mfu": None if peak is None else tflops / peak}  # fmt: skip
         del lm
     for seq in lengths:
         ckpt, off = rows.get(f"ckpt S={seq}"), rows.get(f"offload S={seq}")
@@ -545,8 +553,10 @@ def main() -> int:
         measured = "-" if row["measured_gib"] is None else f"{row['measured_gib']:.2f}"
         ratio = "-" if row["ratio"] is None else f"{row['ratio']:.2f}"
         cost = f", copies +{row['copy_cost']:.1%} of the step" if "copy_cost" in row else ""
+        mfu = "" if row["mfu"] is None else f", MFU {row['mfu']:.2f}"
         print(f"memory {key}: measured {measured} GiB above the weights, planner {row['predicted_gib']:.2f} GiB "
-              f"(ratio {ratio}), step {row['seconds']:.2f} s{cost}")  # fmt: skip
+              f"(ratio {ratio}), step {row['seconds']:.2f} s, {row['tokens_per_s']:,.0f} tokens/s, "
+              f"{row['tflops']:.3g} TFLOP/s of model FLOPs{mfu}{cost}")  # fmt: skip
         in_band = row["ratio"] is not None and MEMORY_BAND[0] <= row["ratio"] <= MEMORY_BAND[1]
         record(f"memory {key} measured/planned", in_band, ratio)
         if row.get("device_gib") is not None:  # the whole process on the device against plan + reserve
