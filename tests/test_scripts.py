@@ -29,6 +29,7 @@ def test_gpu_check_runs_on_cpu(tmp_path):
         report["memory"]
     )
     assert all(0.85 <= row["ratio"] <= 1.15 for row in report["memory"].values()), report["memory"]
+    assert all(row["tokens_per_s"] > 0 and 0 < row["mfu"] < 1 for row in report["memory"].values())
     memory = report["memory"]
     assert memory["offload S=2048"]["loss"] == memory["ckpt S=2048"]["loss"]  # checked: "loss = checkpointing's"
     assert "ok   memory offload S=2048 loss = checkpointing's" in proc.stdout
