@@ -23,6 +23,9 @@ from pathlib import Path
 
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ringpatch.train.recipe import load_recipe  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node", "2"]
 
@@ -44,6 +47,20 @@ def run_seed(recipe: dict, seed: int) -> tuple[Path, float]:
     return run_dir / "eval", time.perf_counter() - started
 
 
+def resolved(path: str) -> dict:
+    """The recipe's YAML with its model and local data as absolute paths (as load_recipe reads them,
+    beside the recipe): the seed recipes are written to runs/, and the model goes to the command line."""
+    recipe, loaded = yaml.safe_load(Path(path).read_text()), load_recipe(path)
+    recipe["model"]["name"] = str(Path(loaded.model.name).resolve())
+    for key in ("source", "eval_source"):
+        if recipe["data"].get(key) is not None:
+            recipe["data"][key] = str(Path(getattr(loaded.data, key)).resolve())
+    for raw, source in zip(recipe["data"].get("sources", []), loaded.data.sources, strict=True):
+        if Path(source.source).exists():
+            raw["source"] = str(Path(source.source).resolve())
+    return recipe
+
+
 def _load(folder: Path, name: str) -> list[dict]:
     return json.loads((folder / f"{name}.json").read_text())
 
@@ -53,7 +70,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--recipe", default=str(ROOT / "recipes" / "tiny-cpu.yaml"))
     args = parser.parse_args(argv)
-    recipe = yaml.safe_load(Path(args.recipe).read_text())
+    recipe = resolved(args.recipe)
     results = {}
     for seed in args.seeds:
         folder, seconds = run_seed(recipe, seed)

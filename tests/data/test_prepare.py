@@ -125,6 +125,7 @@ def test_prepare_command_prepares_every_stage(tmp_path):
     root = ROOT
     tiny = yaml.safe_load((root / "recipes" / "tiny-cpu.yaml").read_text())
     del tiny["data"]["sources"]  # one local source, two stages
+    tiny["model"]["name"] = str(root / "data" / "demo-base")  # the recipe moves; its base model stays
     tiny["data"].update(
         source=str(data / "train.jsonl"), eval_source=str(data / "eval.jsonl"), cache_dir=str(tmp_path / "cache")
     )
