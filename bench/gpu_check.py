@@ -19,10 +19,11 @@ network; flash-attn when present, transformers for the memory check when present
    monolithic / ring. Fails below THROUGHPUT_TARGET.
 5. Memory: a Llama-3-8B-shaped stack of 2 layers (random weights, bf16), ring-patched over the
    one-rank group, at 131,072 tokens, with activation checkpointing and each memory switch
-   (keep_attention, activation_offload, and with DeepSpeed installed offload + 8 MLP tiles, and the
-   one-node recipes' binding configuration, offload + 8 MLP tiles + chunked norms, applied by the
-   switch registry as the trainer applies them), parameter gradients dropped once whole (as ZeRO
-   takes them; a tiled MLP's after its last tile): the peak of
+   (keep_attention, activation_offload, offload + 8 MLP tiles (DeepSpeed's TiledMLP, or ringpatch's
+   where DeepSpeed is not installed), and the one-node recipes' binding configuration, offload + 8 MLP tiles + chunked norms, applied by the
+   switch registry as the trainer applies them; and each one-node recipe, llama3-8b-256k-1node and
+   llama3-8b-1m-1node, with its own switches at its last stage's tokens per GPU), parameter
+   gradients dropped once whole (as ZeRO takes them; a tiled MLP's after its last tile): the peak of
    torch.cuda.max_memory_allocated above the weights against the planner's activations
    (ringpatch.plan.estimate); fails outside MEMORY_BAND. Offload's loss equals plain
    checkpointing's bit for bit, and on CUDA its page-locked host buffers hold exactly the plan's
@@ -52,7 +53,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 from ringpatch.attention.blocks import Call, band_call, segments  # noqa: E402
 from ringpatch.attention.kernels import MaskSpec, default_scale, select  # noqa: E402
 from ringpatch.attention.kernels.base import backward_by_segment, forward_by_segment  # noqa: E402
@@ -352,6 +354,24 @@ MEMORY_SWITCHES = {  # recipe switches of each configuration (activation checkpo
 }
 
 
+RECIPE_ROWS = ("llama3-8b-256k-1node", "llama3-8b-1m-1node")
+"""The one-node recipes, each run with its own switches at its last stage's tokens per GPU."""
+
+
+def recipe_configurations(lengths, quick):
+    """{recipe: (its switch values, [its tokens per GPU])}; quick: at the quick length."""
+    from ringpatch.train import switches as registry
+    from ringpatch.train.recipe import load_recipe
+
+    found = {}
+    for name in RECIPE_ROWS:
+        recipe = load_recipe(ROOT / "recipes" / f"{name}.yaml")
+        last = recipe.stages[-1]
+        tokens = last.seq_len * (last.micro_batch or recipe.micro_batch) // recipe.parallel.sp
+        found[name] = ({s.key: getattr(recipe, s.key) for s in registry.SWITCHES}, lengths if quick else [tokens])
+    return found
+
+
 def memory_check(lengths, device, dtype, quick=False):
     """Each memory switch on and off: one training step (forward + backward) of a Llama-3-8B-shaped
     stack (2 layers, random weights; quick: a small one), ring-patched over a one-rank group. Per
@@ -387,16 +407,17 @@ def memory_check(lengths, device, dtype, quick=False):
     else:  # Llama-3-8B's layer, head and vocabulary, two layers
         cfg = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=2,
                    num_attention_heads=32, num_key_value_heads=8)  # fmt: skip
-    cfg.update(max_position_embeddings=max(lengths), rope_theta=500000.0, tie_word_embeddings=False)
-    switches = dict(MEMORY_SWITCHES)
-    try:
-        import deepspeed  # noqa: F401  (the tiled MLP is DeepSpeed's TiledMLP)
-    except ImportError:
-        switches = {k: v for k, v in switches.items() if v.get("mlp_tiles", 1) == 1}
+    configurations = {name: (sw, lengths) for name, sw in MEMORY_SWITCHES.items()}
+    configurations |= recipe_configurations(lengths, quick)
+    cfg.update(
+        max_position_embeddings=max(max(seqs) for _, seqs in configurations.values()),
+        rope_theta=500000.0,
+        tie_word_embeddings=False,
+    )
     base_recipe = from_dict(Recipe, {"model": {"name": "check"}, "stages": [{"seq_len": max(lengths), "steps": 1}]})
     peak, _ = peak_tflops(device, dtype, None)  # a known GPU's data sheet; on CPU a matmul measured now
     rows = {}
-    for name, sw in switches.items():
+    for name, (sw, seqs) in configurations.items():
         torch.manual_seed(0)
         lm = AutoModelForCausalLM.from_config(LlamaConfig(**cfg), dtype=dtype, attn_implementation="sdpa").to(device)
         recipe = dataclasses.replace(base_recipe, **sw)
@@ -406,7 +427,7 @@ def memory_check(lengths, device, dtype, quick=False):
         )  # the recipe's switches, as the trainer
         for p in lm.parameters():  # as ZeRO takes each gradient into its partition (the planner's activations)
             p.register_post_accumulate_grad_hook(drop_when_whole)
-        for seq in lengths:
+        for seq in seqs:
             ids = torch.randint(0, cfg["vocab_size"], (1, seq), device=device)
             batch = ringpatch.shard_batch({"input_ids": ids, "labels": ids}, group=group)
             causal_lm_loss(lm, batch, recipe.loss_chunk_tokens).backward()  # warm-up: kernels, gradients

@@ -50,19 +50,13 @@ def check(command: str) -> str | None:
 
 
 def check_engine(recipe) -> None:
-    """Missing, naming the ways out, when the recipe needs DeepSpeed (engine: deepspeed, or
-    mlp_tiles > 1: DeepSpeed's TiledMLP) and it is not installed; engine: fsdp2 runs without it."""
-    if importlib.util.find_spec("deepspeed") is not None:
+    """Missing, naming the ways out, when the recipe's engine is DeepSpeed and it is not installed;
+    engine: fsdp2 runs without it (its tiled MLP too: switches/mlp_tiles.py)."""
+    if importlib.util.find_spec("deepspeed") is not None or recipe.engine != "deepspeed":
         return
     from ringpatch.errors import Missing
 
-    if recipe.engine == "deepspeed":
-        raise Missing(
-            "engine: deepspeed (the default) needs DeepSpeed, which is not installed: pip install deepspeed (it comes "
-            "with 'ringpatch[train]'), or set engine: fsdp2 (torch's FSDP2, with zero.stage: 3)"
-        )
-    if recipe.mlp_tiles > 1:
-        raise Missing(
-            f"mlp_tiles: {recipe.mlp_tiles} runs DeepSpeed's TiledMLP, and DeepSpeed is not installed: pip install "
-            "deepspeed, or set mlp_tiles: 1"
-        )
+    raise Missing(
+        "engine: deepspeed (the default) needs DeepSpeed, which is not installed: pip install deepspeed (it comes "
+        "with 'ringpatch[train]'), or set engine: fsdp2 (torch's FSDP2, with zero.stage: 3)"
+    )

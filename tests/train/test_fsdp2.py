@@ -118,8 +118,8 @@ def test_the_shipped_fsdp2_recipe_plans_beside_the_deepspeed_one():
 
 
 def test_only_a_recipe_that_uses_deepspeed_needs_it(tmp_path, data, monkeypatch):
-    """A GPU machine without DeepSpeed trains engine: fsdp2; the default engine, or DeepSpeed's
-    TiledMLP, is refused there naming the install and the other engine."""
+    """A GPU machine without DeepSpeed trains engine: fsdp2 (MLP tiles included: its own tiled MLP);
+    the default engine is refused there naming the install and the other engine."""
     import importlib.util
 
     from ringpatch.errors import Missing
@@ -129,8 +129,7 @@ def test_only_a_recipe_that_uses_deepspeed_needs_it(tmp_path, data, monkeypatch)
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else found(name, *a))
     assert "deepspeed" not in missing("train")
     check_engine(_plan(tmp_path, data).recipe)  # fsdp2: no DeepSpeed needed
-    with pytest.raises(Missing, match=r"mlp_tiles: 4 runs DeepSpeed's TiledMLP, and DeepSpeed is not installed"):
-        check_engine(_plan(tmp_path, data, mlp_tiles=4).recipe)
+    check_engine(_plan(tmp_path, data, mlp_tiles=4).recipe)
     default = preflight(str(recipe(tmp_path, data, parallel__sp=2)), world=2).recipe
     with pytest.raises(Missing, match=r"engine: deepspeed \(the default\) needs DeepSpeed.*or set engine: fsdp2"):
         check_engine(default)

@@ -23,9 +23,14 @@ def _llama():
     return AutoModelForCausalLM.from_config(config, attn_implementation="eager")
 
 
+@pytest.mark.parametrize("implementation", ["deepspeed", "without deepspeed"])
 @pytest.mark.parametrize("tiles, checkpointing", [(4, False), (3, True), (64, False)])
-def test_a_tiled_mlp_gives_the_untiled_loss_and_gradients(tiles, checkpointing):
-    from ringpatch.train.switches.mlp_tiles import tile_mlps
+def test_a_tiled_mlp_gives_the_untiled_loss_and_gradients(tiles, checkpointing, implementation, monkeypatch):
+    from ringpatch.train.switches import mlp_tiles
+    from ringpatch.train.switches.mlp_tiles import SequenceTiledMLP, tile_mlps
+
+    if implementation == "without deepspeed":
+        monkeypatch.setattr(mlp_tiles, "tiled_mlp_function", lambda: SequenceTiledMLP)
 
     plain = _llama()
     tiled = copy.deepcopy(plain)
@@ -55,9 +60,13 @@ def test_the_tile_count_is_what_torch_chunk_cuts():
     assert tile_count(49, 8) == 7 and tile_count(64, 8) == 8
 
 
-def test_zero_is_told_the_mlp_gradients_are_ready_after_the_last_tile():
-    from ringpatch.train.switches.mlp_tiles import tile_mlps
+@pytest.mark.parametrize("implementation", ["deepspeed", "without deepspeed"])
+def test_zero_is_told_the_mlp_gradients_are_ready_after_the_last_tile(implementation, monkeypatch):
+    from ringpatch.train.switches import mlp_tiles
+    from ringpatch.train.switches.mlp_tiles import SequenceTiledMLP, tile_mlps
 
+    if implementation == "without deepspeed":
+        monkeypatch.setattr(mlp_tiles, "tiled_mlp_function", lambda: SequenceTiledMLP)
     model = _llama()
     tile_mlps(model, 8)
     ids = torch.randint(0, 64, (1, 49), generator=torch.Generator().manual_seed(3))  # 49 tokens: 7 tiles

@@ -446,20 +446,23 @@ NO_DEEPSPEED = {
 }
 
 
-def test_fsdp2_trains_and_resumes_where_deepspeed_is_not_installed(tmp_path, data):
-    """The lent GPU machine has no DeepSpeed: an engine: fsdp2 run starts, checkpoints, exports and
-    resumes with every `import deepspeed` failing."""
+def test_fsdp2_trains_and_resumes_where_deepspeed_is_not_installed(tmp_path, data, reference):
+    """The lent GPU machine has no DeepSpeed: an engine: fsdp2 run with 4 MLP tiles (ringpatch's
+    tiled MLP there) starts, reproduces the one-process losses, checkpoints, exports and resumes
+    with every `import deepspeed` failing."""
     shadow = tmp_path / "no-deepspeed"
     for name, text in NO_DEEPSPEED.items():
         (shadow / name).parent.mkdir(parents=True, exist_ok=True)
         (shadow / name).write_text(text)
     env = dict(ENV, PYTHONPATH=str(shadow))
-    path = recipe(tmp_path, data, engine="fsdp2", zero__stage=3, parallel__sp=2)
+    path = recipe(tmp_path, data, engine="fsdp2", zero__stage=3, parallel__sp=2, mlp_tiles=4)
     for expected in ("exported", "resuming"):
         proc = subprocess.run(command(path, 2), cwd=ROOT, env=env, capture_output=True, text=True, timeout=HANG_S)
         ok(proc)
         assert "deepspeed was imported" not in proc.stderr
-        if expected == "resuming":
+        if expected == "exported":
+            _assert_same_run(tmp_path / "run", reference)
+        else:
             assert "resuming" in proc.stdout + proc.stderr
         path.write_text(path.read_text().replace("steps: 2", "steps: 3"))  # one more step to resume into
     assert (tmp_path / "run" / "final" / "config.json").is_file()

@@ -6,7 +6,7 @@ the MLP one tile at a time and accumulates the weight gradients over the tiles. 
 MLP falls from about 3 x tokens x intermediate to 1/N of it, at the cost of one more MLP
 forward per step (ALST: Bekman et al. 2025, arXiv:2506.13996, which ships the autograd function
 used here as DeepSpeed's TiledMLP; it tells ZeRO to reduce a weight's gradient only after the
-last tile).
+last tile). Where DeepSpeed is not installed (engine: fsdp2), SequenceTiledMLP does the same.
 
 Exact: a gated MLP acts on each token alone, so the tiles' outputs are the untiled output's rows,
 and the weight gradients are sums over tokens, split into N partial sums (float32 rounding only).
@@ -40,11 +40,56 @@ def tile_count(tokens: int, tiles: int) -> int:
     return -(-tokens // step)
 
 
+class SequenceTiledMLP(torch.autograd.Function):
+    """The tiled MLP where DeepSpeed is not installed (engine: fsdp2 on a machine without it): the
+    same computation as DeepSpeed's TiledMLP, whose ZeRO flags have no reader then. Forward runs the
+    MLP tile by tile without keeping anything but its input; backward recomputes each tile and
+    backpropagates the incoming gradient's rows, the input's gradient written in place into one
+    buffer and the weights' accumulated over the tiles."""
+
+    @staticmethod
+    def forward(ctx, fn, module, x, tiles, params):
+        ctx.fn, ctx.module, ctx.tiles, ctx.params = fn, module, tiles, [p for p in params if p.requires_grad]
+        ctx.save_for_backward(x)
+        flat = x.reshape(-1, x.shape[-1])
+        with torch.no_grad():
+            return torch.cat([fn(module, piece) for piece in torch.chunk(flat, tiles)]).view(*x.shape[:-1], -1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        flat, incoming = x.detach().reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])
+        x_grad = torch.zeros_like(flat) if ctx.needs_input_grad[2] else None
+        start, pieces = 0, torch.chunk(flat, ctx.tiles)
+        for i, piece in enumerate(pieces):
+            for p in ctx.params:  # whole at the last tile, under DeepSpeed's name for it (simulate.drop_when_whole)
+                p.ds_grad_is_ready = i == len(pieces) - 1
+            rows = piece.shape[0]
+            piece = piece.detach().requires_grad_(x_grad is not None)
+            if x_grad is not None:
+                piece.grad = x_grad.narrow(0, start, rows)  # autograd adds this tile's into it, in place
+            with torch.enable_grad():
+                out = ctx.fn(ctx.module, piece)
+            torch.autograd.backward(out, incoming.narrow(0, start, rows))
+            start += rows
+        return None, None, None if x_grad is None else x_grad.view_as(x), None, None
+
+
+def tiled_mlp_function():
+    """DeepSpeed's TiledMLP (it tells ZeRO when a weight's gradient is whole), or SequenceTiledMLP
+    where DeepSpeed is not installed."""
+    try:
+        from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledMLP
+    except ImportError:
+        return SequenceTiledMLP
+    return TiledMLP
+
+
 def tile_mlps(lm: torch.nn.Module, tiles: int) -> int:
     """Run every decoder layer's MLP of `lm` over `tiles` sequence tiles; the number of MLPs."""
     if tiles <= 1:
         return 0
-    from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledMLP
+    TiledMLP = tiled_mlp_function()  # noqa: N806 (an autograd Function class)
 
     mlps = [m.mlp for m in lm.modules() if isinstance(getattr(m, "mlp", None), torch.nn.Module)]
     if not mlps:
