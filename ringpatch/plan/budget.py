@@ -99,14 +99,13 @@ def estimate(
     micro_batch: int,
     bf16: bool = True,
     cuda: bool = True,
-    zero: dict[str, float] | None = None,
+    buffers: dict[Item, float] | None = None,
 ) -> dict[Item, float]:
     """GiB per GPU, by item, for one stage: plan/estimate.py's arithmetic, with the items each
     switch holds through the step from its module. bf16: the training precision (False: float32);
     cuda: a GPU run (False: a CPU run, whose kernel is the CPU's and whose gradient buffers are
-    memory only once the layers' backward writes them); zero: the engine's buffers in bytes
-    (reserve.zero_buffers, or reserve.fsdp2_buffers), as items of their own (None: the step's tensors only, which is what
-    the simulated rank holds)."""
+    memory only once the layers' backward writes them); buffers: the engine's buffers in bytes, by
+    item (engine_buffers; None: the step's tensors only, which is what the simulated rank holds)."""
     b = 2 if bf16 else 4
     sp, tp, ulysses = recipe.parallel.sp, recipe.parallel.tp, recipe.parallel.ulysses
     s = shapes(cfg, tp, ulysses, b)
@@ -144,16 +143,18 @@ def estimate(
     host = sum(sw.host_bytes(recipe, cfg, tokens, b) for sw in switches.SWITCHES)
     if host and not cuda:  # one memory on a CPU run
         items[Item.OFFLOADED] = host
-    if zero is not None and any(zero.values()):
-        buckets = Item.ZERO_BUCKETS if cuda else Item.ZERO_BUCKETS_AS_FILLED
-        layer, loss = (
-            (Item.FSDP2_LAYER, Item.FSDP2_ROOT)
-            if recipe.engine == "fsdp2"
-            else (Item.LAYER_GATHERED, Item.LOSS_GATHERED)
-        )
-        found = {buckets: zero["held"], layer: zero["layer"], loss: zero["loss"]}
-        items |= {k: v for k, v in found.items() if v}
+    items |= {k: v for k, v in (buffers or {}).items() if v}
     return {k: v / GIB for k, v in items.items()}
+
+
+def engine_buffers(plan: Plan, b: int) -> dict[Item, float]:
+    """Bytes of the engine's own buffers by item: FSDP2's (reserve.fsdp2_buffers), or DeepSpeed's
+    from its config (reserve.zero_buffers)."""
+    if plan.recipe.engine == "fsdp2":
+        return fsdp2_buffers(plan.model_config, b)
+    zero = zero_buffers(plan.ds_config, plan.model_config, b, plan.dims.tp, plan.cuda)
+    buckets = Item.ZERO_BUCKETS if plan.cuda else Item.ZERO_BUCKETS_AS_FILLED
+    return {buckets: zero["held"], Item.LAYER_GATHERED: zero["layer"], Item.LOSS_GATHERED: zero["loss"]}
 
 
 def host_offload_gib(recipe, cfg: dict, seq_len: int, micro_batch: int, bf16: bool = True) -> float:
@@ -166,11 +167,8 @@ def budget(plan: Plan, seq_len: int, micro_batch: int) -> Budget:
     """The plan's memory per GPU for sequences of `seq_len` at `micro_batch` (needs model_config)."""
     r, cfg, dims = plan.recipe, plan.model_config, plan.dims
     b = 2 if plan.bf16 else 4
-    if r.engine == "fsdp2":
-        zero = fsdp2_buffers(cfg, b)
-    else:
-        zero = zero_buffers(plan.ds_config, cfg, b, dims.tp, plan.cuda)
-    items = estimate(r, cfg, dims.world, seq_len, micro_batch, plan.bf16, plan.cuda, zero=zero)
+    buffers = engine_buffers(plan, b)
+    items = estimate(r, cfg, dims.world, seq_len, micro_batch, plan.bf16, plan.cuda, buffers=buffers)
     tokens = micro_batch * seq_len // dims.sp
     reserve = reserve_for(cfg, dims, tokens, micro_batch, b, plan.cuda, total_gib(items))
     return Budget(items, reserve, host_offload_gib(r, cfg, seq_len, micro_batch, plan.bf16))

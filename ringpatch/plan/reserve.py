@@ -15,6 +15,7 @@ from ringpatch.attention.ring import head_groups
 from ringpatch.hf.counts import attention_shape, parameters
 from ringpatch.parallel.process import NCCL_DEFAULTS
 from ringpatch.plan.estimate import GIB, Shapes, kernel_kind, shapes
+from ringpatch.plan.items import Item
 
 CUDA_CONTEXT_GIB = 1.0
 NCCL_COLLECTIVE_BYTES = {2: 544e6, 3: 688e6}
@@ -64,7 +65,7 @@ def zero_buffers(ds_config: dict | None, cfg: dict, b: int, tp: int = 1, cuda: b
     return {"held": held, "layer": max(layer + prefetch, live) * b, "loss": cfg["vocab_size"] * h * b / tp}
 
 
-def fsdp2_buffers(cfg: dict, b: int) -> dict[str, float]:
+def fsdp2_buffers(cfg: dict, b: int) -> dict[Item, float]:
     """Bytes of FSDP2's buffers (train/fsdp2.py: fully_shard per decoder layer, then the model): in
     a layer's backward its weights gathered in the compute dtype (`b` bytes each), the next
     layer's prefetched beside them, and its whole gradient in the compute dtype and again in the
@@ -75,7 +76,7 @@ def fsdp2_buffers(cfg: dict, b: int) -> dict[str, float]:
     h = cfg["hidden_size"]
     layer = 2 * h * heads * d + 2 * h * kv * d + 3 * h * cfg["intermediate_size"]
     root = cfg["vocab_size"] * h * (1 if cfg.get("tie_word_embeddings") else 2)
-    return {"held": 0.0, "layer": layer * (2 * b + b + 4), "loss": root * b}
+    return {Item.FSDP2_LAYER: layer * (2 * b + b + 4), Item.FSDP2_ROOT: root * b}
 
 
 def kernel_scratch_bytes(s: Shapes, tokens: int, micro_batch: int, kernel: str) -> float:
