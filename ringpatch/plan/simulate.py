@@ -93,10 +93,10 @@ class Simulation:
     largest_numel: int = 0
     """Elements of the largest tensor the step made (a 32-bit index overflows from 2**31)."""
     total_peak: float = 0.0
+    """GiB: the peak of device and host together (one memory on a CPU run)."""
     kernel_calls: Counter = field(default_factory=Counter)
     """The attention kernel calls of the step ("forward", recomputes included, and "backward"), all
     layers, all head groups: with the CUDA module, what a GPU launches."""
-    """GiB: the peak of device and host together (one memory on a CPU run)."""
     largest: list = field(default_factory=list)
     """The largest storages live at the device's peak: (GiB, category, shape and dtype)."""
     kernel: str = "cuda"
