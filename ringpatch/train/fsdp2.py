@@ -93,7 +93,6 @@ class Fsdp2Engine:
         self.lr_scheduler = LambdaLR(self.optimizer, factor)
         self.micro_steps = 0
         self.checkpoint_engine = _ClientStateLoader()
-        self.grad_norm: float | None = None
 
     # --- what the loop calls ------------------------------------------------------------------
     def __call__(self, **batch):
@@ -107,9 +106,8 @@ class Fsdp2Engine:
         self.micro_steps += 1
         if self.micro_steps % self.grad_accum:
             return
-        params = [p for p in self.module.parameters() if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(params, self.clip if self.clip > 0 else float("inf"))
-        self.grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        if self.clip > 0:
+            torch.nn.utils.clip_grad_norm_([p for p in self.module.parameters() if p.grad is not None], self.clip)
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
