@@ -25,7 +25,7 @@ from ringpatch.hf.architecture import check_architecture, head_counts
 from ringpatch.hf.folder import check_model_folder
 from ringpatch.parallel import launch_int
 from ringpatch.plan.budget import Plan
-from ringpatch.schema import check_writable
+from ringpatch.schema import check_writable, looks_local
 from ringpatch.train import switches
 from ringpatch.train.ds_config import deepspeed_config, load_overlay
 from ringpatch.train.recipe import Recipe, load_recipe
@@ -36,12 +36,7 @@ def is_local(name: str) -> bool:
     parts, starts like a path, or its "org" is a folder here (data/smollm2-135m-instruct before
     `make real-model` wrote it is a missing folder, not a hub repository of a user "data")."""
     path = Path(name)
-    return (
-        name.startswith(("/", ".", "~"))
-        or name.count("/") > 1
-        or path.exists()
-        or (len(path.parts) == 2 and path.parent.is_dir())
-    )
+    return looks_local(name) or path.exists() or (len(path.parts) == 2 and path.parent.is_dir())
 
 
 def offline() -> bool:
