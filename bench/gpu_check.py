@@ -19,11 +19,12 @@ network; flash-attn when present, transformers for the memory check when present
    monolithic / ring. Fails below THROUGHPUT_TARGET.
 5. Memory: a Llama-3-8B-shaped stack of 2 layers (random weights, bf16), ring-patched over the
    one-rank group, at 131,072 tokens, with activation checkpointing and each memory switch
-   (keep_attention, activation_offload, offload + 8 MLP tiles (DeepSpeed's TiledMLP, or ringpatch's
-   where DeepSpeed is not installed), and the one-node recipes' binding configuration, offload + 8 MLP tiles + chunked norms, applied by the
-   switch registry as the trainer applies them; and each one-node recipe, llama3-8b-256k-1node and
-   llama3-8b-1m-1node, with its own switches at its last stage's tokens per GPU), parameter
-   gradients dropped once whole (as ZeRO takes them; a tiled MLP's after its last tile): the peak of
+   (keep_attention, activation_offload, offload + 8 MLP tiles: DeepSpeed's TiledMLP, or ringpatch's
+   where DeepSpeed is not installed), and each one-node recipe, llama3-8b-256k-1node and
+   llama3-8b-1m-1node (offload + 8 MLP tiles + chunked norms: the one-node recipes' binding
+   configuration), with its own switches at its last stage's tokens per GPU, applied by the switch
+   registry as the trainer applies them; parameter gradients dropped once whole (as ZeRO takes
+   them; a tiled MLP's after its last tile): the peak of
    torch.cuda.max_memory_allocated above the weights against the planner's activations
    (ringpatch.plan.estimate); fails outside MEMORY_BAND. Offload's loss equals plain
    checkpointing's bit for bit, and on CUDA its page-locked host buffers hold exactly the plan's
@@ -349,9 +350,7 @@ MEMORY_SWITCHES = {  # recipe switches of each configuration (activation checkpo
     "keep_attention": {"keep_attention": True},
     "offload": {"activation_offload": True},
     "offload+tiles8": {"activation_offload": True, "mlp_tiles": 8},
-    # the one-node recipes' binding configuration (llama3-8b-1m-1node.yaml): its MLP-tile backward
-    "1node": {"activation_offload": True, "mlp_tiles": 8, "rmsnorm": "chunked"},
-}
+}  # and each of RECIPE_ROWS with its own switches (llama3-8b-1m-1node's MLP-tile backward binds it)
 
 
 RECIPE_ROWS = ("llama3-8b-256k-1node", "llama3-8b-1m-1node")
