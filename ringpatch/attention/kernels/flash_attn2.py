@@ -1,4 +1,5 @@
-"""flash-attn 2 (Dao-AILab) as a ring block backend: CUDA, float16/bfloat16, native GQA and windows."""
+"""flash-attn 2 (Dao-AILab) as a ring block backend: CUDA, float16/bfloat16, native GQA and windows;
+the documents of a varlen call in one call of its varlen kernels."""
 
 from __future__ import annotations
 
@@ -7,10 +8,10 @@ import functools
 import torch
 
 from ringpatch.attention.blocks import Call
-from ringpatch.attention.kernels.base import MaskSpec, bhsd
+from ringpatch.attention.kernels.base import MaskSpec, bhsd, cumulative_lengths
 from ringpatch.errors import BadValue
 
-MIN_VERSION = (2, 7)  # window_size_left/right and softcap as keywords of _flash_attn_forward/_backward
+MIN_VERSION = (2, 7)  # window_size_left/right and softcap as keywords of _flash_attn_(varlen_)forward/_backward
 
 
 @functools.cache
@@ -33,10 +34,14 @@ def unavailable() -> str | None:
 
 
 class FlashAttn:
-    """Dao-AILab flash-attn 2: native GQA and native sliding windows (no tiling needed)."""
+    """Dao-AILab flash-attn 2: native GQA and native sliding windows (no tiling needed). A varlen
+    call (the documents of a block; only full and causal calls are packed) is one call of
+    _flash_attn_varlen_forward/_backward over the rows' tokens packed as (rows * tokens, heads,
+    dim), with int32 cumulative lengths; its log-sum-exp comes as (heads, total)."""
 
     name = "flash_attn"
     tile: int | None = None
+    varlen = True
 
     def check(self, q: torch.Tensor) -> None:
         reason = unavailable()
@@ -78,13 +83,36 @@ class FlashAttn:
         return {"dropout_p": 0.0, "softmax_scale": spec.scale, "causal": causal, "window_size_left": left,
                 "window_size_right": right, "softcap": 0.0, "alibi_slopes": None}  # fmt: skip
 
+    @staticmethod
+    def _packed(q, k, call: Call):
+        """The varlen kernels' arguments: cumulative lengths and longest documents, queries then keys."""
+        (b, m), n = q.shape[:2], k.shape[1]
+        cu_q, max_q = cumulative_lengths(call.q_cuts, m, b, q.device)
+        cu_k, max_k = cumulative_lengths(call.k_cuts, n, b, q.device)
+        return cu_q, cu_k, max_q, max_k
+
     def forward(self, q, k, v, call: Call, spec: MaskSpec):
+        if call.q_cuts:
+            return self._forward_varlen(q, k, v, call, spec)
         from flash_attn.flash_attn_interface import _flash_attn_forward
 
         out, lse, _, _ = _flash_attn_forward(q, k, v, return_softmax=False, **self._options(q, k, call, spec))
         return out, bhsd(lse)
 
+    def _forward_varlen(self, q, k, v, call: Call, spec: MaskSpec):
+        from flash_attn.flash_attn_interface import _flash_attn_varlen_forward
+
+        b, m, h, d = q.shape
+        packed = (x.reshape(b * x.shape[1], *x.shape[2:]) for x in (q, k, v))
+        out, lse, _, _ = _flash_attn_varlen_forward(
+            *packed, *self._packed(q, k, call), return_softmax=False, **self._options(q, k, call, spec)
+        )
+        return out.view(b, m, h, d), lse.view(h, b, m).permute(1, 2, 0)
+
     def backward(self, dout, q, k, v, out, lse, call: Call, spec: MaskSpec):
+        deterministic = torch.are_deterministic_algorithms_enabled()
+        if call.q_cuts:
+            return self._backward_varlen(dout, q, k, v, out, lse, call, spec, deterministic)
         from flash_attn.flash_attn_interface import _flash_attn_backward
 
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
@@ -98,7 +126,21 @@ class FlashAttn:
             dq,
             dk,
             dv,
-            deterministic=torch.are_deterministic_algorithms_enabled(),
+            deterministic=deterministic,
             **self._options(q, k, call, spec),
         )
         return dq, dk, dv
+
+    def _backward_varlen(self, dout, q, k, v, out, lse, call: Call, spec: MaskSpec, deterministic: bool):
+        from flash_attn.flash_attn_interface import _flash_attn_varlen_backward
+
+        (b, m, h, d), (n, h_kv) = q.shape, k.shape[1:3]
+        dout_v, q_v, out_v = (x.reshape(b * m, h, d) for x in (dout, q, out))
+        k_v, v_v = (x.reshape(b * n, h_kv, d) for x in (k, v))
+        dq, dk, dv = q_v.new_empty(b * m, h, d), k_v.new_empty(b * n, h_kv, d), k_v.new_empty(b * n, h_kv, d)
+        lse_v = lse.permute(2, 0, 1).reshape(h, b * m).contiguous()
+        _flash_attn_varlen_backward(
+            dout_v, q_v, k_v, v_v, out_v, lse_v, dq, dk, dv, *self._packed(q, k, call),
+            deterministic=deterministic, **self._options(q, k, call, spec),
+        )  # fmt: skip
+        return dq.view(b, m, h, d), dk.view(b, n, h_kv, d), dv.view(b, n, h_kv, d)
