@@ -152,9 +152,15 @@ def engine_buffers(plan: Plan, b: int) -> dict[Item, float]:
     from its config (reserve.zero_buffers)."""
     if plan.recipe.engine == "fsdp2":
         return fsdp2_buffers(plan.model_config, b)
-    zero = zero_buffers(plan.ds_config, plan.model_config, b, plan.dims.tp, plan.cuda)
+    checkpointing = plan.recipe.activation_checkpointing
+    zero = zero_buffers(plan.ds_config, plan.model_config, b, plan.dims.tp, plan.cuda, checkpointing)
     buckets = Item.ZERO_BUCKETS if plan.cuda else Item.ZERO_BUCKETS_AS_FILLED
-    return {buckets: zero["held"], Item.LAYER_GATHERED: zero["layer"], Item.LOSS_GATHERED: zero["loss"]}
+    return {buckets: zero["held"]} | {item: zero[phase] for phase, item in GATHERED.items() if phase in zero}
+
+
+GATHERED = {"loss": Item.LOSS_GATHERED, "final_norm": Item.FINAL_NORM_GATHERED, "layer": Item.LAYER_GATHERED,
+            "embedding": Item.EMBEDDING_GATHERED}  # fmt: skip
+"""reserve.zero3_gathered's phases, as plan items."""
 
 
 def host_offload_gib(recipe, cfg: dict, seq_len: int, micro_batch: int, bf16: bool = True) -> float:

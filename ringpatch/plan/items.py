@@ -52,6 +52,8 @@ class Item(enum.Enum):
     """A CPU's: pages of a bucket DeepSpeed allocated whole become resident only when written."""
     LAYER_GATHERED = ("ZeRO-3 gathered weights (layer)", Phase.LAYER, Kind.DEEPSPEED)
     LOSS_GATHERED = ("ZeRO-3 gathered weights (LM head)", Phase.LOSS, Kind.DEEPSPEED)
+    FINAL_NORM_GATHERED = ("ZeRO-3 gathered weights (final norm)", Phase.FINAL_NORM, Kind.DEEPSPEED)
+    EMBEDDING_GATHERED = ("ZeRO-3 gathered weights (embedding)", Phase.EMBEDDING, Kind.DEEPSPEED)
     FSDP2_LAYER = ("FSDP2 gathered weights and reduce-scatter (layer)", Phase.LAYER, Kind.DEEPSPEED)
     FSDP2_ROOT = ("FSDP2 gathered weights (embedding, LM head)", Phase.LOSS, Kind.DEEPSPEED)
 

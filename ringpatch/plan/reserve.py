@@ -7,6 +7,7 @@ process's measured runtime (CPU_RUNTIME_GIB). Each item and its source: docs/mem
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -40,29 +41,141 @@ allocator's pools after a few hundred steps, 0.25 more (the demo's preparing ran
 step peaks 0.716 with 0.035 of step tensors)."""
 
 
-def zero_buffers(ds_config: dict | None, cfg: dict, b: int, tp: int = 1, cuda: bool = True) -> dict[str, float]:
+def zero_buffers(
+    ds_config: dict | None, cfg: dict, b: int, tp: int = 1, cuda: bool = True, checkpointing: bool = True
+) -> dict[str, float]:
     """Bytes of DeepSpeed's ZeRO buffers: held through the backward, and gathered weights in a
     layer's backward and in the loss's (stage 3). DeepSpeed allocates its gradient bucket whole,
-    which a GPU's allocator holds; on a CPU only the pages a model's gradients touch are resident."""
+    which a GPU's allocator holds; on a CPU only the pages a model's gradients touch are resident.
+    The buckets (contiguous_gradients): reduce_bucket_size elements of the gradients' dtype,
+    stage 3 one per communication dtype (stage3.py ipg_buckets), stages 1 and 2 a second one
+    while overlap_comm (stage_1_and_2.py setup_buckets). tests/plan/test_zero_buffers.py reads
+    both kinds from a DeepSpeed engine (where the gathered weights exceed these, it says so)."""
     zero = (ds_config or {}).get("zero_optimization", {})
     stage = zero.get("stage", 0)
     if stage == 0:
-        return {"held": 0.0, "layer": 0.0, "loss": 0.0}
+        return {"held": 0.0}
     bucket = float(zero.get("reduce_bucket_size", 5e8))
     if not cuda:
         bucket = min(bucket, float(parameters(cfg)[0]) / tp)
-    overlap = zero.get("overlap_comm", stage == 3)
-    held = bucket * b * (2 if overlap else 1) if zero.get("contiguous_gradients", True) else 0.0
+    double = stage < 3 and zero.get("overlap_comm", False)
+    held = bucket * b * (2 if double else 1) if zero.get("contiguous_gradients", True) else 0.0
     if stage < 3:
-        return {"held": held, "layer": 0.0, "loss": 0.0}
+        return {"held": held}
+    return {"held": held} | {phase: n * b for phase, n in zero3_gathered(cfg, zero, tp, checkpointing).items()}
+
+
+def zero3_gathered(cfg: dict, zero: dict, tp: int = 1, checkpointing: bool = True) -> dict[str, float]:
+    """Weights (elements) ZeRO-3 holds gathered at most in each phase of the backward: "loss" (the
+    LM head's forward and backward), "final_norm", "layer" (any layer's recompute and backward;
+    layer 0's holds the embedding, prefetched for the last backward) and "embedding".
+
+    DeepSpeed's parameter coordinator (partitioned_param_coordinator.py) replayed over the step's
+    trace of module hooks as a Llama-style model makes it (_zero3_trace). Every module's hook is a
+    fetch: its weights are gathered, then the trace's next weights are prefetched, up to
+    stage3_prefetch_bucket_size at a time while fewer than stage3_max_live_parameters are gathered
+    (the limit bounds prefetching only: a module's own weights come whatever is held), and a weight
+    the prefetcher passes is kept until that use. After a module's forward or backward its weights
+    are released unless the trace uses them within stage3_max_reuse_distance elements (DeepSpeed's
+    default 1e9 keeps a model smaller than that whole). A checkpointed layer's recompute holds its
+    weights for its backward. Weights of at most stage3_param_persistence_threshold elements are
+    never released (model states)."""
     heads, kv, d = attention_shape(cfg)
-    h = cfg["hidden_size"]
-    layer = (2 * h * heads * d + 2 * h * kv * d + 3 * h * cfg["intermediate_size"]) / tp
-    prefetch = min(float(zero.get("stage3_prefetch_bucket_size", 5e7)), layer)
-    # what ZeRO-3 may keep gathered: up to stage3_max_live_parameters (a parameter used again
-    # within stage3_max_reuse_distance, as a checkpointed layer's are by its backward, stays)
-    live = min(float(zero.get("stage3_max_live_parameters", 1e9)), float(parameters(cfg)[0]) / tp)
-    return {"held": held, "layer": max(layer + prefetch, live) * b, "loss": cfg["vocab_size"] * h * b / tp}
+    h, i = cfg["hidden_size"], cfg["intermediate_size"]
+    persist = float(zero.get("stage3_param_persistence_threshold", 1e5))
+
+    def gathered(x: float) -> float:
+        return x if x > persist else 0.0
+
+    layer = tuple(gathered(x) for x in (h, h * heads * d / tp, h * kv * d / tp, h * kv * d / tp, heads * d * h / tp,
+                                        h, h * i / tp, h * i / tp, h * i / tp))  # fmt: skip
+    trace = _zero3_trace(layer, gathered(cfg["vocab_size"] * h / tp), gathered(h), cfg["num_hidden_layers"],
+                         bool(cfg.get("tie_word_embeddings")), checkpointing)  # fmt: skip
+    limits = (float(zero.get("stage3_max_reuse_distance", 1e9)), float(zero.get("stage3_max_live_parameters", 1e9)),
+              float(zero.get("stage3_prefetch_bucket_size", 5e7)))  # fmt: skip
+    return dict(_replay(trace, *limits))
+
+
+@functools.lru_cache(maxsize=16)
+def _zero3_trace(layer, embed, norm, n_layers, tied, checkpointing) -> tuple[tuple[str, str, float, str], ...]:
+    """(phase, module, elements, what) per hook of one step, in the order DeepSpeed sees them on a
+    Llama-style model (printed from its coordinator, tests/plan/test_zero_buffers.py): what is
+    "fetch" (a module about to run; containers too, with no weights of their own), "fetch+release"
+    (a leaf that runs and is done) or "release" (a leaf whose backward is done)."""
+    norm_in, q, k, v, o, norm_post, gate, up, down = layer
+    head = ("embed", embed) if tied else ("head", embed)
+    trace = [("forward", "", 0.0, "fetch"), ("forward", "model", 0.0, "fetch")]
+    trace += [("forward", "embed", embed, "fetch+release"), ("forward", "rotary", 0.0, "fetch+release")]
+    for n in range(n_layers):
+        modules = [(f"{n}", 0.0, "fetch"), (f"{n}.in", norm_in, "fetch+release"), (f"{n}.attn", 0.0, "fetch")]
+        modules += [(f"{n}.{x}", size, "fetch+release") for x, size in (("q", q), ("k", k), ("v", v), ("o", o))]
+        modules += [(f"{n}.post", norm_post, "fetch+release"), (f"{n}.mlp", 0.0, "fetch")]
+        modules += [(f"{n}.{x}", size, "fetch+release") for x, size in (("gate", gate), ("act", 0.0), ("up", up))]
+        modules += [(f"{n}.down", down, "fetch+release")]
+        trace += [("forward", *m) for m in modules]
+    trace += [("forward", "norm", norm, "fetch+release"), ("loss", *head, "fetch+release")]
+    trace += [("backward", "", 0.0, "fetch"), ("loss", *head, "fetch+release"), ("backward", "model", 0.0, "fetch")]
+    trace += [("final_norm", "norm", norm, "fetch+release")]
+    for n in reversed(range(n_layers)):
+        trace += [
+            ("layer", f"{n}", 0.0, "fetch"),
+            ("layer", f"{n}.mlp", 0.0, "fetch"),
+            ("layer", f"{n}.down", down, "fetch"),
+        ]
+        if checkpointing:  # the recompute's modules: fetched, kept for their backward
+            recompute = [(f"{n}.in", norm_in), (f"{n}.attn", 0.0), (f"{n}.q", q), (f"{n}.k", k), (f"{n}.v", v),
+                         (f"{n}.o", o), (f"{n}.post", norm_post), (f"{n}.mlp", 0.0), (f"{n}.gate", gate),
+                         (f"{n}.act", 0.0), (f"{n}.up", up), (f"{n}.down", down)]  # fmt: skip
+            trace += [("layer", name, size, "fetch") for name, size in recompute]
+        trace += [("layer", f"{n}.down", down, "release")]
+        backward = [(f"{n}.up", up), (f"{n}.act", 0.0), (f"{n}.gate", gate), (f"{n}.post", norm_post)]
+        trace += [("layer", name, size, "fetch+release") for name, size in backward]
+        trace += [("layer", f"{n}.attn", 0.0, "fetch")]
+        backward = [(f"{n}.o", o), (f"{n}.v", v), (f"{n}.k", k), (f"{n}.q", q), (f"{n}.in", norm_in)]
+        trace += [("layer", name, size, "fetch+release") for name, size in backward]
+    trace.append(("embedding", "embed", embed, "fetch+release"))
+    return tuple(trace)
+
+
+@functools.lru_cache(maxsize=64)
+def _replay(trace, reuse: float, live: float, prefetch: float) -> dict[str, float]:
+    """The most weights gathered in each phase of the backward, over `trace`."""
+    fetches = [e for e in trace if e[3] != "release"]  # one step each, DeepSpeed's __step_id
+    queue = [(step, name, size) for step, (_, name, size, _) in enumerate(fetches) if size]  # its param trace
+    gathered: dict[str, float] = {}
+    wanted: dict[str, int] = {}  # the latest use the prefetcher (or a fetch) has taken from the queue
+    peaks = {"loss": 0.0, "final_norm": 0.0, "layer": 0.0, "embedding": 0.0}
+    step = head = 0  # the next fetch; the prefetcher's place in the queue
+    for phase, name, size, what in trace:
+        if what != "release":
+            if size:
+                gathered[name] = size
+                while head < len(queue) and queue[head][0] <= step:  # this fetch's own entry
+                    wanted[queue[head][1]] = max(wanted.get(queue[head][1], -1), queue[head][0])
+                    head += 1
+            budget, fetched = min(live - sum(gathered.values()), prefetch), 0.0
+            while prefetch > 0 and head < len(queue) and fetched < budget:
+                later_step, later, n = queue[head]
+                wanted[later] = max(wanted.get(later, -1), later_step)
+                if later not in gathered:
+                    gathered[later] = n
+                    fetched += n
+                head += 1
+            step += 1
+            if phase in peaks:
+                peaks[phase] = max(peaks[phase], sum(gathered.values()))
+        if what == "fetch" or not size:
+            continue
+        # released, unless the prefetcher has passed a later use or the trace uses it within the distance
+        keep, distance = wanted.get(name, -1) >= step, 0.0
+        for _, later, n, _ in fetches[step:]:
+            if keep or distance >= reuse:
+                break
+            keep = later == name
+            distance += n
+        if not keep:
+            del gathered[name]
+    return peaks
 
 
 def fsdp2_buffers(cfg: dict, b: int) -> dict[Item, float]:

@@ -1,12 +1,13 @@
 """The reserve's NCCL buffers, per communicator a step runs, against the published figures they come
 from (NVIDIA/nccl#964: 544 MB for a 2-member and 688 MB for a larger communicator after one
 all-reduce; NVIDIA/nccl#1685: 1.06 -> 4.34 GB after the first all-to-all over 8 H100s), and ZeRO-3's
-gathered weights up to the DeepSpeed config's live-parameter limit."""
+gathered weights (the replay of its coordinator) at Llama-3-8B's size."""
 
 from __future__ import annotations
 
 import pytest
 
+from ringpatch.hf.counts import parameters
 from ringpatch.parallel.dims import ParallelDims
 from ringpatch.plan.reserve import communicators, zero_buffers
 
@@ -52,14 +53,27 @@ def test_data_and_tensor_parallel_groups_are_their_own_communicators():
     }
 
 
-def test_zero3_plans_the_gathered_weights_up_to_the_live_parameter_limit():
-    """A layer's gathered weights and the prefetch, or what stage3_max_live_parameters lets ZeRO-3
-    keep (DeepSpeed's default 1e9: 1.86 GiB of bf16 weights for Llama-3-8B), whichever is more."""
+def test_zero3_gathered_weights_follow_the_live_limit_the_prefetched_embedding_and_the_reuse_distance():
+    """The replay of DeepSpeed's coordinator (held to a DeepSpeed engine in test_zero_buffers.py) at
+    Llama-3-8B's size: the live limit bounds prefetching (a layer's backward holds less with less);
+    at layer 0 the embedding is prefetched for the last backward, beside the layer; a model smaller
+    than stage3_max_reuse_distance stays whole whatever the limit."""
     layer = 2 * 4096 * 4096 + 2 * 4096 * 1024 + 3 * 4096 * 14336
-    config = {"zero_optimization": {"stage": 3, "stage3_prefetch_bucket_size": 1e8}}
-    assert zero_buffers(config, LLAMA_8B, 2)["layer"] == 1e9 * 2  # the default limit
-    config["zero_optimization"]["stage3_max_live_parameters"] = 3e8
-    assert zero_buffers(config, LLAMA_8B, 2)["layer"] == (layer + 1e8) * 2
+    embed = 128256 * 4096
+
+    def gathered(**zero):
+        return zero_buffers({"zero_optimization": {"stage": 3, "stage3_prefetch_bucket_size": 1e8} | zero}, LLAMA_8B, 2)
+
+    held = [gathered(stage3_max_live_parameters=live)["layer"] / 2 for live in (1e8, 3e8, 1e9)]
+    assert held == sorted(held) and held[0] < held[-1]
+    assert held[1] >= embed + layer
+    assert gathered(stage3_max_live_parameters=3e8)["loss"] / 2 >= embed  # the LM head through the loss
+    small = dict(LLAMA_8B, num_hidden_layers=1, vocab_size=1024)  # a step's trace of 0.67e9 weights
+    whole = parameters(small)[0] - 3 * 4096  # the norms are under the persistence threshold
+    config = {"zero_optimization": {"stage": 3, "stage3_max_live_parameters": 1e6, "stage3_max_reuse_distance": 1e9}}
+    found = zero_buffers(config, small, 2)
+    assert found["loss"] == whole * 2  # at the LM head every weight is gathered, kept for its next use
+    assert found["layer"] == (whole - 1024 * 4096) * 2  # the LM head's was its last use
 
 
 def test_the_reserve_reads_the_nccl_environment_the_trainer_sets(monkeypatch):
