@@ -21,7 +21,7 @@ network; flash-attn when present, transformers for the memory check when present
    one-rank group, at 131,072 tokens, with activation checkpointing and each memory switch
    (keep_attention, activation_offload, offload + 8 MLP tiles: DeepSpeed's TiledMLP, or ringpatch's
    where DeepSpeed is not installed), and each one-node recipe, llama3-8b-256k-1node and
-   llama3-8b-1m-1node (offload + 8 MLP tiles + chunked norms: the one-node recipes' binding
+   llama3-8b-1m-1node (offload + 16 MLP tiles + chunked norms: the one-node recipes' binding
    configuration), with its own switches at its last stage's tokens per GPU, applied by the switch
    registry as the trainer applies them; parameter gradients dropped once whole (as ZeRO takes
    them; a tiled MLP's after its last tile): the peak of

@@ -25,7 +25,7 @@ def test_gpu_check_runs_on_cpu(tmp_path):
     assert kernels | {"torch/throughput", "torch/ring P=4 zigzag causal", "real ring", "memory"} <= set(report)
     assert set(report["real ring"]) == {"one head group", "K/V head groups in turn", "packed documents"}
     # the memory check's code path: every switch measured (live tensors on CPU) against the planner
-    # llama3-8b-1m-1node: offload + 8 MLP tiles + chunked norms, the one-node recipes' binding configuration
+    # llama3-8b-1m-1node: offload + 16 MLP tiles + chunked norms, the one-node recipes' binding configuration
     configurations = ("ckpt", "keep_attention", "offload", "offload+tiles8", "llama3-8b-256k-1node",
                       "llama3-8b-1m-1node")  # fmt: skip
     assert {f"{c} S=2048" for c in configurations} == set(report["memory"])
