@@ -33,6 +33,11 @@ network; flash-attn when present, transformers for the memory check when present
    plan's tensors plus its reserve, in the same band. Step times, tokens/s and model TFLOP/s of the
    two-layer stack with its MFU against the GPU's data-sheet peak (reported, not held to a target),
    and the offload copies' cost (its step over plain checkpointing's).
+6. DeepSpeed's ZeRO buffers (where DeepSpeed is installed): ZeRO-3 at world size 1 with the one-node
+   recipe's DeepSpeed config, checkpointing and MLP tiles on a 2-layer Llama-3-8B-shaped stack: its
+   gradient bucket and the weights it holds gathered in each phase of the backward, read from the
+   engine (ringpatch.plan.zero_readout), against the plan's; fails where the plan holds less than
+   DeepSpeed or more than MEMORY_BAND's upper end of it (the final norm's: an upper bound only).
 The monolithic references run fused kernels: FlashAttention for full and causal blocks, the
 memory-efficient kernel with an additive mask (K/V repeated) for masked ones; SDPA's math
 fallback is refused. A summary table ends the output; bench/results/gpu_check.json keeps every
@@ -485,6 +490,67 @@ def memory_check(lengths, device, dtype, quick=False):
     return rows
 
 
+# --- 6. DeepSpeed's ZeRO buffers ----------------------------------------------------------------
+ZERO_RECIPE = "llama3-8b-1m-1node"
+ZERO_STEPS = 3  # the first records DeepSpeed's trace of modules; the later ones prefetch along it
+
+
+def zero_check(device, dtype, quick=False):
+    """DeepSpeed ZeRO-3 at world size 1 with the one-node recipe's DeepSpeed config, activation
+    checkpointing and MLP tiles, on a Llama-3-8B-shaped stack of 2 layers (quick: a small one):
+    the gradient bucket's bytes and the weights ZeRO-3 holds gathered in each phase of the
+    backward, read from the engine (ringpatch.plan.zero_readout), against the plan's
+    (ringpatch.plan.reserve.zero_buffers). Skipped where DeepSpeed or transformers is missing."""
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    try:
+        import deepspeed
+        from transformers import AutoModelForCausalLM, LlamaConfig
+    except ImportError as e:
+        return {"skipped": f"{e.name or 'DeepSpeed'} does not import here ({e})"}
+    import dataclasses
+
+    from ringpatch.plan.reserve import zero_buffers
+    from ringpatch.plan.zero_readout import PHASES, ZeroReadout
+    from ringpatch.train.ds_config import deepspeed_config, load_overlay
+    from ringpatch.train.recipe import load_recipe
+    from ringpatch.train.switches.mlp_tiles import tile_mlps
+
+    one_rank_group(device)
+    for key, value in {"LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1"}.items():
+        os.environ.setdefault(key, value)
+    recipe = load_recipe(ROOT / "recipes" / f"{ZERO_RECIPE}.yaml")
+    recipe = dataclasses.replace(recipe, parallel=dataclasses.replace(recipe.parallel, sp=1, ulysses=1))
+    config = deepspeed_config(recipe, dtype == torch.bfloat16, device.type == "cuda", load_overlay(recipe.deepspeed))
+    if quick:  # bucket and limits scaled with the model, so that they bind as at full size
+        cfg = dict(vocab_size=4096, hidden_size=256, intermediate_size=896, num_hidden_layers=2,
+                   num_attention_heads=8, num_key_value_heads=2)  # fmt: skip
+        config["zero_optimization"] |= {"reduce_bucket_size": 50000, "stage3_prefetch_bucket_size": 50000,
+                                        "stage3_max_live_parameters": 150000, "stage3_param_persistence_threshold": 1000,
+                                        "stage3_max_reuse_distance": 1e6}  # fmt: skip
+    else:
+        cfg = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=2,
+                   num_attention_heads=32, num_key_value_heads=8)  # fmt: skip
+    cfg |= {"tie_word_embeddings": False, "rope_theta": 500000.0, "max_position_embeddings": 4096}
+    torch.manual_seed(0)
+    lm = AutoModelForCausalLM.from_config(LlamaConfig(**cfg), dtype=dtype, attn_implementation="sdpa").to(device)
+    lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    tile_mlps(lm, recipe.mlp_tiles)
+    engine, *_ = deepspeed.initialize(model=lm, model_parameters=lm.parameters(), config=config)
+    readout = ZeroReadout(engine, lm)
+    for _ in range(ZERO_STEPS):
+        readout.step_begin()
+        ids = torch.randint(0, cfg["vocab_size"], (1, 256 if quick else 4096), device=device)
+        engine.backward(engine(input_ids=ids, labels=ids).loss)
+        engine.step()
+    b = dtype.itemsize
+    plan = zero_buffers(config, dict(cfg, model_type="llama"), b, cuda=device.type == "cuda")
+    rows = {"bucket": {"measured_bytes": max(readout.buckets), "planned_bytes": plan["held"]}}
+    rows |= {f"gathered {p}": {"measured_bytes": readout.gathered[p] * b, "planned_bytes": plan[p]} for p in PHASES}
+    del engine, readout
+    return rows
+
+
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -591,6 +657,18 @@ def main() -> int:
             print(f"memory {key}: host buffers {row['host_gib']:.4f} GiB, planned {row['host_planned_gib']:.4f}")
             record(f"memory {key} host buffers = planned", row["host_gib"] == row["host_planned_gib"],
                    f"{row['host_gib']:.4f}")  # fmt: skip
+    zero = zero_check(device, dtypes[0], quick=args.quick)  # 6. DeepSpeed's ZeRO buffers
+    report["zero"] = zero
+    if "skipped" in zero:
+        print(f"ZeRO buffers check skipped: {zero['skipped']}")
+    for key, row in zero.items() if "skipped" not in zero else []:
+        measured, planned = row["measured_bytes"], row["planned_bytes"]
+        ratio = planned / measured if measured else float("inf")
+        print(f"ZeRO-3 {key}: read from DeepSpeed {measured / 2**20:.2f} MiB, planned {planned / 2**20:.2f} MiB "
+              f"(planned/read {ratio:.2f})")  # fmt: skip
+        # the plan must hold what DeepSpeed holds; tiled MLPs make the final norm's an upper bound
+        ok = measured <= planned and (key == "gathered final_norm" or planned <= MEMORY_BAND[1] * measured)
+        record(f"ZeRO-3 {key} planned/read", ok, f"{ratio:.2f}")
     elapsed = time.perf_counter() - started
     report["seconds"] = elapsed
     print("\nsummary")

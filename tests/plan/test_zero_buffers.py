@@ -1,11 +1,10 @@
 """DeepSpeed's ZeRO buffers, read from a DeepSpeed engine, against the plan's (reserve.zero_buffers).
 
 One process (world 1, gloo, DeepSpeed on the CPU accelerator), the trainer's own config
-(ds_config.deepspeed_config with an overlay of bucket sizes small enough for a tiny Llama): the
-gradient buckets DeepSpeed holds through the backward are read from its optimizer
-(`ipg_buckets[dtype].buffer`) and must equal the plan's bytes for a GPU run (where they are
-allocated whole); the weights ZeRO-3 holds gathered are read from its parameter coordinator after
-every fetch of a step, by phase of the backward (the LM head's forward and backward, the final
+(ds_config.deepspeed_config with an overlay of bucket sizes small enough for a tiny Llama), read by
+plan/zero_readout.py: the gradient buckets DeepSpeed holds through the backward must equal the
+plan's bytes for a GPU run (where they are allocated whole); the weights ZeRO-3 holds gathered,
+after every fetch of a step, by phase of the backward (the LM head's forward and backward, the final
 norm's, the layers' with their recompute, the embedding's), and the plan's replay of DeepSpeed's
 coordinator (reserve.zero3_gathered) must hold each and stay within 1% of it: over reuse
 distances and live-parameter limits that keep the whole model, a layer, or less, with tied
@@ -20,6 +19,7 @@ import pytest
 import torch
 
 from ringpatch.plan.reserve import zero_buffers
+from ringpatch.plan.zero_readout import ZeroReadout
 from ringpatch.train.ds_config import deepspeed_config
 from ringpatch.train.recipe import Recipe, from_dict
 from ringpatch.train.switches.mlp_tiles import tile_mlps
@@ -29,7 +29,6 @@ pytestmark = pytest.mark.multiprocess
 
 CFG = dict(vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=4, num_attention_heads=4,
            num_key_value_heads=2, tie_word_embeddings=False, model_type="llama")  # fmt: skip
-PHASES = {"lm_head": "loss", "model.norm": "final_norm", "model.embed_tokens": "embedding"}
 LAYER = 2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 160  # a decoder layer's weights (norms aside)
 BUCKETS = {"reduce_bucket_size": 5000, "overlap_comm": True, "contiguous_gradients": True}
 GATHERING = [  # (stage3_max_reuse_distance, stage3_max_live_parameters, tied embeddings, checkpointing)
@@ -72,34 +71,14 @@ def _measure(rank, world_size, stage, reuse, live, tied=False, checkpointing=Tru
     tile_mlps(lm, tiles)
     config = _config(stage, reuse, live)
     engine, *_ = deepspeed.initialize(model=lm, model_parameters=lm.parameters(), config=config)
-    optimizer, buckets, backward = engine.optimizer, [], [False]
-    gathered = {"loss": 0, "final_norm": 0, "layer": 0, "embedding": 0}
-
-    def bucket_bytes(*_):
-        held = [b.buffer for b in optimizer.ipg_buckets.values() if b.buffer is not None]
-        buckets.append(sum(t.numel() * t.element_size() for x in held for t in (x if isinstance(x, list) else [x])))
-
-    # the embedding's backward is the step's last: every gradient has reached its bucket by then
-    lm.model.embed_tokens.register_full_backward_hook(bucket_bytes)
-    if stage == 3:
-        coordinator = optimizer.parameter_offload.get_param_coordinator()
-        fetch, names = coordinator.fetch_sub_module, {id(m): n for n, m in lm.named_modules()}
-
-        def counted(module, forward):
-            fetch(module, forward)
-            name, held = names[id(module)], coordinator._PartitionedParameterCoordinator__n_available_params
-            backward[0] |= name == "lm_head" and not forward
-            phase = "layer" if ".layers." in name else PHASES.get(name) if name == "lm_head" or not forward else None
-            if backward[0] and phase or name == "lm_head":
-                gathered[phase] = max(gathered[phase], held)
-
-        coordinator.fetch_sub_module = counted
+    readout = ZeroReadout(engine, lm)
     for _ in range(3):  # the first step records DeepSpeed's trace; the later ones follow it
-        backward[0] = False
+        readout.step_begin()
         ids = torch.randint(0, CFG["vocab_size"], (1, 64))
         engine.backward(engine(input_ids=ids, labels=ids).loss)
         engine.step()
-    del engine
+    buckets, gathered = readout.buckets, readout.gathered
+    del engine, readout
     plan = zero_buffers(config, cfg, 2, cuda=True, checkpointing=checkpointing)
     phases = ", ".join(f"{k} {v * 2} ({plan[k]:.0f})" for k, v in gathered.items()) if stage == 3 else "-"
     print(
