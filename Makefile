@@ -63,6 +63,8 @@ real-text: data/real-text/train.jsonl
 data/real-text/train.jsonl: data/make_real_text.py data/make_code_repos.py | install
 	$(BIN)/python data/make_real_text.py
 
+# The ring over NPROC ranks (NCCL on GPUs where there are NPROC, else gloo on CPU): output and
+# gradients against float64 attention (ringpatch/selfcheck.py); NPROC=2 is the 2-GPU check.
 selfcheck: install
 	$(BIN)/torchrun --standalone --nproc_per_node $(NPROC) -m ringpatch.selfcheck
 

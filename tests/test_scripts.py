@@ -48,3 +48,16 @@ def test_gpu_check_without_cuda_exits_zero():
         [sys.executable, "bench/gpu_check.py"], cwd=ROOT, capture_output=True, text=True, timeout=HANG_S
     )
     assert proc.returncode == 0 and "no CUDA device" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_selfcheck_runs_every_case_on_two_ranks():
+    """`make selfcheck`'s command (what a 2-GPU machine runs with NCCL), on CPU: the ring's output and
+    gradients against float64 attention for one sequence, packed documents and K/V head groups."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    proc = subprocess.run(
+        [*torchrun, "-m", "ringpatch.selfcheck", "--seq", "512"], cwd=ROOT, capture_output=True, text=True,
+        timeout=HANG_S,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for case in ("one sequence", "packed documents", "K/V head groups in turn"):
+        assert f"ok     {case}" in proc.stdout, proc.stdout
