@@ -223,7 +223,8 @@ def describe(plan, launch: str | None = None, gpus_per_node: int | None = None) 
         f"recipe: model {r.model.name} ({r.model.init}), world {dims.world} = dp {dims.dp} x sp {dims.sp}"
         + (f" (ulysses {dims.ulysses} x ring {dims.ring})" if dims.ulysses > 1 else "")
         + f" x tp {dims.tp} (tp innermost), {'FSDP2' if r.engine == 'fsdp2' else f'ZeRO-{r.zero.stage}'}"
-        + f"{' + CPU offload' if r.zero.offload == 'cpu' else ''}, "
+        + {"none": "", "cpu": " + CPU offload", "optimizer": " + optimizer offload"}[r.zero.offload]
+        + ", "
         f"{_precision(r.model.dtype)}" + switches.plan_words(r)
     ]
     masking = r.data is not None and r.data.document_masking

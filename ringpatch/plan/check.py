@@ -36,7 +36,7 @@ def _remedy(recipe, item: Item) -> str:
         Item.WEIGHTS: zero,
         Item.GRADIENTS: zero,
         Item.GRADIENTS_AS_MADE: zero,
-        Item.OPTIMIZER: "zero.offload: cpu" if recipe.zero.offload == "none" else "more ranks (parallel.sp)",
+        Item.OPTIMIZER: "zero.offload: optimizer" if recipe.zero.offload == "none" else "more ranks (parallel.sp)",
         Item.ZERO_BUCKETS: "a smaller reduce_bucket_size in the DeepSpeed file",
         Item.ZERO_BUCKETS_AS_FILLED: "a smaller reduce_bucket_size in the DeepSpeed file",
     }.get(item, "more ranks (parallel.sp)")

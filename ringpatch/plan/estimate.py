@@ -227,12 +227,16 @@ def offloaded_bytes(cfg: dict, tokens: int, dtype_bytes: int = 2) -> float:
 
 def model_states(recipe, cfg: dict, world: int, b: int, cuda: bool = True) -> dict[Item, float]:
     """Bytes per GPU of weights, gradients and optimizer under the recipe's ZeRO stage. On a CPU
-    the gradients are memory only as the layers' backward writes them (Item.GRADIENTS_AS_MADE)."""
+    the gradients are memory only as the layers' backward writes them (Item.GRADIENTS_AS_MADE).
+    With the optimizer offloaded DeepSpeed keeps the gradient partitions with it in host memory
+    (stage3.py: the partition buffer on the optimizer's device; stage_1_and_2.py copies each
+    reduced partition to the host): the GPU holds only the gradient buckets (reserve.zero_buffers)."""
     tp = recipe.parallel.tp
     shards = world // tp  # dp x sp
     n, emb = parameters(cfg)
     n_tp = (n - emb) / tp + emb
     zero, offload = recipe.zero.stage, recipe.zero.offload == "cpu"
+    optimizer_on_host = recipe.zero.offload != "none"
     if recipe.engine == "fsdp2":  # float32 shards (the master weights), their gradients, AdamW's moments
         on_gpu = 0 if offload else n_tp / shards
         grads = Item.GRADIENTS if cuda else Item.GRADIENTS_AS_MADE
@@ -242,8 +246,8 @@ def model_states(recipe, cfg: dict, world: int, b: int, cuda: bool = True) -> di
     # gradient appears when backward produces it, an untied input embedding's last, after every
     # activation is freed: past the peak (bench/memory.py, ZeRO-0)
     late = 0 if zero >= 2 or cfg.get("tie_word_embeddings") else cfg["vocab_size"] * cfg["hidden_size"]
-    grads = b * (n_tp - late) / (shards if zero >= 2 else 1)
-    optim = 0 if offload else (12 if b < 4 else 8) * n_tp / (shards if zero >= 1 else 1)
+    grads = 0 if optimizer_on_host and cuda else b * (n_tp - late) / (shards if zero >= 2 else 1)
+    optim = 0 if optimizer_on_host else (12 if b < 4 else 8) * n_tp / (shards if zero >= 1 else 1)
     return {Item.WEIGHTS: weights, Item.GRADIENTS if cuda else Item.GRADIENTS_AS_MADE: grads, Item.OPTIMIZER: optim}
 
 

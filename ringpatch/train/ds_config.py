@@ -48,9 +48,9 @@ def deepspeed_config(
     schedule is built by the trainer (schedule.py)."""
     o = recipe.optim
     zero: dict[str, Any] = {"stage": recipe.zero.stage}
-    if recipe.zero.offload == "cpu":
+    if recipe.zero.offload != "none":
         zero["offload_optimizer"] = {"device": "cpu"}
-        if recipe.zero.stage == 3:
+        if recipe.zero.offload == "cpu" and recipe.zero.stage == 3:
             zero["offload_param"] = {"device": "cpu"}
     config = {
         "train_micro_batch_size_per_gpu": recipe.micro_batch,  # DeepSpeed only reports it; stages may differ
@@ -66,7 +66,7 @@ def deepspeed_config(
                 "lr": o.lr,
                 "betas": list(o.betas),
                 "weight_decay": o.weight_decay,
-                "torch_adam": not (cuda and recipe.zero.offload == "cpu"),
+                "torch_adam": not (cuda and recipe.zero.offload != "none"),
             },
         },
     }

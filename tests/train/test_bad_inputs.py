@@ -172,7 +172,7 @@ CASES = [
     ("plan-memory", "plan", {"model__config": BIG, "parallel__sp": 8}, [], {}, "GiB of a 80 GiB GPU (--gpu-memory)"),
     ("plan-memory-names", "plan", {"model__config": BIG, "parallel__sp": 8, "stages__1__seq_len": 1048576}, [], {},
      "Largest: weights 1511.9 GiB (try zero.stage: 3); checkpointed activations 1008.1 GiB (try activation_offload: true); "
-     "optimizer 378.0 GiB (try zero.offload: cpu)"),  # the test recipe trains in float32: 4-byte tensors, Adam 8N
+     "optimizer 378.0 GiB (try zero.offload: optimizer)"),  # the test recipe trains in float32: 4-byte tensors, Adam 8N
     ("plan-ulysses-heads", "plan", {"parallel__sp": 16, "parallel__ulysses": 16, "parallel__layout": "zigzag"},
      ["--nodes", "2"], {}, "ulysses=16 does not divide the 4 query heads"),
     ("plan-ulysses-crosses", "plan", {"parallel__sp": 16, "parallel__ulysses": 4, "parallel__layout": "zigzag"},

@@ -110,3 +110,38 @@ def test_deepspeed_config_comes_from_the_recipe():
     assert cfg["tensor_parallel"] == {"autotp_size": 2}
     no_tp = from_dict(Recipe, _with(parallel__tp=1))
     assert "tensor_parallel" not in deepspeed_config(no_tp, bf16=False)
+
+
+@pytest.mark.parametrize(
+    "offload, expected",
+    [
+        ("cpu", {"stage": 3, "offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "cpu"}}),
+        ("optimizer", {"stage": 3, "offload_optimizer": {"device": "cpu"}}),  # the parameters stay on the GPUs
+        ("none", {"stage": 3}),
+    ],
+)
+def test_zero_offload_moves_the_optimizer_and_with_cpu_the_parameters(offload, expected):
+    """zero.offload in DeepSpeed's terms, and in the plan: with the optimizer on the host the GPU
+    holds no optimizer state and no gradient partitions (DeepSpeed keeps them beside the
+    optimizer); only `cpu` takes the ZeRO-3 parameter shards off the GPU."""
+    from ringpatch.plan.estimate import model_states
+    from ringpatch.plan.items import Item
+
+    recipe = from_dict(Recipe, _with(zero__stage=3, zero__offload=offload, parallel__tp=1))
+    assert deepspeed_config(recipe, bf16=True, cuda=True)["zero_optimization"] == expected
+    assert deepspeed_config(recipe, bf16=True, cuda=True)["optimizer"]["params"]["torch_adam"] == (offload == "none")
+    cfg = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+           "num_key_value_heads": 2, "vocab_size": 256}  # fmt: skip
+    states = model_states(recipe, cfg, 4, 2)
+    assert (states[Item.WEIGHTS] == 0) == (offload == "cpu")
+    assert (states[Item.GRADIENTS] == 0) == (states[Item.OPTIMIZER] == 0) == (offload != "none")
+
+
+def test_zero_offload_needs_a_zero_stage_and_fsdp2_cannot_keep_the_parameters():
+    with pytest.raises(ValueError, match=r"zero.offload: optimizer needs zero.stage >= 1"):
+        from_dict(Recipe, _with(zero__stage=0, zero__offload="optimizer"))
+    fsdp2 = _with(zero__stage=3, zero__offload="optimizer", parallel__tp=1, engine="fsdp2")
+    from ringpatch.errors import Unsupported
+
+    with pytest.raises(Unsupported, match=r"engine: fsdp2 with zero.offload: optimizer"):
+        from_dict(Recipe, fsdp2)

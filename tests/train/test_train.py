@@ -85,6 +85,15 @@ def _assert_same_run(run_dir, reference_dir):
             },
             "torchrun",
         ),
+        (
+            2,
+            {
+                "parallel__sp": 2,
+                "zero": {"stage": 3, "offload": "optimizer"},  # the optimizer alone in host memory
+                "deepspeed": str(ROOT / "launch" / "deepspeed" / "zero3.json"),
+            },
+            "torchrun",
+        ),
         # engine: fsdp2 (fully_shard per layer over every rank), alone and with the switches
         (2, {"engine": "fsdp2", "parallel__sp": 2, "zero__stage": 3}, "torchrun"),
         (
@@ -112,6 +121,7 @@ def _assert_same_run(run_dir, reference_dir):
         "sp2-ulysses2-tp2-zero1-tiles3-accelerate",
         "sp4-ulysses2-ring2-keep-attention-torchrun",
         "sp2-zero3-offload-overlay",
+        "sp2-zero3-optimizer-offload",
         "sp2-fsdp2-torchrun",
         "sp2-fsdp2-offload-tiles4-chunked-norm",
         "sp4-fsdp2-ulysses2-ring2-keep-attention-accelerate",
