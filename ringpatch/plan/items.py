@@ -55,7 +55,11 @@ class Item(enum.Enum):
     FINAL_NORM_GATHERED = ("ZeRO-3 gathered weights (final norm)", Phase.FINAL_NORM, Kind.DEEPSPEED)
     EMBEDDING_GATHERED = ("ZeRO-3 gathered weights (embedding)", Phase.EMBEDDING, Kind.DEEPSPEED)
     FSDP2_LAYER = ("FSDP2 gathered weights and reduce-scatter (layer)", Phase.LAYER, Kind.DEEPSPEED)
-    FSDP2_ROOT = ("FSDP2 gathered weights (embedding, LM head)", Phase.LOSS, Kind.DEEPSPEED)
+    FSDP2_ROOT = ("FSDP2 gathered weights (embedding, LM head)", Phase.STEP, Kind.DEEPSPEED)
+    """The root's weights: fully_shard leaves the root gathered from its forward to the end of its backward."""
+    FSDP2_ROOT_GRADIENTS = ("FSDP2 root gradients (LM head), unsharded", Phase.STEP, Kind.DEEPSPEED)
+    """The LM head's gradient, whole in the compute dtype from the loss's backward until the root's
+    gradients are reduced at the end of the backward."""
 
     def __init__(self, words: str, phase: Phase, kind: Kind):
         self.words, self.phase, self.kind = words, phase, kind

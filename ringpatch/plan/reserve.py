@@ -182,14 +182,18 @@ def fsdp2_buffers(cfg: dict, b: int) -> dict[Item, float]:
     """Bytes of FSDP2's buffers (train/fsdp2.py: fully_shard per decoder layer, then the model): in
     a layer's backward its weights gathered in the compute dtype (`b` bytes each), the next
     layer's prefetched beside them, and its whole gradient in the compute dtype and again in the
-    float32 that the reduce-scatter takes; through the loss, the root's weights (embedding, LM
-    head) gathered, as FSDP2 keeps the root's for the backward. With CPU offload the shards live
-    on the host, and these are still gathered on the GPU."""
+    float32 that the reduce-scatter takes (the previous layer's, kept in flight while this one
+    computes); through the whole step the root's weights (embedding, LM head) gathered, which
+    fully_shard does not reshard after the root's forward, and from the loss's backward on the LM
+    head's whole gradient, reduced only with the root's at the end. With CPU offload the shards live
+    on the host, and these are still gathered on the GPU. Read from FSDP2 on 2 ranks:
+    tests/plan/test_fsdp2_buffers.py."""
     heads, kv, d = attention_shape(cfg)
     h = cfg["hidden_size"]
     layer = 2 * h * heads * d + 2 * h * kv * d + 3 * h * cfg["intermediate_size"]
     root = cfg["vocab_size"] * h * (1 if cfg.get("tie_word_embeddings") else 2)
-    return {Item.FSDP2_LAYER: layer * (2 * b + b + 4), Item.FSDP2_ROOT: root * b}
+    head = cfg["vocab_size"] * h
+    return {Item.FSDP2_LAYER: layer * (2 * b + b + 4), Item.FSDP2_ROOT: root * b, Item.FSDP2_ROOT_GRADIENTS: head * b}
 
 
 def kernel_scratch_bytes(s: Shapes, tokens: int, micro_batch: int, kernel: str) -> float:

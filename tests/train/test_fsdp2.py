@@ -77,6 +77,7 @@ def test_the_plan_counts_fsdp2_states_and_buffers(tmp_path, data, offload):
     layer = 2 * h * h + 2 * h * cfg["num_key_value_heads"] * d + 3 * h * inter
     assert items[Item.FSDP2_LAYER] == pytest.approx(layer * (2 * 2 + 2 + 4) / 2**30)
     assert items[Item.FSDP2_ROOT] == pytest.approx(2 * cfg["vocab_size"] * h * 2 / 2**30)  # untied: embedding + head
+    assert items[Item.FSDP2_ROOT_GRADIENTS] == pytest.approx(cfg["vocab_size"] * h * 2 / 2**30)  # the head's, bf16
     assert not {Item.ZERO_BUCKETS, Item.LAYER_GATHERED, Item.LOSS_GATHERED} & set(items)
 
 
