@@ -2,8 +2,8 @@
 the plan's FSDP2 buffers (reserve.fsdp2_buffers) to them: tests/plan/test_fsdp2_buffers.py.
 
 FSDP2's state is private (torch/distributed/fsdp/_fully_shard: FSDPParamGroup `is_unsharded`,
-`_all_gather_result`, `comm_ctx.reduce_scatter_states`); a torch release that renames it makes
-`Fsdp2Readout` raise, never read zero."""
+`_all_gather_result`, `comm_ctx.reduce_scatter_states`, `reduce_scatter_state` before torch 2.13);
+a torch release that renames it makes `Fsdp2Readout` raise, never read zero."""
 
 from __future__ import annotations
 
@@ -44,7 +44,11 @@ class Fsdp2Readout:
 
     def read(self, layer: int | None = None) -> dict[str, int]:
         grads = 0 if layer is None else self._gradients(self.layers[layer])
-        states = self.root.comm_ctx.reduce_scatter_states
+        context = self.root.comm_ctx
+        if hasattr(context, "reduce_scatter_states"):  # torch 2.13: a list, up to reduce_scatter_max_input_buffers
+            states = context.reduce_scatter_states
+        else:  # earlier releases keep the one in flight
+            states = [s for s in (context.reduce_scatter_state,) if s is not None]
         return {
             "root gathered": self._gathered(self.root),
             "root gradients": self._gradients(self.root),
