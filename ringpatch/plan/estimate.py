@@ -235,8 +235,9 @@ def model_states(recipe, cfg: dict, world: int, b: int, cuda: bool = True) -> di
     shards = world // tp  # dp x sp
     n, emb = parameters(cfg)
     n_tp = (n - emb) / tp + emb
-    zero, offload = recipe.zero.stage, recipe.zero.offload == "cpu"
-    optimizer_on_host = recipe.zero.offload != "none"
+    # what zero.offload moves to the host leaves the device; on a CPU run the host is the device
+    zero, offload = recipe.zero.stage, recipe.zero.offload == "cpu" and cuda
+    optimizer_on_host = recipe.zero.offload != "none" and cuda
     if recipe.engine == "fsdp2":  # float32 shards (the master weights), their gradients, AdamW's moments
         on_gpu = 0 if offload else n_tp / shards
         grads = Item.GRADIENTS if cuda else Item.GRADIENTS_AS_MADE
@@ -246,7 +247,7 @@ def model_states(recipe, cfg: dict, world: int, b: int, cuda: bool = True) -> di
     # gradient appears when backward produces it, an untied input embedding's last, after every
     # activation is freed: past the peak (bench/memory.py, ZeRO-0)
     late = 0 if zero >= 2 or cfg.get("tie_word_embeddings") else cfg["vocab_size"] * cfg["hidden_size"]
-    grads = 0 if optimizer_on_host and cuda else b * (n_tp - late) / (shards if zero >= 2 else 1)
+    grads = 0 if optimizer_on_host else b * (n_tp - late) / (shards if zero >= 2 else 1)
     optim = 0 if optimizer_on_host else (12 if b < 4 else 8) * n_tp / (shards if zero >= 1 else 1)
     return {Item.WEIGHTS: weights, Item.GRADIENTS if cuda else Item.GRADIENTS_AS_MADE: grads, Item.OPTIMIZER: optim}
 

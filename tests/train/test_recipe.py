@@ -135,6 +135,13 @@ def test_zero_offload_moves_the_optimizer_and_with_cpu_the_parameters(offload, e
     states = model_states(recipe, cfg, 4, 2)
     assert (states[Item.WEIGHTS] == 0) == (offload == "cpu")
     assert (states[Item.GRADIENTS] == 0) == (states[Item.OPTIMIZER] == 0) == (offload != "none")
+    # on a CPU run the host is the device: every state is counted, offloaded or not
+    on_cpu = model_states(recipe, cfg, 4, 2, cuda=False)
+    assert (
+        all(v > 0 for v in on_cpu.values())
+        and on_cpu[Item.OPTIMIZER]
+        == model_states(from_dict(Recipe, _with(zero__stage=3, parallel__tp=1)), cfg, 4, 2, cuda=False)[Item.OPTIMIZER]
+    )
 
 
 def test_zero_offload_needs_a_zero_stage_and_fsdp2_cannot_keep_the_parameters():
