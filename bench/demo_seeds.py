@@ -24,7 +24,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ringpatch.train.recipe import load_recipe  # noqa: E402
+from ringpatch.plan.recipe import load_recipe  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node", "2"]

@@ -364,8 +364,8 @@ RECIPE_ROWS = ("llama3-8b-256k-1node", "llama3-8b-1m-1node")
 
 def recipe_configurations(lengths, quick):
     """{recipe: (its switch values, [its tokens per GPU])}; quick: at the quick length."""
-    from ringpatch.train import switches as registry
-    from ringpatch.train.recipe import load_recipe
+    from ringpatch.plan import switches as registry
+    from ringpatch.plan.recipe import load_recipe
 
     found = {}
     for name in RECIPE_ROWS:
@@ -395,13 +395,13 @@ def memory_check(lengths, device, dtype, quick=False):
     from ringpatch.memory import causal_lm_loss
     from ringpatch.memory.offload import HOST_BUFFERS
     from ringpatch.parallel import ParallelDims
+    from ringpatch.plan import switches as registry
     from ringpatch.plan.budget import estimate
     from ringpatch.plan.estimate import GIB, offloaded_bytes, total_gib
     from ringpatch.plan.items import Kind
+    from ringpatch.plan.recipe import Recipe, from_dict
     from ringpatch.plan.reserve import reserve_for
     from ringpatch.plan.simulate import drop_when_whole
-    from ringpatch.train import switches as registry
-    from ringpatch.train.recipe import Recipe, from_dict
     from ringpatch.train.telemetry import peak_tflops
 
     group = one_rank_group(device)
@@ -510,11 +510,11 @@ def zero_check(device, dtype, quick=False):
         return {"skipped": f"{e.name or 'DeepSpeed'} does not import here ({e})"}
     import dataclasses
 
+    from ringpatch.plan.ds_config import deepspeed_config, load_overlay
+    from ringpatch.plan.recipe import load_recipe
     from ringpatch.plan.reserve import zero_buffers
+    from ringpatch.plan.switches.mlp_tiles import tile_mlps
     from ringpatch.plan.zero_readout import PHASES, ZeroReadout
-    from ringpatch.train.ds_config import deepspeed_config, load_overlay
-    from ringpatch.train.recipe import load_recipe
-    from ringpatch.train.switches.mlp_tiles import tile_mlps
 
     one_rank_group(device)
     for key, value in {"LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1"}.items():

@@ -76,7 +76,7 @@ def _kib(field: str) -> int:
 
 def recipe_for(name: str, seq: int, world: int, loss_chunk: int):
     """The recipe a trainer would run for configuration `name` (None for the baseline)."""
-    from ringpatch.train.recipe import Recipe, from_dict
+    from ringpatch.plan.recipe import Recipe, from_dict
 
     if not SWITCHES[name].get("chunked", True):
         return None
@@ -109,8 +109,8 @@ def _train_step(name: str, seq: int, warm: int, loss_chunk: int) -> dict:
     import ringpatch
     from bench.model import _batch, build_model
     from ringpatch.memory.offload import enable_checkpointing
+    from ringpatch.plan.switches.mlp_tiles import tile_mlps
     from ringpatch.plan.tracker import live_peak
-    from ringpatch.train.switches.mlp_tiles import tile_mlps
 
     sw = dict(SWITCHES[name])
     chunked = sw.pop("chunked", True)

@@ -58,7 +58,7 @@ def main() -> int:
     parser.add_argument("--procs", type=int, default=2)
     args = parser.parse_args()
     from ringpatch.data.prepare import load_prepared, prepare_split
-    from ringpatch.train.recipe import DataSpec, from_dict
+    from ringpatch.plan.recipe import DataSpec, from_dict
     from tests.helpers.bpe import train_bpe
 
     folder = Path(tempfile.mkdtemp(prefix="ringpatch-prepare-"))

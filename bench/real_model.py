@@ -165,7 +165,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     from ringpatch.data.real_model import check_folder
     from ringpatch.errors import USER_ERRORS
-    from ringpatch.train.recipe import load_recipe
+    from ringpatch.plan.recipe import load_recipe
 
     try:
         recipe = load_recipe(args.recipe)

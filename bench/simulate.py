@@ -41,8 +41,8 @@ RECIPES = {  # recipe: GPUs it is written for
 def compare(name: str, world: int, layers: int | None) -> dict:
     from ringpatch.plan.budget import estimate, on_device
     from ringpatch.plan.estimate import total_gib
+    from ringpatch.plan.preflight import preflight
     from ringpatch.plan.simulate import simulate
-    from ringpatch.train.preflight import preflight
 
     plan = on_device(preflight(str(ROOT / "recipes" / f"{name}.yaml"), world=world), "cuda")
     if layers:

@@ -35,7 +35,7 @@ def worker(seq: int, tiles: int, reps: int) -> dict:
 
     import ringpatch
     from bench.model import _rss_bytes, build_model
-    from ringpatch.train.switches.mlp_tiles import tile_mlps
+    from ringpatch.plan.switches.mlp_tiles import tile_mlps
 
     torch.set_num_threads(2)
     model = build_model()

@@ -28,8 +28,8 @@ def prepare(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     from ringpatch.data.prepare import prepare_recipe
     from ringpatch.errors import USER_ERRORS
-    from ringpatch.train.preflight import preflight
-    from ringpatch.train.recipe import load_recipe
+    from ringpatch.plan.preflight import preflight
+    from ringpatch.plan.recipe import load_recipe
 
     try:
         recipe = load_recipe(args.recipe)
@@ -140,8 +140,8 @@ def recipe(argv: list[str]) -> int:
     group.add_argument("--check", metavar="RECIPE", help="load and validate a recipe file (no model, no data)")
     args = parser.parse_args(argv)
     from ringpatch.errors import USER_ERRORS
+    from ringpatch.plan.recipe import Recipe, load_recipe
     from ringpatch.schema import schema_rows
-    from ringpatch.train.recipe import Recipe, load_recipe
 
     if args.schema:
         for key, kind, default, rule, doc in schema_rows(Recipe):

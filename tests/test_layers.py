@@ -28,6 +28,7 @@ LAYERS = (
     "integrations",
     "data",
     "evaluate",
+    "plan",
     "train",
 )
 PUBLIC_API = "memory"  # `import ringpatch` loads attention, hf and memory: it ranks with memory
@@ -46,15 +47,10 @@ FORBIDDEN = {
 }
 
 
-SAME_LAYER = {"plan": "train"}  # the memory plan reads the trainer's switches; the trainer checks plans
-
-
 def _layer_of_module(parts: tuple[str, ...]) -> str | None:
     """The layer a dotted ringpatch module name (without 'ringpatch') belongs to."""
     if not parts or parts[0] == "__init__":
         return PUBLIC_API
-    if parts[0] in SAME_LAYER:
-        return SAME_LAYER[parts[0]]
     return parts[0] if parts[0] in LAYERS else None
 
 

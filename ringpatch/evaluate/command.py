@@ -31,8 +31,8 @@ from ringpatch.flags import Parser
 from ringpatch.hf import patch_model
 from ringpatch.hf.folder import check_model_folder
 from ringpatch.parallel import allocator_settings, launch_int, nccl_settings, start, stop
-from ringpatch.train.preflight import is_local
-from ringpatch.train.recipe import DataSpec, load_recipe
+from ringpatch.plan.preflight import is_local
+from ringpatch.plan.recipe import DataSpec, load_recipe
 
 
 def _load(path: str, group, layout: Layout, device, dtype):

@@ -11,11 +11,15 @@ reads the same wherever it is met.
 from __future__ import annotations
 
 import copy
+from typing import TYPE_CHECKING
 
 from ringpatch.errors import BadValue, Unsupported
 from ringpatch.hf.models import unsupported_features
 from ringpatch.hf.rope import check_rope_scaling
 from ringpatch.schema import POSITIVE
+
+if TYPE_CHECKING:
+    import torch
 
 
 def _positive_int(value) -> bool:
@@ -158,3 +162,30 @@ def check_architecture(config, where: str = "model.config", causal_lm: bool = Tr
     _heads(config, where)
     _rope(config, where)
     return config
+
+
+def decoder_layers(lm) -> list[torch.nn.Module]:
+    """The model's repeated blocks: the modules of its `_no_split_modules` classes (the decoder
+    layers of every Hugging Face causal LM that declares them)."""
+    names = set(getattr(lm, "_no_split_modules", None) or ())
+    layers = [m for m in lm.modules() if type(m).__name__ in names]
+    if not layers:
+        raise Unsupported(
+            f"engine: fsdp2 shards a model layer by layer, and {type(lm).__name__} names no layer classes "
+            "(_no_split_modules); use engine: deepspeed"
+        )
+    return layers
+
+
+def check_model_type(model_type: str) -> None:
+    """Before start: the causal LM class of `model_type` names its layer classes (decoder_layers)."""
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
+    cls = getattr(transformers, name, None) if isinstance(name, str) else None
+    if cls is not None and not getattr(cls, "_no_split_modules", None):
+        raise Unsupported(
+            f"engine: fsdp2 shards a model layer by layer, and {name} names no layer classes (_no_split_modules); "
+            "use engine: deepspeed"
+        )

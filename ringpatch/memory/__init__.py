@@ -4,7 +4,7 @@
   rmsnorm.py   the chunked RMSNorm
 
 The chunked loss lives in hf/loss.py. Each memory feature is one recipe switch, one module of
-train/switches/, exact, and counted by the plan (ringpatch/plan).
+plan/switches/, exact, and counted by the plan (ringpatch/plan).
 """
 
 from ringpatch.hf.loss import causal_lm_loss, chunked_cross_entropy

@@ -1,27 +1,35 @@
-"""The memory plan: what a recipe's training step holds per GPU, why, and whether it fits.
+"""What a run is and holds before it starts: the recipe, its memory switches, preflight, and the
+memory plan (what a training step holds per GPU, why, and whether it fits). One layer under
+train, which runs what this decides and checks.
 
 One story, in the order a plan is made:
 
+  recipe.py    the recipe: every key, its type, default and check (ringpatch/schema.py markers)
+  switches/    the memory switches, one module each (its key, checks, how it is applied to a
+               model, its items, flags and remedy), registered in switches.SWITCHES
+  ds_config.py the DeepSpeed config the recipe implies, with an overlay of tuning knobs
+  preflight.py the recipe against the launched world, before any process group or download
   items.py     the vocabulary: every plan item (Item), when in the step it is live (Phase) and
                which part of the plan it is (Kind); every module here and every switch names
                items by member, never by words
   estimate.py  the arithmetic: the bytes of a decoder layer's backward by phase, the loss chunk,
                the norms, the embedding, the FLOPs (what a layer holds, from its shapes)
-  reserve.py   what no tensor shows: DeepSpeed's buffers from its config (FSDP2's from its layers), NCCL's per
-               communicator, the CUDA context, kernel scratch, fragmentation
+  reserve.py   what no tensor shows: DeepSpeed's buffers from its config (a replay of ZeRO-3's
+               coordinator), FSDP2's from its layers, NCCL's per communicator, the CUDA context,
+               kernel scratch, fragmentation
   traffic.py   sequence-parallel communication per GPU, the ring alone against Ulysses x ring
   budget.py    the Plan of a recipe on a grid; estimate() adds the arithmetic and each memory
-               switch's own items (train/switches) per stage; budget, max_context, the text
-               of `ringpatch plan`
+               switch's own items per stage; budget, max_context, the text of `ringpatch plan`
   check.py     the memory check before a run: the plan's peak against the device, refused with
                the largest items and the switch that shrinks each
-  simulate.py  the simulated rank: the trainer's own step on fake tensors at the real shape,
-               counted by tracker.py (storages filed by code region, ringpatch/regions.py),
-               beside the plan; census.py counts a real step's live tensors the same way
-
-The plan reads the switch registry (train/switches: each switch's items, flags and remedy), and
-the simulator runs the trainer's own model building (train/build.py); the trainer's preflight
-and command build and check a Plan. Nothing else below train imports it.
+  model.py     the model and batch of a step as the trainer builds them: an LM from its config,
+               the switches and the ring applied, its loss module, a rank's part of a batch
+  simulate.py  the simulated rank: that step on fake tensors at the real shape, counted by
+               tracker.py (storages filed by code region, ringpatch/regions.py), beside the
+               plan; census.py counts a real step's live tensors the same way
+  zero_readout.py, fsdp2_readout.py
+               the engines' buffers read back from a running DeepSpeed or FSDP2, to hold the
+               reserve's to them (tests/plan, `make gpu-check`)
 """
 
 
@@ -39,7 +47,7 @@ def for_recipe(recipe: str, nodes: int = 1, gpus_per_node: int = 8, device: str 
     """
     from ringpatch.errors import BadValue
     from ringpatch.plan.budget import on_device
-    from ringpatch.train.preflight import preflight
+    from ringpatch.plan.preflight import preflight
 
     if device not in ("cuda", "cpu") or nodes < 1 or gpus_per_node < 1:
         raise BadValue(

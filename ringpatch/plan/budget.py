@@ -10,6 +10,7 @@ from ringpatch.data.prepare import data_line
 from ringpatch.errors import BadValue
 from ringpatch.hf.counts import forward_flops, parameters
 from ringpatch.parallel import ParallelDims
+from ringpatch.plan import switches
 from ringpatch.plan.estimate import (
     GIB,
     kernel_kind,
@@ -21,10 +22,9 @@ from ringpatch.plan.estimate import (
     total_gib,
 )
 from ringpatch.plan.items import Item, Kind, Phase
+from ringpatch.plan.recipe import Recipe
 from ringpatch.plan.reserve import fsdp2_buffers, reserve_for, zero_buffers
 from ringpatch.plan.traffic import describe_traffic
-from ringpatch.train import switches
-from ringpatch.train.recipe import Recipe
 
 
 @dataclass(frozen=True)

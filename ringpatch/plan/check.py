@@ -1,6 +1,6 @@
 """The memory check: a plan's peak per device (its tensors and reserve, the largest stage) against
 the device's memory, refused before anything starts with the three largest items and the switch
-that shrinks each (train/switches' remedies, then ZeRO's); the device's and the host's memory."""
+that shrinks each (plan/switches' remedies, then ZeRO's); the device's and the host's memory."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import torch
 
 from ringpatch.errors import BadValue
 from ringpatch.parallel import launch_int
+from ringpatch.plan import switches
 from ringpatch.plan.budget import Plan, stage_budget
 from ringpatch.plan.estimate import GIB
 from ringpatch.plan.items import Item
-from ringpatch.train import switches
 
 
 def peak_gib(plan: Plan) -> tuple[float, int] | None:

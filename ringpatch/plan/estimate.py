@@ -154,7 +154,7 @@ def norm_backward_bytes(s: Shapes, tokens: int, chunked: bool) -> float:
 @dataclass(frozen=True)
 class LayerFlags:
     """What the recipe's switches and grid change inside a decoder layer's backward (built from a
-    recipe by train/switches.layer_flags)."""
+    recipe by plan/switches.layer_flags)."""
 
     tiles: int = 1
     """mlp_tiles."""

@@ -277,7 +277,7 @@ def describe_simulation(sim: Simulation, planned: Budget, world: int, capacity_g
 def step_batch(plan: Plan, mesh, stage: int, documents: tuple[int, ...] | None = None) -> dict[str, torch.Tensor]:
     """This rank's part of a stage's batch, as the trainer builds it (local_batch) from full rows
     of one document each (the ring's most work), or of packed documents of these lengths."""
-    from ringpatch.train.loop import local_batch
+    from ringpatch.plan.model import local_batch
 
     s = plan.recipe.stages[stage]
     micro_batch = s.micro_batch or plan.recipe.micro_batch
@@ -302,7 +302,7 @@ def step_model(plan: Plan, lm, mesh, backend="auto"):
     gradients dropped as they are made: ZeRO takes each into its partition (counted by the estimate),
     once the gradient is whole: a tiled MLP's weights accumulate theirs over the tiles, full size,
     until the last (TiledMLP sets ds_grad_is_ready, which ZeRO's reduction waits for)."""
-    from ringpatch.train.build import LossModel, prepare_lm
+    from ringpatch.plan.model import LossModel, prepare_lm
 
     model = LossModel(prepare_lm(plan, lm, mesh, backend=backend), chunk_tokens=plan.recipe.loss_chunk_tokens)
     model.train()
@@ -337,7 +337,7 @@ def simulate(
 
     from ringpatch.memory.offload import plain_host_copies
     from ringpatch.parallel import build_mesh
-    from ringpatch.train.build import lm_from_config
+    from ringpatch.plan.model import lm_from_config
 
     check_simulable(plan)
     recipe = plan.recipe

@@ -11,15 +11,12 @@ from datetime import timedelta
 
 import torch
 
-import ringpatch
 from ringpatch.errors import Missing
-from ringpatch.hf.architecture import head_counts
-from ringpatch.hf.loss import CHUNK_TOKENS, causal_lm_loss
 from ringpatch.parallel import Mesh, build_mesh, local_device, single_process_env
 from ringpatch.parallel.process import unlink_deepspeed_shm
 from ringpatch.plan.budget import Plan
-from ringpatch.train import switches
-from ringpatch.train.preflight import check_model_config
+from ringpatch.plan.model import LossModel, lm_from_config, prepare_lm
+from ringpatch.plan.preflight import check_model_config
 from ringpatch.train.schedule import schedule
 
 
@@ -80,41 +77,6 @@ def load_lm(plan: Plan):
         raise Missing(f"model.name {spec.name} could not be loaded: {str(e).splitlines()[0]}") from None
     check_model_config(spec.config or {}, lm.config.to_dict(), spec.name)
     return lm
-
-
-def lm_from_config(config: dict, bf16: bool):
-    """A causal LM of this architecture with random weights (the simulator builds it on fake tensors)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    dtype = torch.bfloat16 if bf16 else torch.float32
-    return AutoModelForCausalLM.from_config(AutoConfig.for_model(**config), dtype=dtype)
-
-
-def prepare_lm(plan: Plan, lm, mesh: Mesh, backend="auto"):
-    """The recipe's memory switches and the ring, applied to a loaded LM (in place; returns it)."""
-    plan.dims.check_heads(*head_counts(lm.config))  # the loaded model's, which preflight may not have seen
-    lm.config.use_cache = False
-    # from_pretrained returns a model in eval mode, where transformers skips activation checkpointing
-    # (and dropout): the first stage of every pretrained run held every layer's activations
-    lm.train()
-    kwargs = switches.apply(plan.recipe, lm)
-    return ringpatch.patch_model(
-        lm, group=mesh.seq_group, layout=plan.recipe.parallel.layout, backend=backend, **kwargs
-    )
-
-
-class LossModel(torch.nn.Module):
-    """The causal LM whose forward is the chunked cross-entropy of shard_batch's output, so
-    DeepSpeed (and ZeRO-3's parameter hooks) see the whole loss, head included, in one forward."""
-
-    def __init__(self, lm, chunk_tokens: int = CHUNK_TOKENS):
-        super().__init__()
-        self.lm = lm
-        self.config = lm.config  # AutoTP reads the architecture from here
-        self.chunk_tokens = chunk_tokens
-
-    def forward(self, **batch):
-        return causal_lm_loss(self.lm, batch, chunk_tokens=self.chunk_tokens)
 
 
 def build_engine(plan: Plan, lm):

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from ringpatch.errors import BadValue, Diverged
-from ringpatch.train.switches import fixed_keys
+from ringpatch.plan.switches import fixed_keys
 
 RECIPE_FILE = "ringpatch_recipe.json"
 MANIFEST = "ringpatch_manifest.json"
@@ -50,7 +50,7 @@ FIXED = (
     "data.min_doc_tokens",
     "data.max_sequences",
     "data.document_masking",
-    *fixed_keys(),  # the memory switches that change what a step computes (train/switches)
+    *fixed_keys(),  # the memory switches that change what a step computes (plan/switches)
 )
 # Per stage already begun: what it trains on (its length, RoPE and batch); steps and lr may change.
 FIXED_STAGE = ("seq_len", "rope_theta", "rope_scaling", "micro_batch", "source_weights")

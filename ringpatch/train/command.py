@@ -23,10 +23,10 @@ from ringpatch.errors import USER_ERRORS, BadValue
 from ringpatch.flags import Parser
 from ringpatch.parallel import allocator_settings, launch_int, nccl_settings
 from ringpatch.plan.check import check_memory, device_memory_gib
+from ringpatch.plan.preflight import preflight
 from ringpatch.train import restart
 from ringpatch.train.extras import check_engine
 from ringpatch.train.lock import RunLock
-from ringpatch.train.preflight import preflight
 from ringpatch.train.stop import RESUME_EXIT
 
 

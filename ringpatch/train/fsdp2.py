@@ -27,39 +27,12 @@ import torch
 import torch.distributed as dist
 from torch.optim.lr_scheduler import LambdaLR
 
-from ringpatch.errors import Unsupported
+from ringpatch.hf.architecture import decoder_layers
 
 STATE_FOLDER = "fsdp2"
 """The torch.distributed.checkpoint folder inside a tagged checkpoint."""
 CLIENT_FILE = "client_state.pt"
 """The trainer's state (step, data position) and the schedule's, beside it (rank 0 writes it)."""
-
-
-def decoder_layers(lm) -> list[torch.nn.Module]:
-    """The model's repeated blocks: the modules of its `_no_split_modules` classes (the decoder
-    layers of every Hugging Face causal LM that declares them)."""
-    names = set(getattr(lm, "_no_split_modules", None) or ())
-    layers = [m for m in lm.modules() if type(m).__name__ in names]
-    if not layers:
-        raise Unsupported(
-            f"engine: fsdp2 shards a model layer by layer, and {type(lm).__name__} names no layer classes "
-            "(_no_split_modules); use engine: deepspeed"
-        )
-    return layers
-
-
-def check_model_type(model_type: str) -> None:
-    """Before start: the causal LM class of `model_type` names its layer classes (decoder_layers)."""
-    import transformers
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
-    cls = getattr(transformers, name, None) if isinstance(name, str) else None
-    if cls is not None and not getattr(cls, "_no_split_modules", None):
-        raise Unsupported(
-            f"engine: fsdp2 shards a model layer by layer, and {name} names no layer classes (_no_split_modules); "
-            "use engine: deepspeed"
-        )
 
 
 class _ClientStateLoader:

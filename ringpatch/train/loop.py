@@ -16,7 +16,6 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-import ringpatch
 from ringpatch.data.prepare import prepare_shared, prepared_folder
 from ringpatch.data.sampler import ResumableSampler
 from ringpatch.data.tokenizer import load_tokenizer
@@ -24,6 +23,7 @@ from ringpatch.errors import BadValue, Diverged
 from ringpatch.hf.rope import apply_rope
 from ringpatch.parallel import set_timeouts, stop
 from ringpatch.plan.budget import Plan, stage_budget, step_flops
+from ringpatch.plan.model import local_batch
 from ringpatch.train import checkpoint
 from ringpatch.train.build import (
     apply_optimizer_settings,
@@ -40,16 +40,6 @@ from ringpatch.train.restart import Fault, note_stop, restart_notice
 from ringpatch.train.stop import Stopped, StopRequest
 from ringpatch.train.telemetry import MemoryPeak, StepClock, peak_tflops, slowest_rank
 from ringpatch.train.watchdog import Heartbeat
-
-
-def local_batch(rows: dict[str, torch.Tensor], recipe, mesh) -> dict[str, torch.Tensor]:
-    """This rank's part of packed rows (input_ids, doc_position_ids), labelled for the causal-LM
-    loss. With document masking the documents stay apart and their positions restart
-    (shard_batch reads the resets)."""
-    batch = {"input_ids": rows["input_ids"], "labels": rows["input_ids"]}
-    if recipe.data.document_masking:
-        batch["position_ids"] = rows["doc_position_ids"]
-    return ringpatch.shard_batch(batch, group=mesh.seq_group, layout=recipe.parallel.layout)
 
 
 class RunFolderGone(BadValue):

@@ -11,7 +11,7 @@ import pytest
 
 from ringpatch.data.prepare import count_tokens
 from ringpatch.data.tokenizer import byte_tokenizer
-from ringpatch.train.recipe import DataSpec, from_dict
+from ringpatch.plan.recipe import DataSpec, from_dict
 from tests.helpers import ROOT
 
 pytestmark = pytest.mark.unit

@@ -12,7 +12,7 @@ import yaml
 
 from ringpatch.data.prepare import DataError, check_tokens, fingerprint, load_prepared, mix, prepare_split
 from ringpatch.data.tokenizer import byte_tokenizer
-from ringpatch.train.recipe import DataSpec, from_dict
+from ringpatch.plan.recipe import DataSpec, from_dict
 from tests.helpers.trainrun import corpus, launch, ok, recipe
 
 pytestmark = pytest.mark.unit

@@ -12,7 +12,7 @@ import torch
 
 from ringpatch.data.prepare import MARKER, load_prepared, prepare_split
 from ringpatch.data.tokenizer import byte_tokenizer
-from ringpatch.train.recipe import DataSpec
+from ringpatch.plan.recipe import DataSpec
 from tests.helpers import HANG_S, ROOT
 
 pytestmark = pytest.mark.unit
@@ -147,7 +147,7 @@ def test_hidden_files_are_skipped_and_counted(tmp_path):
     """A Jupyter checkpoint (or any file under a dot-folder, or a dot-file) beside the data is not
     read as more data: skipped, and named in the plan's data line."""
     from ringpatch.data.prepare import data_line, hidden_files, local_files
-    from ringpatch.train.recipe import DataSpec
+    from ringpatch.plan.recipe import DataSpec
 
     (tmp_path / "data" / ".ipynb_checkpoints").mkdir(parents=True)
     for name in ("data/train.jsonl", "data/.ipynb_checkpoints/train-checkpoint.jsonl", "data/.draft.jsonl"):

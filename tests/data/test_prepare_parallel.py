@@ -10,7 +10,7 @@ import time
 import pytest
 
 from ringpatch.data.prepare import fingerprint, load_prepared, prepare_split
-from ringpatch.train.recipe import DataSpec, from_dict
+from ringpatch.plan.recipe import DataSpec, from_dict
 from tests.helpers.bpe import train_bpe
 
 pytestmark = pytest.mark.multiprocess  # data.num_proc: a pool of worker processes

@@ -33,7 +33,7 @@ def test_a_byte_order_mark_and_a_dictionary_encoded_column_are_text(tmp_path):
 
 
 def test_a_yaml_merge_key_is_yaml_and_a_key_given_twice_is_not(tmp_path):
-    from ringpatch.train.recipe import read_yaml
+    from ringpatch.plan.recipe import read_yaml
 
     path = tmp_path / "r.yaml"
     path.write_text("base: &base {seq_len: 64, steps: 1}\nstages:\n  - <<: *base\n    steps: 3\n")

@@ -15,7 +15,7 @@ from ringpatch.data.packing import pack_documents
 from ringpatch.data.prepare import DataError, fingerprint, load_prepared, prepare_split
 from ringpatch.data.tasks import EVAL_SEED, TASKS, Builder, min_length, synthetic_documents, word_half
 from ringpatch.data.tokenizer import byte_tokenizer
-from ringpatch.train.recipe import DataSpec, from_dict
+from ringpatch.plan.recipe import DataSpec, from_dict
 from tests.helpers.bpe import train_bpe
 from tests.helpers.trainrun import corpus, launch, recipe
 
@@ -206,7 +206,7 @@ def _two_stage(tmp_path, weights0, weights1=None):
 
 
 def test_a_stage_can_leave_a_source_out_and_reweigh_the_others(tmp_path):
-    from ringpatch.train.recipe import Recipe
+    from ringpatch.plan.recipe import Recipe
 
     r = from_dict(Recipe, _two_stage(tmp_path, [1, 0], [0.5, 0.5]), "")
     first, second = r.stage_data(0), r.stage_data(1)
@@ -227,7 +227,7 @@ def test_a_stage_can_leave_a_source_out_and_reweigh_the_others(tmp_path):
     ],
 )
 def test_bad_stage_weights_are_refused(tmp_path, weights, message):
-    from ringpatch.train.recipe import Recipe
+    from ringpatch.plan.recipe import Recipe
 
     with pytest.raises((ValueError, TypeError)) as e:
         from_dict(Recipe, _two_stage(tmp_path, weights), "")

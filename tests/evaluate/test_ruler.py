@@ -324,7 +324,7 @@ def test_a_model_folder_without_a_tokenizer_is_refused_before_any_model(argv, mo
 
 def test_an_unknown_task_is_refused_by_the_command_and_the_recipe(capsys):
     from ringpatch.evaluate.spec import EvalSpec
-    from ringpatch.train.recipe import from_dict
+    from ringpatch.plan.recipe import from_dict
 
     with pytest.raises(SystemExit):
         eval_main(["--model", "x", "--ruler-tasks", "needle"])

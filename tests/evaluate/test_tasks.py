@@ -44,7 +44,7 @@ def test_each_task_reads_its_own_flags():
 def test_empty_lengths_follow_the_tasks_before():
     """In a recipe, passkey lengths default to the perplexity lengths, RULER's to the passkey
     lengths; from flags alone (no recipe) a task without its own lengths does not run."""
-    from ringpatch.train.recipe import load_recipe
+    from ringpatch.plan.recipe import load_recipe
     from tests.helpers import ROOT
 
     recipe = load_recipe(ROOT / "recipes" / "tiny-cpu.yaml")

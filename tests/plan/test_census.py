@@ -25,7 +25,7 @@ SEQ = 512
 def _census(rank, world, dtype, tiles, out):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from ringpatch.train.switches.mlp_tiles import tile_mlps
+    from ringpatch.plan.switches.mlp_tiles import tile_mlps
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(LlamaConfig(**CFG), attn_implementation="sdpa").to(dtype)

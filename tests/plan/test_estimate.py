@@ -12,7 +12,7 @@ from ringpatch.hf.counts import parameters
 from ringpatch.plan.budget import estimate
 from ringpatch.plan.estimate import GIB, layer_saved_bytes, total_gib
 from ringpatch.plan.items import Item
-from ringpatch.train.recipe import Recipe, from_dict
+from ringpatch.plan.recipe import Recipe, from_dict
 
 pytestmark = pytest.mark.unit
 

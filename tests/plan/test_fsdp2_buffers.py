@@ -9,8 +9,8 @@ import torch
 
 from ringpatch.plan.fsdp2_readout import Fsdp2Readout
 from ringpatch.plan.items import Item
+from ringpatch.plan.recipe import Recipe, from_dict
 from ringpatch.plan.reserve import fsdp2_buffers
-from ringpatch.train.recipe import Recipe, from_dict
 from tests.helpers.procs import spawn
 
 pytestmark = pytest.mark.multiprocess

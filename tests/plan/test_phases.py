@@ -71,7 +71,7 @@ PHASES = {  # phase: (architecture, recipe switches, seq_len over 2 ranks)
 
 def _plan(tmp: Path, data: Path, phase: str):
     from ringpatch.plan.budget import on_device
-    from ringpatch.train.preflight import preflight
+    from ringpatch.plan.preflight import preflight
 
     cfg, switches, seq_len = PHASES[phase]
     path = recipe(tmp, data, parallel__sp=2, model__config={**BASE, **cfg}, model__dtype="float32", micro_batch=1,
@@ -83,9 +83,8 @@ def _real_step(rank, world, tmp, data, phase, out):
     from torch.profiler import ProfilerActivity, profile
 
     from ringpatch.parallel import build_mesh
+    from ringpatch.plan.model import LossModel, lm_from_config, local_batch, prepare_lm
     from ringpatch.plan.tracker import live_peak
-    from ringpatch.train.build import LossModel, lm_from_config, prepare_lm
-    from ringpatch.train.loop import local_batch
 
     plan = _plan(Path(tmp), Path(data), phase)
     mesh = build_mesh(plan.dims, "cpu")

@@ -54,10 +54,10 @@ def test_the_step_opens_the_regions_where_it_allocates(tmp_path, data, monkeypat
     from ringpatch.attention.kernels import TorchCPU
     from ringpatch.parallel import build_mesh
     from ringpatch.plan.budget import on_device
+    from ringpatch.plan.model import lm_from_config
+    from ringpatch.plan.preflight import preflight
     from ringpatch.plan.simulate import counted_step, fake_world, step_batch, step_model
     from ringpatch.plan.tracker import StorageTracker
-    from ringpatch.train.build import lm_from_config
-    from ringpatch.train.preflight import preflight
     from tests.helpers.trainrun import recipe
 
     cfg = {"model_type": "llama", "vocab_size": 512, "hidden_size": 128, "intermediate_size": 352,

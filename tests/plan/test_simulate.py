@@ -32,7 +32,7 @@ SWITCHES = {
 
 
 def _plan(tmp: Path, data: Path, switches: dict):
-    from ringpatch.train.preflight import preflight
+    from ringpatch.plan.preflight import preflight
 
     path = recipe(tmp, data, parallel__sp=2, model__config=CFG, stages=[{"seq_len": 8192, "steps": 1}],
                   micro_batch=1, loss_chunk_tokens=1024, **switches)  # fmt: skip
@@ -45,9 +45,9 @@ def _real_step(rank, world, tmp, data, switches, out):
     from torch.profiler import ProfilerActivity, profile
 
     from ringpatch.parallel import build_mesh
+    from ringpatch.plan.model import lm_from_config
     from ringpatch.plan.simulate import step_batch, step_model
     from ringpatch.plan.tracker import live_peak
-    from ringpatch.train.build import lm_from_config
 
     plan = _plan(Path(tmp), Path(data), switches)
     mesh = build_mesh(plan.dims, "cpu")
@@ -81,8 +81,8 @@ def test_the_planner_matches_the_simulated_one_node_1m_stage():
     step reads device data into Python a fixed number of times, whatever the depth."""
     from ringpatch.plan.budget import estimate, on_device
     from ringpatch.plan.estimate import total_gib
+    from ringpatch.plan.preflight import preflight
     from ringpatch.plan.simulate import simulate
-    from ringpatch.train.preflight import preflight
 
     plan = on_device(preflight(str(ROOT / "recipes" / "llama3-8b-1m-1node.yaml"), world=8), "cuda")
     syncs = []
@@ -160,8 +160,8 @@ def test_the_plans_activations_follow_the_simulated_rank_at_random_shapes(tmp_pa
     from ringpatch.plan.budget import estimate, on_device
     from ringpatch.plan.estimate import total_gib
     from ringpatch.plan.items import Kind
+    from ringpatch.plan.preflight import preflight
     from ringpatch.plan.simulate import simulate
-    from ringpatch.train.preflight import preflight
 
     rng, ratios, misses = random.Random(20261206), [], []
     for _ in range(40):
@@ -192,8 +192,8 @@ def test_the_simulated_step_launches_packed_documents_as_one_document(tmp_path, 
     import random
 
     from ringpatch.attention.kernels import TorchCUDA
+    from ringpatch.plan.preflight import preflight
     from ringpatch.plan.simulate import simulate
-    from ringpatch.train.preflight import preflight
 
     seq, rng = 2**15, random.Random(0)
     mu, cuts = math.log(seq / 96) - 0.5, [0]

@@ -18,11 +18,11 @@ import os
 import pytest
 import torch
 
+from ringpatch.plan.ds_config import deepspeed_config
+from ringpatch.plan.recipe import Recipe, from_dict
 from ringpatch.plan.reserve import zero_buffers
+from ringpatch.plan.switches.mlp_tiles import tile_mlps
 from ringpatch.plan.zero_readout import ZeroReadout
-from ringpatch.train.ds_config import deepspeed_config
-from ringpatch.train.recipe import Recipe, from_dict
-from ringpatch.train.switches.mlp_tiles import tile_mlps
 from tests.helpers.procs import spawn
 
 pytestmark = pytest.mark.multiprocess

@@ -423,7 +423,7 @@ def test_a_build_lock_without_its_builder_is_named_in_seconds(tmp_path, monkeypa
     kept while one does (ninja runs there); a file where TORCH_EXTENSIONS_DIR should be is refused."""
     import subprocess
 
-    from ringpatch.train.preflight import check_host, stale_extension_locks
+    from ringpatch.plan.preflight import check_host, stale_extension_locks
 
     lock = tmp_path / "ext" / "py311_cpu" / "deepspeed_shm_comm" / "lock"
     lock.parent.mkdir(parents=True)

@@ -17,8 +17,8 @@ def test_a_pretrained_model_trains_its_first_stage_with_its_switches_in_force(tm
     """from_pretrained returns a model in eval mode, where transformers skips activation
     checkpointing: the trainer's model must be in training mode from its first step, so a
     checkpointed layer runs twice per step (forward, and its recompute in backward)."""
+    from ringpatch.plan.preflight import preflight
     from ringpatch.train.build import load_lm, prepare_lm
-    from ringpatch.train.preflight import preflight
 
     build("llama").save_pretrained(tmp_path / "base")
     path = recipe(tmp_path, data, model={"name": str(tmp_path / "base"), "init": "pretrained", "dtype": "float32",

@@ -35,8 +35,8 @@ def _switched(lm, name: str) -> dict:
     model then exports what the switches wrapped); the patch_model arguments they ask for."""
     if not name.endswith("every-switch"):
         return {}
-    from ringpatch.train import switches
-    from ringpatch.train.recipe import Recipe, from_dict
+    from ringpatch.plan import switches
+    from ringpatch.plan.recipe import Recipe, from_dict
 
     recipe = from_dict(Recipe, {"model": {"name": "x"}, "stages": [{"seq_len": 32, "steps": 1}], **EVERY_SWITCH,
                                 **ONE_OF[name.split("-")[0]]})  # fmt: skip

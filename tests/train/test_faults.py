@@ -233,7 +233,7 @@ def test_non_finite_weights_are_never_checkpointed(tmp_path):
 
 @pytest.mark.unit
 def test_resume_refuses_what_fixes_a_run_and_reports_what_changed():
-    from ringpatch.train.recipe import from_dict, Recipe  # noqa: I001
+    from ringpatch.plan.recipe import from_dict, Recipe  # noqa: I001
 
     base = {"model": {"name": "m"}, "stages": [{"seq_len": 64, "steps": 4}, {"seq_len": 128, "steps": 4}]}
     saved = checkpoint.recipe_record(from_dict(Recipe, base), 2)

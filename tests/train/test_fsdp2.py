@@ -11,9 +11,9 @@ from ringpatch.errors import BadValue, Unsupported
 from ringpatch.hf.counts import parameters
 from ringpatch.plan.budget import budget
 from ringpatch.plan.items import Item
+from ringpatch.plan.preflight import preflight
 from ringpatch.train.checkpoint import recipe_record, resume_changes
 from ringpatch.train.fsdp2 import decoder_layers
-from ringpatch.train.preflight import preflight
 from tests.helpers.trainrun import recipe
 
 pytestmark = pytest.mark.unit

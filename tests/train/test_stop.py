@@ -181,7 +181,7 @@ def test_every_logged_step_reports_itself_and_the_run_has_its_report(whole_run):
     from PIL import Image
 
     from ringpatch.plan.budget import step_flops
-    from ringpatch.train.preflight import preflight
+    from ringpatch.plan.preflight import preflight
 
     records = [json.loads(line) for line in (whole_run / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]

@@ -8,7 +8,7 @@ from typing import Literal
 from ringpatch.hf.models import RMSNORM_MODEL_TYPES
 from ringpatch.memory.rmsnorm import chunk_rmsnorms
 from ringpatch.plan.items import Item
-from ringpatch.train.switches.base import Switch
+from ringpatch.plan.switches.base import Switch
 
 
 class ChunkedRMSNorm(Switch):

@@ -13,7 +13,7 @@ import yaml
 from ringpatch import shipped
 from ringpatch.cli import main as cli
 from ringpatch.errors import BadValue, Missing
-from ringpatch.train.recipe import load_recipe
+from ringpatch.plan.recipe import load_recipe
 
 pytestmark = pytest.mark.unit
 

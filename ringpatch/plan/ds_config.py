@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ringpatch.errors import BadValue, Missing
-from ringpatch.train.recipe import Recipe
+from ringpatch.plan.recipe import Recipe
 
 
 def load_overlay(path: str | None) -> dict | None:

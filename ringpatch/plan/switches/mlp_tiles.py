@@ -24,8 +24,8 @@ import torch
 from ringpatch.errors import BadValue
 from ringpatch.hf.models import GATED_MLP_MODEL_TYPES
 from ringpatch.plan.items import Item
+from ringpatch.plan.switches.base import Switch
 from ringpatch.schema import POSITIVE
-from ringpatch.train.switches.base import Switch
 
 GATED = ("gate_proj", "up_proj", "down_proj")
 
@@ -120,7 +120,7 @@ class MLPTiles(Switch):
     default = 1
     doc = (
         "Run each layer's MLP over this many sequence tiles, recomputed tile by tile in backward "
-        "(ringpatch/train/switches/mlp_tiles.py): its peak falls by this factor, for one more MLP forward."
+        "(ringpatch/plan/switches/mlp_tiles.py): its peak falls by this factor, for one more MLP forward."
     )
     usage = "N"
     does = "the MLP over N sequence tiles, recomputed tile by tile"

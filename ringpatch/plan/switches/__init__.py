@@ -11,15 +11,15 @@ from __future__ import annotations
 
 from ringpatch.plan.estimate import LayerFlags
 from ringpatch.plan.items import Item
+from ringpatch.plan.switches.base import Switch
+from ringpatch.plan.switches.checkpointing import ACTIVATION_CHECKPOINTING
+from ringpatch.plan.switches.keep_attention import KEEP_ATTENTION
+from ringpatch.plan.switches.loss_chunk import LOSS_CHUNK
+from ringpatch.plan.switches.mlp_tiles import MLP_TILES
+from ringpatch.plan.switches.offload import ACTIVATION_OFFLOAD
+from ringpatch.plan.switches.rmsnorm import RMSNORM
+from ringpatch.plan.switches.uncheckpointed import UNCHECKPOINTED_LAYERS
 from ringpatch.schema import with_keys
-from ringpatch.train.switches.base import Switch
-from ringpatch.train.switches.checkpointing import ACTIVATION_CHECKPOINTING
-from ringpatch.train.switches.keep_attention import KEEP_ATTENTION
-from ringpatch.train.switches.loss_chunk import LOSS_CHUNK
-from ringpatch.train.switches.mlp_tiles import MLP_TILES
-from ringpatch.train.switches.offload import ACTIVATION_OFFLOAD
-from ringpatch.train.switches.rmsnorm import RMSNORM
-from ringpatch.train.switches.uncheckpointed import UNCHECKPOINTED_LAYERS
 
 # Applied in this order: checkpointing (with offload's checkpoint function) before the switch that
 # takes layers out of it; the MLP and norm replacements act inside whatever is checkpointed.

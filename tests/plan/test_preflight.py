@@ -9,7 +9,7 @@ import sys
 import pytest
 import yaml
 
-from ringpatch.train.preflight import preflight
+from ringpatch.plan.preflight import preflight
 from tests.helpers import HANG_S
 from tests.helpers.trainrun import ROOT, recipe
 

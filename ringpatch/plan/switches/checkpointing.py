@@ -5,7 +5,7 @@ from __future__ import annotations
 from ringpatch.memory.offload import enable_checkpointing
 from ringpatch.plan.estimate import layer_saved_bytes
 from ringpatch.plan.items import Item
-from ringpatch.train.switches.base import Switch
+from ringpatch.plan.switches.base import Switch
 
 
 class ActivationCheckpointing(Switch):

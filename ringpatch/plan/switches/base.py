@@ -26,7 +26,7 @@ class Switch:
     usage: str = ""
     """How the docs' table shows a value (`mlp_tiles: N`); empty: the key alone."""
     does: str
-    """What it does, for the docs' table (docs/memory.md, written by `python -m ringpatch.train.switches`)."""
+    """What it does, for the docs' table (docs/memory.md, written by `python -m ringpatch.plan.switches`)."""
     costs: str
     """What it costs, for the same table."""
     fixed_on_resume: bool = False

@@ -7,14 +7,14 @@ import dataclasses
 
 import pytest
 
-from ringpatch.train.switches import SWITCHES
+from ringpatch.plan.switches import SWITCHES
 
 pytestmark = pytest.mark.unit
 
 
 def test_every_switch_is_a_recipe_key_with_its_default_and_description():
+    from ringpatch.plan.recipe import Recipe
     from ringpatch.schema import schema_rows
-    from ringpatch.train.recipe import Recipe
 
     fields = {f.name: f for f in dataclasses.fields(Recipe)}
     rows = {row[0]: row for row in schema_rows(Recipe)}
@@ -37,7 +37,7 @@ def test_a_switch_on_checkpointed_layers_is_refused_without_checkpointing(tmp_pa
 
     on = {"activation_offload": True, "keep_attention": True, "uncheckpointed_layers": 1}[switch.key]
     path = recipe(tmp_path, corpus(tmp_path / "c"), activation_checkpointing=False, **{switch.key: on})
-    from ringpatch.train.recipe import load_recipe
+    from ringpatch.plan.recipe import load_recipe
 
     with pytest.raises(ValueError, match=rf"^{switch.key}: .*, but activation_checkpointing is false, so .*: set "
                                          rf"activation_checkpointing: true, or {switch.key}: "):  # fmt: skip
@@ -47,7 +47,7 @@ def test_a_switch_on_checkpointed_layers_is_refused_without_checkpointing(tmp_pa
 def test_each_switch_that_is_on_has_its_words_in_the_plan(tmp_path):
     """The plan's first line names every switch turned on (the tiny recipe's values, one at a time)."""
     from ringpatch.plan.budget import describe
-    from ringpatch.train.preflight import preflight
+    from ringpatch.plan.preflight import preflight
     from tests.helpers.trainrun import corpus, recipe
 
     data = corpus(tmp_path / "c")
@@ -63,12 +63,12 @@ def test_each_switch_that_is_on_has_its_words_in_the_plan(tmp_path):
 def test_the_docs_switch_table_is_the_registrys():
     """docs/memory.md's table of the switches is what the registry writes (each switch's `does` and
     `costs`), so a switch added, moved or reworded shows in the docs without an edit there."""
-    from ringpatch.train.switches.__main__ import DOC, with_table
+    from ringpatch.plan.switches.__main__ import DOC, with_table
 
     for switch in SWITCHES:
         assert switch.does and switch.costs, switch.key
     text = DOC.read_text()
-    assert with_table(text) == text, "docs/memory.md's switches' table is stale: run python -m ringpatch.train.switches"
+    assert with_table(text) == text, "docs/memory.md's switches' table is stale: run python -m ringpatch.plan.switches"
     assert all(f"| `{s.key}" in text for s in SWITCHES)
 
 
@@ -77,8 +77,8 @@ def test_the_loss_chunk_is_a_switch_with_its_item_and_remedy(tmp_path):
     and the memory check names it as the remedy for that item."""
     from ringpatch.plan.budget import estimate
     from ringpatch.plan.items import Item
-    from ringpatch.train.preflight import preflight
-    from ringpatch.train.switches import LOSS_CHUNK, remedy
+    from ringpatch.plan.preflight import preflight
+    from ringpatch.plan.switches import LOSS_CHUNK, remedy
     from tests.helpers.trainrun import corpus, recipe
 
     data = corpus(tmp_path / "c")
@@ -94,8 +94,8 @@ def test_the_loss_chunk_is_a_switch_with_its_item_and_remedy(tmp_path):
 def test_the_schema_states_a_number_keys_rule_in_its_own_type():
     """A float key's range reads as a number, an int key's as an integer (optim.betas, a pair of
     floats in [0, 1], once read "an integer in [0, 1]")."""
+    from ringpatch.plan.recipe import Recipe
     from ringpatch.schema import schema_rows
-    from ringpatch.train.recipe import Recipe
 
     rows = {row[0]: row for row in schema_rows(Recipe)}
     assert rows["optim.betas"][3] == "a finite number in [0.0, 1.0]"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from ringpatch.plan.estimate import offloaded_bytes
 from ringpatch.plan.items import Item
-from ringpatch.train.switches.base import Switch
+from ringpatch.plan.switches.base import Switch
 
 
 class ActivationOffload(Switch):

@@ -14,8 +14,8 @@ from typing import Annotated
 from ringpatch.errors import BadValue, Unsupported
 from ringpatch.plan.estimate import layer_saved_bytes
 from ringpatch.plan.items import Item
+from ringpatch.plan.switches.base import Switch
 from ringpatch.schema import NONNEGATIVE
-from ringpatch.train.switches.base import Switch
 
 
 class UncheckpointedLayers(Switch):

@@ -16,7 +16,7 @@ CFG = {"model_type": "llama", "vocab_size": 512, "hidden_size": 128, "intermedia
 
 
 def _plan(tmp_path, data, **switches):
-    from ringpatch.train.preflight import preflight
+    from ringpatch.plan.preflight import preflight
 
     path = recipe(tmp_path, data, parallel__sp=2, model__config=CFG, stages=[{"seq_len": 8192, "steps": 1}],
                   micro_batch=1, loss_chunk_tokens=1024, **switches)  # fmt: skip
@@ -30,8 +30,8 @@ def test_the_first_layers_keep_their_activations_and_give_the_same_loss_and_grad
     its forward once per step instead of twice."""
     from types import SimpleNamespace
 
-    from ringpatch.train.build import lm_from_config
-    from ringpatch.train.switches import apply
+    from ringpatch.plan.model import lm_from_config
+    from ringpatch.plan.switches import apply
 
     def run(uncheckpointed):
         torch.manual_seed(0)
@@ -68,7 +68,7 @@ def test_the_first_layers_keep_their_activations_and_give_the_same_loss_and_grad
 def test_a_layer_without_the_checkpointing_flag_is_refused_not_ignored():
     from types import SimpleNamespace
 
-    from ringpatch.train.switches.uncheckpointed import UNCHECKPOINTED_LAYERS
+    from ringpatch.plan.switches.uncheckpointed import UNCHECKPOINTED_LAYERS
 
     decoder = SimpleNamespace(layers=[torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)])
     lm = SimpleNamespace(get_decoder=lambda: decoder)
@@ -123,8 +123,8 @@ def test_a_checkpoint_resumes_under_another_value():
 
 @pytest.mark.unit
 def test_the_recipe_schema_lists_it_with_its_default_and_description():
+    from ringpatch.plan.recipe import Recipe
     from ringpatch.schema import schema_rows
-    from ringpatch.train.recipe import Recipe
 
     rows = {row[0]: row for row in schema_rows(Recipe)}
     key, kind, default, rule, doc = rows["uncheckpointed_layers"]

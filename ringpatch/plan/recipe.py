@@ -25,9 +25,9 @@ from ringpatch.evaluate.spec import EvalSpec
 from ringpatch.hf.architecture import check_declared
 from ringpatch.hf.rope import check_rope_scaling
 from ringpatch.parallel import ParallelDims
+from ringpatch.plan.switches import check_recipe as check_switches
+from ringpatch.plan.switches import with_switch_fields
 from ringpatch.schema import NONNEGATIVE, POSITIVE, PathKind, Range, check_fields
-from ringpatch.train.switches import check_recipe as check_switches
-from ringpatch.train.switches import with_switch_fields
 
 
 @dataclass(frozen=True)
@@ -204,7 +204,7 @@ class Stage:
 
 
 @dataclass(frozen=True)
-@with_switch_fields(after="grad_accum")  # activation_checkpointing, activation_offload, ... (train/switches)
+@with_switch_fields(after="grad_accum")  # activation_checkpointing, activation_offload, ... (plan/switches)
 class Recipe:
     model: ModelSpec
     """The model: its name, weights, architecture, tokenizer and training precision."""

@@ -8,8 +8,8 @@ from typing import Annotated
 from ringpatch.hf.loss import CHUNK_TOKENS
 from ringpatch.plan.estimate import loss_chunk_bytes, norm_bytes
 from ringpatch.plan.items import Item
+from ringpatch.plan.switches.base import Switch
 from ringpatch.schema import POSITIVE
-from ringpatch.train.switches.base import Switch
 
 
 class LossChunk(Switch):

@@ -26,8 +26,8 @@ def _llama():
 @pytest.mark.parametrize("implementation", ["deepspeed", "without deepspeed"])
 @pytest.mark.parametrize("tiles, checkpointing", [(4, False), (3, True), (64, False)])
 def test_a_tiled_mlp_gives_the_untiled_loss_and_gradients(tiles, checkpointing, implementation, monkeypatch):
-    from ringpatch.train.switches import mlp_tiles
-    from ringpatch.train.switches.mlp_tiles import SequenceTiledMLP, tile_mlps
+    from ringpatch.plan.switches import mlp_tiles
+    from ringpatch.plan.switches.mlp_tiles import SequenceTiledMLP, tile_mlps
 
     if implementation == "without deepspeed":
         monkeypatch.setattr(mlp_tiles, "tiled_mlp_function", lambda: SequenceTiledMLP)
@@ -51,7 +51,7 @@ def test_a_tiled_mlp_gives_the_untiled_loss_and_gradients(tiles, checkpointing, 
 def test_the_tile_count_is_what_torch_chunk_cuts():
     """TiledMLP marks the weights' gradients ready for ZeRO at its last tile; a count torch.chunk
     cannot cut (49 tokens in 8 gives 7 pieces) would never mark them, and ZeRO would drop them."""
-    from ringpatch.train.switches.mlp_tiles import tile_count
+    from ringpatch.plan.switches.mlp_tiles import tile_count
 
     for tokens in range(1, 300):
         for tiles in range(1, 20):
@@ -62,8 +62,8 @@ def test_the_tile_count_is_what_torch_chunk_cuts():
 
 @pytest.mark.parametrize("implementation", ["deepspeed", "without deepspeed"])
 def test_zero_is_told_the_mlp_gradients_are_ready_after_the_last_tile(implementation, monkeypatch):
-    from ringpatch.train.switches import mlp_tiles
-    from ringpatch.train.switches.mlp_tiles import SequenceTiledMLP, tile_mlps
+    from ringpatch.plan.switches import mlp_tiles
+    from ringpatch.plan.switches.mlp_tiles import SequenceTiledMLP, tile_mlps
 
     if implementation == "without deepspeed":
         monkeypatch.setattr(mlp_tiles, "tiled_mlp_function", lambda: SequenceTiledMLP)
@@ -78,7 +78,7 @@ def test_zero_is_told_the_mlp_gradients_are_ready_after_the_last_tile(implementa
 def test_a_non_gated_mlp_is_refused_with_the_fix():
     from transformers import AutoModelForCausalLM, GPT2Config
 
-    from ringpatch.train.switches.mlp_tiles import tile_mlps
+    from ringpatch.plan.switches.mlp_tiles import tile_mlps
 
     gpt2 = AutoModelForCausalLM.from_config(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32))
     with pytest.raises(ValueError, match=r"GPT2MLP is not a gated MLP .*set mlp_tiles: 1"):
@@ -90,7 +90,7 @@ def test_the_planner_counts_the_tiled_mlp():
     import dataclasses
 
     from ringpatch.plan.budget import estimate
-    from ringpatch.train.recipe import load_recipe
+    from ringpatch.plan.recipe import load_recipe
     from tests.helpers import ROOT
 
     recipe = load_recipe(ROOT / "recipes" / "llama3-8b-1m.yaml")
@@ -115,7 +115,7 @@ def test_the_planner_counts_the_tiled_mlp():
 def test_the_tiled_forward_keeps_only_the_mlp_input():
     """What autograd keeps for backward: the untiled MLPs keep their gate, up and product
     (3 x tokens x intermediate floats each, and more); the tiled ones keep none of that."""
-    from ringpatch.train.switches.mlp_tiles import tile_mlps
+    from ringpatch.plan.switches.mlp_tiles import tile_mlps
 
     def kept_bytes(model, ids):
         total = []

@@ -1,4 +1,4 @@
-"""`python -m ringpatch.train.switches`: write the switches' table into docs/memory.md (between its
+"""`python -m ringpatch.plan.switches`: write the switches' table into docs/memory.md (between its
 markers), from the registry; `--check` exits 1 when the docs' table differs."""
 
 from __future__ import annotations
@@ -8,10 +8,10 @@ import sys
 from pathlib import Path
 
 from ringpatch.errors import BadValue
-from ringpatch.train.switches import table
+from ringpatch.plan.switches import table
 
 DOC = Path(__file__).resolve().parents[3] / "docs" / "memory.md"
-BEGIN = "<!-- the switches' table: written by `python -m ringpatch.train.switches` from train/switches -->"
+BEGIN = "<!-- the switches' table: written by `python -m ringpatch.plan.switches` from plan/switches -->"
 END = "<!-- end of the switches' table -->"
 
 
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     wanted = with_table(text)
     if args.check:
         if wanted != text:
-            print(f"{DOC}: the switches' table differs from train/switches; run python -m ringpatch.train.switches")
+            print(f"{DOC}: the switches' table differs from plan/switches; run python -m ringpatch.plan.switches")
             return 1
         return 0
     DOC.write_text(wanted)

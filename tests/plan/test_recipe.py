@@ -7,8 +7,8 @@ import dataclasses
 import pytest
 import yaml
 
-from ringpatch.train.ds_config import deepspeed_config
-from ringpatch.train.recipe import Recipe, from_dict, load_recipe
+from ringpatch.plan.ds_config import deepspeed_config
+from ringpatch.plan.recipe import Recipe, from_dict, load_recipe
 
 pytestmark = pytest.mark.unit
 

@@ -21,14 +21,14 @@ import torch
 from ringpatch.data.assets import made_by
 from ringpatch.data.prepare import unresolved_link
 from ringpatch.errors import BadValue, Missing
-from ringpatch.hf.architecture import check_architecture, head_counts
+from ringpatch.hf.architecture import check_architecture, check_model_type, head_counts
 from ringpatch.hf.folder import check_model_folder
 from ringpatch.parallel import launch_int
+from ringpatch.plan import switches
 from ringpatch.plan.budget import Plan
+from ringpatch.plan.ds_config import deepspeed_config, load_overlay
+from ringpatch.plan.recipe import Recipe, load_recipe
 from ringpatch.schema import check_writable, looks_local
-from ringpatch.train import switches
-from ringpatch.train.ds_config import deepspeed_config, load_overlay
-from ringpatch.train.recipe import Recipe, load_recipe
 
 
 def is_local(name: str) -> bool:
@@ -394,8 +394,6 @@ def preflight(
     if model_config is not None:
         switches.check_model(recipe, model_config)
         if recipe.engine == "fsdp2" and "model_type" in model_config:
-            from ringpatch.train.fsdp2 import check_model_type
-
             check_model_type(model_config["model_type"])
     if recipe.wandb == "online" and not wandb_key():
         raise BadValue(

@@ -5,7 +5,7 @@ are kept from forward, so the checkpoint's recompute skips the ring's forward
 from __future__ import annotations
 
 from ringpatch.plan.items import Item
-from ringpatch.train.switches.base import Switch
+from ringpatch.plan.switches.base import Switch
 
 
 class KeepAttention(Switch):
