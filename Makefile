@@ -155,7 +155,7 @@ format: install
 # Every bench runs; each checks its figures against bench/targets.py and exits 1 on a miss, and the
 # benches that missed one are named at the end (exit 1); then README's figures are held to what
 # this run printed (bench/figures.py). The real model's benches: make bench-real.
-BENCHES := attention model documents tiled_mlp checkpointing memory simulate prepare demo_seeds
+BENCHES := attention model documents tiled_mlp checkpointing memory simulate alst prepare demo_seeds
 bench: install
 	@missed=""; for b in $(BENCHES); do echo "== bench/$$b.py"; $(BIN)/python bench/$$b.py || missed="$$missed $$b"; done; \
 	echo "== bench/figures.py"; $(BIN)/python bench/figures.py || missed="$$missed figures(README)"; \
