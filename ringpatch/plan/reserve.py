@@ -44,13 +44,13 @@ step peaks 0.716 with 0.035 of step tensors)."""
 def zero_buffers(
     ds_config: dict | None, cfg: dict, b: int, tp: int = 1, cuda: bool = True, checkpointing: bool = True
 ) -> dict[str, float]:
-    """Bytes of DeepSpeed's ZeRO buffers: held through the backward, and gathered weights in a
-    layer's backward and in the loss's (stage 3). DeepSpeed allocates its gradient bucket whole,
+    """Bytes of DeepSpeed's ZeRO buffers: the gradient buckets ("held", through the backward) and,
+    with stage 3, the weights gathered in each phase of the backward (zero3_gathered's phases). DeepSpeed allocates its gradient bucket whole,
     which a GPU's allocator holds; on a CPU only the pages a model's gradients touch are resident.
     The buckets (contiguous_gradients): reduce_bucket_size elements of the gradients' dtype,
     stage 3 one per communication dtype (stage3.py ipg_buckets), stages 1 and 2 a second one
     while overlap_comm (stage_1_and_2.py setup_buckets). tests/plan/test_zero_buffers.py reads
-    both kinds from a DeepSpeed engine (where the gathered weights exceed these, it says so)."""
+    both kinds from a DeepSpeed engine."""
     zero = (ds_config or {}).get("zero_optimization", {})
     stage = zero.get("stage", 0)
     if stage == 0:

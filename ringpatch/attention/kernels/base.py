@@ -116,3 +116,23 @@ def cumulative_lengths(cuts: tuple[int, ...], length: int, rows: int, device) ->
     starts = [r * length + b for r in range(rows) for b in bounds[:-1]] + [rows * length]
     longest = max(b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True))
     return torch.tensor(starts, dtype=torch.int32, device=device), longest
+
+
+def varlen_args(q: torch.Tensor, k: torch.Tensor, call: Call) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """What a varlen kernel takes for a varlen call's packed rows, in the order flash-attn and aten's
+    flash kernel take it: cumulative lengths of the queries and keys, then their longest documents."""
+    (b, m), n = q.shape[:2], k.shape[1]
+    cu_q, max_q = cumulative_lengths(call.q_cuts, m, b, q.device)
+    cu_k, max_k = cumulative_lengths(call.k_cuts, n, b, q.device)
+    return cu_q, cu_k, max_q, max_k
+
+
+def lse_from_packed(lse: torch.Tensor, rows: int, tokens: int) -> torch.Tensor:
+    """A varlen kernel's log-sum-exp, (heads, rows * tokens), in this interface's (B, m, H)."""
+    return lse.view(lse.shape[0], rows, tokens).permute(1, 2, 0)
+
+
+def lse_to_packed(lse: torch.Tensor) -> torch.Tensor:
+    """This interface's (B, m, H) log-sum-exp as a varlen kernel's backward takes it: (H, B * m)."""
+    b, m, h = lse.shape
+    return lse.permute(2, 0, 1).reshape(h, b * m).contiguous()

@@ -8,7 +8,7 @@ import functools
 import torch
 
 from ringpatch.attention.blocks import Call
-from ringpatch.attention.kernels.base import MaskSpec, bhsd, cumulative_lengths
+from ringpatch.attention.kernels.base import MaskSpec, bhsd, lse_from_packed, lse_to_packed, varlen_args
 from ringpatch.errors import BadValue
 
 MIN_VERSION = (2, 7)  # window_size_left/right and softcap as keywords of _flash_attn_(varlen_)forward/_backward
@@ -83,14 +83,6 @@ class FlashAttn:
         return {"dropout_p": 0.0, "softmax_scale": spec.scale, "causal": causal, "window_size_left": left,
                 "window_size_right": right, "softcap": 0.0, "alibi_slopes": None}  # fmt: skip
 
-    @staticmethod
-    def _packed(q, k, call: Call):
-        """The varlen kernels' arguments: cumulative lengths and longest documents, queries then keys."""
-        (b, m), n = q.shape[:2], k.shape[1]
-        cu_q, max_q = cumulative_lengths(call.q_cuts, m, b, q.device)
-        cu_k, max_k = cumulative_lengths(call.k_cuts, n, b, q.device)
-        return cu_q, cu_k, max_q, max_k
-
     def forward(self, q, k, v, call: Call, spec: MaskSpec):
         if call.q_cuts:
             return self._forward_varlen(q, k, v, call, spec)
@@ -105,9 +97,9 @@ class FlashAttn:
         b, m, h, d = q.shape
         packed = (x.reshape(b * x.shape[1], *x.shape[2:]) for x in (q, k, v))
         out, lse, _, _ = _flash_attn_varlen_forward(
-            *packed, *self._packed(q, k, call), return_softmax=False, **self._options(q, k, call, spec)
+            *packed, *varlen_args(q, k, call), return_softmax=False, **self._options(q, k, call, spec)
         )
-        return out.view(b, m, h, d), lse.view(h, b, m).permute(1, 2, 0)
+        return out.view(b, m, h, d), lse_from_packed(lse, b, m)
 
     def backward(self, dout, q, k, v, out, lse, call: Call, spec: MaskSpec):
         deterministic = torch.are_deterministic_algorithms_enabled()
@@ -138,9 +130,8 @@ class FlashAttn:
         dout_v, q_v, out_v = (x.reshape(b * m, h, d) for x in (dout, q, out))
         k_v, v_v = (x.reshape(b * n, h_kv, d) for x in (k, v))
         dq, dk, dv = q_v.new_empty(b * m, h, d), k_v.new_empty(b * n, h_kv, d), k_v.new_empty(b * n, h_kv, d)
-        lse_v = lse.permute(2, 0, 1).reshape(h, b * m).contiguous()
         _flash_attn_varlen_backward(
-            dout_v, q_v, k_v, v_v, out_v, lse_v, dq, dk, dv, *self._packed(q, k, call),
+            dout_v, q_v, k_v, v_v, out_v, lse_to_packed(lse), dq, dk, dv, *varlen_args(q, k, call),
             deterministic=deterministic, **self._options(q, k, call, spec),
         )  # fmt: skip
         return dq.view(b, m, h, d), dk.view(b, n, h_kv, d), dv.view(b, n, h_kv, d)

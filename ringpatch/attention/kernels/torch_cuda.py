@@ -10,10 +10,12 @@ from ringpatch.attention.kernels.base import (
     backward_by_segment,
     band_bias,
     bhsd,
-    cumulative_lengths,
     forward_by_segment,
+    lse_from_packed,
+    lse_to_packed,
     repeat_kv,
     sum_kv,
+    varlen_args,
 )
 from ringpatch.errors import BadValue
 
@@ -59,11 +61,6 @@ class TorchCUDA:
             and (q.device.type != "cuda" or torch.cuda.get_device_capability(q.device) >= (8, 0))  # meta: tests
         )
 
-    def _varlen(self, q, k, call: Call):
-        """The packed tensors' cumulative lengths and longest documents, queries then keys."""
-        (b, m), n = q.shape[:2], k.shape[1]
-        return (*cumulative_lengths(call.q_cuts, m, b, q.device), *cumulative_lengths(call.k_cuts, n, b, q.device))
-
     def forward(self, q, k, v, call: Call, spec: MaskSpec):
         if not call.q_cuts:
             return self.forward_one(q, k, v, call, spec)
@@ -74,12 +71,11 @@ class TorchCUDA:
     def forward_varlen(self, q, k, v, call: Call, spec: MaskSpec):
         """Every document of a varlen call in one flash call."""
         b, m, h, d = q.shape
-        cu_q, max_q, cu_k, max_k = self._varlen(q, k, call)
         qv, kv, vv = (pad8(x).reshape(b * x.shape[1], x.shape[2], -1) for x in (q, k, v))
         out, lse, *_ = aten._flash_attention_forward(
-            qv, kv, vv, cu_q, cu_k, max_q, max_k, 0.0, call.kind == "causal", False, scale=spec.scale
+            qv, kv, vv, *varlen_args(q, k, call), 0.0, call.kind == "causal", False, scale=spec.scale
         )
-        return out.view(b, m, h, -1)[..., :d], lse.view(h, b, m).permute(1, 2, 0)
+        return out.view(b, m, h, -1)[..., :d], lse_from_packed(lse, b, m)
 
     def forward_one(self, q, k, v, call: Call, spec: MaskSpec):
         """A plain call: one kernel launch."""
@@ -114,13 +110,12 @@ class TorchCUDA:
     def backward_varlen(self, dout, q, k, v, out, lse, call: Call, spec: MaskSpec):
         """Every document of a varlen call in one flash backward call."""
         (b, m, h, d), (n, h_kv) = q.shape, k.shape[1:3]
-        cu_q, max_q, cu_k, max_k = self._varlen(q, k, call)
         dout_v, qv, kv, vv, out_v = (pad8(x).reshape(b * x.shape[1], x.shape[2], -1) for x in (dout, q, k, v, out))
-        lse_v = lse.permute(2, 0, 1).reshape(h, b * m).contiguous()
         seed = torch.zeros(2, dtype=torch.uint64, device=q.device)
         offset = torch.zeros((), dtype=torch.uint64, device=q.device)
         dq, dk, dv = aten._flash_attention_backward(
-            dout_v, qv, kv, vv, out_v, lse_v, cu_q, cu_k, max_q, max_k, 0.0, call.kind == "causal", seed, offset,
+            dout_v, qv, kv, vv, out_v, lse_to_packed(lse), *varlen_args(q, k, call), 0.0, call.kind == "causal", seed,
+            offset,
             scale=spec.scale,
         )  # fmt: skip
         return dq.view(b, m, h, -1)[..., :d], dk.view(b, n, h_kv, -1)[..., :d], dv.view(b, n, h_kv, -1)[..., :d]
