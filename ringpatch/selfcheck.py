@@ -27,7 +27,7 @@ import ringpatch
 from ringpatch.attention import ring
 from ringpatch.attention.layout import DEFAULT_LAYOUT, LAYOUTS
 from ringpatch.flags import Parser
-from ringpatch.parallel import start, stop
+from ringpatch.parallel import leave, start, stop
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 """Largest |error| / largest |reference| of the output and of each gradient."""
@@ -125,4 +125,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    leave(main())  # no interpreter finalization after gloo's last collective (ringpatch.parallel.leave)
