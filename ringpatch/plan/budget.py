@@ -124,7 +124,7 @@ def estimate(
     # held through the final norm's and every layer's backward
     waiting = cfg["vocab_size"] * s.h * s.b / tp if cfg.get("tie_word_embeddings") else 0
     items = {
-        **model_states(recipe, cfg, world, b, cuda),
+        **model_states(recipe, cfg, world, b, cuda, switches.state_flags(recipe, cuda)),
         # the switches' own items (checkpointed layer inputs, kept attention outputs, the loss chunk)
         **{k: v for sw in switches.SWITCHES for k, v in sw.plan_bytes(recipe, cfg, s, tokens).items()},
         phase: phases[phase] + waiting,
@@ -222,9 +222,7 @@ def describe(plan, launch: str | None = None, gpus_per_node: int | None = None) 
     lines = [
         f"recipe: model {r.model.name} ({r.model.init}), world {dims.world} = dp {dims.dp} x sp {dims.sp}"
         + (f" (ulysses {dims.ulysses} x ring {dims.ring})" if dims.ulysses > 1 else "")
-        + f" x tp {dims.tp} (tp innermost), {'FSDP2' if r.engine == 'fsdp2' else f'ZeRO-{r.zero.stage}'}"
-        + {"none": "", "cpu": " + CPU offload", "optimizer": " + optimizer offload"}[r.zero.offload]
-        + ", "
+        + f" x tp {dims.tp} (tp innermost), {'FSDP2' if r.engine == 'fsdp2' else f'ZeRO-{r.zero.stage}'}, "
         f"{_precision(r.model.dtype)}" + switches.plan_words(r)
     ]
     masking = r.data is not None and r.data.document_masking

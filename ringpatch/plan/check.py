@@ -27,16 +27,17 @@ def peak_gib(plan: Plan) -> tuple[float, int] | None:
 
 
 def _remedy(recipe, item: Item) -> str:
-    """The recipe switch that shrinks an estimate item (when not already on)."""
-    zero = "zero.stage: 3" if recipe.zero.stage < 3 else "zero.offload: cpu"
+    """The recipe switch that shrinks an estimate item (when not already on): the switches'
+    remedies (zero.offload's among them), then a higher ZeRO stage."""
     found = switches.remedy(recipe, item)
     if found:
         return found
+    zero = "zero.stage: 3" if recipe.zero.stage < 3 else "more ranks (parallel.sp)"
     return {
         Item.WEIGHTS: zero,
         Item.GRADIENTS: zero,
         Item.GRADIENTS_AS_MADE: zero,
-        Item.OPTIMIZER: "zero.offload: optimizer" if recipe.zero.offload == "none" else "more ranks (parallel.sp)",
+        Item.OPTIMIZER: "zero.stage: 1" if recipe.zero.stage == 0 else "more ranks (parallel.sp)",
         Item.ZERO_BUCKETS: "a smaller reduce_bucket_size in the DeepSpeed file",
         Item.ZERO_BUCKETS_AS_FILLED: "a smaller reduce_bucket_size in the DeepSpeed file",
     }.get(item, "more ranks (parallel.sp)")

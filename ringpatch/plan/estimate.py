@@ -225,30 +225,42 @@ def offloaded_bytes(cfg: dict, tokens: int, dtype_bytes: int = 2) -> float:
     return cfg["num_hidden_layers"] * tokens * cfg["hidden_size"] * dtype_bytes
 
 
-def model_states(recipe, cfg: dict, world: int, b: int, cuda: bool = True) -> dict[Item, float]:
-    """Bytes per GPU of weights, gradients and optimizer under the recipe's ZeRO stage. On a CPU
-    the gradients are memory only as the layers' backward writes them (Item.GRADIENTS_AS_MADE).
-    With the optimizer offloaded DeepSpeed keeps the gradient partitions with it in host memory
-    (stage3.py: the partition buffer on the optimizer's device; stage_1_and_2.py copies each
-    reduced partition to the host): the GPU holds only the gradient buckets (reserve.zero_buffers)."""
+@dataclass(frozen=True)
+class StateFlags:
+    """Where the model states live (built from a recipe by plan/switches.state_flags)."""
+
+    optimizer_on_host: bool = False
+    """The optimizer step in host memory: its state and the gradient partitions leave the GPU."""
+    parameters_on_host: bool = False
+    """The parameter shards too (ZeRO-3's offload_param, FSDP2's CPU offload)."""
+
+
+def model_states(
+    recipe, cfg: dict, world: int, b: int, cuda: bool = True, flags: StateFlags | None = None
+) -> dict[Item, float]:
+    """Bytes per GPU of weights, gradients and optimizer under the recipe's ZeRO stage, with the
+    states `flags` puts on the host left out. On a CPU the gradients are memory only as the
+    layers' backward writes them (Item.GRADIENTS_AS_MADE). With the optimizer offloaded DeepSpeed
+    keeps the gradient partitions with it in host memory (stage3.py: the partition buffer on the
+    optimizer's device; stage_1_and_2.py copies each reduced partition to the host): the GPU holds
+    only the gradient buckets (reserve.zero_buffers)."""
+    flags = flags or StateFlags()
     tp = recipe.parallel.tp
     shards = world // tp  # dp x sp
     n, emb = parameters(cfg)
     n_tp = (n - emb) / tp + emb
-    # what zero.offload moves to the host leaves the device; on a CPU run the host is the device
-    zero, offload = recipe.zero.stage, recipe.zero.offload == "cpu" and cuda
-    optimizer_on_host = recipe.zero.offload != "none" and cuda
+    zero = recipe.zero.stage
     if recipe.engine == "fsdp2":  # float32 shards (the master weights), their gradients, AdamW's moments
-        on_gpu = 0 if offload else n_tp / shards
+        on_gpu = 0 if flags.parameters_on_host else n_tp / shards
         grads = Item.GRADIENTS if cuda else Item.GRADIENTS_AS_MADE
         return {Item.WEIGHTS: 4 * on_gpu, grads: 4 * on_gpu, Item.OPTIMIZER: 8 * on_gpu}
-    weights = b * n_tp / (shards if zero == 3 else 1) * (0 if offload and zero == 3 else 1)
+    weights = b * n_tp / (shards if zero == 3 else 1) * (0 if flags.parameters_on_host and zero == 3 else 1)
     # ZeRO-2/3 reduce gradients into partition buffers allocated at the start; below that each
     # gradient appears when backward produces it, an untied input embedding's last, after every
     # activation is freed: past the peak (bench/memory.py, ZeRO-0)
     late = 0 if zero >= 2 or cfg.get("tie_word_embeddings") else cfg["vocab_size"] * cfg["hidden_size"]
-    grads = 0 if optimizer_on_host else b * (n_tp - late) / (shards if zero >= 2 else 1)
-    optim = 0 if optimizer_on_host else (12 if b < 4 else 8) * n_tp / (shards if zero >= 1 else 1)
+    grads = 0 if flags.optimizer_on_host else b * (n_tp - late) / (shards if zero >= 2 else 1)
+    optim = 0 if flags.optimizer_on_host else (12 if b < 4 else 8) * n_tp / (shards if zero >= 1 else 1)
     return {Item.WEIGHTS: weights, Item.GRADIENTS if cuda else Item.GRADIENTS_AS_MADE: grads, Item.OPTIMIZER: optim}
 
 

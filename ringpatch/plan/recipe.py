@@ -148,20 +148,13 @@ class ParallelSpec:
 
 
 @dataclass(frozen=True)
+@with_switch_fields(after="stage", section="zero")  # offload (plan/switches/zero_offload.py)
 class ZeroSpec:
     stage: Annotated[int, Range(0, 3)] = 2
     """DeepSpeed ZeRO stage, 0-3."""
-    offload: Literal["none", "cpu", "optimizer"] = "none"
-    """Host memory for the optimizer step: "cpu" the optimizer state and the fp32 gradients (stages
-    1-3) and the parameters (stage 3); "optimizer" the optimizer state and fp32 gradients only, the
-    parameters' shards staying on the GPUs (DeepSpeed's offload_optimizer alone)."""
 
     def __post_init__(self):
         check_fields(self, "zero")
-        if self.offload != "none" and self.stage == 0:
-            raise BadValue(
-                f"zero.offload: {self.offload} needs zero.stage >= 1 (there is no optimizer partition to offload at 0)"
-            )
 
 
 @dataclass(frozen=True)
@@ -283,11 +276,6 @@ def _check_fsdp2(r: Recipe) -> None:
         )
     if r.deepspeed is not None:
         raise BadValue(f"deepspeed: {r.deepspeed} is a DeepSpeed config, which engine: fsdp2 does not read; remove it")
-    if r.zero.offload == "optimizer":
-        raise Unsupported(
-            "engine: fsdp2 with zero.offload: optimizer: FSDP2's CPU offload moves the parameters with the optimizer "
-            "state; use zero.offload: cpu, or engine: deepspeed to keep the parameters on the GPUs"
-        )
 
 
 def _check_recipe(r: Recipe) -> None:

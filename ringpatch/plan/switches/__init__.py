@@ -9,7 +9,7 @@ SWITCHES and its test (docs/memory.md, "Adding a switch").
 
 from __future__ import annotations
 
-from ringpatch.plan.estimate import LayerFlags
+from ringpatch.plan.estimate import LayerFlags, StateFlags
 from ringpatch.plan.items import Item
 from ringpatch.plan.switches.base import Switch
 from ringpatch.plan.switches.checkpointing import ACTIVATION_CHECKPOINTING
@@ -19,10 +19,12 @@ from ringpatch.plan.switches.mlp_tiles import MLP_TILES
 from ringpatch.plan.switches.offload import ACTIVATION_OFFLOAD
 from ringpatch.plan.switches.rmsnorm import RMSNORM
 from ringpatch.plan.switches.uncheckpointed import UNCHECKPOINTED_LAYERS
+from ringpatch.plan.switches.zero_offload import ZERO_OFFLOAD
 from ringpatch.schema import with_keys
 
 # Applied in this order: checkpointing (with offload's checkpoint function) before the switch that
-# takes layers out of it; the MLP and norm replacements act inside whatever is checkpointed.
+# takes layers out of it; the MLP and norm replacements act inside whatever is checkpointed; the
+# engine's offload (its configuration) after the model's.
 SWITCHES: tuple[Switch, ...] = (
     ACTIVATION_CHECKPOINTING,
     ACTIVATION_OFFLOAD,
@@ -31,12 +33,14 @@ SWITCHES: tuple[Switch, ...] = (
     MLP_TILES,
     RMSNORM,
     LOSS_CHUNK,
+    ZERO_OFFLOAD,
 )
 
 
-def with_switch_fields(after: str):
-    """Class decorator (under @dataclass): the switches' keys as fields of the recipe, after `after`."""
-    return with_keys([s.recipe_key() for s in SWITCHES], after)
+def with_switch_fields(after: str, section: str = ""):
+    """Class decorator (under @dataclass): the keys of the switches in `section` (empty: the
+    recipe's top level) as fields of the class, after `after`."""
+    return with_keys([s.recipe_key() for s in SWITCHES if s.section == section], after)
 
 
 def check_recipe(recipe) -> None:
@@ -65,6 +69,14 @@ def layer_flags(recipe, kernel: str) -> LayerFlags:
     return LayerFlags(**flags)
 
 
+def state_flags(recipe, cuda: bool) -> StateFlags:
+    """Where the switches put the model states, for the estimate (cuda: a GPU run)."""
+    flags = {}
+    for s in SWITCHES:
+        flags |= s.state_flags(recipe, cuda)
+    return StateFlags(**flags)
+
+
 def plan_words(recipe) -> str:
     return "".join(s.plan_words(recipe) for s in SWITCHES)
 
@@ -82,18 +94,19 @@ def table() -> str:
     """The docs' table of the switches (docs/memory.md, "The switches"), in SWITCHES order."""
     rows = ["| key | what it does | what it costs |", "|---|---|---|"]
     for s in SWITCHES:
-        shown = f"{s.key}: {s.usage}" if s.usage else s.key
+        shown = f"{s.name}: {s.usage}" if s.usage else s.name
         rows.append(f"| `{shown}` | {s.does} | {s.costs} |")
     return "\n".join(rows)
 
 
 def fixed_keys() -> tuple[str, ...]:
     """The switches a checkpoint resumes only under the same value of."""
-    return tuple(s.key for s in SWITCHES if s.fixed_on_resume)
+    return tuple(s.name for s in SWITCHES if s.fixed_on_resume)
 
 
 __all__ = [
     "SWITCHES",
+    "ZERO_OFFLOAD",
     "Switch",
     "apply",
     "check_model",
@@ -102,5 +115,6 @@ __all__ = [
     "layer_flags",
     "plan_words",
     "remedy",
+    "state_flags",
     "table",
 ]

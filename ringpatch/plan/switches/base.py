@@ -18,6 +18,8 @@ class Switch:
     method takes the validated recipe (and never changes it)."""
 
     key: str
+    section: str = ""
+    """The recipe section holding the key ("zero" for zero.offload); empty: a top-level key."""
     annotation: Any
     """The recipe field's type, with its schema markers (ringpatch/schema.py)."""
     default: Any
@@ -35,19 +37,27 @@ class Switch:
     """For a switch that acts on checkpointed layers: (what it does with them, what that leaves
     to do without checkpointing), the words of the refusal when activation_checkpointing is off."""
 
+    @property
+    def name(self) -> str:
+        """The dotted key, as the recipe, its messages and the docs write it."""
+        return f"{self.section}.{self.key}" if self.section else self.key
+
     def recipe_key(self) -> Key:
         return Key(self.key, self.annotation, self.default, self.doc)
 
+    def value(self, recipe):
+        return getattr(getattr(recipe, self.section) if self.section else recipe, self.key)
+
     def on(self, recipe) -> bool:
-        return getattr(recipe, self.key) != self.default
+        return self.value(recipe) != self.default
 
     def check(self, recipe) -> None:
         """Against the recipe's other keys; raises ValueError naming the keys and the fix."""
         if self.needs_checkpointing and self.on(recipe) and not recipe.activation_checkpointing:
             does, without = self.needs_checkpointing
             raise BadValue(
-                f"{self.key}: {_yaml(getattr(recipe, self.key))} {does}, but activation_checkpointing is false, so "
-                f"{without}: set activation_checkpointing: true, or {self.key}: {_yaml(self.default)}"
+                f"{self.name}: {_yaml(self.value(recipe))} {does}, but activation_checkpointing is false, so "
+                f"{without}: set activation_checkpointing: true, or {self.name}: {_yaml(self.default)}"
             )
 
     def check_model(self, recipe, model_config: dict) -> None:
@@ -63,6 +73,11 @@ class Switch:
 
     def layer_flags(self, recipe) -> dict:
         """Its fields of plan.estimate.LayerFlags: what it changes inside a layer's backward."""
+        return {}
+
+    def state_flags(self, recipe, cuda: bool) -> dict:
+        """Its fields of plan.estimate.StateFlags: where the model states live (cuda: a GPU run;
+        on a CPU run the host is the device)."""
         return {}
 
     def plan_bytes(self, recipe, cfg: dict, s, tokens: int) -> dict[Item, float]:
@@ -84,6 +99,6 @@ class Switch:
         model_type = model_config.get("model_type")
         if self.on(recipe) and model_type not in supported:
             raise BadValue(
-                f"{self.key}: {_yaml(getattr(recipe, self.key))} {what} of {', '.join(supported)}; {recipe.model.name} "
-                f"is {model_type!r}: set {self.key}: {_yaml(self.default)}"
+                f"{self.name}: {_yaml(self.value(recipe))} {what} of {', '.join(supported)}; {recipe.model.name} "
+                f"is {model_type!r}: set {self.name}: {_yaml(self.default)}"
             )

@@ -16,19 +16,25 @@ def test_every_switch_is_a_recipe_key_with_its_default_and_description():
     from ringpatch.plan.recipe import Recipe
     from ringpatch.schema import schema_rows
 
-    fields = {f.name: f for f in dataclasses.fields(Recipe)}
     rows = {row[0]: row for row in schema_rows(Recipe)}
     for switch in SWITCHES:
-        assert fields[switch.key].default == switch.default, switch.key
-        assert rows[switch.key][4] == switch.doc and len(switch.doc) > 40, switch.key
-    assert len({s.key for s in SWITCHES}) == len(SWITCHES)
+        # a top-level key is the recipe's field; a sectioned one (zero.offload) its section's
+        holder = (
+            {f.name: f for f in dataclasses.fields(Recipe)}[switch.section].default_factory
+            if switch.section
+            else Recipe
+        )
+        fields = {f.name: f for f in dataclasses.fields(holder)}
+        assert fields[switch.key].default == switch.default, switch.name
+        assert rows[switch.name][4] == switch.doc and len(switch.doc) > 40, switch.name
+    assert len({s.name for s in SWITCHES}) == len(SWITCHES)
 
 
 def test_the_checkpoint_fixes_exactly_the_switches_that_say_so():
     from ringpatch.train.checkpoint import FIXED
 
     for switch in SWITCHES:
-        assert (switch.key in FIXED) == switch.fixed_on_resume, switch.key
+        assert (switch.name in FIXED) == switch.fixed_on_resume, switch.name
 
 
 @pytest.mark.parametrize("switch", [s for s in SWITCHES if s.needs_checkpointing], ids=lambda s: s.key)
@@ -52,12 +58,15 @@ def test_each_switch_that_is_on_has_its_words_in_the_plan(tmp_path):
 
     data = corpus(tmp_path / "c")
     values = {"activation_offload": True, "keep_attention": True, "mlp_tiles": 2, "rmsnorm": "chunked",
-              "uncheckpointed_layers": 1, "activation_checkpointing": False, "loss_chunk_tokens": 512}  # fmt: skip
+              "uncheckpointed_layers": 1, "activation_checkpointing": False, "loss_chunk_tokens": 512,
+              "zero.offload": "optimizer"}  # fmt: skip
     base = describe(preflight(str(recipe(tmp_path, data)), world=1)).splitlines()[0]
     for switch in SWITCHES:
-        plan = preflight(str(recipe(tmp_path, data, **{switch.key: values[switch.key]})), world=1)
+        value = values[switch.name]
+        key = {switch.section: {"stage": 2, switch.key: value}} if switch.section else {switch.key: value}
+        plan = preflight(str(recipe(tmp_path, data, **key)), world=1)
         first = describe(plan).splitlines()[0]
-        assert first != base and switch.plan_words(plan.recipe).strip(", ") in first, (switch.key, first)
+        assert first != base and switch.plan_words(plan.recipe).strip(", ") in first, (switch.name, first)
 
 
 def test_the_docs_switch_table_is_the_registrys():
@@ -66,10 +75,10 @@ def test_the_docs_switch_table_is_the_registrys():
     from ringpatch.plan.switches.__main__ import DOC, with_table
 
     for switch in SWITCHES:
-        assert switch.does and switch.costs, switch.key
+        assert switch.does and switch.costs, switch.name
     text = DOC.read_text()
     assert with_table(text) == text, "docs/memory.md's switches' table is stale: run python -m ringpatch.plan.switches"
-    assert all(f"| `{s.key}" in text for s in SWITCHES)
+    assert all(f"| `{s.name}" in text for s in SWITCHES)
 
 
 def test_the_loss_chunk_is_a_switch_with_its_item_and_remedy(tmp_path):
