@@ -10,11 +10,11 @@ feature at a time on top of Ulysses: nothing more 1.1M tokens, tiled MLP 1.2M, c
 settings (Ulysses 8, zero.offload: optimizer, no DeepSpeed file, `rmsnorm: chunked` as the nearest
 to Liger's RMSNorm, 32 MLP tiles where ALST tiles) and `ringpatch plan --max-context --gpu-memory 79`
 (1536 GiB of host memory per node).
-ALST's stack indexed with 32-bit integers: Liger-Kernel's RMSNorm (and flash-attn 2) failed once a
-rank's (tokens x hidden) tensor reached 2^31 elements (linkedin/Liger-Kernel#803, filed by ALST's
-authors after the paper, "[1, 500_000, 4096] a tensor of about 2^31 - which is the cause"), so no
-ALST row can pass 2^31 / hidden tokens per GPU: 4,194,304 tokens on 8 GPUs. The last column takes
-the smaller of the plan's length and that edge, and says which stops it.
+Under Ulysses 8 alone each rank's attention holds the whole sequence with 4 of the 32 query heads,
+so one kernel call takes sequence x 4 x 128 elements and the plan stops at the 2^31 where the GPU
+kernels index with 32-bit integers: 4,194,296 tokens. ALST's stack had the same edge
+(linkedin/Liger-Kernel#803, filed by ALST's authors after the paper: Liger's RMSNorm and flash-attn 2
+fail once a rank's [1, 500_000, 4096] "tensor of about 2^31" is passed).
 Reported, not held to a target: the plan does not model the tiled rows' difference
 (docs/measurements.md, "ALST's one-node rows").
 """
@@ -31,7 +31,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 HOST_GIB_PER_NODE = 1.9e12 / 2**30  # ALST's nodes: "1.9TB CPU memory" (ArcticTraining's README)
-INDEX_EDGE = 2**31  # elements: ALST's kernels index with 32-bit integers (Liger-Kernel#803)
 
 ROWS = (  # ALST's config, its switches here, its max_length
     ("no-mlp-no-act-offload", {"activation_offload": False, "mlp_tiles": 1}, 1_100_000),
@@ -52,9 +51,8 @@ def alst_recipe(switches: dict) -> dict:
     return recipe | {"rmsnorm": "chunked"} | switches
 
 
-def rows() -> list[tuple[str, int, int, int, str]]:
-    """Each ALST row: its config, ALST's length, the plan's, the smaller of the plan's and the
-    index edge, and what stops the next length."""
+def rows() -> list[tuple[str, int, int, str]]:
+    """Each ALST row: its config, ALST's length, the plan's, and what stops the next length."""
     from ringpatch.plan import for_recipe
     from ringpatch.plan.budget import limit_of
 
@@ -65,22 +63,17 @@ def rows() -> list[tuple[str, int, int, int, str]]:
             path.write_text(yaml.safe_dump(alst_recipe(switches)))
             plan = for_recipe(str(path), nodes=1)
             context = plan.max_context(79, host_gib_per_gpu=HOST_GIB_PER_NODE / 8)
-            step, sp, hidden = plan.dims.seq_len_divisor, plan.dims.sp, plan.model_config["hidden_size"]
-            edge = (INDEX_EDGE - 1) // hidden * sp // step * step  # the last length under 2^31 elements
             largest = max(context.budget.items, key=context.budget.items.get)
-            if edge < context.seq_len:
-                stop = f"the index edge ({edge // sp:,} x {hidden} per GPU, under 2^31)"
-            else:
-                beyond = limit_of(plan, context.seq_len + step, 79, HOST_GIB_PER_NODE / 8)
-                stop = f"{beyond}; largest item {largest} {context.budget.items[largest]:.1f} GiB"
-            found.append((name, alst, context.seq_len, min(edge, context.seq_len), stop))
+            beyond = limit_of(plan, context.seq_len + plan.dims.seq_len_divisor, 79, HOST_GIB_PER_NODE / 8)
+            stop = f"{beyond}; largest item {largest} {context.budget.items[largest]:.1f} GiB"
+            found.append((name, alst, context.seq_len, stop))
     return found
 
 
 def main() -> int:
-    print(f"{'ALST config':<30} {'ALST':>10} {'plan':>11} {'with edge':>11} {'x/ALST':>6}  what stops the next length")
-    for name, alst, planned, length, stop in rows():
-        print(f"{name:<30} {alst:>10,} {planned:>11,} {length:>11,} {length / alst:>6.3f}  {stop}")
+    print(f"{'ALST config':<30} {'ALST':>10} {'plan':>11} {'plan/ALST':>9}  what stops the next length")
+    for name, alst, planned, stop in rows():
+        print(f"{name:<30} {alst:>10,} {planned:>11,} {planned / alst:>9.3f}  {stop}")
     return 0
 
 

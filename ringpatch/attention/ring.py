@@ -22,6 +22,7 @@ from ringpatch.attention.comm import Exchange
 from ringpatch.attention.kernels import Kernel, MaskSpec
 from ringpatch.attention.layout import Layout, local_ranges
 from ringpatch.attention.merge import merge_
+from ringpatch.errors import BadValue
 from ringpatch.regions import Region, region, within
 
 
@@ -145,6 +146,30 @@ def head_groups(q_shape: tuple[int, ...], kv_heads: int, budget: int | None = No
     return kv_heads
 
 
+def call_elements(q_shape: tuple[int, ...], kv_heads: int) -> int:
+    """Elements of the largest query (or output, or dQ) tensor one kernel call takes: a head
+    group's query heads over every local row (head_groups)."""
+    b, s, h, d = q_shape
+    return b * s * (h // head_groups(q_shape, kv_heads)) * d
+
+
+def check_index_edge(q_shape: tuple[int, ...], kv_heads: int, kernel: Kernel) -> None:
+    """Refuse attention whose kernel calls would pass the kernel's 32-bit index edge, which fails
+    or silently wraps (kernels.base.INDEX_EDGE): it takes about 4M tokens a rank at Llama-3-8B's
+    heads, far past what a GPU holds, but is named rather than run."""
+    edge = getattr(kernel, "index_edge", None)
+    elements = call_elements(q_shape, kv_heads)
+    if edge is None or elements < edge:
+        return
+    b, s, h, d = q_shape
+    per_group = h // head_groups(q_shape, kv_heads)
+    raise BadValue(
+        f"attention over {s:,} tokens a rank (micro-batch {b}): one {kernel.name} call would take {elements:,} "
+        f"elements ({per_group} query heads of {d} for each K/V head), past the {edge:,} where its kernels index "
+        f"with 32-bit integers; raise parallel.sp so a rank holds fewer than {edge // (b * per_group * d):,} tokens"
+    )
+
+
 def _group_slices(heads: int, kv_heads: int, groups: int):
     """(query heads, K/V heads) of each group: K/V heads g*n..(g+1)*n and the query heads that use them."""
     q_per, kv_per = heads // groups, kv_heads // groups
@@ -154,6 +179,7 @@ def _group_slices(heads: int, kv_heads: int, groups: int):
 def ring_forward(q, kv, spec: RingSpec, group) -> tuple[torch.Tensor, torch.Tensor]:
     """out in q's dtype, lse float32, one head group at a time (head_groups).
     # q (B, S_local, H, D); kv (2, B, S_local, H_kv, D): K and V stacked, as they travel"""
+    check_index_edge(q.shape, kv.shape[3], spec.kernel)
     groups = head_groups(q.shape, kv.shape[3])
     if groups == 1:
         return _ring_forward_group(q, kv, spec, group)

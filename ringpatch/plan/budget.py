@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from ringpatch.attention.kernels import INDEX_EDGE
 from ringpatch.data.prepare import data_line
 from ringpatch.errors import BadValue
 from ringpatch.hf.counts import forward_flops, parameters
@@ -13,6 +14,7 @@ from ringpatch.parallel import ParallelDims
 from ringpatch.plan import switches
 from ringpatch.plan.estimate import (
     GIB,
+    kernel_call_elements,
     kernel_kind,
     layer_backward,
     layer_saved_bytes,
@@ -280,13 +282,22 @@ def describe(plan, launch: str | None = None, gpus_per_node: int | None = None) 
     return "\n".join(lines)
 
 
+def index_elements(plan: Plan, seq_len: int, micro_batch: int = 1) -> int | None:
+    """Elements of the largest query tensor one attention kernel call takes at `seq_len`, on a GPU
+    run (whose kernels index with 32-bit integers up to INDEX_EDGE); None on CPU processes."""
+    if not plan.cuda:
+        return None
+    s = shapes(plan.model_config, plan.dims.tp, plan.dims.ulysses, 2 if plan.bf16 else 4)
+    return kernel_call_elements(s, micro_batch * seq_len // plan.dims.sp, micro_batch, plan.dims.ulysses)
+
+
 def max_context(
     plan: Plan, capacity_gib: float, host_gib_per_gpu: float | None = None, micro_batch: int = 1
 ) -> tuple[int, Budget] | None:
     """The longest sequence (a multiple of the layout's chunk count) whose planned tensors and
-    reserve at `micro_batch` fit `capacity_gib` per GPU, and whose offloaded activations (if any)
-    fit `host_gib_per_gpu` of host memory, with its budget; None when not even the shortest fits
-    or the architecture is unknown."""
+    reserve at `micro_batch` fit `capacity_gib` per GPU, whose offloaded activations (if any)
+    fit `host_gib_per_gpu` of host memory, and whose attention kernel calls stay under the index
+    edge, with its budget; None when not even the shortest fits or the architecture is unknown."""
     if plan.model_config is None:
         return None
     step = plan.dims.seq_len_divisor
@@ -294,7 +305,8 @@ def max_context(
     def fits(n: int):
         found = budget(plan, n * step, micro_batch)
         ok = found.total <= capacity_gib and (host_gib_per_gpu is None or found.host <= host_gib_per_gpu)
-        return found if ok else None
+        elements = index_elements(plan, n * step, micro_batch)
+        return found if ok and (elements is None or elements < INDEX_EDGE) else None
 
     if not fits(1):
         return None
@@ -319,6 +331,12 @@ def limit_of(plan: Plan, seq_len: int, capacity_gib: float, host_gib_per_gpu: fl
             f"host memory for offloaded activations ({found.host:.3f} GiB per GPU, of the {host_gib_per_gpu:.3f} "
             "allowed)"
         )
+    elements = index_elements(plan, seq_len)
+    if elements is not None and elements >= INDEX_EDGE:
+        reasons.append(
+            f"the index edge (one attention kernel call would take {elements:,} elements, past 2^31, where the "
+            "GPU kernels index with 32-bit integers)"
+        )
     return " and ".join(reasons) or "nothing (it fits)"
 
 
@@ -336,11 +354,11 @@ def describe_max_context(plan: Plan, capacity_gib: float, gpus_per_node: int, ho
         else ""
     )
     stop = limit_of(plan, seq_len + plan.dims.seq_len_divisor, capacity_gib, host_gib_per_node / gpus_per_node)
-    hidden = (seq_len // plan.dims.sp) * plan.model_config["hidden_size"]
+    elements = index_elements(plan, seq_len)
     index = (
-        f"; a (tokens x hidden) tensor per GPU has {hidden:,} elements, past 2^31: a kernel that indexes with "
-        "32-bit integers overflows there (bench/simulate.py prints the largest tensor a step makes)"
-        if hidden >= 2**31
+        f"; the largest attention kernel call takes {elements:,} elements, under the 2^31 where the GPU kernels "
+        "index with 32-bit integers"
+        if elements is not None
         else ""
     )
     return (

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ringpatch.attention.ring import head_groups
+from ringpatch.attention.ring import call_elements, head_groups
 from ringpatch.attention.ulysses import kv_repeats
 from ringpatch.hf.counts import attention_shape, parameters
 from ringpatch.memory.rmsnorm import RMS_CHUNK_BYTES
@@ -115,6 +115,13 @@ def kernel_kind(b: int, cuda: bool = True) -> str:
     if not cuda:
         return "cpu"
     return "flash" if b < 4 else "efficient"
+
+
+def kernel_call_elements(s: Shapes, tokens: int, micro_batch: int, ulysses: int) -> int:
+    """Elements of the largest query tensor one attention kernel call takes (ring.call_elements),
+    at the shape the ring sees: under Ulysses U times the tokens and 1/U of the heads."""
+    heads, kv_heads = int(s.heads) // ulysses, max(1, int(s.kv / s.d) // ulysses)
+    return call_elements((micro_batch, tokens * ulysses // micro_batch, heads, s.d), kv_heads)
 
 
 def loss_chunk_bytes(vocab: int, s: Shapes, tokens: int, chunk: int, tp: int = 1) -> float:

@@ -90,6 +90,34 @@ def test_odd_length_zigzag_single_rank():
     )
 
 
+def test_a_kernel_call_past_the_index_edge_is_refused_with_its_numbers():
+    """A call whose queries reach the kernel's 32-bit index edge is refused before the ring runs,
+    naming the elements and the tokens a rank may hold; one element under runs. At Llama-3-8B's
+    heads the edge is 4,194,304 tokens a rank when one K/V head's 4 query heads are a call (Ulysses
+    8 alone); the CPU kernel indexes in 64 bits and has none."""
+    from ringpatch.attention.kernels import INDEX_EDGE, FlashAttn, TorchCPU
+    from ringpatch.attention.ring import check_index_edge
+    from ringpatch.errors import BadValue
+
+    _raises(
+        BadValue,
+        r"attention over 4,194,304 tokens a rank \(micro-batch 1\): one flash_attn call would take 2,147,483,648 "
+        r"elements \(4 query heads of 128 for each K/V head\), past the 2,147,483,648 .* fewer than 4,194,304 tokens",
+        check_index_edge, (1, 4_194_304, 4, 128), 1, FlashAttn(),
+    )  # fmt: skip
+    check_index_edge((1, 4_194_303, 4, 128), 1, FlashAttn())
+    check_index_edge((1, 702_584, 32, 128), 8, FlashAttn())  # the ring of the one-node recipe: 8 head groups
+    check_index_edge((1, 4_194_304, 4, 128), 1, TorchCPU())
+    assert FlashAttn.index_edge == INDEX_EDGE == 2**31
+
+    class Edged(TorchCPU):
+        index_edge = 8 * 4 * 8  # (1, 8, 4, 8) queries in one call
+
+    _raises(BadValue, r"one torch call would take 256 elements", ringpatch.ring_attention, *_qkv(), backend=Edged())
+    Edged.index_edge += 1
+    assert ringpatch.ring_attention(*_qkv(), backend=Edged()).shape == (1, 8, 4, 8)
+
+
 def test_shard_length_not_divisible():
     _raises(
         ValueError,

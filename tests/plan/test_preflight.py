@@ -203,9 +203,10 @@ def test_plan_for_cpu_processes(capsys, demo_corpus):
 
 def test_max_context_names_what_stops_the_next_length():
     """--max-context says whether the GPU's memory or the host's (offloaded activations) stops the
-    first length past the longest that fits, with the figures; and names the 2^31-element edge.
-    The offloaded inputs take exactly their bytes of host memory, so one node of 79 GiB GPUs reaches
-    past 5M tokens (the GPU binds there, not the host)."""
+    first length past the longest that fits, with the figures; and the largest attention kernel
+    call against the 2^31-element index edge (one head group's queries: Ulysses alone reaches the
+    edge, bench/alst.py). The offloaded inputs take exactly their bytes of host memory, so one node
+    of 79 GiB GPUs reaches past 5M tokens (the GPU binds there, not the host)."""
     from ringpatch.plan.budget import describe_max_context, max_context, on_device
 
     plan = on_device(preflight(str(ROOT / "recipes" / "llama3-8b-1m-1node.yaml"), world=8), "cuda")
@@ -215,9 +216,11 @@ def test_max_context_names_what_stops_the_next_length():
         "the next length is stopped by host memory for offloaded activations (96.002 GiB per GPU, of the 96.000"
         in host_bound
     )
-    assert "2^31" not in host_bound  # 393,216 x 4096 elements
+    # 393,216 tokens a rank x 4 query heads of 128 for each of the 8 K/V heads, one head group a call
+    assert "the largest attention kernel call takes 201,326,592 elements, under the 2^31" in host_bound
     gpu_bound = describe_max_context(plan, 40.0, 8, 1536.0)
     assert "the next length is stopped by GPU memory (" in gpu_bound and "of 40)" in gpu_bound
     seq_len, found = max_context(plan, 79.0, 1536 / 8)
     assert seq_len >= 5 * 10**6 and found.host * 8 <= 1536
-    assert "elements, past 2^31" in describe_max_context(plan, 79.0, 8, 1536.0)
+    longest = describe_max_context(plan, 79.0, 8, 1536.0)
+    assert "elements, under the 2^31" in longest and "index edge" not in longest

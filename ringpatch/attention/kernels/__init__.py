@@ -14,7 +14,7 @@ from typing import Literal, get_args
 
 import torch
 
-from ringpatch.attention.kernels.base import Kernel, MaskSpec
+from ringpatch.attention.kernels.base import INDEX_EDGE, Kernel, MaskSpec
 from ringpatch.attention.kernels.flash_attn2 import FlashAttn
 from ringpatch.attention.kernels.flash_attn2 import unavailable as flash_unavailable
 from ringpatch.attention.kernels.torch_cpu import TorchCPU
@@ -72,6 +72,7 @@ __all__ = [
     "Kernel",
     "MaskSpec",
     "FlashAttn",
+    "INDEX_EDGE",
     "TorchCPU",
     "TorchCUDA",
     "check_backend",

@@ -25,6 +25,12 @@ import torch
 
 from ringpatch.attention.blocks import Call, segments
 
+INDEX_EDGE = 2**31
+"""Elements of one call's query tensor from which a CUDA attention kernel's 32-bit offsets
+overflow: flash-attn 2 (and torch's CUDA kernels, its port) compute a call's row x heads x dim
+offsets in int, which fail or silently wrap once they pass 2^31 (Liger-Kernel#803 reports flash-attn 2
+failing there)."""
+
 
 @dataclass(frozen=True)
 class MaskSpec:
@@ -42,6 +48,9 @@ class Kernel(Protocol):
     tile: int | None
     """Largest side of a masked ("band") tile the planner may hand over; None: the kernel takes
     arbitrary windows natively, so partial pairs are never split."""
+    index_edge: int | None
+    """Elements of one call's queries from which its offsets overflow (INDEX_EDGE); None: it
+    indexes in 64 bits where a tensor needs it (torch's CPU ops)."""
 
     def check(self, q: torch.Tensor) -> None:
         """Raise ValueError, naming the fix, if this kernel cannot serve tensors like `q`."""

@@ -8,7 +8,7 @@ import functools
 import torch
 
 from ringpatch.attention.blocks import Call
-from ringpatch.attention.kernels.base import MaskSpec, bhsd, lse_from_packed, lse_to_packed, varlen_args
+from ringpatch.attention.kernels.base import INDEX_EDGE, MaskSpec, bhsd, lse_from_packed, lse_to_packed, varlen_args
 from ringpatch.errors import BadValue
 
 MIN_VERSION = (2, 7)  # window_size_left/right and softcap as keywords of _flash_attn_(varlen_)forward/_backward
@@ -41,6 +41,7 @@ class FlashAttn:
 
     name = "flash_attn"
     tile: int | None = None
+    index_edge: int | None = INDEX_EDGE
     varlen = True
 
     def check(self, q: torch.Tensor) -> None:

@@ -20,6 +20,7 @@ class TorchCPU:
 
     name = "torch"
     tile: int | None = 512  # band masks cost full tiles here, so split partial pairs
+    index_edge: int | None = None
 
     def check(self, q: torch.Tensor) -> None:
         if q.device.type != "cpu":

@@ -6,6 +6,7 @@ import torch
 
 from ringpatch.attention.blocks import Call
 from ringpatch.attention.kernels.base import (
+    INDEX_EDGE,
     MaskSpec,
     backward_by_segment,
     band_bias,
@@ -42,6 +43,7 @@ class TorchCUDA:
 
     name = "torch"
     tile: int | None = 1024
+    index_edge: int | None = INDEX_EDGE
     varlen = True
 
     def check(self, q: torch.Tensor) -> None:
