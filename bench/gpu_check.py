@@ -372,7 +372,8 @@ def recipe_configurations(lengths, quick):
         recipe = load_recipe(ROOT / "recipes" / f"{name}.yaml")
         last = recipe.stages[-1]
         tokens = last.seq_len * (last.micro_batch or recipe.micro_batch) // recipe.parallel.sp
-        found[name] = ({s.key: getattr(recipe, s.key) for s in registry.SWITCHES}, lengths if quick else [tokens])
+        model_switches = {s.key: s.value(recipe) for s in registry.SWITCHES if not s.section}  # not the engine's
+        found[name] = (model_switches, lengths if quick else [tokens])
     return found
 
 
