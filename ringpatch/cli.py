@@ -90,7 +90,7 @@ def plan(argv: list[str]) -> int:
     from ringpatch.errors import USER_ERRORS
     from ringpatch.plan import for_recipe
     from ringpatch.plan.budget import describe, describe_max_context
-    from ringpatch.plan.check import check_memory, host_memory_gib
+    from ringpatch.plan.check import check_index_edge, check_memory, host_memory_gib
 
     try:
         if args.gpu_memory is None:
@@ -126,6 +126,7 @@ def plan(argv: list[str]) -> int:
             sim = simulate(p, stage, kernel=args.device)
             print(describe_simulation(sim, stage_budget(p, sim.stage), p.dims.world, args.gpu_memory))
         what = "GPU" if p.cuda else "CPU process"
+        check_index_edge(p)
         check_memory(p, args.gpu_memory, f"a {args.gpu_memory:g} GiB {what} (--gpu-memory)")
     except USER_ERRORS as e:
         print(f"ringpatch plan: {e}", file=sys.stderr)

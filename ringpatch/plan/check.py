@@ -1,6 +1,7 @@
 """The memory check: a plan's peak per device (its tensors and reserve, the largest stage) against
 the device's memory, refused before anything starts with the three largest items and the switch
-that shrinks each (plan/switches' remedies, then ZeRO's); the device's and the host's memory."""
+that shrinks each (plan/switches' remedies, then ZeRO's); the device's and the host's memory; and
+the GPU attention kernels' 32-bit index edge, which no stage may reach."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ import os
 
 import torch
 
+from ringpatch.attention.kernels import INDEX_EDGE
 from ringpatch.errors import BadValue
 from ringpatch.parallel import launch_int
 from ringpatch.plan import switches
-from ringpatch.plan.budget import Plan, stage_budget
+from ringpatch.plan.budget import Plan, index_elements, stage_budget
 from ringpatch.plan.estimate import GIB
 from ringpatch.plan.items import Item
 
@@ -41,6 +43,33 @@ def _remedy(recipe, item: Item) -> str:
         Item.ZERO_BUCKETS: "a smaller reduce_bucket_size in the DeepSpeed file",
         Item.ZERO_BUCKETS_AS_FILLED: "a smaller reduce_bucket_size in the DeepSpeed file",
     }.get(item, "more ranks (parallel.sp)")
+
+
+def check_index_edge(plan: Plan) -> None:
+    """Every stage's attention kernel calls stay under the 2^31 elements where the GPU kernels'
+    32-bit offsets overflow (the ring refuses such a call too, once launched: this says so before,
+    and --force does not pass it)."""
+    if plan.model_config is None:
+        return
+    r = plan.recipe
+    for i, stage in enumerate(r.stages):
+        micro_batch = stage.micro_batch or r.micro_batch
+        elements = index_elements(plan, stage.seq_len, micro_batch)
+        if elements is not None and elements >= INDEX_EDGE:
+            step, low, high = plan.dims.seq_len_divisor, 0, stage.seq_len // plan.dims.seq_len_divisor
+            while high - low > 1:  # the longest multiple of step under the edge: low fits, high does not
+                mid = (low + high) // 2
+                low, high = (mid, high) if index_elements(plan, mid * step, micro_batch) < INDEX_EDGE else (low, mid)
+            longest = low * step
+            ranks = f"parallel.sp {r.parallel.sp}" + (
+                f" (ulysses {r.parallel.ulysses})" if r.parallel.ulysses > 1 else ""
+            )
+            raise BadValue(
+                f"stages[{i}] (seq_len {stage.seq_len:,}, micro_batch {micro_batch}) under {ranks}: one attention "
+                f"kernel call would take {elements:,} elements, past the 2^31 where the GPU kernels index with 32-bit "
+                f"integers (a failed or silently wrong step); at most {longest:,} tokens fit under it: raise "
+                "parallel.sp, or move ranks from parallel.ulysses to the ring (each ring rank holds fewer tokens)"
+            )
 
 
 def check_memory(plan: Plan, capacity_gib: float, what: str) -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 from ringpatch.errors import USER_ERRORS, BadValue
 from ringpatch.flags import Parser
 from ringpatch.parallel import allocator_settings, launch_int, nccl_settings
-from ringpatch.plan.check import check_memory, device_memory_gib
+from ringpatch.plan.check import check_index_edge, check_memory, device_memory_gib
 from ringpatch.plan.preflight import preflight
 from ringpatch.train import restart
 from ringpatch.train.extras import check_engine
@@ -86,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
             return RESUME_EXIT
+        check_index_edge(plan)
         if not args.force:
             check_memory(plan, *device_memory_gib())
         if rank == 0:  # one owner per run; the other ranks follow rank 0

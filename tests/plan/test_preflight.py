@@ -224,3 +224,37 @@ def test_max_context_names_what_stops_the_next_length():
     assert seq_len >= 5 * 10**6 and found.host * 8 <= 1536
     longest = describe_max_context(plan, 79.0, 8, 1536.0)
     assert "elements, under the 2^31" in longest and "index edge" not in longest
+
+
+def test_a_stage_past_the_index_edge_is_refused_before_launch(tmp_path, capsys):
+    """On GPUs, a stage whose attention kernel calls would reach 2^31 elements is refused before
+    anything starts, with the longest length under the edge and the fix (Ulysses 8 alone: a rank
+    holds the whole sequence with 4 of Llama-3-8B's 32 heads); its own ring is far from it; CPU
+    processes index in 64 bits."""
+    import yaml
+
+    from ringpatch.plan.budget import on_device
+    from ringpatch.plan.check import check_index_edge
+
+    recipe = yaml.safe_load((ROOT / "recipes" / "llama3-8b-1m-1node.yaml").read_text())
+    recipe["parallel"] = {"sp": 8, "ulysses": 8, "layout": "contiguous"}
+    recipe.pop("deepspeed")
+    for seq_len, refused in ((4_194_296, False), (4_194_304, True)):
+        recipe["stages"] = [{"seq_len": 65536, "steps": 1}, {"seq_len": seq_len, "steps": 1}]
+        path = tmp_path / "ulysses.yaml"
+        path.write_text(yaml.safe_dump(recipe))
+        plan = on_device(preflight(str(path), world=8), "cuda")
+        check_index_edge(on_device(plan, "cpu"))
+        if not refused:
+            check_index_edge(plan)
+            continue
+        with pytest.raises(ValueError, match=r"^stages\[1\] \(seq_len 4,194,304, micro_batch 1\) under parallel.sp 8 "
+                                             r"\(ulysses 8\): one attention kernel call would take 2,147,483,648 elements, "
+                                             r".* at most 4,194,296 tokens fit under it: raise parallel.sp"):  # fmt: skip
+            check_index_edge(plan)
+        from ringpatch.cli import main
+
+        assert main(["plan", "--recipe", str(path), "--nodes", "1", "--gpu-memory", "1000"]) == 2  # not memory
+        assert "ringpatch plan: stages[1] (seq_len 4,194,304, micro_batch 1)" in capsys.readouterr().err
+    shipped = on_device(preflight(str(ROOT / "recipes" / "llama3-8b-4m.yaml"), world=32), "cuda")
+    check_index_edge(shipped)
