@@ -370,6 +370,40 @@ def test_document_masking_matches_a_block_diagonal_mask(tmp_path):
     assert abs(across - want) > 1e-3 * want, (across, want)  # attending across documents is not the same
 
 
+def test_every_switch_the_checkpoint_does_not_fix_may_change_on_resume(tmp_path, data):
+    """Stopped at step 2 with every memory switch at its default, resumed with every switch that
+    the checkpoint does not fix (plan/switches: fixed_on_resume False) turned on (stopped again at
+    step 4 to trade uncheckpointed_layers for keep_attention, which refuse each other): the losses
+    are the uninterrupted run's, so such a switch changes how a step is computed, not what a
+    checkpoint holds; each change is printed."""
+    from ringpatch.plan.switches import SWITCHES
+
+    on = {"activation_offload": True, "uncheckpointed_layers": 1, "keep_attention": True, "mlp_tiles": 2,
+          "rmsnorm": "chunked", "zero.offload": "optimizer"}  # fmt: skip
+    free = {s.name for s in SWITCHES if not s.fixed_on_resume}
+    assert free == set(on), "give each switch not fixed on resume a value to resume under"
+    first = {k.replace(".", "__"): v for k, v in on.items() if k != "keep_attention"}
+    second = {k.replace(".", "__"): v for k, v in on.items() if k != "uncheckpointed_layers"}
+    base = {"parallel__sp": 2, "stages": [{"seq_len": 64, "steps": 6}], "save_every": 2}
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    for d in (whole, resumed):
+        d.mkdir()
+    ok(launch(recipe(whole, data, **base), 2))
+    ok(launch(recipe(resumed, data, **base), 2, "--max-steps", "2"))
+    for changes, stop, changed in ((first, ["--max-steps", "4"], free - {"keep_attention"}),
+                                   (second, [], {"keep_attention", "uncheckpointed_layers"})):  # fmt: skip
+        proc = launch(recipe(resumed, data, **base, **changes), 2, *stop)
+        ok(proc)
+        for name in changed:
+            assert f"{name} changed since the checkpoint" in proc.stdout, (name, proc.stdout[-2000:])
+    got, want = metrics(resumed / "run")[0], metrics(whole / "run")[0]
+    assert len(got) == len(want) == 6
+    print(
+        f"resumed under the switches: largest relative difference {max(abs(g - w) / w for g, w in zip(got, want, strict=True)):.1e}"
+    )
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=RTOL, atol=0)
+
+
 def test_a_changed_learning_rate_takes_effect_on_resume(tmp_path, data):
     """Stopped at step 2, resumed with another optim.lr: the new rate is used from step 3 on (the
     same lr as a run made with it from the start), and the change is printed and logged."""
