@@ -77,7 +77,6 @@ class RunFolder:
 class Trainer:
     def __init__(self, plan: Plan, resume: bool = True, stop_file: str | None = None, grace_s: float | None = None):
         recipe = plan.recipe
-        self.stop_request = StopRequest(stop_file)  # first: a signal during the build is kept for the first step
         self.stop_agreed = False
         self.fault = Fault.from_env()
         self.step_in_progress: int | None = None
@@ -86,6 +85,10 @@ class Trainer:
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.record = checkpoint.recipe_record(recipe, plan.dims.world)
         self.mesh = start_distributed(plan)
+        # once the group is up: a signal during the build is kept for the first step; before, while a
+        # rank waits for its peers (one that refused to start, say), SIGTERM ends it at once, as the
+        # launcher means when it stops the others, instead of after the launcher's 30 s grace
+        self.stop_request = StopRequest(stop_file)
         self.rank = dist.get_rank()
         self.heartbeat = Heartbeat()
         if self.rank == 0:

@@ -327,3 +327,25 @@ def test_a_run_folder_deleted_under_the_run_stops_every_rank_with_one_line(tmp_p
     stopped = [line for line in err.splitlines() if "was deleted while the run was running" in line]
     assert len(stopped) == 1 and stopped[0].startswith(f"ringpatch train: run_dir {run} was deleted"), err[-3000:]
     assert "Traceback" not in err or err.index(stopped[0]) < err.index("Traceback")  # ours first: torchrun's after
+
+
+@pytest.mark.unit
+def test_a_rank_waiting_for_its_group_is_left_to_sigterm(tmp_path, data, monkeypatch):
+    """Until the process group is up the trainer leaves SIGTERM to its default, so a rank waiting
+    for peers that will never come (rank 0 refused to start, say) ends when the launcher stops it,
+    not 30 s later at the launcher's SIGKILL; from then on the stop request takes it (and restores
+    the previous handler when the trainer closes)."""
+    from ringpatch.plan.preflight import preflight
+    from ringpatch.train import loop
+
+    seen = {}
+
+    def waiting(plan):
+        seen["handler"] = signal.getsignal(signal.SIGTERM)
+        raise RuntimeError("the group never forms")
+
+    monkeypatch.setattr(loop, "start_distributed", waiting)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(RuntimeError, match="the group never forms"):
+        loop.Trainer(preflight(str(recipe(tmp_path, data)), world=1))
+    assert seen["handler"] is before is signal.SIG_DFL and signal.getsignal(signal.SIGTERM) is before

@@ -434,7 +434,8 @@ def test_a_second_launch_on_a_running_run_dir_is_refused(tmp_path, data):
     pid, its message before any launcher traceback; the first finishes as if alone; a lock left
     by a killed run (its pid gone) is taken over by the next launch. The first run is held
     (SIGSTOP) from the moment it holds the lock until the second has been refused, so the outcome
-    does not depend on which launch is faster."""
+    does not depend on which launch is faster. The second's other rank, waiting for its group,
+    ends on the launcher's SIGTERM."""
     import socket
 
     path = recipe(tmp_path, data, parallel__sp=2, stages=[{"seq_len": 64, "steps": 20}])
@@ -456,6 +457,8 @@ def test_a_second_launch_on_a_running_run_dir_is_refused(tmp_path, data):
     message = f"ringpatch train: {tmp_path / 'run'} is in use by another run (pid {holder} on "
     assert message in second.stderr, second.stderr[-3000:]
     assert "Traceback" not in second.stderr.split(message)[0]
+    # the other rank, waiting for its group, ends on the launcher's SIGTERM, not its SIGKILL 30 s later
+    assert "(SIGTERM)" in second.stderr and "SIGKILL" not in second.stderr, second.stderr[-1500:]
     assert len(metrics(tmp_path / "run")[0]) == 20 and not lock.exists()
     lock.write_text(json.dumps({"host": socket.gethostname(), "pid": 2**22 + 7, "started": "then"}))
     proc = launch(recipe(tmp_path, data, parallel__sp=2, stages=[{"seq_len": 64, "steps": 21}]), 2)
