@@ -161,8 +161,8 @@ def check_index_edge(q_shape: tuple[int, ...], kv_heads: int, kernel: Kernel) ->
     elements = call_elements(q_shape, kv_heads)
     if edge is None or elements < edge:
         return
-    b, s, h, d = q_shape
-    per_group = h // head_groups(q_shape, kv_heads)
+    b, s, _, d = q_shape
+    per_group = elements // (b * s * d)  # query heads a call takes
     raise BadValue(
         f"attention over {s:,} tokens a rank (micro-batch {b}): one {kernel.name} call would take {elements:,} "
         f"elements ({per_group} query heads of {d} for each K/V head), past the {edge:,} where its kernels index "

@@ -291,6 +291,26 @@ def index_elements(plan: Plan, seq_len: int, micro_batch: int = 1) -> int | None
     return kernel_call_elements(s, micro_batch * seq_len // plan.dims.sp, micro_batch, plan.dims.ulysses)
 
 
+def index_limit(plan: Plan, micro_batch: int = 1) -> int | None:
+    """The longest sequence (a multiple of the layout's chunk count) whose attention kernel calls
+    stay under INDEX_EDGE at `micro_batch`; None on CPU processes, whose kernel has no edge. Near
+    the edge every K/V head is its own group, so the elements grow with the length from there."""
+    if not plan.cuda:
+        return None
+    step = plan.dims.seq_len_divisor
+
+    def under(n: int) -> bool:
+        return index_elements(plan, n * step, micro_batch) < INDEX_EDGE
+
+    low, high = 0, 1
+    while under(high):
+        low, high = high, high * 2
+    while high - low > 1:  # under(low) (or low 0), not under(high)
+        mid = (low + high) // 2
+        low, high = (mid, high) if under(mid) else (low, mid)
+    return low * step
+
+
 def max_context(
     plan: Plan, capacity_gib: float, host_gib_per_gpu: float | None = None, micro_batch: int = 1
 ) -> tuple[int, Budget] | None:
@@ -301,12 +321,14 @@ def max_context(
     if plan.model_config is None:
         return None
     step = plan.dims.seq_len_divisor
+    edge = index_limit(plan, micro_batch)
 
     def fits(n: int):
+        if edge is not None and n * step > edge:
+            return None
         found = budget(plan, n * step, micro_batch)
         ok = found.total <= capacity_gib and (host_gib_per_gpu is None or found.host <= host_gib_per_gpu)
-        elements = index_elements(plan, n * step, micro_batch)
-        return found if ok and (elements is None or elements < INDEX_EDGE) else None
+        return found if ok else None
 
     if not fits(1):
         return None

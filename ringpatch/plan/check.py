@@ -13,7 +13,7 @@ from ringpatch.attention.kernels import INDEX_EDGE
 from ringpatch.errors import BadValue
 from ringpatch.parallel import launch_int
 from ringpatch.plan import switches
-from ringpatch.plan.budget import Plan, index_elements, stage_budget
+from ringpatch.plan.budget import Plan, index_elements, index_limit, stage_budget
 from ringpatch.plan.estimate import GIB
 from ringpatch.plan.items import Item
 
@@ -56,11 +56,7 @@ def check_index_edge(plan: Plan) -> None:
         micro_batch = stage.micro_batch or r.micro_batch
         elements = index_elements(plan, stage.seq_len, micro_batch)
         if elements is not None and elements >= INDEX_EDGE:
-            step, low, high = plan.dims.seq_len_divisor, 0, stage.seq_len // plan.dims.seq_len_divisor
-            while high - low > 1:  # the longest multiple of step under the edge: low fits, high does not
-                mid = (low + high) // 2
-                low, high = (mid, high) if index_elements(plan, mid * step, micro_batch) < INDEX_EDGE else (low, mid)
-            longest = low * step
+            longest = index_limit(plan, micro_batch)
             ranks = f"parallel.sp {r.parallel.sp}" + (
                 f" (ulysses {r.parallel.ulysses})" if r.parallel.ulysses > 1 else ""
             )
